@@ -1,0 +1,1 @@
+"""Accessline's five gRPC services and the runtime they share."""

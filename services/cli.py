@@ -1,0 +1,180 @@
+"""The `accessline` command: run one service, or the whole system on an embedded etcd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.settings import ServiceSettings
+
+SERVICES = ("numberdistribution", "callmatching", "routing", "presence", "notification")
+
+
+def settings_type(service: str) -> type[ServiceSettings]:
+    module = importlib.import_module(f"services.{service}.settings")
+    found: type[ServiceSettings] = next(
+        value
+        for name, value in vars(module).items()
+        if name.endswith("Settings")
+        and isinstance(value, type)
+        and issubclass(value, ServiceSettings)
+        and value is not ServiceSettings
+    )
+    return found
+
+
+def default_port(service: str, field: str = "port") -> int:
+    value: int = settings_type(service).model_fields[field].default
+    return value
+
+
+def serve(service: str) -> None:
+    module = importlib.import_module(f"services.{service}.__main__")
+    module.main()
+
+
+@dataclass
+class Child:
+    service: str
+    port: int
+    metrics_port: int
+    process: subprocess.Popen[bytes]
+
+
+async def _wait_serving(address: str, service: str, child: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{service} exited with status {child.process.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service} not serving at {address} after {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+def _stop_children(children: list[Child], timeout: float) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> int:
+    etcd = EmbeddedEtcd(data_dir / "etcd", etcd_port, etcd_peer_port, host=host)
+    print(f"starting etcd on {etcd.endpoint} (data in {etcd.data_dir})", flush=True)
+    etcd.start()
+    children: list[Child] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await etcd.wait_ready()
+        for service in SERVICES:
+            port, metrics_port = default_port(service), default_port(service, "metrics_port")
+            env = {
+                **os.environ,
+                "ACCESSLINE_ETCD_ENDPOINT": etcd.endpoint,
+                "ACCESSLINE_HOST": host,
+                "ACCESSLINE_PORT": str(port),
+                "ACCESSLINE_METRICS_PORT": str(metrics_port),
+            }
+            log = (data_dir / f"{service}.log").open("ab")
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            log.close()
+            children.append(Child(service, port, metrics_port, process))
+        await asyncio.gather(
+            *(_wait_serving(f"{host}:{c.port}", c.service, c, 30.0) for c in children)
+        )
+        print("\nAccessline is up:\n")
+        print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
+        for c in children:
+            print(
+                f"  {c.service:<20}{host + ':' + str(c.port):<22}"
+                f"{f'http://{host}:{c.metrics_port}/metrics':<30}{data_dir / (c.service + '.log')}"
+            )
+        print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
+        print(
+            "\nList methods with, for example:\n"
+            f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{host}:{children[0].port}"
+        )
+        print("\nPress Ctrl-C to stop.", flush=True)
+
+        async def watch_children() -> None:
+            while not stop.is_set():
+                for c in children:
+                    if c.process.poll() is not None:
+                        print(
+                            f"{c.service} exited with status {c.process.returncode}; stopping",
+                            flush=True,
+                        )
+                        stop.set()
+                        return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+
+        await watch_children()
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"accessline up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping services...", flush=True)
+        _stop_children(children, timeout=15.0)
+        etcd.stop()
+        print("stopped.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="accessline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run one service in the foreground")
+    serve_p.add_argument("service", choices=SERVICES)
+    up_p = sub.add_parser("up", help="run etcd and all five services on this machine")
+    up_p.add_argument("--data-dir", type=Path, default=Path(".accessline"))
+    up_p.add_argument("--etcd-port", type=int, default=2379)
+    up_p.add_argument("--etcd-peer-port", type=int, default=2380)
+    up_p.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.service)
+    elif args.command == "up":
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        sys.exit(asyncio.run(up(args.data_dir, args.etcd_port, args.etcd_peer_port, args.host)))
+
+
+if __name__ == "__main__":
+    main()

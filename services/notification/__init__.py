@@ -1,0 +1,1 @@
+"""Notification: Devices, subscriptions and push delivery through a durable outbox."""

@@ -1,0 +1,2 @@
+"""Presence: Agent sessions over a bidirectional stream, per-channel presence, offers
+delivered to agent apps."""

@@ -1,0 +1,2 @@
+"""Routing: Routes inbound calls to the right agent: match-aware selection, agent
+reservation, offers, queue."""

