@@ -1,0 +1,58 @@
+# Accessline's single entry point. `make up` runs the system; `make check` runs every
+# check and test (what CI runs). Both set up what they need on a fresh machine.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+
+.DEFAULT_GOAL := help
+.PHONY: help setup gen gen-check lint typecheck buflint test check up bench clean
+
+help:
+	@echo "make up        set up and run etcd + the five services on this machine"
+	@echo "make check     set up and run every check and test (what CI runs)"
+	@echo "make gen       regenerate gen/ from protos/"
+	@echo "make test      run the tests only"
+	@echo "make bench     run the benchmarks in bench/"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	# `npm install` (not `npm ci`): the lock pins buf exactly but lists only the
+	# platform binaries the registry offered when it was written.
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(BIN)/.installed node_modules/.installed
+
+gen: setup
+	$(BIN)/python tools/gen_protos.py
+
+gen-check: setup
+	$(BIN)/python tools/gen_protos.py --check
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+buflint: setup
+	$(BUF) lint
+
+test: setup
+	$(BIN)/pytest
+
+check: lint typecheck buflint gen-check test
+
+up: setup
+	$(BIN)/accessline up
+
+clean:
+	rm -rf $(VENV) node_modules .accessline .pytest_cache .mypy_cache .ruff_cache

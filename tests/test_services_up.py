@@ -1,0 +1,121 @@
+"""Every service starts as its own process, reports health per service, serves
+reflection, and answers UNIMPLEMENTED (with error details) for RPCs not served yet."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from accessline.callmatching.v1 import call_matching_pb2
+from accessline.notification.v1 import notification_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2
+from accessline.presence.v1 import presence_pb2
+from accessline.routing.v1 import routing_pb2
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from tests.conftest import ServiceProcess, health_status, spawn_service, wait_serving
+
+SERVICES = {
+    "numberdistribution": number_distribution_pb2.DESCRIPTOR.services_by_name[
+        "NumberDistributionService"
+    ],
+    "callmatching": call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
+    "routing": routing_pb2.DESCRIPTOR.services_by_name["RoutingService"],
+    "presence": presence_pb2.DESCRIPTOR.services_by_name["PresenceService"],
+    "notification": notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
+}
+
+
+@pytest.fixture(scope="module")
+async def running(etcd: EmbeddedEtcd) -> AsyncIterator[dict[str, ServiceProcess]]:
+    started = {
+        name: spawn_service(f"services.{name}", etcd.endpoint, "/services-up") for name in SERVICES
+    }
+    try:
+        for service in started.values():
+            await wait_serving(service)
+        yield started
+    finally:
+        for service in started.values():
+            service.stop()
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+async def test_health_is_serving_for_the_server_and_for_the_service(
+    running: dict[str, ServiceProcess], name: str
+) -> None:
+    address = running[name].address
+    assert await health_status(address) == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        await health_status(address, SERVICES[name].full_name)
+        == health_pb2.HealthCheckResponse.SERVING
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_status(address, "accessline.unknown.v1.NoSuchService")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([request]))
+        async for reply in call:
+            return reply
+    raise AssertionError("no reflection reply")
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+async def test_reflection_lists_the_service_and_describes_every_method(
+    running: dict[str, ServiceProcess], name: str
+) -> None:
+    address = running[name].address
+    listed = await reflect(address, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert SERVICES[name].full_name in names
+    assert "grpc.health.v1.Health" in names
+
+    described = await reflect(
+        address,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICES[name].full_name),
+    )
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    methods = {
+        m.name for f in files for s in f.service if s.name == SERVICES[name].name for m in s.method
+    }
+    assert methods == {m.name for m in SERVICES[name].methods}
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+async def test_rpcs_not_served_yet_answer_unimplemented_with_error_info(
+    running: dict[str, ServiceProcess], name: str
+) -> None:
+    service = SERVICES[name]
+    method = next(m for m in service.methods if not m.client_streaming and not m.server_streaming)
+    request_type = method.input_type._concrete_class
+    response_type = method.output_type._concrete_class
+    async with grpc.aio.insecure_channel(running[name].address) as channel:
+        call = channel.unary_unary(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request_type(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == "accessline"
+    assert info.reason == "NOT_IMPLEMENTED"
+    assert "Traceback" not in caught.value.details()

@@ -1,0 +1,238 @@
+"""The etcd store against a real etcd: compare-and-swap, leases, fencing, watches."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from google.protobuf import wrappers_pb2
+
+from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from services.runtime.store import (
+    Compare,
+    EventKind,
+    Op,
+    Store,
+    StoreUnavailable,
+    WatchCompacted,
+    WatchEvent,
+)
+from tests.conftest import eventually
+
+
+def text(value: str) -> wrappers_pb2.StringValue:
+    return wrappers_pb2.StringValue(value=value)
+
+
+async def test_create_refuses_a_second_create_of_the_same_key(store: Store) -> None:
+    first = await store.create("numbers/+33478000001", text("first"))
+    second = await store.create("numbers/+33478000001", text("second"))
+
+    assert first is not None
+    assert second is None
+    entry = await store.get("numbers/+33478000001", wrappers_pb2.StringValue)
+    assert entry is not None
+    assert entry.value.value == "first"
+    assert entry.meta.create_revision == first
+
+
+async def test_keys_are_namespaced_under_the_prefix(etcd: EmbeddedEtcd, store: Store) -> None:
+    await store.put("pools/lyon", text("mine"))
+    async with Store(etcd.endpoint, "/someone-else") as other:
+        assert await other.get("pools/lyon", wrappers_pb2.StringValue) is None
+        await other.put("pools/paris", text("theirs"))
+    entries, revision = await store.get_prefix("pools/", wrappers_pb2.StringValue)
+    assert [(e.key, e.value.value) for e in entries] == [("pools/lyon", "mine")]
+    assert revision >= entries[0].meta.mod_revision
+
+
+async def test_get_prefix_pages_in_key_order(store: Store) -> None:
+    for i in range(7):
+        await store.put(f"items/{i:02d}", text(str(i)))
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        page, _ = await store.get_prefix(
+            "items/", wrappers_pb2.StringValue, limit=3, start_after=after
+        )
+        if not page:
+            break
+        seen += [e.value.value for e in page]
+        after = page[-1].key
+    assert seen == [str(i) for i in range(7)]
+    assert await store.count_prefix("items/") == 7
+
+
+async def test_key_under_a_lease_disappears_after_the_lease_expires(store: Store) -> None:
+    lease = await store.grant_lease(2)
+    assert await store.create("reservations/r1", text("held"), lease=lease) is not None
+
+    async def gone() -> bool:
+        return await store.get("reservations/r1", wrappers_pb2.StringValue) is None
+
+    # etcd may round a small TTL up and extend leases across elections: wait with a deadline.
+    await eventually(gone, timeout=20, what="leased key expired")
+    assert await store.lease_ttl(lease) == -1
+
+
+async def test_keep_alive_keeps_a_key_while_an_unkept_one_expires(store: Store) -> None:
+    kept_id = await store.grant_lease(2)
+    unkept_id = await store.grant_lease(2)
+    await store.put("agents/kept", text("online"), lease=kept_id)
+    await store.put("agents/unkept", text("online"), lease=unkept_id)
+    kept = await store.keep_alive(kept_id, 2)
+
+    async def unkept_gone() -> bool:
+        return await store.get("agents/unkept", wrappers_pb2.StringValue) is None
+
+    await eventually(unkept_gone, timeout=20, what="unkept lease expired")
+    # Same TTL, granted at the same time: only the keep-alive explains the survivor.
+    assert await store.get("agents/kept", wrappers_pb2.StringValue) is not None
+    assert kept.refresh_count >= 1
+    assert not kept.lost.is_set()
+
+    store.stop_keep_alive(kept)
+    await store.revoke_lease(kept_id)
+    assert await store.get("agents/kept", wrappers_pb2.StringValue) is None
+
+
+async def test_keep_alive_notices_a_lease_revoked_elsewhere(
+    etcd: EmbeddedEtcd, store: Store, prefix: str
+) -> None:
+    lease_id = await store.grant_lease(5)
+    kept = await store.keep_alive(lease_id, 5)
+    async with Store(etcd.endpoint, prefix) as other:
+        await other.revoke_lease(lease_id)
+    await asyncio.wait_for(kept.lost.wait(), timeout=15)
+
+
+async def test_a_fencing_compare_fails_once_the_key_was_recreated(store: Store) -> None:
+    created = await store.create("claims/agent-7", text("replica-a"))
+    assert created is not None
+    ok = await store.txn(
+        [Compare.created_at("claims/agent-7", created)], [Op.put("offers/1", text("x"))]
+    )
+    assert ok.succeeded
+
+    await store.delete("claims/agent-7")
+    assert await store.create("claims/agent-7", text("replica-b")) is not None
+    stale = await store.txn(
+        [Compare.created_at("claims/agent-7", created)],
+        [Op.put("offers/2", text("from stale holder"))],
+        [Op.get("claims/agent-7")],
+    )
+    assert not stale.succeeded
+    assert await store.get("offers/2", wrappers_pb2.StringValue) is None
+    assert stale.gets[0][0][0] == "claims/agent-7"
+
+
+async def test_a_transaction_applies_all_of_its_operations_or_none(store: Store) -> None:
+    await store.put("sessions/s1", text("context"))
+    await store.put("reservations/r1", text("reservation"))
+    entry = await store.get("sessions/s1", wrappers_pb2.StringValue)
+    assert entry is not None
+
+    result = await store.txn(
+        [
+            Compare.modified_at("sessions/s1", entry.meta.mod_revision),
+            Compare.absent("quarantine/n1"),
+        ],
+        [
+            Op.delete("sessions/s1"),
+            Op.delete("reservations/r1"),
+            Op.put("quarantine/n1", text("q")),
+        ],
+    )
+    assert result.succeeded
+    assert result.deleted == [1, 1]
+    again = await store.txn(
+        [Compare.exists("sessions/s1")],
+        [Op.put("matched/s1", text("second winner"))],
+    )
+    assert not again.succeeded
+    assert await store.get("matched/s1", wrappers_pb2.StringValue) is None
+
+
+async def next_events(
+    events: asyncio.Queue[WatchEvent | BaseException], count: int
+) -> list[WatchEvent]:
+    out: list[WatchEvent] = []
+    for _ in range(count):
+        item = await asyncio.wait_for(events.get(), timeout=30)
+        if isinstance(item, BaseException):
+            raise item
+        out.append(item)
+    return out
+
+
+async def pump(
+    store: Store, prefix: str, start: int, sink: asyncio.Queue[WatchEvent | BaseException]
+) -> None:
+    try:
+        async for event in store.watch_prefix(prefix, start):
+            await sink.put(event)
+    except Exception as exc:  # handed to the test, which re-raises it
+        await sink.put(exc)
+
+
+async def test_a_watch_sees_every_event_across_an_etcd_restart(private_etcd: EmbeddedEtcd) -> None:
+    async with Store(private_etcd.endpoint, "/watch", timeout=2.0) as store:
+        start = await store.revision() + 1
+        events: asyncio.Queue[WatchEvent | BaseException] = asyncio.Queue()
+        watcher = asyncio.create_task(pump(store, "presence/", start, events))
+        try:
+            await store.put("presence/a1", text("ready"))
+            await store.put("presence/a2", text("ready"))
+            before = await next_events(events, 2)
+
+            private_etcd.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.put("presence/a3", text("lost?"))
+            private_etcd.start()
+            await private_etcd.wait_ready()
+
+            # Written before the watch has necessarily reconnected: it must resume from
+            # the last revision it saw, not from "now".
+            await store.put("presence/a3", text("not ready"))
+            await store.delete("presence/a1")
+            after = await next_events(events, 2)
+        finally:
+            watcher.cancel()
+
+    keys = [(e.kind, e.key) for e in before + after]
+    assert keys == [
+        (EventKind.PUT, "presence/a1"),
+        (EventKind.PUT, "presence/a2"),
+        (EventKind.PUT, "presence/a3"),
+        (EventKind.DELETE, "presence/a1"),
+    ]
+    revisions = [e.revision for e in before + after]
+    assert revisions == sorted(set(revisions))
+    assert after[1].decode_prev(wrappers_pb2.StringValue) == text("ready")
+
+
+async def test_a_watch_reports_compaction_instead_of_losing_events(
+    private_etcd: EmbeddedEtcd,
+) -> None:
+    async with Store(private_etcd.endpoint, "/compact") as store:
+        first = await store.put("pools/p/1", text("a"))
+        for i in range(5):
+            await store.put("pools/p/1", text(str(i)))
+        latest = await store.revision()
+        await store.compact(latest)
+
+        with pytest.raises(WatchCompacted) as caught:
+            async for _ in store.watch_prefix("pools/", first):
+                pass
+        assert caught.value.compact_revision >= latest
+
+
+async def test_store_calls_fail_as_unavailable_with_retry_info_when_etcd_is_down(
+    tmp_path: Path,
+) -> None:
+    async with Store(f"127.0.0.1:{free_port()}", "/down", timeout=1.0) as store:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.get("anything", wrappers_pb2.StringValue)
+    assert caught.value.retry_after is not None
+    assert caught.value.reason == "ETCD_UNAVAILABLE"
