@@ -51,6 +51,9 @@ test: setup
 
 check: lint typecheck buflint gen-check test
 
+bench: setup
+	$(BIN)/python -m bench.store_bench
+
 up: setup
 	$(BIN)/accessline up
 

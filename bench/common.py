@@ -1,0 +1,82 @@
+"""Shared helpers of Accessline's benchmarks: an embedded etcd, timing, and the table."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+
+
+@asynccontextmanager
+async def embedded_etcd() -> AsyncIterator[EmbeddedEtcd]:
+    """A real etcd (with fsync, as in production) in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="accessline-bench-") as tmp:
+        etcd = EmbeddedEtcd(Path(tmp) / "etcd", free_port(), free_port())
+        etcd.start()
+        try:
+            await etcd.wait_ready()
+            yield etcd
+        finally:
+            etcd.stop()
+
+
+@dataclass
+class Result:
+    name: str
+    count: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latencies) * 1000 if self.latencies else 0.0
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile(99) * 1000
+
+
+async def measure(
+    name: str, operation: Callable[[int], Awaitable[object]], count: int, concurrency: int
+) -> Result:
+    """Runs `operation(i)` for i in range(count) with `concurrency` workers."""
+    latencies: list[float] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            started = time.perf_counter()
+            await operation(i)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Result(name, count, time.perf_counter() - started, latencies)
+
+
+def print_table(title: str, results: list[Result], baseline: Result) -> None:
+    print(f"\n{title}")
+    print(f"{'operation':<44}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p50 / baseline':>16}")
+    for r in results:
+        ratio = r.p50_ms / baseline.p50_ms if baseline.p50_ms else float("nan")
+        print(f"{r.name:<44}{r.per_second:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{ratio:>16.2f}")
