@@ -1,0 +1,88 @@
+"""Telemetry of a real service process: spans reach an OTLP receiver when an endpoint
+is configured, carry the service's resource, and the JSON log lines written during a
+call carry that call's trace id."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from services.runtime.embedded_etcd import free_port
+from tests.conftest import ServiceProcess, eventually, wait_serving
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(
+        self, request: Any, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[tuple[dict[str, str], Any]]:
+        out = []
+        for request in self.requests:
+            for resource_spans in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope in resource_spans.scope_spans:
+                    out += [(resource, span) for span in scope.spans]
+        return out
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
+    server = grpc.aio.server()
+    sink = Receiver()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    await server.start()
+    yield sink, port
+    await server.stop(None)
+
+
+async def test_spans_are_exported_over_otlp_and_logs_carry_the_trace_id(
+    receiver: tuple[Receiver, int], service_factory: Callable[..., ServiceProcess]
+) -> None:
+    sink, port = receiver
+    probe = service_factory(
+        "tests.support.probe_service",
+        PROBE_WORK_SECONDS="0",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRICS_EXPORTER="none",
+    )
+    await wait_serving(probe)
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=10)
+    method = "/accessline.numberdistribution.v1.NumberDistributionService/GetPool"
+
+    def exported() -> list[tuple[dict[str, str], Any]]:
+        return [(r, s) for r, s in sink.spans() if s.name == method]
+
+    [(resource, span)] = await eventually(exported, what="GetPool span exported")
+    assert resource["service.name"] == "accessline-probe"
+    assert resource["service.namespace"] == "accessline"
+    assert resource["service.version"]
+    attributes = {a.key: a.value for a in span.attributes}
+    assert attributes["rpc.system"].string_value == "grpc"
+
+    logged = json.loads(await probe.wait_for_log("GetPool in flight"))
+    assert logged["trace_id"] == span.trace_id.hex()
+    assert logged["service"] == "probe"
+
+    probe.signal(signal.SIGTERM)
+    assert await probe.wait_exit() == 0
