@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.numberdistribution import cli as numbers_cli
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.settings import ServiceSettings
 
@@ -168,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     up_p.add_argument("--etcd-port", type=int, default=2379)
     up_p.add_argument("--etcd-peer-port", type=int, default=2380)
     up_p.add_argument("--host", default="127.0.0.1")
+    numbers_p = sub.add_parser("numbers", help="administer access number pools")
+    numbers_cli.add_arguments(numbers_p)
     args = parser.parse_args(argv)
+    if args.command == "numbers":
+        sys.exit(numbers_cli.run(args))
     if args.command == "serve":
         serve(args.service)
     elif args.command == "up":

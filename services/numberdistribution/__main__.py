@@ -3,18 +3,41 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
+from services.numberdistribution.codes import CodeBook
+from services.numberdistribution.domain import NumberDistribution
 from services.numberdistribution.servicer import NumberDistributionServicer
-from services.numberdistribution.settings import NumberDistributionSettings
+from services.numberdistribution.settings import DEVELOPMENT_SECRET, NumberDistributionSettings
+from services.numberdistribution.view import NumberView
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+log = logging.getLogger("accessline.numberdistribution")
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
+    settings = context.settings
+    assert isinstance(settings, NumberDistributionSettings)
+    secret = settings.numbers_secret.get_secret_value()
+    if secret == DEVELOPMENT_SECRET:
+        log.warning(
+            "ACCESSLINE_NUMBERS_SECRET is the development default; set a secret of your own"
+        )
+    view = NumberView(context.store)
+    await view.start()
+    context.on_stop(view.stop)
+    domain = NumberDistribution(
+        context.store,
+        view,
+        CodeBook(secret.encode()),
+        attempts=settings.numbers_reserve_attempts,
+        meter=context.telemetry.meter("accessline.numberdistribution"),
+    )
     return [
         Registration(
-            servicer=NumberDistributionServicer(),  # type: ignore[abstract]  # unserved RPCs answer UNIMPLEMENTED
+            servicer=NumberDistributionServicer(domain),
             add_to_server=number_distribution_pb2_grpc.add_NumberDistributionServiceServicer_to_server,
             descriptor=number_distribution_pb2.DESCRIPTOR.services_by_name[
                 "NumberDistributionService"

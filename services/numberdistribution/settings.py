@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import ServiceSettings
 
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-secret-do-not-use-in-production"  # noqa: S105
+
 
 class NumberDistributionSettings(ServiceSettings):
-    """NumberDistribution's settings: the shared ones with this service's default ports."""
+    """NumberDistribution's settings: the shared ones, its ports and its own."""
 
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(
@@ -16,4 +19,16 @@ class NumberDistributionSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
+    )
+    numbers_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which access-code hashing and sealing keys are derived;"
+        " the same on every replica.",
+    )
+    numbers_reserve_attempts: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Compare-and-swap attempts on one pool before it counts as exhausted.",
     )

@@ -68,6 +68,11 @@ class RuntimeContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Channels to other services, closed by the runtime on shutdown.
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    # Run after the server stopped and before etcd is closed, last registered first.
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        self.cleanups.append(cleanup)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """An instrumented channel to a peer service (trace context propagates)."""
@@ -205,6 +210,8 @@ class ServiceRuntime:
                 await self._monitor
         if self._server is not None:
             await self._server.stop(grace)
+        for cleanup in reversed(self.context.cleanups):
+            await cleanup()
         for channel in self.context.channels:
             await channel.close()
         await self.context.store.close()

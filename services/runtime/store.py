@@ -161,6 +161,10 @@ class Op:
     def get(key: str) -> Op:
         return Op("get", key)
 
+    @staticmethod
+    def get_prefix(prefix: str) -> Op:
+        return Op("get", prefix, prefix=True)
+
 
 @dataclass(frozen=True)
 class TxnResult:
@@ -513,7 +517,8 @@ class Store:
                 request_delete_range=etcdrpc.DeleteRangeRequest(key=key, range_end=end)
             )
         if op.kind == "get":
-            return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+            end = prefix_range_end(key) if op.prefix else b""
+            return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key, range_end=end))
         raise ValueError(f"unknown op {op.kind}")
 
     async def txn(

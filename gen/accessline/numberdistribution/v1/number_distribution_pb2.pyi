@@ -29,24 +29,26 @@ class _PoolMode:
 class _PoolModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoolMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     POOL_MODE_UNSPECIFIED: _PoolMode.ValueType  # 0
-    """Not set; refused."""
+    """Not set: exclusive."""
     POOL_MODE_EXCLUSIVE: _PoolMode.ValueType  # 1
     """A number is held by at most one live reservation."""
     POOL_MODE_SHARED: _PoolMode.ValueType  # 2
     """When no number is free, a number may be shared by several live reservations,
-    each made unique by a required access code.
+    each made unique by an access code: a shared pool's access-code policy must be
+    required.
     """
 
 class PoolMode(_PoolMode, metaclass=_PoolModeEnumTypeWrapper):
     """Whether a pool's numbers are held by one reservation at a time or may be shared."""
 
 POOL_MODE_UNSPECIFIED: PoolMode.ValueType  # 0
-"""Not set; refused."""
+"""Not set: exclusive."""
 POOL_MODE_EXCLUSIVE: PoolMode.ValueType  # 1
 """A number is held by at most one live reservation."""
 POOL_MODE_SHARED: PoolMode.ValueType  # 2
 """When no number is free, a number may be shared by several live reservations,
-each made unique by a required access code.
+each made unique by an access code: a shared pool's access-code policy must be
+required.
 """
 Global___PoolMode: _TypeAlias = PoolMode  # noqa: Y015
 
@@ -57,7 +59,7 @@ class _AccessCodeMode:
 class _AccessCodeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessCodeMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ACCESS_CODE_MODE_UNSPECIFIED: _AccessCodeMode.ValueType  # 0
-    """Not set; treated as off."""
+    """Not set: off."""
     ACCESS_CODE_MODE_OFF: _AccessCodeMode.ValueType  # 1
     """No access code is issued, even when asked for."""
     ACCESS_CODE_MODE_OPTIONAL: _AccessCodeMode.ValueType  # 2
@@ -69,7 +71,7 @@ class AccessCodeMode(_AccessCodeMode, metaclass=_AccessCodeModeEnumTypeWrapper):
     """Whether a reservation from a pool comes with a DTMF access code."""
 
 ACCESS_CODE_MODE_UNSPECIFIED: AccessCodeMode.ValueType  # 0
-"""Not set; treated as off."""
+"""Not set: off."""
 ACCESS_CODE_MODE_OFF: AccessCodeMode.ValueType  # 1
 """No access code is issued, even when asked for."""
 ACCESS_CODE_MODE_OPTIONAL: AccessCodeMode.ValueType  # 2
@@ -194,9 +196,11 @@ class Pool(_message.Message):
     mode: Global___PoolMode.ValueType
     """Exclusive or shared."""
     default_order: _builtins.int
-    """Position of the pool when the device's location is unknown; lower comes first."""
+    """Position of the pool when the device's location is unknown (and among pools at the
+    same distance); lower comes first.
+    """
     max_shares_per_number: _builtins.int
-    """Most live reservations sharing one number in shared mode. 0 means 10."""
+    """Most live reservations sharing one number in shared mode, 2 to 100. 0 means 10."""
     @_builtins.property
     def city(self) -> _common_pb2.City:
         """The city the pool's numbers are local to. When only the name is given, the
@@ -213,15 +217,21 @@ class Pool(_message.Message):
 
     @_builtins.property
     def default_reservation_ttl(self) -> _duration_pb2.Duration:
-        """TTL of a reservation when the request does not ask for one."""
+        """TTL of a reservation when the request does not ask for one. Unset: 5 minutes.
+        From 1 second to the maximum.
+        """
 
     @_builtins.property
     def max_reservation_ttl(self) -> _duration_pb2.Duration:
-        """Longest TTL a reservation may have, extensions included."""
+        """Longest life a reservation may have from its creation, extensions included.
+        Unset: 30 minutes. At most 24 hours.
+        """
 
     @_builtins.property
     def quarantine(self) -> _duration_pb2.Duration:
-        """How long a released or expired number rests before it is handed out again."""
+        """How long a released or expired number rests before it is handed out again.
+        Unset: 60 seconds. From 0 (no quarantine) to 24 hours.
+        """
 
     @_builtins.property
     def access_code_policy(self) -> Global___AccessCodePolicy:
@@ -559,19 +569,25 @@ class AddNumbersResponse(_message.Message):
 
     ADDED_FIELD_NUMBER: _builtins.int
     ALREADY_PRESENT_FIELD_NUMBER: _builtins.int
+    CONFLICTING_FIELD_NUMBER: _builtins.int
     added: _builtins.int
     """How many numbers were added."""
     already_present: _builtins.int
     """How many were already in the pool."""
+    @_builtins.property
+    def conflicting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Numbers that belong to another pool; they were not added. A number is in one pool."""
+
     def __init__(
         self,
         *,
         added: _builtins.int = ...,
         already_present: _builtins.int = ...,
+        conflicting: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_present", b"already_present"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "already_present", b"already_present", "conflicting", b"conflicting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,98 @@
+"""NumberDistribution's key layout in etcd and the transaction operations on it that
+other code needs (releasing a reservation into quarantine), so no one else spells keys.
+
+    nd/pools/{pool_id}                  Pool
+    nd/numbers/{number}                 StoredNumber
+    nd/slots/{number}/{slot}            StoredReservation   (reservation's lease)
+    nd/reservations/{reservation_id}    ReservationLocator  (reservation's lease)
+    nd/idempotency/{sha256(key)}        IdempotencyRecord   (reservation's lease)
+    nd/codes/{number}/{code hash hex}   empty               (reservation's lease, shared pools)
+    nd/quarantine/{number}              QuarantineRecord    (quarantine lease)
+    nd/exhaustion/{pool_id}/{replica}   ExhaustionCount
+"""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+
+from accessline.numberdistribution.storage.v1 import storage_pb2
+from services.runtime.store import Compare, KeyMeta, Op
+
+ROOT = "nd/"
+POOLS = "nd/pools/"
+NUMBERS = "nd/numbers/"
+SLOTS = "nd/slots/"
+RESERVATIONS = "nd/reservations/"
+IDEMPOTENCY = "nd/idempotency/"
+CODES = "nd/codes/"
+QUARANTINE = "nd/quarantine/"
+EXHAUSTION = "nd/exhaustion/"
+
+
+def pool(pool_id: str) -> str:
+    return POOLS + pool_id
+
+
+def number(value: str) -> str:
+    return NUMBERS + value
+
+
+def slots(value: str) -> str:
+    return f"{SLOTS}{value}/"
+
+
+def slot(value: str, index: int) -> str:
+    return f"{SLOTS}{value}/{index}"
+
+
+def reservation(reservation_id: str) -> str:
+    return RESERVATIONS + reservation_id
+
+
+def idempotency(key_hash: str) -> str:
+    return IDEMPOTENCY + key_hash
+
+
+def code(value: str, code_hash: bytes) -> str:
+    return f"{CODES}{value}/{code_hash.hex()}"
+
+
+def quarantine(value: str) -> str:
+    return QUARANTINE + value
+
+
+def exhaustion(pool_id: str, replica: str = "") -> str:
+    return f"{EXHAUSTION}{pool_id}/{replica}"
+
+
+def split_slot(key: str) -> tuple[str, int]:
+    """(number, slot) of a `nd/slots/{number}/{slot}` key. Numbers may hold '/' (SIP)."""
+    rest = key[len(SLOTS) :]
+    value, _, index = rest.rpartition("/")
+    return value, int(index)
+
+
+def release_ops(
+    reserved: storage_pb2.StoredReservation,
+    meta: KeyMeta,
+    quarantine_record: storage_pb2.QuarantineRecord | None,
+    quarantine_lease: int,
+) -> tuple[list[Compare], list[Op]]:
+    """Compares and operations that end a reservation and start the number's quarantine,
+    for a transaction of the caller (which may add its own, such as consuming a session).
+    The compare is the fencing token: the reservation must still be the one read."""
+    compares = [Compare.created_at(slot(reserved.number, reserved.slot), meta.create_revision)]
+    ops = [
+        Op.delete(slot(reserved.number, reserved.slot)),
+        Op.delete(reservation(reserved.reservation_id)),
+    ]
+    if reserved.idempotency_hash:
+        ops.append(Op.delete(idempotency(reserved.idempotency_hash)))
+    if reserved.code_hash:
+        ops.append(Op.delete(code(reserved.number, reserved.code_hash)))
+    if quarantine_record is not None:
+        ops.append(Op.put(quarantine(reserved.number), quarantine_record, quarantine_lease))
+    return compares, ops
+
+
+EMPTY = empty_pb2.Empty()
