@@ -69,18 +69,15 @@ def _epoch(ts: timestamp_pb2.Timestamp) -> float:
 
 
 def pool_ttls(pool: nd_pb2.Pool) -> tuple[float, float, float]:
-    """(default TTL, maximum TTL, quarantine) of a pool, defaults applied."""
-    default = (
-        _seconds(pool.default_reservation_ttl)
-        if pool.HasField("default_reservation_ttl")
-        else DEFAULT_TTL
-    )
-    maximum = (
-        _seconds(pool.max_reservation_ttl)
-        if pool.HasField("max_reservation_ttl")
-        else DEFAULT_MAX_TTL
-    )
-    quarantine = _seconds(pool.quarantine) if pool.HasField("quarantine") else DEFAULT_QUARANTINE
+    """(default TTL, maximum TTL, quarantine) of a pool, defaults applied: an unset
+    default TTL is 5 minutes, or the maximum when that is shorter."""
+    has = pool.HasField
+    maximum = _seconds(pool.max_reservation_ttl) if has("max_reservation_ttl") else DEFAULT_MAX_TTL
+    if has("default_reservation_ttl"):
+        default = _seconds(pool.default_reservation_ttl)
+    else:
+        default = min(DEFAULT_TTL, maximum)
+    quarantine = _seconds(pool.quarantine) if has("quarantine") else DEFAULT_QUARANTINE
     return default, maximum, quarantine
 
 

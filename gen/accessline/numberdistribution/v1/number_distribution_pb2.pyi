@@ -217,7 +217,8 @@ class Pool(_message.Message):
 
     @_builtins.property
     def default_reservation_ttl(self) -> _duration_pb2.Duration:
-        """TTL of a reservation when the request does not ask for one. Unset: 5 minutes.
+        """TTL of a reservation when the request does not ask for one. Unset: 5 minutes, or
+        the maximum when that is shorter.
         From 1 second to the maximum.
         """
 

@@ -1,0 +1,559 @@
+"""NumberDistribution through its gRPC API, on a real service process and a real etcd:
+pools, nearest-city choice, codes, quarantine, sharing, drain, idempotency, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.storage.v1 import storage_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from services.numberdistribution import keys
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.store import Store
+from tests.conftest import ServiceProcess, eventually, spawn_service, wait_serving
+
+PREFIX = "/nd-functional"
+_serial = itertools.count(1)
+
+LYON = common_pb2.GeoPoint(latitude=45.7640, longitude=4.8357)
+PARIS = common_pb2.GeoPoint(latitude=48.8566, longitude=2.3522)
+DIJON = common_pb2.GeoPoint(latitude=47.3220, longitude=5.0415)  # 175 km from Lyon, 263 from Paris
+
+
+def fresh_numbers(count: int) -> list[str]:
+    """Numbers no other test of the module uses (a number belongs to one pool)."""
+    return [f"+3347{next(_serial):07d}" for _ in range(count)]
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(value * 1e9))
+    return d
+
+
+@pytest.fixture(scope="module")
+async def service(etcd: EmbeddedEtcd) -> AsyncIterator[ServiceProcess]:
+    process = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
+    try:
+        await wait_serving(process)
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+async def stub(service: ServiceProcess) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        yield nd_grpc.NumberDistributionServiceStub(channel)
+
+
+@pytest.fixture
+def subject() -> str:
+    """A subject of the test's own, so that only its pools are eligible."""
+    return f"s-{uuid.uuid4().hex[:10]}"
+
+
+async def make_pool(
+    stub: Any, subject: str, count: int, **fields: Any
+) -> tuple[nd_pb2.Pool, list[str]]:
+    pool = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:10]}", subjects=[subject], **fields)
+    created = (await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))).pool
+    numbers = fresh_numbers(count)
+    if numbers:
+        await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=created.pool_id, numbers=numbers))
+    return created, numbers
+
+
+async def reserve(stub: Any, subject: str, **fields: Any) -> nd_pb2.ReserveNumberResponse:
+    return await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=subject, **fields))
+
+
+def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    out: dict[str, Any] = {}
+    for packed in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+        ):
+            message = kind()
+            if packed.Unpack(message):
+                out[kind.__name__] = message
+    return out
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    return {v.field for v in details(error)["BadRequest"].field_violations}
+
+
+async def test_a_pool_named_by_city_gets_coordinates_and_defaults(stub: Any, subject: str) -> None:
+    pool, _ = await make_pool(stub, subject, 0, city=common_pb2.City(name="Lyon"))
+    assert pool.city.country_code == "FR"
+    assert pool.city.location.latitude == pytest.approx(45.75, abs=0.05)
+    assert pool.mode == nd_pb2.POOL_MODE_EXCLUSIVE
+    assert pool.default_reservation_ttl.seconds == 300
+    assert pool.max_reservation_ttl.seconds == 1800
+    assert pool.quarantine.seconds == 60
+    fetched = (await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=pool.pool_id))).pool
+    assert fetched == pool
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool.pool_id)))
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
+    pool = nd_pb2.Pool(
+        pool_id="not a valid id!",
+        city=common_pb2.City(name="Nowhereville-sur-Rien"),
+        mode=nd_pb2.POOL_MODE_SHARED,
+        max_shares_per_number=1,
+        quarantine=seconds(-1),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) >= {
+        "pool.pool_id",
+        "pool.max_shares_per_number",
+        "pool.quarantine",
+    }
+
+    shared = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:8]}", mode=nd_pb2.POOL_MODE_SHARED)
+    shared.city.name = "Nowhereville-sur-Rien"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=shared))
+    assert violated_fields(caught.value) == {"pool.access_code_policy.mode", "pool.city.location"}
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=shared.pool_id))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_numbers_are_normalised_and_a_number_belongs_to_one_pool(
+    stub: Any, subject: str
+) -> None:
+    pool, numbers = await make_pool(stub, subject, 2)
+    other, _ = await make_pool(stub, subject, 0)
+    local = "04" + numbers[0][4:]  # the same number written nationally
+    reply = await stub.AddNumbers(
+        nd_pb2.AddNumbersRequest(
+            pool_id=pool.pool_id, numbers=[local, numbers[1]], default_region="FR"
+        )
+    )
+    assert (reply.added, reply.already_present) == (0, 2)
+    moved = await stub.AddNumbers(
+        nd_pb2.AddNumbersRequest(pool_id=other.pool_id, numbers=[numbers[0]])
+    )
+    assert list(moved.conflicting) == [numbers[0]]
+    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
+    assert (stats.total, stats.free) == (2, 2)
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    junk=st.text(min_size=1, max_size=30).filter(lambda s: not any(c.isdigit() for c in s)),
+    at=st.integers(0, 3),
+)
+async def test_a_malformed_number_refuses_the_whole_batch(
+    stub: Any, subject: str, junk: str, at: int
+) -> None:
+    pool_id = f"p-{uuid.uuid4().hex[:10]}"
+    await stub.CreatePool(
+        nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject]))
+    )
+    batch = fresh_numbers(3)
+    batch.insert(at, junk)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=batch))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {f"numbers[{at}]"}
+    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool_id))).stats
+    assert stats.total == 0
+
+
+async def test_the_nearest_city_is_chosen_then_the_next_then_exhaustion_with_retry_info(
+    stub: Any, subject: str
+) -> None:
+    lyon, lyon_numbers = await make_pool(
+        stub, subject, 1, city=common_pb2.City(name="Lyon", location=LYON), quarantine=seconds(5)
+    )
+    paris, paris_numbers = await make_pool(
+        stub, subject, 1, city=common_pb2.City(name="Paris", location=PARIS), quarantine=seconds(5)
+    )
+    first = await reserve(stub, subject, device_location=DIJON, ttl=seconds(60))
+    assert first.reservation.access_number == lyon_numbers[0]
+    assert (first.reason.pool_id, first.reason.city, first.reason.fallback) == (
+        lyon.pool_id,
+        "Lyon",
+        False,
+    )
+    assert first.reason.distance_km == pytest.approx(175, abs=10)
+
+    second = await reserve(stub, subject, device_location=DIJON, ttl=seconds(60))
+    assert second.reservation.access_number == paris_numbers[0]
+    assert second.reason.fallback
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(stub, subject, device_location=DIJON, ttl=seconds(60))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    found = details(caught.value)
+    assert found["ErrorInfo"].reason == "POOLS_EXHAUSTED"
+    # The soonest reservation ends its TTL plus quarantine from now: about 65 s.
+    assert 55 <= found["RetryInfo"].retry_delay.seconds <= 66
+    # Lyon was found full twice (by the fallback to Paris, then by the refusal).
+    for pool, exhausted in ((lyon, 2), (paris, 1)):
+        stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
+        assert (stats.reserved, stats.free, stats.exhaustion_count) == (1, 0, exhausted)
+
+
+async def test_without_a_location_pools_come_in_their_default_order(
+    stub: Any, subject: str
+) -> None:
+    _, second_numbers = await make_pool(stub, subject, 1, default_order=2)
+    _, first_numbers = await make_pool(stub, subject, 1, default_order=1)
+    reply = await reserve(stub, subject)
+    assert reply.reservation.access_number == first_numbers[0]
+    assert (await reserve(stub, subject)).reservation.access_number == second_numbers[0]
+
+
+async def test_a_retry_with_the_same_idempotency_key_returns_the_same_reservation_and_code(
+    stub: Any, subject: str
+) -> None:
+    policy = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_REQUIRED, length=8)
+    await make_pool(stub, subject, 3, access_code_policy=policy)
+    first = await reserve(stub, subject, idempotency_key="handoff-42")
+    again = await reserve(stub, subject, idempotency_key="handoff-42")
+    other = await reserve(stub, subject, idempotency_key="handoff-43")
+    assert again.reservation == first.reservation
+    assert again.access_code == first.access_code
+    assert len(first.access_code) == 8
+    assert other.reservation.reservation_id != first.reservation.reservation_id
+
+
+async def test_access_codes_are_checked_and_never_stored_in_clear(
+    stub: Any, subject: str, etcd: EmbeddedEtcd
+) -> None:
+    policy = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_OPTIONAL, length=6)
+    await make_pool(stub, subject, 2, access_code_policy=policy)
+    plain = await reserve(stub, subject)
+    coded = await reserve(stub, subject, want_access_code=True)
+    assert plain.access_code == ""
+    assert not plain.reservation.has_access_code
+    assert coded.access_code.isdigit()
+    assert len(coded.access_code) == 6
+
+    number = coded.reservation.access_number
+    wrong = str((int(coded.access_code) + 1) % 1_000_000).zfill(6)
+    checks = {}
+    for digits in (coded.access_code, coded.access_code + "#", wrong, ""):
+        reply = await stub.ResolveNumber(
+            nd_pb2.ResolveNumberRequest(dialled_number=number, dtmf_digits=digits)
+        )
+        checks[digits] = reply.reservations[0].code_check
+    assert checks == {
+        coded.access_code: nd_pb2.CODE_CHECK_MATCH,
+        coded.access_code + "#": nd_pb2.CODE_CHECK_MATCH,
+        wrong: nd_pb2.CODE_CHECK_MISMATCH,
+        "": nd_pb2.CODE_CHECK_MISSING,
+    }
+    uncoded = await stub.ResolveNumber(
+        nd_pb2.ResolveNumberRequest(dialled_number=plain.reservation.access_number)
+    )
+    assert uncoded.reservations[0].code_check == nd_pb2.CODE_CHECK_NO_CODE
+
+    async with Store(etcd.endpoint, PREFIX) as store:
+        entry = await store.get(keys.slot(number, 0), storage_pb2.StoredReservation)
+    assert entry is not None
+    assert len(entry.value.code_hash) == 32
+    assert coded.access_code.encode() not in entry.value.SerializeToString()
+
+
+async def test_common_dialled_formats_resolve_to_the_same_reservation(
+    stub: Any, subject: str
+) -> None:
+    _, numbers = await make_pool(stub, subject, 1)
+    made = await reserve(stub, subject)
+    national = "0" + numbers[0][3:]
+    for dialled, region in (
+        (numbers[0], ""),
+        (f"{numbers[0][:3]} {numbers[0][3]} {numbers[0][4:6]} {numbers[0][6:]}", ""),
+        (national, "FR"),
+        (f"tel:{numbers[0]}", ""),
+        (f"sip:{numbers[0]}@gw.example.net;user=phone", ""),
+    ):
+        reply = await stub.ResolveNumber(
+            nd_pb2.ResolveNumberRequest(dialled_number=dialled, default_region=region)
+        )
+        assert reply.access_number == numbers[0], dialled
+        assert [r.reservation.reservation_id for r in reply.reservations] == [
+            made.reservation.reservation_id
+        ]
+
+
+async def test_a_released_number_rests_in_quarantine_before_it_is_handed_out_again(
+    stub: Any, subject: str
+) -> None:
+    _, numbers = await make_pool(stub, subject, 1, quarantine=seconds(2))
+    first = await reserve(stub, subject)
+    released = await stub.ReleaseNumber(
+        nd_pb2.ReleaseNumberRequest(reservation_id=first.reservation.reservation_id)
+    )
+    assert released.quarantined_until.ToNanoseconds() / 1e9 == pytest.approx(
+        time.time() + 2, abs=1.5
+    )
+
+    late = await stub.ResolveNumber(nd_pb2.ResolveNumberRequest(dialled_number=numbers[0]))
+    assert late.quarantined
+    assert list(late.reservations) == []  # a late caller matches nothing
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(stub, subject)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)["RetryInfo"].retry_delay.ToNanoseconds() <= 2.1e9
+
+    async def reserved_again() -> nd_pb2.ReserveNumberResponse | None:
+        try:
+            return await reserve(stub, subject)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return None
+
+    second = await eventually(
+        reserved_again, timeout=20, interval=0.2, what="number back after quarantine"
+    )
+    assert second.reservation.access_number == numbers[0]
+    assert second.reservation.reservation_id != first.reservation.reservation_id
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await stub.ReleaseNumber(
+            nd_pb2.ReleaseNumberRequest(reservation_id=first.reservation.reservation_id)
+        )
+    assert twice.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_expired_reservation_stops_matching_and_rests_before_reuse(
+    stub: Any, subject: str
+) -> None:
+    _, numbers = await make_pool(stub, subject, 1, quarantine=seconds(2))
+    made = await reserve(stub, subject, ttl=seconds(1))
+
+    async def expired() -> bool:
+        reply = await stub.ResolveNumber(nd_pb2.ResolveNumberRequest(dialled_number=numbers[0]))
+        return not reply.reservations and reply.quarantined
+
+    await eventually(expired, timeout=10, what="reservation expired into quarantine")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExtendReservation(
+            nd_pb2.ExtendReservationRequest(
+                reservation_id=made.reservation.reservation_id, ttl=seconds(30)
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    async def free_again() -> bool:
+        stats = (
+            await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=made.reservation.pool_id))
+        ).stats
+        return stats.free == 1
+
+    # The lease (TTL + quarantine) ends by itself: no replica has to act.
+    await eventually(free_again, timeout=30, what="number free after TTL and quarantine")
+
+
+async def test_extension_is_bounded_by_the_pool_maximum(stub: Any, subject: str) -> None:
+    await make_pool(stub, subject, 1, max_reservation_ttl=seconds(120))
+    made = await reserve(stub, subject, ttl=seconds(30))
+    extended = await stub.ExtendReservation(
+        nd_pb2.ExtendReservationRequest(
+            reservation_id=made.reservation.reservation_id, ttl=seconds(100)
+        )
+    )
+    assert extended.reservation.expires_at.seconds > made.reservation.expires_at.seconds + 60
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ExtendReservation(
+            nd_pb2.ExtendReservationRequest(
+                reservation_id=made.reservation.reservation_id, ttl=seconds(200)
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {"ttl"}
+    with pytest.raises(grpc.aio.AioRpcError) as too_long:
+        await reserve(stub, subject, ttl=seconds(121))
+    assert violated_fields(too_long.value) == {"ttl"}
+
+
+async def test_a_shared_pool_shares_a_number_among_reservations_with_distinct_codes(
+    stub: Any, subject: str
+) -> None:
+    policy = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_REQUIRED, length=4)
+    pool, numbers = await make_pool(
+        stub,
+        subject,
+        1,
+        mode=nd_pb2.POOL_MODE_SHARED,
+        max_shares_per_number=3,
+        access_code_policy=policy,
+    )
+    made = [await reserve(stub, subject) for _ in range(3)]
+    assert {m.reservation.access_number for m in made} == {numbers[0]}
+    assert [m.reservation.shared for m in made] == [False, True, True]
+    assert len({m.access_code for m in made}) == 3
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(stub, subject)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    for m in made:
+        reply = await stub.ResolveNumber(
+            nd_pb2.ResolveNumberRequest(dialled_number=numbers[0], dtmf_digits=m.access_code)
+        )
+        assert len(reply.reservations) == 3
+        matched = [
+            r.reservation.reservation_id
+            for r in reply.reservations
+            if r.code_check == nd_pb2.CODE_CHECK_MATCH
+        ]
+        assert matched == [m.reservation.reservation_id]
+    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
+    assert (stats.reserved, stats.shared_reservations) == (1, 2)
+
+
+async def test_a_drained_number_takes_no_new_reservation_but_the_live_one_finishes(
+    stub: Any, subject: str
+) -> None:
+    pool, numbers = await make_pool(stub, subject, 2)
+    held = await reserve(stub, subject)
+    busy, idle = (
+        held.reservation.access_number,
+        next(n for n in numbers if n != held.reservation.access_number),
+    )
+    drained = await stub.DrainNumber(
+        nd_pb2.DrainNumberRequest(pool_id=pool.pool_id, number=busy, draining=True)
+    )
+    assert drained.live_reservations == 1
+    await stub.DrainNumber(
+        nd_pb2.DrainNumberRequest(pool_id=pool.pool_id, number=idle, draining=True)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reserve(stub, subject)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
+    assert (stats.total, stats.draining, stats.reserved, stats.free) == (2, 2, 1, 0)
+    still = await stub.ResolveNumber(nd_pb2.ResolveNumberRequest(dialled_number=busy))
+    assert [r.reservation.reservation_id for r in still.reservations] == [
+        held.reservation.reservation_id
+    ]
+
+    await stub.DrainNumber(
+        nd_pb2.DrainNumberRequest(pool_id=pool.pool_id, number=idle, draining=False)
+    )
+    assert (await reserve(stub, subject)).reservation.access_number == idle
+
+
+async def test_a_pool_with_live_reservations_is_deleted_only_drained_and_forced(
+    stub: Any, subject: str
+) -> None:
+    pool, numbers = await make_pool(stub, subject, 2)
+    held = await reserve(stub, subject)
+    for force in (False, True):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.DeletePool(nd_pb2.DeletePoolRequest(pool_id=pool.pool_id, force=force))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=pool.pool_id))
+    ).pool.pool_id == pool.pool_id
+    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
+    assert stats.total == 2
+
+    await stub.DrainNumber(
+        nd_pb2.DrainNumberRequest(
+            pool_id=pool.pool_id, number=held.reservation.access_number, draining=True
+        )
+    )
+    await stub.DeletePool(nd_pb2.DeletePoolRequest(pool_id=pool.pool_id, force=True))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=pool.pool_id))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # Its numbers are free to join another pool.
+    other, _ = await make_pool(stub, subject, 0)
+    moved = await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=other.pool_id, numbers=numbers))
+    assert moved.added == 2
+
+
+async def test_removing_a_reserved_number_is_refused_until_it_is_drained(
+    stub: Any, subject: str
+) -> None:
+    pool, numbers = await make_pool(stub, subject, 1)
+    await reserve(stub, subject)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RemoveNumbers(nd_pb2.RemoveNumbersRequest(pool_id=pool.pool_id, numbers=numbers))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await stub.DrainNumber(
+        nd_pb2.DrainNumberRequest(pool_id=pool.pool_id, number=numbers[0], draining=True)
+    )
+    removed = await stub.RemoveNumbers(
+        nd_pb2.RemoveNumbersRequest(pool_id=pool.pool_id, numbers=numbers)
+    )
+    assert (removed.removed, removed.not_found) == (1, 0)
+
+
+async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: str) -> None:
+    await make_pool(stub, subject, 1)
+    request = nd_pb2.ReserveNumberRequest(
+        subject=subject,
+        device_location=common_pb2.GeoPoint(latitude=91, longitude=-181),
+        ttl=seconds(0),
+        session_id="has spaces",
+        idempotency_key="k" * 129,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ReserveNumber(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {
+        "device_location.latitude",
+        "device_location.longitude",
+        "ttl",
+        "session_id",
+        "idempotency_key",
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as nowhere:
+        await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=f"{subject}-nobody-serves"))
+    assert nowhere.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stub.ReleaseNumber(nd_pb2.ReleaseNumberRequest(reservation_id="r-unknown"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(dialled=st.text(max_size=60), digits=st.text(alphabet="0123456789*#x", max_size=40))
+async def test_any_dialled_number_resolves_or_is_refused_as_invalid(
+    stub: Any, dialled: str, digits: str
+) -> None:
+    try:
+        reply = await stub.ResolveNumber(
+            nd_pb2.ResolveNumberRequest(dialled_number=dialled, dtmf_digits=digits)
+        )
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(exc) <= {"dialled_number", "dtmf_digits"}
+    else:
+        assert reply.access_number
+        assert "x" not in digits
+        assert len(digits) <= 32
