@@ -6,19 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.numberdistribution import cli as numbers_cli
+from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.settings import ServiceSettings
 
@@ -56,37 +51,6 @@ class Child:
     process: subprocess.Popen[bytes]
 
 
-async def _wait_serving(address: str, service: str, child: Child, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"{service} exited with status {child.process.returncode}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{service} not serving at {address} after {timeout}s")
-            await asyncio.sleep(0.1)
-
-
-def _stop_children(children: list[Child], timeout: float) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
-
-
 async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> int:
     etcd = EmbeddedEtcd(data_dir / "etcd", etcd_port, etcd_peer_port, host=host)
     print(f"starting etcd on {etcd.endpoint} (data in {etcd.data_dir})", flush=True)
@@ -101,24 +65,16 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         for service in SERVICES:
             port, metrics_port = default_port(service), default_port(service, "metrics_port")
             env = {
-                **os.environ,
                 "ACCESSLINE_ETCD_ENDPOINT": etcd.endpoint,
                 "ACCESSLINE_HOST": host,
                 "ACCESSLINE_PORT": str(port),
                 "ACCESSLINE_METRICS_PORT": str(metrics_port),
             }
-            log = (data_dir / f"{service}.log").open("ab")
-            process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            log.close()
+            with (data_dir / f"{service}.log").open("ab") as log:
+                process = processes.spawn(f"services.{service}", env, stdout=log)
             children.append(Child(service, port, metrics_port, process))
         await asyncio.gather(
-            *(_wait_serving(f"{host}:{c.port}", c.service, c, 30.0) for c in children)
+            *(processes.wait_serving(f"{host}:{c.port}", c.process, c.service) for c in children)
         )
         print("\nAccessline is up:\n")
         print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
@@ -154,7 +110,7 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         return 1
     finally:
         print("stopping services...", flush=True)
-        _stop_children(children, timeout=15.0)
+        processes.stop([c.process for c in children], timeout=15.0)
         etcd.stop()
         print("stopped.", flush=True)
 

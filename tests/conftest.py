@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from services.runtime.store import Store
 
@@ -138,7 +138,6 @@ class ServiceProcess:
 def spawn_service(module: str, etcd_endpoint: str, prefix: str, **env: str) -> ServiceProcess:
     port = free_port()
     full_env = {
-        **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
         "ACCESSLINE_HOST": "127.0.0.1",
         "ACCESSLINE_PORT": str(port),
@@ -148,15 +147,7 @@ def spawn_service(module: str, etcd_endpoint: str, prefix: str, **env: str) -> S
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         **env,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", module],
-        env=full_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    process = processes.spawn(module, full_env, stdout=subprocess.PIPE, text=True)
     service = ServiceProcess(module, process, port)
     threading.Thread(target=service._pump, daemon=True).start()
     return service
@@ -170,12 +161,10 @@ async def health_status(address: str, service: str = "") -> int:
 
 
 async def wait_serving(service: ServiceProcess, timeout: float = 30.0) -> None:
-    async def serving() -> bool:
-        if service.process.poll() is not None:
-            raise AssertionError(f"{service.name} exited:\n" + "\n".join(service.lines[-20:]))
-        return await health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
-
-    await eventually(serving, timeout=timeout, what=f"{service.name} serving")
+    try:
+        await processes.wait_serving(service.address, service.process, service.name, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}:\n" + "\n".join(service.lines[-20:])) from None
 
 
 @pytest.fixture

@@ -1,0 +1,117 @@
+"""Reservation cost as pools grow: ReserveNumber through gRPC on pools of 100, 10,000 and
+100,000 numbers, next to a raw etcd create-if-absent transaction through the same
+client library in the same run.
+
+Each worker reserves a number and releases it (pools have no quarantine, so numbers
+churn); only the ReserveNumber call is timed. One etcd and one NumberDistribution
+process, started here.
+
+    python -m bench.reservation_bench [--count N] [--concurrency C] [--sizes 100,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import aetcd
+import grpc
+from google.protobuf import wrappers_pb2
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from bench.common import Result, embedded_etcd, measure, print_table, service_process
+
+IMPORT_BATCH = 10_000
+
+
+async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
+    client = aetcd.Client(host=host, port=port)
+    await client.connect()
+    lease = await client.lease(300)
+    value = wrappers_pb2.StringValue(value="reserved").SerializeToString()
+
+    async def create(i: int) -> object:
+        key = f"/raw/slots/{i}".encode()
+        return await client.transaction(
+            compare=[client.transactions.create(key) == 0],
+            success=[client.transactions.put(key, value, lease=lease.id)],
+            failure=[],
+        )
+
+    await measure("warm-up", lambda i: create(i + 10_000_000), 200, concurrency)
+    result = await measure("raw etcd create-if-absent txn (aetcd)", create, count, concurrency)
+    await client.close()
+    return result
+
+
+async def prepare_pool(stub: Any, size: int, region_digit: int) -> str:
+    pool_id = f"bench-{size}"
+    pool = nd_pb2.Pool(pool_id=pool_id, subjects=[pool_id])
+    pool.quarantine.FromSeconds(0)
+    await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    numbers = [f"+33{region_digit}4{i:07d}" for i in range(size)]
+    for start in range(0, size, IMPORT_BATCH):
+        await stub.AddNumbers(
+            nd_pb2.AddNumbersRequest(
+                pool_id=pool_id, numbers=numbers[start : start + IMPORT_BATCH]
+            ),
+            timeout=120,
+        )
+    return pool_id
+
+
+async def reservations(stub: Any, pool_id: str, count: int, concurrency: int) -> Result:
+    request = nd_pb2.ReserveNumberRequest(subject=pool_id)
+
+    async def reserve_and_release(_: int) -> float:
+        started = time.perf_counter()
+        made = await stub.ReserveNumber(request, timeout=10)
+        elapsed = time.perf_counter() - started
+        await stub.ReleaseNumber(
+            nd_pb2.ReleaseNumberRequest(reservation_id=made.reservation.reservation_id), timeout=10
+        )
+        return elapsed
+
+    await measure("warm-up", reserve_and_release, 200, concurrency)
+    return await measure(
+        f"ReserveNumber, pool of {len_label(pool_id)}", reserve_and_release, count, concurrency
+    )
+
+
+def len_label(pool_id: str) -> str:
+    return f"{int(pool_id.split('-')[1]):,}"
+
+
+async def main(sizes: list[int], count: int, concurrency: int) -> None:
+    async with (
+        embedded_etcd() as etcd,
+        service_process("services.numberdistribution", etcd, "/bench") as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        pools = [await prepare_pool(stub, size, i + 1) for i, size in enumerate(sizes)]
+        baseline = await raw_baseline(etcd.host, etcd.client_port, count, concurrency)
+        results = [await reservations(stub, pool_id, count, concurrency) for pool_id in pools]
+    print_table(
+        f"reservations, {count} per pool, {concurrency} concurrent clients",
+        [baseline, *results],
+        baseline,
+    )
+    small, large = results[0], results[-1]
+    p50, p99 = large.p50_ms / small.p50_ms, large.p99_ms / small.p99_ms
+    throughput = large.per_second / small.per_second
+    print(
+        f"\nlarge pool / small pool: p50 {p50:.2f}x, p99 {p99:.2f}x, throughput {throughput:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--sizes", default="100,10000,100000")
+    args = parser.parse_args()
+    asyncio.run(main([int(s) for s in args.sizes.split(",")], args.count, args.concurrency))
