@@ -682,6 +682,8 @@ class NumberDistribution:
             result = await self._store.txn(compares, ops, failure)
             if result.succeeded:
                 used.add(lease)
+                # Seen at once by this replica's next request; the watch confirms it.
+                self._view.note_reservation(keys.slot(value, slot), record, result.revision)
                 self._reservations.add(
                     1, {"accessline.pool": pool.pool_id, "accessline.shared": share}
                 )
@@ -731,17 +733,7 @@ class NumberDistribution:
     async def _find(
         self, reservation_id: str
     ) -> tuple[storage_pb2.StoredReservation, KeyMeta] | None:
-        locator = await self._store.get(
-            keys.reservation(reservation_id), storage_pb2.ReservationLocator
-        )
-        if locator is None:
-            return None
-        entry = await self._store.get(
-            keys.slot(locator.value.number, locator.value.slot), storage_pb2.StoredReservation
-        )
-        if entry is None or entry.value.reservation_id != reservation_id:
-            return None
-        return entry.value, entry.meta
+        return await keys.read_reservation(self._store, reservation_id)
 
     def _reservation_not_found(self, reservation_id: str) -> NotFound:
         return NotFound(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from google.protobuf import empty_pb2
 
 from accessline.numberdistribution.storage.v1 import storage_pb2
-from services.runtime.store import Compare, KeyMeta, Op
+from services.runtime.store import Compare, KeyMeta, Op, Store
 
 ROOT = "nd/"
 POOLS = "nd/pools/"
@@ -70,6 +70,22 @@ def split_slot(key: str) -> tuple[str, int]:
     rest = key[len(SLOTS) :]
     value, _, index = rest.rpartition("/")
     return value, int(index)
+
+
+async def read_reservation(
+    store: Store, reservation_id: str
+) -> tuple[storage_pb2.StoredReservation, KeyMeta] | None:
+    """A live or resting reservation by id, with the meta of its slot key (whose create
+    revision is the reservation's fencing token), or None."""
+    locator = await store.get(reservation(reservation_id), storage_pb2.ReservationLocator)
+    if locator is None:
+        return None
+    entry = await store.get(
+        slot(locator.value.number, locator.value.slot), storage_pb2.StoredReservation
+    )
+    if entry is None or entry.value.reservation_id != reservation_id:
+        return None
+    return entry.value, entry.meta
 
 
 def release_ops(

@@ -319,6 +319,14 @@ class NumberView:
         else:
             pool.shareable.discard(value)
 
+    def note_reservation(
+        self, key: str, record: storage_pb2.StoredReservation, revision: int
+    ) -> None:
+        """Applies a reservation this replica just made, unless the watch already went
+        past its revision (then the view knows better, maybe that it is gone again)."""
+        if revision > self.revision:
+            self._put_slot(key, record, revision)
+
     def mark_taken(self, pool_id: str, value: str) -> None:
         """A compare failed on this number: stop offering it until etcd says otherwise."""
         pool = self.pools.get(pool_id)
