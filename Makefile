@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen gen-check lint typecheck buflint test check up bench clean
+.PHONY: help setup gen gen-check lint typecheck buflint test-deps test check up bench clean
 
 help:
 	@echo "make up        set up and run etcd + the five services on this machine"
@@ -46,7 +46,10 @@ typecheck: setup
 buflint: setup
 	$(BUF) lint
 
-test: setup
+test-deps:
+	tools/ensure-postgres.sh
+
+test: setup test-deps
 	$(BIN)/pytest
 
 check: lint typecheck buflint gen-check test

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -69,6 +70,10 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
                 "ACCESSLINE_HOST": host,
                 "ACCESSLINE_PORT": str(port),
                 "ACCESSLINE_METRICS_PORT": str(metrics_port),
+                "ACCESSLINE_HISTORY_DSN": os.environ.get(
+                    "ACCESSLINE_HISTORY_DSN",
+                    f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",
+                ),
             }
             with (data_dir / f"{service}.log").open("ab") as log:
                 process = processes.spawn(f"services.{service}", env, stdout=log)

@@ -1,20 +1,65 @@
-"""Runs the CallMatching service: `python -m services.callmatching` or `accessline serve
-callmatching`."""
+"""Runs the CallMatching service: `python -m services.callmatching` or
+`accessline serve callmatching`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc
+from services.callmatching.crypto import SessionCrypto
+from services.callmatching.domain import CallMatching, Limits
+from services.callmatching.history import MatchHistory
 from services.callmatching.servicer import CallMatchingServicer
-from services.callmatching.settings import CallMatchingSettings
+from services.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
+from services.runtime.peers import PeerStub
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+log = logging.getLogger("accessline.callmatching")
+
+HISTORY_HEALTH = "accessline.callmatching.v1.MatchHistory"
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
+    settings = context.settings
+    assert isinstance(settings, CallMatchingSettings)
+    secret = settings.callmatching_secret.get_secret_value()
+    if secret == DEVELOPMENT_SECRET:
+        log.warning(
+            "ACCESSLINE_CALLMATCHING_SECRET is the development default; set a secret of your own"
+        )
+    meter = context.telemetry.meter("accessline.callmatching")
+
+    async def history_health(ok: bool) -> None:
+        await context.report_health(HISTORY_HEALTH, ok)
+
+    history = MatchHistory(settings.history_dsn, on_health=history_health, meter=meter)
+    await history.start()
+    context.on_stop(history.stop)
+    numbers = PeerStub(
+        number_distribution_pb2_grpc.NumberDistributionServiceStub(
+            context.channel(settings.numberdistribution_address)
+        ),
+        "numberdistribution",
+        settings.etcd_timeout_seconds * 2,
+    )
+    domain = CallMatching(
+        context.store,
+        numbers,
+        SessionCrypto(secret.encode()),
+        history,
+        Limits(
+            session_retention=settings.session_retention_seconds,
+            ani_failure_limit=settings.ani_failure_limit,
+            ani_failure_window=settings.ani_failure_window_seconds,
+            default_region=settings.default_region,
+        ),
+        meter=meter,
+    )
     return [
         Registration(
-            servicer=CallMatchingServicer(),  # type: ignore[abstract]  # unserved RPCs answer UNIMPLEMENTED
+            servicer=CallMatchingServicer(domain),
             add_to_server=call_matching_pb2_grpc.add_CallMatchingServiceServicer_to_server,
             descriptor=call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
         )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import ServiceSettings
 
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-callmatching-secret-not-for-production"  # noqa: S105
+
 
 class CallMatchingSettings(ServiceSettings):
-    """CallMatching's settings: the shared ones with this service's default ports."""
+    """CallMatching's settings: the shared ones, its ports and its own."""
 
     port: int = Field(default=50052, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(
@@ -16,4 +19,41 @@ class CallMatchingSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
+    )
+    callmatching_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which the context encryption key and the ANI hashing key"
+        " are derived; the same on every replica.",
+    )
+    numberdistribution_address: str = Field(
+        default="127.0.0.1:50051", min_length=3, description="NumberDistribution's host:port."
+    )
+    history_dsn: str = Field(
+        default="sqlite+aiosqlite:///.accessline/match-history.db",
+        min_length=1,
+        description="SQLAlchemy URL of the match history database: SQLite (default) or"
+        " postgresql+asyncpg://user:password@host/db shared by every replica.",
+    )
+    session_retention_seconds: float = Field(
+        default=3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="How long GetSession still knows a matched, locked or cancelled session.",
+    )
+    ani_failure_limit: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Failed match attempts from one caller number"
+        " within the window before its calls are refused as rate-limited.",
+    )
+    ani_failure_window_seconds: float = Field(
+        default=600, ge=1, le=24 * 3600, description="The window of the caller-number rate limit."
+    )
+    default_region: str = Field(
+        default="",
+        pattern=r"^([A-Z]{2})?$",
+        description="Region assumed for DNIS and ANI without"
+        " a country code, when a request gives none.",
     )

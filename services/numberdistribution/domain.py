@@ -104,6 +104,7 @@ class Resolution:
     resource_group: str
     reservations: list[nd_pb2.ResolvedReservation]
     quarantined: bool
+    expired_reservations: int
 
 
 class NumberDistribution:
@@ -650,7 +651,7 @@ class NumberDistribution:
             compares = [
                 Compare.modified_at(keys.number(value), number.revision),
                 Compare.absent(keys.slot(value, slot)),
-                Compare.absent(keys.quarantine(value)),
+                Compare.absent(keys.quarantine_key(value)),
             ]
             ops = [
                 Op.put(keys.slot(value, slot), record, lease),
@@ -757,24 +758,11 @@ class NumberDistribution:
                 reason="RESERVATION_EXPIRED",
                 metadata={"reservation_id": reservation_id},
             )
-        state = self._view.pools.get(record.pool_id)
-        quarantine = pool_ttls(state.pool)[2] if state is not None else 0.0
-        until = now + quarantine
-        quarantine_lease = (
-            await self._store.grant_lease(max(1, math.ceil(quarantine))) if quarantine > 0 else 0
-        )
-        compares, ops = keys.release_ops(
-            record,
-            meta,
-            storage_pb2.QuarantineRecord(until=_timestamp(until), reservation_id=reservation_id)
-            if quarantine > 0
-            else None,
-            quarantine_lease,
+        compares, ops, until = await keys.release_ops(
+            self._store, record, meta.create_revision, now
         )
         result = await self._store.txn(compares, ops)
         if not result.succeeded:
-            if quarantine_lease:
-                await self._store.revoke_lease(quarantine_lease)
             raise self._reservation_not_found(reservation_id)
         # Its keys are gone; ending the lease now keeps etcd's lease table small.
         await self._store.revoke_lease(record.lease_id)
@@ -851,7 +839,7 @@ class NumberDistribution:
             [
                 Op.get(keys.number(value)),
                 Op.get_prefix(keys.slots(value)),
-                Op.get(keys.quarantine(value)),
+                Op.get(keys.quarantine_key(value)),
             ],
         )
         number_rows, slot_rows, quarantine_rows = result.gets
@@ -864,11 +852,11 @@ class NumberDistribution:
         now = self._clock()
         digits = clean_digits(dtmf)
         resolved: list[nd_pb2.ResolvedReservation] = []
-        expired = False
+        expired = 0
         for key, raw, _ in slot_rows:
             record = decode(storage_pb2.StoredReservation, key, raw)
             if _epoch(record.expires_at) <= now:
-                expired = True
+                expired += 1
                 continue
             if not record.code_hash:
                 check = nd_pb2.CODE_CHECK_NO_CODE
@@ -890,7 +878,8 @@ class NumberDistribution:
             pool_id=pool_id,
             resource_group=state.pool.resource_group if state is not None else "",
             reservations=resolved,
-            quarantined=bool(quarantine_rows) or expired,
+            quarantined=bool(quarantine_rows) or expired > 0,
+            expired_reservations=expired,
         )
 
 

@@ -57,7 +57,7 @@ def code(value: str, code_hash: bytes) -> str:
     return f"{CODES}{value}/{code_hash.hex()}"
 
 
-def quarantine(value: str) -> str:
+def quarantine_key(value: str) -> str:
     return QUARANTINE + value
 
 
@@ -88,16 +88,19 @@ async def read_reservation(
     return entry.value, entry.meta
 
 
-def release_ops(
-    reserved: storage_pb2.StoredReservation,
-    meta: KeyMeta,
-    quarantine_record: storage_pb2.QuarantineRecord | None,
-    quarantine_lease: int,
-) -> tuple[list[Compare], list[Op]]:
-    """Compares and operations that end a reservation and start the number's quarantine,
-    for a transaction of the caller (which may add its own, such as consuming a session).
-    The compare is the fencing token: the reservation must still be the one read."""
-    compares = [Compare.created_at(slot(reserved.number, reserved.slot), meta.create_revision)]
+async def release_ops(
+    store: Store, reserved: storage_pb2.StoredReservation, fencing_revision: int, now: float
+) -> tuple[list[Compare], list[Op], float]:
+    """Compares and operations that end a reservation and start the number's quarantine
+    (the pool's, as it was when the reservation was made), for a transaction of the
+    caller, which may add its own (such as consuming a session); and when the quarantine
+    ends. The compare is the fencing token: the reservation must still be the one read."""
+    quarantine = max(
+        0.0,
+        (reserved.quarantined_until.ToNanoseconds() - reserved.expires_at.ToNanoseconds()) / 1e9,
+    )
+    until = now + quarantine
+    compares = [Compare.created_at(slot(reserved.number, reserved.slot), fencing_revision)]
     ops = [
         Op.delete(slot(reserved.number, reserved.slot)),
         Op.delete(reservation(reserved.reservation_id)),
@@ -106,9 +109,12 @@ def release_ops(
         ops.append(Op.delete(idempotency(reserved.idempotency_hash)))
     if reserved.code_hash:
         ops.append(Op.delete(code(reserved.number, reserved.code_hash)))
-    if quarantine_record is not None:
-        ops.append(Op.put(quarantine(reserved.number), quarantine_record, quarantine_lease))
-    return compares, ops
+    if quarantine > 0:
+        record = storage_pb2.QuarantineRecord(reservation_id=reserved.reservation_id)
+        record.until.FromNanoseconds(int(until * 1e9))
+        lease = await store.shared_lease(quarantine)
+        ops.append(Op.put(quarantine_key(reserved.number), record, lease))
+    return compares, ops, until
 
 
 EMPTY = empty_pb2.Empty()

@@ -223,4 +223,5 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
             resource_group=found.resource_group,
             reservations=found.reservations,
             quarantined=found.quarantined,
+            expired_reservations=found.expired_reservations,
         )

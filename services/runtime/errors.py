@@ -162,10 +162,14 @@ class Unimplemented(AccesslineError):
 def to_status(error: AccesslineError) -> grpc.Status:
     """The gRPC status (with packed rich details) for a domain error."""
     details = []
-    for detail in error.details():
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        details.append(packed)
+    passed = getattr(error, "passed_details", None)
+    if passed is not None:
+        details = list(passed)
+    else:
+        for detail in error.details():
+            packed = any_pb2.Any()
+            packed.Pack(detail)
+            details.append(packed)
     proto = status_pb2.Status(
         code=getattr(code_pb2, error.code.name), message=error.message, details=details
     )

@@ -70,9 +70,17 @@ class RuntimeContext:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     # Run after the server stopped and before etcd is closed, last registered first.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The process's health service, for components with a health of their own.
+    health: Any = None
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         self.cleanups.append(cleanup)
+
+    async def report_health(self, component: str, serving: bool) -> None:
+        """Health of a component the service can work without (checked by its own name
+        in the health service; the server's overall status does not follow it)."""
+        if self.health is not None:
+            await self.health.set(component, SERVING if serving else NOT_SERVING)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """An instrumented channel to a peer service (trace context propagates)."""
@@ -123,7 +131,9 @@ class ServiceRuntime:
         )
         store = Store(settings.etcd_endpoint, settings.etcd_prefix, settings.etcd_timeout_seconds)
         await store.connect()
-        self._context = RuntimeContext(settings=settings, store=store, telemetry=telemetry)
+        self._context = RuntimeContext(
+            settings=settings, store=store, telemetry=telemetry, health=self._health
+        )
         registrations = await self.spec.build(self._context)
 
         server = grpc.aio.server(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -350,6 +351,7 @@ class Store:
         self._timeout = timeout
         self._keeper = _LeaseKeeper(self)
         self._closed = False
+        self._shared_leases: dict[int, tuple[int, float]] = {}
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -562,6 +564,20 @@ class Store:
         if reply.error:
             raise StoreRejected(f"etcd refused the lease: {reply.error}")
         return int(reply.ID)
+
+    async def shared_lease(self, min_ttl: float, window: float = 1.0) -> int:
+        """A lease that outlives `min_ttl` seconds from now by at most `window` + 1 s,
+        shared by every caller asking for the same TTL within `window` seconds: for keys
+        that must live at least a while (quarantines, outcomes) and are never revoked
+        one by one. Saves a grant per key."""
+        key = math.ceil(min_ttl)
+        now = time.monotonic()
+        cached = self._shared_leases.get(key)
+        if cached is not None and now - cached[1] < window:
+            return cached[0]
+        lease = await self.grant_lease(max(1, math.ceil(min_ttl + window)))
+        self._shared_leases[key] = (lease, now)
+        return lease
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Ends a lease now, deleting every key under it. A lease already gone is fine."""

@@ -318,6 +318,7 @@ class StartHandoffRequest(_message.Message):
     ANI_HINT_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DEFAULT_REGION_FIELD_NUMBER: _builtins.int
     application_id: _builtins.str
     """The application asking; must be registered."""
     customer_id: _builtins.str
@@ -332,6 +333,8 @@ class StartHandoffRequest(_message.Message):
     """
     idempotency_key: _builtins.str
     """A retry with the same key returns the same session. 1 to 128 characters."""
+    default_region: _builtins.str
+    """Region assumed for an ANI hint without a country code (ISO 3166-1 alpha-2)."""
     @_builtins.property
     def context(self) -> _common_pb2.ContextData:
         """What the app knows about the interaction. Encrypted before it is stored."""
@@ -351,10 +354,11 @@ class StartHandoffRequest(_message.Message):
         ani_hint: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
         idempotency_key: _builtins.str = ...,
+        default_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani_hint", b"ani_hint", "application_id", b"application_id", "context", b"context", "customer_id", b"customer_id", "device_can_dial", b"device_can_dial", "device_can_send_dtmf", b"device_can_send_dtmf", "idempotency_key", b"idempotency_key", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani_hint", b"ani_hint", "application_id", b"application_id", "context", b"context", "customer_id", b"customer_id", "default_region", b"default_region", "device_can_dial", b"device_can_dial", "device_can_send_dtmf", b"device_can_send_dtmf", "idempotency_key", b"idempotency_key", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

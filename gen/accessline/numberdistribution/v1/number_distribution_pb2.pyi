@@ -1119,6 +1119,7 @@ class ResolveNumberResponse(_message.Message):
     RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
     RESERVATIONS_FIELD_NUMBER: _builtins.int
     QUARANTINED_FIELD_NUMBER: _builtins.int
+    EXPIRED_RESERVATIONS_FIELD_NUMBER: _builtins.int
     access_number: _builtins.str
     """The dialled number, normalised."""
     pool_id: _builtins.str
@@ -1127,6 +1128,8 @@ class ResolveNumberResponse(_message.Message):
     """The resource group of that pool, for routing a call that is not matched."""
     quarantined: _builtins.bool
     """True when the number is resting in quarantine after a release or expiry."""
+    expired_reservations: _builtins.int
+    """Reservations on the number that expired and rest in quarantine (a late call)."""
     @_builtins.property
     def reservations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedReservation]:
         """The live reservations on the number: at most one for an exclusive number."""
@@ -1139,10 +1142,11 @@ class ResolveNumberResponse(_message.Message):
         resource_group: _builtins.str = ...,
         reservations: _abc.Iterable[Global___ResolvedReservation] | None = ...,
         quarantined: _builtins.bool = ...,
+        expired_reservations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_number", b"access_number", "pool_id", b"pool_id", "quarantined", b"quarantined", "reservations", b"reservations", "resource_group", b"resource_group"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_number", b"access_number", "expired_reservations", b"expired_reservations", "pool_id", b"pool_id", "quarantined", b"quarantined", "reservations", b"reservations", "resource_group", b"resource_group"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

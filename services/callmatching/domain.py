@@ -1,0 +1,607 @@
+"""The rules of call matching: applications and their schemas, the handoff session that
+waits for the call under its number's reservation lease, and the match of a voice call
+to it — exactly once, in one etcd transaction that consumes the session, ends the
+reservation and starts the number's quarantine. No gRPC here but the NumberDistribution
+client it is given."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from opentelemetry import metrics, propagate, trace
+
+from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from services.callmatching import keys
+from services.callmatching.crypto import SessionCrypto
+from services.callmatching.history import MatchHistory
+from services.numberdistribution import keys as nd_keys
+from services.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from services.runtime.phone import NumberFormatError, display_number, normalize_number
+from services.runtime.store import Compare, Op, Store
+
+log = logging.getLogger("accessline.callmatching")
+tracer = trace.get_tracer("accessline.callmatching")
+
+DEFAULT_SESSION_TTL = 300.0
+DEFAULT_MAX_CODE_ATTEMPTS = 3
+
+NEEDS_ANI = {common_pb2.MATCH_SCHEMA_NUMBER_ANI, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
+NEEDS_CODE = {common_pb2.MATCH_SCHEMA_NUMBER_CODE, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
+# Outcomes that count against the caller's number for rate limiting.
+FAILURES = {
+    cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
+    cm_pb2.MATCH_OUTCOME_ANI_MISMATCH,
+    cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+    cm_pb2.MATCH_OUTCOME_LOCKED_OUT,
+    cm_pb2.MATCH_OUTCOME_EXPIRED,
+}
+
+
+def _ts(epoch: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def _epoch(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def guess_success_probability(code_length: int, max_attempts: int) -> float:
+    """Chance that someone guessing codes on one reservation hits it before it locks:
+    at most `max_attempts` distinct guesses among 10**code_length codes."""
+    return float(min(1.0, max_attempts / 10**code_length))
+
+
+@dataclass(frozen=True)
+class Handoff:
+    application_id: str
+    customer_id: str
+    context: common_pb2.ContextData
+    device_can_dial: bool
+    device_can_send_dtmf: bool
+    ani_hint: str
+    default_region: str
+    ttl: float | None
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class Call:
+    call_id: str
+    dnis: str
+    ani: str
+    dtmf: str
+    arrived_at: float | None
+    default_region: str
+
+
+@dataclass
+class Limits:
+    session_retention: float
+    ani_failure_limit: int
+    ani_failure_window: float
+    default_region: str
+
+
+class CallMatching:
+    """Handoff sessions and call matching on one etcd, safe to run as several replicas."""
+
+    def __init__(
+        self,
+        store: Store,
+        numbers: Any,
+        crypto: SessionCrypto,
+        history: MatchHistory,
+        limits: Limits,
+        *,
+        meter: metrics.Meter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._numbers = numbers
+        self._crypto = crypto
+        self._history = history
+        self._limits = limits
+        self._clock = clock
+        meter = meter or metrics.get_meter("accessline.callmatching")
+        self._outcomes = meter.create_counter(
+            "accessline.match.outcomes", unit="{call}", description="Match decisions by outcome"
+        )
+        self._decision = meter.create_histogram(
+            "accessline.match.decision.duration",
+            unit="s",
+            description="From the call's arrival to the match decision",
+        )
+        self._waited = meter.create_histogram(
+            "accessline.match.handoff_to_call.duration",
+            unit="s",
+            description="From the handoff request to the call's arrival, for matched calls",
+        )
+
+    # -- applications -----------------------------------------------------------------
+
+    async def register_application(self, app: cm_pb2.Application) -> cm_pb2.Application:
+        stored = cm_pb2.Application()
+        stored.CopyFrom(app)
+        if not stored.HasField("default_session_ttl"):
+            stored.default_session_ttl.FromSeconds(int(DEFAULT_SESSION_TTL))
+        if not stored.max_code_attempts:
+            stored.max_code_attempts = DEFAULT_MAX_CODE_ATTEMPTS
+        await self._store.put(keys.app(app.application_id), stored)
+        return stored
+
+    async def get_application(self, application_id: str) -> cm_pb2.Application:
+        entry = await self._store.get(keys.app(application_id), cm_pb2.Application)
+        if entry is None:
+            raise NotFound(
+                f"application {application_id} is not registered",
+                reason="APPLICATION_NOT_FOUND",
+                metadata={"application_id": application_id},
+            )
+        return entry.value
+
+    async def list_applications(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[cm_pb2.Application], str]:
+        entries, _ = await self._store.get_prefix(
+            keys.APPS,
+            cm_pb2.Application,
+            limit=page_size + 1,
+            start_after=keys.app(page_token) if page_token else None,
+        )
+        apps = [e.value for e in entries[:page_size]]
+        return apps, apps[-1].application_id if len(entries) > page_size else ""
+
+    # -- handoff ----------------------------------------------------------------------
+
+    async def start_handoff(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
+        app = await self.get_application(request.application_id)
+        schema = app.match_schema
+        violations = [
+            FieldViolation(
+                f"context.attributes[{k}]", f"is required by application {app.application_id}"
+            )
+            for k in app.required_context_keys
+            if k not in request.context.attributes
+        ]
+        ani_hash = b""
+        if schema in NEEDS_ANI:
+            if not request.ani_hint:
+                violations.append(
+                    FieldViolation(
+                        "ani_hint", "is required: the application matches the caller's number"
+                    )
+                )
+            else:
+                try:
+                    ani = normalize_number(
+                        request.ani_hint, request.default_region or self._limits.default_region
+                    )
+                    ani_hash = self._crypto.ani_hash(ani)
+                except NumberFormatError as exc:
+                    violations.append(FieldViolation("ani_hint", str(exc)))
+        if violations:
+            raise InvalidArgument(violations)
+
+        idempotency_key = (
+            keys.idempotency(app.application_id, request.idempotency_key)
+            if request.idempotency_key
+            else ""
+        )
+        if idempotency_key:
+            replay = await self._replay(idempotency_key)
+            if replay is not None:
+                return replay
+
+        session_id = "s" + secrets.token_urlsafe(15)
+        ttl = (
+            request.ttl
+            if request.ttl is not None
+            else app.default_session_ttl.ToNanoseconds() / 1e9
+        )
+        reserve = nd_pb2.ReserveNumberRequest(
+            subject=request.context.subject,
+            segment=request.context.customer_segment,
+            want_access_code=schema in NEEDS_CODE,
+            session_id=session_id,
+            idempotency_key=f"cm:{idempotency_key}" if idempotency_key else "",
+        )
+        reserve.ttl.FromNanoseconds(int(ttl * 1e9))
+        if request.context.HasField("location"):
+            reserve.device_location.CopyFrom(request.context.location)
+        reserved = await self._numbers.ReserveNumber(reserve)
+        reservation = reserved.reservation
+        if reservation.session_id != session_id:
+            # NumberDistribution answered an earlier attempt of this same idempotent request.
+            session_id = reservation.session_id
+        if schema in NEEDS_CODE and not reserved.access_code:
+            await self._numbers.ReleaseNumber(
+                nd_pb2.ReleaseNumberRequest(reservation_id=reservation.reservation_id)
+            )
+            raise FailedPrecondition(
+                f"pool {reservation.pool_id} issues no access codes, but application"
+                f" {app.application_id} matches calls by code",
+                reason="POOL_WITHOUT_CODES",
+                metadata={"pool_id": reservation.pool_id, "application_id": app.application_id},
+            )
+        found = await nd_keys.read_reservation(self._store, reservation.reservation_id)
+        if found is None:
+            raise Aborted(
+                "the reservation ended before the session was stored; retry",
+                reason="RESERVATION_GONE",
+            )
+        record, meta = found
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        session = cm_store.StoredSession(
+            session_id=session_id,
+            application_id=app.application_id,
+            customer_id=request.customer_id,
+            sealed_context=self._crypto.seal(request.context.SerializeToString(), session_id),
+            reservation=record,
+            reservation_revision=meta.create_revision,
+            match_schema=schema,
+            skip_ivr=app.skip_ivr_on_match,
+            ani_hash=ani_hash,
+            sealed_access_code=self._crypto.seal(reserved.access_code.encode(), session_id)
+            if reserved.access_code
+            else b"",
+            handoff_requested_at=_ts(self._clock()),
+            expires_at=record.expires_at,
+            handoff_trace=common_pb2.TraceContext(
+                traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
+            ),
+            max_code_attempts=app.max_code_attempts or DEFAULT_MAX_CODE_ATTEMPTS,
+            device_can_dial=request.device_can_dial,
+            device_can_send_dtmf=request.device_can_send_dtmf,
+        )
+        compares = [
+            Compare.created_at(nd_keys.slot(record.number, record.slot), meta.create_revision)
+        ]
+        ops = [Op.put(keys.session(session_id), session, record.lease_id)]
+        failure: list[Op] = []
+        if idempotency_key:
+            compares.append(Compare.absent(idempotency_key))
+            ops.append(
+                Op.put(
+                    idempotency_key,
+                    cm_store.HandoffIdempotency(session_id=session_id),
+                    record.lease_id,
+                )
+            )
+            failure.append(Op.get(idempotency_key))
+        result = await self._store.txn(compares, ops, failure)
+        if not result.succeeded:
+            if idempotency_key and result.gets and result.gets[0]:
+                replay = await self._replay(idempotency_key)
+                if replay is not None:
+                    return replay
+            raise Aborted(
+                "the reservation ended before the session was stored; retry",
+                reason="RESERVATION_GONE",
+            )
+        log.info(
+            "handoff started",
+            extra={
+                "fields": {
+                    "session_id": session_id,
+                    "application_id": app.application_id,
+                    "pool_id": record.pool_id,
+                }
+            },
+        )
+        return self._handoff_answer(session, reserved.access_code)
+
+    def _handoff_answer(
+        self, session: cm_store.StoredSession, code: str
+    ) -> cm_pb2.StartHandoffResponse:
+        number = session.reservation.number
+        shown = display_number(number)
+        dial = number
+        if code and session.device_can_send_dtmf:
+            dial = f"{number},,{code}#"
+        text = f"Call {shown}"
+        if code:
+            text += f" and, when asked, key in {code} followed by #"
+        display = cm_pb2.DisplayInstructions(
+            number_display=shown, code_display=code, text=text + "."
+        )
+        return cm_pb2.StartHandoffResponse(
+            session_id=session.session_id,
+            access_number=number,
+            access_code=code,
+            expires_at=session.expires_at,
+            dial_string=dial if session.device_can_dial else "",
+            display=display,
+        )
+
+    async def _replay(self, idempotency_key: str) -> cm_pb2.StartHandoffResponse | None:
+        entry = await self._store.get(idempotency_key, cm_store.HandoffIdempotency)
+        if entry is None:
+            return None
+        stored = await self._store.get(keys.session(entry.value.session_id), cm_store.StoredSession)
+        if stored is None:
+            return None
+        session = stored.value
+        code = (
+            self._crypto.unseal(session.sealed_access_code, session.session_id).decode()
+            if session.sealed_access_code
+            else ""
+        )
+        return self._handoff_answer(session, code)
+
+    async def cancel_handoff(self, session_id: str) -> None:
+        entry = await self._store.get(keys.session(session_id), cm_store.StoredSession)
+        if entry is None:
+            raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
+        session = entry.value
+        now = self._clock()
+        if _epoch(session.expires_at) <= now:
+            raise FailedPrecondition(
+                f"session {session_id} already expired", reason="SESSION_EXPIRED"
+            )
+        ok = await self._end(
+            session, entry.meta.mod_revision, cm_pb2.SESSION_STATE_CANCELLED, "", now
+        )
+        if not ok:
+            raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
+
+    async def _end(
+        self, session: cm_store.StoredSession, revision: int, state: int, call_id: str, now: float
+    ) -> bool:
+        """In one transaction: the session is consumed (if unchanged since read), its
+        reservation ends, its number goes into quarantine, the outcome is kept."""
+        compares, ops, _ = await nd_keys.release_ops(
+            self._store, session.reservation, session.reservation_revision, now
+        )
+        outcome = cm_store.StoredOutcome(
+            session_id=session.session_id,
+            state=state,  # type: ignore[arg-type]
+            merged_session_id=session.session_id if state == cm_pb2.SESSION_STATE_MATCHED else "",
+            call_id=call_id,
+            ended_at=_ts(now),
+            application_id=session.application_id,
+        )
+        retention = await self._store.shared_lease(self._limits.session_retention, window=10.0)
+        compares.append(Compare.modified_at(keys.session(session.session_id), revision))
+        ops += [
+            Op.delete(keys.session(session.session_id)),
+            Op.put(keys.outcome(session.session_id), outcome, retention),
+        ]
+        result = await self._store.txn(compares, ops)
+        return result.succeeded
+
+    async def get_session(self, session_id: str) -> cm_pb2.GetSessionResponse:
+        result = await self._store.txn(
+            [], [Op.get(keys.session(session_id)), Op.get(keys.outcome(session_id))]
+        )
+        waiting, ended = result.gets
+        if waiting:
+            session = cm_store.StoredSession.FromString(waiting[0][1])
+            state = (
+                cm_pb2.SESSION_STATE_WAITING_FOR_CALL
+                if _epoch(session.expires_at) > self._clock()
+                else cm_pb2.SESSION_STATE_EXPIRED
+            )
+            return cm_pb2.GetSessionResponse(
+                session_id=session_id,
+                state=state,
+                expires_at=session.expires_at,
+                application_id=session.application_id,
+            )
+        if ended:
+            outcome = cm_store.StoredOutcome.FromString(ended[0][1])
+            return cm_pb2.GetSessionResponse(
+                session_id=session_id,
+                state=outcome.state,
+                merged_session_id=outcome.merged_session_id,
+                call_id=outcome.call_id,
+                expires_at=outcome.ended_at,
+                application_id=outcome.application_id,
+            )
+        raise NotFound(
+            f"session {session_id} is unknown, or ended longer ago than the retention period",
+            reason="SESSION_NOT_FOUND",
+        )
+
+    # -- matching ---------------------------------------------------------------------
+
+    async def match_call(self, call: Call) -> cm_pb2.MatchCallResponse:
+        arrived = call.arrived_at if call.arrived_at is not None else self._clock()
+        region = call.default_region or self._limits.default_region
+        try:
+            dnis = normalize_number(call.dnis, region)
+        except NumberFormatError as exc:
+            raise InvalidArgument([FieldViolation("dnis", str(exc))]) from None
+        try:
+            ani = normalize_number(call.ani, region) if call.ani else ""
+        except NumberFormatError:
+            ani = ""  # "anonymous", "restricted" and the like: withheld
+        ani_hash = self._crypto.ani_hash(ani) if ani else b""
+        attempt = cm_pb2.MatchAttempt(
+            attempt_id="a" + secrets.token_urlsafe(15),
+            call_id=call.call_id,
+            access_number=dnis,
+            ani_hash=ani_hash.hex(),
+            call_arrived_at=_ts(arrived),
+        )
+        span = trace.get_current_span()
+        response = await self._decide(call, dnis, ani_hash, attempt)
+        now = self._clock()
+        attempt.outcome = response.outcome
+        attempt.decided_at.CopyFrom(_ts(now))
+        self._history.record(attempt)
+        labels = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
+        if attempt.application_id:
+            labels["accessline.application"] = attempt.application_id
+        self._outcomes.add(1, labels)
+        self._decision.record(max(0.0, now - arrived), labels)
+        if response.outcome == cm_pb2.MATCH_OUTCOME_MATCHED and attempt.HasField(
+            "handoff_requested_at"
+        ):
+            self._waited.record(max(0.0, arrived - _epoch(attempt.handoff_requested_at)), labels)
+        span.set_attribute("accessline.match.outcome", labels["accessline.match.outcome"])
+        span.set_attribute(
+            "accessline.match.schema", common_pb2.MatchSchema.Name(attempt.match_schema)
+        )
+        if attempt.application_id:
+            span.set_attribute("accessline.application", attempt.application_id)
+        if attempt.pool_id:
+            span.set_attribute("accessline.pool", attempt.pool_id)
+        if ani_hash and response.outcome in FAILURES:
+            await self._count_ani_failure(ani_hash)
+        log.info(
+            "call match decided",
+            extra={
+                "fields": {
+                    "call_id": call.call_id,
+                    "outcome": labels["accessline.match.outcome"],
+                    "session_id": attempt.session_id,
+                }
+            },
+        )
+        return response
+
+    async def _count_ani_failure(self, ani_hash: bytes) -> None:
+        key = keys.ani_failures(ani_hash)
+        for _ in range(5):
+            entry = await self._store.get(key, cm_store.AniFailures)
+            if entry is None:
+                lease = await self._store.shared_lease(self._limits.ani_failure_window)
+                if await self._store.create(key, cm_store.AniFailures(count=1), lease) is not None:
+                    return
+                continue
+            bumped = cm_store.AniFailures(count=entry.value.count + 1)
+            result = await self._store.txn(
+                [Compare.modified_at(key, entry.meta.mod_revision)],
+                [Op.put(key, bumped, entry.meta.lease)],
+            )
+            if result.succeeded:
+                return
+
+    async def _decide(
+        self, call: Call, dnis: str, ani_hash: bytes, attempt: cm_pb2.MatchAttempt
+    ) -> cm_pb2.MatchCallResponse:
+        if ani_hash:
+            failures = await self._store.get(keys.ani_failures(ani_hash), cm_store.AniFailures)
+            if failures is not None and failures.value.count >= self._limits.ani_failure_limit:
+                return cm_pb2.MatchCallResponse(outcome=cm_pb2.MATCH_OUTCOME_RATE_LIMITED)
+        resolved = await self._numbers.ResolveNumber(
+            nd_pb2.ResolveNumberRequest(dialled_number=dnis, dtmf_digits=call.dtmf)
+        )
+        attempt.pool_id = resolved.pool_id
+        unmatched = cm_pb2.MatchCallResponse(resource_group=resolved.resource_group)
+        if not resolved.reservations:
+            unmatched.outcome = (
+                cm_pb2.MATCH_OUTCOME_EXPIRED
+                if resolved.expired_reservations
+                else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+            )
+            return unmatched
+        candidates = list(resolved.reservations)
+        if len(candidates) > 1:
+            # A shared number: only the code tells the reservations apart.
+            candidates = [r for r in candidates if r.code_check == nd_pb2.CODE_CHECK_MATCH]
+            if not candidates:
+                unmatched.outcome = cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+                return unmatched
+        chosen = candidates[0]
+        entry = await self._store.get(
+            keys.session(chosen.reservation.session_id), cm_store.StoredSession
+        )
+        if entry is None:
+            unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+            return unmatched
+        session = entry.value
+        attempt.session_id = session.session_id
+        attempt.application_id = session.application_id
+        attempt.match_schema = session.match_schema
+        attempt.handoff_requested_at.CopyFrom(session.handoff_requested_at)
+        unmatched.match_schema = session.match_schema
+        unmatched.handoff_requested_at.CopyFrom(session.handoff_requested_at)
+        now = self._clock()
+        if _epoch(session.expires_at) <= now:
+            unmatched.outcome = cm_pb2.MATCH_OUTCOME_EXPIRED
+            return unmatched
+        if session.match_schema in NEEDS_ANI:
+            if not ani_hash:
+                unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_WITHHELD
+                return unmatched
+            if not self._crypto.same(ani_hash, session.ani_hash):
+                unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
+                return unmatched
+        if session.match_schema in NEEDS_CODE and chosen.code_check != nd_pb2.CODE_CHECK_MATCH:
+            unmatched.outcome = await self._wrong_code(
+                session, entry.meta.mod_revision, call.call_id, now
+            )
+            return unmatched
+        if not await self._end(
+            session, entry.meta.mod_revision, cm_pb2.SESSION_STATE_MATCHED, call.call_id, now
+        ):
+            # Another call (maybe on another replica) consumed the session first.
+            unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+            return unmatched
+        context = common_pb2.ContextData.FromString(
+            self._crypto.unseal(session.sealed_context, session.session_id)
+        )
+        return cm_pb2.MatchCallResponse(
+            outcome=cm_pb2.MATCH_OUTCOME_MATCHED,
+            session_id=session.session_id,
+            application_id=session.application_id,
+            customer_id=session.customer_id,
+            context=context,
+            skip_ivr=session.skip_ivr,
+            match_schema=session.match_schema,
+            resource_group=resolved.resource_group,
+            handoff_trace=session.handoff_trace,
+            handoff_requested_at=session.handoff_requested_at,
+        )
+
+    async def _wrong_code(
+        self, session: cm_store.StoredSession, revision: int, call_id: str, now: float
+    ) -> cm_pb2.MatchOutcome.ValueType:
+        """Counts a wrong code; at the limit the session is locked and its number released."""
+        attempts = session.failed_code_attempts + 1
+        if attempts >= session.max_code_attempts:
+            if await self._end(session, revision, cm_pb2.SESSION_STATE_LOCKED, call_id, now):
+                log.warning(
+                    "session locked after wrong access codes",
+                    extra={"fields": {"session_id": session.session_id}},
+                )
+                return cm_pb2.MATCH_OUTCOME_LOCKED_OUT
+            return cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+        counted = cm_store.StoredSession()
+        counted.CopyFrom(session)
+        counted.failed_code_attempts = attempts
+        result = await self._store.txn(
+            [Compare.modified_at(keys.session(session.session_id), revision)],
+            [Op.put(keys.session(session.session_id), counted, session.reservation.lease_id)],
+        )
+        if not result.succeeded:
+            # A concurrent attempt changed the session: count this one again on fresh state.
+            fresh = await self._store.get(keys.session(session.session_id), cm_store.StoredSession)
+            if fresh is not None:
+                return await self._wrong_code(fresh.value, fresh.meta.mod_revision, call_id, now)
+        return cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+
+    # -- history ----------------------------------------------------------------------
+
+    @property
+    def history(self) -> MatchHistory:
+        return self._history

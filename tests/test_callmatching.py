@@ -1,0 +1,641 @@
+"""CallMatching end to end: real NumberDistribution and CallMatching processes on a real
+etcd. StartHandoff stores the app's context and reserves a number; MatchCall matches the
+voice call to it exactly once, with every schema and every failure reason."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
+from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from services.callmatching.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
+from services.callmatching.domain import guess_success_probability
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from tests.conftest import ServiceProcess, eventually, health_status, spawn_service, wait_serving
+
+PREFIX = "/cm-functional"
+_serial = itertools.count(1)
+S = common_pb2
+MARKER = "PERSONAL-DATA-MARKER-7731"  # must never reach a log line
+
+
+def fresh_numbers(count: int) -> list[str]:
+    return [f"+3324{next(_serial):07d}" for _ in range(count)]
+
+
+def fresh_ani() -> str:
+    return f"+33612{next(_serial):06d}"
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(value * 1e9))
+    return d
+
+
+@dataclass
+class System:
+    nd: Any
+    cm: Any
+    cm2: Any
+    processes: list[ServiceProcess]
+
+
+@pytest.fixture(scope="module")
+async def system(
+    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[System]:
+    tmp = tmp_path_factory.mktemp("callmatching")
+    nd = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
+    await wait_serving(nd)
+    common = {
+        "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd.address,
+        "ACCESSLINE_ANI_FAILURE_LIMIT": "4",
+    }
+    cm = spawn_service(
+        "services.callmatching",
+        etcd.endpoint,
+        PREFIX,
+        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h1.db",
+        **common,
+    )
+    cm2 = spawn_service(
+        "services.callmatching",
+        etcd.endpoint,
+        PREFIX,
+        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h2.db",
+        **common,
+    )
+    processes = [nd, cm, cm2]
+    channels = []
+    try:
+        await wait_serving(cm)
+        await wait_serving(cm2)
+        channels = [grpc.aio.insecure_channel(p.address) for p in processes]
+        yield System(
+            nd_grpc.NumberDistributionServiceStub(channels[0]),
+            cm_grpc.CallMatchingServiceStub(channels[1]),
+            cm_grpc.CallMatchingServiceStub(channels[2]),
+            processes,
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+        for process in processes:
+            process.stop()
+
+
+async def make_pool(system: System, count: int = 1, **fields: Any) -> tuple[str, list[str]]:
+    subject = f"s-{uuid.uuid4().hex[:10]}"
+    pool = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:10]}", subjects=[subject], **fields)
+    await system.nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    numbers = fresh_numbers(count)
+    await system.nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool.pool_id, numbers=numbers))
+    return subject, numbers
+
+
+async def register(system: System, schema: int, **fields: Any) -> str:
+    app_id = f"app-{uuid.uuid4().hex[:8]}"
+    app = cm_pb2.Application(
+        application_id=app_id, match_schema=schema, skip_ivr_on_match=True, **fields
+    )
+    await system.cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+    return app_id
+
+
+def context(subject: str, **attributes: str) -> common_pb2.ContextData:
+    return common_pb2.ContextData(
+        subject=subject, language="fr-FR", service_request_id="SR-1042", attributes=attributes
+    )
+
+
+async def handoff(
+    system: System, app_id: str, subject: str, **fields: Any
+) -> cm_pb2.StartHandoffResponse:
+    return await system.cm.StartHandoff(
+        cm_pb2.StartHandoffRequest(
+            application_id=app_id,
+            customer_id="customer-1",
+            context=fields.pop("ctx", None) or context(subject, note=MARKER),
+            device_can_dial=True,
+            device_can_send_dtmf=True,
+            **fields,
+        )
+    )
+
+
+async def call(
+    stub: Any, dnis: str, ani: str = "", dtmf: str = "", call_id: str = ""
+) -> cm_pb2.MatchCallResponse:
+    return await stub.MatchCall(
+        cm_pb2.MatchCallRequest(
+            call_id=call_id or f"call-{uuid.uuid4().hex[:8]}", dnis=dnis, ani=ani, dtmf_digits=dtmf
+        )
+    )
+
+
+def fields_of(error: grpc.aio.AioRpcError) -> set[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for packed in status.details:
+        bad = error_details_pb2.BadRequest()
+        if packed.Unpack(bad):
+            return {v.field for v in bad.field_violations}
+    return set()
+
+
+CODE_POLICY = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_OPTIONAL, length=6)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        S.MATCH_SCHEMA_NUMBER,
+        S.MATCH_SCHEMA_NUMBER_ANI,
+        S.MATCH_SCHEMA_NUMBER_CODE,
+        S.MATCH_SCHEMA_NUMBER_ANI_CODE,
+    ],
+)
+async def test_a_handoff_is_matched_exactly_once_with_each_schema(
+    system: System, schema: int
+) -> None:
+    subject, numbers = await make_pool(system, 1, access_code_policy=CODE_POLICY)
+    app_id = await register(system, schema)
+    ani = fresh_ani()
+    started = await handoff(system, app_id, subject, ani_hint=ani)
+    needs_code = schema in (S.MATCH_SCHEMA_NUMBER_CODE, S.MATCH_SCHEMA_NUMBER_ANI_CODE)
+    assert started.access_number == numbers[0]
+    assert bool(started.access_code) == needs_code
+    assert started.dial_string == (
+        f"{numbers[0]},,{started.access_code}#" if needs_code else numbers[0]
+    )
+    assert started.display.number_display.startswith("02 4")
+
+    matched = await call(
+        system.cm, started.access_number, ani=ani, dtmf=started.access_code, call_id="call-A"
+    )
+    assert matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    assert matched.session_id == started.session_id
+    assert matched.application_id == app_id
+    assert matched.customer_id == "customer-1"
+    assert matched.context == context(subject, note=MARKER)
+    assert matched.skip_ivr
+    assert matched.match_schema == schema
+    assert matched.handoff_trace.traceparent.startswith("00-")
+
+    state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
+    assert (state.state, state.merged_session_id, state.call_id) == (
+        cm_pb2.SESSION_STATE_MATCHED,
+        started.session_id,
+        "call-A",
+    )
+    again = await call(system.cm2, started.access_number, ani=ani, dtmf=started.access_code)
+    assert again.outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+
+
+async def test_calls_that_do_not_fit_the_schema_get_their_reason(system: System) -> None:
+    subject, _ = await make_pool(system, 4, access_code_policy=CODE_POLICY)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI_CODE, max_code_attempts=5)
+    ani = fresh_ani()
+    started = await handoff(system, app_id, subject, ani_hint=ani)
+    number, code = started.access_number, started.access_code
+    wrong = str((int(code) + 1) % 10**6).zfill(6)
+
+    outcomes = [
+        (await call(system.cm, number, ani=fresh_ani(), dtmf=code)).outcome,
+        (await call(system.cm, number, ani="", dtmf=code)).outcome,
+        (await call(system.cm, number, ani="anonymous", dtmf=code)).outcome,
+        (await call(system.cm, number, ani=ani, dtmf=wrong)).outcome,
+        (await call(system.cm, number, ani=ani, dtmf="")).outcome,
+        (await call(system.cm, fresh_numbers(1)[0], ani=ani, dtmf=code)).outcome,
+    ]
+    assert outcomes == [
+        cm_pb2.MATCH_OUTCOME_ANI_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_ANI_WITHHELD,
+        cm_pb2.MATCH_OUTCOME_ANI_WITHHELD,
+        cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
+    ]
+    # None of those consumed the session: the right call still matches.
+    assert (
+        await call(system.cm, number, ani=ani, dtmf=code)
+    ).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+
+
+async def test_an_expired_session_answers_expired_and_its_number_rests(system: System) -> None:
+    subject, numbers = await make_pool(system, 1, quarantine=seconds(3))
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    started = await handoff(system, app_id, subject, ttl=seconds(1))
+
+    async def expired() -> bool:
+        got = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
+        return got.state == cm_pb2.SESSION_STATE_EXPIRED
+
+    await eventually(expired, timeout=10, what="session expired")
+    late = await call(system.cm, numbers[0])
+    assert late.outcome == cm_pb2.MATCH_OUTCOME_EXPIRED
+    # The next customer cannot get the number while it rests.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await handoff(system, app_id, subject)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_late_caller_never_matches_the_next_customers_session(system: System) -> None:
+    subject, numbers = await make_pool(
+        system, 1, quarantine=seconds(1), access_code_policy=CODE_POLICY
+    )
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
+    first = await handoff(system, app_id, subject)
+    assert (
+        await call(system.cm, numbers[0], dtmf=first.access_code)
+    ).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    late = await call(system.cm, numbers[0], dtmf=first.access_code)
+    assert late.outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+
+    async def next_customer() -> cm_pb2.StartHandoffResponse | None:
+        try:
+            return await handoff(system, app_id, subject)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            return None
+
+    second = await eventually(
+        next_customer, timeout=20, interval=0.2, what="number back after quarantine"
+    )
+    assert second.access_number == numbers[0]
+    assert second.access_code != first.access_code
+    late_again = await call(system.cm, numbers[0], dtmf=first.access_code)
+    assert late_again.outcome == cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+    state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=second.session_id))
+    assert state.state == cm_pb2.SESSION_STATE_WAITING_FOR_CALL
+
+
+async def test_many_calls_racing_on_two_replicas_match_a_session_exactly_once(
+    system: System,
+) -> None:
+    subject, _ = await make_pool(system, 10, access_code_policy=CODE_POLICY)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
+    sessions = [await handoff(system, app_id, subject) for _ in range(10)]
+    calls = [
+        call(
+            system.cm if i % 2 else system.cm2,
+            s.access_number,
+            dtmf=s.access_code,
+            call_id=f"race-{n}-{i}",
+        )
+        for n, s in enumerate(sessions)
+        for i in range(12)
+    ]
+    answers = await asyncio.gather(*calls)
+    for n, started in enumerate(sessions):
+        mine = answers[n * 12 : (n + 1) * 12]
+        winners = [a for a in mine if a.outcome == cm_pb2.MATCH_OUTCOME_MATCHED]
+        assert len(winners) == 1, [cm_pb2.MatchOutcome.Name(a.outcome) for a in mine]
+        assert winners[0].session_id == started.session_id
+        assert {a.outcome for a in mine} <= {
+            cm_pb2.MATCH_OUTCOME_MATCHED,
+            cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
+        }
+        state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
+        assert state.state == cm_pb2.SESSION_STATE_MATCHED
+
+
+async def test_guessing_codes_locks_the_reservation_after_the_limit(system: System) -> None:
+    policy = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_REQUIRED, length=4)
+    subject, numbers = await make_pool(system, 1, access_code_policy=policy, quarantine=seconds(30))
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE, max_code_attempts=3)
+    started = await handoff(system, app_id, subject)
+    guesses = [str(g).zfill(4) for g in range(10_000) if str(g).zfill(4) != started.access_code][:3]
+    outcomes = [(await call(system.cm, numbers[0], dtmf=g)).outcome for g in guesses]
+    assert outcomes == [
+        cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_LOCKED_OUT,
+    ]
+    # Locked and released: even the right code no longer matches, and the number rests.
+    assert (
+        await call(system.cm, numbers[0], dtmf=started.access_code)
+    ).outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+    state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
+    assert state.state == cm_pb2.SESSION_STATE_LOCKED
+    resolved = await system.nd.ResolveNumber(nd_pb2.ResolveNumberRequest(dialled_number=numbers[0]))
+    assert resolved.quarantined
+    assert list(resolved.reservations) == []
+    # So a guesser gets 3 tries among 10,000 codes: a 0.03 % chance, as documented.
+    assert guess_success_probability(4, 3) == pytest.approx(0.0003)
+
+
+async def test_a_caller_number_that_keeps_failing_is_rate_limited(system: System) -> None:
+    subject, _numbers = await make_pool(system, 1)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    started = await handoff(system, app_id, subject)
+    prowler = fresh_ani()
+    misses = [(await call(system.cm, fresh_numbers(1)[0], ani=prowler)).outcome for _ in range(4)]
+    assert misses == [cm_pb2.MATCH_OUTCOME_NO_RESERVATION] * 4
+    # The limit (4 here) is shared by the replicas through etcd.
+    refused = await call(system.cm2, started.access_number, ani=prowler)
+    assert refused.outcome == cm_pb2.MATCH_OUTCOME_RATE_LIMITED
+    honest = await call(system.cm2, started.access_number, ani=fresh_ani())
+    assert honest.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+
+
+async def test_handoffs_are_refused_clearly_when_they_cannot_be_served(system: System) -> None:
+    subject, _ = await make_pool(system, 1, quarantine=seconds(0))
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await handoff(system, "no-such-app", subject)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    ani_app = await register(system, S.MATCH_SCHEMA_NUMBER_ANI, required_context_keys=["contract"])
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await handoff(system, ani_app, subject)
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields_of(missing.value) == {"ani_hint", "context.attributes[contract]"}
+
+    code_app = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
+    with pytest.raises(grpc.aio.AioRpcError) as no_codes:
+        await handoff(system, code_app, subject)
+    assert no_codes.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # The number reserved for that refused handoff was given back.
+    number_app = await register(system, S.MATCH_SCHEMA_NUMBER)
+    assert (await handoff(system, number_app, subject)).access_number
+
+
+async def test_a_retried_handoff_returns_the_same_session_and_code(system: System) -> None:
+    subject, _ = await make_pool(system, 3, access_code_policy=CODE_POLICY)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
+    first = await handoff(system, app_id, subject, idempotency_key="tap-77")
+    again = await handoff(system, app_id, subject, idempotency_key="tap-77")
+    assert again == first
+    other = await handoff(system, app_id, subject, idempotency_key="tap-78")
+    assert other.session_id != first.session_id
+
+
+async def test_a_cancelled_handoff_frees_its_number(system: System) -> None:
+    subject, numbers = await make_pool(system, 1, quarantine=seconds(0))
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    started = await handoff(system, app_id, subject)
+    await system.cm.CancelHandoff(cm_pb2.CancelHandoffRequest(session_id=started.session_id))
+    state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
+    assert state.state == cm_pb2.SESSION_STATE_CANCELLED
+    assert (await call(system.cm, numbers[0])).outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+    assert (await handoff(system, app_id, subject)).access_number == numbers[0]
+
+
+def _context_is_acceptable(attributes: dict[str, str]) -> bool:
+    import re
+
+    if len(attributes) > MAX_ATTRIBUTES:
+        return False
+    for key, value in attributes.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key) or len(value.encode()) > MAX_VALUE_BYTES:
+            return False
+    return (
+        common_pb2.ContextData(subject="x" * 12, attributes=attributes).ByteSize()
+        <= MAX_CONTEXT_BYTES
+    )
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    attributes=st.dictionaries(
+        st.text(alphabet="abcXYZ019_.-é ", min_size=0, max_size=70),
+        st.text(min_size=0, max_size=1100),
+        max_size=36,
+    )
+)
+async def test_context_limits_are_enforced_with_field_violations(
+    system: System, attributes: dict[str, str]
+) -> None:
+    subject, _ = await make_pool(system, 1, quarantine=seconds(0))
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    request = cm_pb2.StartHandoffRequest(
+        application_id=app_id,
+        customer_id="customer-1",
+        context=common_pb2.ContextData(subject=subject, attributes=attributes),
+    )
+    if _context_is_acceptable(attributes):
+        started = await system.cm.StartHandoff(request)
+        await system.cm.CancelHandoff(cm_pb2.CancelHandoffRequest(session_id=started.session_id))
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await system.cm.StartHandoff(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert all(f.startswith("context") for f in fields_of(caught.value))
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(dnis=st.text(max_size=40), ani=st.text(max_size=40))
+async def test_any_dialled_and_caller_numbers_get_an_outcome_or_a_clear_refusal(
+    system: System, dnis: str, ani: str
+) -> None:
+    try:
+        answer = await call(system.cm, dnis, ani=ani)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fields_of(exc) <= {"dnis", "ani"}
+    else:
+        assert answer.outcome in (
+            cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
+            cm_pb2.MATCH_OUTCOME_RATE_LIMITED,
+            cm_pb2.MATCH_OUTCOME_EXPIRED,
+        )
+
+
+async def test_dialled_numbers_match_in_every_common_format(system: System) -> None:
+    subject, _numbers = await make_pool(system, 4)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI)
+    ani = fresh_ani()
+    formats = [
+        lambda n: "0" + n[3:],
+        lambda n: f"tel:{n}",
+        lambda n: f"sip:{n}@edge.example.net;user=phone",
+        lambda n: f"{n[:3]} {n[3]} {n[4:6]} {n[6:8]} {n[8:10]} {n[10:]}",
+    ]
+    for spell in formats:
+        started = await handoff(
+            system, app_id, subject, ani_hint="0" + ani[3:], default_region="FR"
+        )
+        answer = await system.cm.MatchCall(
+            cm_pb2.MatchCallRequest(
+                call_id="fmt", dnis=spell(started.access_number), ani=ani, default_region="FR"
+            )
+        )
+        assert answer.outcome == cm_pb2.MATCH_OUTCOME_MATCHED, spell(started.access_number)
+
+
+async def test_history_records_every_attempt_and_gives_statistics(system: System) -> None:
+    subject, _ = await make_pool(system, 3)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI)
+    ani = fresh_ani()
+    for _ in range(2):
+        started = await handoff(system, app_id, subject, ani_hint=ani)
+        assert (
+            await call(system.cm, started.access_number, ani=ani)
+        ).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    started = await handoff(system, app_id, subject, ani_hint=ani)
+    assert (
+        await call(system.cm, started.access_number, ani=fresh_ani())
+    ).outcome == cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
+
+    async def recorded() -> list[cm_pb2.MatchAttempt]:
+        page = await system.cm.ListMatchAttempts(
+            cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
+        )
+        return list(page.attempts) if len(page.attempts) == 3 else []
+
+    attempts = await eventually(recorded, what="three attempts in history")
+    assert [a.outcome for a in attempts] == [
+        cm_pb2.MATCH_OUTCOME_ANI_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_MATCHED,
+        cm_pb2.MATCH_OUTCOME_MATCHED,
+    ]
+    assert all(len(a.ani_hash) == 64 and ani[1:] not in a.ani_hash for a in attempts)
+    assert all(
+        a.pool_id and a.session_id and a.match_schema == S.MATCH_SCHEMA_NUMBER_ANI for a in attempts
+    )
+
+    first = await system.cm.ListMatchAttempts(
+        cm_pb2.ListMatchAttemptsRequest(application_id=app_id, page_size=2)
+    )
+    second = await system.cm.ListMatchAttempts(
+        cm_pb2.ListMatchAttemptsRequest(
+            application_id=app_id, page_size=2, page_token=first.next_page_token
+        )
+    )
+    assert [a.attempt_id for a in [*first.attempts, *second.attempts]] == [
+        a.attempt_id for a in attempts
+    ]
+    assert second.next_page_token == ""
+    only = await system.cm.ListMatchAttempts(
+        cm_pb2.ListMatchAttemptsRequest(
+            application_id=app_id, outcome=cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
+        )
+    )
+    assert len(only.attempts) == 1
+
+    stats = await system.cm.GetMatchStats(cm_pb2.GetMatchStatsRequest(application_id=app_id))
+    assert (stats.attempts, stats.matched) == (3, 2)
+    assert stats.success_rate == pytest.approx(2 / 3)
+    assert {o.outcome: o.count for o in stats.outcomes} == {
+        cm_pb2.MATCH_OUTCOME_MATCHED: 2,
+        cm_pb2.MATCH_OUTCOME_ANI_MISMATCH: 1,
+    }
+    assert stats.handoff_to_call_p50.ToNanoseconds() > 0
+    assert stats.handoff_to_call_p95.ToNanoseconds() >= stats.handoff_to_call_p50.ToNanoseconds()
+
+
+async def test_personal_data_never_reaches_the_logs(system: System) -> None:
+    subject, _ = await make_pool(system, 1, access_code_policy=CODE_POLICY)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI_CODE)
+    ani = fresh_ani()
+    started = await handoff(system, app_id, subject, ani_hint=ani)
+    answer = await call(system.cm, started.access_number, ani=ani, dtmf=started.access_code)
+    assert answer.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    await system.processes[1].wait_for_log("call match decided")
+    logs = "\n".join(line for p in system.processes for line in p.lines)
+    assert MARKER not in logs
+    assert ani not in logs
+    assert f'"{started.access_code}"' not in logs
+    for line in system.processes[1].lines:
+        json.loads(line)  # every line is a JSON object
+
+
+async def test_pool_exhaustion_reaches_the_app_with_retry_info(system: System) -> None:
+    subject, _ = await make_pool(system, 1)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    await handoff(system, app_id, subject)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await handoff(system, app_id, subject)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    assert any(d.TypeName() == "google.rpc.RetryInfo" for d in status.details)
+
+
+async def test_history_on_postgresql_survives_an_outage_without_failing_matches(
+    system: System, etcd: EmbeddedEtcd, postgres: Any, tmp_path: Path
+) -> None:
+    nd_address = system.processes[0].address
+    env = {
+        "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd_address,
+        "ACCESSLINE_HISTORY_DSN": postgres.dsn,
+    }
+    replicas = [
+        spawn_service("services.callmatching", etcd.endpoint, PREFIX, **env) for _ in range(2)
+    ]
+    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    try:
+        for replica in replicas:
+            await wait_serving(replica)
+        stubs = [cm_grpc.CallMatchingServiceStub(c) for c in channels]
+        subject, _ = await make_pool(system, 4)
+        app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+        for stub in stubs:
+            started = await handoff(system, app_id, subject)
+            assert (await call(stub, started.access_number)).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+
+        async def shared_history(expected: int) -> bool:
+            page = await stubs[0].ListMatchAttempts(
+                cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
+            )
+            return len(page.attempts) == expected
+
+        # Both replicas write to the one database.
+        await eventually(lambda: shared_history(2), what="both replicas' attempts in PostgreSQL")
+
+        history = "accessline.callmatching.v1.MatchHistory"
+        postgres.stop()
+        started = await handoff(system, app_id, subject)
+        assert (await call(stubs[1], started.access_number)).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await eventually(
+            lambda: _status(replicas[1].address, history, not_serving),
+            what="history NOT_SERVING in health",
+        )
+        assert await health_status(replicas[1].address) == health_pb2.HealthCheckResponse.SERVING
+
+        postgres.start()
+        await postgres.wait_ready()
+        await eventually(
+            lambda: shared_history(3), timeout=30, what="buffered attempt written after the outage"
+        )
+        assert (
+            await health_status(replicas[1].address, history)
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        stats = await stubs[0].GetMatchStats(cm_pb2.GetMatchStatsRequest(application_id=app_id))
+        assert (stats.attempts, stats.matched) == (3, 3)
+    finally:
+        for channel in channels:
+            await channel.close()
+        for replica in replicas:
+            replica.stop()
+
+
+async def _status(address: str, service: str, want: int) -> bool:
+    return await health_status(address, service) == want
