@@ -57,6 +57,7 @@ check: lint typecheck buflint gen-check test
 bench: setup
 	$(BIN)/python -m bench.store_bench
 	$(BIN)/python -m bench.reservation_bench
+	$(BIN)/python -m bench.match_bench
 
 up: setup
 	$(BIN)/accessline up

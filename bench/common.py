@@ -88,7 +88,9 @@ def print_table(title: str, results: list[Result], baseline: Result) -> None:
 
 
 @asynccontextmanager
-async def service_process(module: str, etcd: EmbeddedEtcd, prefix: str) -> AsyncIterator[str]:
+async def service_process(
+    module: str, etcd: EmbeddedEtcd, prefix: str, **settings: str
+) -> AsyncIterator[str]:
     """A service as its own process on a free port; yields its address."""
     port = free_port()
     env = {
@@ -97,6 +99,7 @@ async def service_process(module: str, etcd: EmbeddedEtcd, prefix: str) -> Async
         "ACCESSLINE_ETCD_ENDPOINT": etcd.endpoint,
         "ACCESSLINE_ETCD_PREFIX": prefix,
         "ACCESSLINE_LOG_LEVEL": "WARNING",
+        **settings,
     }
     process = processes.spawn(module, env, stdout=subprocess.DEVNULL)
     try:
