@@ -20,7 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
@@ -51,6 +53,29 @@ async def eventually(
                 + (f" (last error: {last_error})" if last_error else "")
             )
         await asyncio.sleep(interval)
+
+
+def error_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """The rich details of a failed call, by type name (ErrorInfo, BadRequest, RetryInfo)."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    out: dict[str, Any] = {}
+    for packed in status.details:
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+        ):
+            message = kind()
+            if packed.Unpack(message):
+                out[kind.__name__] = message
+    return out
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    """The fields named by a refusal's BadRequest (empty when there is none)."""
+    bad = error_details(error).get("BadRequest")
+    return {v.field for v in bad.field_violations} if bad is not None else set()
 
 
 def new_etcd(tmp: Path) -> EmbeddedEtcd:

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +29,14 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from services.callmatching.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
 from services.callmatching.domain import guess_success_probability
 from services.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ServiceProcess, eventually, health_status, spawn_service, wait_serving
+from tests.conftest import (
+    ServiceProcess,
+    eventually,
+    health_status,
+    spawn_service,
+    violated_fields,
+    wait_serving,
+)
 
 PREFIX = "/cm-functional"
 _serial = itertools.count(1)
@@ -151,16 +157,6 @@ async def call(
             call_id=call_id or f"call-{uuid.uuid4().hex[:8]}", dnis=dnis, ani=ani, dtmf_digits=dtmf
         )
     )
-
-
-def fields_of(error: grpc.aio.AioRpcError) -> set[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for packed in status.details:
-        bad = error_details_pb2.BadRequest()
-        if packed.Unpack(bad):
-            return {v.field for v in bad.field_violations}
-    return set()
 
 
 CODE_POLICY = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_OPTIONAL, length=6)
@@ -370,7 +366,7 @@ async def test_handoffs_are_refused_clearly_when_they_cannot_be_served(system: S
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await handoff(system, ani_app, subject)
     assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert fields_of(missing.value) == {"ani_hint", "context.attributes[contract]"}
+    assert violated_fields(missing.value) == {"ani_hint", "context.attributes[contract]"}
 
     code_app = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
     with pytest.raises(grpc.aio.AioRpcError) as no_codes:
@@ -443,7 +439,7 @@ async def test_context_limits_are_enforced_with_field_violations(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await system.cm.StartHandoff(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert all(f.startswith("context") for f in fields_of(caught.value))
+        assert all(f.startswith("context") for f in violated_fields(caught.value))
 
 
 @settings(
@@ -457,7 +453,7 @@ async def test_any_dialled_and_caller_numbers_get_an_outcome_or_a_clear_refusal(
         answer = await call(system.cm, dnis, ani=ani)
     except grpc.aio.AioRpcError as exc:
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert fields_of(exc) <= {"dnis", "ani"}
+        assert violated_fields(exc) <= {"dnis", "ani"}
     else:
         assert answer.outcome in (
             cm_pb2.MATCH_OUTCOME_NO_RESERVATION,

@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +23,7 @@ from services.runtime.errors import (
 )
 from services.runtime.server import Registration, RuntimeContext, ServiceRuntime, ServiceSpec
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from tests.conftest import error_details
 
 
 class Raising(nd_grpc.NumberDistributionServiceServicer):
@@ -75,27 +74,11 @@ async def stub(etcd: EmbeddedEtcd) -> AsyncIterator[Any]:
     await runtime.stop()
 
 
-def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    out: dict[str, Any] = {}
-    for packed in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RetryInfo,
-        ):
-            message = kind()
-            if packed.Unpack(message):
-                out[kind.__name__] = message
-    return out
-
-
 async def test_not_found_carries_reason_and_metadata(stub: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="missing"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    info = details(caught.value)["ErrorInfo"]
+    info = error_details(caught.value)["ErrorInfo"]
     assert (info.reason, info.domain, dict(info.metadata)) == (
         "POOL_NOT_FOUND",
         "accessline",
@@ -107,7 +90,7 @@ async def test_resource_exhausted_carries_retry_info(stub: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="full"))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert details(caught.value)["RetryInfo"].retry_delay.ToMilliseconds() == 7500
+    assert error_details(caught.value)["RetryInfo"].retry_delay.ToMilliseconds() == 7500
 
 
 async def test_an_unexpected_error_is_internal_and_reveals_nothing(stub: Any) -> None:
@@ -131,7 +114,7 @@ async def test_field_violations_reach_the_caller_exactly(stub: Any, numbers: lis
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id="p", numbers=numbers))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    bad = details(caught.value)["BadRequest"]
+    bad = error_details(caught.value)["BadRequest"]
     assert [(v.field, v.description) for v in bad.field_violations] == [
         (f"numbers[{i}]", f"not a number: {n}") for i, n in enumerate(numbers)
     ]

@@ -12,8 +12,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +22,14 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from services.numberdistribution import keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import Store
-from tests.conftest import ServiceProcess, eventually, spawn_service, wait_serving
+from tests.conftest import (
+    ServiceProcess,
+    error_details,
+    eventually,
+    spawn_service,
+    violated_fields,
+    wait_serving,
+)
 
 PREFIX = "/nd-functional"
 _serial = itertools.count(1)
@@ -80,26 +85,6 @@ async def make_pool(
 
 async def reserve(stub: Any, subject: str, **fields: Any) -> nd_pb2.ReserveNumberResponse:
     return await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=subject, **fields))
-
-
-def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    out: dict[str, Any] = {}
-    for packed in status.details:
-        for kind in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.RetryInfo,
-        ):
-            message = kind()
-            if packed.Unpack(message):
-                out[kind.__name__] = message
-    return out
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
-    return {v.field for v in details(error)["BadRequest"].field_violations}
 
 
 async def test_a_pool_named_by_city_gets_coordinates_and_defaults(stub: Any, subject: str) -> None:
@@ -213,7 +198,7 @@ async def test_the_nearest_city_is_chosen_then_the_next_then_exhaustion_with_ret
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reserve(stub, subject, device_location=DIJON, ttl=seconds(60))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    found = details(caught.value)
+    found = error_details(caught.value)
     assert found["ErrorInfo"].reason == "POOLS_EXHAUSTED"
     # The soonest reservation ends its TTL plus quarantine from now: about 65 s.
     assert 55 <= found["RetryInfo"].retry_delay.seconds <= 66
@@ -325,7 +310,7 @@ async def test_a_released_number_rests_in_quarantine_before_it_is_handed_out_aga
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reserve(stub, subject)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert details(caught.value)["RetryInfo"].retry_delay.ToNanoseconds() <= 2.1e9
+    assert error_details(caught.value)["RetryInfo"].retry_delay.ToNanoseconds() <= 2.1e9
 
     async def reserved_again() -> nd_pb2.ReserveNumberResponse | None:
         try:

@@ -744,8 +744,10 @@ class NumberDistribution:
             metadata={"reservation_id": reservation_id},
         )
 
-    async def release(self, reservation_id: str) -> float:
-        """Ends a live reservation; returns when the number leaves quarantine."""
+    async def _live(
+        self, reservation_id: str
+    ) -> tuple[storage_pb2.StoredReservation, KeyMeta, float]:
+        """A reservation that has not expired yet, its key's meta and the time now."""
         await self._view.ready(READY_TIMEOUT)
         found = await self._find(reservation_id)
         if found is None:
@@ -758,6 +760,11 @@ class NumberDistribution:
                 reason="RESERVATION_EXPIRED",
                 metadata={"reservation_id": reservation_id},
             )
+        return record, meta, now
+
+    async def release(self, reservation_id: str) -> float:
+        """Ends a live reservation; returns when the number leaves quarantine."""
+        record, meta, now = await self._live(reservation_id)
         compares, ops, until = await keys.release_ops(
             self._store, record, meta.create_revision, now
         )
@@ -769,18 +776,7 @@ class NumberDistribution:
         return until
 
     async def extend(self, reservation_id: str, ttl: float) -> common_pb2.Reservation:
-        await self._view.ready(READY_TIMEOUT)
-        found = await self._find(reservation_id)
-        if found is None:
-            raise self._reservation_not_found(reservation_id)
-        record, meta = found
-        now = self._clock()
-        if _epoch(record.expires_at) <= now:
-            raise FailedPrecondition(
-                f"reservation {reservation_id} already expired",
-                reason="RESERVATION_EXPIRED",
-                metadata={"reservation_id": reservation_id},
-            )
+        record, meta, now = await self._live(reservation_id)
         state = self._view.pools.get(record.pool_id)
         if state is None:
             raise self._pool_not_found(record.pool_id)
