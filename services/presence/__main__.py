@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
+from services.presence.domain import Directory, Hub, Limits, Sessions
 from services.presence.servicer import PresenceServicer
-from services.presence.settings import PresenceSettings
+from services.presence.settings import DEVELOPMENT_SECRET, PresenceSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+log = logging.getLogger("accessline.presence")
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
+    settings = context.settings
+    assert isinstance(settings, PresenceSettings)
+    secret = settings.presence_secret.get_secret_value()
+    if secret == DEVELOPMENT_SECRET:
+        log.warning(
+            "ACCESSLINE_PRESENCE_SECRET is the development default; set a secret of your own"
+        )
+    hub = Hub(context.store)
+    await hub.start()
+    context.on_stop(hub.stop)
+    directory = Directory(context.store)
+    sessions = Sessions(
+        context.store,
+        hub,
+        directory,
+        Limits(
+            lease_seconds=settings.presence_lease_seconds,
+            heartbeat_timeout=settings.presence_heartbeat_timeout_seconds,
+            secret=secret.encode(),
+        ),
+    )
     return [
         Registration(
-            servicer=PresenceServicer(),  # type: ignore[abstract]  # unserved RPCs answer UNIMPLEMENTED
+            servicer=PresenceServicer(directory, sessions, context.stopping),
             add_to_server=presence_pb2_grpc.add_PresenceServiceServicer_to_server,
             descriptor=presence_pb2.DESCRIPTOR.services_by_name["PresenceService"],
         )

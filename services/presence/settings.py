@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import ServiceSettings
 
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-presence-secret-not-for-production"  # noqa: S105
+
 
 class PresenceSettings(ServiceSettings):
-    """Presence's settings: the shared ones with this service's default ports."""
+    """Presence's settings: the shared ones, its ports and its own."""
 
     port: int = Field(default=50054, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(
@@ -16,4 +19,23 @@ class PresenceSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
+    )
+    presence_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret that agent app tokens are derived from; the same on every replica.",
+    )
+    presence_lease_seconds: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="TTL of an agent session's lease: how long a session outlives a crashed"
+        " Presence replica.",
+    )
+    presence_heartbeat_timeout_seconds: float = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="An agent app silent for this long (no message, not even a heartbeat)"
+        " is logged out.",
     )

@@ -73,6 +73,34 @@ OFFER_CANCEL_REASON_SESSION_ENDED: OfferCancelReason.ValueType  # 3
 """The agent's session ended."""
 Global___OfferCancelReason: _TypeAlias = OfferCancelReason  # noqa: Y015
 
+class _OfferRefusal:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OfferRefusalEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OfferRefusal.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OFFER_REFUSAL_UNSPECIFIED: _OfferRefusal.ValueType  # 0
+    """Not set."""
+    OFFER_REFUSAL_UNKNOWN_OFFER: _OfferRefusal.ValueType  # 1
+    """The offer does not exist or is not this agent's."""
+    OFFER_REFUSAL_NO_LONGER_OPEN: _OfferRefusal.ValueType  # 2
+    """The offer was withdrawn, timed out or already answered otherwise."""
+    OFFER_REFUSAL_CHANNEL_UNAVAILABLE: _OfferRefusal.ValueType  # 3
+    """The channel to accept on is not configured or not available."""
+
+class OfferRefusal(_OfferRefusal, metaclass=_OfferRefusalEnumTypeWrapper):
+    """Why an answer to an offer was refused."""
+
+OFFER_REFUSAL_UNSPECIFIED: OfferRefusal.ValueType  # 0
+"""Not set."""
+OFFER_REFUSAL_UNKNOWN_OFFER: OfferRefusal.ValueType  # 1
+"""The offer does not exist or is not this agent's."""
+OFFER_REFUSAL_NO_LONGER_OPEN: OfferRefusal.ValueType  # 2
+"""The offer was withdrawn, timed out or already answered otherwise."""
+OFFER_REFUSAL_CHANNEL_UNAVAILABLE: OfferRefusal.ValueType  # 3
+"""The channel to accept on is not configured or not available."""
+Global___OfferRefusal: _TypeAlias = OfferRefusal  # noqa: Y015
+
 @_typing.final
 class Skill(_message.Message):
     """A skill of an agent."""
@@ -632,6 +660,28 @@ class OfferResponse(_message.Message):
 Global___OfferResponse: _TypeAlias = OfferResponse  # noqa: Y015
 
 @_typing.final
+class EndInteraction(_message.Message):
+    """The agent finished an interaction (wrap-up done): its channel has room again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    interaction_id: _builtins.str
+    """The interaction, as offered."""
+    def __init__(
+        self,
+        *,
+        interaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interaction_id", b"interaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndInteraction: _TypeAlias = EndInteraction  # noqa: Y015
+
+@_typing.final
 class ConnectRequest(_message.Message):
     """A message from the agent app."""
 
@@ -642,6 +692,7 @@ class ConnectRequest(_message.Message):
     SET_DO_NOT_DISTURB_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     OFFER_RESPONSE_FIELD_NUMBER: _builtins.int
+    END_INTERACTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def login(self) -> Global___Login:
         """Must come first, and only once."""
@@ -662,6 +713,10 @@ class ConnectRequest(_message.Message):
     def offer_response(self) -> Global___OfferResponse:
         """Answer an offer."""
 
+    @_builtins.property
+    def end_interaction(self) -> Global___EndInteraction:
+        """An accepted interaction is over."""
+
     def __init__(
         self,
         *,
@@ -670,12 +725,13 @@ class ConnectRequest(_message.Message):
         set_do_not_disturb: Global___SetDoNotDisturb | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         offer_response: Global___OfferResponse | None = ...,
+        end_interaction: Global___EndInteraction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "login", b"login", "message", b"message", "offer_response", b"offer_response", "set_channel_presence", b"set_channel_presence", "set_do_not_disturb", b"set_do_not_disturb"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_interaction", b"end_interaction", "heartbeat", b"heartbeat", "login", b"login", "message", b"message", "offer_response", b"offer_response", "set_channel_presence", b"set_channel_presence", "set_do_not_disturb", b"set_do_not_disturb"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "login", b"login", "message", b"message", "offer_response", b"offer_response", "set_channel_presence", b"set_channel_presence", "set_do_not_disturb", b"set_do_not_disturb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_interaction", b"end_interaction", "heartbeat", b"heartbeat", "login", b"login", "message", b"message", "offer_response", b"offer_response", "set_channel_presence", b"set_channel_presence", "set_do_not_disturb", b"set_do_not_disturb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["login", "set_channel_presence", "set_do_not_disturb", "heartbeat", "offer_response"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["login", "set_channel_presence", "set_do_not_disturb", "heartbeat", "offer_response", "end_interaction"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -924,6 +980,32 @@ class OfferResponseRecorded(_message.Message):
 Global___OfferResponseRecorded: _TypeAlias = OfferResponseRecorded  # noqa: Y015
 
 @_typing.final
+class OfferResponseRefused(_message.Message):
+    """The server refused the agent's answer to an offer; the stream stays open."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The offer."""
+    reason: Global___OfferRefusal.ValueType
+    """Why."""
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        reason: Global___OfferRefusal.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferResponseRefused: _TypeAlias = OfferResponseRefused  # noqa: Y015
+
+@_typing.final
 class ConnectResponse(_message.Message):
     """A message to the agent app."""
 
@@ -936,6 +1018,7 @@ class ConnectResponse(_message.Message):
     SESSION_REPLACED_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACK_FIELD_NUMBER: _builtins.int
     OFFER_RESPONSE_RECORDED_FIELD_NUMBER: _builtins.int
+    OFFER_RESPONSE_REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshot(self) -> Global___Snapshot:
         """Sent once after login."""
@@ -964,6 +1047,10 @@ class ConnectResponse(_message.Message):
     def offer_response_recorded(self) -> Global___OfferResponseRecorded:
         """The agent's answer to an offer was recorded."""
 
+    @_builtins.property
+    def offer_response_refused(self) -> Global___OfferResponseRefused:
+        """The agent's answer to an offer was refused."""
+
     def __init__(
         self,
         *,
@@ -974,12 +1061,13 @@ class ConnectResponse(_message.Message):
         session_replaced: Global___SessionReplaced | None = ...,
         heartbeat_ack: Global___HeartbeatAck | None = ...,
         offer_response_recorded: Global___OfferResponseRecorded | None = ...,
+        offer_response_refused: Global___OfferResponseRefused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_ack", b"heartbeat_ack", "message", b"message", "offer", b"offer", "offer_cancelled", b"offer_cancelled", "offer_response_recorded", b"offer_response_recorded", "presence_confirmed", b"presence_confirmed", "session_replaced", b"session_replaced", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_ack", b"heartbeat_ack", "message", b"message", "offer", b"offer", "offer_cancelled", b"offer_cancelled", "offer_response_recorded", b"offer_response_recorded", "offer_response_refused", b"offer_response_refused", "presence_confirmed", b"presence_confirmed", "session_replaced", b"session_replaced", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_ack", b"heartbeat_ack", "message", b"message", "offer", b"offer", "offer_cancelled", b"offer_cancelled", "offer_response_recorded", b"offer_response_recorded", "presence_confirmed", b"presence_confirmed", "session_replaced", b"session_replaced", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_ack", b"heartbeat_ack", "message", b"message", "offer", b"offer", "offer_cancelled", b"offer_cancelled", "offer_response_recorded", b"offer_response_recorded", "offer_response_refused", b"offer_response_refused", "presence_confirmed", b"presence_confirmed", "session_replaced", b"session_replaced", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "presence_confirmed", "offer", "offer_cancelled", "session_replaced", "heartbeat_ack", "offer_response_recorded"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["snapshot", "presence_confirmed", "offer", "offer_cancelled", "session_replaced", "heartbeat_ack", "offer_response_recorded", "offer_response_refused"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -1,0 +1,115 @@
+"""Presence's key layout in etcd, and the offer operations Routing uses: the offer is
+written by whoever routes (another process, maybe another replica), delivered by the
+Presence replica holding the agent's stream, and answered in place.
+
+    pr/agents/{agent_id}              Agent
+    pr/presence/{agent_id}            StoredPresence  (the agent session's lease)
+    pr/offers/{agent_id}/{offer_id}   StoredOffer     (a lease ending at the deadline)
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+
+from opentelemetry import propagate
+
+from accessline.common.v1 import common_pb2
+from accessline.presence.storage.v1 import storage_pb2 as pr_store
+from accessline.presence.v1 import presence_pb2
+from services.runtime.store import Compare, Entry, Op, Store
+
+ROOT = "pr/"
+AGENTS = "pr/agents/"
+PRESENCE = "pr/presence/"
+OFFERS = "pr/offers/"
+# An offer's key outlives its deadline by this much, so its answer can still be read.
+OFFER_MARGIN_SECONDS = 5.0
+NO_REASON = presence_pb2.OFFER_CANCEL_REASON_UNSPECIFIED
+
+
+def agent(agent_id: str) -> str:
+    return AGENTS + agent_id
+
+
+def presence(agent_id: str) -> str:
+    return PRESENCE + agent_id
+
+
+def offers(agent_id: str) -> str:
+    return f"{OFFERS}{agent_id}/"
+
+
+def offer(agent_id: str, offer_id: str) -> str:
+    return f"{OFFERS}{agent_id}/{offer_id}"
+
+
+async def make_offer(
+    store: Store,
+    agent_id: str,
+    interaction_id: str,
+    channel: common_pb2.Channel.ValueType,
+    summary: presence_pb2.ContextSummary,
+    timeout: float,
+) -> pr_store.StoredOffer:
+    """Offers an interaction to an agent; the offer expires by itself after `timeout`."""
+    deadline = time.time() + timeout
+    shown = presence_pb2.Offer(
+        offer_id="o" + secrets.token_urlsafe(12),
+        interaction_id=interaction_id,
+        summary=summary,
+        channel=channel,
+    )
+    shown.deadline.FromNanoseconds(int(deadline * 1e9))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    stored = pr_store.StoredOffer(
+        offer=shown,
+        agent_id=agent_id,
+        state=pr_store.OFFER_STATE_OPEN,
+        trace=common_pb2.TraceContext(
+            traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
+        ),
+    )
+    lease = await store.grant_lease(max(1, math.ceil(timeout + OFFER_MARGIN_SECONDS)))
+    await store.put(offer(agent_id, shown.offer_id), stored, lease)
+    return stored
+
+
+async def cancel_offer(
+    store: Store, agent_id: str, offer_id: str, reason: presence_pb2.OfferCancelReason.ValueType
+) -> bool:
+    """Withdraws an open offer; False when it was answered, cancelled or gone already."""
+    for _ in range(5):
+        entry = await store.get(offer(agent_id, offer_id), pr_store.StoredOffer)
+        if entry is None or entry.value.state != pr_store.OFFER_STATE_OPEN:
+            return False
+        if await _set_state(store, entry, pr_store.OFFER_STATE_CANCELLED, cancel_reason=reason):
+            return True
+    return False
+
+
+async def _set_state(
+    store: Store,
+    entry: Entry[pr_store.StoredOffer],
+    state: pr_store.OfferState.ValueType,
+    *,
+    cancel_reason: presence_pb2.OfferCancelReason.ValueType = NO_REASON,
+    accepted_channel: common_pb2.Channel.ValueType = common_pb2.CHANNEL_UNSPECIFIED,
+) -> bool:
+    """Moves an open offer to `state` if nobody changed it since it was read."""
+    updated = pr_store.StoredOffer()
+    updated.CopyFrom(entry.value)
+    updated.state = state
+    updated.cancel_reason = cancel_reason
+    updated.accepted_channel = accepted_channel
+    updated.answered_at.FromNanoseconds(time.time_ns())
+    result = await store.txn(
+        [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+        [Op.put(entry.key, updated, entry.meta.lease)],
+    )
+    return result.succeeded
+
+
+set_offer_state = _set_state

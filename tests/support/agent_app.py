@@ -1,0 +1,36 @@
+"""A stand-alone agent app process for presence tests: logs in, prints `logged-in`,
+then heartbeats every half second until it is stopped, frozen or killed.
+
+    python -m tests.support.agent_app ADDRESS AGENT_ID TOKEN
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+
+HEARTBEAT_EVERY = 0.5
+
+
+async def main(address: str, agent_id: str, token: str) -> None:
+    async def messages() -> AsyncIterator[pr_pb2.ConnectRequest]:
+        yield pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=agent_id, auth_token=token))
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY)
+            yield pr_pb2.ConnectRequest(heartbeat=pr_pb2.Heartbeat())
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pr_grpc.PresenceServiceStub(channel)
+        async for reply in stub.Connect(messages()):
+            if reply.HasField("snapshot"):
+                print("logged-in", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))

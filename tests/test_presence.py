@@ -1,0 +1,489 @@
+"""Presence across two real replicas on one etcd: agent apps log in over a bidirectional
+stream, change presence, receive offers written by a third party and answer them;
+watchers on the other replica see every change; crashed or frozen apps and dead
+replicas let their agents go offline by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from accessline.common.v1 import common_pb2
+from accessline.presence.storage.v1 import storage_pb2 as pr_store
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from services.presence import keys
+from services.presence.settings import DEVELOPMENT_SECRET
+from services.presence.tokens import agent_token
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.store import Store
+from tests.conftest import ROOT, ServiceProcess, eventually, violated_fields, wait_serving
+
+C = common_pb2
+SETTINGS = {
+    "ACCESSLINE_PRESENCE_LEASE_SECONDS": "3",
+    "ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "60",
+}
+
+
+def token(agent_id: str) -> str:
+    return agent_token(DEVELOPMENT_SECRET.encode(), agent_id)
+
+
+@dataclass
+class Cluster:
+    replicas: list[ServiceProcess]
+    stubs: list[Any]
+    store: Store
+
+
+@pytest.fixture
+async def cluster(
+    service_factory: Callable[..., ServiceProcess], etcd: EmbeddedEtcd, prefix: str
+) -> AsyncIterator[Cluster]:
+    replicas = [service_factory("services.presence", **SETTINGS) for _ in range(2)]
+    for replica in replicas:
+        await wait_serving(replica)
+    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    async with Store(etcd.endpoint, prefix) as store:
+        yield Cluster(replicas, [pr_grpc.PresenceServiceStub(c) for c in channels], store)
+    for channel in channels:
+        await channel.close()
+
+
+async def register(stub: Any, group: str = "mortgage-team") -> str:
+    agent_id = f"agent-{uuid.uuid4().hex[:8]}"
+    agent = pr_pb2.Agent(
+        agent_id=agent_id,
+        display_name="Camille",
+        skills=[pr_pb2.Skill(name="mortgage", level=7)],
+        languages=["fr-FR"],
+        resource_groups=[group],
+        channels=[
+            pr_pb2.ChannelConfig(
+                channel=C.CHANNEL_DESK_VOICE, address="4021", available_on_login=True
+            ),
+            pr_pb2.ChannelConfig(channel=C.CHANNEL_MOBILE_VOICE, address="+33612345678"),
+            pr_pb2.ChannelConfig(channel=C.CHANNEL_CHAT, address="camille", capacity=3),
+        ],
+    )
+    await stub.RegisterAgent(pr_pb2.RegisterAgentRequest(agent=agent))
+    return agent_id
+
+
+class App:
+    """An agent app's stream, driven by the test."""
+
+    def __init__(self, stub: Any) -> None:
+        self.call = stub.Connect()
+
+    async def login(self, agent_id: str, auth: str | None = None) -> pr_pb2.Snapshot:
+        await self.call.write(
+            pr_pb2.ConnectRequest(
+                login=pr_pb2.Login(agent_id=agent_id, auth_token=auth or token(agent_id))
+            )
+        )
+        reply = await self.next()
+        assert reply.HasField("snapshot"), reply
+        return reply.snapshot
+
+    async def send(self, **message: Any) -> None:
+        await self.call.write(pr_pb2.ConnectRequest(**message))
+
+    async def next(self, timeout: float = 15.0) -> Any:
+        reply = await asyncio.wait_for(self.call.read(), timeout)
+        return reply
+
+    async def next_kind(self, kind: str, timeout: float = 15.0) -> Any:
+        while True:
+            reply = await self.next(timeout)
+            assert reply is not grpc.aio.EOF, f"stream ended waiting for {kind}"
+            if reply.WhichOneof("message") == kind:
+                return getattr(reply, kind)
+
+
+async def ending(app: App) -> tuple[grpc.StatusCode, list[Any], set[str]]:
+    """Reads a stream to its end: its status code, what came before, the fields named."""
+    before: list[Any] = []
+    try:
+        while (reply := await app.next()) is not grpc.aio.EOF:
+            before.append(reply)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), before, violated_fields(exc)
+    return await app.call.code(), before, set()
+
+
+class Watcher:
+    def __init__(self, stub: Any, **request: Any) -> None:
+        self.call = stub.WatchPresence(pr_pb2.WatchPresenceRequest(**request))
+
+    async def next(self, timeout: float = 15.0) -> pr_pb2.WatchPresenceResponse:
+        reply = await asyncio.wait_for(self.call.read(), timeout)
+        assert reply is not grpc.aio.EOF
+        return reply
+
+    async def overall_until(self, want: int, timeout: float = 15.0) -> list[int]:
+        seen: list[int] = []
+        while not seen or seen[-1] != want:
+            reply = await self.next(timeout)
+            if reply.HasField("change"):
+                seen.append(reply.change.overall)
+        return seen
+
+
+async def test_a_watcher_on_another_replica_sees_every_change_in_order(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    watcher = Watcher(cluster.stubs[1], agent_ids=[agent_id])
+    first = await watcher.next()
+    assert [a.overall for a in first.snapshot.agents] == [C.OVERALL_PRESENCE_OFFLINE]
+
+    app = App(cluster.stubs[0])
+    snapshot = await app.login(agent_id)
+    assert snapshot.presence.overall == C.OVERALL_PRESENCE_PARTIALLY_READY
+    assert [c.presence for c in snapshot.presence.channels] == [
+        C.CHANNEL_PRESENCE_AVAILABLE,
+        C.CHANNEL_PRESENCE_UNAVAILABLE,
+        C.CHANNEL_PRESENCE_UNAVAILABLE,
+    ]
+    for channel in (C.CHANNEL_MOBILE_VOICE, C.CHANNEL_CHAT):
+        await app.send(
+            set_channel_presence=pr_pb2.SetChannelPresence(channel=channel, available=True)
+        )
+        await app.next_kind("presence_confirmed")
+    await app.send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=True))
+    confirmed = await app.next_kind("presence_confirmed")
+    assert all(c.presence == C.CHANNEL_PRESENCE_UNAVAILABLE for c in confirmed.presence.channels)
+    await app.send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=False))
+    await app.next_kind("presence_confirmed")
+    await app.call.done_writing()
+    assert await app.next() is grpc.aio.EOF
+
+    seen = await watcher.overall_until(C.OVERALL_PRESENCE_OFFLINE)
+    assert seen == [
+        C.OVERALL_PRESENCE_PARTIALLY_READY,
+        C.OVERALL_PRESENCE_PARTIALLY_READY,
+        C.OVERALL_PRESENCE_READY,
+        C.OVERALL_PRESENCE_DO_NOT_DISTURB,
+        C.OVERALL_PRESENCE_READY,
+        C.OVERALL_PRESENCE_OFFLINE,
+    ]
+    watcher.call.cancel()
+
+
+async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    app = App(cluster.stubs[1])
+    await app.login(agent_id)
+    summary = pr_pb2.ContextSummary(customer_display_name="Ms Martin", subject="mortgage")
+
+    # Routing (a third party) writes the offer to etcd; the replica holding the stream delivers it.
+    accepted = await keys.make_offer(
+        cluster.store, agent_id, "call-1", C.CHANNEL_DESK_VOICE, summary, timeout=15
+    )
+    shown = await app.next_kind("offer")
+    assert (shown.offer_id, shown.interaction_id, shown.summary) == (
+        accepted.offer.offer_id,
+        "call-1",
+        summary,
+    )
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=shown.offer_id,
+            decision=pr_pb2.OFFER_DECISION_ACCEPT,
+            accept_channel=C.CHANNEL_DESK_VOICE,
+        )
+    )
+    recorded = await app.next_kind("offer_response_recorded")
+    assert recorded.decision == pr_pb2.OFFER_DECISION_ACCEPT
+    busy = await app.next_kind("presence_confirmed")
+    assert busy.presence.channels[0].presence == C.CHANNEL_PRESENCE_BUSY
+    stored = await cluster.store.get(keys.offer(agent_id, shown.offer_id), pr_store.StoredOffer)
+    assert stored is not None
+    assert (stored.value.state, stored.value.accepted_channel) == (
+        pr_store.OFFER_STATE_ACCEPTED,
+        C.CHANNEL_DESK_VOICE,
+    )
+
+    declined = await keys.make_offer(
+        cluster.store, agent_id, "chat-1", C.CHANNEL_CHAT, summary, timeout=15
+    )
+    shown = await app.next_kind("offer")
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=shown.offer_id, decision=pr_pb2.OFFER_DECISION_DECLINE
+        )
+    )
+    await app.next_kind("offer_response_recorded")
+    stored = await cluster.store.get(
+        keys.offer(agent_id, declined.offer.offer_id), pr_store.StoredOffer
+    )
+    assert stored is not None
+    assert stored.value.state == pr_store.OFFER_STATE_DECLINED
+
+    ignored = await keys.make_offer(
+        cluster.store, agent_id, "call-2", C.CHANNEL_DESK_VOICE, summary, timeout=1
+    )
+    assert (await app.next_kind("offer")).offer_id == ignored.offer.offer_id
+    cancelled = await app.next_kind("offer_cancelled")
+    assert (cancelled.offer_id, cancelled.reason) == (
+        ignored.offer.offer_id,
+        pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT,
+    )
+
+    async def expired() -> bool:
+        return (
+            await cluster.store.get(
+                keys.offer(agent_id, ignored.offer.offer_id), pr_store.StoredOffer
+            )
+            is None
+        )
+
+    await eventually(expired, what="unanswered offer expired by itself")
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=ignored.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+        )
+    )
+    refused = await app.next_kind("offer_response_refused")
+    assert refused.reason == pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
+
+    withdrawn = await keys.make_offer(
+        cluster.store, agent_id, "call-3", C.CHANNEL_CHAT, summary, timeout=15
+    )
+    await app.next_kind("offer")
+    assert await keys.cancel_offer(
+        cluster.store, agent_id, withdrawn.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
+    )
+    assert (await app.next_kind("offer_cancelled")).reason == pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=withdrawn.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+        )
+    )
+    assert (
+        await app.next_kind("offer_response_refused")
+    ).reason == pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN
+
+    await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id="call-1"))
+    free = await app.next_kind("presence_confirmed")
+    assert free.presence.channels[0].presence == C.CHANNEL_PRESENCE_AVAILABLE
+    app.call.cancel()
+
+
+async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    app = App(cluster.stubs[0])
+    await app.login(agent_id)
+    made = await keys.make_offer(
+        cluster.store, agent_id, "call-9", C.CHANNEL_DESK_VOICE, pr_pb2.ContextSummary(), 30
+    )
+    await app.next_kind("offer")
+    app.call.cancel()
+
+    async def cancelled() -> bool:
+        entry = await cluster.store.get(
+            keys.offer(agent_id, made.offer.offer_id), pr_store.StoredOffer
+        )
+        return entry is not None and entry.value.state == pr_store.OFFER_STATE_CANCELLED
+
+    await eventually(cancelled, what="offer cancelled when the session dropped")
+    entry = await cluster.store.get(keys.offer(agent_id, made.offer.offer_id), pr_store.StoredOffer)
+    assert entry is not None
+    assert entry.value.cancel_reason == pr_pb2.OFFER_CANCEL_REASON_SESSION_ENDED
+
+
+def agent_app(address: str, agent_id: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.agent_app", address, agent_id, token(agent_id)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def wait_logged_in(app: subprocess.Popen[str]) -> None:
+    assert app.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(app.stdout.readline), 30)
+    assert line.strip() == "logged-in"
+
+
+async def overall(stub: Any, agent_id: str) -> int:
+    reply = await stub.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[agent_id]))
+    return int(reply.agents[0].overall)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["crashed-app", "frozen-app"])
+async def test_an_app_that_dies_or_freezes_goes_offline_by_itself(
+    cluster: Cluster, service_factory: Callable[..., ServiceProcess], how: int
+) -> None:
+    strict = service_factory(
+        "services.presence", **{**SETTINGS, "ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "2"}
+    )
+    await wait_serving(strict)
+    agent_id = await register(cluster.stubs[0])
+    app = agent_app(strict.address, agent_id)
+    try:
+        await wait_logged_in(app)
+        assert await overall(cluster.stubs[1], agent_id) == C.OVERALL_PRESENCE_PARTIALLY_READY
+        app.send_signal(how)
+
+        async def offline() -> bool:
+            return await overall(cluster.stubs[1], agent_id) == C.OVERALL_PRESENCE_OFFLINE
+
+        # A frozen app keeps its connection open: the heartbeat timeout (2 s here) ends it.
+        await eventually(offline, timeout=15, what="agent offline")
+    finally:
+        app.kill()
+        app.wait()
+
+
+async def test_a_dead_replica_lets_its_agents_go_offline_within_the_lease_ttl(
+    cluster: Cluster,
+) -> None:
+    agent_id = await register(cluster.stubs[0])
+    app = App(cluster.stubs[0])
+    await app.login(agent_id)
+    watcher = Watcher(cluster.stubs[1], agent_ids=[agent_id])
+    await watcher.next()
+    cluster.replicas[0].signal(signal.SIGKILL)
+    # Nobody deletes the session: its lease (3 s here) runs out.
+    seen = await watcher.overall_until(C.OVERALL_PRESENCE_OFFLINE, timeout=20)
+    assert seen[-1] == C.OVERALL_PRESENCE_OFFLINE
+    watcher.call.cancel()
+
+
+async def test_a_second_login_replaces_the_first_session(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    first = App(cluster.stubs[0])
+    first_snapshot = await first.login(agent_id)
+    second = App(cluster.stubs[1])
+    second_snapshot = await second.login(agent_id)
+    assert second_snapshot.agent_session_id != first_snapshot.agent_session_id
+    replaced = await first.next_kind("session_replaced")
+    assert replaced is not None
+    assert await first.next() is grpc.aio.EOF
+    assert await first.call.code() == grpc.StatusCode.OK
+    # The replacing session stays online and works.
+    await second.send(
+        set_channel_presence=pr_pb2.SetChannelPresence(channel=C.CHANNEL_CHAT, available=True)
+    )
+    assert (
+        await second.next_kind("presence_confirmed")
+    ).presence.overall == C.OVERALL_PRESENCE_PARTIALLY_READY
+    assert await overall(cluster.stubs[0], agent_id) == C.OVERALL_PRESENCE_PARTIALLY_READY
+    second.call.cancel()
+
+
+async def test_bad_messages_get_a_clear_status_and_never_affect_another_agent(
+    cluster: Cluster,
+) -> None:
+    bystander = await register(cluster.stubs[0])
+    calm = App(cluster.stubs[0])
+    await calm.login(bystander)
+    culprit = await register(cluster.stubs[0])
+
+    no_login = App(cluster.stubs[0])
+    await no_login.send(heartbeat=pr_pb2.Heartbeat())
+    assert (await ending(no_login))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+    bad_token = App(cluster.stubs[0])
+    await bad_token.send(login=pr_pb2.Login(agent_id=culprit, auth_token="forged"))
+    assert (await ending(bad_token))[0] == grpc.StatusCode.PERMISSION_DENIED
+
+    unknown = App(cluster.stubs[0])
+    await unknown.send(login=pr_pb2.Login(agent_id="nobody-here", auth_token=token("nobody-here")))
+    assert (await ending(unknown))[0] == grpc.StatusCode.NOT_FOUND
+
+    wrong_channel = App(cluster.stubs[0])
+    await wrong_channel.login(culprit)
+    await wrong_channel.send(
+        set_channel_presence=pr_pb2.SetChannelPresence(channel=C.CHANNEL_EMAIL, available=True)
+    )
+    code, before, fields = await ending(wrong_channel)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields == {"set_channel_presence.channel"}
+    assert not any(r.HasField("presence_confirmed") for r in before)
+
+    assert await overall(cluster.stubs[1], culprit) == C.OVERALL_PRESENCE_OFFLINE
+    assert await overall(cluster.stubs[1], bystander) == C.OVERALL_PRESENCE_PARTIALLY_READY
+    await calm.send(heartbeat=pr_pb2.Heartbeat())
+    assert (await calm.next_kind("heartbeat_ack")).HasField("server_time")
+    calm.call.cancel()
+
+
+async def test_a_watcher_resuming_from_its_token_misses_nothing(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    watcher = Watcher(cluster.stubs[0], agent_ids=[agent_id])
+    resume = (await watcher.next()).resume_token
+    watcher.call.cancel()
+
+    app = App(cluster.stubs[1])
+    await app.login(agent_id)
+    await app.send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=True))
+    await app.next_kind("presence_confirmed")
+    app.call.cancel()
+
+    resumed = Watcher(cluster.stubs[1], agent_ids=[agent_id], resume_token=resume)
+    seen = await resumed.overall_until(C.OVERALL_PRESENCE_OFFLINE)
+    assert seen == [
+        C.OVERALL_PRESENCE_PARTIALLY_READY,
+        C.OVERALL_PRESENCE_DO_NOT_DISTURB,
+        C.OVERALL_PRESENCE_OFFLINE,
+    ]
+    resumed.call.cancel()
+
+
+async def test_group_availability_counts_agents_per_channel(cluster: Cluster) -> None:
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    agents = [await register(cluster.stubs[0], group) for _ in range(3)]
+    apps = []
+    for agent_id in agents[:2]:
+        app = App(cluster.stubs[0])
+        await app.login(agent_id)
+        apps.append(app)
+    await apps[1].send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=True))
+    await apps[1].next_kind("presence_confirmed")
+    reply = await cluster.stubs[1].GetGroupAvailability(
+        pr_pb2.GetGroupAvailabilityRequest(resource_groups=[group])
+    )
+    desk = next(c for c in reply.groups[0].channels if c.channel == C.CHANNEL_DESK_VOICE)
+    assert (desk.available_agents, desk.logged_in_agents) == (1, 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cluster.stubs[1].GetPresence(
+            pr_pb2.GetPresenceRequest(agent_ids=[agents[0], "ghost"])
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    for app in apps:
+        app.call.cancel()
+
+
+async def test_registering_a_bad_agent_names_every_bad_field(cluster: Cluster) -> None:
+    agent = pr_pb2.Agent(
+        agent_id="bad id",
+        skills=[pr_pb2.Skill(name="mortgage", level=11)],
+        channels=[
+            pr_pb2.ChannelConfig(channel=C.CHANNEL_CHAT, address="x"),
+            pr_pb2.ChannelConfig(channel=C.CHANNEL_CHAT, address=""),
+        ],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cluster.stubs[0].RegisterAgent(pr_pb2.RegisterAgentRequest(agent=agent))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {
+        "agent.agent_id",
+        "agent.skills[0].level",
+        "agent.channels[1].channel",
+        "agent.channels[1].address",
+    }
