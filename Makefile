@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python -m bench.store_bench
 	$(BIN)/python -m bench.reservation_bench
 	$(BIN)/python -m bench.match_bench
+	$(BIN)/python -m bench.presence_bench
 
 up: setup
 	$(BIN)/accessline up
