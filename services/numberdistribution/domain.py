@@ -138,6 +138,12 @@ class NumberDistribution:
             unit="{request}",
             description="Reservation requests that found a pool exhausted, by pool",
         )
+        meter.create_observable_gauge(
+            "accessline.numbers.pool",
+            callbacks=[self._observe_pools],
+            unit="{number}",
+            description="Numbers of each pool by state (free, reserved, quarantined, draining)",
+        )
 
     # -- pools ------------------------------------------------------------------------
 
@@ -448,6 +454,15 @@ class NumberDistribution:
         state = self._view.pools.get(pool_id)
         if state is None:
             raise self._pool_not_found(pool_id)
+        stats = self._counts(pool_id, state)
+        counts, _ = await self._store.get_prefix(
+            keys.exhaustion(pool_id), storage_pb2.ExhaustionCount
+        )
+        stats.exhaustion_count = sum(e.value.count for e in counts)
+        return stats
+
+    def _counts(self, pool_id: str, state: PoolState) -> nd_pb2.PoolStats:
+        """A pool's counts by state, from this replica's view."""
         now = self._clock()
         stats = nd_pb2.PoolStats(pool_id=pool_id, free=len(state.free))
         for number in self._view.pool_numbers(pool_id):
@@ -460,11 +475,21 @@ class NumberDistribution:
                 stats.shared_reservations += sum(1 for s in live if s.shared)
             elif held or number.number in self._view.quarantine:
                 stats.quarantined += 1
-        counts, _ = await self._store.get_prefix(
-            keys.exhaustion(pool_id), storage_pb2.ExhaustionCount
-        )
-        stats.exhaustion_count = sum(e.value.count for e in counts)
         return stats
+
+    def _observe_pools(self, _: object) -> list[metrics.Observation]:
+        """Numbers per pool and state; every replica reports the same view, so dashboards
+        take the maximum across replicas."""
+        out = []
+        for pool_id, state in list(self._view.pools.items()):
+            stats = self._counts(pool_id, state)
+            for name in ("free", "reserved", "quarantined", "draining"):
+                out.append(
+                    metrics.Observation(
+                        getattr(stats, name), {"accessline.pool": pool_id, "state": name}
+                    )
+                )
+        return out
 
     # -- reservations -----------------------------------------------------------------
 

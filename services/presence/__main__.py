@@ -22,7 +22,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         log.warning(
             "ACCESSLINE_PRESENCE_SECRET is the development default; set a secret of your own"
         )
-    hub = Hub(context.store)
+    hub = Hub(context.store, context.telemetry.meter("accessline.presence"))
     await hub.start()
     context.on_stop(hub.stop)
     directory = Directory(context.store)

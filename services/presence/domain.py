@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import metrics
+
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
@@ -338,12 +340,30 @@ class Hub:
     """One watch of this replica on presence and offers, routed to the agent sessions it
     holds; it also cancels the open offers of agents whose session ended anywhere."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, meter: metrics.Meter | None = None) -> None:
         self._store = store
         self.sessions: dict[str, AgentSession] = {}
+        (meter or metrics.get_meter("accessline.presence")).create_observable_gauge(
+            "accessline.presence.channels",
+            callbacks=[self._observe],
+            unit="{agent}",
+            description="Agents with a session on this replica, per channel and channel presence",
+        )
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._janitors: set[asyncio.Task[None]] = set()
+
+    def _observe(self, _: object) -> list[metrics.Observation]:
+        counts: dict[tuple[str, str], int] = {}
+        for session in list(self.sessions.values()):
+            for channel in session.state.channels:
+                state = channel_presence(channel, session.state.do_not_disturb)
+                key = (C.Channel.Name(channel.channel), C.ChannelPresence.Name(state))  # type: ignore[arg-type]
+                counts[key] = counts.get(key, 0) + 1
+        return [
+            metrics.Observation(n, {"accessline.channel": ch, "accessline.presence": pr})
+            for (ch, pr), n in counts.items()
+        ]
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="presence-hub")
