@@ -38,6 +38,9 @@ log = logging.getLogger("accessline.callmatching")
 tracer = trace.get_tracer("accessline.callmatching")
 
 DEFAULT_SESSION_TTL = 300.0
+# Histogram buckets in seconds: a decision takes milliseconds, a customer dials in seconds.
+DECISION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+HANDOFF_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
 DEFAULT_MAX_CODE_ATTEMPTS = 3
 
 NEEDS_ANI = {common_pb2.MATCH_SCHEMA_NUMBER_ANI, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
@@ -127,11 +130,13 @@ class CallMatching:
             "accessline.match.decision.duration",
             unit="s",
             description="From the call's arrival to the match decision",
+            explicit_bucket_boundaries_advisory=DECISION_BUCKETS,
         )
         self._waited = meter.create_histogram(
             "accessline.match.handoff_to_call.duration",
             unit="s",
             description="From the handoff request to the call's arrival, for matched calls",
+            explicit_bucket_boundaries_advisory=HANDOFF_BUCKETS,
         )
 
     # -- applications -----------------------------------------------------------------

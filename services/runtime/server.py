@@ -33,6 +33,8 @@ from services.runtime.telemetry import (
 log = logging.getLogger("accessline.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Health service name that answers SERVING while the process runs, whatever etcd does.
+LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Biggest message a client may send; field limits are checked inside, this stops abuse
@@ -162,6 +164,8 @@ class ServiceRuntime:
         await self._set_health(NOT_SERVING)
         await server.start()
         self._server = server
+        # Kubernetes' liveness probe asks for this name: alive even while etcd is away.
+        await self._health.set(LIVENESS, SERVING)
         await self._check_etcd()
         self._monitor = asyncio.create_task(self._monitor_etcd(), name="etcd-health")
         log.info(
