@@ -1,20 +1,61 @@
-"""Runs the Notification service: `python -m services.notification` or `accessline serve
-notification`."""
+"""Runs the Notification service: `python -m services.notification` or
+`accessline serve notification`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
+from services.notification.domain import Notifications, Policy, Provider, Worker
+from services.notification.providers import Apns, Fcm
 from services.notification.servicer import NotificationServicer
 from services.notification.settings import NotificationSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
+    settings = context.settings
+    assert isinstance(settings, NotificationSettings)
+    meter = context.telemetry.meter("accessline.notification")
+    policy = Policy(
+        retention=settings.notification_retention_seconds,
+        max_attempts=settings.delivery_max_attempts,
+        backoff_base=settings.delivery_backoff_seconds,
+    )
+    providers: dict[int, Provider] = {}
+    if settings.apns_key_file:
+        providers[notification_pb2.PLATFORM_APNS] = Apns(
+            settings.apns_url,
+            settings.apns_key_file,
+            settings.apns_key_id,
+            settings.apns_team_id,
+            settings.apns_topic,
+            settings.push_ca_file,
+        )
+    if settings.fcm_service_account_file:
+        providers[notification_pb2.PLATFORM_FCM] = Fcm(
+            settings.fcm_url, settings.fcm_service_account_file, settings.push_ca_file
+        )
+    notifications = Notifications(context.store, policy, meter)
+    worker = Worker(
+        context.store,
+        notifications,
+        providers,
+        policy,
+        lease_seconds=settings.delivery_worker_lease_seconds,
+        meter=meter,
+    )
+    await worker.start()
+
+    async def stop() -> None:
+        await worker.stop()
+        for provider in providers.values():
+            await provider.close()
+
+    context.on_stop(stop)
     return [
         Registration(
-            servicer=NotificationServicer(),  # type: ignore[abstract]  # unserved RPCs answer UNIMPLEMENTED
+            servicer=NotificationServicer(notifications, context.stopping),
             add_to_server=notification_pb2_grpc.add_NotificationServiceServicer_to_server,
             descriptor=notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
         )

@@ -8,7 +8,7 @@ from services.runtime.settings import ServiceSettings
 
 
 class NotificationSettings(ServiceSettings):
-    """Notification's settings: the shared ones with this service's default ports."""
+    """Notification's settings: the shared ones, its ports, its providers and delivery policy."""
 
     port: int = Field(default=50055, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     metrics_port: int = Field(
@@ -16,4 +16,39 @@ class NotificationSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
+    )
+    apns_url: str = Field(default="https://api.push.apple.com", description="APNs endpoint.")
+    apns_key_file: str = Field(
+        default="", description="APNs signing key (.p8, PEM); empty: APNs off."
+    )
+    apns_key_id: str = Field(default="", description="Key id of the APNs signing key.")
+    apns_team_id: str = Field(default="", description="Apple developer team id.")
+    apns_topic: str = Field(default="", description="The app's bundle id (apns-topic).")
+    fcm_url: str = Field(default="https://fcm.googleapis.com", description="FCM endpoint.")
+    fcm_service_account_file: str = Field(
+        default="", description="FCM service account JSON; empty: FCM off."
+    )
+    push_ca_file: str = Field(
+        default="", description="CA bundle for the providers' TLS; empty: the system's."
+    )
+    notification_retention_seconds: float = Field(
+        default=86400,
+        ge=60,
+        le=30 * 86400,
+        description="How long delivery status stays queryable after a notification's TTL.",
+    )
+    delivery_max_attempts: int = Field(
+        default=8, ge=1, le=100, description="Attempts per device before a delivery fails."
+    )
+    delivery_backoff_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=600,
+        description="First retry delay; doubled per attempt, with jitter, up to 5 minutes.",
+    )
+    delivery_worker_lease_seconds: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="Lease of a worker's claims: how long a dead worker's items wait.",
     )

@@ -39,6 +39,7 @@ from services.runtime.store import (
     WatchCompacted,
     WatchEvent,
 )
+from services.runtime.streams import until
 
 log = logging.getLogger("accessline.presence")
 
@@ -264,7 +265,7 @@ class Directory:
             )
         while not stopping.is_set():
             try:
-                async for event in _until(
+                async for event in until(
                     self._store.watch_prefix(keys.ROOT, revision + 1), stopping
                 ):
                     revision = event.revision
@@ -309,31 +310,6 @@ class Directory:
             agent = agents.get(agent_id)
             return public_presence(agent, live.get(agent_id)) if agent is not None else None
         return None
-
-
-async def _until(
-    source: AsyncIterator[WatchEvent], stopping: asyncio.Event
-) -> AsyncIterator[WatchEvent]:
-    """Events from `source` until `stopping` is set."""
-    iterator = source.__aiter__()
-    stop = asyncio.ensure_future(stopping.wait())
-    try:
-        while True:
-            step = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                step.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await step
-                return
-            try:
-                yield step.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        stop.cancel()
-        with contextlib.suppress(AttributeError, RuntimeError):
-            await iterator.aclose()  # type: ignore[attr-defined]
 
 
 class Hub:

@@ -1,0 +1,564 @@
+"""The rules of notification: devices and subscriptions, publishing through a durable
+outbox in etcd (one item per device, written before anything is sent), workers on every
+replica that claim items under their lease and deliver them through the providers with
+retries, and the in-app stream that replays what a device has not acknowledged.
+
+    nt/devices/{device_id}                          Device
+    nt/owners/{customer|agent}:{id}/{device_id}     empty (index)
+    nt/subscriptions/{topic}/{subscription_id}      StoredSubscription
+    nt/subscription-ids/{subscription_id}           StoredSubscription
+    nt/idempotency/{sha256}                         PublishRecord       (notification lease)
+    nt/notifications/{notification_id}              StoredNotification  (notification lease)
+    nt/outbox/{notification_id}/{device_id}         Delivery            (notification lease)
+    nt/claims/{notification_id}/{device_id}         Claim               (worker lease)
+    nt/inbox/{device_id}/{notification_id}          empty               (notification lease)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import logging
+import math
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf import empty_pb2, timestamp_pb2
+from opentelemetry import metrics
+
+from accessline.notification.storage.v1 import storage_pb2 as nt_store
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from services.notification.providers import Message, Outcome
+from services.runtime.errors import AccesslineError, FailedPrecondition, NotFound
+from services.runtime.store import Compare, EventKind, KeptLease, Op, Store, WatchCompacted
+from services.runtime.streams import until
+
+log = logging.getLogger("accessline.notification")
+
+DEVICES = "nt/devices/"
+OWNERS = "nt/owners/"
+SUBSCRIPTIONS = "nt/subscriptions/"
+SUBSCRIPTION_IDS = "nt/subscription-ids/"
+IDEMPOTENCY = "nt/idempotency/"
+NOTIFICATIONS = "nt/notifications/"
+OUTBOX = "nt/outbox/"
+CLAIMS = "nt/claims/"
+INBOX = "nt/inbox/"
+BATCH = 60  # outbox items per transaction (two or three operations each)
+EMPTY = empty_pb2.Empty()
+
+
+def _ts(epoch: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def _epoch(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def owner_key(device: nt_pb2.Device) -> str:
+    kind = device.WhichOneof("owner")
+    return f"{OWNERS}{kind}:{getattr(device, kind)}/" if kind else ""
+
+
+class Provider(Protocol):
+    async def send(self, message: Message) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Policy:
+    retention: float
+    max_attempts: int
+    backoff_base: float
+    backoff_cap: float = 300.0
+
+
+class Notifications:
+    """Devices, subscriptions, publishing and delivery status."""
+
+    def __init__(self, store: Store, policy: Policy, meter: metrics.Meter | None = None) -> None:
+        self._store = store
+        self._policy = policy
+        meter = meter or metrics.get_meter("accessline.notification")
+        self._published = meter.create_counter(
+            "accessline.notifications.published",
+            unit="{notification}",
+            description="Notifications published",
+        )
+
+    # -- devices and subscriptions ----------------------------------------------------
+
+    async def register_device(self, device: nt_pb2.Device) -> nt_pb2.Device:
+        stored = nt_pb2.Device()
+        stored.CopyFrom(device)
+        stored.device_id = stored.device_id or "d" + secrets.token_urlsafe(12)
+        stored.active = True
+        ops = [
+            Op.put(DEVICES + stored.device_id, stored),
+            Op.put(owner_key(stored) + stored.device_id, EMPTY),
+        ]
+        previous = await self._store.get(DEVICES + stored.device_id, nt_pb2.Device)
+        if previous is not None and owner_key(previous.value) != owner_key(stored):
+            ops.append(Op.delete(owner_key(previous.value) + stored.device_id))
+        await self._store.txn([], ops)
+        return stored
+
+    async def device(self, device_id: str) -> nt_pb2.Device:
+        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
+        if entry is None:
+            raise NotFound(f"device {device_id} is not registered", reason="DEVICE_NOT_FOUND")
+        return entry.value
+
+    async def unregister_device(self, device_id: str) -> None:
+        device = await self.device(device_id)
+        await self._store.txn(
+            [], [Op.delete(DEVICES + device_id), Op.delete(owner_key(device) + device_id)]
+        )
+
+    async def deactivate(self, device_id: str) -> None:
+        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
+        if entry is not None and entry.value.active:
+            entry.value.active = False
+            await self._store.txn(
+                [Compare.modified_at(DEVICES + device_id, entry.meta.mod_revision)],
+                [Op.put(DEVICES + device_id, entry.value)],
+            )
+            log.info(
+                "device deactivated: its push token is no longer registered",
+                extra={"fields": {"device_id": device_id}},
+            )
+
+    async def subscribe(self, topic: str, customer_id: str, device_id: str) -> str:
+        if device_id:
+            await self.device(device_id)
+        sub = nt_store.StoredSubscription(
+            subscription_id="sub" + secrets.token_urlsafe(12),
+            topic=topic,
+            customer_id=customer_id,
+            device_id=device_id,
+        )
+        await self._store.txn(
+            [],
+            [
+                Op.put(f"{SUBSCRIPTIONS}{topic}/{sub.subscription_id}", sub),
+                Op.put(SUBSCRIPTION_IDS + sub.subscription_id, sub),
+            ],
+        )
+        return sub.subscription_id
+
+    async def unsubscribe(self, subscription_id: str) -> None:
+        entry = await self._store.get(
+            SUBSCRIPTION_IDS + subscription_id, nt_store.StoredSubscription
+        )
+        if entry is None:
+            raise NotFound(
+                f"subscription {subscription_id} does not exist", reason="SUBSCRIPTION_NOT_FOUND"
+            )
+        await self._store.txn(
+            [],
+            [
+                Op.delete(f"{SUBSCRIPTIONS}{entry.value.topic}/{subscription_id}"),
+                Op.delete(SUBSCRIPTION_IDS + subscription_id),
+            ],
+        )
+
+    async def _owned(self, kind: str, owner: str) -> list[str]:
+        rows, _ = await self._store.get_prefix(f"{OWNERS}{kind}:{owner}/", empty_pb2.Empty)
+        return [row.key.rsplit("/", 1)[1] for row in rows]
+
+    async def _targets(self, topic: str, customer_id: str) -> list[nt_pb2.Device]:
+        ids: list[str] = []
+        if customer_id:
+            ids += await self._owned("customer_id", customer_id)
+        if topic:
+            subs, _ = await self._store.get_prefix(
+                f"{SUBSCRIPTIONS}{topic}/", nt_store.StoredSubscription
+            )
+            for sub in subs:
+                if sub.value.device_id:
+                    ids.append(sub.value.device_id)
+                else:
+                    ids += await self._owned("customer_id", sub.value.customer_id)
+        devices = []
+        for device_id in dict.fromkeys(ids):
+            entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
+            if entry is not None and entry.value.active:
+                devices.append(entry.value)
+        return devices
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish(self, request: nt_pb2.PublishRequest, ttl: float) -> nt_pb2.PublishResponse:
+        now = time.time()
+        record_key = ""
+        record: nt_store.PublishRecord | None = None
+        if request.idempotency_key:
+            digest = hashlib.sha256(request.idempotency_key.encode()).hexdigest()
+            record_key = IDEMPOTENCY + digest
+            notification_id = "n" + digest[:24]
+            existing = await self._store.get(record_key, nt_store.PublishRecord)
+            if existing is not None and existing.value.complete:
+                return nt_pb2.PublishResponse(
+                    notification_id=existing.value.notification_id,
+                    device_count=existing.value.device_count,
+                    duplicate=True,
+                )
+            record = existing.value if existing is not None else None
+        else:
+            notification_id = "n" + secrets.token_hex(12)
+        stored_entry = await self._store.get(
+            NOTIFICATIONS + notification_id, nt_store.StoredNotification
+        )
+        if stored_entry is not None:
+            # A publish with this key was interrupted: finish its fan-out, nothing more.
+            stored = stored_entry.value
+            lease = stored_entry.meta.lease
+            devices = [
+                d for d in [await self._maybe_device(i) for i in stored.device_ids] if d is not None
+            ]
+        else:
+            devices = await self._targets(request.topic, request.customer_id)
+            lease = await self._store.grant_lease(max(1, math.ceil(ttl + self._policy.retention)))
+            stored = nt_store.StoredNotification(
+                notification=nt_pb2.Notification(
+                    notification_id=notification_id,
+                    event_type=request.event_type,
+                    title=request.title,
+                    body=request.body,
+                    data=request.data,
+                    published_at=_ts(now),
+                ),
+                expires_at=_ts(now + ttl),
+                priority=request.priority,
+                collapse_key=request.collapse_key,
+                device_ids=[d.device_id for d in devices],
+            )
+            ops = [Op.put(NOTIFICATIONS + notification_id, stored, lease)]
+            compares: list[Compare] = [Compare.absent(NOTIFICATIONS + notification_id)]
+            if record_key and record is None:
+                ops.append(
+                    Op.put(
+                        record_key,
+                        nt_store.PublishRecord(
+                            notification_id=notification_id, device_count=len(devices)
+                        ),
+                        lease,
+                    )
+                )
+                compares.append(Compare.absent(record_key))
+            result = await self._store.txn(compares, ops)
+            if not result.succeeded:
+                # A concurrent publish with the same key got there first.
+                return await self.publish(request, ttl)
+        written, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
+        done = {row.key.rsplit("/", 1)[1] for row in written}
+        missing = [d for d in devices if d.device_id not in done]
+        for start in range(0, len(missing), BATCH):
+            ops = []
+            for device in missing[start : start + BATCH]:
+                delivery = nt_store.Delivery(
+                    notification_id=notification_id,
+                    device_id=device.device_id,
+                    status=nt_pb2.DELIVERY_STATUS_QUEUED,
+                    next_attempt_at=_ts(now),
+                    updated_at=_ts(now),
+                )
+                ops.append(Op.put(f"{OUTBOX}{notification_id}/{device.device_id}", delivery, lease))
+                if device.platform == nt_pb2.PLATFORM_IN_APP:
+                    ops.append(Op.put(f"{INBOX}{device.device_id}/{notification_id}", EMPTY, lease))
+            await self._store.txn([], ops)
+        if record_key:
+            await self._store.put(
+                record_key,
+                nt_store.PublishRecord(
+                    notification_id=notification_id, device_count=len(devices), complete=True
+                ),
+                lease,
+            )
+        self._published.add(1, {"accessline.event_type": nt_pb2.EventType.Name(request.event_type)})
+        return nt_pb2.PublishResponse(notification_id=notification_id, device_count=len(devices))
+
+    async def _maybe_device(self, device_id: str) -> nt_pb2.Device | None:
+        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
+        return entry.value if entry is not None else None
+
+    async def deliveries(self, notification_id: str) -> list[nt_pb2.DeviceDelivery]:
+        found = await self._store.get(NOTIFICATIONS + notification_id, nt_store.StoredNotification)
+        if found is None:
+            raise NotFound(
+                f"notification {notification_id} is unknown or past its retention",
+                reason="NOTIFICATION_NOT_FOUND",
+            )
+        expired = _epoch(found.value.expires_at) <= time.time()
+        rows, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
+        out = []
+        for row in rows:
+            d = row.value
+            status = d.status
+            if expired and status == nt_pb2.DELIVERY_STATUS_QUEUED:
+                status = nt_pb2.DELIVERY_STATUS_EXPIRED
+            out.append(
+                nt_pb2.DeviceDelivery(
+                    device_id=d.device_id,
+                    status=status,
+                    failure_reason=d.failure_reason,
+                    attempts=d.attempts,
+                    updated_at=d.updated_at,
+                )
+            )
+        return out
+
+    # -- in-app -----------------------------------------------------------------------
+
+    async def stream(
+        self, device_id: str, stopping: asyncio.Event
+    ) -> AsyncIterator[nt_pb2.StreamNotificationsResponse]:
+        device = await self.device(device_id)
+        if device.platform != nt_pb2.PLATFORM_IN_APP:
+            raise FailedPrecondition(
+                f"device {device_id} is not an in-app device", reason="NOT_IN_APP"
+            )
+        rows, revision = await self._store.get_prefix(f"{INBOX}{device_id}/", empty_pb2.Empty)
+        for row in rows:
+            message = await self._in_app(row.key.rsplit("/", 1)[1], device_id)
+            if message is not None:
+                yield nt_pb2.StreamNotificationsResponse(notification=message, replayed=True)
+        async for event in until(
+            self._store.watch_prefix(f"{INBOX}{device_id}/", revision + 1), stopping
+        ):
+            if event.kind != EventKind.PUT:
+                continue
+            message = await self._in_app(event.key.rsplit("/", 1)[1], device_id)
+            if message is not None:
+                yield nt_pb2.StreamNotificationsResponse(notification=message, replayed=False)
+
+    async def _in_app(self, notification_id: str, device_id: str) -> nt_pb2.Notification | None:
+        found = await self._store.get(NOTIFICATIONS + notification_id, nt_store.StoredNotification)
+        if found is None or _epoch(found.value.expires_at) <= time.time():
+            return None
+        key = f"{OUTBOX}{notification_id}/{device_id}"
+        entry = await self._store.get(key, nt_store.Delivery)
+        if entry is not None and entry.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
+            entry.value.status = nt_pb2.DELIVERY_STATUS_SENT
+            entry.value.attempts += 1
+            entry.value.updated_at.CopyFrom(_ts(time.time()))
+            await self._store.txn(
+                [Compare.modified_at(key, entry.meta.mod_revision)],
+                [Op.put(key, entry.value, entry.meta.lease)],
+            )
+        return found.value.notification
+
+    async def acknowledge(self, device_id: str, notification_ids: Iterable[str]) -> int:
+        count = 0
+        for notification_id in dict.fromkeys(notification_ids):
+            result = await self._store.txn(
+                [Compare.exists(f"{INBOX}{device_id}/{notification_id}")],
+                [Op.delete(f"{INBOX}{device_id}/{notification_id}")],
+            )
+            if result.succeeded:
+                count += 1
+                key = f"{OUTBOX}{notification_id}/{device_id}"
+                entry = await self._store.get(key, nt_store.Delivery)
+                if entry is not None:
+                    entry.value.acknowledged = True
+                    await self._store.put(key, entry.value, entry.meta.lease)
+        return count
+
+
+class Worker:
+    """Delivers outbox items through the providers. Every replica runs one; an item is
+    claimed (create-if-absent under this worker's lease) before it is sent, so two
+    workers never send it at once, and a dead worker's claims vanish with its lease."""
+
+    def __init__(
+        self,
+        store: Store,
+        notifications: Notifications,
+        providers: dict[int, Provider],
+        policy: Policy,
+        *,
+        lease_seconds: int = 10,
+        concurrency: int = 16,
+        meter: metrics.Meter | None = None,
+    ) -> None:
+        self._store = store
+        self._notifications = notifications
+        self._providers = providers
+        self._policy = policy
+        self._lease_seconds = lease_seconds
+        self._gate = asyncio.Semaphore(concurrency)
+        self.worker_id = "w" + secrets.token_hex(6)
+        self._due: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lease: KeptLease | None = None
+        self._runner: asyncio.Task[None] | None = None
+        meter = meter or metrics.get_meter("accessline.notification")
+        self._attempts = meter.create_counter(
+            "accessline.notifications.deliveries",
+            unit="{attempt}",
+            description="Delivery attempts by platform and result",
+        )
+
+    async def start(self) -> None:
+        lease_id = await self._store.grant_lease(self._lease_seconds)
+        self._lease = await self._store.keep_alive(lease_id, self._lease_seconds)
+        self._runner = asyncio.create_task(self._run(), name="notification-worker")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for task in list(self._tasks):
+            task.cancel()
+        if self._lease is not None:
+            self._store.stop_keep_alive(self._lease)
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(self._lease.id)
+
+    def _schedule(self, key: str, at: float) -> None:
+        heapq.heappush(self._due, (at, key))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                rows, revision = await self._store.get_prefix(OUTBOX, nt_store.Delivery)
+                for row in rows:
+                    if row.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
+                        self._schedule(row.key, _epoch(row.value.next_attempt_at))
+                watcher = asyncio.create_task(self._follow(revision))
+                try:
+                    await self._dispatch()
+                finally:
+                    watcher.cancel()
+            except (AccesslineError, WatchCompacted) as exc:
+                log.warning("notification worker restarting", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(1.0)
+
+    async def _follow(self, revision: int) -> None:
+        async for event in self._store.watch_prefix("nt/", revision + 1):
+            if event.key.startswith(OUTBOX) and event.kind == EventKind.PUT:
+                delivery = event.decode(nt_store.Delivery)
+                if delivery.status == nt_pb2.DELIVERY_STATUS_QUEUED:
+                    self._schedule(event.key, _epoch(delivery.next_attempt_at))
+            elif event.key.startswith(CLAIMS) and event.kind == EventKind.DELETE:
+                # A claim ended (maybe its worker died): look at the item again now.
+                self._schedule(OUTBOX + event.key[len(CLAIMS) :], time.time())
+
+    async def _dispatch(self) -> None:
+        while True:
+            now = time.time()
+            while self._due and self._due[0][0] <= now:
+                _, key = heapq.heappop(self._due)
+                task = asyncio.create_task(self._deliver(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._wake.clear()
+            timeout = min(1.0, self._due[0][0] - now) if self._due else 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
+
+    async def _deliver(self, key: str) -> None:
+        async with self._gate:
+            try:
+                await self._attempt(key)
+            except AccesslineError as exc:
+                log.warning(
+                    "delivery attempt failed on etcd; retrying",
+                    extra={"fields": {"error": exc.message}},
+                )
+                self._schedule(key, time.time() + 1.0)
+
+    async def _attempt(self, key: str) -> None:
+        assert self._lease is not None
+        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
+        claim = CLAIMS + key[len(OUTBOX) :]
+        entry = await self._store.get(key, nt_store.Delivery)
+        if entry is None or entry.value.status != nt_pb2.DELIVERY_STATUS_QUEUED:
+            return
+        if _epoch(entry.value.next_attempt_at) > time.time() + 0.001:
+            self._schedule(key, _epoch(entry.value.next_attempt_at))
+            return
+        if (
+            await self._store.create(
+                claim, nt_store.Claim(worker_id=self.worker_id), self._lease.id
+            )
+            is None
+        ):
+            return  # another worker has it; its claim's end wakes us again
+        try:
+            delivery = entry.value
+            found = await self._store.get(
+                NOTIFICATIONS + notification_id, nt_store.StoredNotification
+            )
+            device = await self._notifications._maybe_device(device_id)
+            now = time.time()
+            outcome: Outcome
+            if found is None or _epoch(found.value.expires_at) <= now:
+                delivery.status = nt_pb2.DELIVERY_STATUS_EXPIRED
+            elif device is None or not device.active:
+                delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+                delivery.failure_reason = "device unregistered"
+            elif device.platform == nt_pb2.PLATFORM_IN_APP:
+                return  # the device's stream delivers it
+            elif (provider := self._providers.get(device.platform)) is None:
+                delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+                delivery.failure_reason = "no provider configured for this platform"
+            else:
+                message = Message(
+                    notification=found.value.notification,
+                    push_token=device.push_token,
+                    expires_at=_epoch(found.value.expires_at),
+                    priority=found.value.priority,
+                    collapse_key=found.value.collapse_key,
+                )
+                outcome = await provider.send(message)
+                delivery.attempts += 1
+                result = "sent" if outcome.sent else ("retry" if outcome.retry else "failed")
+                self._attempts.add(
+                    1,
+                    {
+                        "accessline.platform": nt_pb2.Platform.Name(device.platform),
+                        "result": result,
+                    },
+                )
+                if outcome.sent:
+                    delivery.status = nt_pb2.DELIVERY_STATUS_SENT
+                    delivery.failure_reason = ""
+                elif outcome.retry and delivery.attempts < self._policy.max_attempts:
+                    backoff = min(
+                        self._policy.backoff_cap,
+                        self._policy.backoff_base * 2 ** (delivery.attempts - 1),
+                    )
+                    wait = max(outcome.retry_after or 0.0, random.uniform(backoff / 2, backoff))
+                    delivery.next_attempt_at.CopyFrom(_ts(now + wait))
+                    delivery.failure_reason = outcome.reason
+                else:
+                    delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+                    delivery.failure_reason = outcome.reason or "too many attempts"
+                    if outcome.unregistered:
+                        await self._notifications.deactivate(device_id)
+            delivery.updated_at.CopyFrom(_ts(time.time()))
+            await self._store.txn(
+                [Compare.modified_at(key, entry.meta.mod_revision)],
+                [Op.put(key, delivery, entry.meta.lease)],
+            )
+        finally:
+            await self._store.delete(claim)
+
+
+def payload_of(notification: nt_pb2.Notification) -> dict[str, Any]:
+    """What leaves for a device (for tests and logs of shape): ids and display text."""
+    return {"title": notification.title, "body": notification.body, "data": dict(notification.data)}
