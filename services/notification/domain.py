@@ -414,6 +414,7 @@ class Worker:
         lease_id = await self._store.grant_lease(self._lease_seconds)
         self._lease = await self._store.keep_alive(lease_id, self._lease_seconds)
         self._runner = asyncio.create_task(self._run(), name="notification-worker")
+        log.info("delivery worker started", extra={"fields": {"worker_id": self.worker_id}})
 
     async def stop(self) -> None:
         if self._runner is not None:

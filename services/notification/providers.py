@@ -131,7 +131,7 @@ class Apns:
             except ValueError:
                 reason = ""
         outcome = _classify(response.status_code, reason, response.headers)
-        if response.status_code == 410 or reason in {"Unregistered", "BadDeviceToken"}:
+        if response.status_code == 410 or reason == "Unregistered":
             return Outcome(sent=False, reason=reason or "Unregistered", unregistered=True)
         return outcome
 
@@ -169,6 +169,8 @@ class Fcm:
 
         session = requests.Session()
         if self._ca_file:
+            # REQUESTS_CA_BUNDLE in the environment would otherwise win over the session.
+            session.trust_env = False
             session.verify = self._ca_file
         self._credentials.refresh(google.auth.transport.requests.Request(session=session))
 
