@@ -121,6 +121,13 @@ class PushServers:
     seen_tokens: dict[str, int] = field(default_factory=dict)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     hung: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_for_requests(self, count: int) -> None:
+        """Until `count` provider requests (token requests aside) were received."""
+        while len([r for r in self.requests if r.path != "/token"]) < count:
+            self.arrived.clear()
+            await self.arrived.wait()
 
     def to(self, path_part: str) -> list[Recorded]:
         return [r for r in self.requests if path_part in r.path]
@@ -148,6 +155,7 @@ class PushServers:
             scope["method"], scope["path"], scope["http_version"], headers, body, time.time()
         )
         self.requests.append(record)
+        self.arrived.set()
         status, extra, payload = await self._answer(record)
         record.status = status
         await send(
@@ -234,6 +242,20 @@ class PushServers:
             ({"name": f"projects/accessline-test/messages/{count}"} if fcm else None),
         )
 
+    @staticmethod
+    async def ready(port: int, timeout: float = 15.0) -> None:
+        """Until the server accepts connections."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     async def run(self, port: int, stop: asyncio.Event) -> None:
         config = Config()
         config.bind = [f"127.0.0.1:{port}"]
@@ -241,6 +263,7 @@ class PushServers:
         config.keyfile = str(self.credentials.key_file)
         config.alpn_protocols = ["h2", "http/1.1"]
         config.graceful_timeout = 1.0
+        config.keep_alive_max_requests = 10_000_000
         config.accesslog = None
         config.errorlog = None
         await serve(self.app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
