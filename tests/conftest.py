@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,11 @@ class ServiceProcess:
                 self.process.kill()
                 self.process.wait()
 
+    async def stop_async(self) -> None:
+        """Like stop(), but the event loop keeps running meanwhile, so in-process peers of
+        the service (an OTLP receiver, provider servers) still answer its goodbyes."""
+        await asyncio.to_thread(self.stop)
+
 
 def spawn_service(module: str, etcd_endpoint: str, prefix: str, **env: str) -> ServiceProcess:
     port = free_port()
@@ -196,7 +201,9 @@ async def wait_serving(service: ServiceProcess, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture
-def service_factory(etcd: EmbeddedEtcd, prefix: str) -> Iterator[Callable[..., ServiceProcess]]:
+async def service_factory(
+    etcd: EmbeddedEtcd, prefix: str
+) -> AsyncIterator[Callable[..., ServiceProcess]]:
     started: list[ServiceProcess] = []
 
     def start(module: str, *, etcd_endpoint: str | None = None, **env: str) -> ServiceProcess:
@@ -205,8 +212,7 @@ def service_factory(etcd: EmbeddedEtcd, prefix: str) -> Iterator[Callable[..., S
         return service
 
     yield start
-    for service in started:
-        service.stop()
+    await asyncio.gather(*(service.stop_async() for service in started))
 
 
 @dataclass

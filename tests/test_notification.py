@@ -71,8 +71,7 @@ async def setup(
     for channel in channels:
         await channel.close()
     # The services' provider connections close first, so the servers stop at once.
-    for replica in replicas:
-        replica.stop()
+    await asyncio.gather(*(replica.stop_async() for replica in replicas))
     servers.release.set()
     stop.set()
     await task

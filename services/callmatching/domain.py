@@ -33,6 +33,7 @@ from services.runtime.errors import (
 )
 from services.runtime.phone import NumberFormatError, display_number, normalize_number
 from services.runtime.store import Compare, Op, Store
+from services.runtime.telemetry import span_context_from
 
 log = logging.getLogger("accessline.callmatching")
 tracer = trace.get_tracer("accessline.callmatching")
@@ -534,6 +535,12 @@ class CallMatching:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched
         session = entry.value
+        handoff = span_context_from(
+            session.handoff_trace.traceparent, session.handoff_trace.tracestate
+        )
+        if handoff is not None:
+            # The voice call's trace points at the data-session request that prepared it.
+            trace.get_current_span().add_link(handoff, {"accessline.link": "handoff"})
         attempt.session_id = session.session_id
         attempt.application_id = session.application_id
         attempt.match_schema = session.match_schema

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
@@ -40,8 +40,10 @@ from services.runtime.store import (
     WatchEvent,
 )
 from services.runtime.streams import until
+from services.runtime.telemetry import context_from
 
 log = logging.getLogger("accessline.presence")
+tracer = trace.get_tracer("accessline.presence")
 
 C = common_pb2
 
@@ -579,7 +581,12 @@ class AgentSession:
             if stored.offer.deadline.ToNanoseconds() <= time.time_ns():
                 return
             self.delivered.add(offer_id)
-            self.send(pr_pb2.ConnectResponse(offer=stored.offer))
+            with tracer.start_as_current_span(
+                "accessline.offer.deliver",
+                context=context_from(stored.trace.traceparent, stored.trace.tracestate),
+                attributes={"accessline.agent": self.agent.agent_id},
+            ):
+                self.send(pr_pb2.ConnectResponse(offer=stored.offer))
         elif stored.state == pr_store.OFFER_STATE_CANCELLED and offer_id in self.delivered:
             self.delivered.discard(offer_id)
             self.send(
@@ -677,6 +684,28 @@ class AgentSession:
             )
 
     async def _answer(self, response: pr_pb2.OfferResponse) -> None:
+        entry = await self.store.get(
+            keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
+        )
+        parent = (
+            context_from(entry.value.trace.traceparent, entry.value.trace.tracestate)
+            if entry
+            else None
+        )
+        # The agent's answer joins the trace of the call that made the offer.
+        with tracer.start_as_current_span(
+            "accessline.offer.answer",
+            context=parent,
+            attributes={
+                "accessline.agent": self.agent.agent_id,
+                "accessline.offer.decision": pr_pb2.OfferDecision.Name(response.decision)
+                if response.decision in pr_pb2.OfferDecision.values()
+                else "UNKNOWN",
+            },
+        ):
+            await self._answer_offer(response)
+
+    async def _answer_offer(self, response: pr_pb2.OfferResponse) -> None:
         def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
             self.send(
                 pr_pb2.ConnectResponse(

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
@@ -28,6 +30,7 @@ from services.runtime.errors import AccesslineError
 from services.runtime.store import EventKind, Store
 
 log = logging.getLogger("accessline.routing")
+tracer = trace.get_tracer("accessline.routing")
 
 C = common_pb2
 VOICE = (C.CHANNEL_DESK_VOICE, C.CHANNEL_MOBILE_VOICE, C.CHANNEL_EXTERNAL_PHONE)
@@ -114,6 +117,9 @@ class Router:
             match.call_arrived_at.CopyFrom(request.call_arrived_at)
         matched = await self._matching.MatchCall(match)
         is_match = matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+        span = trace.get_current_span()
+        span.set_attribute("accessline.match.outcome", cm_pb2.MatchOutcome.Name(matched.outcome))
+        span.set_attribute("accessline.interaction", interaction_id)
         if is_match:
             treatment = (
                 rt_pb2.TREATMENT_SKIP_IVR if matched.skip_ivr else rt_pb2.TREATMENT_IVR_STANDARD
@@ -166,7 +172,11 @@ class Router:
                 return
             for candidate in candidates:
                 tried.add(candidate.agent.agent_id)
-                claim = await self._claim(candidate, interaction_id, request.call_id)
+                with tracer.start_as_current_span(
+                    "accessline.agent.claim",
+                    attributes={"accessline.agent": candidate.agent.agent_id},
+                ):
+                    claim = await self._claim(candidate, interaction_id, request.call_id)
                 if claim is None:
                     continue
                 lease = claim
@@ -192,7 +202,17 @@ class Router:
                             deadline=offer.offer.deadline,
                         )
                     )
-                    answer = await self._answer(candidate.agent.agent_id, offer.offer.offer_id)
+                    with tracer.start_as_current_span(
+                        "accessline.offer.wait",
+                        attributes={"accessline.agent": candidate.agent.agent_id},
+                    ) as waiting:
+                        answer = await self._answer(candidate.agent.agent_id, offer.offer.offer_id)
+                        waiting.set_attribute(
+                            "accessline.offer.result",
+                            pr_store.OfferState.Name(answer.state)
+                            if answer is not None
+                            else "TIMED_OUT",
+                        )
                     if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
                         answered = True
                         channel = answer.accepted_channel or candidate.channel

@@ -97,6 +97,25 @@ def setup_telemetry(
     return _process_telemetry
 
 
+def context_from(traceparent: str, tracestate: str = "") -> Any:
+    """An OpenTelemetry context carrying a stored W3C trace context (for work that
+    continues a trace across etcd, such as an offer answered by an agent)."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def span_context_from(traceparent: str, tracestate: str = "") -> trace.SpanContext | None:
+    """The span context of a stored W3C trace context, for a span link; None if invalid."""
+    if not traceparent:
+        return None
+    found = trace.get_current_span(context_from(traceparent, tracestate)).get_span_context()
+    return found if found.is_valid else None
+
+
 def server_interceptor() -> Any:
     """The OpenTelemetry gRPC server interceptor (W3C context from incoming metadata)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
