@@ -282,3 +282,37 @@ async def test_two_replicas_never_offer_one_agent_two_calls(stack: Stack) -> Non
     for call in calls:
         call.cancel()
     app.call.cancel()
+
+
+async def test_an_agent_takes_the_next_call_as_soon_as_the_last_one_ends(stack: Stack) -> None:
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    _, number = await setup_numbers(stack, group)
+    member, app = await agent(stack, group, 5, [])
+    first = stack.routers[0].RouteInboundCall(
+        rt_pb2.RouteInboundCallRequest(call_id="first", dnis=number)
+    )
+    await events_until_offer(first)
+    preview = await app.next_kind("offer")
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=preview.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+        )
+    )
+    assert (await asyncio.wait_for(first.read(), 20)).connect.agent_id == member
+    busy = await app.next_kind("presence_confirmed")
+    assert busy.presence.channels[0].presence == C.CHANNEL_PRESENCE_BUSY
+
+    # While busy, the agent is not offered another call.
+    second = stack.routers[1].RouteInboundCall(
+        rt_pb2.RouteInboundCallRequest(call_id="second", dnis=number)
+    )
+    assert (await events_until_offer(second))[-1].WhichOneof("event") == "failed"
+
+    await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=preview.interaction_id))
+    await app.next_kind("presence_confirmed")
+    third = stack.routers[1].RouteInboundCall(
+        rt_pb2.RouteInboundCallRequest(call_id="third", dnis=number)
+    )
+    assert (await events_until_offer(third))[-1].offered.agent_id == member
+    third.cancel()
+    app.call.cancel()

@@ -36,9 +36,18 @@ SECRET_CONTEXT = "context-value-never-exported"
 
 
 class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP metrics receiver that keeps the names and kinds of what it is sent."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
     async def Export(
         self, request: Any, context: Any
     ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    self.seen[metric.name] = metric.WhichOneof("data")
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
@@ -46,8 +55,9 @@ class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
 async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
     server = grpc.aio.server()
     sink = Receiver()
+    sink.metrics = Metrics()  # type: ignore[attr-defined]
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(sink.metrics, server)  # type: ignore[attr-defined]
     port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
     await server.start()
     yield sink, port
@@ -62,6 +72,7 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
     }
     nd = service_factory("services.numberdistribution", **otel)
     pr = service_factory("services.presence", **otel)
@@ -158,6 +169,20 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
             "/accessline.callmatching.v1.CallMatchingService/StartHandoff",
         ]
         await eventually(lambda: all(named(n) for n in wanted), timeout=20, what="spans exported")
+        expected_metrics = {
+            "accessline.match.decision.duration": "histogram",
+            "accessline.match.handoff_to_call.duration": "histogram",
+            "accessline.routing.call_to_accept.duration": "histogram",
+            "accessline.match.outcomes": "sum",
+            "accessline.numbers.reservations": "sum",
+            "accessline.routing.offers": "sum",
+        }
+        seen = sink.metrics.seen  # type: ignore[attr-defined]
+        await eventually(
+            lambda: expected_metrics.items() <= seen.items(),
+            timeout=20,
+            what="metrics exported over OTLP",
+        )
     finally:
         for channel in channels:
             await channel.close()

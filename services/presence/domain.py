@@ -767,11 +767,30 @@ class AgentSession:
             ):
                 refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
                 return
+        # An accept makes the agent busy in the same transaction, so whoever sees the
+        # accepted offer also sees the channel taken.
+        also: tuple[list[Compare], list[Op]] = ([], [])
+        busy = pr_store.StoredPresence()
+        if accept:
+            busy.CopyFrom(self.state)
+            for channel in busy.channels:
+                if channel.channel == channel_id:
+                    channel.active_interactions += 1
+            busy.interactions[stored.offer.interaction_id] = channel_id
+            busy.ClearField("idle_since")
+            busy.updated_at.CopyFrom(_now_ts())
+            assert self.lease is not None
+            presence_key = keys.presence(self.agent.agent_id)
+            also = (
+                [Compare.modified_at(presence_key, self.revision)],
+                [Op.put(presence_key, busy, self.lease.id)],
+            )
         ok = await keys.set_offer_state(
             self.store,
             entry,
             pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
             accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
+            also=also,
         )
         if not ok:
             refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
@@ -785,11 +804,17 @@ class AgentSession:
             )
         )
         if accept:
-            channel = self._channel(channel_id, "offer_response.accept_channel")
-            channel.active_interactions += 1
-            self.state.interactions[stored.offer.interaction_id] = channel_id
-            self.state.ClearField("idle_since")
-            await self._write()
+            fresh = await self.store.get(
+                keys.presence(self.agent.agent_id), pr_store.StoredPresence
+            )
+            if fresh is not None and fresh.value.agent_session_id == self.session_id:
+                self.state = fresh.value
+                self.revision = fresh.meta.mod_revision
+            self.send(
+                pr_pb2.ConnectResponse(
+                    presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                )
+            )
 
 
 class Sessions:

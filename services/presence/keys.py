@@ -97,8 +97,10 @@ async def _set_state(
     *,
     cancel_reason: presence_pb2.OfferCancelReason.ValueType = NO_REASON,
     accepted_channel: common_pb2.Channel.ValueType = common_pb2.CHANNEL_UNSPECIFIED,
+    also: tuple[list[Compare], list[Op]] = ([], []),
 ) -> bool:
-    """Moves an open offer to `state` if nobody changed it since it was read."""
+    """Moves an open offer to `state` if nobody changed it since it was read, together
+    with `also` (more compares and operations) in the same transaction."""
     updated = pr_store.StoredOffer()
     updated.CopyFrom(entry.value)
     updated.state = state
@@ -106,8 +108,8 @@ async def _set_state(
     updated.accepted_channel = accepted_channel
     updated.answered_at.FromNanoseconds(time.time_ns())
     result = await store.txn(
-        [Compare.modified_at(entry.key, entry.meta.mod_revision)],
-        [Op.put(entry.key, updated, entry.meta.lease)],
+        [Compare.modified_at(entry.key, entry.meta.mod_revision), *also[0]],
+        [Op.put(entry.key, updated, entry.meta.lease), *also[1]],
     )
     return result.succeeded
 

@@ -40,6 +40,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             skill_weight=settings.routing_skill_weight,
             language_weight=settings.routing_language_weight,
         ),
+        meter=context.telemetry.meter("accessline.routing"),
     )
     return [
         Registration(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
@@ -93,16 +93,51 @@ def rank(
 class Router:
     """Routes inbound calls; safe to run as several replicas."""
 
-    def __init__(self, store: Store, matching: Any, presence: Any, rules: Rules) -> None:
+    def __init__(
+        self,
+        store: Store,
+        matching: Any,
+        presence: Any,
+        rules: Rules,
+        meter: metrics.Meter | None = None,
+    ) -> None:
         self._store = store
         self._matching = matching
         self._presence = presence
         self._rules = rules
+        meter = meter or metrics.get_meter("accessline.routing")
+        self._offers = meter.create_counter(
+            "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
+        )
+        self._to_accept = meter.create_histogram(
+            "accessline.routing.call_to_accept.duration",
+            unit="s",
+            description="From the call's arrival to the agent's accept",
+            explicit_bucket_boundaries_advisory=[
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1.0,
+                2.5,
+                5.0,
+                10.0,
+                20.0,
+                30.0,
+                60.0,
+                120.0,
+            ],
+        )
 
     async def route(
         self, request: rt_pb2.RouteInboundCallRequest
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         interaction_id = "i" + secrets.token_urlsafe(12)
+        arrived = (
+            request.call_arrived_at.ToNanoseconds() / 1e9
+            if request.HasField("call_arrived_at")
+            else time.time()
+        )
 
         def event(**fields: Any) -> rt_pb2.RouteInboundCallResponse:
             return rt_pb2.RouteInboundCallResponse(interaction_id=interaction_id, **fields)
@@ -180,7 +215,6 @@ class Router:
                 if claim is None:
                     continue
                 lease = claim
-                answered = False
                 try:
                     offer = await pr_keys.make_offer(
                         self._store,
@@ -207,14 +241,15 @@ class Router:
                         attributes={"accessline.agent": candidate.agent.agent_id},
                     ) as waiting:
                         answer = await self._answer(candidate.agent.agent_id, offer.offer.offer_id)
-                        waiting.set_attribute(
-                            "accessline.offer.result",
+                        result = (
                             pr_store.OfferState.Name(answer.state)
                             if answer is not None
-                            else "TIMED_OUT",
+                            else "TIMED_OUT"
                         )
+                        waiting.set_attribute("accessline.offer.result", result)
+                        self._offers.add(1, {"accessline.offer.result": result})
                     if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
-                        answered = True
+                        self._to_accept.record(max(0.0, time.time() - arrived))
                         channel = answer.accepted_channel or candidate.channel
                         address = next(
                             (c.address for c in candidate.agent.channels if c.channel == channel),
@@ -238,10 +273,11 @@ class Router:
                             pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT,
                         )
                 finally:
-                    if not answered:
-                        # Hang-up, decline or timeout: the agent is free again at once.
-                        with contextlib.suppress(AccesslineError):
-                            await self._store.revoke_lease(lease)
+                    # Accepted: Presence marked the channel busy in the same transaction,
+                    # so the claim has done its job. Otherwise (hang-up, decline,
+                    # timeout) the agent is free again at once.
+                    with contextlib.suppress(AccesslineError):
+                        await self._store.revoke_lease(lease)
 
     async def _claim(self, candidate: Candidate, interaction_id: str, call_id: str) -> int | None:
         """Holds a slot of the agent's channel for the time of the offer; returns the

@@ -1,0 +1,255 @@
+"""End to end: etcd and all five services as processes; simulated apps start handoffs,
+a simulated switch routes each call, simulated agents accept every offer. Prints
+handoffs per second and p50/p99 of each stage, next to a raw etcd transaction baseline
+measured in the same run.
+
+    python -m bench.e2e_bench [--handoffs 300] [--concurrency 8] [--agents 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import grpc
+from google.protobuf import wrappers_pb2
+
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
+from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from bench.common import Result, embedded_etcd, measure, print_table, service_process
+from services.presence.settings import DEVELOPMENT_SECRET
+from services.presence.tokens import agent_token
+
+C = common_pb2
+
+
+class Agent:
+    """An agent app that accepts every offer and ends the interaction once connected."""
+
+    def __init__(self, stub: Any, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.outbox: asyncio.Queue[pr_pb2.ConnectRequest | None] = asyncio.Queue()
+        self.call = stub.Connect(self._requests())
+        self.task: asyncio.Task[None] | None = None
+
+    async def _requests(self) -> Any:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def start(self) -> None:
+        token = agent_token(DEVELOPMENT_SECRET.encode(), self.agent_id)
+        self.outbox.put_nowait(
+            pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id, auth_token=token))
+        )
+        assert (await self.call.read()).HasField("snapshot")
+        self.task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        interactions: dict[str, str] = {}
+        while (reply := await self.call.read()) is not grpc.aio.EOF:
+            kind = reply.WhichOneof("message")
+            if kind == "offer":
+                interactions[reply.offer.offer_id] = reply.offer.interaction_id
+                self.outbox.put_nowait(
+                    pr_pb2.ConnectRequest(
+                        offer_response=pr_pb2.OfferResponse(
+                            offer_id=reply.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+                        )
+                    )
+                )
+            elif kind == "offer_response_recorded":
+                interaction = interactions.pop(reply.offer_response_recorded.offer_id, "")
+                if interaction:
+                    # The call is connected: wrap up at once, ready for the next one.
+                    self.outbox.put_nowait(
+                        pr_pb2.ConnectRequest(
+                            end_interaction=pr_pb2.EndInteraction(interaction_id=interaction)
+                        )
+                    )
+
+    def stop(self) -> None:
+        self.outbox.put_nowait(None)
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
+    client = aetcd.Client(host=host, port=port)
+    await client.connect()
+    value = wrappers_pb2.StringValue(value="x").SerializeToString()
+
+    async def create(i: int) -> object:
+        key = f"/raw/e2e/{i}".encode()
+        return await client.transaction(
+            compare=[client.transactions.create(key) == 0],
+            success=[client.transactions.put(key, value)],
+            failure=[],
+        )
+
+    result = await measure("raw etcd create-if-absent txn (aetcd)", create, count, concurrency)
+    await client.close()
+    return result
+
+
+async def main(handoffs: int, concurrency: int, agents: int) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="accessline-e2e-"))
+    async with embedded_etcd() as etcd:
+        async with service_process("services.numberdistribution", etcd, "/e2e") as nd_address:  # noqa: SIM117 - each service needs the ones started before it
+            async with (
+                service_process(
+                    "services.callmatching",
+                    etcd,
+                    "/e2e",
+                    ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd_address,
+                    ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{folder / 'history.db'}",
+                ) as cm_address,
+                service_process("services.presence", etcd, "/e2e") as pr_address,
+                service_process("services.notification", etcd, "/e2e"),
+            ):
+                async with service_process(
+                    "services.routing",
+                    etcd,
+                    "/e2e",
+                    ACCESSLINE_CALLMATCHING_ADDRESS=cm_address,
+                    ACCESSLINE_PRESENCE_ADDRESS=pr_address,
+                ) as rt_address:
+                    stages = await drive(
+                        nd_address,
+                        cm_address,
+                        pr_address,
+                        rt_address,
+                        handoffs,
+                        concurrency,
+                        agents,
+                    )
+        baseline = await raw_baseline(etcd.host, etcd.client_port, handoffs, concurrency)
+    shutil.rmtree(folder, ignore_errors=True)
+    title = f"end to end, {handoffs} handoffs, {concurrency} at once, {agents} agents"
+    print_table(
+        f"{title} (ops/s = handoffs per second)",
+        [baseline, *stages],
+        baseline,
+    )
+
+
+async def drive(
+    nd_address: str,
+    cm_address: str,
+    pr_address: str,
+    rt_address: str,
+    handoffs: int,
+    concurrency: int,
+    agents: int,
+) -> list[Result]:
+    channels = [
+        grpc.aio.insecure_channel(a) for a in (nd_address, cm_address, pr_address, rt_address)
+    ]
+    nd: Any = nd_grpc.NumberDistributionServiceStub(channels[0])
+    cm: Any = cm_grpc.CallMatchingServiceStub(channels[1])
+    pr: Any = pr_grpc.PresenceServiceStub(channels[2])
+    rt: Any = rt_grpc.RoutingServiceStub(channels[3])
+    pool = nd_pb2.Pool(pool_id="e2e", subjects=["mortgage"], resource_group="mortgage-team")
+    pool.quarantine.FromSeconds(0)
+    await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    await nd.AddNumbers(
+        nd_pb2.AddNumbersRequest(
+            pool_id="e2e", numbers=[f"+3314{i:07d}" for i in range(concurrency * 4)]
+        )
+    )
+    app = cm_pb2.Application(
+        application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
+    )
+    await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+    team = []
+    for i in range(agents):
+        agent_id = f"e2e-agent-{i:03d}"
+        await pr.RegisterAgent(
+            pr_pb2.RegisterAgentRequest(
+                agent=pr_pb2.Agent(
+                    agent_id=agent_id,
+                    skills=[pr_pb2.Skill(name="mortgage", level=1 + i % 10)],
+                    resource_groups=["mortgage-team"],
+                    channels=[
+                        pr_pb2.ChannelConfig(
+                            channel=C.CHANNEL_DESK_VOICE,
+                            address=str(4000 + i),
+                            available_on_login=True,
+                        )
+                    ],
+                )
+            )
+        )
+        member = Agent(pr, agent_id)
+        await member.start()
+        team.append(member)
+    timings: dict[str, list[float]] = {
+        k: [] for k in ("handoff", "match", "offer", "accept", "call")
+    }
+    failures = 0
+
+    async def one(i: int) -> object:
+        nonlocal failures
+        t0 = time.perf_counter()
+        started = await cm.StartHandoff(
+            cm_pb2.StartHandoffRequest(
+                application_id="bank",
+                customer_id=f"c{i}",
+                context=C.ContextData(subject="mortgage", language="fr-FR"),
+            )
+        )
+        t1 = time.perf_counter()
+        call = rt.RouteInboundCall(
+            rt_pb2.RouteInboundCallRequest(call_id=f"call-{i}", dnis=started.access_number)
+        )
+        marks: dict[str, float] = {}
+        async for event in call:
+            marks[event.WhichOneof("event")] = time.perf_counter()
+        if "connect" not in marks:
+            failures += 1
+            return None
+        timings["handoff"].append(t1 - t0)
+        timings["match"].append(marks["match_decided"] - t1)
+        timings["offer"].append(marks["offered"] - marks["match_decided"])
+        timings["accept"].append(marks["connect"] - marks["offered"])
+        timings["call"].append(marks["connect"] - t1)
+        return None
+
+    started = time.perf_counter()
+    await measure("calls", one, handoffs, concurrency)
+    elapsed = time.perf_counter() - started
+    for member in team:
+        member.stop()
+    for channel in channels:
+        await channel.close()
+    if failures:
+        print(f"{failures} calls found no agent")
+    names = {
+        "handoff": "StartHandoff (app to number)",
+        "match": "call arrival to match decision",
+        "offer": "match decision to offer",
+        "accept": "offer to agent accepted (connect)",
+        "call": "call arrival to connect",
+    }
+    return [Result(names[k], len(v), elapsed, v) for k, v in timings.items()]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--handoffs", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--agents", type=int, default=16)
+    args = parser.parse_args()
+    asyncio.run(main(args.handoffs, args.concurrency, args.agents))
