@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen gen-check lint typecheck buflint test-deps test check up bench clean
+.PHONY: help setup gen gen-check lint typecheck buflint test-deps test check up demo bench clean
 
 help:
 	@echo "make up        set up and run etcd + the five services on this machine"
 	@echo "make check     set up and run every check and test (what CI runs)"
+	@echo "make demo      play the whole flow against a running \`make up\`"
 	@echo "make gen       regenerate gen/ from protos/"
 	@echo "make test      run the tests only"
 	@echo "make bench     run the benchmarks in bench/"
@@ -64,6 +65,9 @@ bench: setup
 
 up: setup
 	$(BIN)/accessline up
+
+demo: setup
+	$(BIN)/accessline demo
 
 clean:
 	rm -rf $(VENV) node_modules .accessline .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from services.numberdistribution import cli as numbers_cli
 from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd
@@ -130,11 +132,34 @@ def main(argv: list[str] | None = None) -> None:
     up_p.add_argument("--etcd-port", type=int, default=2379)
     up_p.add_argument("--etcd-peer-port", type=int, default=2380)
     up_p.add_argument("--host", default="127.0.0.1")
+    demo_p = sub.add_parser(
+        "demo", help="play the whole call-matching path against running services"
+    )
+    demo_p.add_argument("--calls", type=int, default=60)
+    demo_p.add_argument("--agents", type=int, default=8)
+    demo_p.add_argument("--concurrency", type=int, default=6)
+    demo_p.add_argument("--numbers", default="127.0.0.1:50051", help="NumberDistribution address")
+    demo_p.add_argument("--matching", default="127.0.0.1:50052", help="CallMatching address")
+    demo_p.add_argument("--routing", default="127.0.0.1:50053", help="Routing address")
+    demo_p.add_argument("--presence", default="127.0.0.1:50054", help="Presence address")
     numbers_p = sub.add_parser("numbers", help="administer access number pools")
     numbers_cli.add_arguments(numbers_p)
     args = parser.parse_args(argv)
     if args.command == "numbers":
         sys.exit(numbers_cli.run(args))
+    if args.command == "demo":
+        from services.demo import Addresses, play
+
+        addresses = Addresses(args.numbers, args.matching, args.routing, args.presence)
+        try:
+            asyncio.run(play(addresses, args.calls, args.agents, args.concurrency))
+        except grpc.aio.AioRpcError as error:
+            print(
+                f"accessline demo: {error.code().name}: {error.details()} (is `make up` running?)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        return
     if args.command == "serve":
         serve(args.service)
     elif args.command == "up":
