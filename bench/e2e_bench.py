@@ -30,60 +30,10 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from bench.common import Result, embedded_etcd, measure, print_table, service_process
+from services.demo import SimulatedAgent, Tally
 from services.presence.settings import DEVELOPMENT_SECRET
-from services.presence.tokens import agent_token
 
 C = common_pb2
-
-
-class Agent:
-    """An agent app that accepts every offer and ends the interaction once connected."""
-
-    def __init__(self, stub: Any, agent_id: str) -> None:
-        self.agent_id = agent_id
-        self.outbox: asyncio.Queue[pr_pb2.ConnectRequest | None] = asyncio.Queue()
-        self.call = stub.Connect(self._requests())
-        self.task: asyncio.Task[None] | None = None
-
-    async def _requests(self) -> Any:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-    async def start(self) -> None:
-        token = agent_token(DEVELOPMENT_SECRET.encode(), self.agent_id)
-        self.outbox.put_nowait(
-            pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id, auth_token=token))
-        )
-        assert (await self.call.read()).HasField("snapshot")
-        self.task = asyncio.create_task(self._serve())
-
-    async def _serve(self) -> None:
-        interactions: dict[str, str] = {}
-        while (reply := await self.call.read()) is not grpc.aio.EOF:
-            kind = reply.WhichOneof("message")
-            if kind == "offer":
-                interactions[reply.offer.offer_id] = reply.offer.interaction_id
-                self.outbox.put_nowait(
-                    pr_pb2.ConnectRequest(
-                        offer_response=pr_pb2.OfferResponse(
-                            offer_id=reply.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
-                        )
-                    )
-                )
-            elif kind == "offer_response_recorded":
-                interaction = interactions.pop(reply.offer_response_recorded.offer_id, "")
-                if interaction:
-                    # The call is connected: wrap up at once, ready for the next one.
-                    self.outbox.put_nowait(
-                        pr_pb2.ConnectRequest(
-                            end_interaction=pr_pb2.EndInteraction(interaction_id=interaction)
-                        )
-                    )
-
-    def stop(self) -> None:
-        self.outbox.put_nowait(None)
-        if self.task is not None:
-            self.task.cancel()
 
 
 async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
@@ -192,7 +142,9 @@ async def drive(
                 )
             )
         )
-        member = Agent(pr, agent_id)
+        member = SimulatedAgent(
+            pr, agent_id, Tally(), decline=0.0, ignore=0.0, secret=DEVELOPMENT_SECRET
+        )
         await member.start()
         team.append(member)
     timings: dict[str, list[float]] = {
