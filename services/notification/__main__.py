@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from services.notification.domain import Notifications, Policy, Provider, Worker
@@ -11,6 +13,13 @@ from services.notification.providers import Apns, Fcm
 from services.notification.servicer import NotificationServicer
 from services.notification.settings import NotificationSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+log = logging.getLogger("accessline.notification")
+
+
+def present(path: str) -> bool:
+    """A credential file is configured and there (read once, at start)."""
+    return bool(path) and Path(path).is_file()
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
@@ -23,7 +32,17 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         backoff_base=settings.delivery_backoff_seconds,
     )
     providers: dict[int, Provider] = {}
-    if settings.apns_key_file:
+    # A configured credential file that is missing (an optional Secret not created)
+    # turns that provider off with a warning rather than stopping the service.
+    for name, path in (
+        ("APNs", settings.apns_key_file),
+        ("FCM", settings.fcm_service_account_file),
+    ):
+        if path and not Path(path).is_file():
+            log.warning(
+                "%s credentials not found; %s is off", name, name, extra={"fields": {"path": path}}
+            )
+    if settings.apns_key_file and Path(settings.apns_key_file).is_file():
         providers[notification_pb2.PLATFORM_APNS] = Apns(
             settings.apns_url,
             settings.apns_key_file,
@@ -32,7 +51,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             settings.apns_topic,
             settings.push_ca_file,
         )
-    if settings.fcm_service_account_file:
+    if present(settings.fcm_service_account_file):
         providers[notification_pb2.PLATFORM_FCM] = Fcm(
             settings.fcm_url, settings.fcm_service_account_file, settings.push_ca_file
         )
