@@ -38,11 +38,11 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         ("APNs", settings.apns_key_file),
         ("FCM", settings.fcm_service_account_file),
     ):
-        if path and not Path(path).is_file():
+        if path and not present(path):
             log.warning(
                 "%s credentials not found; %s is off", name, name, extra={"fields": {"path": path}}
             )
-    if settings.apns_key_file and Path(settings.apns_key_file).is_file():
+    if present(settings.apns_key_file):
         providers[notification_pb2.PLATFORM_APNS] = Apns(
             settings.apns_url,
             settings.apns_key_file,
