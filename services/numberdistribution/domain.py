@@ -554,8 +554,9 @@ class NumberDistribution:
                     )
                 ]
             )
-        # Leases granted for this request, by TTL; the one a reservation used is kept.
-        leases: dict[int, int] = {}
+        # Leases granted for this request, by TTL, with the time just before each grant;
+        # the one a reservation used is kept.
+        leases: dict[int, tuple[int, float]] = {}
         used: set[int] = set()
         failed: list[str] = []
         try:
@@ -589,7 +590,7 @@ class NumberDistribution:
                     return made
                 failed.append(state.pool.pool_id)
         finally:
-            for lease in leases.values():
+            for lease, _ in leases.values():
                 if lease not in used:
                     await self._store.revoke_lease(lease)
             for pool_id in failed:
@@ -617,7 +618,7 @@ class NumberDistribution:
         self,
         state: PoolState,
         request: ReserveRequest,
-        leases: dict[int, int],
+        leases: dict[int, tuple[int, float]],
         used: set[int],
         *,
         share: bool,
@@ -646,9 +647,11 @@ class NumberDistribution:
                 self._view.mark_taken(pool.pool_id, value)
                 continue
             if lease_ttl not in leases:
-                leases[lease_ttl] = await self._store.grant_lease(lease_ttl)
-            lease = leases[lease_ttl]
-            now = self._clock()
+                before = self._clock()
+                leases[lease_ttl] = (await self._store.grant_lease(lease_ttl), before)
+            # Expiry counts from just before the grant, so the lease (and with it the
+            # number's rest) never ends before the recorded expiry plus quarantine.
+            lease, now = leases[lease_ttl]
             reservation_id = "r" + secrets.token_urlsafe(15)
             code = self._codes.new_code(code_length(pool)) if wants_code else ""
             code_hash = self._codes.hash(value, code) if code else b""
