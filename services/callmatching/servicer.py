@@ -15,12 +15,6 @@ from services.runtime.validation import Violations
 
 Context = Any
 MAX_DAY = 24 * 3600.0
-DTMF = set("0123456789*#")
-
-
-def _check_dtmf(v: Violations, field: str, digits: str) -> None:
-    if len(digits) > 32 or any(c not in DTMF for c in digits):
-        v.add(field, "must be at most 32 characters of 0-9, * and #")
 
 
 def _us(ts: Any, present: bool) -> int | None:
@@ -121,7 +115,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         v.id("call_id", request.call_id, long=True)
         v.text("dnis", request.dnis, 256, required=True)
         v.text("ani", request.ani, 256)
-        _check_dtmf(v, "dtmf_digits", request.dtmf_digits)
+        v.dtmf("dtmf_digits", request.dtmf_digits)
         v.region("default_region", request.default_region)
         v.raise_if_any()
         arrived = (

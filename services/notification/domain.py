@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from google.protobuf import empty_pb2, timestamp_pb2
 from opentelemetry import metrics
@@ -558,8 +558,3 @@ class Worker:
             )
         finally:
             await self._store.delete(claim)
-
-
-def payload_of(notification: nt_pb2.Notification) -> dict[str, Any]:
-    """What leaves for a device (for tests and logs of shape): ids and display text."""
-    return {"title": notification.title, "body": notification.body, "data": dict(notification.data)}

@@ -209,10 +209,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         v.text("dialled_number", request.dialled_number, 256, required=True)
         v.region("default_region", request.default_region)
-        if len(request.dtmf_digits) > 32 or any(
-            c not in "0123456789*#" for c in request.dtmf_digits
-        ):
-            v.add("dtmf_digits", "must be at most 32 characters of 0-9, * and #")
+        v.dtmf("dtmf_digits", request.dtmf_digits)
         v.raise_if_any()
         found = await self._domain.resolve(
             request.dialled_number, request.default_region, request.dtmf_digits

@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ from services.runtime.errors import (
 )
 from services.runtime.store import (
     Compare,
+    Entry,
     EventKind,
     KeptLease,
     Op,
@@ -684,6 +684,14 @@ class AgentSession:
             )
 
     async def _answer(self, response: pr_pb2.OfferResponse) -> None:
+        if response.decision not in (pr_pb2.OFFER_DECISION_ACCEPT, pr_pb2.OFFER_DECISION_DECLINE):
+            raise InvalidArgument(
+                [FieldViolation("offer_response.decision", "must be ACCEPT or DECLINE")]
+            )
+        if not response.offer_id or len(response.offer_id) > 64:
+            raise InvalidArgument(
+                [FieldViolation("offer_response.offer_id", "must be 1 to 64 characters")]
+            )
         entry = await self.store.get(
             keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
         )
@@ -703,9 +711,11 @@ class AgentSession:
                 else "UNKNOWN",
             },
         ):
-            await self._answer_offer(response)
+            await self._answer_offer(response, entry)
 
-    async def _answer_offer(self, response: pr_pb2.OfferResponse) -> None:
+    async def _answer_offer(
+        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
+    ) -> None:
         def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
             self.send(
                 pr_pb2.ConnectResponse(
@@ -715,17 +725,6 @@ class AgentSession:
                 )
             )
 
-        if response.decision not in (pr_pb2.OFFER_DECISION_ACCEPT, pr_pb2.OFFER_DECISION_DECLINE):
-            raise InvalidArgument(
-                [FieldViolation("offer_response.decision", "must be ACCEPT or DECLINE")]
-            )
-        if not response.offer_id or len(response.offer_id) > 64:
-            raise InvalidArgument(
-                [FieldViolation("offer_response.offer_id", "must be 1 to 64 characters")]
-            )
-        entry = await self.store.get(
-            keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
-        )
         if entry is None:
             refuse(pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
             return
@@ -923,10 +922,3 @@ class Sessions:
                 await asyncio.wait_for(
                     stopping.wait(), min(1.0, self._limits.heartbeat_timeout / 4)
                 )
-
-
-def lease_ttl_note(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
-
-
-Clock = Callable[[], float]

@@ -13,7 +13,6 @@ from services.routing.domain import Router
 from services.runtime.validation import Violations
 
 Context = Any
-DTMF = set("0123456789*#")
 
 
 class RoutingServicer(rt_grpc.RoutingServiceServicer):
@@ -29,8 +28,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         v.id("call_id", request.call_id, long=True)
         v.text("dnis", request.dnis, 256, required=True)
         v.text("ani", request.ani, 256)
-        if len(request.dtmf_digits) > 32 or any(c not in DTMF for c in request.dtmf_digits):
-            v.add("dtmf_digits", "must be at most 32 characters of 0-9, * and #")
+        v.dtmf("dtmf_digits", request.dtmf_digits)
         v.raise_if_any()
         async for event in self._router.route(request):
             yield event

@@ -71,6 +71,10 @@ class Violations:
             self.add(field, f"must be between {minimum:g} and {maximum:g} seconds")
         return seconds
 
+    def dtmf(self, field: str, digits: str) -> None:
+        if len(digits) > 32 or any(c not in "0123456789*#" for c in digits):
+            self.add(field, "must be at most 32 characters of 0-9, * and #")
+
     def region(self, field: str, value: str) -> None:
         if value and not REGION.match(value):
             self.add(field, "must be an ISO 3166-1 alpha-2 code in capitals, for example FR")
