@@ -1,19 +1,16 @@
-"""Every service starts as its own process, reports health per service, serves
-reflection, and answers UNIMPLEMENTED (with error details) for RPCs not served yet."""
+"""Every service starts as its own process, reports health per service and serves
+reflection."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from accessline.callmatching.v1 import call_matching_pb2
 from accessline.notification.v1 import notification_pb2
@@ -94,48 +91,3 @@ async def test_reflection_lists_the_service_and_describes_every_method(
         m.name for f in files for s in f.service if s.name == SERVICES[name].name for m in s.method
     }
     assert methods == {m.name for m in SERVICES[name].methods}
-
-
-def _servicer_class(name: str) -> type:
-    module = importlib.import_module(f"services.{name}.servicer")
-    return next(
-        value
-        for attr, value in vars(module).items()
-        if attr.endswith("Servicer")
-        and isinstance(value, type)
-        and value.__module__ == module.__name__
-    )
-
-
-@pytest.mark.parametrize("name", list(SERVICES))
-async def test_rpcs_not_served_yet_answer_unimplemented_with_error_info(
-    running: dict[str, ServiceProcess], name: str
-) -> None:
-    service = SERVICES[name]
-    servicer = _servicer_class(name)
-    unserved = [
-        m
-        for m in service.methods
-        if not m.client_streaming and not m.server_streaming and m.name not in vars(servicer)
-    ]
-    if not unserved:
-        pytest.skip(f"every unary RPC of {name} is served")
-    method = unserved[0]
-    request_type = method.input_type._concrete_class
-    response_type = method.output_type._concrete_class
-    async with grpc.aio.insecure_channel(running[name].address) as channel:
-        call = channel.unary_unary(
-            f"/{service.full_name}/{method.name}",
-            request_serializer=request_type.SerializeToString,
-            response_deserializer=response_type.FromString,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call(request_type(), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    assert info.domain == "accessline"
-    assert info.reason == "NOT_IMPLEMENTED"
-    assert "Traceback" not in caught.value.details()

@@ -22,6 +22,7 @@ TYPED_FIELDS = (
     "service_request_id",
     "auth_token_ref",
     "app_screen",
+    "service_request_owner",
 )
 
 

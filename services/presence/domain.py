@@ -451,6 +451,8 @@ class AgentSession:
     delivered: set[str] = field(default_factory=set)
     replaced: bool = False
     resync_needed: asyncio.Event = field(default_factory=asyncio.Event)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -596,6 +598,25 @@ class AgentSession:
                     )
                 )
             )
+            if stored.cancel_reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT:
+                task = asyncio.get_running_loop().create_task(self._set_not_ready())
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+
+    async def _set_not_ready(self) -> None:
+        """Redirect on no answer: the agent let too many offers time out, so every channel
+        is set not ready until the agent makes it available again."""
+        for channel in self.state.channels:
+            if self.state.do_not_disturb:
+                channel.available_before_dnd = False
+            else:
+                channel.available = False
+        try:
+            await self._write()
+        except SessionEnded as ended:
+            self.send(ended)
+        except AccesslineError as exc:
+            log.warning("could not set agent %s not ready: %s", self.agent.agent_id, exc)
 
     # -- messages from the app --------------------------------------------------------
 
@@ -613,6 +634,10 @@ class AgentSession:
         )
 
     async def _write(self) -> None:
+        async with self.write_lock:
+            await self._write_locked()
+
+    async def _write_locked(self) -> None:
         self.state.updated_at.CopyFrom(_now_ts())
         assert self.lease is not None
         result = await self.store.txn(
@@ -766,54 +791,55 @@ class AgentSession:
             ):
                 refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
                 return
-        # An accept makes the agent busy in the same transaction, so whoever sees the
-        # accepted offer also sees the channel taken.
-        also: tuple[list[Compare], list[Op]] = ([], [])
-        busy = pr_store.StoredPresence()
-        if accept:
-            busy.CopyFrom(self.state)
-            for channel in busy.channels:
-                if channel.channel == channel_id:
-                    channel.active_interactions += 1
-            busy.interactions[stored.offer.interaction_id] = channel_id
-            busy.ClearField("idle_since")
-            busy.updated_at.CopyFrom(_now_ts())
-            assert self.lease is not None
-            presence_key = keys.presence(self.agent.agent_id)
-            also = (
-                [Compare.modified_at(presence_key, self.revision)],
-                [Op.put(presence_key, busy, self.lease.id)],
-            )
-        ok = await keys.set_offer_state(
-            self.store,
-            entry,
-            pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
-            accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
-            also=also,
-        )
-        if not ok:
-            refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
-            return
-        self.delivered.discard(response.offer_id)
-        self.send(
-            pr_pb2.ConnectResponse(
-                offer_response_recorded=pr_pb2.OfferResponseRecorded(
-                    offer_id=response.offer_id, decision=response.decision
+        async with self.write_lock:
+            # An accept makes the agent busy in the same transaction, so whoever sees the
+            # accepted offer also sees the channel taken.
+            also: tuple[list[Compare], list[Op]] = ([], [])
+            busy = pr_store.StoredPresence()
+            if accept:
+                busy.CopyFrom(self.state)
+                for channel in busy.channels:
+                    if channel.channel == channel_id:
+                        channel.active_interactions += 1
+                busy.interactions[stored.offer.interaction_id] = channel_id
+                busy.ClearField("idle_since")
+                busy.updated_at.CopyFrom(_now_ts())
+                assert self.lease is not None
+                presence_key = keys.presence(self.agent.agent_id)
+                also = (
+                    [Compare.modified_at(presence_key, self.revision)],
+                    [Op.put(presence_key, busy, self.lease.id)],
                 )
+            ok = await keys.set_offer_state(
+                self.store,
+                entry,
+                pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
+                accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
+                also=also,
             )
-        )
-        if accept:
-            fresh = await self.store.get(
-                keys.presence(self.agent.agent_id), pr_store.StoredPresence
-            )
-            if fresh is not None and fresh.value.agent_session_id == self.session_id:
-                self.state = fresh.value
-                self.revision = fresh.meta.mod_revision
+            if not ok:
+                refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
+                return
+            self.delivered.discard(response.offer_id)
             self.send(
                 pr_pb2.ConnectResponse(
-                    presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                    offer_response_recorded=pr_pb2.OfferResponseRecorded(
+                        offer_id=response.offer_id, decision=response.decision
+                    )
                 )
             )
+            if accept:
+                fresh = await self.store.get(
+                    keys.presence(self.agent.agent_id), pr_store.StoredPresence
+                )
+                if fresh is not None and fresh.value.agent_session_id == self.session_id:
+                    self.state = fresh.value
+                    self.revision = fresh.meta.mod_revision
+                self.send(
+                    pr_pb2.ConnectResponse(
+                        presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                    )
+                )
 
 
 class Sessions:

@@ -45,15 +45,15 @@ def offer(agent_id: str, offer_id: str) -> str:
     return f"{OFFERS}{agent_id}/{offer_id}"
 
 
-async def make_offer(
-    store: Store,
+def new_offer(
     agent_id: str,
     interaction_id: str,
     channel: common_pb2.Channel.ValueType,
     summary: presence_pb2.ContextSummary,
     timeout: float,
 ) -> pr_store.StoredOffer:
-    """Offers an interaction to an agent; the offer expires by itself after `timeout`."""
+    """An open offer due `timeout` seconds from now, carrying the current trace context
+    (write it under a lease of at least `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
     shown = presence_pb2.Offer(
         offer_id="o" + secrets.token_urlsafe(12),
@@ -64,7 +64,7 @@ async def make_offer(
     shown.deadline.FromNanoseconds(int(deadline * 1e9))
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    stored = pr_store.StoredOffer(
+    return pr_store.StoredOffer(
         offer=shown,
         agent_id=agent_id,
         state=pr_store.OFFER_STATE_OPEN,
@@ -72,8 +72,20 @@ async def make_offer(
             traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
         ),
     )
+
+
+async def make_offer(
+    store: Store,
+    agent_id: str,
+    interaction_id: str,
+    channel: common_pb2.Channel.ValueType,
+    summary: presence_pb2.ContextSummary,
+    timeout: float,
+) -> pr_store.StoredOffer:
+    """Offers an interaction to an agent; the offer expires by itself after `timeout`."""
+    stored = new_offer(agent_id, interaction_id, channel, summary, timeout)
     lease = await store.grant_lease(max(1, math.ceil(timeout + OFFER_MARGIN_SECONDS)))
-    await store.put(offer(agent_id, shown.offer_id), stored, lease)
+    await store.put(offer(agent_id, stored.offer.offer_id), stored, lease)
     return stored
 
 

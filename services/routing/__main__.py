@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Sequence
 
 from accessline.callmatching.v1 import call_matching_pb2_grpc
+from accessline.notification.v1 import notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
-from services.routing.domain import Router, Rules
+from services.routing.callbacks import Callbacks, NotifyRequests
+from services.routing.dispatch import Dispatcher
+from services.routing.domain import Router
+from services.routing.queue import Rules, parse_value_rules
 from services.routing.servicer import RoutingServicer
 from services.routing.settings import RoutingSettings
 from services.runtime.peers import PeerStub
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+
+def rules_from(settings: RoutingSettings) -> Rules:
+    return Rules(
+        offer_timeout=settings.routing_offer_timeout_seconds,
+        default_group=settings.routing_default_group,
+        skill_weight=settings.routing_skill_weight,
+        language_weight=settings.routing_language_weight,
+        proximity_weight=settings.routing_proximity_weight,
+        owner_wait=settings.routing_owner_wait_seconds,
+        no_answer_limit=settings.routing_no_answer_limit,
+        value_rules=parse_value_rules(settings.routing_value_rules),
+        default_value=settings.routing_default_value,
+        default_sla=settings.routing_default_sla_seconds,
+        priority_per_second=settings.routing_priority_per_second,
+        max_queue=settings.routing_max_queue_seconds,
+        average_handle=settings.routing_average_handle_seconds,
+        queue_update=settings.routing_queue_update_seconds,
+        dispatch_interval=settings.routing_dispatch_interval_seconds,
+        leader_lease=settings.routing_leader_lease_seconds,
+        hold=settings.routing_hold_seconds,
+        notify_max=settings.routing_notify_max_hours * 3600,
+        callback_max_attempts=settings.routing_callback_max_attempts,
+        callback_retry=settings.routing_callback_retry_seconds,
+        callback_retention=settings.routing_callback_retention_hours * 3600,
+    )
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
@@ -30,21 +63,43 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         "presence",
         timeout,
     )
-    router = Router(
-        context.store,
-        matching,
-        presence,
-        Rules(
-            offer_timeout=settings.routing_offer_timeout_seconds,
-            default_group=settings.routing_default_group,
-            skill_weight=settings.routing_skill_weight,
-            language_weight=settings.routing_language_weight,
+    notification = PeerStub(
+        notification_pb2_grpc.NotificationServiceStub(
+            context.channel(settings.notification_address)
         ),
-        meter=context.telemetry.meter("accessline.routing"),
+        "notification",
+        timeout,
     )
+    rules = rules_from(settings)
+    meter = context.telemetry.meter("accessline.routing")
+    replica = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    dispatcher: Dispatcher | None = None
+
+    def wake() -> None:
+        if dispatcher is not None:
+            dispatcher.wake()
+
+    callbacks = Callbacks(context.store, notification, rules, wake)
+    dispatcher = Dispatcher(
+        context.store,
+        presence,
+        matching,
+        notification,
+        rules,
+        replica,
+        on_accepted_callback=callbacks.accepted,
+        sweep=callbacks.sweep,
+        meter=meter,
+    )
+    router = Router(context.store, matching, presence, rules, wake, meter=meter)
+    dispatcher.start()
+    context.on_stop(router.close)
+    context.on_stop(dispatcher.stop)
     return [
         Registration(
-            servicer=RoutingServicer(router),  # type: ignore[abstract]  # queue and callback RPCs answer UNIMPLEMENTED
+            servicer=RoutingServicer(
+                router, callbacks, NotifyRequests(context.store, rules, wake), context.stopping
+            ),
             add_to_server=routing_pb2_grpc.add_RoutingServiceServicer_to_server,
             descriptor=routing_pb2.DESCRIPTOR.services_by_name["RoutingService"],
         )

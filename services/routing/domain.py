@@ -1,97 +1,42 @@
-"""The rules of routing an inbound call: have it matched, choose the treatment by the
-outcome, pick the best available agent of the right group (skills for the subject, the
-customer's language, longest idle), claim the agent's channel in etcd, offer the call
-through the agent's app and wait for the answer; a decline or a timeout moves on to the
-next agent. Whatever was claimed is released when the switch hangs up."""
+"""Routing an inbound call, as seen from the switch's stream: have the call matched,
+choose the treatment by the outcome, put the call in its group's queue in etcd and report
+its progress (queued with position and estimated wait, offered, connected, failed) until
+an agent accepts. The dispatch leader (dispatch.py) does the choosing and offering; the
+replica holding the stream owns the queue entry (under its own kept-alive lease), so a
+switch that hangs up, or a replica that dies, takes the call out of the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
-from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.presence import keys as pr_keys
 from services.routing import keys
+from services.routing.callbacks import interaction_for
+from services.routing.queue import VOICE, Rules, estimate, order, seconds, timestamp, waiting
 from services.runtime.errors import AccesslineError
-from services.runtime.store import EventKind, Store
+from services.runtime.store import Compare, EventKind, KeptLease, Op, Store
 
 log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
 
-C = common_pb2
-VOICE = (C.CHANNEL_DESK_VOICE, C.CHANNEL_MOBILE_VOICE, C.CHANNEL_EXTERNAL_PHONE)
-
-
-@dataclass
-class Rules:
-    offer_timeout: float
-    default_group: str
-    skill_weight: float
-    language_weight: float
-
-
-@dataclass
-class Candidate:
-    agent: pr_pb2.Agent
-    channel: common_pb2.Channel.ValueType
-    score: float
-    idle_since: float
-
-
-def rank(
-    agents: list[pr_pb2.Agent],
-    presence: dict[str, pr_pb2.AgentPresence],
-    context: common_pb2.ContextData,
-    rules: Rules,
-) -> list[Candidate]:
-    """Available agents with a free voice channel, best first: the subject's skill level,
-    then the customer's language (weighted), then who has been idle longest."""
-    out = []
-    for agent in agents:
-        shown = presence.get(agent.agent_id)
-        if shown is None:
-            continue
-        free = [
-            c.channel
-            for c in shown.channels
-            if c.channel in VOICE and c.presence == C.CHANNEL_PRESENCE_AVAILABLE
-        ]
-        if not free:
-            continue
-        channel = min(free, key=VOICE.index)
-        level = max((s.level for s in agent.skills if s.name == context.subject), default=0)
-        speaks = (
-            any(
-                lang.split("-")[0].lower() == context.language.split("-")[0].lower()
-                for lang in agent.languages
-            )
-            if context.language
-            else False
-        )
-        score = rules.skill_weight * level + rules.language_weight * speaks
-        idle = (
-            shown.idle_since.ToNanoseconds() / 1e9 if shown.HasField("idle_since") else time.time()
-        )
-        out.append(Candidate(agent, channel, score, idle))
-    return sorted(out, key=lambda c: (-c.score, c.idle_since, c.agent.agent_id))
+QI = rt_store.QueuedInteraction
 
 
 class Router:
-    """Routes inbound calls; safe to run as several replicas."""
+    """Holds the switch's streams; safe to run as several replicas."""
 
     def __init__(
         self,
@@ -99,44 +44,84 @@ class Router:
         matching: Any,
         presence: Any,
         rules: Rules,
+        wake: Callable[[], None] = lambda: None,
         meter: metrics.Meter | None = None,
     ) -> None:
         self._store = store
         self._matching = matching
         self._presence = presence
         self._rules = rules
+        self._wake = wake
+        self._lease: KeptLease | None = None
+        self._lease_lock = asyncio.Lock()
+        self._availability: dict[str, tuple[float, int, int]] = {}
         meter = meter or metrics.get_meter("accessline.routing")
-        self._offers = meter.create_counter(
-            "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
-        )
         self._to_accept = meter.create_histogram(
             "accessline.routing.call_to_accept.duration",
             unit="s",
             description="From the call's arrival to the agent's accept",
             explicit_bucket_boundaries_advisory=[
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1.0,
-                2.5,
-                5.0,
-                10.0,
-                20.0,
-                30.0,
-                60.0,
-                120.0,
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
             ],
+        )  # fmt: skip
+        self._queued = meter.create_up_down_counter(
+            "accessline.routing.calls_waiting",
+            unit="{call}",
+            description="Calls held by this replica's streams that wait for an agent",
         )
+
+    async def close(self) -> None:
+        if self._lease is not None:
+            self._store.stop_keep_alive(self._lease)
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(self._lease.id)
+
+    async def _replica_lease(self) -> int:
+        """The lease of this replica's calls, kept alive while the replica runs."""
+        async with self._lease_lock:
+            if self._lease is None or self._lease.lost.is_set():
+                ttl = max(5, self._rules.leader_lease)
+                lease_id = await self._store.grant_lease(ttl)
+                self._lease = await self._store.keep_alive(lease_id, ttl)
+            return self._lease.id
+
+    async def availability(self, group: str, channel: int = 0) -> tuple[int, int]:
+        """(available, logged in) agents of the group on voice channels (or `channel`),
+        cached for the queue update interval."""
+        key = f"{group}/{channel}"
+        cached = self._availability.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self._rules.queue_update:
+            return cached[1], cached[2]
+        answer = await self._presence.GetGroupAvailability(
+            pr_pb2.GetGroupAvailabilityRequest(resource_groups=[group])
+        )
+        available = staffed = 0
+        for found in answer.groups:
+            for ch in found.channels:
+                if (channel and ch.channel == channel) or (not channel and ch.channel in VOICE):
+                    available = max(available, ch.available_agents)
+                    staffed = max(staffed, ch.logged_in_agents)
+        self._availability[key] = (now, available, staffed)
+        return available, staffed
+
+    async def estimate_wait(self, group: str, channel: int) -> rt_pb2.EstimateWaitResponse:
+        entries, _ = await self._store.get_prefix(keys.queue(group), QI)
+        now = time.time()
+        length = sum(1 for e in entries if waiting(e.value, now))
+        available, staffed = await self.availability(group, channel)
+        answer = rt_pb2.EstimateWaitResponse(queue_length=length, available_agents=available)
+        answer.estimated_wait.FromNanoseconds(
+            int(estimate(length + 1, available, staffed, self._rules) * 1e9)
+        )
+        return answer
 
     async def route(
         self, request: rt_pb2.RouteInboundCallRequest
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         interaction_id = "i" + secrets.token_urlsafe(12)
         arrived = (
-            request.call_arrived_at.ToNanoseconds() / 1e9
-            if request.HasField("call_arrived_at")
-            else time.time()
+            seconds(request.call_arrived_at) if request.HasField("call_arrived_at") else time.time()
         )
 
         def event(**fields: Any) -> rt_pb2.RouteInboundCallResponse:
@@ -161,7 +146,14 @@ class Router:
             )
         else:
             treatment = rt_pb2.TREATMENT_IVR_AUTHENTICATE
-        group = matched.resource_group or self._rules.default_group
+        hold = None
+        if is_match and matched.customer_id:
+            hold = await self._store.get(keys.hold(matched.customer_id), rt_store.AgentHold)
+        group = (
+            hold.value.resource_group
+            if hold is not None
+            else matched.resource_group or self._rules.default_group
+        )
         yield event(
             match_decided=rt_pb2.MatchDecided(
                 outcome=matched.outcome,
@@ -179,143 +171,185 @@ class Router:
             )
             return
         context = matched.context if is_match else common_pb2.ContextData()
-        tried: set[str] = set()
-        while True:
-            listed = await self._presence.ListAgents(
-                pr_pb2.ListAgentsRequest(resource_group=group, page_size=500)
-            )
-            agents = [a for a in listed.agents if a.agent_id not in tried]
-            if not agents:
+        if hold is None:
+            _, staffed = await self.availability(group)
+            if staffed == 0:
                 yield event(
                     failed=rt_pb2.Failed(
                         reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
-                        message="no agent of the group is available",
+                        message="no agent of the group is logged in",
                     )
                 )
                 return
-            shown = await self._presence.GetPresence(
-                pr_pb2.GetPresenceRequest(agent_ids=[a.agent_id for a in agents])
-            )
-            candidates = rank(agents, {p.agent_id: p for p in shown.agents}, context, self._rules)
-            if not candidates:
-                yield event(
-                    failed=rt_pb2.Failed(
-                        reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
-                        message="no agent of the group is available",
-                    )
-                )
-                return
-            for candidate in candidates:
-                tried.add(candidate.agent.agent_id)
-                with tracer.start_as_current_span(
-                    "accessline.agent.claim",
-                    attributes={"accessline.agent": candidate.agent.agent_id},
-                ):
-                    claim = await self._claim(candidate, interaction_id, request.call_id)
-                if claim is None:
-                    continue
-                lease = claim
-                try:
-                    offer = await pr_keys.make_offer(
-                        self._store,
-                        candidate.agent.agent_id,
-                        interaction_id,
-                        candidate.channel,
-                        pr_pb2.ContextSummary(
-                            customer_display_name=context.attributes.get("display_name", ""),
-                            subject=context.subject,
-                            language=context.language,
-                            service_request_id=context.service_request_id,
-                        ),
-                        self._rules.offer_timeout,
-                    )
-                    yield event(
-                        offered=rt_pb2.Offered(
-                            agent_id=candidate.agent.agent_id,
-                            channel=candidate.channel,
-                            deadline=offer.offer.deadline,
-                        )
-                    )
-                    with tracer.start_as_current_span(
-                        "accessline.offer.wait",
-                        attributes={"accessline.agent": candidate.agent.agent_id},
-                    ) as waiting:
-                        answer = await self._answer(candidate.agent.agent_id, offer.offer.offer_id)
-                        result = (
-                            pr_store.OfferState.Name(answer.state)
-                            if answer is not None
-                            else "TIMED_OUT"
-                        )
-                        waiting.set_attribute("accessline.offer.result", result)
-                        self._offers.add(1, {"accessline.offer.result": result})
-                    if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
-                        self._to_accept.record(max(0.0, time.time() - arrived))
-                        channel = answer.accepted_channel or candidate.channel
-                        address = next(
-                            (c.address for c in candidate.agent.channels if c.channel == channel),
-                            "",
-                        )
-                        yield event(
-                            connect=rt_pb2.Connect(
-                                agent_id=candidate.agent.agent_id,
-                                channel=channel,
-                                address=address,
-                                context=context,
-                                session_id=matched.session_id,
-                            )
-                        )
-                        return
-                    if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
-                        await pr_keys.cancel_offer(
-                            self._store,
-                            candidate.agent.agent_id,
-                            offer.offer.offer_id,
-                            pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT,
-                        )
-                finally:
-                    # Accepted: Presence marked the channel busy in the same transaction,
-                    # so the claim has done its job. Otherwise (hang-up, decline,
-                    # timeout) the agent is free again at once.
-                    with contextlib.suppress(AccesslineError):
-                        await self._store.revoke_lease(lease)
-
-    async def _claim(self, candidate: Candidate, interaction_id: str, call_id: str) -> int | None:
-        """Holds a slot of the agent's channel for the time of the offer; returns the
-        claim's lease. After an accept the agent's presence shows the channel busy."""
-        capacity = next(
-            (c.capacity or 1 for c in candidate.agent.channels if c.channel == candidate.channel), 1
+        item = interaction_for(
+            interaction_id=interaction_id,
+            kind=rt_store.INTERACTION_KIND_CALL,
+            group=group,
+            context=context,
+            rules=self._rules,
+            now=arrived,
         )
-        lease = await self._store.grant_lease(max(1, math.ceil(self._rules.offer_timeout * 2 + 30)))
-        record = rt_store.AgentClaim(interaction_id=interaction_id, call_id=call_id)
-        for slot in range(capacity):
-            key = keys.claim(candidate.agent.agent_id, candidate.channel, slot)
-            if await self._store.create(key, record, lease) is not None:
-                return lease
-        await self._store.revoke_lease(lease)
-        return None
+        item.not_before.CopyFrom(timestamp(0))
+        item.call_id = request.call_id
+        item.session_id = matched.session_id
+        item.customer_id = matched.customer_id
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        item.trace.traceparent = carrier.get("traceparent", "")
+        item.trace.tracestate = carrier.get("tracestate", "")
+        key = keys.queued(group, interaction_id)
+        lease = await self._replica_lease()
+        created = False
+        if hold is not None:
+            # The agent held for this customer waits for this call alone; the hold's
+            # claim is dropped in the same transaction so the dispatcher can offer them.
+            item.preferred_agent_id = hold.value.agent_id
+            item.preferred_until.CopyFrom(
+                timestamp(
+                    time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
+                )
+            )
+            created = (
+                await self._store.txn(
+                    [Compare.modified_at(hold.key, hold.meta.mod_revision)],
+                    [
+                        Op.put(key, item, lease),
+                        Op.delete(hold.key),
+                        Op.delete(hold.value.claim_key),
+                    ],
+                )
+            ).succeeded
+            if not created:
+                item.ClearField("preferred_agent_id")
+                item.ClearField("preferred_until")
+        if not created:
+            await self._store.put(key, item, lease)
+        self._wake()
+        self._queued.add(1)
+        connected = False
+        try:
+            async for update in self._follow(key, group, arrived):
+                if update.WhichOneof("event") == "connect":
+                    connected = True
+                    update.connect.context.CopyFrom(context)
+                    update.connect.session_id = matched.session_id
+                update.interaction_id = interaction_id
+                yield update
+        finally:
+            self._queued.add(-1)
+            await asyncio.shield(self._leave(key, connected))
 
-    async def _answer(self, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
-        """The offer once it is no longer open, or None when it timed out or vanished."""
-        key = pr_keys.offer(agent_id, offer_id)
-        entry = await self._store.get(key, pr_store.StoredOffer)
+    async def _leave(self, key: str, connected: bool) -> None:
+        """Takes the call out of the queue; an offer still open is withdrawn."""
+        with contextlib.suppress(AccesslineError):
+            entry = await self._store.get(key, QI)
+            if entry is None:
+                return
+            await self._store.txn(
+                [Compare.modified_at(key, entry.meta.mod_revision)], [Op.delete(key)]
+            )
+            if not connected and entry.value.state == rt_store.INTERACTION_STATE_OFFERED:
+                offer = entry.value.offer
+                await pr_keys.cancel_offer(
+                    self._store,
+                    offer.agent_id,
+                    offer.offer_id,
+                    pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
+                )
+
+    async def _follow(
+        self, key: str, group: str, arrived: float
+    ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
+        """The call's progress as the queue entry changes, and its position refreshed
+        every queue update interval while it waits."""
+        entry = await self._store.get(key, QI)
         if entry is None:
-            return None
-        if entry.value.state != pr_store.OFFER_STATE_OPEN:
-            return entry.value
-        deadline = entry.value.offer.deadline.ToNanoseconds() / 1e9
+            yield self._lost()
+            return
+        changes: asyncio.Queue[QI | None] = asyncio.Queue()
 
-        async def follow() -> pr_store.StoredOffer | None:
+        async def watch() -> None:
             async for change in self._store.watch_prefix(key, entry.meta.mod_revision + 1):
                 if change.key != key:
                     continue
                 if change.kind == EventKind.DELETE:
-                    return None
-                value = change.decode(pr_store.StoredOffer)
-                if value.state != pr_store.OFFER_STATE_OPEN:
-                    return value
-            return None
+                    changes.put_nowait(None)
+                    return
+                changes.put_nowait(change.decode(QI))
 
+        watcher = asyncio.ensure_future(watch())
+        current: QI | None = entry.value
+        shown_queue: tuple[int, int] | None = None
+        shown_offer = ""
         try:
-            return await asyncio.wait_for(follow(), max(0.1, deadline - time.time()))
-        except TimeoutError:
-            return None
+            while True:
+                if current is None:
+                    yield self._lost()
+                    return
+                if current.state == rt_store.INTERACTION_STATE_CONNECTED:
+                    self._to_accept.record(max(0.0, time.time() - arrived))
+                    target = current.connected
+                    yield rt_pb2.RouteInboundCallResponse(
+                        connect=rt_pb2.Connect(
+                            agent_id=target.agent_id, channel=target.channel, address=target.address
+                        )
+                    )
+                    return
+                if current.state == rt_store.INTERACTION_STATE_OFFERED:
+                    if current.offer.offer_id != shown_offer:
+                        shown_offer = current.offer.offer_id
+                        shown_queue = None
+                        yield rt_pb2.RouteInboundCallResponse(
+                            offered=rt_pb2.Offered(
+                                agent_id=current.offer.agent_id,
+                                channel=current.offer.channel,
+                                deadline=current.offer.deadline,
+                            )
+                        )
+                elif current.state == rt_store.INTERACTION_STATE_QUEUED:
+                    position, wait = await self._position(group, current)
+                    if (position, wait) != shown_queue:
+                        shown_queue = (position, wait)
+                        queued = rt_pb2.Queued(position=position)
+                        queued.estimated_wait.FromSeconds(wait)
+                        yield rt_pb2.RouteInboundCallResponse(queued=queued)
+                left = self._rules.max_queue - (time.time() - arrived)
+                if left <= 0:
+                    yield rt_pb2.RouteInboundCallResponse(
+                        failed=rt_pb2.Failed(
+                            reason=rt_pb2.FAILURE_REASON_QUEUE_TIMEOUT,
+                            message="the call waited longer than the maximum queue time",
+                        )
+                    )
+                    return
+                timeout = min(left, self._rules.queue_update)
+                try:
+                    current = await asyncio.wait_for(changes.get(), timeout)
+                except TimeoutError:
+                    if watcher.done():
+                        watcher.result()
+                        current = None
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AccesslineError):
+                await watcher
+
+    @staticmethod
+    def _lost() -> rt_pb2.RouteInboundCallResponse:
+        return rt_pb2.RouteInboundCallResponse(
+            failed=rt_pb2.Failed(
+                reason=rt_pb2.FAILURE_REASON_UNAVAILABLE,
+                message="the call's place in the queue was lost (etcd lease ended)",
+            )
+        )
+
+    async def _position(self, group: str, item: QI) -> tuple[int, int]:
+        """The call's place in its group's queue (1 is next) and the estimated wait in
+        whole seconds."""
+        now = time.time()
+        entries, _ = await self._store.get_prefix(keys.queue(group), QI)
+        ready = [e.value for e in entries if waiting(e.value, now)]
+        ids = [i.interaction_id for i in order(ready, self._rules, now)]
+        position = ids.index(item.interaction_id) + 1 if item.interaction_id in ids else 1
+        available, staffed = await self.availability(group)
+        return position, round(estimate(position, available, staffed, self._rules))

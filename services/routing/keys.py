@@ -1,6 +1,15 @@
 """Routing's key layout in etcd.
 
-    rt/claims/{agent_id}/{channel}/{slot}   AgentClaim   (the claim's lease)
+    rt/claims/{agent_id}/{channel}/{slot}       AgentClaim         (the claim's lease)
+    rt/leader                                   Leader             (the leader's lease)
+    rt/queue/{group}/{interaction_id}           QueuedInteraction  (calls: the holding
+                                                                    replica's lease)
+    rt/notify/{request_id}                      NotifyRequest      (lease to its expiry)
+    rt/holds/{customer_id}                      AgentHold          (the hold claim's lease)
+    rt/callbacks/{callback_id}                  StoredCallback
+    rt/callback-owners/{group}/{customer_id}    CallbackOwner
+    rt/dials/{callback_id}                      PendingDial
+    rt/no-answer/{agent_id}                     NoAnswerCount
 
 An agent's channel has as many slots as its capacity; claiming one is a create-if-absent,
 so two Routing replicas never offer one agent more calls than the channel holds.
@@ -8,8 +17,51 @@ so two Routing replicas never offer one agent more calls than the channel holds.
 
 from __future__ import annotations
 
+ROOT = "rt/"
 CLAIMS = "rt/claims/"
+LEADER = "rt/leader"
+QUEUE = "rt/queue/"
+NOTIFY = "rt/notify/"
+HOLDS = "rt/holds/"
+CALLBACKS = "rt/callbacks/"
+DIALS = "rt/dials/"
 
 
 def claim(agent_id: str, channel: int, slot: int) -> str:
     return f"{CLAIMS}{agent_id}/{channel}/{slot}"
+
+
+def claims_of(agent_id: str) -> str:
+    return f"{CLAIMS}{agent_id}/"
+
+
+def queue(group: str) -> str:
+    return f"{QUEUE}{group}/"
+
+
+def queued(group: str, interaction_id: str) -> str:
+    return f"{QUEUE}{group}/{interaction_id}"
+
+
+def notify(request_id: str) -> str:
+    return NOTIFY + request_id
+
+
+def hold(customer_id: str) -> str:
+    return HOLDS + customer_id
+
+
+def callback(callback_id: str) -> str:
+    return CALLBACKS + callback_id
+
+
+def callback_owner(group: str, customer_id: str) -> str:
+    return f"rt/callback-owners/{group}/{customer_id}"
+
+
+def dial(callback_id: str) -> str:
+    return DIALS + callback_id
+
+
+def no_answer(agent_id: str) -> str:
+    return f"rt/no-answer/{agent_id}"

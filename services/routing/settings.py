@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from services.runtime.settings import ServiceSettings
 
@@ -36,3 +36,112 @@ class RoutingSettings(ServiceSettings):
     routing_language_weight: float = Field(
         default=5, ge=0, le=1000, description="Weight of speaking the customer's language."
     )
+    notification_address: str = Field(
+        default="127.0.0.1:50055", min_length=3, description="Notification's host:port."
+    )
+    routing_proximity_weight: float = Field(
+        default=2,
+        ge=0,
+        le=1000,
+        description="Weight of the agent's site being near the customer (full weight at "
+        "0 km, half at 500 km).",
+    )
+    routing_owner_wait_seconds: float = Field(
+        default=20,
+        ge=0,
+        le=600,
+        description="How long a call waits for the owner of its service request before any "
+        "agent may take it.",
+    )
+    routing_no_answer_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Offers in a row an agent may let time out before being set not ready "
+        "(0: never).",
+    )
+    routing_value_rules: str = Field(
+        default="[]",
+        description="Business value rules, a JSON list tried in order; the first whose "
+        "fields all match sets the value and SLA, e.g. "
+        '[{"segment": "gold", "subject": "mortgage", "value": 50, "sla_seconds": 20}]. '
+        "Match fields: channel (DESK_VOICE, ...), segment, subject, kind (CALL, CALLBACK).",
+    )
+    routing_default_value: float = Field(
+        default=10, ge=0, le=1_000_000, description="Business value when no rule matches."
+    )
+    routing_default_sla_seconds: float = Field(
+        default=60, gt=0, le=86_400, description="SLA target when no rule matches."
+    )
+    routing_priority_per_second: float = Field(
+        default=1,
+        ge=0,
+        le=1_000_000,
+        description="How fast priority rises per second waited past the SLA target.",
+    )
+    routing_max_queue_seconds: float = Field(
+        default=1800,
+        ge=1,
+        le=86_400,
+        description="A call waiting longer fails with QUEUE_TIMEOUT.",
+    )
+    routing_average_handle_seconds: float = Field(
+        default=240,
+        gt=0,
+        le=86_400,
+        description="Average handle time used by wait estimates.",
+    )
+    routing_queue_update_seconds: float = Field(
+        default=2,
+        gt=0,
+        le=60,
+        description="How often a waiting call's position and estimate are refreshed.",
+    )
+    routing_dispatch_interval_seconds: float = Field(
+        default=1,
+        gt=0,
+        le=60,
+        description="The dispatch loop runs at least this often (priorities rise with time).",
+    )
+    routing_leader_lease_seconds: int = Field(
+        default=5,
+        ge=2,
+        le=60,
+        description="TTL of the dispatch leader's lease: another replica takes over within "
+        "about this long after the leader dies.",
+    )
+    routing_hold_seconds: float = Field(
+        default=120,
+        ge=1,
+        le=3600,
+        description="How long an agent is held for a customer told an agent is available.",
+    )
+    routing_notify_max_hours: float = Field(
+        default=4,
+        gt=0,
+        le=72,
+        description="A notify-when-available request ends by itself after this long.",
+    )
+    routing_callback_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Dial attempts of a callback."
+    )
+    routing_callback_retry_seconds: float = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="Wait between a failed callback dial and the next attempt.",
+    )
+    routing_callback_retention_hours: float = Field(
+        default=24,
+        gt=0,
+        le=720,
+        description="How long a finished callback can still be read.",
+    )
+
+    @field_validator("routing_value_rules")
+    @classmethod
+    def _value_rules(cls, value: str) -> str:
+        from services.routing.queue import parse_value_rules
+
+        parse_value_rules(value)
+        return value

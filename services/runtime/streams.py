@@ -14,6 +14,7 @@ async def until(source: AsyncIterator[T], stopping: asyncio.Event) -> AsyncItera
     """Items from `source` until `stopping` is set."""
     iterator = source.__aiter__()
     stop = asyncio.ensure_future(stopping.wait())
+    step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
@@ -29,5 +30,11 @@ async def until(source: AsyncIterator[T], stopping: asyncio.Event) -> AsyncItera
                 return
     finally:
         stop.cancel()
+        if step is not None and not step.done():
+            # The caller went away (a cancelled RPC) while the source was producing: stop
+            # the source too, so its own cleanup runs now rather than never.
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await asyncio.shield(asyncio.wait({step}))
         with contextlib.suppress(AttributeError, RuntimeError):
             await iterator.aclose()  # type: ignore[attr-defined]

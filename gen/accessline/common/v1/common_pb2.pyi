@@ -261,6 +261,7 @@ class ContextData(_message.Message):
     AUTH_TOKEN_REF_FIELD_NUMBER: _builtins.int
     APP_SCREEN_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    SERVICE_REQUEST_OWNER_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Why the customer calls, in the operator's vocabulary (for example "mortgage").
     Drives the choice of number pool and of agent skills.
@@ -279,6 +280,11 @@ class ContextData(_message.Message):
     """
     app_screen: _builtins.str
     """The screen of the app the customer was on when asking for a call."""
+    service_request_owner: _builtins.str
+    """The agent who owns the service request, when the app's backend knows it (an agent
+    id of Presence). Routing offers the call to this agent first when they are
+    available, and waits for them a configured time before widening.
+    """
     @_builtins.property
     def location(self) -> Global___GeoPoint:
         """Where the device was when the handoff was requested. Unset when the app does not
@@ -300,10 +306,11 @@ class ContextData(_message.Message):
         auth_token_ref: _builtins.str = ...,
         app_screen: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        service_request_owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_screen", b"app_screen", "attributes", b"attributes", "auth_token_ref", b"auth_token_ref", "customer_segment", b"customer_segment", "language", b"language", "location", b"location", "service_request_id", b"service_request_id", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_screen", b"app_screen", "attributes", b"attributes", "auth_token_ref", b"auth_token_ref", "customer_segment", b"customer_segment", "language", b"language", "location", b"location", "service_request_id", b"service_request_id", "service_request_owner", b"service_request_owner", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,10 @@ class _OfferCancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Off
     """The caller hung up or routing withdrew it."""
     OFFER_CANCEL_REASON_SESSION_ENDED: _OfferCancelReason.ValueType  # 3
     """The agent's session ended."""
+    OFFER_CANCEL_REASON_NO_ANSWER_LIMIT: _OfferCancelReason.ValueType  # 4
+    """Its deadline passed and the agent let the configured number of offers in a row time
+    out: Presence sets the agent's channels not ready (redirect on no answer).
+    """
 
 class OfferCancelReason(_OfferCancelReason, metaclass=_OfferCancelReasonEnumTypeWrapper):
     """Why an offer was withdrawn."""
@@ -71,6 +75,10 @@ OFFER_CANCEL_REASON_WITHDRAWN: OfferCancelReason.ValueType  # 2
 """The caller hung up or routing withdrew it."""
 OFFER_CANCEL_REASON_SESSION_ENDED: OfferCancelReason.ValueType  # 3
 """The agent's session ended."""
+OFFER_CANCEL_REASON_NO_ANSWER_LIMIT: OfferCancelReason.ValueType  # 4
+"""Its deadline passed and the agent let the configured number of offers in a row time
+out: Presence sets the agent's channels not ready (redirect on no answer).
+"""
 Global___OfferCancelReason: _TypeAlias = OfferCancelReason  # noqa: Y015
 
 class _OfferRefusal:

@@ -463,7 +463,16 @@ Global___EstimateWaitResponse: _TypeAlias = EstimateWaitResponse  # noqa: Y015
 
 @_typing.final
 class RequestNotifyWhenAvailableRequest(_message.Message):
-    """Request of RequestNotifyWhenAvailable."""
+    """Request of RequestNotifyWhenAvailable.
+
+    When an agent of the group is free and no waiting call needs them, Routing holds the
+    agent, starts the handoff below with CallMatching (which has NumberDistribution reserve
+    a number and code for the time of the hold) and pushes "an agent is available" to the
+    customer's devices with only the request id. The app then calls
+    CallMatching.StartHandoff with `idempotency_key` = the request id: it gets the same
+    number and code (over the data channel, never in the push), and the call it places is
+    offered to the held agent first. A hold the customer does not use releases the agent.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -471,14 +480,24 @@ class RequestNotifyWhenAvailableRequest(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The handoff session of the customer."""
+    """The handoff session the customer was in when asking, if any; echoed in the push
+    data for the app. May be empty.
+    """
     customer_id: _builtins.str
-    """The customer, for the notification."""
+    """The customer, for the notification. Required."""
     resource_group: _builtins.str
-    """The group whose agent is wanted."""
+    """The group whose agent is wanted. Required."""
     channel: _common_pb2.Channel.ValueType
     """The channel wanted. Unset: desk voice."""
+    @_builtins.property
+    def handoff(self) -> _call_matching_pb2.StartHandoffRequest:
+        """The handoff to start when an agent is held: application, context and device
+        abilities. Its customer_id is this request's; its idempotency_key and ttl are set by
+        Routing (the request id, the hold time).
+        """
+
     def __init__(
         self,
         *,
@@ -486,10 +505,11 @@ class RequestNotifyWhenAvailableRequest(_message.Message):
         customer_id: _builtins.str = ...,
         resource_group: _builtins.str = ...,
         channel: _common_pb2.Channel.ValueType = ...,
+        handoff: _call_matching_pb2.StartHandoffRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["handoff", b"handoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "customer_id", b"customer_id", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "customer_id", b"customer_id", "handoff", b"handoff", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,16 +522,22 @@ class RequestNotifyWhenAvailableResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Id of the request."""
+    """Id of the request; also the idempotency key of the handoff Routing starts."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The request ends by itself at this time if no agent became free."""
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,6 +647,7 @@ class RequestCallbackRequest(_message.Message):
     LATEST_FIELD_NUMBER: _builtins.int
     RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The handoff session whose context goes with the callback."""
     customer_id: _builtins.str
@@ -639,6 +666,12 @@ class RequestCallbackRequest(_message.Message):
     def latest(self) -> _timestamp_pb2.Timestamp:
         """Not after this time."""
 
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """The context handed to the agent with the callback (limits of ContextData). May hold
+        personal data: never logged.
+        """
+
     def __init__(
         self,
         *,
@@ -649,10 +682,11 @@ class RequestCallbackRequest(_message.Message):
         latest: _timestamp_pb2.Timestamp | None = ...,
         resource_group: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        context: _common_pb2.ContextData | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["earliest", b"earliest", "latest", b"latest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "earliest", b"earliest", "latest", b"latest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "earliest", b"earliest", "idempotency_key", b"idempotency_key", "latest", b"latest", "phone_number", b"phone_number", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "customer_id", b"customer_id", "earliest", b"earliest", "idempotency_key", b"idempotency_key", "latest", b"latest", "phone_number", b"phone_number", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,8 +3,15 @@
 isort:skip_file
 """
 
+from accessline.common.v1 import common_pb2 as _common_pb2
+from accessline.presence.v1 import presence_pb2 as _presence_pb2
+from accessline.routing.v1 import routing_pb2 as _routing_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +22,58 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _InteractionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InteractionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InteractionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERACTION_KIND_UNSPECIFIED: _InteractionKind.ValueType  # 0
+    """Not set."""
+    INTERACTION_KIND_CALL: _InteractionKind.ValueType  # 1
+    """An inbound call held by a RouteInboundCall stream."""
+    INTERACTION_KIND_CALLBACK: _InteractionKind.ValueType  # 2
+    """A callback the customer asked for."""
+
+class InteractionKind(_InteractionKind, metaclass=_InteractionKindEnumTypeWrapper):
+    """What is waiting for an agent."""
+
+INTERACTION_KIND_UNSPECIFIED: InteractionKind.ValueType  # 0
+"""Not set."""
+INTERACTION_KIND_CALL: InteractionKind.ValueType  # 1
+"""An inbound call held by a RouteInboundCall stream."""
+INTERACTION_KIND_CALLBACK: InteractionKind.ValueType  # 2
+"""A callback the customer asked for."""
+Global___InteractionKind: _TypeAlias = InteractionKind  # noqa: Y015
+
+class _InteractionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InteractionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InteractionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTERACTION_STATE_UNSPECIFIED: _InteractionState.ValueType  # 0
+    """Not set."""
+    INTERACTION_STATE_QUEUED: _InteractionState.ValueType  # 1
+    """Waiting for an agent."""
+    INTERACTION_STATE_OFFERED: _InteractionState.ValueType  # 2
+    """Offered to an agent, waiting for the answer."""
+    INTERACTION_STATE_CONNECTED: _InteractionState.ValueType  # 3
+    """An agent accepted (calls only: the stream reads it and ends the interaction)."""
+
+class InteractionState(_InteractionState, metaclass=_InteractionStateEnumTypeWrapper):
+    """Where an interaction is."""
+
+INTERACTION_STATE_UNSPECIFIED: InteractionState.ValueType  # 0
+"""Not set."""
+INTERACTION_STATE_QUEUED: InteractionState.ValueType  # 1
+"""Waiting for an agent."""
+INTERACTION_STATE_OFFERED: InteractionState.ValueType  # 2
+"""Offered to an agent, waiting for the answer."""
+INTERACTION_STATE_CONNECTED: InteractionState.ValueType  # 3
+"""An agent accepted (calls only: the stream reads it and ends the interaction)."""
+Global___InteractionState: _TypeAlias = InteractionState  # noqa: Y015
 
 @_typing.final
 class AgentClaim(_message.Message):
@@ -46,3 +105,470 @@ class AgentClaim(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentClaim: _TypeAlias = AgentClaim  # noqa: Y015
+
+@_typing.final
+class Leader(_message.Message):
+    """The dispatch leader. Key: `rt/leader`, bound to the leader replica's kept-alive lease;
+    its create revision fences every write the leader makes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """The replica that leads."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Since when."""
+
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica_id", b"replica_id", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Leader: _TypeAlias = Leader  # noqa: Y015
+
+@_typing.final
+class OfferInFlight(_message.Message):
+    """The offer in flight for an interaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    CLAIM_LEASE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel offered on."""
+    offer_id: _builtins.str
+    """The offer's id in Presence."""
+    claim_lease: _builtins.int
+    """The lease of the agent's claim, revoked once the offer is answered."""
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The answer is due before this time."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        offer_id: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        claim_lease: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channel", b"channel", "claim_lease", b"claim_lease", "deadline", b"deadline", "offer_id", b"offer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferInFlight: _TypeAlias = OfferInFlight  # noqa: Y015
+
+@_typing.final
+class ConnectTarget(_message.Message):
+    """Who took the interaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel the agent accepted on."""
+    address: _builtins.str
+    """The agent's address on that channel."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectTarget: _TypeAlias = ConnectTarget  # noqa: Y015
+
+@_typing.final
+class QueuedInteraction(_message.Message):
+    """One interaction waiting for, or being offered to, an agent. Key:
+    `rt/queue/{resource_group}/{interaction_id}`. A call's entry is bound to the lease of
+    the Routing replica holding the switch's stream (it vanishes with the call); a
+    callback's entry has no lease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_SEGMENT_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    PREFERRED_AGENT_ID_FIELD_NUMBER: _builtins.int
+    PREFERRED_UNTIL_FIELD_NUMBER: _builtins.int
+    BUSINESS_VALUE_FIELD_NUMBER: _builtins.int
+    SLA_TARGET_SECONDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TRIED_AGENT_IDS_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    RETRY_TRIED_AFTER_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    interaction_id: _builtins.str
+    """Id (a callback's entry uses the callback id)."""
+    kind: Global___InteractionKind.ValueType
+    """Call or callback."""
+    resource_group: _builtins.str
+    """The group."""
+    channel: _common_pb2.Channel.ValueType
+    """The media channel wanted."""
+    subject: _builtins.str
+    """What agent selection looks at (copied from the context)."""
+    language: _builtins.str
+    """The customer's language."""
+    customer_segment: _builtins.str
+    """The customer's segment."""
+    preferred_agent_id: _builtins.str
+    """An agent to wait for before widening: the service request's owner, or the agent
+    held for this customer.
+    """
+    business_value: _builtins.float
+    """Business value, fixed at creation by the value rules."""
+    sla_target_seconds: _builtins.float
+    """The SLA target in seconds; past it the priority rises."""
+    state: Global___InteractionState.ValueType
+    """Where it is."""
+    call_id: _builtins.str
+    """The switch's call (calls)."""
+    session_id: _builtins.str
+    """The merged handoff session, when matched."""
+    customer_id: _builtins.str
+    """The customer, when known."""
+    @_builtins.property
+    def location(self) -> _common_pb2.GeoPoint:
+        """The customer's location, for proximity."""
+
+    @_builtins.property
+    def preferred_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when the preferred agent is waited for."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the interaction was created (its age counts from here)."""
+
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Not dispatched before this time (a callback's window or retry)."""
+
+    @_builtins.property
+    def tried_agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents who declined or let the offer time out, tried last."""
+
+    @_builtins.property
+    def offer(self) -> Global___OfferInFlight:
+        """The offer in flight (state OFFERED)."""
+
+    @_builtins.property
+    def connected(self) -> Global___ConnectTarget:
+        """Who accepted (state CONNECTED)."""
+
+    @_builtins.property
+    def summary(self) -> _presence_pb2.ContextSummary:
+        """What the agent's app shows with the offer."""
+
+    @_builtins.property
+    def retry_tried_after(self) -> _timestamp_pb2.Timestamp:
+        """Agents already tried may be offered it again from this time on."""
+
+    @_builtins.property
+    def trace(self) -> _common_pb2.TraceContext:
+        """W3C trace context of the call, so the dispatch leader's claim and offer join its
+        trace.
+        """
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Dropped from the queue at this time (a callback's window end); unset for calls,
+        whose stream enforces the maximum queue time.
+        """
+
+    def __init__(
+        self,
+        *,
+        interaction_id: _builtins.str = ...,
+        kind: Global___InteractionKind.ValueType = ...,
+        resource_group: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        subject: _builtins.str = ...,
+        language: _builtins.str = ...,
+        customer_segment: _builtins.str = ...,
+        location: _common_pb2.GeoPoint | None = ...,
+        preferred_agent_id: _builtins.str = ...,
+        preferred_until: _timestamp_pb2.Timestamp | None = ...,
+        business_value: _builtins.float = ...,
+        sla_target_seconds: _builtins.float = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___InteractionState.ValueType = ...,
+        tried_agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        offer: Global___OfferInFlight | None = ...,
+        connected: Global___ConnectTarget | None = ...,
+        call_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        summary: _presence_pb2.ContextSummary | None = ...,
+        retry_tried_after: _timestamp_pb2.Timestamp | None = ...,
+        trace: _common_pb2.TraceContext | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "location", b"location", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "summary", b"summary", "trace", b"trace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "not_before", b"not_before", "offer", b"offer", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "retry_tried_after", b"retry_tried_after", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedInteraction: _TypeAlias = QueuedInteraction  # noqa: Y015
+
+@_typing.final
+class NotifyRequest(_message.Message):
+    """A customer waiting to be told an agent is free. Key: `rt/notify/{request_id}`, bound to
+    a lease ending at `expires_at`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ACTIVE_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Id of the request."""
+    @_builtins.property
+    def request(self) -> _routing_pb2.RequestNotifyWhenAvailableRequest:
+        """The request as the app made it."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was made (oldest first)."""
+
+    @_builtins.property
+    def active_at(self) -> _timestamp_pb2.Timestamp:
+        """Snoozed until this time."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ends by itself."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        request: _routing_pb2.RequestNotifyWhenAvailableRequest | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        active_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotifyRequest: _TypeAlias = NotifyRequest  # noqa: Y015
+
+@_typing.final
+class AgentHold(_message.Message):
+    """An agent held for a customer who was told an agent is available. Key:
+    `rt/holds/{customer_id}`, bound to the same lease as the agent's claim, so both end
+    together when the customer does not call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CLAIM_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The held agent."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel held."""
+    claim_key: _builtins.str
+    """The claim key holding the agent."""
+    request_id: _builtins.str
+    """The notify request it answers."""
+    resource_group: _builtins.str
+    """The group the agent was held from; the customer's call is routed there."""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """The hold ends at this time."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        claim_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        resource_group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channel", b"channel", "claim_key", b"claim_key", "request_id", b"request_id", "resource_group", b"resource_group", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentHold: _TypeAlias = AgentHold  # noqa: Y015
+
+@_typing.final
+class StoredCallback(_message.Message):
+    """A callback. Key: `rt/callbacks/{callback_id}`; once final it is kept for the retention
+    period under a shared lease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLBACK_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The handoff session."""
+    customer_id: _builtins.str
+    """The customer."""
+    phone_number: _builtins.str
+    """The number to dial (E.164)."""
+    idempotency_key: _builtins.str
+    """The request's idempotency key."""
+    @_builtins.property
+    def callback(self) -> _routing_pb2.Callback:
+        """The callback as GetCallback shows it."""
+
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """The context for the agent."""
+
+    def __init__(
+        self,
+        *,
+        callback: _routing_pb2.Callback | None = ...,
+        session_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        phone_number: _builtins.str = ...,
+        context: _common_pb2.ContextData | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "context", b"context", "customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "phone_number", b"phone_number", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredCallback: _TypeAlias = StoredCallback  # noqa: Y015
+
+@_typing.final
+class CallbackOwner(_message.Message):
+    """The one open callback of a customer for a group. Key:
+    `rt/callback-owners/{resource_group}/{customer_id}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLBACK_ID_FIELD_NUMBER: _builtins.int
+    callback_id: _builtins.str
+    """The callback."""
+    def __init__(
+        self,
+        *,
+        callback_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_id", b"callback_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallbackOwner: _TypeAlias = CallbackOwner  # noqa: Y015
+
+@_typing.final
+class PendingDial(_message.Message):
+    """A dial the switch must place for an accepted callback. Key: `rt/dials/{callback_id}`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIAL_FIELD_NUMBER: _builtins.int
+    TAKEN_BY_FIELD_NUMBER: _builtins.int
+    taken_by: _builtins.str
+    """The switch stream it was handed to; empty while nobody took it."""
+    @_builtins.property
+    def dial(self) -> _routing_pb2.StreamCallbackDialsResponse:
+        """What the switch receives."""
+
+    def __init__(
+        self,
+        *,
+        dial: _routing_pb2.StreamCallbackDialsResponse | None = ...,
+        taken_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dial", b"dial"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dial", b"dial", "taken_by", b"taken_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingDial: _TypeAlias = PendingDial  # noqa: Y015
+
+@_typing.final
+class NoAnswerCount(_message.Message):
+    """Offers in a row an agent let time out. Key: `rt/no-answer/{agent_id}`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NoAnswerCount: _TypeAlias = NoAnswerCount  # noqa: Y015

@@ -1,0 +1,490 @@
+"""Callbacks and notify-when-available requests.
+
+A callback is queued like an inbound call (its entry has no lease and is not dispatched
+before its window opens); when an agent accepts it, a dial is written for the switch's
+StreamCallbackDials stream. A failed dial is retried within the window up to the
+configured number of attempts, and the customer is told the agent tried. A customer has
+at most one open callback per group (`rt/callback-owners/{group}/{customer}`).
+
+A notify-when-available request waits in etcd (under a lease ending at its expiry) until
+the dispatch leader holds an agent for the customer (see dispatch.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from accessline.common.v1 import common_pb2
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from services.presence import keys as pr_keys
+from services.routing import keys
+from services.routing.queue import Rules, seconds, timestamp
+from services.runtime.errors import AccesslineError, AlreadyExists, FailedPrecondition, NotFound
+from services.runtime.store import Compare, Entry, EventKind, Op, Store
+
+log = logging.getLogger("accessline.routing")
+
+QI = rt_store.QueuedInteraction
+FINAL = (
+    rt_pb2.CALLBACK_STATE_COMPLETED,
+    rt_pb2.CALLBACK_STATE_FAILED,
+    rt_pb2.CALLBACK_STATE_CANCELLED,
+)
+
+
+def interaction_for(
+    *,
+    interaction_id: str,
+    kind: rt_store.InteractionKind.ValueType,
+    group: str,
+    context: common_pb2.ContextData,
+    rules: Rules,
+    now: float,
+) -> QI:
+    """A new queue entry: value and SLA from the rules, agent-selection fields and the
+    summary shown to the agent from the context, the service request's owner preferred."""
+    channel = common_pb2.CHANNEL_DESK_VOICE
+    value, sla = rules.value_of(channel, context.customer_segment, context.subject, kind)
+    item = QI(
+        interaction_id=interaction_id,
+        kind=kind,
+        resource_group=group,
+        channel=channel,
+        subject=context.subject,
+        language=context.language,
+        customer_segment=context.customer_segment,
+        business_value=value,
+        sla_target_seconds=sla,
+        state=rt_store.INTERACTION_STATE_QUEUED,
+        summary=pr_pb2.ContextSummary(
+            customer_display_name=context.attributes.get("display_name", ""),
+            subject=context.subject,
+            language=context.language,
+            service_request_id=context.service_request_id,
+        ),
+    )
+    if context.HasField("location"):
+        item.location.CopyFrom(context.location)
+    item.created_at.CopyFrom(timestamp(now))
+    item.not_before.CopyFrom(timestamp(now))
+    if context.service_request_owner:
+        item.preferred_agent_id = context.service_request_owner
+        item.preferred_until.CopyFrom(timestamp(now + rules.owner_wait))
+    return item
+
+
+class Callbacks:
+    """RequestCallback, GetCallback, CancelCallback, StreamCallbackDials and
+    ReportCallbackAttempt on top of etcd."""
+
+    def __init__(
+        self, store: Store, notification: Any, rules: Rules, wake: Callable[[], None]
+    ) -> None:
+        self._store = store
+        self._notification = notification
+        self._rules = rules
+        self._wake = wake
+
+    async def request(self, request: rt_pb2.RequestCallbackRequest) -> rt_pb2.Callback:
+        now = time.time()
+        earliest = seconds(request.earliest) if request.HasField("earliest") else now
+        callback_id = "cb" + secrets.token_urlsafe(12)
+        public = rt_pb2.Callback(
+            callback_id=callback_id,
+            state=rt_pb2.CALLBACK_STATE_QUEUED,
+            resource_group=request.resource_group,
+            latest=request.latest,
+        )
+        public.earliest.CopyFrom(timestamp(max(earliest, now)))
+        stored = rt_store.StoredCallback(
+            callback=public,
+            session_id=request.session_id,
+            customer_id=request.customer_id,
+            phone_number=request.phone_number,
+            context=request.context,
+            idempotency_key=request.idempotency_key,
+        )
+        item = interaction_for(
+            interaction_id=callback_id,
+            kind=rt_store.INTERACTION_KIND_CALLBACK,
+            group=request.resource_group,
+            context=request.context,
+            rules=self._rules,
+            now=now,
+        )
+        item.not_before.CopyFrom(public.earliest)
+        item.deadline.CopyFrom(request.latest)
+        item.session_id = request.session_id
+        item.customer_id = request.customer_id
+        if item.preferred_agent_id:
+            item.preferred_until.CopyFrom(timestamp(max(earliest, now) + self._rules.owner_wait))
+        owner_key = keys.callback_owner(request.resource_group, request.customer_id)
+        result = await self._store.txn(
+            [Compare.absent(owner_key)],
+            [
+                Op.put(owner_key, rt_store.CallbackOwner(callback_id=callback_id)),
+                Op.put(keys.callback(callback_id), stored),
+                Op.put(keys.queued(request.resource_group, callback_id), item),
+            ],
+            [Op.get(owner_key)],
+        )
+        if result.succeeded:
+            self._wake()
+            return public
+        found = result.gets[0] if result.gets else []
+        existing_id = rt_store.CallbackOwner.FromString(found[0][1]).callback_id if found else ""
+        existing = await self._store.get(keys.callback(existing_id), rt_store.StoredCallback)
+        if (
+            existing is not None
+            and request.idempotency_key
+            and existing.value.idempotency_key == request.idempotency_key
+        ):
+            return existing.value.callback
+        raise AlreadyExists(
+            "the customer already has an open callback for this group",
+            reason="CALLBACK_EXISTS",
+            metadata={"callback_id": existing_id},
+        )
+
+    async def _get(self, callback_id: str) -> Entry[rt_store.StoredCallback]:
+        entry = await self._store.get(keys.callback(callback_id), rt_store.StoredCallback)
+        if entry is None:
+            raise NotFound(
+                f"callback {callback_id} is unknown or finished longer ago than the retention",
+                reason="CALLBACK_NOT_FOUND",
+            )
+        return entry
+
+    async def get(self, callback_id: str) -> rt_pb2.Callback:
+        return (await self._get(callback_id)).value.callback
+
+    async def _finish_ops(
+        self, entry: Entry[rt_store.StoredCallback], state: rt_pb2.CallbackState.ValueType
+    ) -> list[Op]:
+        """Ends a callback: kept for the retention period, its customer free to ask again."""
+        done = rt_store.StoredCallback()
+        done.CopyFrom(entry.value)
+        done.callback.state = state
+        retention = await self._store.shared_lease(self._rules.callback_retention, window=10.0)
+        cb = done.callback
+        return [
+            Op.put(entry.key, done, retention),
+            Op.delete(keys.callback_owner(cb.resource_group, done.customer_id)),
+            Op.delete(keys.queued(cb.resource_group, cb.callback_id)),
+            Op.delete(keys.dial(cb.callback_id)),
+        ]
+
+    async def cancel(self, callback_id: str) -> None:
+        for _ in range(5):
+            entry = await self._get(callback_id)
+            state = entry.value.callback.state
+            if state in FINAL:
+                raise FailedPrecondition(
+                    f"callback {callback_id} is already {rt_pb2.CallbackState.Name(state)}",
+                    reason="CALLBACK_FINISHED",
+                )
+            if state == rt_pb2.CALLBACK_STATE_DIALLING:
+                raise FailedPrecondition(
+                    f"the switch is dialling callback {callback_id}; report the attempt instead",
+                    reason="CALLBACK_DIALLING",
+                )
+            queued_key = keys.queued(entry.value.callback.resource_group, callback_id)
+            queued = await self._store.get(queued_key, QI)
+            compares = [Compare.modified_at(entry.key, entry.meta.mod_revision)]
+            if queued is not None:
+                compares.append(Compare.modified_at(queued_key, queued.meta.mod_revision))
+            ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED)
+            if (await self._store.txn(compares, ops)).succeeded:
+                if queued is not None and queued.value.state == rt_store.INTERACTION_STATE_OFFERED:
+                    offer = queued.value.offer
+                    await pr_keys.cancel_offer(
+                        self._store,
+                        offer.agent_id,
+                        offer.offer_id,
+                        pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
+                    )
+                return
+        raise FailedPrecondition(
+            f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
+        )
+
+    async def accepted(self, entry: Entry[QI], target: rt_store.ConnectTarget, fence: int) -> bool:
+        """The dispatch leader's hook when an agent accepted a callback: the callback is
+        dialling and the switch gets the dial. False only when the fence failed."""
+        stored = await self._store.get(
+            keys.callback(entry.value.interaction_id), rt_store.StoredCallback
+        )
+        if stored is None or stored.value.callback.state != rt_pb2.CALLBACK_STATE_QUEUED:
+            return True
+        updated = rt_store.StoredCallback()
+        updated.CopyFrom(stored.value)
+        updated.callback.state = rt_pb2.CALLBACK_STATE_DIALLING
+        updated.callback.attempts += 1
+        dial = rt_store.PendingDial(
+            dial=rt_pb2.StreamCallbackDialsResponse(
+                callback_id=updated.callback.callback_id,
+                phone_number=updated.phone_number,
+                agent_id=target.agent_id,
+                agent_address=target.address,
+                context=updated.context,
+            )
+        )
+        result = await self._store.txn(
+            [
+                Compare.created_at(keys.LEADER, fence),
+                Compare.modified_at(entry.key, entry.meta.mod_revision),
+                Compare.modified_at(stored.key, stored.meta.mod_revision),
+            ],
+            [
+                Op.delete(entry.key),
+                Op.put(stored.key, updated),
+                Op.put(keys.dial(updated.callback.callback_id), dial),
+            ],
+            [Op.get(keys.LEADER)],
+        )
+        if result.succeeded:
+            return True
+        found = result.gets[0] if result.gets else []
+        return bool(found) and found[0][2].create_revision == fence
+
+    async def sweep(self, queued: list[Entry[QI]], now: float) -> None:
+        """Fails queued callbacks whose window closed (run by the dispatch leader)."""
+        for item in queued:
+            value = item.value
+            if (
+                value.kind == rt_store.INTERACTION_KIND_CALLBACK
+                and value.state == rt_store.INTERACTION_STATE_QUEUED
+                and value.HasField("deadline")
+                and seconds(value.deadline) <= now
+            ):
+                entry = await self._store.get(
+                    keys.callback(value.interaction_id), rt_store.StoredCallback
+                )
+                if entry is None:
+                    await self._store.txn(
+                        [Compare.modified_at(item.key, item.meta.mod_revision)],
+                        [Op.delete(item.key)],
+                    )
+                    continue
+                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED)
+                if (
+                    await self._store.txn(
+                        [
+                            Compare.modified_at(item.key, item.meta.mod_revision),
+                            Compare.modified_at(entry.key, entry.meta.mod_revision),
+                        ],
+                        ops,
+                    )
+                ).succeeded:
+                    await self._tell_customer(entry.value, final=True)
+
+    async def stream_dials(
+        self, switch_id: str, stopping: asyncio.Event
+    ) -> AsyncIterator[rt_pb2.StreamCallbackDialsResponse]:
+        """Hands each pending dial to exactly one switch stream; dials taken by a stream
+        that ends unreported go back to the others."""
+        taker = f"{switch_id}/{secrets.token_urlsafe(6)}"
+        taken: set[str] = set()
+        entries, revision = await self._store.get_prefix(keys.DIALS, rt_store.PendingDial)
+        changes: asyncio.Queue[Entry[rt_store.PendingDial] | None] = asyncio.Queue()
+        for entry in entries:
+            changes.put_nowait(entry)
+
+        async def follow() -> None:
+            async for event in self._store.watch_prefix(keys.DIALS, revision + 1):
+                if event.kind == EventKind.PUT:
+                    changes.put_nowait(
+                        Entry(event.key, event.decode(rt_store.PendingDial), event.meta)
+                    )
+
+        watcher = asyncio.ensure_future(follow())
+        stop = asyncio.ensure_future(stopping.wait())
+        step: asyncio.Future[Entry[rt_store.PendingDial] | None] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(changes.get())
+                await asyncio.wait({step, stop, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    if watcher.done():
+                        watcher.result()
+                    return
+                found = step.result()
+                if found is None or found.value.taken_by:
+                    continue
+                mine = rt_store.PendingDial()
+                mine.CopyFrom(found.value)
+                mine.taken_by = taker
+                result = await self._store.txn(
+                    [Compare.modified_at(found.key, found.meta.mod_revision)],
+                    [Op.put(found.key, mine)],
+                )
+                if result.succeeded:
+                    taken.add(found.key)
+                    yield mine.dial
+        finally:
+            for task in (watcher, stop, step):
+                if task is not None:
+                    task.cancel()
+            await asyncio.shield(self._release(taken, taker))
+
+    async def _release(self, taken: set[str], taker: str) -> None:
+        """Dials a stream took and nobody reported go back to the other switches."""
+        for key in taken:
+            with contextlib.suppress(AccesslineError):
+                left = await self._store.get(key, rt_store.PendingDial)
+                if left is not None and left.value.taken_by == taker:
+                    left.value.taken_by = ""
+                    await self._store.txn(
+                        [Compare.modified_at(key, left.meta.mod_revision)],
+                        [Op.put(key, left.value)],
+                    )
+
+    async def report(
+        self, callback_id: str, outcome: rt_pb2.CallbackAttemptOutcome.ValueType
+    ) -> rt_pb2.Callback:
+        for _ in range(5):
+            entry = await self._get(callback_id)
+            cb = entry.value.callback
+            if cb.state != rt_pb2.CALLBACK_STATE_DIALLING:
+                raise FailedPrecondition(
+                    f"callback {callback_id} is not being dialled "
+                    f"({rt_pb2.CallbackState.Name(cb.state)})",
+                    reason="CALLBACK_NOT_DIALLING",
+                )
+            compares = [Compare.modified_at(entry.key, entry.meta.mod_revision)]
+            now = time.time()
+            retry_at = now + self._rules.callback_retry
+            if outcome == rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED:
+                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_COMPLETED)
+                final_state = rt_pb2.CALLBACK_STATE_COMPLETED
+            elif cb.attempts < self._rules.callback_max_attempts and retry_at < seconds(cb.latest):
+                again = rt_store.StoredCallback()
+                again.CopyFrom(entry.value)
+                again.callback.state = rt_pb2.CALLBACK_STATE_QUEUED
+                item = interaction_for(
+                    interaction_id=callback_id,
+                    kind=rt_store.INTERACTION_KIND_CALLBACK,
+                    group=cb.resource_group,
+                    context=entry.value.context,
+                    rules=self._rules,
+                    now=now,
+                )
+                item.created_at.CopyFrom(cb.earliest)
+                item.not_before.CopyFrom(timestamp(retry_at))
+                item.deadline.CopyFrom(cb.latest)
+                item.customer_id = entry.value.customer_id
+                item.session_id = entry.value.session_id
+                ops = [
+                    Op.put(entry.key, again),
+                    Op.put(keys.queued(cb.resource_group, callback_id), item),
+                    Op.delete(keys.dial(callback_id)),
+                ]
+                final_state = rt_pb2.CALLBACK_STATE_QUEUED
+            else:
+                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED)
+                final_state = rt_pb2.CALLBACK_STATE_FAILED
+            if (await self._store.txn(compares, ops)).succeeded:
+                after = rt_pb2.Callback()
+                after.CopyFrom(cb)
+                after.state = final_state
+                if outcome != rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED:
+                    await self._tell_customer(
+                        entry.value, final=final_state == rt_pb2.CALLBACK_STATE_FAILED
+                    )
+                self._wake()
+                return after
+        raise FailedPrecondition(
+            f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
+        )
+
+    async def _tell_customer(self, stored: rt_store.StoredCallback, *, final: bool) -> None:
+        """Tells the customer the agent tried to call (only ids in the payload)."""
+        cb = stored.callback
+        publish = nt_pb2.PublishRequest(
+            customer_id=stored.customer_id,
+            event_type=nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED,
+            title="We tried to call you",
+            body="An agent could not reach you." + ("" if final else " We will try again shortly."),
+            data={"callback_id": cb.callback_id},
+            idempotency_key=f"callback-{cb.callback_id}-{cb.attempts}",
+            priority=nt_pb2.PRIORITY_HIGH,
+            collapse_key=f"callback-{cb.callback_id}",
+        )
+        try:
+            await self._notification.Publish(publish)
+        except AccesslineError as exc:
+            log.warning("could not tell the customer of callback %s: %s", cb.callback_id, exc)
+
+
+class NotifyRequests:
+    """RequestNotifyWhenAvailable, Snooze and Cancel: records the dispatch leader reads."""
+
+    def __init__(self, store: Store, rules: Rules, wake: Callable[[], None]) -> None:
+        self._store = store
+        self._rules = rules
+        self._wake = wake
+
+    async def request(
+        self, request: rt_pb2.RequestNotifyWhenAvailableRequest
+    ) -> rt_pb2.RequestNotifyWhenAvailableResponse:
+        now = time.time()
+        request_id = "nw" + secrets.token_urlsafe(12)
+        expires = now + self._rules.notify_max
+        record = rt_store.NotifyRequest(request_id=request_id, request=request)
+        if not record.request.channel:
+            record.request.channel = common_pb2.CHANNEL_DESK_VOICE
+        record.created_at.CopyFrom(timestamp(now))
+        record.active_at.CopyFrom(timestamp(now))
+        record.expires_at.CopyFrom(timestamp(expires))
+        lease = await self._store.shared_lease(self._rules.notify_max, window=10.0)
+        await self._store.put(keys.notify(request_id), record, lease)
+        self._wake()
+        return rt_pb2.RequestNotifyWhenAvailableResponse(
+            request_id=request_id, expires_at=record.expires_at
+        )
+
+    async def _get(self, request_id: str) -> Entry[rt_store.NotifyRequest]:
+        entry = await self._store.get(keys.notify(request_id), rt_store.NotifyRequest)
+        if entry is None:
+            raise NotFound(
+                f"notify request {request_id} is unknown, answered, cancelled or expired",
+                reason="NOTIFY_REQUEST_NOT_FOUND",
+            )
+        return entry
+
+    async def snooze(
+        self, request_id: str, snooze: float
+    ) -> rt_pb2.SnoozeNotifyWhenAvailableResponse:
+        entry = await self._get(request_id)
+        updated = rt_store.NotifyRequest()
+        updated.CopyFrom(entry.value)
+        updated.active_at.CopyFrom(timestamp(time.time() + snooze))
+        if seconds(updated.active_at) >= seconds(updated.expires_at):
+            raise FailedPrecondition(
+                "the request expires before the snooze ends", reason="SNOOZE_PAST_EXPIRY"
+            )
+        result = await self._store.txn(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(entry.key, updated, entry.meta.lease)],
+        )
+        if not result.succeeded:
+            raise FailedPrecondition(
+                f"notify request {request_id} was answered meanwhile",
+                reason="NOTIFY_REQUEST_ANSWERED",
+            )
+        return rt_pb2.SnoozeNotifyWhenAvailableResponse(active_again_at=updated.active_at)
+
+    async def cancel(self, request_id: str) -> None:
+        entry = await self._get(request_id)
+        await self._store.txn(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)], [Op.delete(entry.key)]
+        )

@@ -1,0 +1,608 @@
+"""The dispatch loop: one Routing replica at a time (the holder of `rt/leader`) serves the
+queues. Each pass reads every group's queue, orders it by priority then age, and for each
+waiting interaction claims the best free agent and offers it through Presence; agents left
+over are held for customers who asked to be told when an agent is free. Every write the
+leader makes is fenced by the create revision of its `rt/leader` key, so a leader whose
+lease ran out can no longer change anything. Offers in flight are recorded in the queue,
+so a new leader resumes them where the old one stopped: nothing queued is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+from opentelemetry import metrics, trace
+
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.common.v1 import common_pb2
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.presence.storage.v1 import storage_pb2 as pr_store
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from services.presence import keys as pr_keys
+from services.routing import keys
+from services.routing.queue import Candidate, Rules, order, rank, seconds, waiting
+from services.runtime.errors import AccesslineError
+from services.runtime.peers import PeerError
+from services.runtime.store import Compare, Entry, EventKind, Op, Store
+from services.runtime.telemetry import context_from
+
+log = logging.getLogger("accessline.routing")
+tracer = trace.get_tracer("accessline.routing")
+
+QI = rt_store.QueuedInteraction
+# Errors of StartHandoff that retrying will not mend: the notify request is dropped.
+FINAL_PEER_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class NotLeader(Exception):
+    """The leader's fencing token no longer holds: stop acting as leader."""
+
+
+async def agents_of(
+    presence: Any, group: str
+) -> tuple[list[pr_pb2.Agent], dict[str, pr_pb2.AgentPresence]]:
+    """The group's agents and the presence of those logged in."""
+    agents: list[pr_pb2.Agent] = []
+    token = ""
+    while True:
+        page = await presence.ListAgents(
+            pr_pb2.ListAgentsRequest(resource_group=group, page_size=500, page_token=token)
+        )
+        agents.extend(page.agents)
+        token = page.next_page_token
+        if not token:
+            break
+    shown: dict[str, pr_pb2.AgentPresence] = {}
+    for start in range(0, len(agents), 500):
+        batch = agents[start : start + 500]
+        answer = await presence.GetPresence(
+            pr_pb2.GetPresenceRequest(agent_ids=[a.agent_id for a in batch])
+        )
+        shown.update({p.agent_id: p for p in answer.agents})
+    return agents, shown
+
+
+async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
+    """The offer once it is no longer open, or None when it timed out or vanished."""
+    key = pr_keys.offer(agent_id, offer_id)
+    entry = await store.get(key, pr_store.StoredOffer)
+    if entry is None:
+        return None
+    if entry.value.state != pr_store.OFFER_STATE_OPEN:
+        return entry.value
+    deadline = seconds(entry.value.offer.deadline)
+
+    async def follow() -> pr_store.StoredOffer | None:
+        async for change in store.watch_prefix(key, entry.meta.mod_revision + 1):
+            if change.key != key:
+                continue
+            if change.kind == EventKind.DELETE:
+                return None
+            value = change.decode(pr_store.StoredOffer)
+            if value.state != pr_store.OFFER_STATE_OPEN:
+                return value
+        return None
+
+    try:
+        return await asyncio.wait_for(follow(), max(0.1, deadline - time.time()))
+    except TimeoutError:
+        return None
+
+
+class Dispatcher:
+    """Campaigns for `rt/leader` and, while it leads, runs the dispatch passes."""
+
+    def __init__(
+        self,
+        store: Store,
+        presence: Any,
+        matching: Any,
+        notification: Any,
+        rules: Rules,
+        replica_id: str,
+        on_accepted_callback: Callable[
+            [Entry[QI], rt_store.ConnectTarget, int], Coroutine[Any, Any, bool]
+        ],
+        sweep: Callable[[list[Entry[QI]], float], Coroutine[Any, Any, None]],
+        meter: metrics.Meter | None = None,
+    ) -> None:
+        self._store = store
+        self._presence = presence
+        self._matching = matching
+        self._notification = notification
+        self._rules = rules
+        self._replica = replica_id
+        self._on_accepted_callback = on_accepted_callback
+        self._sweep = sweep
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._follows: dict[str, asyncio.Task[None]] = {}
+        self._fence = 0
+        self.leading = asyncio.Event()
+        meter = meter or metrics.get_meter("accessline.routing")
+        self._offers = meter.create_counter(
+            "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
+        )
+        self._holds = meter.create_counter(
+            "accessline.routing.holds",
+            unit="{hold}",
+            description="Agents held for customers told an agent is available",
+        )
+        meter.create_observable_gauge(
+            "accessline.routing.leader",
+            callbacks=[lambda _: [metrics.Observation(1 if self.leading.is_set() else 0)]],
+            description="1 on the replica running the dispatch loop",
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._campaign())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stops dispatching and, when leading, steps down at once so another replica
+        takes over without waiting for the lease to run out."""
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _campaign(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            lease_id = 0
+            try:
+                lease_id = await self._store.grant_lease(self._rules.leader_lease)
+                kept = await self._store.keep_alive(lease_id, self._rules.leader_lease)
+                try:
+                    while not kept.lost.is_set() and not self._stopping.is_set():
+                        leader = rt_store.Leader(replica_id=self._replica)
+                        leader.since.FromNanoseconds(time.time_ns())
+                        revision = await self._store.create(keys.LEADER, leader, lease_id)
+                        if revision is None:
+                            await self._await_vacancy(kept.lost)
+                            continue
+                        self._fence = revision
+                        log.info("this replica now runs the dispatch loop")
+                        try:
+                            await self._lead(kept.lost)
+                        finally:
+                            self.leading.clear()
+                            log.info("this replica no longer runs the dispatch loop")
+                finally:
+                    self._store.stop_keep_alive(kept)
+                    with contextlib.suppress(AccesslineError):
+                        await self._store.revoke_lease(lease_id)
+                backoff = 0.2
+            except (AccesslineError, NotLeader) as exc:
+                log.warning("dispatch leadership interrupted: %s", exc)
+                # Back off before campaigning again (etcd unreachable, lease lost).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _await_vacancy(self, lost: asyncio.Event) -> None:
+        """Returns once `rt/leader` is gone (or our own lease is lost)."""
+        entry = await self._store.get(keys.LEADER, rt_store.Leader)
+        if entry is None:
+            return
+
+        async def deleted() -> None:
+            async for event in self._store.watch_prefix(keys.LEADER, entry.meta.mod_revision + 1):
+                if event.key == keys.LEADER and event.kind == EventKind.DELETE:
+                    return
+
+        watch = asyncio.ensure_future(deleted())
+        lost_wait = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({watch, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                watch.result()
+        finally:
+            for task in (watch, lost_wait):
+                task.cancel()
+            await asyncio.gather(watch, lost_wait, return_exceptions=True)
+
+    async def _lead(self, lost: asyncio.Event) -> None:
+        self.leading.set()
+        watchers = [
+            asyncio.ensure_future(self._wake_on(keys.ROOT)),
+            asyncio.ensure_future(self._wake_on(pr_keys.PRESENCE)),
+        ]
+        try:
+            while not lost.is_set() and not self._stopping.is_set():
+                for watcher in watchers:
+                    if watcher.done():
+                        watcher.result()  # a watch that failed ends the leadership
+                self._wake.clear()
+                await self._pass()
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._wake, lost)]
+                try:
+                    await asyncio.wait(
+                        waits,
+                        timeout=self._rules.dispatch_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    for w in waits:
+                        w.cancel()
+        finally:
+            for task in [*watchers, *self._follows.values()]:
+                task.cancel()
+            await asyncio.gather(*watchers, *self._follows.values(), return_exceptions=True)
+            self._follows.clear()
+            # Step down: another replica may lead at once.
+            with contextlib.suppress(AccesslineError):
+                await self._store.txn(
+                    [Compare.created_at(keys.LEADER, self._fence)], [Op.delete(keys.LEADER)]
+                )
+
+    async def _wake_on(self, prefix: str) -> None:
+        revision = await self._store.revision()
+        async for _ in self._store.watch_prefix(prefix, revision + 1):
+            self._wake.set()
+
+    def _fenced(self) -> Compare:
+        return Compare.created_at(keys.LEADER, self._fence)
+
+    async def _txn(self, compares: list[Compare], ops: list[Op]) -> bool:
+        """A fenced transaction: False when `compares` failed, NotLeader when the fence did."""
+        result = await self._store.txn([self._fenced(), *compares], ops, [Op.get(keys.LEADER)])
+        if result.succeeded:
+            return True
+        found = result.gets[0] if result.gets else []
+        if not found or found[0][2].create_revision != self._fence:
+            raise NotLeader("rt/leader is held by another replica")
+        return False
+
+    # -- one pass ---------------------------------------------------------------------
+
+    async def _pass(self) -> None:
+        now = time.time()
+        queued, _ = await self._store.get_prefix(keys.QUEUE, QI)
+        requests, _ = await self._store.get_prefix(keys.NOTIFY, rt_store.NotifyRequest)
+        await self._sweep(queued, now)
+        by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
+        for entry in queued:
+            by_group[entry.value.resource_group].append(entry)
+            if (
+                entry.value.state == rt_store.INTERACTION_STATE_OFFERED
+                and entry.value.interaction_id not in self._follows
+            ):
+                self._follow_offer(entry)
+        notify_by_group: dict[str, list[Entry[rt_store.NotifyRequest]]] = defaultdict(list)
+        for request in requests:
+            if seconds(request.value.active_at) <= now:
+                notify_by_group[request.value.request.resource_group].append(request)
+        for group in sorted(set(by_group) | set(notify_by_group)):
+            entries = by_group.get(group, [])
+            ready = {e.value.interaction_id: e for e in entries if waiting(e.value, now)}
+            asks = sorted(notify_by_group.get(group, []), key=lambda r: seconds(r.value.created_at))
+            if not ready and not asks:
+                continue
+            try:
+                agents, shown = await agents_of(self._presence, group)
+            except PeerError as exc:
+                log.warning("dispatch of group %s skipped: %s", group, exc)
+                continue
+            reserved = {
+                e.value.preferred_agent_id: e.value.interaction_id
+                for e in entries
+                if e.value.preferred_agent_id and seconds(e.value.preferred_until) > now
+            }
+            taken: set[str] = set()
+            for item in order([e.value for e in ready.values()], self._rules, now):
+                entry = ready[item.interaction_id]
+                for candidate in self._eligible(
+                    rank(agents, shown, item, self._rules), item, reserved, taken, now
+                ):
+                    taken.add(candidate.agent.agent_id)
+                    if await self._offer(entry, candidate):
+                        break
+            for ask in asks:
+                probe = QI(
+                    channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
+                    interaction_id=ask.value.request_id,
+                )
+                for candidate in self._eligible(
+                    rank(agents, shown, probe, self._rules), probe, reserved, taken, now
+                ):
+                    taken.add(candidate.agent.agent_id)
+                    if await self._hold(ask, candidate):
+                        break
+
+    @staticmethod
+    def _eligible(
+        candidates: list[Candidate],
+        item: QI,
+        reserved: dict[str, str],
+        taken: set[str],
+        now: float,
+    ) -> list[Candidate]:
+        """Who may be offered `item` now: the preferred agent alone while they are waited
+        for; otherwise agents not reserved for another interaction, not taken in this
+        pass, and not tried already (unless the retry time has come)."""
+        out = [c for c in candidates if c.agent.agent_id not in taken]
+        if item.preferred_agent_id and seconds(item.preferred_until) > now:
+            return [c for c in out if c.agent.agent_id == item.preferred_agent_id]
+        retry_tried = seconds(item.retry_tried_after) <= now
+        return [
+            c
+            for c in out
+            if reserved.get(c.agent.agent_id, item.interaction_id) == item.interaction_id
+            and (retry_tried or not c.tried)
+        ]
+
+    async def _claim(
+        self, candidate: Candidate, record: rt_store.AgentClaim, ttl: float
+    ) -> tuple[int, str] | None:
+        """Holds a free slot of the agent's channel under a new lease: (lease, key), or
+        None when every slot is held."""
+        capacity = next(
+            (c.capacity or 1 for c in candidate.agent.channels if c.channel == candidate.channel), 1
+        )
+        lease = await self._store.grant_lease(max(1, math.ceil(ttl)))
+        for slot in range(capacity):
+            key = keys.claim(candidate.agent.agent_id, candidate.channel, slot)
+            if await self._store.create(key, record, lease) is not None:
+                return lease, key
+        await self._store.revoke_lease(lease)
+        return None
+
+    async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:
+        """Claims the agent and offers them the interaction; True when the offer is out."""
+        item = entry.value
+        agent_id = candidate.agent.agent_id
+        with tracer.start_as_current_span(
+            "accessline.agent.claim",
+            context=context_from(item.trace.traceparent, item.trace.tracestate)
+            if item.trace.traceparent
+            else None,
+            attributes={
+                "accessline.agent": agent_id,
+                "accessline.interaction": item.interaction_id,
+            },
+        ):
+            claimed = await self._claim(
+                candidate,
+                rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id),
+                self._rules.offer_timeout * 2 + 30,
+            )
+            if claimed is None:
+                return False
+            lease, _ = claimed
+            stored = pr_keys.new_offer(
+                agent_id,
+                item.interaction_id,
+                candidate.channel,
+                item.summary,
+                self._rules.offer_timeout,
+            )
+        offer_lease = await self._store.shared_lease(
+            self._rules.offer_timeout + pr_keys.OFFER_MARGIN_SECONDS
+        )
+        updated = QI()
+        updated.CopyFrom(item)
+        updated.state = rt_store.INTERACTION_STATE_OFFERED
+        updated.offer.CopyFrom(
+            rt_store.OfferInFlight(
+                agent_id=agent_id,
+                channel=candidate.channel,
+                offer_id=stored.offer.offer_id,
+                deadline=stored.offer.deadline,
+                claim_lease=lease,
+            )
+        )
+        try:
+            ok = await self._txn(
+                [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+                [
+                    Op.put(entry.key, updated, entry.meta.lease),
+                    Op.put(pr_keys.offer(agent_id, stored.offer.offer_id), stored, offer_lease),
+                ],
+            )
+        except BaseException:
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(lease)
+            raise
+        if not ok:
+            await self._store.revoke_lease(lease)
+            return False
+        self._follow_offer(Entry(entry.key, updated, entry.meta))
+        return True
+
+    def _follow_offer(self, entry: Entry[QI]) -> None:
+        interaction_id = entry.value.interaction_id
+        task = asyncio.get_running_loop().create_task(self._settle(entry.key, entry.value.offer))
+        self._follows[interaction_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._follows.get(interaction_id) is t:
+                del self._follows[interaction_id]
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("following offer of %s failed: %s", interaction_id, t.exception())
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _settle(self, key: str, offer: rt_store.OfferInFlight) -> None:
+        """Waits for the agent's answer and moves the interaction on: connected, or back
+        in the queue with the agent tried. The claim is dropped in every case."""
+        try:
+            answer = await wait_answer(self._store, offer.agent_id, offer.offer_id)
+            if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
+                answer = await self._time_out(offer)
+            result = (
+                pr_store.OfferState.Name(answer.state).removeprefix("OFFER_STATE_")
+                if answer is not None
+                else "TIMED_OUT"
+            )
+            self._offers.add(1, {"accessline.offer.result": result})
+            entry = await self._store.get(key, QI)
+            if entry is None or entry.value.offer.offer_id != offer.offer_id:
+                return  # the caller hung up or the call moved on; nothing to update
+            if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
+                await self._store.delete(keys.no_answer(offer.agent_id))
+                channel = answer.accepted_channel or offer.channel
+                await self._accepted(entry, offer, channel)
+                return
+            if answer is not None and answer.state == pr_store.OFFER_STATE_DECLINED:
+                await self._store.delete(keys.no_answer(offer.agent_id))
+            await self._requeue(entry, offer.agent_id)
+        finally:
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(offer.claim_lease)
+
+    async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
+        """Withdraws an unanswered offer, counting the agent's offers in a row without an
+        answer; at the limit Presence sets the agent not ready. Returns the answer when
+        the agent answered just in time."""
+        limit = self._rules.no_answer_limit
+        counter = await self._store.get(keys.no_answer(offer.agent_id), rt_store.NoAnswerCount)
+        count = (counter.value.count if counter else 0) + 1
+        reason = (
+            pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT
+            if limit and count >= limit
+            else pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT
+        )
+        withdrawn = await pr_keys.cancel_offer(self._store, offer.agent_id, offer.offer_id, reason)
+        if not withdrawn:
+            late = await self._store.get(
+                pr_keys.offer(offer.agent_id, offer.offer_id), pr_store.StoredOffer
+            )
+            if late is not None and late.value.state in (
+                pr_store.OFFER_STATE_ACCEPTED,
+                pr_store.OFFER_STATE_DECLINED,
+            ):
+                return late.value
+        if reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT:
+            log.info("agent %s set not ready after %d offers without answer", offer.agent_id, count)
+            await self._store.delete(keys.no_answer(offer.agent_id))
+        else:
+            await self._store.put(
+                keys.no_answer(offer.agent_id), rt_store.NoAnswerCount(count=count)
+            )
+        return None
+
+    async def _requeue(self, entry: Entry[QI], agent_id: str) -> None:
+        updated = QI()
+        updated.CopyFrom(entry.value)
+        updated.state = rt_store.INTERACTION_STATE_QUEUED
+        updated.ClearField("offer")
+        if agent_id not in updated.tried_agent_ids and len(updated.tried_agent_ids) < 200:
+            updated.tried_agent_ids.append(agent_id)
+        updated.retry_tried_after.FromNanoseconds(
+            int((time.time() + self._rules.offer_timeout) * 1e9)
+        )
+        await self._txn(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(entry.key, updated, entry.meta.lease)],
+        )
+
+    async def _accepted(
+        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int
+    ) -> None:
+        agent = await self._presence.GetAgent(pr_pb2.GetAgentRequest(agent_id=offer.agent_id))
+        address = next((c.address for c in agent.agent.channels if c.channel == channel), "")
+        target = rt_store.ConnectTarget(agent_id=offer.agent_id, channel=channel, address=address)  # type: ignore[arg-type]
+        if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
+            if not await self._on_accepted_callback(entry, target, self._fence):
+                raise NotLeader("rt/leader is held by another replica")
+            return
+        updated = QI()
+        updated.CopyFrom(entry.value)
+        updated.state = rt_store.INTERACTION_STATE_CONNECTED
+        updated.connected.CopyFrom(target)
+        await self._txn(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(entry.key, updated, entry.meta.lease)],
+        )
+
+    # -- notify when available ------------------------------------------------------
+
+    async def _hold(self, ask: Entry[rt_store.NotifyRequest], candidate: Candidate) -> bool:
+        """Holds a free agent for a customer who asked to be told, starts their handoff
+        (number and code for the time of the hold) and pushes "an agent is available"."""
+        request = ask.value.request
+        hold_key = keys.hold(request.customer_id)
+        if await self._store.get(hold_key, rt_store.AgentHold) is not None:
+            return False  # this customer already has an agent held
+        claimed = await self._claim(
+            candidate,
+            rt_store.AgentClaim(interaction_id=ask.value.request_id),
+            self._rules.hold,
+        )
+        if claimed is None:
+            return False
+        lease, claim_key = claimed
+        try:
+            handoff = cm_pb2.StartHandoffRequest()
+            handoff.CopyFrom(request.handoff)
+            handoff.customer_id = request.customer_id
+            handoff.idempotency_key = ask.value.request_id
+            handoff.ttl.FromNanoseconds(int(self._rules.hold * 1e9))
+            started = await self._matching.StartHandoff(handoff)
+            publish = nt_pb2.PublishRequest(
+                customer_id=request.customer_id,
+                event_type=nt_pb2.EVENT_TYPE_AGENT_AVAILABLE,
+                title="An agent is available",
+                body="Open the app to call now.",
+                data={"request_id": ask.value.request_id, "session_id": started.session_id},
+                idempotency_key=f"agent-available-{ask.value.request_id}",
+                priority=nt_pb2.PRIORITY_HIGH,
+                collapse_key="agent-available",
+            )
+            publish.ttl.FromNanoseconds(int(self._rules.hold * 1e9))
+            await self._notification.Publish(publish)
+            hold = rt_store.AgentHold(
+                agent_id=candidate.agent.agent_id,
+                channel=candidate.channel,
+                claim_key=claim_key,
+                request_id=ask.value.request_id,
+                resource_group=request.resource_group,
+            )
+            hold.until.FromNanoseconds(int((time.time() + self._rules.hold) * 1e9))
+            ok = await self._txn(
+                [Compare.modified_at(ask.key, ask.meta.mod_revision), Compare.absent(hold_key)],
+                [Op.put(hold_key, hold, lease), Op.delete(ask.key)],
+            )
+        except PeerError as exc:
+            await self._store.revoke_lease(lease)
+            if exc.code in FINAL_PEER_CODES:
+                log.warning("notify request %s dropped: %s", ask.value.request_id, exc)
+                await self._store.txn(
+                    [Compare.modified_at(ask.key, ask.meta.mod_revision)], [Op.delete(ask.key)]
+                )
+            else:
+                log.warning("notify request %s waits: %s", ask.value.request_id, exc)
+            return False
+        except BaseException:
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(lease)
+            raise
+        if not ok:
+            await self._store.revoke_lease(lease)
+            return False
+        self._holds.add(1)
+        return True
+
+
+__all__ = ["Dispatcher", "NotLeader", "agents_of", "wait_answer"]
