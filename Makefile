@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python -m bench.match_bench
 	$(BIN)/python -m bench.presence_bench
 	$(BIN)/python -m bench.notification_bench
+	$(BIN)/python -m bench.routing_bench
 	$(BIN)/python -m bench.e2e_bench
 
 up: setup

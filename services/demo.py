@@ -64,6 +64,9 @@ class Tally:
     outcomes: Counter[str] = field(default_factory=Counter)
     offers: Counter[str] = field(default_factory=Counter)
     in_progress: int = 0
+    waiting: int = 0
+    queued_calls: int = 0
+    longest_position: int = 0
     to_match: list[float] = field(default_factory=list)
     to_connect: list[float] = field(default_factory=list)
     agents: dict[str, str] = field(default_factory=dict)
@@ -131,6 +134,19 @@ class SimulatedAgent:
                                 end_interaction=pr_pb2.EndInteraction(interaction_id=interaction)
                             )
                         )
+                elif (
+                    kind == "offer_cancelled"
+                    and reply.offer_cancelled.reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT
+                ):
+                    # Set not ready for missing offers: the agent notices and comes back.
+                    self._tally.offers["set not ready (no answer)"] += 1
+                    self._outbox.put_nowait(
+                        pr_pb2.ConnectRequest(
+                            set_channel_presence=pr_pb2.SetChannelPresence(
+                                channel=C.CHANNEL_DESK_VOICE, available=True
+                            )
+                        )
+                    )
                 elif kind == "presence_confirmed":
                     overall = reply.presence_confirmed.presence.overall
                     self._tally.agents[self.agent_id] = C.OverallPresence.Name(overall)
@@ -163,6 +179,10 @@ def render(tally: Tally, calls: int) -> Group:
     summary.add_row("handoffs started", f"{tally.handoffs} / {calls}")
     summary.add_row("calls routed", str(tally.calls_started))
     summary.add_row("calls in progress", str(tally.in_progress))
+    summary.add_row("waiting in the queue now", str(tally.waiting))
+    summary.add_row(
+        "calls that queued (deepest position)", f"{tally.queued_calls} ({tally.longest_position})"
+    )
     summary.add_row("connected to an agent", str(tally.connected))
     summary.add_row("failed (no agent)", str(tally.failed))
     summary.add_row("handoffs told to wait (numbers busy)", str(tally.exhausted))
@@ -310,9 +330,22 @@ async def play(
                     call_id=f"demo-call-{run}-{n}", dnis=started.access_number, dtmf_digits=digits
                 )
             )
+            queued = False
             try:
                 async for event in call:
                     kind = event.WhichOneof("event")
+                    if kind == "queued":
+                        position = event.queued.position
+                        tally.longest_position = max(tally.longest_position, position)
+                        if not queued:
+                            queued = True
+                            tally.waiting += 1
+                            if position > 1 or event.queued.estimated_wait.seconds:
+                                tally.queued_calls += 1
+                        continue
+                    if queued:
+                        queued = False
+                        tally.waiting -= 1
                     if kind == "match_decided":
                         tally.outcomes[cm_pb2.MatchOutcome.Name(event.match_decided.outcome)] += 1
                         tally.to_match.append(time.perf_counter() - arrived)
@@ -323,6 +356,8 @@ async def play(
                         tally.failed += 1
             finally:
                 tally.in_progress -= 1
+                if queued:
+                    tally.waiting -= 1
 
     with Live(
         render(tally, calls), console=console, refresh_per_second=4, transient=not live

@@ -58,9 +58,13 @@ def parse_value_rules(text: str) -> list[ValueRule]:
         if unknown:
             raise ValueError(f"rule {i} has unknown fields {sorted(unknown)}")
         value, sla = item.get("value"), item.get("sla_seconds")
-        if not isinstance(value, int | float) or not 0 <= value <= 1_000_000:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= 1_000_000
+        ):
             raise ValueError(f"rule {i}: value must be a number from 0 to 1000000")
-        if not isinstance(sla, int | float) or not 0 < sla <= 86_400:
+        if isinstance(sla, bool) or not isinstance(sla, int | float) or not 0 < sla <= 86_400:
             raise ValueError(f"rule {i}: sla_seconds must be a number above 0, at most 86400")
         channel = 0
         if "channel" in item:
