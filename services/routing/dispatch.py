@@ -28,7 +28,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import keys as pr_keys
 from services.routing import keys
-from services.routing.queue import Candidate, Rules, order, rank, seconds, waiting
+from services.routing.queue import VOICE, Candidate, Rules, order, rank, seconds, waiting
 from services.runtime.errors import AccesslineError
 from services.runtime.peers import PeerError
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
@@ -279,6 +279,11 @@ class Dispatcher:
         now = time.time()
         queued, _ = await self._store.get_prefix(keys.QUEUE, QI)
         requests, _ = await self._store.get_prefix(keys.NOTIFY, rt_store.NotifyRequest)
+        claims, _ = await self._store.get_prefix(keys.CLAIMS, rt_store.AgentClaim)
+        claimed: dict[tuple[str, int], int] = defaultdict(int)
+        for claim in claims:
+            agent_id, channel, _slot = claim.key.removeprefix(keys.CLAIMS).rsplit("/", 2)
+            claimed[(agent_id, int(channel))] += 1
         await self._sweep(queued, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
         for entry in queued:
@@ -308,15 +313,27 @@ class Dispatcher:
                 for e in entries
                 if e.value.preferred_agent_id and seconds(e.value.preferred_until) > now
             }
-            taken: set[str] = set()
+            # Agents whose channel slots are all claimed (an offer out, or a hold) are
+            # not free, whatever their presence says.
+            taken = {a.agent_id for a in agents if self._claimed_out(a, claimed)}
+            offers = []
             for item in order([e.value for e in ready.values()], self._rules, now):
-                entry = ready[item.interaction_id]
-                for candidate in self._eligible(
+                eligible = self._eligible(
                     rank(agents, shown, item, self._rules), item, reserved, taken, now
-                ):
-                    taken.add(candidate.agent.agent_id)
-                    if await self._offer(entry, candidate):
-                        break
+                )
+                if eligible:
+                    taken.add(eligible[0].agent.agent_id)
+                    offers.append(self._offer(ready[item.interaction_id], eligible[0]))
+            # The offers of one pass go out together; one that loses its claim waits for
+            # the next pass, which this wakes.
+            results = await asyncio.gather(*offers, return_exceptions=True)
+            for result in results:
+                if isinstance(result, NotLeader):
+                    raise result
+                if isinstance(result, BaseException):
+                    log.warning("offer failed: %s", result)
+                if result is not True:
+                    self._wake.set()
             for ask in asks:
                 probe = QI(
                     channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
@@ -328,6 +345,14 @@ class Dispatcher:
                     taken.add(candidate.agent.agent_id)
                     if await self._hold(ask, candidate):
                         break
+
+    @staticmethod
+    def _claimed_out(agent: pr_pb2.Agent, claimed: dict[tuple[str, int], int]) -> bool:
+        """True when every voice channel of the agent has all its slots claimed."""
+        voice = [c for c in agent.channels if c.channel in VOICE]
+        return bool(voice) and all(
+            claimed.get((agent.agent_id, c.channel), 0) >= (c.capacity or 1) for c in voice
+        )
 
     @staticmethod
     def _eligible(
@@ -368,66 +393,75 @@ class Dispatcher:
         return None
 
     async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:
-        """Claims the agent and offers them the interaction; True when the offer is out."""
+        """Claims a slot of the agent's channel and offers them the interaction, in one
+        fenced transaction; True when the offer is out."""
         item = entry.value
-        agent_id = candidate.agent.agent_id
+        agent = candidate.agent
+        capacity = next(
+            (c.capacity or 1 for c in agent.channels if c.channel == candidate.channel), 1
+        )
         with tracer.start_as_current_span(
             "accessline.agent.claim",
             context=context_from(item.trace.traceparent, item.trace.tracestate)
             if item.trace.traceparent
             else None,
-            attributes={
-                "accessline.agent": agent_id,
-                "accessline.interaction": item.interaction_id,
-            },
+            attributes={"accessline.agent": agent.agent_id},
         ):
-            claimed = await self._claim(
-                candidate,
-                rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id),
-                self._rules.offer_timeout * 2 + 30,
-            )
-            if claimed is None:
-                return False
-            lease, _ = claimed
             stored = pr_keys.new_offer(
-                agent_id,
+                agent.agent_id,
                 item.interaction_id,
                 candidate.channel,
                 item.summary,
                 self._rules.offer_timeout,
             )
+        # The claim is deleted once the offer is answered; its lease only cleans up after
+        # a leader that died and a successor that never came.
+        claim_lease = await self._store.shared_lease(self._rules.offer_timeout * 2 + 30, 5.0)
         offer_lease = await self._store.shared_lease(
             self._rules.offer_timeout + pr_keys.OFFER_MARGIN_SECONDS
         )
-        updated = QI()
-        updated.CopyFrom(item)
-        updated.state = rt_store.INTERACTION_STATE_OFFERED
-        updated.offer.CopyFrom(
-            rt_store.OfferInFlight(
-                agent_id=agent_id,
-                channel=candidate.channel,
-                offer_id=stored.offer.offer_id,
-                deadline=stored.offer.deadline,
-                claim_lease=lease,
+        record = rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id)
+        for slot in range(capacity):
+            claim_key = keys.claim(agent.agent_id, candidate.channel, slot)
+            updated = QI()
+            updated.CopyFrom(item)
+            updated.state = rt_store.INTERACTION_STATE_OFFERED
+            updated.offer.CopyFrom(
+                rt_store.OfferInFlight(
+                    agent_id=agent.agent_id,
+                    channel=candidate.channel,
+                    offer_id=stored.offer.offer_id,
+                    deadline=stored.offer.deadline,
+                    claim_key=claim_key,
+                    addresses={c.channel: c.address for c in agent.channels},
+                )
             )
-        )
-        try:
-            ok = await self._txn(
-                [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            result = await self._store.txn(
                 [
-                    Op.put(entry.key, updated, entry.meta.lease),
-                    Op.put(pr_keys.offer(agent_id, stored.offer.offer_id), stored, offer_lease),
+                    self._fenced(),
+                    Compare.modified_at(entry.key, entry.meta.mod_revision),
+                    Compare.absent(claim_key),
                 ],
+                [
+                    Op.put(claim_key, record, claim_lease),
+                    Op.put(entry.key, updated, entry.meta.lease),
+                    Op.put(
+                        pr_keys.offer(agent.agent_id, stored.offer.offer_id), stored, offer_lease
+                    ),
+                ],
+                [Op.get(keys.LEADER), Op.get(entry.key), Op.get(claim_key)],
             )
-        except BaseException:
-            with contextlib.suppress(AccesslineError):
-                await self._store.revoke_lease(lease)
-            raise
-        if not ok:
-            await self._store.revoke_lease(lease)
-            return False
-        self._follow_offer(Entry(entry.key, updated, entry.meta))
-        return True
+            if result.succeeded:
+                self._follow_offer(Entry(entry.key, updated, entry.meta))
+                return True
+            leader, current, holder = result.gets
+            if not leader or leader[0][2].create_revision != self._fence:
+                raise NotLeader("rt/leader is held by another replica")
+            if not current or current[0][2].mod_revision != entry.meta.mod_revision:
+                return False  # the call hung up or changed meanwhile
+            if not holder:
+                return False
+        return False
 
     def _follow_offer(self, entry: Entry[QI]) -> None:
         interaction_id = entry.value.interaction_id
@@ -469,7 +503,7 @@ class Dispatcher:
             await self._requeue(entry, offer.agent_id)
         finally:
             with contextlib.suppress(AccesslineError):
-                await self._store.revoke_lease(offer.claim_lease)
+                await self._store.delete(offer.claim_key)
 
     async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
         """Withdraws an unanswered offer, counting the agent's offers in a row without an
@@ -520,8 +554,7 @@ class Dispatcher:
     async def _accepted(
         self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int
     ) -> None:
-        agent = await self._presence.GetAgent(pr_pb2.GetAgentRequest(agent_id=offer.agent_id))
-        address = next((c.address for c in agent.agent.channels if c.channel == channel), "")
+        address = offer.addresses.get(channel, "")
         target = rt_store.ConnectTarget(agent_id=offer.agent_id, channel=channel, address=address)  # type: ignore[arg-type]
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
             if not await self._on_accepted_callback(entry, target, self._fence):

@@ -28,37 +28,41 @@ from accessline.routing.v1 import routing_pb2 as accessline_dot_routing_dot_v1_d
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+accessline/routing/storage/v1/storage.proto\x12\x1d\x61\x63\x63\x65ssline.routing.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a#accessline/routing/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\nAgentClaim\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"G\n\x06Leader\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x01\n\rOfferInFlight\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63laim_lease\x18\x05 \x01(\x03\"b\n\rConnectTarget\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\xe7\x07\n\x11QueuedInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12<\n\x04kind\x18\x02 \x01(\x0e\x32..accessline.routing.storage.v1.InteractionKind\x12\x16\n\x0eresource_group\x18\x03 \x01(\t\x12.\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x07 \x01(\t\x12\x30\n\x08location\x18\x08 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x1a\n\x12preferred_agent_id\x18\t \x01(\t\x12\x33\n\x0fpreferred_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62usiness_value\x18\x0b \x01(\x01\x12\x1a\n\x12sla_target_seconds\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x05state\x18\x0f \x01(\x0e\x32/.accessline.routing.storage.v1.InteractionState\x12\x17\n\x0ftried_agent_ids\x18\x10 \x03(\t\x12;\n\x05offer\x18\x11 \x01(\x0b\x32,.accessline.routing.storage.v1.OfferInFlight\x12?\n\tconnected\x18\x12 \x01(\x0b\x32,.accessline.routing.storage.v1.ConnectTarget\x12\x0f\n\x07\x63\x61ll_id\x18\x13 \x01(\t\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x15 \x01(\t\x12\x37\n\x07summary\x18\x16 \x01(\x0b\x32&.accessline.presence.v1.ContextSummary\x12\x35\n\x11retry_tried_after\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05trace\x18\x18 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12,\n\x08\x64\x65\x61\x64line\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfd\x01\n\rNotifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12I\n\x07request\x18\x02 \x01(\x0b\x32\x38.accessline.routing.v1.RequestNotifyWhenAvailableRequest\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tactive_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x01\n\tAgentHold\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tclaim_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eresource_group\x18\x06 \x01(\t\"\xcf\x01\n\x0eStoredCallback\x12\x31\n\x08\x63\x61llback\x18\x01 \x01(\x0b\x32\x1f.accessline.routing.v1.Callback\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x14\n\x0cphone_number\x18\x04 \x01(\t\x12\x32\n\x07\x63ontext\x18\x05 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"$\n\rCallbackOwner\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\t\"a\n\x0bPendingDial\x12@\n\x04\x64ial\x18\x01 \x01(\x0b\x32\x32.accessline.routing.v1.StreamCallbackDialsResponse\x12\x10\n\x08taken_by\x18\x02 \x01(\t\"\x1e\n\rNoAnswerCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x05*m\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERACTION_KIND_CALL\x10\x01\x12\x1d\n\x19INTERACTION_KIND_CALLBACK\x10\x02*\x93\x01\n\x10InteractionState\x12!\n\x1dINTERACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERACTION_STATE_QUEUED\x10\x01\x12\x1d\n\x19INTERACTION_STATE_OFFERED\x10\x02\x12\x1f\n\x1bINTERACTION_STATE_CONNECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+accessline/routing/storage/v1/storage.proto\x12\x1d\x61\x63\x63\x65ssline.routing.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a#accessline/routing/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\nAgentClaim\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"G\n\x06Leader\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x02\n\rOfferInFlight\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclaim_key\x18\x06 \x01(\t\x12N\n\taddresses\x18\x07 \x03(\x0b\x32;.accessline.routing.storage.v1.OfferInFlight.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x06\"b\n\rConnectTarget\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\xe7\x07\n\x11QueuedInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12<\n\x04kind\x18\x02 \x01(\x0e\x32..accessline.routing.storage.v1.InteractionKind\x12\x16\n\x0eresource_group\x18\x03 \x01(\t\x12.\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x07 \x01(\t\x12\x30\n\x08location\x18\x08 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x1a\n\x12preferred_agent_id\x18\t \x01(\t\x12\x33\n\x0fpreferred_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62usiness_value\x18\x0b \x01(\x01\x12\x1a\n\x12sla_target_seconds\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x05state\x18\x0f \x01(\x0e\x32/.accessline.routing.storage.v1.InteractionState\x12\x17\n\x0ftried_agent_ids\x18\x10 \x03(\t\x12;\n\x05offer\x18\x11 \x01(\x0b\x32,.accessline.routing.storage.v1.OfferInFlight\x12?\n\tconnected\x18\x12 \x01(\x0b\x32,.accessline.routing.storage.v1.ConnectTarget\x12\x0f\n\x07\x63\x61ll_id\x18\x13 \x01(\t\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x15 \x01(\t\x12\x37\n\x07summary\x18\x16 \x01(\x0b\x32&.accessline.presence.v1.ContextSummary\x12\x35\n\x11retry_tried_after\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05trace\x18\x18 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12,\n\x08\x64\x65\x61\x64line\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfd\x01\n\rNotifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12I\n\x07request\x18\x02 \x01(\x0b\x32\x38.accessline.routing.v1.RequestNotifyWhenAvailableRequest\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tactive_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x01\n\tAgentHold\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tclaim_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eresource_group\x18\x06 \x01(\t\"\xcf\x01\n\x0eStoredCallback\x12\x31\n\x08\x63\x61llback\x18\x01 \x01(\x0b\x32\x1f.accessline.routing.v1.Callback\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x14\n\x0cphone_number\x18\x04 \x01(\t\x12\x32\n\x07\x63ontext\x18\x05 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"$\n\rCallbackOwner\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\t\"a\n\x0bPendingDial\x12@\n\x04\x64ial\x18\x01 \x01(\x0b\x32\x32.accessline.routing.v1.StreamCallbackDialsResponse\x12\x10\n\x08taken_by\x18\x02 \x01(\t\"\x1e\n\rNoAnswerCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x05*m\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERACTION_KIND_CALL\x10\x01\x12\x1d\n\x19INTERACTION_KIND_CALLBACK\x10\x02*\x93\x01\n\x10InteractionState\x12!\n\x1dINTERACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERACTION_STATE_QUEUED\x10\x01\x12\x1d\n\x19INTERACTION_STATE_OFFERED\x10\x02\x12\x1f\n\x1bINTERACTION_STATE_CONNECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.routing.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INTERACTIONKIND']._serialized_start=2442
-  _globals['_INTERACTIONKIND']._serialized_end=2551
-  _globals['_INTERACTIONSTATE']._serialized_start=2554
-  _globals['_INTERACTIONSTATE']._serialized_end=2701
+  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._loaded_options = None
+  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_options = b'8\001'
+  _globals['_INTERACTIONKIND']._serialized_start=2576
+  _globals['_INTERACTIONKIND']._serialized_end=2685
+  _globals['_INTERACTIONSTATE']._serialized_start=2688
+  _globals['_INTERACTIONSTATE']._serialized_end=2835
   _globals['_AGENTCLAIM']._serialized_start=222
   _globals['_AGENTCLAIM']._serialized_end=275
   _globals['_LEADER']._serialized_start=277
   _globals['_LEADER']._serialized_end=348
   _globals['_OFFERINFLIGHT']._serialized_start=351
-  _globals['_OFFERINFLIGHT']._serialized_end=517
-  _globals['_CONNECTTARGET']._serialized_start=519
-  _globals['_CONNECTTARGET']._serialized_end=617
-  _globals['_QUEUEDINTERACTION']._serialized_start=620
-  _globals['_QUEUEDINTERACTION']._serialized_end=1619
-  _globals['_NOTIFYREQUEST']._serialized_start=1622
-  _globals['_NOTIFYREQUEST']._serialized_end=1875
-  _globals['_AGENTHOLD']._serialized_start=1878
-  _globals['_AGENTHOLD']._serialized_end=2061
-  _globals['_STOREDCALLBACK']._serialized_start=2064
-  _globals['_STOREDCALLBACK']._serialized_end=2271
-  _globals['_CALLBACKOWNER']._serialized_start=2273
-  _globals['_CALLBACKOWNER']._serialized_end=2309
-  _globals['_PENDINGDIAL']._serialized_start=2311
-  _globals['_PENDINGDIAL']._serialized_end=2408
-  _globals['_NOANSWERCOUNT']._serialized_start=2410
-  _globals['_NOANSWERCOUNT']._serialized_end=2440
+  _globals['_OFFERINFLIGHT']._serialized_end=651
+  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_start=597
+  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_end=645
+  _globals['_CONNECTTARGET']._serialized_start=653
+  _globals['_CONNECTTARGET']._serialized_end=751
+  _globals['_QUEUEDINTERACTION']._serialized_start=754
+  _globals['_QUEUEDINTERACTION']._serialized_end=1753
+  _globals['_NOTIFYREQUEST']._serialized_start=1756
+  _globals['_NOTIFYREQUEST']._serialized_end=2009
+  _globals['_AGENTHOLD']._serialized_start=2012
+  _globals['_AGENTHOLD']._serialized_end=2195
+  _globals['_STOREDCALLBACK']._serialized_start=2198
+  _globals['_STOREDCALLBACK']._serialized_end=2405
+  _globals['_CALLBACKOWNER']._serialized_start=2407
+  _globals['_CALLBACKOWNER']._serialized_end=2443
+  _globals['_PENDINGDIAL']._serialized_start=2445
+  _globals['_PENDINGDIAL']._serialized_end=2542
+  _globals['_NOANSWERCOUNT']._serialized_start=2544
+  _globals['_NOANSWERCOUNT']._serialized_end=2574
 # @@protoc_insertion_point(module_scope)

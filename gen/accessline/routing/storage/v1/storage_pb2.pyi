@@ -142,22 +142,51 @@ class OfferInFlight(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AddressesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     OFFER_ID_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
-    CLAIM_LEASE_FIELD_NUMBER: _builtins.int
+    CLAIM_KEY_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     channel: _common_pb2.Channel.ValueType
     """The channel offered on."""
     offer_id: _builtins.str
     """The offer's id in Presence."""
-    claim_lease: _builtins.int
-    """The lease of the agent's claim, revoked once the offer is answered."""
+    claim_key: _builtins.str
+    """The agent's claim key, deleted once the offer is answered (its lease is only a
+    safety net).
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """The answer is due before this time."""
+
+    @_builtins.property
+    def addresses(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """The agent's address on each of their channels (channel number to address), so an
+        accept on another channel connects there.
+        """
 
     def __init__(
         self,
@@ -166,11 +195,12 @@ class OfferInFlight(_message.Message):
         channel: _common_pb2.Channel.ValueType = ...,
         offer_id: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
-        claim_lease: _builtins.int = ...,
+        claim_key: _builtins.str = ...,
+        addresses: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channel", b"channel", "claim_lease", b"claim_lease", "deadline", b"deadline", "offer_id", b"offer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_id", b"agent_id", "channel", b"channel", "claim_key", b"claim_key", "deadline", b"deadline", "offer_id", b"offer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
