@@ -514,9 +514,10 @@ async def test_priority_overtakes_age_once_the_sla_is_missed(stack: Stack) -> No
 
 
 async def test_two_replicas_never_offer_one_agent_more_than_its_capacity(stack: Stack) -> None:
-    """Twelve calls on both replicas, three agents who accept everything, hold the call a
-    moment and end it. From each agent's own stream: an offer never arrives while the
-    agent still has a call, and every call is connected exactly once."""
+    """Twelve calls on both replicas, three agents who read each preview a moment, accept
+    it and end the call at once. From each agent's own stream: an offer never arrives
+    while the agent still has one open or a call in progress, and every call is connected
+    exactly once."""
     group = new_group()
     _, numbers = await setup_numbers(stack, group)
     agents = [await agent(stack, group) for _ in range(3)]
@@ -534,6 +535,9 @@ async def test_two_replicas_never_offer_one_agent_more_than_its_capacity(stack: 
                         f"{agent_id} offered {reply.offer.interaction_id} during {busy_with}"
                     )
                 busy_with = reply.offer.interaction_id
+                # The agent reads the preview before accepting (think time, not a wait
+                # for anything): offers made meanwhile would show as overlaps.
+                await asyncio.sleep(0.15)
                 await app.send(
                     offer_response=pr_pb2.OfferResponse(
                         offer_id=reply.offer.offer_id, decision=ACCEPT
