@@ -938,3 +938,41 @@ async def test_killing_the_dispatch_leader_loses_no_queued_call_or_offer(
         app.call.cancel()
     finally:
         await stop_stack(own)
+
+
+async def test_a_deposed_leader_changes_nothing(stack: Stack) -> None:
+    """The leader's key is replaced behind its back (as when its lease ran out and another
+    replica won): its next offer is refused by the fence and nothing is offered until a
+    replica really leads again."""
+    current = await eventually(
+        lambda: stack.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
+    )
+    pid = int(current.value.replica_id.split("/")[1])
+    deposed = next(p for p in stack.router_processes if p.process.pid == pid)
+    usurper = rt_store.Leader(replica_id="elsewhere/0/usurper")
+    # etcd has no atomic replace of a key's identity: delete it and create ours at once;
+    # should the other replica win the gap, it is deposed in turn on the next round.
+    for _ in range(10):
+        await stack.store.delete(rt_keys.LEADER)
+        if await stack.store.create(rt_keys.LEADER, usurper) is not None:
+            break
+    else:
+        pytest.fail("could not take the leader key")
+    try:
+        group = new_group()
+        _, numbers = await setup_numbers(stack, group)
+        member, app = await agent(stack, group)
+        call = Call(stack.routers[0], numbers[0])
+        await call.until("queued")
+        await deposed.wait_for_log("held by another replica")
+        entries, _ = await stack.store.get_prefix(rt_keys.queue(group), rt_store.QueuedInteraction)
+        assert [e.value.state for e in entries] == [rt_store.INTERACTION_STATE_QUEUED]
+        offers, _ = await stack.store.get_prefix(pr_keys.offers(member), pr_store.StoredOffer)
+        claims, _ = await stack.store.get_prefix(rt_keys.claims_of(member), rt_store.AgentClaim)
+        assert (offers, claims) == ([], [])
+    finally:
+        await stack.store.delete(rt_keys.LEADER)
+    # A replica leads again and the call goes out.
+    assert (await call.until("offered", timeout=30)).offered.agent_id == member
+    call.hang_up()
+    app.call.cancel()
