@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from accessline.common.v1 import common_pb2
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from services.demo import SimulatedAgent, Tally
+from services.presence.settings import DEVELOPMENT_SECRET
 from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
 
@@ -107,3 +112,37 @@ async def service_process(
         yield f"127.0.0.1:{port}"
     finally:
         processes.stop([process], timeout=15)
+
+
+async def simulated_team(
+    presence: Any, group: str, subject: str, count: int, name: str, first_extension: int
+) -> list[SimulatedAgent]:
+    """Registers `count` agents of `group` (skill levels 1 to 10 in `subject`, French or
+    English) and logs each in as a simulated app that accepts every offer and wraps up
+    at once."""
+    team = []
+    for i in range(count):
+        agent_id = f"{name}-{i:03d}"
+        await presence.RegisterAgent(
+            pr_pb2.RegisterAgentRequest(
+                agent=pr_pb2.Agent(
+                    agent_id=agent_id,
+                    skills=[pr_pb2.Skill(name=subject, level=1 + i % 10)],
+                    languages=["fr-FR"] if i % 2 else ["en-GB"],
+                    resource_groups=[group],
+                    channels=[
+                        pr_pb2.ChannelConfig(
+                            channel=common_pb2.CHANNEL_DESK_VOICE,
+                            address=str(first_extension + i),
+                            available_on_login=True,
+                        )
+                    ],
+                )
+            )
+        )
+        member = SimulatedAgent(
+            presence, agent_id, Tally(), decline=0.0, ignore=0.0, secret=DEVELOPMENT_SECRET
+        )
+        await member.start()
+        team.append(member)
+    return team

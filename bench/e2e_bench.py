@@ -25,13 +25,17 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from bench.common import Result, embedded_etcd, measure, print_table, service_process
-from services.demo import SimulatedAgent, Tally
-from services.presence.settings import DEVELOPMENT_SECRET
+from bench.common import (
+    Result,
+    embedded_etcd,
+    measure,
+    print_table,
+    service_process,
+    simulated_team,
+)
 
 C = common_pb2
 
@@ -123,30 +127,7 @@ async def drive(
         application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
     )
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
-    team = []
-    for i in range(agents):
-        agent_id = f"e2e-agent-{i:03d}"
-        await pr.RegisterAgent(
-            pr_pb2.RegisterAgentRequest(
-                agent=pr_pb2.Agent(
-                    agent_id=agent_id,
-                    skills=[pr_pb2.Skill(name="mortgage", level=1 + i % 10)],
-                    resource_groups=["mortgage-team"],
-                    channels=[
-                        pr_pb2.ChannelConfig(
-                            channel=C.CHANNEL_DESK_VOICE,
-                            address=str(4000 + i),
-                            available_on_login=True,
-                        )
-                    ],
-                )
-            )
-        )
-        member = SimulatedAgent(
-            pr, agent_id, Tally(), decline=0.0, ignore=0.0, secret=DEVELOPMENT_SECRET
-        )
-        await member.start()
-        team.append(member)
+    team = await simulated_team(pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000)
     timings: dict[str, list[float]] = {
         k: [] for k in ("handoff", "match", "offer", "accept", "call")
     }

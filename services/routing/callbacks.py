@@ -24,8 +24,8 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.presence import keys as pr_keys
 from services.routing import keys
+from services.routing.dispatch import withdraw_offer
 from services.routing.queue import Rules, seconds, timestamp
 from services.runtime.errors import AccesslineError, AlreadyExists, FailedPrecondition, NotFound
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
@@ -203,14 +203,8 @@ class Callbacks:
                 compares.append(Compare.modified_at(queued_key, queued.meta.mod_revision))
             ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED)
             if (await self._store.txn(compares, ops)).succeeded:
-                if queued is not None and queued.value.state == rt_store.INTERACTION_STATE_OFFERED:
-                    offer = queued.value.offer
-                    await pr_keys.cancel_offer(
-                        self._store,
-                        offer.agent_id,
-                        offer.offer_id,
-                        pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
-                    )
+                if queued is not None:
+                    await withdraw_offer(self._store, queued.value)
                 return
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"

@@ -102,6 +102,14 @@ async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.St
         return None
 
 
+async def withdraw_offer(store: Store, item: QI) -> None:
+    """Withdraws the offer in flight of an interaction leaving the queue, if any."""
+    if item.state == rt_store.INTERACTION_STATE_OFFERED:
+        await pr_keys.cancel_offer(
+            store, item.offer.agent_id, item.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
+        )
+
+
 class Dispatcher:
     """Campaigns for `rt/leader` and, while it leads, runs the dispatch passes."""
 
@@ -638,4 +646,4 @@ class Dispatcher:
         return True
 
 
-__all__ = ["Dispatcher", "NotLeader", "agents_of", "wait_answer"]
+__all__ = ["Dispatcher", "NotLeader", "agents_of", "wait_answer", "withdraw_offer"]

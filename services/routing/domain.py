@@ -22,9 +22,9 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.presence import keys as pr_keys
 from services.routing import keys
 from services.routing.callbacks import interaction_for
+from services.routing.dispatch import withdraw_offer
 from services.routing.queue import VOICE, Rules, estimate, order, seconds, timestamp, waiting
 from services.runtime.errors import AccesslineError
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store
@@ -248,14 +248,8 @@ class Router:
             await self._store.txn(
                 [Compare.modified_at(key, entry.meta.mod_revision)], [Op.delete(key)]
             )
-            if not connected and entry.value.state == rt_store.INTERACTION_STATE_OFFERED:
-                offer = entry.value.offer
-                await pr_keys.cancel_offer(
-                    self._store,
-                    offer.agent_id,
-                    offer.offer_id,
-                    pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
-                )
+            if not connected:
+                await withdraw_offer(self._store, entry.value)
 
     async def _follow(
         self, key: str, group: str, arrived: float
