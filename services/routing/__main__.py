@@ -82,7 +82,6 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     callbacks = Callbacks(context.store, notification, rules, wake)
     dispatcher = Dispatcher(
         context.store,
-        presence,
         matching,
         notification,
         rules,

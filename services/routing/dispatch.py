@@ -29,9 +29,18 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import keys as pr_keys
 from services.routing import keys
 from services.routing.queue import VOICE, Candidate, Rules, order, rank, seconds, waiting
+from services.routing.view import AgentView
 from services.runtime.errors import AccesslineError
 from services.runtime.peers import PeerError
-from services.runtime.store import Compare, Entry, EventKind, Op, Store
+from services.runtime.store import (
+    Compare,
+    Entry,
+    EventKind,
+    Op,
+    Store,
+    WatchCompacted,
+    decode,
+)
 from services.runtime.telemetry import context_from
 
 log = logging.getLogger("accessline.routing")
@@ -49,30 +58,6 @@ FINAL_PEER_CODES = {
 
 class NotLeader(Exception):
     """The leader's fencing token no longer holds: stop acting as leader."""
-
-
-async def agents_of(
-    presence: Any, group: str
-) -> tuple[list[pr_pb2.Agent], dict[str, pr_pb2.AgentPresence]]:
-    """The group's agents and the presence of those logged in."""
-    agents: list[pr_pb2.Agent] = []
-    token = ""
-    while True:
-        page = await presence.ListAgents(
-            pr_pb2.ListAgentsRequest(resource_group=group, page_size=500, page_token=token)
-        )
-        agents.extend(page.agents)
-        token = page.next_page_token
-        if not token:
-            break
-    shown: dict[str, pr_pb2.AgentPresence] = {}
-    for start in range(0, len(agents), 500):
-        batch = agents[start : start + 500]
-        answer = await presence.GetPresence(
-            pr_pb2.GetPresenceRequest(agent_ids=[a.agent_id for a in batch])
-        )
-        shown.update({p.agent_id: p for p in answer.agents})
-    return agents, shown
 
 
 async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
@@ -116,7 +101,6 @@ class Dispatcher:
     def __init__(
         self,
         store: Store,
-        presence: Any,
         matching: Any,
         notification: Any,
         rules: Rules,
@@ -128,7 +112,6 @@ class Dispatcher:
         meter: metrics.Meter | None = None,
     ) -> None:
         self._store = store
-        self._presence = presence
         self._matching = matching
         self._notification = notification
         self._rules = rules
@@ -140,6 +123,7 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._follows: dict[str, asyncio.Task[None]] = {}
         self._fence = 0
+        self._view = AgentView(store, self.wake)
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
         self._offers = meter.create_counter(
@@ -176,36 +160,44 @@ class Dispatcher:
     async def _campaign(self) -> None:
         backoff = 0.2
         while not self._stopping.is_set():
-            lease_id = 0
             try:
-                lease_id = await self._store.grant_lease(self._rules.leader_lease)
-                kept = await self._store.keep_alive(lease_id, self._rules.leader_lease)
-                try:
-                    while not kept.lost.is_set() and not self._stopping.is_set():
-                        leader = rt_store.Leader(replica_id=self._replica)
-                        leader.since.FromNanoseconds(time.time_ns())
-                        revision = await self._store.create(keys.LEADER, leader, lease_id)
-                        if revision is None:
-                            await self._await_vacancy(kept.lost)
-                            continue
-                        self._fence = revision
-                        log.info("this replica now runs the dispatch loop")
-                        try:
-                            await self._lead(kept.lost)
-                        finally:
-                            self.leading.clear()
-                            log.info("this replica no longer runs the dispatch loop")
-                finally:
-                    self._store.stop_keep_alive(kept)
-                    with contextlib.suppress(AccesslineError):
-                        await self._store.revoke_lease(lease_id)
+                await self._term()
                 backoff = 0.2
-            except (AccesslineError, NotLeader) as exc:
+                continue
+            except (AccesslineError, NotLeader, WatchCompacted) as exc:
                 log.warning("dispatch leadership interrupted: %s", exc)
-                # Back off before campaigning again (etcd unreachable, lease lost).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # A bug must not end dispatching on this replica for good: log it with
+                # its trace and campaign again.
+                log.exception("dispatch loop failed")
+            # Back off before campaigning again (etcd unreachable, lease lost).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _term(self) -> None:
+        """One lease of this replica: campaign with it, lead while it holds."""
+        lease_id = await self._store.grant_lease(self._rules.leader_lease)
+        kept = await self._store.keep_alive(lease_id, self._rules.leader_lease)
+        try:
+            while not kept.lost.is_set() and not self._stopping.is_set():
+                leader = rt_store.Leader(replica_id=self._replica)
+                leader.since.FromNanoseconds(time.time_ns())
+                revision = await self._store.create(keys.LEADER, leader, lease_id)
+                if revision is None:
+                    await self._await_vacancy(kept.lost)
+                    continue
+                self._fence = revision
+                log.info("this replica now runs the dispatch loop")
+                try:
+                    await self._lead(kept.lost)
+                finally:
+                    self.leading.clear()
+                    log.info("this replica no longer runs the dispatch loop")
+        finally:
+            self._store.stop_keep_alive(kept)
+            with contextlib.suppress(AccesslineError):
+                await self._store.revoke_lease(lease_id)
 
     async def _await_vacancy(self, lost: asyncio.Event) -> None:
         """Returns once `rt/leader` is gone (or our own lease is lost)."""
@@ -231,11 +223,19 @@ class Dispatcher:
 
     async def _lead(self, lost: asyncio.Event) -> None:
         self.leading.set()
+        self._view = AgentView(self._store, self.wake)
         watchers = [
             asyncio.ensure_future(self._wake_on(keys.ROOT)),
-            asyncio.ensure_future(self._wake_on(pr_keys.PRESENCE)),
+            asyncio.ensure_future(self._view.run()),
         ]
         try:
+            # The first pass waits for the agent view to be loaded.
+            starting = [asyncio.ensure_future(e.wait()) for e in (self._view.ready, lost)]
+            try:
+                await asyncio.wait([*starting, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in starting:
+                    waiter.cancel()
             while not lost.is_set() and not self._stopping.is_set():
                 for watcher in watchers:
                     if watcher.done():
@@ -285,12 +285,27 @@ class Dispatcher:
 
     async def _pass(self) -> None:
         now = time.time()
-        queued, _ = await self._store.get_prefix(keys.QUEUE, QI)
-        requests, _ = await self._store.get_prefix(keys.NOTIFY, rt_store.NotifyRequest)
-        claims, _ = await self._store.get_prefix(keys.CLAIMS, rt_store.AgentClaim)
+        # One snapshot of the queues, the requests, the claims and the agents' presence:
+        # an agent whose claim was just dropped after an accept shows busy in it.
+        snapshot = await self._store.txn(
+            [],
+            [
+                Op.get_prefix(keys.QUEUE),
+                Op.get_prefix(keys.NOTIFY),
+                Op.get_prefix(keys.CLAIMS),
+                Op.get_prefix(pr_keys.PRESENCE),
+            ],
+        )
+        raw_queue, raw_requests, raw_claims, raw_presence = snapshot.gets
+        queued = [Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue]
+        requests = [Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests]
+        stored = {
+            k.removeprefix(pr_keys.PRESENCE): decode(pr_store.StoredPresence, k, v)
+            for k, v, _ in raw_presence
+        }
         claimed: dict[tuple[str, int], int] = defaultdict(int)
-        for claim in claims:
-            agent_id, channel, _slot = claim.key.removeprefix(keys.CLAIMS).rsplit("/", 2)
+        for key, _, _ in raw_claims:
+            agent_id, channel, _slot = key.removeprefix(keys.CLAIMS).rsplit("/", 2)
             claimed[(agent_id, int(channel))] += 1
         await self._sweep(queued, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
@@ -311,11 +326,7 @@ class Dispatcher:
             asks = sorted(notify_by_group.get(group, []), key=lambda r: seconds(r.value.created_at))
             if not ready and not asks:
                 continue
-            try:
-                agents, shown = await agents_of(self._presence, group)
-            except PeerError as exc:
-                log.warning("dispatch of group %s skipped: %s", group, exc)
-                continue
+            agents, shown = self._view.group(group, stored)
             reserved = {
                 e.value.preferred_agent_id: e.value.interaction_id
                 for e in entries
@@ -646,4 +657,4 @@ class Dispatcher:
         return True
 
 
-__all__ = ["Dispatcher", "NotLeader", "agents_of", "wait_answer", "withdraw_offer"]
+__all__ = ["Dispatcher", "NotLeader", "wait_answer", "withdraw_offer"]
