@@ -26,6 +26,8 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.cli import SERVICES, default_port, settings_type
 from services.presence.settings import DEVELOPMENT_SECRET
 from services.presence.tokens import agent_token
@@ -285,7 +287,9 @@ def scrape(port: int) -> tuple[set[str], set[str]]:
 async def test_the_dashboard_queries_only_metrics_the_services_export(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    ports = {name: free_port() for name in ("numberdistribution", "callmatching", "presence")}
+    ports = {
+        name: free_port() for name in ("numberdistribution", "callmatching", "presence", "routing")
+    }
     nd = service_factory(
         "services.numberdistribution", ACCESSLINE_METRICS_PORT=str(ports["numberdistribution"])
     )
@@ -299,18 +303,28 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
     pr = service_factory("services.presence", ACCESSLINE_METRICS_PORT=str(ports["presence"]))
     await wait_serving(cm)
     await wait_serving(pr)
+    rt = service_factory(
+        "services.routing",
+        ACCESSLINE_METRICS_PORT=str(ports["routing"]),
+        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
+        ACCESSLINE_PRESENCE_ADDRESS=pr.address,
+    )
+    await wait_serving(rt)
     # One of everything the dashboard shows: a handoff and its match, an exhausted pool,
-    # an agent online.
+    # an agent online, a call routed to that agent.
     async with (
         grpc.aio.insecure_channel(nd.address) as a,
         grpc.aio.insecure_channel(cm.address) as b,
         grpc.aio.insecure_channel(pr.address) as c,
+        grpc.aio.insecure_channel(rt.address) as d,
     ):
         numbers: Any = nd_grpc.NumberDistributionServiceStub(a)
         matching: Any = cm_grpc.CallMatchingServiceStub(b)
         presence: Any = pr_grpc.PresenceServiceStub(c)
         await numbers.CreatePool(
-            nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id="metrics", subjects=["m"]))
+            nd_pb2.CreatePoolRequest(
+                pool=nd_pb2.Pool(pool_id="metrics", subjects=["m"], resource_group="metrics-team")
+            )
         )
         await numbers.AddNumbers(
             nd_pb2.AddNumbersRequest(pool_id="metrics", numbers=["+33140009999"])
@@ -334,10 +348,14 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
         assert matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
         agent = pr_pb2.Agent(
             agent_id="metrics-agent",
+            resource_groups=["metrics-team"],
             channels=[
                 pr_pb2.ChannelConfig(
                     channel=common_pb2.CHANNEL_CHAT, address="a", available_on_login=True
-                )
+                ),
+                pr_pb2.ChannelConfig(
+                    channel=common_pb2.CHANNEL_DESK_VOICE, address="b", available_on_login=True
+                ),
             ],
         )
         await presence.RegisterAgent(pr_pb2.RegisterAgentRequest(agent=agent))
@@ -347,6 +365,21 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
             pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id="metrics-agent", auth_token=token))
         )
         assert (await stream.read()).HasField("snapshot")
+        routing: Any = rt_grpc.RoutingServiceStub(d)
+        call = routing.RouteInboundCall(
+            rt_pb2.RouteInboundCallRequest(call_id="m2", dnis=started.access_number)
+        )
+        while not (reply := await stream.read()).HasField("offer"):
+            pass
+        await stream.write(
+            pr_pb2.ConnectRequest(
+                offer_response=pr_pb2.OfferResponse(
+                    offer_id=reply.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+                )
+            )
+        )
+        kinds = [event.WhichOneof("event") async for event in call]
+        assert kinds[-1] == "connect"
 
         exported: set[str] = set()
         labels: set[str] = set()
@@ -356,7 +389,7 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
                 names, found = scrape(port)
                 exported.update(names)
                 labels.update(found)
-            return "accessline_presence_channels" in exported
+            return {"accessline_presence_channels", "accessline_routing_offers_total"} <= exported
 
         await eventually(collect, what="metrics scraped")
         stream.cancel()
@@ -374,4 +407,5 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
     assert buckets == {
         "accessline_match_decision_duration_seconds_bucket",
         "accessline_match_handoff_to_call_duration_seconds_bucket",
+        "accessline_routing_call_to_accept_duration_seconds_bucket",
     }
