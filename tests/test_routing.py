@@ -35,7 +35,7 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.presence import keys as pr_keys
 from services.routing import keys as rt_keys
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from services.runtime.store import Store
 from tests.conftest import (
     ServiceProcess,
@@ -976,3 +976,31 @@ async def test_a_deposed_leader_changes_nothing(stack: Stack) -> None:
     assert (await call.until("offered", timeout=30)).offered.agent_id == member
     call.hang_up()
     app.call.cancel()
+
+
+async def test_a_dependency_failing_after_the_match_ends_the_stream_with_a_failed_event(
+    stack: Stack, etcd: EmbeddedEtcd
+) -> None:
+    """Presence unreachable: the switch still gets the match decision, then `failed`
+    with reason UNAVAILABLE on the stream rather than a broken stream."""
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    cm = stack.processes[3]
+    lonely = spawn_service(
+        "services.routing",
+        etcd.endpoint,
+        f"/test-{uuid.uuid4().hex[:12]}",
+        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
+        ACCESSLINE_PRESENCE_ADDRESS=f"127.0.0.1:{free_port()}",
+        ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
+    )
+    try:
+        await wait_serving(lonely)
+        async with grpc.aio.insecure_channel(lonely.address) as channel:
+            call = Call(rt_grpc.RoutingServiceStub(channel), numbers[0])
+            failed = await call.until("failed")
+            assert call.kinds()[0] == "match_decided"
+            assert failed.failed.reason == rt_pb2.FAILURE_REASON_UNAVAILABLE
+            assert await call.call.code() == grpc.StatusCode.OK
+    finally:
+        await lonely.stop_async()

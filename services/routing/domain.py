@@ -170,74 +170,84 @@ class Router:
                 )
             )
             return
-        context = matched.context if is_match else common_pb2.ContextData()
-        if hold is None:
-            _, staffed = await self.availability(group)
-            if staffed == 0:
-                yield event(
-                    failed=rt_pb2.Failed(
-                        reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
-                        message="no agent of the group is logged in",
+        try:
+            context = matched.context if is_match else common_pb2.ContextData()
+            if hold is None:
+                _, staffed = await self.availability(group)
+                if staffed == 0:
+                    yield event(
+                        failed=rt_pb2.Failed(
+                            reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
+                            message="no agent of the group is logged in",
+                        )
+                    )
+                    return
+            item = interaction_for(
+                interaction_id=interaction_id,
+                kind=rt_store.INTERACTION_KIND_CALL,
+                group=group,
+                context=context,
+                rules=self._rules,
+                now=arrived,
+            )
+            item.not_before.CopyFrom(timestamp(0))
+            item.call_id = request.call_id
+            item.session_id = matched.session_id
+            item.customer_id = matched.customer_id
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            item.trace.traceparent = carrier.get("traceparent", "")
+            item.trace.tracestate = carrier.get("tracestate", "")
+            key = keys.queued(group, interaction_id)
+            lease = await self._replica_lease()
+            created = False
+            if hold is not None:
+                # The agent held for this customer waits for this call alone; the hold's
+                # claim is dropped in the same transaction so the dispatcher can offer them.
+                item.preferred_agent_id = hold.value.agent_id
+                item.preferred_until.CopyFrom(
+                    timestamp(
+                        time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
                     )
                 )
-                return
-        item = interaction_for(
-            interaction_id=interaction_id,
-            kind=rt_store.INTERACTION_KIND_CALL,
-            group=group,
-            context=context,
-            rules=self._rules,
-            now=arrived,
-        )
-        item.not_before.CopyFrom(timestamp(0))
-        item.call_id = request.call_id
-        item.session_id = matched.session_id
-        item.customer_id = matched.customer_id
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        item.trace.traceparent = carrier.get("traceparent", "")
-        item.trace.tracestate = carrier.get("tracestate", "")
-        key = keys.queued(group, interaction_id)
-        lease = await self._replica_lease()
-        created = False
-        if hold is not None:
-            # The agent held for this customer waits for this call alone; the hold's
-            # claim is dropped in the same transaction so the dispatcher can offer them.
-            item.preferred_agent_id = hold.value.agent_id
-            item.preferred_until.CopyFrom(
-                timestamp(
-                    time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
+                created = (
+                    await self._store.txn(
+                        [Compare.modified_at(hold.key, hold.meta.mod_revision)],
+                        [
+                            Op.put(key, item, lease),
+                            Op.delete(hold.key),
+                            Op.delete(hold.value.claim_key),
+                        ],
+                    )
+                ).succeeded
+                if not created:
+                    item.ClearField("preferred_agent_id")
+                    item.ClearField("preferred_until")
+            if not created:
+                await self._store.put(key, item, lease)
+            self._wake()
+            self._queued.add(1)
+            connected = False
+            try:
+                async for update in self._follow(key, group, arrived):
+                    if update.WhichOneof("event") == "connect":
+                        connected = True
+                        update.connect.context.CopyFrom(context)
+                        update.connect.session_id = matched.session_id
+                    update.interaction_id = interaction_id
+                    yield update
+            finally:
+                self._queued.add(-1)
+                await asyncio.shield(self._leave(key, connected))
+        except AccesslineError as exc:
+            # The switch already has the match decision: tell it on the stream.
+            log.warning("routing of %s stopped: %s", interaction_id, exc.message)
+            yield event(
+                failed=rt_pb2.Failed(
+                    reason=rt_pb2.FAILURE_REASON_UNAVAILABLE,
+                    message=f"routing could not go on ({exc.reason}); try again",
                 )
             )
-            created = (
-                await self._store.txn(
-                    [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                    [
-                        Op.put(key, item, lease),
-                        Op.delete(hold.key),
-                        Op.delete(hold.value.claim_key),
-                    ],
-                )
-            ).succeeded
-            if not created:
-                item.ClearField("preferred_agent_id")
-                item.ClearField("preferred_until")
-        if not created:
-            await self._store.put(key, item, lease)
-        self._wake()
-        self._queued.add(1)
-        connected = False
-        try:
-            async for update in self._follow(key, group, arrived):
-                if update.WhichOneof("event") == "connect":
-                    connected = True
-                    update.connect.context.CopyFrom(context)
-                    update.connect.session_id = matched.session_id
-                update.interaction_id = interaction_id
-                yield update
-        finally:
-            self._queued.add(-1)
-            await asyncio.shield(self._leave(key, connected))
 
     async def _leave(self, key: str, connected: bool) -> None:
         """Takes the call out of the queue; an offer still open is withdrawn."""
