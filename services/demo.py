@@ -330,7 +330,7 @@ async def play(
                     call_id=f"demo-call-{run}-{n}", dnis=started.access_number, dtmf_digits=digits
                 )
             )
-            queued = False
+            queued = counted = False
             try:
                 async for event in call:
                     kind = event.WhichOneof("event")
@@ -340,8 +340,9 @@ async def play(
                         if not queued:
                             queued = True
                             tally.waiting += 1
-                            if position > 1 or event.queued.estimated_wait.seconds:
-                                tally.queued_calls += 1
+                        if not counted and (position > 1 or event.queued.estimated_wait.seconds):
+                            counted = True
+                            tally.queued_calls += 1
                         continue
                     if queued:
                         queued = False

@@ -52,4 +52,7 @@ async def test_the_demo_plays_the_whole_flow(
     assert tally.outcomes["MATCH_OUTCOME_MATCHED"] > 0
     assert tally.connected > 0
     assert tally.in_progress == 0
+    assert tally.waiting == 0
+    assert 0 <= tally.queued_calls <= 20
+    assert "waiting in the queue now" in output.getvalue()
     assert f"summary: 20 handoffs, {tally.connected} calls connected" in output.getvalue()
