@@ -36,7 +36,7 @@ from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.presence import keys as pr_keys
 from services.routing import keys as rt_keys
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.store import Store
+from services.runtime.store import Op, Store
 from tests.conftest import (
     ServiceProcess,
     error_details,
@@ -264,6 +264,12 @@ async def handoff(
             application_id=app_id, customer_id=customer, context=context, **extra
         )
     )
+
+
+async def stored_anywhere(stack: Stack, *needles: bytes) -> bool:
+    """Whether any of `needles` appears in clear in a value of Routing's keys."""
+    found = await stack.store.txn([], [Op.get_prefix(rt_keys.ROOT)])
+    return any(n in value for _, value, _ in found.gets[0] for n in needles)
 
 
 # -- the call path ------------------------------------------------------------------
@@ -587,7 +593,9 @@ async def test_notify_when_available_holds_the_agent_for_the_customers_call(stac
     held, held_app = await agent(stack, group, 1, available=False)
     customer = f"c-{uuid.uuid4().hex[:6]}"
     pushes = await in_app(stack, customer)
-    context = C.ContextData(subject=subject, attributes={"display_name": "Mr Bernard"})
+    context = C.ContextData(
+        subject=subject, attributes={"display_name": "Mr Bernard", "policy": "P-99-SECRET"}
+    )
     asked = await stack.routers[0].RequestNotifyWhenAvailable(
         rt_pb2.RequestNotifyWhenAvailableRequest(
             customer_id=customer,
@@ -595,6 +603,7 @@ async def test_notify_when_available_holds_the_agent_for_the_customers_call(stac
             handoff=cm_pb2.StartHandoffRequest(application_id=app_id, context=context),
         )
     )
+    assert not await stored_anywhere(stack, b"P-99-SECRET")
     await set_available(held_app, True)
     pushed = (await asyncio.wait_for(pushes.read(), 20)).notification
     assert pushed.event_type == nt_pb2.EVENT_TYPE_AGENT_AVAILABLE
@@ -697,7 +706,9 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     customer = f"c-{uuid.uuid4().hex[:6]}"
     pushes = await in_app(stack, customer)
     dials = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="sw1"))
-    context = C.ContextData(subject="mortgage", attributes={"display_name": "Ms Petit"})
+    context = C.ContextData(
+        subject="mortgage", attributes={"display_name": "Ms Petit", "iban": "FR7630001007941"}
+    )
     requested = await stack.routers[0].RequestCallback(
         rt_pb2.RequestCallbackRequest(
             customer_id=customer,
@@ -733,9 +744,12 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_details(refused.value)["ErrorInfo"].reason == "CALLBACK_EXISTS"
 
+    # The number and the context are sealed in etcd, in the callback and in its dial.
+    assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
     preview = await answer(app, ACCEPT)
     assert preview.interaction_id == callback_id
     dial = await asyncio.wait_for(dials.read(), 20)
+    assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
     assert (dial.callback_id, dial.phone_number, dial.agent_id, dial.agent_address) == (
         callback_id,
         "+33612345678",

@@ -6,40 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from services.runtime.sealing import SealBroken, Sealer, derive_key
 
-from services.runtime.errors import AccesslineError
-
-
-class SealBroken(AccesslineError):
-    """A sealed value does not open with this deployment's secret."""
-
-    default_reason = "SEAL_BROKEN"
-
-
-def _derive(secret: bytes, purpose: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(secret)
+__all__ = ["SealBroken", "SessionCrypto"]
 
 
 class SessionCrypto:
     def __init__(self, secret: bytes) -> None:
-        self._aead = AESGCM(_derive(secret, b"accessline context seal v1"))
-        self._ani_key = _derive(secret, b"accessline ani hash v1")
+        self._sealer = Sealer(secret, b"accessline context seal v1")
+        self._ani_key = derive_key(secret, b"accessline ani hash v1")
 
     def seal(self, data: bytes, session_id: str) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, data, session_id.encode())
+        return self._sealer.seal(data, session_id)
 
     def unseal(self, sealed: bytes, session_id: str) -> bytes:
-        try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], session_id.encode())
-        except InvalidTag:
-            raise SealBroken("a stored session does not open with this secret") from None
+        return self._sealer.unseal(sealed, session_id)
 
     def ani_hash(self, ani: str) -> bytes:
         return hmac.new(self._ani_key, ani.encode(), hashlib.sha256).digest()

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from services.runtime.sealing import Sealer, derive_key
 
 DEFAULT_CODE_LENGTH = 6
 MIN_CODE_LENGTH = 4
 MAX_CODE_LENGTH = 12
-
-
-def _derive(secret: bytes, purpose: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(secret)
 
 
 class CodeBook:
@@ -27,8 +20,8 @@ class CodeBook:
     (every replica must share the secret)."""
 
     def __init__(self, secret: bytes) -> None:
-        self._hash_key = _derive(secret, b"accessline access-code hash v1")
-        self._seal = AESGCM(_derive(secret, b"accessline access-code seal v1"))
+        self._hash_key = derive_key(secret, b"accessline access-code hash v1")
+        self._sealer = Sealer(secret, b"accessline access-code seal v1")
 
     @staticmethod
     def new_code(length: int) -> str:
@@ -42,11 +35,10 @@ class CodeBook:
         return hmac.compare_digest(self.hash(number, digits), code_hash)
 
     def seal(self, code: str, context: str) -> bytes:
-        nonce = os.urandom(12)
-        return nonce + self._seal.encrypt(nonce, code.encode(), context.encode())
+        return self._sealer.seal(code.encode(), context)
 
     def unseal(self, sealed: bytes, context: str) -> str:
-        return self._seal.decrypt(sealed[:12], sealed[12:], context.encode()).decode()
+        return self._sealer.unseal(sealed, context).decode()
 
 
 def clean_digits(dtmf: str) -> str:

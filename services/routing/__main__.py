@@ -18,7 +18,10 @@ from services.routing.queue import Rules, parse_value_rules
 from services.routing.servicer import RoutingServicer
 from services.routing.settings import RoutingSettings
 from services.runtime.peers import PeerStub
+from services.runtime.sealing import Sealer
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+SEAL_PURPOSE = b"accessline routing seal v1"
 
 
 def rules_from(settings: RoutingSettings) -> Rules:
@@ -79,12 +82,14 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         if dispatcher is not None:
             dispatcher.wake()
 
-    callbacks = Callbacks(context.store, notification, rules, wake)
+    sealer = Sealer(settings.routing_secret.get_secret_value().encode(), SEAL_PURPOSE)
+    callbacks = Callbacks(context.store, notification, rules, sealer, wake)
     dispatcher = Dispatcher(
         context.store,
         matching,
         notification,
         rules,
+        sealer,
         replica,
         on_accepted_callback=callbacks.accepted,
         sweep=callbacks.sweep,
@@ -97,7 +102,10 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     return [
         Registration(
             servicer=RoutingServicer(
-                router, callbacks, NotifyRequests(context.store, rules, wake), context.stopping
+                router,
+                callbacks,
+                NotifyRequests(context.store, rules, sealer, wake),
+                context.stopping,
             ),
             add_to_server=routing_pb2_grpc.add_RoutingServiceServicer_to_server,
             descriptor=routing_pb2.DESCRIPTOR.services_by_name["RoutingService"],

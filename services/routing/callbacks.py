@@ -28,6 +28,7 @@ from services.routing import keys
 from services.routing.dispatch import withdraw_offer
 from services.routing.queue import Rules, seconds, timestamp
 from services.runtime.errors import AccesslineError, AlreadyExists, FailedPrecondition, NotFound
+from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
 
 log = logging.getLogger("accessline.routing")
@@ -86,12 +87,23 @@ class Callbacks:
     ReportCallbackAttempt on top of etcd."""
 
     def __init__(
-        self, store: Store, notification: Any, rules: Rules, wake: Callable[[], None]
+        self,
+        store: Store,
+        notification: Any,
+        rules: Rules,
+        sealer: Sealer,
+        wake: Callable[[], None],
     ) -> None:
         self._store = store
         self._notification = notification
         self._rules = rules
+        self._sealer = sealer
         self._wake = wake
+
+    def _details(self, stored: rt_store.StoredCallback) -> rt_store.CallbackDetails:
+        return rt_store.CallbackDetails.FromString(
+            self._sealer.unseal(stored.sealed_details, stored.callback.callback_id)
+        )
 
     async def request(self, request: rt_pb2.RequestCallbackRequest) -> rt_pb2.Callback:
         now = time.time()
@@ -108,9 +120,13 @@ class Callbacks:
             callback=public,
             session_id=request.session_id,
             customer_id=request.customer_id,
-            phone_number=request.phone_number,
-            context=request.context,
             idempotency_key=request.idempotency_key,
+            sealed_details=self._sealer.seal(
+                rt_store.CallbackDetails(
+                    phone_number=request.phone_number, context=request.context
+                ).SerializeToString(),
+                callback_id,
+            ),
         )
         item = interaction_for(
             interaction_id=callback_id,
@@ -222,13 +238,17 @@ class Callbacks:
         updated.CopyFrom(stored.value)
         updated.callback.state = rt_pb2.CALLBACK_STATE_DIALLING
         updated.callback.attempts += 1
+        details = self._details(updated)
         dial = rt_store.PendingDial(
-            dial=rt_pb2.StreamCallbackDialsResponse(
-                callback_id=updated.callback.callback_id,
-                phone_number=updated.phone_number,
-                agent_id=target.agent_id,
-                agent_address=target.address,
-                context=updated.context,
+            sealed_dial=self._sealer.seal(
+                rt_pb2.StreamCallbackDialsResponse(
+                    callback_id=updated.callback.callback_id,
+                    phone_number=details.phone_number,
+                    agent_id=target.agent_id,
+                    agent_address=target.address,
+                    context=details.context,
+                ).SerializeToString(),
+                updated.callback.callback_id,
             )
         )
         result = await self._store.txn(
@@ -323,7 +343,9 @@ class Callbacks:
                 )
                 if result.succeeded:
                     taken.add(found.key)
-                    yield mine.dial
+                    yield rt_pb2.StreamCallbackDialsResponse.FromString(
+                        self._sealer.unseal(mine.sealed_dial, found.key.removeprefix(keys.DIALS))
+                    )
         finally:
             for task in (watcher, stop, step):
                 if task is not None:
@@ -368,7 +390,7 @@ class Callbacks:
                     interaction_id=callback_id,
                     kind=rt_store.INTERACTION_KIND_CALLBACK,
                     group=cb.resource_group,
-                    context=entry.value.context,
+                    context=self._details(entry.value).context,
                     rules=self._rules,
                     now=now,
                 )
@@ -422,9 +444,12 @@ class Callbacks:
 class NotifyRequests:
     """RequestNotifyWhenAvailable, Snooze and Cancel: records the dispatch leader reads."""
 
-    def __init__(self, store: Store, rules: Rules, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, store: Store, rules: Rules, sealer: Sealer, wake: Callable[[], None]
+    ) -> None:
         self._store = store
         self._rules = rules
+        self._sealer = sealer
         self._wake = wake
 
     async def request(
@@ -433,7 +458,12 @@ class NotifyRequests:
         now = time.time()
         request_id = "nw" + secrets.token_urlsafe(12)
         expires = now + self._rules.notify_max
-        record = rt_store.NotifyRequest(request_id=request_id, request=request)
+        record = rt_store.NotifyRequest(
+            request_id=request_id,
+            request=request,
+            sealed_handoff=self._sealer.seal(request.handoff.SerializeToString(), request_id),
+        )
+        record.request.ClearField("handoff")
         if not record.request.channel:
             record.request.channel = common_pb2.CHANNEL_DESK_VOICE
         record.created_at.CopyFrom(timestamp(now))

@@ -32,6 +32,7 @@ from services.routing.queue import VOICE, Candidate, Rules, order, rank, seconds
 from services.routing.view import AgentView
 from services.runtime.errors import AccesslineError
 from services.runtime.peers import PeerError
+from services.runtime.sealing import Sealer
 from services.runtime.store import (
     Compare,
     Entry,
@@ -104,6 +105,7 @@ class Dispatcher:
         matching: Any,
         notification: Any,
         rules: Rules,
+        sealer: Sealer,
         replica_id: str,
         on_accepted_callback: Callable[
             [Entry[QI], rt_store.ConnectTarget, int], Coroutine[Any, Any, bool]
@@ -115,6 +117,7 @@ class Dispatcher:
         self._matching = matching
         self._notification = notification
         self._rules = rules
+        self._sealer = sealer
         self._replica = replica_id
         self._on_accepted_callback = on_accepted_callback
         self._sweep = sweep
@@ -606,8 +609,9 @@ class Dispatcher:
             return False
         lease, claim_key = claimed
         try:
-            handoff = cm_pb2.StartHandoffRequest()
-            handoff.CopyFrom(request.handoff)
+            handoff = cm_pb2.StartHandoffRequest.FromString(
+                self._sealer.unseal(ask.value.sealed_handoff, ask.value.request_id)
+            )
             handoff.customer_id = request.customer_id
             handoff.idempotency_key = ask.value.request_id
             handoff.ttl.FromNanoseconds(int(self._rules.hold * 1e9))

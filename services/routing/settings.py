@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.runtime.settings import ServiceSettings
+
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-routing-secret-not-for-production"  # noqa: S105
 
 
 class RoutingSettings(ServiceSettings):
@@ -16,6 +19,12 @@ class RoutingSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
+    )
+    routing_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which the key sealing callbacks' numbers and contexts and"
+        " notify requests' handoffs in etcd is derived; the same on every replica.",
     )
     callmatching_address: str = Field(
         default="127.0.0.1:50052", min_length=3, description="CallMatching's host:port."

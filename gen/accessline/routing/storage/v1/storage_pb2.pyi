@@ -399,11 +399,16 @@ class NotifyRequest(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ACTIVE_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    SEALED_HANDOFF_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Id of the request."""
+    sealed_handoff: _builtins.bytes
+    """The request's handoff (a serialized StartHandoffRequest, whose context may hold
+    personal data), sealed with Routing's secret and bound to the request id.
+    """
     @_builtins.property
     def request(self) -> _routing_pb2.RequestNotifyWhenAvailableRequest:
-        """The request as the app made it."""
+        """The request as the app made it, without its handoff (sealed below)."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -425,10 +430,11 @@ class NotifyRequest(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         active_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        sealed_handoff: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request", "request_id", b"request_id", "sealed_handoff", b"sealed_handoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -492,24 +498,21 @@ class StoredCallback(_message.Message):
     CALLBACK_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
-    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
-    CONTEXT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    SEALED_DETAILS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The handoff session."""
     customer_id: _builtins.str
     """The customer."""
-    phone_number: _builtins.str
-    """The number to dial (E.164)."""
     idempotency_key: _builtins.str
     """The request's idempotency key."""
+    sealed_details: _builtins.bytes
+    """The number to dial and the context (a serialized CallbackDetails), sealed with
+    Routing's secret and bound to the callback id.
+    """
     @_builtins.property
     def callback(self) -> _routing_pb2.Callback:
         """The callback as GetCallback shows it."""
-
-    @_builtins.property
-    def context(self) -> _common_pb2.ContextData:
-        """The context for the agent."""
 
     def __init__(
         self,
@@ -517,17 +520,44 @@ class StoredCallback(_message.Message):
         callback: _routing_pb2.Callback | None = ...,
         session_id: _builtins.str = ...,
         customer_id: _builtins.str = ...,
-        phone_number: _builtins.str = ...,
-        context: _common_pb2.ContextData | None = ...,
         idempotency_key: _builtins.str = ...,
+        sealed_details: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "context", b"context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "context", b"context", "customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "phone_number", b"phone_number", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "sealed_details", b"sealed_details", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredCallback: _TypeAlias = StoredCallback  # noqa: Y015
+
+@_typing.final
+class CallbackDetails(_message.Message):
+    """What a callback keeps sealed: personal data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    phone_number: _builtins.str
+    """The number to dial (E.164)."""
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """The context for the agent."""
+
+    def __init__(
+        self,
+        *,
+        phone_number: _builtins.str = ...,
+        context: _common_pb2.ContextData | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "phone_number", b"phone_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallbackDetails: _TypeAlias = CallbackDetails  # noqa: Y015
 
 @_typing.final
 class CallbackOwner(_message.Message):
@@ -559,23 +589,23 @@ class PendingDial(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DIAL_FIELD_NUMBER: _builtins.int
     TAKEN_BY_FIELD_NUMBER: _builtins.int
+    SEALED_DIAL_FIELD_NUMBER: _builtins.int
     taken_by: _builtins.str
     """The switch stream it was handed to; empty while nobody took it."""
-    @_builtins.property
-    def dial(self) -> _routing_pb2.StreamCallbackDialsResponse:
-        """What the switch receives."""
-
+    sealed_dial: _builtins.bytes
+    """What the switch receives (a serialized StreamCallbackDialsResponse, with the number
+    and the context), sealed with Routing's secret and bound to the callback id.
+    """
     def __init__(
         self,
         *,
-        dial: _routing_pb2.StreamCallbackDialsResponse | None = ...,
         taken_by: _builtins.str = ...,
+        sealed_dial: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dial", b"dial"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dial", b"dial", "taken_by", b"taken_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed_dial", b"sealed_dial", "taken_by", b"taken_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
