@@ -57,6 +57,7 @@ ROUTING_ENV = {
     "ACCESSLINE_ROUTING_LEADER_LEASE_SECONDS": "2",
     "ACCESSLINE_ROUTING_HOLD_SECONDS": "3",
     "ACCESSLINE_ROUTING_CALLBACK_RETRY_SECONDS": "0",
+    "ACCESSLINE_ROUTING_CALLBACK_DIAL_TIMEOUT_SECONDS": "4",
     # Gold customers are worth more, but ordinary calls have a short SLA and their
     # priority rises fast once it is missed.
     "ACCESSLINE_ROUTING_VALUE_RULES": '[{"segment": "gold", "value": 50, "sla_seconds": 600}]',
@@ -700,6 +701,16 @@ def window(seconds: float) -> timestamp_pb2.Timestamp:
     return out
 
 
+async def dial_for(stream: Any, callback_id: str) -> rt_pb2.StreamCallbackDialsResponse:
+    """The next dial of this callback on a switch stream (dials of other tests' callbacks
+    may come first on this shared stack)."""
+    while True:
+        dial = await asyncio.wait_for(stream.read(), 20)
+        assert dial is not grpc.aio.EOF
+        if dial.callback_id == callback_id:
+            return dial
+
+
 async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None:
     group = new_group()
     member, app = await agent(stack, group)
@@ -748,7 +759,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
     preview = await answer(app, ACCEPT)
     assert preview.interaction_id == callback_id
-    dial = await asyncio.wait_for(dials.read(), 20)
+    dial = await dial_for(dials, callback_id)
     assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
     assert (dial.callback_id, dial.phone_number, dial.agent_id, dial.agent_address) == (
         callback_id,
@@ -774,8 +785,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     assert "+336" not in told.body
 
     await answer(app, ACCEPT)
-    second = await asyncio.wait_for(dials.read(), 20)
-    assert second.callback_id == callback_id
+    await dial_for(dials, callback_id)
     done = await stack.routers[0].ReportCallbackAttempt(
         rt_pb2.ReportCallbackAttemptRequest(
             callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
@@ -823,11 +833,52 @@ async def test_a_dial_taken_by_a_switch_that_drops_goes_to_another(stack: Stack)
         )
     )
     await answer(app, ACCEPT)
-    assert (await asyncio.wait_for(first.read(), 20)).callback_id == requested.callback.callback_id
+    await dial_for(first, requested.callback.callback_id)
     first.cancel()
     second = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="b"))
-    assert (await asyncio.wait_for(second.read(), 20)).callback_id == requested.callback.callback_id
+    await dial_for(second, requested.callback.callback_id)
+    done = await stack.routers[1].ReportCallbackAttempt(
+        rt_pb2.ReportCallbackAttemptRequest(
+            callback_id=requested.callback.callback_id,
+            outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED,
+        )
+    )
+    assert done.callback.state == rt_pb2.CALLBACK_STATE_COMPLETED
     second.cancel()
+    app.call.cancel()
+
+
+async def test_a_dial_no_switch_reports_counts_as_a_failed_attempt(stack: Stack) -> None:
+    group = new_group()
+    _, app = await agent(stack, group)
+    customer = f"c-{uuid.uuid4().hex[:6]}"
+    pushes = await in_app(stack, customer)
+    silent = stack.routers[1].StreamCallbackDials(
+        rt_pb2.StreamCallbackDialsRequest(switch_id="silent")
+    )
+    requested = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            customer_id=customer,
+            phone_number="+33612345680",
+            latest=window(600),
+            resource_group=group,
+        )
+    )
+    callback_id = requested.callback.callback_id
+    await answer(app, ACCEPT)
+    # The switch takes the dial and never reports it (4 s dial timeout here).
+    await dial_for(silent, callback_id)
+
+    async def retried() -> bool:
+        got = await stack.routers[0].GetCallback(rt_pb2.GetCallbackRequest(callback_id=callback_id))
+        return (got.callback.state, got.callback.attempts) == (rt_pb2.CALLBACK_STATE_QUEUED, 1)
+
+    await eventually(retried, what="the unreported dial counted as a failed attempt")
+    told = (await asyncio.wait_for(pushes.read(), 20)).notification
+    assert told.event_type == nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED
+    await stack.routers[0].CancelCallback(rt_pb2.CancelCallbackRequest(callback_id=callback_id))
+    silent.cancel()
+    pushes.cancel()
     app.call.cancel()
 
 

@@ -46,6 +46,7 @@ def rules_from(settings: RoutingSettings) -> Rules:
         notify_max=settings.routing_notify_max_hours * 3600,
         callback_max_attempts=settings.routing_callback_max_attempts,
         callback_retry=settings.routing_callback_retry_seconds,
+        callback_dial_timeout=settings.routing_callback_dial_timeout_seconds,
         callback_retention=settings.routing_callback_retention_hours * 3600,
     )
 

@@ -240,6 +240,7 @@ class Callbacks:
         updated.callback.attempts += 1
         details = self._details(updated)
         dial = rt_store.PendingDial(
+            created_at=timestamp(time.time()),
             sealed_dial=self._sealer.seal(
                 rt_pb2.StreamCallbackDialsResponse(
                     callback_id=updated.callback.callback_id,
@@ -249,7 +250,7 @@ class Callbacks:
                     context=details.context,
                 ).SerializeToString(),
                 updated.callback.callback_id,
-            )
+            ),
         )
         result = await self._store.txn(
             [
@@ -269,8 +270,17 @@ class Callbacks:
         found = result.gets[0] if result.gets else []
         return bool(found) and found[0][2].create_revision == fence
 
-    async def sweep(self, queued: list[Entry[QI]], now: float) -> None:
-        """Fails queued callbacks whose window closed (run by the dispatch leader)."""
+    async def sweep(
+        self, queued: list[Entry[QI]], dials: list[Entry[rt_store.PendingDial]], now: float
+    ) -> None:
+        """Run by the dispatch leader: fails queued callbacks whose window closed, and
+        counts a dial no switch reported in time as a failed attempt."""
+        for dial in dials:
+            if seconds(dial.value.created_at) + self._rules.callback_dial_timeout <= now:
+                callback_id = dial.key.removeprefix(keys.DIALS)
+                log.warning("callback %s: the dial was not reported in time", callback_id)
+                with contextlib.suppress(FailedPrecondition, NotFound):
+                    await self.report(callback_id, rt_pb2.CALLBACK_ATTEMPT_OUTCOME_FAILED)
         for item in queued:
             value = item.value
             if (

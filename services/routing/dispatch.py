@@ -110,7 +110,10 @@ class Dispatcher:
         on_accepted_callback: Callable[
             [Entry[QI], rt_store.ConnectTarget, int], Coroutine[Any, Any, bool]
         ],
-        sweep: Callable[[list[Entry[QI]], float], Coroutine[Any, Any, None]],
+        sweep: Callable[
+            [list[Entry[QI]], list[Entry[rt_store.PendingDial]], float],
+            Coroutine[Any, Any, None],
+        ],
         meter: metrics.Meter | None = None,
     ) -> None:
         self._store = store
@@ -297,9 +300,10 @@ class Dispatcher:
                 Op.get_prefix(keys.NOTIFY),
                 Op.get_prefix(keys.CLAIMS),
                 Op.get_prefix(pr_keys.PRESENCE),
+                Op.get_prefix(keys.DIALS),
             ],
         )
-        raw_queue, raw_requests, raw_claims, raw_presence = snapshot.gets
+        raw_queue, raw_requests, raw_claims, raw_presence, raw_dials = snapshot.gets
         queued = [Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue]
         requests = [Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests]
         stored = {
@@ -310,7 +314,8 @@ class Dispatcher:
         for key, _, _ in raw_claims:
             agent_id, channel, _slot = key.removeprefix(keys.CLAIMS).rsplit("/", 2)
             claimed[(agent_id, int(channel))] += 1
-        await self._sweep(queued, now)
+        dials = [Entry(k, decode(rt_store.PendingDial, k, v), m) for k, v, m in raw_dials]
+        await self._sweep(queued, dials, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
         for entry in queued:
             by_group[entry.value.resource_group].append(entry)

@@ -118,6 +118,7 @@ class Rules:
     notify_max: float = 4 * 3600.0
     callback_max_attempts: int = 3
     callback_retry: float = 300.0
+    callback_dial_timeout: float = 600.0
     callback_retention: float = 24 * 3600.0
 
     def value_of(self, channel: int, segment: str, subject: str, kind: int) -> tuple[float, float]:

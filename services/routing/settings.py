@@ -140,6 +140,13 @@ class RoutingSettings(ServiceSettings):
         le=86_400,
         description="Wait between a failed callback dial and the next attempt.",
     )
+    routing_callback_dial_timeout_seconds: float = Field(
+        default=600,
+        ge=1,
+        le=86_400,
+        description="A dial the switch has not reported after this long counts as a failed "
+        "attempt.",
+    )
     routing_callback_retention_hours: float = Field(
         default=24,
         gt=0,

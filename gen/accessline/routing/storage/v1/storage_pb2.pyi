@@ -591,21 +591,29 @@ class PendingDial(_message.Message):
 
     TAKEN_BY_FIELD_NUMBER: _builtins.int
     SEALED_DIAL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     taken_by: _builtins.str
     """The switch stream it was handed to; empty while nobody took it."""
     sealed_dial: _builtins.bytes
     """What the switch receives (a serialized StreamCallbackDialsResponse, with the number
     and the context), sealed with Routing's secret and bound to the callback id.
     """
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent accepted; a dial nobody reports within the dial timeout counts as a
+        failed attempt.
+        """
+
     def __init__(
         self,
         *,
         taken_by: _builtins.str = ...,
         sealed_dial: _builtins.bytes = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed_dial", b"sealed_dial", "taken_by", b"taken_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "sealed_dial", b"sealed_dial", "taken_by", b"taken_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
