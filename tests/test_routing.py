@@ -78,6 +78,7 @@ class Stack:
     processes: list[ServiceProcess]
     router_processes: list[ServiceProcess]
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    prefix: str = ""
 
 
 async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path) -> Stack:
@@ -121,6 +122,7 @@ async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path) -> Stack:
         [nd, pr, nt, cm, *routers],
         routers,
         channels,
+        prefix,
     )
 
 
@@ -1069,3 +1071,39 @@ async def test_a_dependency_failing_after_the_match_ends_the_stream_with_a_faile
             assert await call.call.code() == grpc.StatusCode.OK
     finally:
         await lonely.stop_async()
+
+
+async def test_a_call_waiting_past_the_maximum_queue_time_fails_and_leaves_the_queue(
+    stack: Stack, etcd: EmbeddedEtcd
+) -> None:
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    _, app = await agent(stack, group, available=False)
+    impatient = spawn_service(
+        "services.routing",
+        etcd.endpoint,
+        stack.prefix,
+        ACCESSLINE_CALLMATCHING_ADDRESS=stack.processes[3].address,
+        ACCESSLINE_PRESENCE_ADDRESS=stack.processes[1].address,
+        ACCESSLINE_NOTIFICATION_ADDRESS=stack.processes[2].address,
+        ACCESSLINE_ROUTING_MAX_QUEUE_SECONDS="2",
+        ACCESSLINE_ROUTING_QUEUE_UPDATE_SECONDS="0.2",
+    )
+    try:
+        await wait_serving(impatient)
+        async with grpc.aio.insecure_channel(impatient.address) as channel:
+            call = Call(rt_grpc.RoutingServiceStub(channel), numbers[0])
+            assert (await call.until("queued")).queued.position == 1
+            failed = await call.until("failed")
+            assert failed.failed.reason == rt_pb2.FAILURE_REASON_QUEUE_TIMEOUT
+
+            async def left() -> bool:
+                entries, _ = await stack.store.get_prefix(
+                    rt_keys.queue(group), rt_store.QueuedInteraction
+                )
+                return not entries
+
+            await eventually(left, what="the call out of the queue")
+    finally:
+        await impatient.stop_async()
+    app.call.cancel()
