@@ -28,7 +28,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import keys as pr_keys
 from services.routing import keys
-from services.routing.queue import VOICE, Candidate, Rules, order, rank, seconds, waiting
+from services.routing.queue import Candidate, Rules, order, rank, seconds, waiting
 from services.routing.view import AgentView
 from services.runtime.errors import AccesslineError
 from services.runtime.peers import PeerError
@@ -335,14 +335,18 @@ class Dispatcher:
             if not ready and not asks:
                 continue
             agents, shown = self._view.group(group, stored)
+            # A channel whose slots are all claimed (an offer out, or a hold) is not free,
+            # whatever the agent's presence says.
+            for presence in shown.values():
+                for state in presence.channels:
+                    if claimed.get((presence.agent_id, state.channel), 0) >= max(1, state.capacity):
+                        state.presence = common_pb2.CHANNEL_PRESENCE_BUSY
             reserved = {
                 e.value.preferred_agent_id: e.value.interaction_id
                 for e in entries
                 if e.value.preferred_agent_id and seconds(e.value.preferred_until) > now
             }
-            # Agents whose channel slots are all claimed (an offer out, or a hold) are
-            # not free, whatever their presence says.
-            taken = {a.agent_id for a in agents if self._claimed_out(a, claimed)}
+            taken: set[str] = set()
             offers = []
             for item in order([e.value for e in ready.values()], self._rules, now):
                 eligible = self._eligible(
@@ -351,16 +355,15 @@ class Dispatcher:
                 if eligible:
                     taken.add(eligible[0].agent.agent_id)
                     offers.append(self._offer(ready[item.interaction_id], eligible[0]))
-            # The offers of one pass go out together; one that loses its claim waits for
-            # the next pass, which this wakes.
+            # The offers of one pass go out together. One that lost a race (the call
+            # changed, a slot was claimed meanwhile) waits for the next pass, which that
+            # very change in etcd wakes.
             results = await asyncio.gather(*offers, return_exceptions=True)
             for result in results:
                 if isinstance(result, NotLeader):
                     raise result
                 if isinstance(result, BaseException):
                     log.warning("offer failed: %s", result)
-                if result is not True:
-                    self._wake.set()
             for ask in asks:
                 probe = QI(
                     channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
@@ -372,14 +375,6 @@ class Dispatcher:
                     taken.add(candidate.agent.agent_id)
                     if await self._hold(ask, candidate):
                         break
-
-    @staticmethod
-    def _claimed_out(agent: pr_pb2.Agent, claimed: dict[tuple[str, int], int]) -> bool:
-        """True when every voice channel of the agent has all its slots claimed."""
-        voice = [c for c in agent.channels if c.channel in VOICE]
-        return bool(voice) and all(
-            claimed.get((agent.agent_id, c.channel), 0) >= (c.capacity or 1) for c in voice
-        )
 
     @staticmethod
     def _eligible(
