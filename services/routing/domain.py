@@ -201,7 +201,7 @@ class Router:
             item.trace.tracestate = carrier.get("tracestate", "")
             key = keys.queued(group, interaction_id)
             lease = await self._replica_lease()
-            created = False
+            revision = 0
             if hold is not None:
                 # The agent held for this customer waits for this call alone; the hold's
                 # claim is dropped in the same transaction so the dispatcher can offer them.
@@ -211,26 +211,26 @@ class Router:
                         time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
                     )
                 )
-                created = (
-                    await self._store.txn(
-                        [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                        [
-                            Op.put(key, item, lease),
-                            Op.delete(hold.key),
-                            Op.delete(hold.value.claim_key),
-                        ],
-                    )
-                ).succeeded
-                if not created:
+                taken = await self._store.txn(
+                    [Compare.modified_at(hold.key, hold.meta.mod_revision)],
+                    [
+                        Op.put(key, item, lease),
+                        Op.delete(hold.key),
+                        Op.delete(hold.value.claim_key),
+                    ],
+                )
+                if taken.succeeded:
+                    revision = taken.revision
+                else:
                     item.ClearField("preferred_agent_id")
                     item.ClearField("preferred_until")
-            if not created:
-                await self._store.put(key, item, lease)
+            if not revision:
+                revision = await self._store.put(key, item, lease)
             self._wake()
             self._queued.add(1)
             connected = False
             try:
-                async for update in self._follow(key, group, arrived):
+                async for update in self._follow(key, item, revision, group, arrived):
                     if update.WhichOneof("event") == "connect":
                         connected = True
                         update.connect.context.CopyFrom(context)
@@ -263,18 +263,14 @@ class Router:
                 await withdraw_offer(self._store, entry.value)
 
     async def _follow(
-        self, key: str, group: str, arrived: float
+        self, key: str, item: QI, revision: int, group: str, arrived: float
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
-        """The call's progress as the queue entry changes, and its position refreshed
-        every queue update interval while it waits."""
-        entry = await self._store.get(key, QI)
-        if entry is None:
-            yield self._lost()
-            return
+        """The call's progress as its queue entry (written at `revision`) changes, and its
+        position refreshed every queue update interval while it waits."""
         changes: asyncio.Queue[QI | None] = asyncio.Queue()
 
         async def watch() -> None:
-            async for change in self._store.watch_prefix(key, entry.meta.mod_revision + 1):
+            async for change in self._store.watch_prefix(key, revision + 1):
                 if change.key != key:
                     continue
                 if change.kind == EventKind.DELETE:
@@ -283,7 +279,7 @@ class Router:
                 changes.put_nowait(change.decode(QI))
 
         watcher = asyncio.ensure_future(watch())
-        current: QI | None = entry.value
+        current: QI | None = item
         shown_queue: tuple[int, int] | None = None
         shown_offer = ""
         try:
