@@ -21,12 +21,11 @@ from typing import Any
 
 from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
-from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.routing import keys
 from services.routing.dispatch import withdraw_offer
-from services.routing.queue import Rules, seconds, timestamp
+from services.routing.queue import Rules, interaction_for, seconds, timestamp
 from services.runtime.errors import AccesslineError, AlreadyExists, FailedPrecondition, NotFound
 from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
@@ -39,47 +38,6 @@ FINAL = (
     rt_pb2.CALLBACK_STATE_FAILED,
     rt_pb2.CALLBACK_STATE_CANCELLED,
 )
-
-
-def interaction_for(
-    *,
-    interaction_id: str,
-    kind: rt_store.InteractionKind.ValueType,
-    group: str,
-    context: common_pb2.ContextData,
-    rules: Rules,
-    now: float,
-) -> QI:
-    """A new queue entry: value and SLA from the rules, agent-selection fields and the
-    summary shown to the agent from the context, the service request's owner preferred."""
-    channel = common_pb2.CHANNEL_DESK_VOICE
-    value, sla = rules.value_of(channel, context.customer_segment, context.subject, kind)
-    item = QI(
-        interaction_id=interaction_id,
-        kind=kind,
-        resource_group=group,
-        channel=channel,
-        subject=context.subject,
-        language=context.language,
-        customer_segment=context.customer_segment,
-        business_value=value,
-        sla_target_seconds=sla,
-        state=rt_store.INTERACTION_STATE_QUEUED,
-        summary=pr_pb2.ContextSummary(
-            customer_display_name=context.attributes.get("display_name", ""),
-            subject=context.subject,
-            language=context.language,
-            service_request_id=context.service_request_id,
-        ),
-    )
-    if context.HasField("location"):
-        item.location.CopyFrom(context.location)
-    item.created_at.CopyFrom(timestamp(now))
-    item.not_before.CopyFrom(timestamp(now))
-    if context.service_request_owner:
-        item.preferred_agent_id = context.service_request_owner
-        item.preferred_until.CopyFrom(timestamp(now + rules.owner_wait))
-    return item
 
 
 class Callbacks:

@@ -23,9 +23,17 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.routing import keys
-from services.routing.callbacks import interaction_for
 from services.routing.dispatch import withdraw_offer
-from services.routing.queue import VOICE, Rules, estimate, order, seconds, timestamp, waiting
+from services.routing.queue import (
+    VOICE,
+    Rules,
+    estimate,
+    interaction_for,
+    order,
+    seconds,
+    timestamp,
+    waiting,
+)
 from services.runtime.errors import AccesslineError
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store
 

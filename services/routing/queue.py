@@ -18,6 +18,7 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 
 C = common_pb2
 VOICE = (C.CHANNEL_DESK_VOICE, C.CHANNEL_MOBILE_VOICE, C.CHANNEL_EXTERNAL_PHONE)
+QI = rt_store.QueuedInteraction
 RULE_FIELDS = {"channel", "segment", "subject", "kind"}
 MAX_RULES = 200
 
@@ -139,7 +140,7 @@ def seconds(ts: Any) -> float:
     return float(ts.ToNanoseconds()) / 1e9
 
 
-def priority(item: rt_store.QueuedInteraction, rules: Rules, now: float) -> float:
+def priority(item: QI, rules: Rules, now: float) -> float:
     """Business value, plus `priority_per_second` for every second waited past the SLA."""
     waited = now - seconds(item.created_at)
     late = max(0.0, waited - item.sla_target_seconds)
@@ -238,3 +239,44 @@ def rank(
         idle = seconds(shown.idle_since) if shown.HasField("idle_since") else time.time()
         out.append(Candidate(agent, channel, score, idle, agent.agent_id in tried))
     return sorted(out, key=lambda c: (c.tried, -c.score, c.idle_since, c.agent.agent_id))
+
+
+def interaction_for(
+    *,
+    interaction_id: str,
+    kind: rt_store.InteractionKind.ValueType,
+    group: str,
+    context: common_pb2.ContextData,
+    rules: Rules,
+    now: float,
+) -> QI:
+    """A new queue entry: value and SLA from the rules, agent-selection fields and the
+    summary shown to the agent from the context, the service request's owner preferred."""
+    channel = common_pb2.CHANNEL_DESK_VOICE
+    value, sla = rules.value_of(channel, context.customer_segment, context.subject, kind)
+    item = QI(
+        interaction_id=interaction_id,
+        kind=kind,
+        resource_group=group,
+        channel=channel,
+        subject=context.subject,
+        language=context.language,
+        customer_segment=context.customer_segment,
+        business_value=value,
+        sla_target_seconds=sla,
+        state=rt_store.INTERACTION_STATE_QUEUED,
+        summary=pr_pb2.ContextSummary(
+            customer_display_name=context.attributes.get("display_name", ""),
+            subject=context.subject,
+            language=context.language,
+            service_request_id=context.service_request_id,
+        ),
+    )
+    if context.HasField("location"):
+        item.location.CopyFrom(context.location)
+    item.created_at.CopyFrom(timestamp(now))
+    item.not_before.CopyFrom(timestamp(now))
+    if context.service_request_owner:
+        item.preferred_agent_id = context.service_request_owner
+        item.preferred_until.CopyFrom(timestamp(now + rules.owner_wait))
+    return item
