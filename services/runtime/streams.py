@@ -34,7 +34,9 @@ async def until(source: AsyncIterator[T], stopping: asyncio.Event) -> AsyncItera
             # The caller went away (a cancelled RPC) while the source was producing: stop
             # the source too, so its own cleanup runs now rather than never.
             step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(asyncio.wait({step}))
+            if step.done() and not step.cancelled():
+                step.exception()  # retrieved: the caller is gone, nobody else will
         with contextlib.suppress(AttributeError, RuntimeError):
             await iterator.aclose()  # type: ignore[attr-defined]
