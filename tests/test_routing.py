@@ -201,7 +201,9 @@ ACCEPT = pr_pb2.OFFER_DECISION_ACCEPT
 DECLINE = pr_pb2.OFFER_DECISION_DECLINE
 
 
-async def setup_numbers(stack: Stack, group: str, count: int = 1) -> tuple[str, list[str]]:
+async def setup_numbers(
+    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True
+) -> tuple[str, list[str]]:
     pool_id = f"p-{uuid.uuid4().hex[:6]}"
     subject = f"mortgage-{pool_id}"
     await stack.nd.CreatePool(
@@ -215,7 +217,9 @@ async def setup_numbers(stack: Stack, group: str, count: int = 1) -> tuple[str, 
     await stack.cm.RegisterApplication(
         cm_pb2.RegisterApplicationRequest(
             application=cm_pb2.Application(
-                application_id=app_id, match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
+                application_id=app_id,
+                match_schema=C.MATCH_SCHEMA_NUMBER,
+                skip_ivr_on_match=skip_ivr,
             )
         )
     )
@@ -348,6 +352,23 @@ async def test_an_unmatched_call_goes_through_the_ivr_then_to_the_numbers_group(
     assert (await call.until("offered")).offered.agent_id == member
     preview = await app.next_kind("offer")
     assert preview.summary.subject == ""  # nothing known of an unmatched caller
+    call.hang_up()
+    app.call.cancel()
+
+
+async def test_a_matched_call_of_an_app_that_keeps_the_ivr_gets_the_standard_treatment(
+    stack: Stack,
+) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group, skip_ivr=False)
+    subject = await pool_subject(stack, group)
+    member, app = await agent(stack, group)
+    started = await handoff(stack, app_id, "c-ivr", C.ContextData(subject=subject))
+    call = Call(stack.routers[0], started.access_number)
+    decided = (await call.next()).match_decided
+    assert decided.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    assert decided.treatment == rt_pb2.TREATMENT_IVR_STANDARD
+    assert (await call.until("offered")).offered.agent_id == member
     call.hang_up()
     app.call.cancel()
 
