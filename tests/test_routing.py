@@ -144,6 +144,18 @@ async def stack(
     await stop_stack(built)
 
 
+@contextlib.asynccontextmanager
+async def one_more_router(etcd: EmbeddedEtcd, prefix: str, **env: str) -> AsyncIterator[Any]:
+    """A Routing process of its own settings, stopped on exit; yields its stub."""
+    process = spawn_service("services.routing", etcd.endpoint, prefix, **env)
+    try:
+        await wait_serving(process)
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            yield rt_grpc.RoutingServiceStub(channel)
+    finally:
+        await process.stop_async()
+
+
 def new_group() -> str:
     return f"g-{uuid.uuid4().hex[:6]}"
 
@@ -1073,25 +1085,18 @@ async def test_a_dependency_failing_after_the_match_ends_the_stream_with_a_faile
     with reason UNAVAILABLE on the stream rather than a broken stream."""
     group = new_group()
     _, numbers = await setup_numbers(stack, group)
-    cm = stack.processes[3]
-    lonely = spawn_service(
-        "services.routing",
-        etcd.endpoint,
+    async with one_more_router(
+        etcd,
         f"/test-{uuid.uuid4().hex[:12]}",
-        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
+        ACCESSLINE_CALLMATCHING_ADDRESS=stack.processes[3].address,
         ACCESSLINE_PRESENCE_ADDRESS=f"127.0.0.1:{free_port()}",
         ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
-    )
-    try:
-        await wait_serving(lonely)
-        async with grpc.aio.insecure_channel(lonely.address) as channel:
-            call = Call(rt_grpc.RoutingServiceStub(channel), numbers[0])
-            failed = await call.until("failed")
-            assert call.kinds()[0] == "match_decided"
-            assert failed.failed.reason == rt_pb2.FAILURE_REASON_UNAVAILABLE
-            assert await call.call.code() == grpc.StatusCode.OK
-    finally:
-        await lonely.stop_async()
+    ) as lonely:
+        call = Call(lonely, numbers[0])
+        failed = await call.until("failed")
+        assert call.kinds()[0] == "match_decided"
+        assert failed.failed.reason == rt_pb2.FAILURE_REASON_UNAVAILABLE
+        assert await call.call.code() == grpc.StatusCode.OK
 
 
 async def test_a_call_waiting_past_the_maximum_queue_time_fails_and_leaves_the_queue(
@@ -1100,31 +1105,25 @@ async def test_a_call_waiting_past_the_maximum_queue_time_fails_and_leaves_the_q
     group = new_group()
     _, numbers = await setup_numbers(stack, group)
     _, app = await agent(stack, group, available=False)
-    impatient = spawn_service(
-        "services.routing",
-        etcd.endpoint,
+    async with one_more_router(
+        etcd,
         stack.prefix,
         ACCESSLINE_CALLMATCHING_ADDRESS=stack.processes[3].address,
         ACCESSLINE_PRESENCE_ADDRESS=stack.processes[1].address,
         ACCESSLINE_NOTIFICATION_ADDRESS=stack.processes[2].address,
         ACCESSLINE_ROUTING_MAX_QUEUE_SECONDS="2",
         ACCESSLINE_ROUTING_QUEUE_UPDATE_SECONDS="0.2",
-    )
-    try:
-        await wait_serving(impatient)
-        async with grpc.aio.insecure_channel(impatient.address) as channel:
-            call = Call(rt_grpc.RoutingServiceStub(channel), numbers[0])
-            assert (await call.until("queued")).queued.position == 1
-            failed = await call.until("failed")
-            assert failed.failed.reason == rt_pb2.FAILURE_REASON_QUEUE_TIMEOUT
+    ) as impatient:
+        call = Call(impatient, numbers[0])
+        assert (await call.until("queued")).queued.position == 1
+        failed = await call.until("failed")
+        assert failed.failed.reason == rt_pb2.FAILURE_REASON_QUEUE_TIMEOUT
 
-            async def left() -> bool:
-                entries, _ = await stack.store.get_prefix(
-                    rt_keys.queue(group), rt_store.QueuedInteraction
-                )
-                return not entries
+        async def left() -> bool:
+            entries, _ = await stack.store.get_prefix(
+                rt_keys.queue(group), rt_store.QueuedInteraction
+            )
+            return not entries
 
-            await eventually(left, what="the call out of the queue")
-    finally:
-        await impatient.stop_async()
+        await eventually(left, what="the call out of the queue")
     app.call.cancel()
