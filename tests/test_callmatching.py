@@ -317,6 +317,33 @@ async def test_many_calls_racing_on_two_replicas_match_a_session_exactly_once(
         assert state.state == cm_pb2.SESSION_STATE_MATCHED
 
 
+async def test_a_wrong_code_racing_the_right_one_never_knocks_out_the_right_caller(
+    system: System,
+) -> None:
+    rounds = 30
+    subject, _ = await make_pool(system, rounds, access_code_policy=CODE_POLICY)
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE, max_code_attempts=5)
+    sessions = [await handoff(system, app_id, subject) for _ in range(rounds)]
+    outcomes = []
+    for n, started in enumerate(sessions):
+        wrong = str((int(started.access_code) + 1) % 10**6).zfill(6)
+        # The two calls on two replicas: the wrong one counts an attempt on the session
+        # while the right one is deciding.
+        guess, right = await asyncio.gather(
+            call(system.cm, started.access_number, dtmf=wrong, call_id=f"wrong-{n}"),
+            call(system.cm2, started.access_number, dtmf=started.access_code, call_id=f"ok-{n}"),
+        )
+        outcomes.append((guess.outcome, right.outcome))
+    assert all(r == cm_pb2.MATCH_OUTCOME_MATCHED for _, r in outcomes), [
+        (cm_pb2.MatchOutcome.Name(g), cm_pb2.MatchOutcome.Name(r)) for g, r in outcomes
+    ]
+    # The wrong code was a mismatch, or came after the match and found nothing.
+    assert {g for g, _ in outcomes} <= {
+        cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
+        cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
+    }
+
+
 async def test_guessing_codes_locks_the_reservation_after_the_limit(system: System) -> None:
     policy = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_REQUIRED, length=4)
     subject, numbers = await make_pool(system, 1, access_code_policy=policy, quarantine=seconds(30))

@@ -43,6 +43,9 @@ DEFAULT_SESSION_TTL = 300.0
 DECISION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 HANDOFF_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
 DEFAULT_MAX_CODE_ATTEMPTS = 3
+# A right call retries its final transaction while wrong codes keep changing the session;
+# they can do so at most max_code_attempts (at most 20) times before it locks.
+MAX_MATCH_ROUNDS = 24
 
 NEEDS_ANI = {common_pb2.MATCH_SCHEMA_NUMBER_ANI, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
 NEEDS_CODE = {common_pb2.MATCH_SCHEMA_NUMBER_CODE, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
@@ -563,10 +566,21 @@ class CallMatching:
                 session, entry.meta.mod_revision, call.call_id, now
             )
             return unmatched
-        if not await self._end(
-            session, entry.meta.mod_revision, cm_pb2.SESSION_STATE_MATCHED, call.call_id, now
-        ):
-            # Another call (maybe on another replica) consumed the session first.
+        revision = entry.meta.mod_revision
+        for _ in range(MAX_MATCH_ROUNDS):
+            if await self._end(session, revision, cm_pb2.SESSION_STATE_MATCHED, call.call_id, now):
+                break
+            # The session changed since it was read: consumed by another call (maybe on
+            # another replica), or only a wrong code counted on it, which must not keep
+            # the right caller out. Decide again on what is there now.
+            fresh = await self._store.get(keys.session(session.session_id), cm_store.StoredSession)
+            if fresh is None or fresh.value.reservation.reservation_id != (
+                session.reservation.reservation_id
+            ):
+                unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+                return unmatched
+            session, revision = fresh.value, fresh.meta.mod_revision
+        else:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched
         context = common_pb2.ContextData.FromString(
