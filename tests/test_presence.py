@@ -280,6 +280,50 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     app.call.cancel()
 
 
+async def test_an_agent_who_reconnects_during_a_call_is_still_on_it(cluster: Cluster) -> None:
+    agent_id = await register(cluster.stubs[0])
+    first = App(cluster.stubs[0])
+    await first.login(agent_id)
+    await keys.make_offer(
+        cluster.store, agent_id, "call-7", C.CHANNEL_DESK_VOICE, pr_pb2.ContextSummary(), 15
+    )
+    shown = await first.next_kind("offer")
+    await first.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=shown.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
+        )
+    )
+    await first.next_kind("offer_response_recorded")
+    # The app's connection drops while the agent is on the call, and comes back through
+    # the other replica.
+    first.call.cancel()
+    await eventually(lambda: _offline(cluster.stubs[0], agent_id), what="first session ended")
+    second = App(cluster.stubs[1])
+    snapshot = await second.login(agent_id)
+    desk = next(c for c in snapshot.presence.channels if c.channel == C.CHANNEL_DESK_VOICE)
+    assert (desk.presence, desk.active_interactions) == (C.CHANNEL_PRESENCE_BUSY, 1)
+    shown_to_routing = await cluster.stubs[0].GetPresence(
+        pr_pb2.GetPresenceRequest(agent_ids=[agent_id])
+    )
+    assert shown_to_routing.agents[0].channels[0].presence == C.CHANNEL_PRESENCE_BUSY
+
+    await second.send(end_interaction=pr_pb2.EndInteraction(interaction_id="call-7"))
+    free = await second.next_kind("presence_confirmed")
+    assert free.presence.channels[0].presence == C.CHANNEL_PRESENCE_AVAILABLE
+    # Ending it again (an app retrying after a reconnect) changes nothing and keeps the
+    # stream open.
+    await second.send(end_interaction=pr_pb2.EndInteraction(interaction_id="call-7"))
+    again = await second.next_kind("presence_confirmed")
+    assert again.presence.channels[0].presence == C.CHANNEL_PRESENCE_AVAILABLE
+    await second.send(heartbeat=pr_pb2.Heartbeat())
+    assert await second.next_kind("heartbeat_ack")
+    second.call.cancel()
+
+
+async def _offline(stub: Any, agent_id: str) -> bool:
+    return await overall(stub, agent_id) == C.OVERALL_PRESENCE_OFFLINE
+
+
 async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
     app = App(cluster.stubs[0])

@@ -34,6 +34,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             lease_seconds=settings.presence_lease_seconds,
             heartbeat_timeout=settings.presence_heartbeat_timeout_seconds,
             secret=secret.encode(),
+            max_interaction=settings.presence_max_interaction_hours * 3600,
         ),
     )
     return [

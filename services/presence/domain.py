@@ -10,7 +10,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,12 @@ class Directory:
         await self.get(agent_id)
         # The agent's live session (if any) sees its presence vanish and ends.
         await self._store.txn(
-            [], [Op.delete(keys.agent(agent_id)), Op.delete(keys.presence(agent_id))]
+            [],
+            [
+                Op.delete(keys.agent(agent_id)),
+                Op.delete(keys.presence(agent_id)),
+                Op.delete_prefix(keys.interactions(agent_id)),
+            ],
         )
 
     async def snapshot(
@@ -429,6 +434,7 @@ class Limits:
     lease_seconds: int
     heartbeat_timeout: float
     secret: bytes
+    max_interaction: float = 12 * 3600.0
 
 
 @dataclass
@@ -474,6 +480,17 @@ class AgentSession:
             resource_groups=self.agent.resource_groups,
             device=self.device,
         )
+        # Calls accepted in an earlier session and not ended: the agent is still on them.
+        ongoing, _ = await self.store.get_prefix(
+            keys.interactions(self.agent.agent_id), pr_store.StoredInteraction
+        )
+        for entry in ongoing:
+            for channel in self.state.channels:
+                if channel.channel == entry.value.channel:
+                    channel.active_interactions += 1
+                    self.state.interactions[entry.value.interaction_id] = entry.value.channel
+        if self.state.interactions:
+            self.state.ClearField("idle_since")
         previous = self.hub.sessions.get(self.agent.agent_id)
         if previous is not None:
             previous.replace(self.device)
@@ -633,16 +650,16 @@ class AgentSession:
             ]
         )
 
-    async def _write(self) -> None:
+    async def _write(self, also: Sequence[Op] = ()) -> None:
         async with self.write_lock:
-            await self._write_locked()
+            await self._write_locked(also)
 
-    async def _write_locked(self) -> None:
+    async def _write_locked(self, also: Sequence[Op] = ()) -> None:
         self.state.updated_at.CopyFrom(_now_ts())
         assert self.lease is not None
         result = await self.store.txn(
             [Compare.modified_at(keys.presence(self.agent.agent_id), self.revision)],
-            [Op.put(keys.presence(self.agent.agent_id), self.state, self.lease.id)],
+            [Op.put(keys.presence(self.agent.agent_id), self.state, self.lease.id), *also],
         )
         if not result.succeeded:
             self.replaced = True
@@ -687,22 +704,27 @@ class AgentSession:
             await self._answer(message.offer_response)
         elif kind == "end_interaction":
             interaction = message.end_interaction.interaction_id
-            channel_id = self.state.interactions.pop(interaction, None)
-            if channel_id is None:
+            if not interaction or len(interaction) > 64:
                 raise InvalidArgument(
-                    [
-                        FieldViolation(
-                            "end_interaction.interaction_id", "no such interaction in progress"
-                        )
-                    ]
+                    [FieldViolation("end_interaction.interaction_id", "must be 1 to 64 characters")]
                 )
-            channel = self._channel(
-                C.Channel.ValueType(channel_id), "end_interaction.interaction_id"
-            )
-            channel.active_interactions = max(0, channel.active_interactions - 1)
+            if interaction not in self.state.interactions:
+                # Already ended (an app repeating itself after a reconnect): nothing to
+                # change, the presence as it is confirms it.
+                self.send(
+                    pr_pb2.ConnectResponse(
+                        presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                    )
+                )
+                return
+            channel_id = self.state.interactions[interaction]
+            del self.state.interactions[interaction]
+            for channel in self.state.channels:
+                if channel.channel == channel_id:
+                    channel.active_interactions = max(0, channel.active_interactions - 1)
             if not self.state.interactions:
                 self.state.idle_since.CopyFrom(_now_ts())
-            await self._write()
+            await self._write([Op.delete(keys.interaction(self.agent.agent_id, interaction))])
         else:
             raise InvalidArgument(
                 [FieldViolation("message", "must be one of the ConnectRequest messages")]
@@ -806,9 +828,23 @@ class AgentSession:
                 busy.updated_at.CopyFrom(_now_ts())
                 assert self.lease is not None
                 presence_key = keys.presence(self.agent.agent_id)
+                ongoing = pr_store.StoredInteraction(
+                    interaction_id=stored.offer.interaction_id,
+                    channel=channel_id,
+                    offer_id=stored.offer.offer_id,
+                    accepted_at=_now_ts(),
+                )
+                lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
                 also = (
                     [Compare.modified_at(presence_key, self.revision)],
-                    [Op.put(presence_key, busy, self.lease.id)],
+                    [
+                        Op.put(presence_key, busy, self.lease.id),
+                        Op.put(
+                            keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
+                            ongoing,
+                            lasts,
+                        ),
+                    ],
                 )
             ok = await keys.set_offer_state(
                 self.store,

@@ -5,6 +5,7 @@ Presence replica holding the agent's stream, and answered in place.
     pr/agents/{agent_id}              Agent
     pr/presence/{agent_id}            StoredPresence  (the agent session's lease)
     pr/offers/{agent_id}/{offer_id}   StoredOffer     (a lease ending at the deadline)
+    pr/interactions/{agent_id}/{id}   StoredInteraction (the longest interaction allowed)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOT = "pr/"
 AGENTS = "pr/agents/"
 PRESENCE = "pr/presence/"
 OFFERS = "pr/offers/"
+INTERACTIONS = "pr/interactions/"
 # An offer's key outlives its deadline by this much, so its answer can still be read.
 OFFER_MARGIN_SECONDS = 5.0
 NO_REASON = presence_pb2.OFFER_CANCEL_REASON_UNSPECIFIED
@@ -43,6 +45,14 @@ def offers(agent_id: str) -> str:
 
 def offer(agent_id: str, offer_id: str) -> str:
     return f"{OFFERS}{agent_id}/{offer_id}"
+
+
+def interactions(agent_id: str) -> str:
+    return f"{INTERACTIONS}{agent_id}/"
+
+
+def interaction(agent_id: str, interaction_id: str) -> str:
+    return f"{INTERACTIONS}{agent_id}/{interaction_id}"
 
 
 def new_offer(

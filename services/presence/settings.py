@@ -39,3 +39,10 @@ class PresenceSettings(ServiceSettings):
         description="An agent app silent for this long (no message, not even a heartbeat)"
         " is logged out.",
     )
+    presence_max_interaction_hours: float = Field(
+        default=12,
+        gt=0,
+        le=168,
+        description="An accepted interaction the agent app never ends stops counting against"
+        " the agent's channel after this long.",
+    )

@@ -185,6 +185,46 @@ class StoredPresence(_message.Message):
 Global___StoredPresence: _TypeAlias = StoredPresence  # noqa: Y015
 
 @_typing.final
+class StoredInteraction(_message.Message):
+    """An interaction the agent accepted and has not ended yet. Key:
+    `pr/interactions/{agent_id}/{interaction_id}`, under a lease of the longest interaction
+    allowed (ACCESSLINE_PRESENCE_MAX_INTERACTION_HOURS): it outlives the agent's session,
+    so an app that reconnects during a call finds the agent still on it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    interaction_id: _builtins.str
+    """The interaction, as offered."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel it was accepted on."""
+    offer_id: _builtins.str
+    """The offer accepted."""
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent accepted."""
+
+    def __init__(
+        self,
+        *,
+        interaction_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        offer_id: _builtins.str = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "channel", b"channel", "interaction_id", b"interaction_id", "offer_id", b"offer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredInteraction: _TypeAlias = StoredInteraction  # noqa: Y015
+
+@_typing.final
 class StoredOffer(_message.Message):
     """An interaction offered to an agent. Key: `pr/offers/{agent_id}/{offer_id}`, bound to a
     lease that ends at the deadline (plus a margin for the answer to be read), so an
