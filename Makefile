@@ -48,7 +48,7 @@ buflint: setup
 	$(BUF) lint
 
 test-deps:
-	tools/ensure-postgres.sh
+	tools/ensure-test-deps.sh
 
 test: setup test-deps
 	$(BIN)/pytest

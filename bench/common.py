@@ -101,7 +101,7 @@ async def service_process(
     env = {
         "ACCESSLINE_PORT": str(port),
         "ACCESSLINE_METRICS_PORT": "0",
-        "ACCESSLINE_ETCD_ENDPOINT": etcd.endpoint,
+        "ACCESSLINE_ETCD_ENDPOINTS": etcd.endpoint,
         "ACCESSLINE_ETCD_PREFIX": prefix,
         "ACCESSLINE_LOG_LEVEL": "WARNING",
         **settings,

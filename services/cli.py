@@ -68,7 +68,7 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         for service in SERVICES:
             port, metrics_port = default_port(service), default_port(service, "metrics_port")
             env = {
-                "ACCESSLINE_ETCD_ENDPOINT": etcd.endpoint,
+                "ACCESSLINE_ETCD_ENDPOINTS": etcd.endpoint,
                 "ACCESSLINE_HOST": host,
                 "ACCESSLINE_PORT": str(port),
                 "ACCESSLINE_METRICS_PORT": str(metrics_port),

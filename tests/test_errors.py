@@ -65,7 +65,7 @@ async def stub(etcd: EmbeddedEtcd) -> AsyncIterator[Any]:
         ]
 
     settings = ServiceSettings(
-        port=0, etcd_endpoint=etcd.endpoint, etcd_prefix="/errors", shutdown_grace_seconds=1
+        port=0, etcd_endpoints=etcd.endpoint, etcd_prefix="/errors", shutdown_grace_seconds=1
     )
     runtime = ServiceRuntime(ServiceSpec("errors-test", build), settings)
     port = await runtime.start()
@@ -126,8 +126,8 @@ async def test_field_violations_reach_the_caller_exactly(stub: Any, numbers: lis
     )
 )
 def test_any_etcd_endpoint_value_loads_or_is_refused_naming_the_variable(endpoint: str) -> None:
-    old = os.environ.get("ACCESSLINE_ETCD_ENDPOINT")
-    os.environ["ACCESSLINE_ETCD_ENDPOINT"] = endpoint
+    old = os.environ.get("ACCESSLINE_ETCD_ENDPOINTS")
+    os.environ["ACCESSLINE_ETCD_ENDPOINTS"] = endpoint
     refusal = ""
     loaded: ServiceSettings | None = None
     try:
@@ -136,12 +136,14 @@ def test_any_etcd_endpoint_value_loads_or_is_refused_naming_the_variable(endpoin
         refusal = str(exc)
     finally:
         if old is None:
-            os.environ.pop("ACCESSLINE_ETCD_ENDPOINT")
+            os.environ.pop("ACCESSLINE_ETCD_ENDPOINTS")
         else:
-            os.environ["ACCESSLINE_ETCD_ENDPOINT"] = old
+            os.environ["ACCESSLINE_ETCD_ENDPOINTS"] = old
     if loaded is None:
-        assert "ACCESSLINE_ETCD_ENDPOINT" in refusal
+        assert "ACCESSLINE_ETCD_ENDPOINTS" in refusal
     else:
-        assert loaded.etcd_endpoint == endpoint
-        assert 1 <= loaded.etcd_port <= 65535
-        assert loaded.etcd_host
+        assert loaded.etcd_endpoint_list == [e.strip() for e in endpoint.split(",")]
+        for member in loaded.etcd_endpoint_list:
+            host, port = member.rsplit(":", 1)
+            assert host
+            assert 1 <= int(port) <= 65535

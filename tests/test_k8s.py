@@ -131,7 +131,7 @@ def test_ports_and_probes_match_the_services_defaults(
         spec = deployment["spec"]["template"]["spec"]
         assert spec["terminationGracePeriodSeconds"] > float(
             env["ACCESSLINE_SHUTDOWN_GRACE_SECONDS"]
-        )
+        ) + float(env.get("ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS", "0"))
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -206,9 +206,11 @@ def test_every_peer_a_service_calls_exists_and_is_reachable(
     for name, deployment in service_deployments(docs).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         for variable, value in environment(deployment, docs).items():
-            if not (variable.endswith("_ADDRESS") or variable == "ACCESSLINE_ETCD_ENDPOINT"):
+            if not (variable.endswith("_ADDRESS") or variable == "ACCESSLINE_ETCD_ENDPOINTS"):
                 continue
-            host, port = value.rsplit(":", 1)
+            # Members of a StatefulSet are named `{pod}.{headless service}`.
+            host, port = value.split(",")[0].rsplit(":", 1)
+            host = host.split(".")[-1]
             assert host in services, f"{name}: {variable} names {host}, which is no Service"
             target = services[host]
             assert int(port) in {p["port"] for p in target["spec"]["ports"]}, (
@@ -240,6 +242,10 @@ def test_etcd_membership_matches_its_replicas(
     assert members == [f"etcd-{i}=http://etcd-{i}.etcd:2380" for i in range(replicas)]
     assert replicas % 2 == 1
     assert env["ETCD_INITIAL_CLUSTER_STATE"] == "new"
+    # The services know every member, so losing any one of them leaves a quorum to use.
+    for deployment in service_deployments(rendered[overlay]).values():
+        endpoints = environment(deployment, rendered[overlay])["ACCESSLINE_ETCD_ENDPOINTS"]
+        assert endpoints.split(",") == [f"etcd-{i}.etcd:2379" for i in range(replicas)]
 
 
 def test_secrets_the_services_read_are_provided_in_dev(

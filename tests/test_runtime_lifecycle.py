@@ -23,7 +23,14 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
-from tests.conftest import ROOT, ServiceProcess, eventually, health_status, wait_serving
+from tests.conftest import (
+    ROOT,
+    ServiceProcess,
+    error_details,
+    eventually,
+    health_status,
+    wait_serving,
+)
 
 PROBE = "tests.support.probe_service"
 Factory = Callable[..., ServiceProcess]
@@ -32,7 +39,12 @@ Factory = Callable[..., ServiceProcess]
 async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
     service_factory: Factory,
 ) -> None:
-    probe = service_factory(PROBE, PROBE_WORK_SECONDS="1.5", ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20")
+    probe = service_factory(
+        PROBE,
+        PROBE_WORK_SECONDS="1.5",
+        ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20",
+        ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="0",
+    )
     await wait_serving(probe)
     async with grpc.aio.insecure_channel(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
@@ -48,6 +60,9 @@ async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await late.GetPool(nd_pb2.GetPoolRequest(pool_id="paris"), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A clean refusal the caller can retry elsewhere, not a cut call.
+        assert error_details(refused.value)["ErrorInfo"].reason == "SERVER_STOPPING"
+        assert error_details(refused.value)["RetryInfo"].retry_delay.ToNanoseconds() > 0
 
         reply = await in_flight
     assert reply.pool.pool_id == "lyon"
@@ -57,6 +72,37 @@ async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
     assert done
     assert stopped
     assert done[0] < stopped[0]
+
+
+async def test_sigterm_under_48_concurrent_calls_answers_every_call_received(
+    service_factory: Factory,
+) -> None:
+    probe = service_factory(
+        PROBE,
+        PROBE_WORK_SECONDS="0.3",
+        ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20",
+        ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="5",
+    )
+    await wait_serving(probe)
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        calls = [
+            asyncio.ensure_future(stub.GetPool(nd_pb2.GetPoolRequest(pool_id=f"p{i}"), timeout=30))
+            for i in range(48)
+        ]
+        await probe.wait_for_log("GetPool in flight")
+        probe.signal(signal.SIGTERM)
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [a.code() for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert failed == []
+        assert sorted(a.pool.pool_id for a in answers) == sorted(f"p{i}" for i in range(48))
+        # Within the drain delay the server reports NOT_SERVING and still serves.
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="late"), timeout=30)
+        assert late.pool.pool_id == "late"
+    assert await probe.wait_exit() == 0
 
 
 async def test_sigterm_ends_open_streams_and_tells_health_watchers(
@@ -89,7 +135,7 @@ async def test_health_follows_etcd_and_calls_fail_as_unavailable_while_it_is_dow
 ) -> None:
     probe = service_factory(
         PROBE,
-        etcd_endpoint=private_etcd.endpoint,
+        etcd_endpoints=private_etcd.endpoint,
         ACCESSLINE_ETCD_HEALTH_INTERVAL_SECONDS="0.2",
         ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
     )
@@ -131,7 +177,7 @@ async def _status_is(address: str, service: str, want: int) -> bool:
 
 def test_settings_reject_bad_values_naming_each_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCESSLINE_PORT", "99999")
-    monkeypatch.setenv("ACCESSLINE_ETCD_ENDPOINT", "etcd-without-port")
+    monkeypatch.setenv("ACCESSLINE_ETCD_ENDPOINTS", "etcd-without-port")
     monkeypatch.setenv("ACCESSLINE_ETCD_PREFIX", "no-leading-slash/")
     monkeypatch.setenv("ACCESSLINE_LOG_LEVEL", "chatty")
     with pytest.raises(SettingsError) as caught:
@@ -139,7 +185,7 @@ def test_settings_reject_bad_values_naming_each_variable(monkeypatch: pytest.Mon
     message = str(caught.value)
     for name in (
         "ACCESSLINE_PORT",
-        "ACCESSLINE_ETCD_ENDPOINT",
+        "ACCESSLINE_ETCD_ENDPOINTS",
         "ACCESSLINE_ETCD_PREFIX",
         "ACCESSLINE_LOG_LEVEL",
     ):
@@ -153,8 +199,7 @@ def test_settings_defaults_work_for_the_embedded_run(monkeypatch: pytest.MonkeyP
         if name.startswith("ACCESSLINE_"):
             monkeypatch.delenv(name)
     settings = load_settings(ServiceSettings)
-    assert settings.etcd_endpoint == "127.0.0.1:2379"
-    assert (settings.etcd_host, settings.etcd_port) == ("127.0.0.1", 2379)
+    assert settings.etcd_endpoint_list == ["127.0.0.1:2379"]
     assert settings.log_level == "INFO"
 
 

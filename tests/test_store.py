@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,12 @@ from services.runtime.store import (
     EventKind,
     Op,
     Store,
+    StoreTimeout,
     StoreUnavailable,
     WatchCompacted,
     WatchEvent,
 )
-from tests.conftest import eventually
+from tests.conftest import EtcdCluster, eventually
 
 
 def text(value: str) -> wrappers_pb2.StringValue:
@@ -236,3 +238,103 @@ async def test_store_calls_fail_as_unavailable_with_retry_info_when_etcd_is_down
             await store.get("anything", wrappers_pb2.StringValue)
     assert caught.value.retry_after is not None
     assert caught.value.reason == "ETCD_UNAVAILABLE"
+
+
+async def test_a_lease_granted_after_an_etcd_restart_keeps_being_refreshed(
+    private_etcd: EmbeddedEtcd,
+) -> None:
+    async with Store(private_etcd.endpoint, "/restart", timeout=2.0) as store:
+        before_id = await store.grant_lease(3)
+        before = await store.keep_alive(before_id, 3)
+        await before.wait_refreshes(1)
+
+        private_etcd.kill()
+        private_etcd.start()
+        await private_etcd.wait_ready()
+
+        # Granted once etcd is back, by the same store whose keep-alive stream broke.
+        lease_id = await store.grant_lease(3)
+        await store.put("queue/call-1", text("waiting"), lease=lease_id)
+        kept = await store.keep_alive(lease_id, 3)
+        # A refresh every TTL/3: eight of them span well over two TTLs.
+        await asyncio.wait_for(kept.wait_refreshes(8), timeout=30)
+        assert not kept.lost.is_set()
+        assert await store.lease_ttl(lease_id) > 0
+        assert await store.get("queue/call-1", wrappers_pb2.StringValue) is not None
+
+
+async def test_the_store_fails_over_when_the_member_it_uses_is_killed(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    async with Store(etcd_cluster.endpoints, "/failover", timeout=2.0) as store:
+        start = await store.revision() + 1
+        events: asyncio.Queue[WatchEvent | BaseException] = asyncio.Queue()
+        watcher = asyncio.create_task(pump(store, "agents/", start, events))
+        lease_id = await store.grant_lease(4)
+        await store.put("agents/kept", text("online"), lease=lease_id)
+        kept = await store.keep_alive(lease_id, 4)
+        try:
+            await store.put("agents/a1", text("before"))
+            in_use = store.current_endpoint
+            etcd_cluster.member(in_use).kill()
+
+            async def written() -> bool:
+                try:
+                    await store.put("agents/a2", text("after"))
+                except (StoreUnavailable, StoreTimeout):
+                    return False  # refused, or timed out while the cluster elected a leader
+                return True
+
+            await eventually(written, timeout=10, what="a write once the member died")
+            assert store.current_endpoint != in_use
+            seen = await next_events(events, 3)
+            assert [e.key for e in seen] == ["agents/kept", "agents/a1", "agents/a2"]
+            # The kept lease lives on through the other members.
+            refreshed = kept.refresh_count
+            await asyncio.wait_for(kept.wait_refreshes(refreshed + 4), timeout=20)
+            assert not kept.lost.is_set()
+            assert await store.get("agents/kept", wrappers_pb2.StringValue) is not None
+        finally:
+            watcher.cancel()
+
+
+async def test_a_member_without_quorum_refuses_rather_than_serving_stale_data(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    async with Store(etcd_cluster.endpoints, "/quorum", timeout=2.0) as store:
+        await store.put("pools/lyon", text("v1"))
+        in_use = etcd_cluster.member(store.current_endpoint)
+        others = [m for m in etcd_cluster.members if m is not in_use]
+        # Only the member in use is left: it has no quorum and so no leader.
+        for member in others:
+            member.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.get("pools/lyon", wrappers_pb2.StringValue)
+        for member in others:
+            member.start()
+
+        async def read() -> bool:
+            try:
+                return await store.get("pools/lyon", wrappers_pb2.StringValue) is not None
+            except (StoreUnavailable, StoreTimeout):
+                return False
+
+        await eventually(read, timeout=20, what="a read once the quorum is back")
+
+
+async def test_requests_move_off_a_frozen_member(etcd_cluster: EtcdCluster) -> None:
+    async with Store(etcd_cluster.endpoints, "/frozen", timeout=1.0) as store:
+        await store.put("pools/lyon", text("v1"))
+        frozen = etcd_cluster.member(store.current_endpoint)
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        try:
+            # The first read waits out its deadline on the frozen member, the same read
+            # is then sent to the next one.
+            entry = await store.get("pools/lyon", wrappers_pb2.StringValue)
+            assert entry is not None
+            assert entry.value.value == "v1"
+            assert store.current_endpoint != frozen.endpoint
+            await store.put("pools/lyon", text("v2"))
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)

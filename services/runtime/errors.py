@@ -6,8 +6,11 @@ google.rpc ErrorInfo, BadRequest and RetryInfo, so servicers never build statuse
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -196,8 +199,59 @@ def _translate(method: str, exc: Exception) -> AccesslineError:
 Behavior = Callable[..., Any]
 
 
-def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
+class InFlight:
+    """Counts the calls being handled, so that a stopping server answers every call it
+    has received before it closes (grpc.aio cancels calls it has not picked up yet)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        # Set once the server stops taking calls: a new one is answered UNAVAILABLE.
+        self.closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._last_start = -math.inf
+
+    def enter(self) -> None:
+        self.count += 1
+        self._last_start = time.monotonic()
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def drained(self, quiet: float, timeout: float) -> bool:
+        """Waits until no call is in flight and none has started for `quiet` seconds (the
+        calls queued in the transport are picked up meanwhile); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._idle.wait(), left)
+            except TimeoutError:
+                return False
+            since = time.monotonic() - self._last_start
+            if since >= quiet and self.count == 0:
+                return True
+            await asyncio.sleep(min(quiet - since, max(0.0, deadline - time.monotonic())))
+
+
+def _stopping() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down; retry on another replica",
+        reason="SERVER_STOPPING",
+        retry_after=1.0,
+    )
+
+
+def _wrap_unary_response(method: str, behavior: Behavior, in_flight: InFlight) -> Behavior:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if in_flight.closed:
+            await context.abort_with_status(to_status(_stopping()))
+        in_flight.enter()
         try:
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):
@@ -207,14 +261,19 @@ def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
             raise
         except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
             await context.abort_with_status(to_status(_translate(method, exc)))
+        finally:
+            in_flight.leave()
 
     return handler
 
 
-def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
+def _wrap_stream_response(method: str, behavior: Behavior, in_flight: InFlight) -> Behavior:
     async def handler(
         request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        if in_flight.closed:
+            await context.abort_with_status(to_status(_stopping()))
+        in_flight.enter()
         try:
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):
@@ -226,13 +285,19 @@ def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
             raise
         except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
             await context.abort_with_status(to_status(_translate(method, exc)))
+        finally:
+            in_flight.leave()
 
     return handler
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors raised by servicers into rich statuses, and anything
-    unexpected into a logged INTERNAL without internals for the caller."""
+    unexpected into a logged INTERNAL without internals for the caller; counts the calls
+    in flight for a graceful stop."""
+
+    def __init__(self, in_flight: InFlight | None = None) -> None:
+        self.in_flight = in_flight or InFlight()
 
     async def intercept_service(
         self,
@@ -252,19 +317,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         wrapped: Any
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary), **codec
+                _wrap_unary_response(method, handler.unary_unary, self.in_flight), **codec
             )
         elif handler.stream_unary is not None:
             wrapped = grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary), **codec
+                _wrap_unary_response(method, handler.stream_unary, self.in_flight), **codec
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream), **codec
+                _wrap_stream_response(method, handler.unary_stream, self.in_flight), **codec
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.stream_stream), **codec
+                _wrap_stream_response(method, handler.stream_stream, self.in_flight), **codec
             )
         else:
             return handler

@@ -9,9 +9,11 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from services.runtime.errors import AccesslineError, ErrorInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
-from services.runtime.store import Store
+from services.runtime.store import EtcdTls, Store
 from services.runtime.telemetry import (
     Telemetry,
     client_interceptors,
@@ -37,9 +39,31 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+# A stopping server closes once no call has been in flight for this long: calls already
+# received but still queued in the transport are picked up and answered meanwhile.
+DRAIN_QUIET_SECONDS = 0.2
 # Biggest message a client may send; field limits are checked inside, this stops abuse
 # before a request is even parsed.
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def open_store(settings: ServiceSettings) -> Store:
+    """The process's etcd store, on every configured member, over TLS when configured."""
+    tls = None
+    if settings.etcd_ca_file:
+        tls = EtcdTls(
+            ca=Path(settings.etcd_ca_file).read_bytes(),
+            cert=Path(settings.etcd_cert_file).read_bytes() if settings.etcd_cert_file else None,
+            key=Path(settings.etcd_key_file).read_bytes() if settings.etcd_key_file else None,
+            server_name=settings.etcd_server_name,
+        )
+    return Store(
+        settings.etcd_endpoint_list,
+        settings.etcd_prefix,
+        settings.etcd_timeout_seconds,
+        tls=tls,
+        reconnect_backoff_max=settings.etcd_reconnect_backoff_max_seconds,
+    )
 
 
 def accessline_version() -> str:
@@ -117,6 +141,8 @@ class ServiceRuntime:
         self._monitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._etcd_ok: bool | None = None
+        self._errors = ErrorInterceptor()
+        self._stopping_started = False
 
     @property
     def context(self) -> RuntimeContext:
@@ -131,7 +157,7 @@ class ServiceRuntime:
             metrics_host=settings.host,
             metrics_port=settings.metrics_port,
         )
-        store = Store(settings.etcd_endpoint, settings.etcd_prefix, settings.etcd_timeout_seconds)
+        store = open_store(settings)
         await store.connect()
         self._context = RuntimeContext(
             settings=settings, store=store, telemetry=telemetry, health=self._health
@@ -139,7 +165,7 @@ class ServiceRuntime:
         registrations = await self.spec.build(self._context)
 
         server = grpc.aio.server(
-            interceptors=[server_interceptor(), ErrorInterceptor()],
+            interceptors=[server_interceptor(), self._errors],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -209,21 +235,39 @@ class ServiceRuntime:
                 await self._check_etcd()
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones and
-        streams finish within the grace period, then close etcd and flush telemetry."""
-        if self._context is None or self.context.stopping.is_set():
+        """Graceful shutdown that loses nothing: NOT_SERVING at once while calls are
+        still served for the drain delay (load balancers move away); then streams are
+        told to finish, every call received is answered within the grace period, new
+        ones are refused, and etcd is closed and telemetry flushed last."""
+        if self._context is None or self._stopping_started:
             await self._stopped.wait()
             return
+        self._stopping_started = True
         grace = self.settings.shutdown_grace_seconds
-        log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
-        self.context.stopping.set()
+        delay = self.settings.shutdown_drain_delay_seconds
+        log.info(
+            "shutting down",
+            extra={"fields": {"grace_seconds": grace, "drain_delay_seconds": delay}},
+        )
         await self._health.enter_graceful_shutdown()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        if delay:
+            await asyncio.sleep(delay)
+        # From now on a new call is answered UNAVAILABLE with a retry delay, and every call
+        # already taken is answered before the server closes.
+        self._errors.in_flight.closed = True
+        self.context.stopping.set()
+        started = time.monotonic()
+        if not await self._errors.in_flight.drained(DRAIN_QUIET_SECONDS, grace):
+            log.warning(
+                "calls still in flight at the end of the grace period",
+                extra={"fields": {"in_flight": self._errors.in_flight.count}},
+            )
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for cleanup in reversed(self.context.cleanups):
             await cleanup()
         for channel in self.context.channels:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ACCESSLINE_"
@@ -39,8 +39,9 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
     )
-    etcd_endpoint: str = Field(
-        default="127.0.0.1:2379", description="etcd client endpoint, host:port."
+    etcd_endpoints: str = Field(
+        default="127.0.0.1:2379",
+        description="etcd members' client endpoints, host:port, separated by commas.",
     )
     etcd_prefix: str = Field(
         default="/accessline",
@@ -49,17 +50,41 @@ class ServiceSettings(BaseSettings):
     etcd_timeout_seconds: float = Field(
         default=5.0, gt=0, le=60, description="Deadline of one etcd request."
     )
+    etcd_reconnect_backoff_max_seconds: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        description="Longest wait between two attempts to reconnect to an etcd member.",
+    )
+    etcd_ca_file: str = Field(
+        default="", description="CA certificate (PEM) of etcd's members; set to use TLS."
+    )
+    etcd_cert_file: str = Field(
+        default="", description="Client certificate (PEM) for etcd's client-cert-auth."
+    )
+    etcd_key_file: str = Field(default="", description="Key (PEM) of the etcd client certificate.")
+    etcd_server_name: str = Field(
+        default="", description="Name checked in the members' certificates instead of the host."
+    )
     etcd_health_interval_seconds: float = Field(
         default=2.0,
         gt=0,
         le=60,
         description="How often etcd reachability is checked for the health service.",
     )
+    shutdown_drain_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=120,
+        description="On SIGTERM, how long the server goes on serving while it reports"
+        " NOT_SERVING, so load balancers move new calls away first.",
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0,
         ge=0,
         le=300,
-        description="On SIGTERM, how long in-flight calls and streams may take to finish.",
+        description="After the drain delay, how long in-flight calls and streams may take to"
+        " finish.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level written to the JSON log."
@@ -70,16 +95,28 @@ class ServiceSettings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("etcd_endpoint")
+    @field_validator("etcd_endpoints")
     @classmethod
-    def _endpoint(cls, value: str) -> str:
-        match = _ENDPOINT.match(value)
-        if match is None:
-            raise ValueError("must be host:port, for example 127.0.0.1:2379")
-        port = int(match.group(1) or match.group(2))
-        if not 1 <= port <= 65535:
-            raise ValueError("port must be between 1 and 65535")
-        return value
+    def _endpoints(cls, value: str) -> str:
+        items = [item.strip() for item in value.split(",")]
+        if not items or any(not item for item in items):
+            raise ValueError("must be host:port endpoints separated by commas")
+        for item in items:
+            match = _ENDPOINT.match(item)
+            if match is None:
+                raise ValueError(f"{item!r} must be host:port, for example 127.0.0.1:2379")
+            port = int(match.group(1) or match.group(2))
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{item!r}: port must be between 1 and 65535")
+        return ",".join(items)
+
+    @model_validator(mode="after")
+    def _etcd_tls(self) -> ServiceSettings:
+        if (self.etcd_cert_file or self.etcd_key_file) and not self.etcd_ca_file:
+            raise ValueError("ACCESSLINE_ETCD_CA_FILE is needed with a client certificate")
+        if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
+            raise ValueError("ACCESSLINE_ETCD_CERT_FILE and ACCESSLINE_ETCD_KEY_FILE go together")
+        return self
 
     @field_validator("etcd_prefix")
     @classmethod
@@ -91,12 +128,8 @@ class ServiceSettings(BaseSettings):
         return value
 
     @property
-    def etcd_host(self) -> str:
-        return self.etcd_endpoint.rsplit(":", 1)[0].strip("[]")
-
-    @property
-    def etcd_port(self) -> int:
-        return int(self.etcd_endpoint.rsplit(":", 1)[1])
+    def etcd_endpoint_list(self) -> list[str]:
+        return self.etcd_endpoints.split(",")
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -110,9 +143,13 @@ def load_settings(cls: type[S]) -> S:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:
+                # A rule across several settings: its message names them.
+                lines.append(message)
+                continue
             name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
             given = error.get("input")
             shown = f" (got {given!r})" if isinstance(given, str | int | float) else ""
-            message = error["msg"].removeprefix("Value error, ")
             lines.append(f"{name}: {message}{shown}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,5 +1,5 @@
-"""The etcd store: the only module that talks to etcd (through aetcd's client and its
-etcd API stubs).
+"""The etcd store: the only module that talks to etcd (with the etcd API stubs that
+aetcd ships, on channels of its own).
 
 Keys are namespaced under a configurable prefix and values are serialized protobuf
 messages. It offers what the services need: create-if-absent under a lease
@@ -7,6 +7,12 @@ messages. It offers what the services need: create-if-absent under a lease
 one shared stream that notices loss, prefix reads, and watches that resume from the last
 seen revision after a reconnect and report compaction instead of losing events. etcd
 failures surface as Unavailable / DeadlineExceeded domain errors with a retry delay.
+
+etcd is a cluster in production: the store is given every member's endpoint, talks to one
+at a time, and moves to the next healthy one when a member fails, is unreachable or has
+lost its leader (every request asks for a member with a leader, so a member cut off from
+the quorum refuses at once instead of serving stale reads or holding streams open).
+Reads are retried on the next member; writes only when etcd cannot have applied them.
 """
 
 from __future__ import annotations
@@ -17,12 +23,11 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-import aetcd
 import aetcd.rpc as etcdrpc
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -36,6 +41,13 @@ T = TypeVar("T")
 
 # How long callers are told to wait before retrying after etcd failed.
 RETRY_AFTER_SECONDS = 1.0
+# Every request asks for a member that has a leader: one that lost it refuses with
+# "etcdserver: no leader" before doing anything, and cancels the streams it holds.
+REQUIRE_LEADER = (("hasleader", "true"),)
+# Failures after which etcd cannot have applied a request (safe to send it elsewhere).
+_NOT_APPLIED = ("no leader", "failed to connect", "connection refused", "not connected")
+# A member that failed is avoided for this long when another one is available.
+FAILED_MEMBER_AVOID_SECONDS = 5.0
 
 
 class StoreUnavailable(Unavailable):
@@ -73,12 +85,19 @@ class WatchCompacted(Exception):
         self.compact_revision = compact_revision
 
 
+def _timed_out(exc: grpc.aio.AioRpcError) -> bool:
+    # etcd reports its own side of a deadline as an error text, not always as the code.
+    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or "deadline exceeded" in (
+        exc.details() or ""
+    )
+
+
 def _translate(exc: grpc.aio.AioRpcError) -> AccesslineError:
     code = exc.code()
     detail = exc.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
         return StoreUnavailable(f"etcd is unavailable: {detail}", retry_after=RETRY_AFTER_SECONDS)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if _timed_out(exc):
         return StoreTimeout("etcd did not answer in time", retry_after=RETRY_AFTER_SECONDS)
     if code == grpc.StatusCode.CANCELLED:
         return StoreUnavailable("etcd request was cancelled", retry_after=RETRY_AFTER_SECONDS)
@@ -304,49 +323,151 @@ class _LeaseKeeper:
                 self._leases.pop(lease.id, None)
                 await lease._mark_lost()
 
-    async def _requests(self) -> AsyncIterator[Any]:
+    async def _send_due(self, call: Any) -> None:
+        """Writes a refresh for every lease that is due, on this stream only: when the
+        stream breaks this task ends with it, so no refresh is ever written into a dead
+        stream and counted as sent."""
         while True:
             now = time.monotonic()
             for lease in list(self._leases.values()):
                 if lease._next_due <= now:
-                    # Not due again until this refresh is answered or times out.
+                    # Not due again until this refresh is answered or an interval passed.
                     lease._next_due = now + lease.refresh_interval
-                    yield etcdrpc.LeaseKeepAliveRequest(ID=lease.id)
+                    await call.write(etcdrpc.LeaseKeepAliveRequest(ID=lease.id))
             await self._expire_overdue()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.TICK)
 
+    async def _receive(self, call: Any) -> None:
+        while True:
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                return
+            lease = self._leases.get(reply.ID)
+            if lease is None:
+                continue
+            if reply.TTL <= 0:
+                log.warning("lease %x lost: etcd no longer has it", reply.ID)
+                self._leases.pop(reply.ID, None)
+                await lease._mark_lost()
+            else:
+                await lease._mark_refreshed(reply.TTL)
+
     async def _run(self) -> None:
         backoff = 0.1
         while self._leases:
+            member = self._store._member()
+            call = member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
+            # A fresh stream refreshes every lease at once: refreshes written into the
+            # broken one may never have reached etcd.
+            for lease in self._leases.values():
+                lease._next_due = 0.0
+            tasks = [
+                asyncio.ensure_future(self._send_due(call)),
+                asyncio.ensure_future(self._receive(call)),
+            ]
             try:
-                stub = await self._store._lease_stub()
-                call = stub.LeaseKeepAlive(self._requests(), metadata=self._store._metadata())
-                async for reply in call:
-                    backoff = 0.1
-                    lease = self._leases.get(reply.ID)
-                    if lease is None:
-                        continue
-                    if reply.TTL <= 0:
-                        log.warning("lease %x lost: etcd no longer has it", reply.ID)
-                        self._leases.pop(reply.ID, None)
-                        await lease._mark_lost()
-                    else:
-                        await lease._mark_refreshed(reply.TTL)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+                backoff = 0.1
             except grpc.aio.AioRpcError as exc:
                 log.warning("lease keep-alive stream failed: %s", exc.code().name)
+                if _member_fault(exc):
+                    self._store._failed(member, exc)
+            except asyncio.InvalidStateError:
+                log.warning("lease keep-alive stream ended")
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                call.cancel()
             await self._expire_overdue()
             await asyncio.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, 2.0)
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to etcd: the CA that signs the members' certificates and, for etcd started
+    with `--client-cert-auth`, the client certificate and key (PEM bytes). `server_name`
+    overrides the name checked in the members' certificates."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str = ""
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
+    """`host:port` endpoints from a comma-separated string or a list."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = [item.strip() for item in items if item.strip()]
+    if not out:
+        raise ValueError("at least one etcd endpoint is needed")
+    return out
+
+
+class _Member:
+    """One etcd endpoint: its channel and the etcd API stubs on it."""
+
+    def __init__(self, address: str, tls: EtcdTls | None, options: list[tuple[str, Any]]) -> None:
+        self.address = address
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+            )
+            if tls.server_name:
+                options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self.kv = etcdrpc.KVStub(self.channel)
+        self.lease = etcdrpc.LeaseStub(self.channel)
+        self.maintenance = etcdrpc.MaintenanceStub(self.channel)
+        self.watch = etcdrpc.WatchStub(self.channel)
+        self.failed_at = -math.inf
+
+    def usable(self, now: float) -> bool:
+        state = self.channel.get_state(try_to_connect=True)
+        recently_failed = now - self.failed_at < FAILED_MEMBER_AVOID_SECONDS
+        return state != grpc.ChannelConnectivity.TRANSIENT_FAILURE and not recently_failed
+
+
+def _not_applied(exc: grpc.aio.AioRpcError) -> bool:
+    detail = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and any(t in detail for t in _NOT_APPLIED)
+
+
+def _member_fault(exc: grpc.aio.AioRpcError) -> bool:
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or _timed_out(exc)
+
+
 class Store:
     """Accessline's access to etcd. One per process; share it."""
 
-    def __init__(self, endpoint: str, prefix: str, timeout: float = 5.0) -> None:
-        host, port = endpoint.rsplit(":", 1)
-        self._client = aetcd.Client(host=host.strip("[]"), port=int(port), timeout=None)
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        prefix: str,
+        timeout: float = 5.0,
+        *,
+        tls: EtcdTls | None = None,
+        reconnect_backoff_max: float = 2.0,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            # Reconnecting to a member that came back takes at most this long.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", max(100, int(reconnect_backoff_max * 1000))),
+            # A frozen member (its connection open, nothing answering) is noticed.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ]
+        self._members = [_Member(a, tls, options) for a in parse_endpoints(endpoints)]
+        self._current = 0
         self._prefix = prefix.rstrip("/").encode()
         self._timeout = timeout
         self._keeper = _LeaseKeeper(self)
@@ -355,14 +476,23 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------
 
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.address for m in self._members]
+
+    @property
+    def current_endpoint(self) -> str:
+        """The member requests go to now."""
+        return self._members[self._current].address
+
     async def connect(self) -> None:
-        """Opens the channel (lazily: no request is sent, etcd may still be down)."""
-        await self._client.connect()
+        """Nothing to do: channels connect lazily, and etcd may still be down."""
 
     async def close(self) -> None:
         self._closed = True
         await self._keeper.close()
-        await self._client.close()
+        for member in self._members:
+            await member.channel.close()
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -371,16 +501,27 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _metadata(self) -> Any:
-        return self._client.metadata
+    def _member(self) -> _Member:
+        return self._members[self._current]
 
-    async def _kv(self) -> Any:
-        await self._client.connect()
-        return self._client.kvstub
-
-    async def _lease_stub(self) -> Any:
-        await self._client.connect()
-        return self._client.leasestub
+    def _failed(self, member: _Member, exc: grpc.aio.AioRpcError) -> None:
+        """A request to `member` failed in a way that speaks against the member: move on
+        to the next member that looks healthy (or simply the next one)."""
+        member.failed_at = time.monotonic()
+        if len(self._members) == 1 or self._members[self._current] is not member:
+            return
+        now = time.monotonic()
+        count = len(self._members)
+        start = self._members.index(member)
+        order = [self._members[(start + i) % count] for i in range(1, count)]
+        chosen = next((m for m in order if m.usable(now)), order[0])
+        self._current = self._members.index(chosen)
+        log.warning(
+            "etcd member %s failed (%s); using %s",
+            member.address,
+            exc.code().name,
+            chosen.address,
+        )
 
     def _abs(self, key: str) -> bytes:
         return self._prefix + b"/" + key.encode()
@@ -388,30 +529,47 @@ class Store:
     def _rel(self, key: bytes) -> str:
         return key[len(self._prefix) + 1 :].decode()
 
-    async def _call(self, fn: Callable[..., Any], request: Any) -> Any:
-        try:
-            return await fn(request, timeout=self._timeout, metadata=self._metadata())
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from None
+    async def _call(
+        self, stub: str, method: str, request: Any, *, read: bool, timeout: float | None = None
+    ) -> Any:
+        """One request to the current member. A member at fault is left for the next one;
+        the request follows it when it is a read, or a write etcd cannot have applied."""
+        for attempt in range(len(self._members)):
+            member = self._member()
+            fn = getattr(getattr(member, stub), method)
+            try:
+                return await fn(request, timeout=timeout or self._timeout, metadata=REQUIRE_LEADER)
+            except grpc.aio.AioRpcError as exc:
+                if not _member_fault(exc):
+                    raise _translate(exc) from None
+                self._failed(member, exc)
+                last = attempt + 1 == len(self._members)
+                if last or not (read or _not_applied(exc)):
+                    raise _translate(exc) from None
+        raise AssertionError("unreachable")
 
     # -- reads ------------------------------------------------------------------------
 
     async def revision(self) -> int:
         """The current store revision; also a cheap reachability check."""
-        kv = await self._kv()
         reply = await self._call(
-            kv.Range, etcdrpc.RangeRequest(key=self._abs("\0"), count_only=True)
+            "kv", "Range", etcdrpc.RangeRequest(key=self._abs("\0"), count_only=True), read=True
         )
         return int(reply.header.revision)
 
-    async def ping(self) -> None:
-        """Raises StoreUnavailable / StoreTimeout when etcd cannot serve requests."""
-        await self._client.connect()
-        await self._call(self._client.maintenancestub.Status, etcdrpc.StatusRequest())
+    async def ping(self, timeout: float | None = None) -> None:
+        """Raises StoreUnavailable / StoreTimeout when no member can serve a linearizable
+        read (which needs the quorum); moves off a member that cannot."""
+        await self._call(
+            "kv",
+            "Range",
+            etcdrpc.RangeRequest(key=self._abs("\0"), count_only=True),
+            read=True,
+            timeout=timeout,
+        )
 
     async def get(self, key: str, message_type: type[M]) -> Entry[M] | None:
-        kv = await self._kv()
-        reply = await self._call(kv.Range, etcdrpc.RangeRequest(key=self._abs(key)))
+        reply = await self._call("kv", "Range", etcdrpc.RangeRequest(key=self._abs(key)), read=True)
         if not reply.kvs:
             return None
         item = reply.kvs[0]
@@ -428,7 +586,6 @@ class Store:
     ) -> tuple[list[Entry[M]], int]:
         """Entries whose key starts with `prefix`, in key order, and the revision they
         were read at (watch from revision + 1 to see every later change)."""
-        kv = await self._kv()
         start = self._abs(start_after) + b"\0" if start_after else self._abs(prefix)
         request = etcdrpc.RangeRequest(
             key=start,
@@ -436,7 +593,7 @@ class Store:
             limit=limit,
             revision=revision,
         )
-        reply = await self._call(kv.Range, request)
+        reply = await self._call("kv", "Range", request, read=True)
         entries = [
             Entry(
                 self._rel(item.key),
@@ -448,23 +605,23 @@ class Store:
         return entries, int(reply.header.revision)
 
     async def count_prefix(self, prefix: str) -> int:
-        kv = await self._kv()
         request = etcdrpc.RangeRequest(
             key=self._abs(prefix),
             range_end=prefix_range_end(self._abs(prefix)),
             count_only=True,
         )
-        reply = await self._call(kv.Range, request)
+        reply = await self._call("kv", "Range", request, read=True)
         return int(reply.count)
 
     # -- writes -----------------------------------------------------------------------
 
     async def put(self, key: str, value: Message, lease: int = 0) -> int:
         """Writes unconditionally; returns the revision of the write."""
-        kv = await self._kv()
         reply = await self._call(
-            kv.Put,
+            "kv",
+            "Put",
             etcdrpc.PutRequest(key=self._abs(key), value=value.SerializeToString(), lease=lease),
+            read=False,
         )
         return int(reply.header.revision)
 
@@ -475,17 +632,19 @@ class Store:
         return result.revision if result.succeeded else None
 
     async def delete(self, key: str) -> bool:
-        kv = await self._kv()
-        reply = await self._call(kv.DeleteRange, etcdrpc.DeleteRangeRequest(key=self._abs(key)))
+        reply = await self._call(
+            "kv", "DeleteRange", etcdrpc.DeleteRangeRequest(key=self._abs(key)), read=False
+        )
         return bool(reply.deleted)
 
     async def delete_prefix(self, prefix: str) -> int:
-        kv = await self._kv()
         reply = await self._call(
-            kv.DeleteRange,
+            "kv",
+            "DeleteRange",
             etcdrpc.DeleteRangeRequest(
                 key=self._abs(prefix), range_end=prefix_range_end(self._abs(prefix))
             ),
+            read=False,
         )
         return int(reply.deleted)
 
@@ -531,13 +690,14 @@ class Store:
     ) -> TxnResult:
         """One etcd transaction: if every compare holds, the success ops run, else the
         failure ops, atomically."""
-        kv = await self._kv()
         request = etcdrpc.TxnRequest(
             compare=[self._compare(c) for c in compares],
             success=[self._op(o) for o in success],
             failure=[self._op(o) for o in failure],
         )
-        reply = await self._call(kv.Txn, request)
+        # A transaction without writes is a read (a consistent snapshot of several keys).
+        read_only = all(o.kind == "get" for o in (*success, *failure))
+        reply = await self._call("kv", "Txn", request, read=read_only)
         gets: list[list[tuple[str, bytes, KeyMeta]]] = []
         deleted: list[int] = []
         for response in reply.responses:
@@ -552,15 +712,18 @@ class Store:
 
     async def compact(self, revision: int) -> None:
         """Discards history before `revision` (operators and tests)."""
-        kv = await self._kv()
-        await self._call(kv.Compact, etcdrpc.CompactionRequest(revision=revision, physical=True))
+        await self._call(
+            "kv", "Compact", etcdrpc.CompactionRequest(revision=revision, physical=True), read=False
+        )
 
     # -- leases -----------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
         """Grants a lease of `ttl` seconds (etcd may round a small TTL up); returns its id."""
-        stub = await self._lease_stub()
-        reply = await self._call(stub.LeaseGrant, etcdrpc.LeaseGrantRequest(TTL=ttl))
+        # An unused lease granted twice only expires: granting is safe to repeat.
+        reply = await self._call(
+            "lease", "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=ttl), read=True
+        )
         if reply.error:
             raise StoreRejected(f"etcd refused the lease: {reply.error}")
         return int(reply.ID)
@@ -582,22 +745,21 @@ class Store:
     async def revoke_lease(self, lease_id: int) -> None:
         """Ends a lease now, deleting every key under it. A lease already gone is fine."""
         self._keeper.remove(lease_id)
-        stub = await self._lease_stub()
         try:
-            await stub.LeaseRevoke(
-                etcdrpc.LeaseRevokeRequest(ID=lease_id),
-                timeout=self._timeout,
-                metadata=self._metadata(),
+            # Revoking twice is harmless: the second finds no lease.
+            await self._call(
+                "lease", "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=lease_id), read=True
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+        except StoreRejected as exc:
+            if "not found" in exc.message:
                 return
-            raise _translate(exc) from None
+            raise
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Seconds left on a lease, or -1 when it no longer exists."""
-        stub = await self._lease_stub()
-        reply = await self._call(stub.LeaseTimeToLive, etcdrpc.LeaseTimeToLiveRequest(ID=lease_id))
+        reply = await self._call(
+            "lease", "LeaseTimeToLive", etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), read=True
+        )
         return int(reply.TTL)
 
     async def keep_alive(self, lease_id: int, ttl: int) -> KeptLease:
@@ -640,16 +802,16 @@ class Store:
                 # Closing the request side would end etcd's watch stream: hold it open.
                 await stop.wait()
 
-            await self._client.connect()
-            call = etcdrpc.WatchStub(self._client.channel).Watch(
-                requests(), metadata=self._metadata()
-            )
+            member = self._member()
+            call = member.watch.Watch(requests(), metadata=REQUIRE_LEADER)
             try:
                 async for reply in call:
                     if reply.compact_revision:
                         raise WatchCompacted(int(reply.compact_revision))
                     if reply.canceled:
                         log.warning("etcd cancelled a watch: %s", reply.cancel_reason)
+                        if "leader" in reply.cancel_reason:
+                            member.failed_at = time.monotonic()
                         break
                     backoff = 0.05
                     for event in reply.events:
@@ -675,6 +837,8 @@ class Store:
                     exc.code().name,
                     next_revision,
                 )
+                if _member_fault(exc):
+                    self._failed(member, exc)
             finally:
                 stop.set()
                 call.cancel()
@@ -691,6 +855,7 @@ __all__ = [
     "Compare",
     "CorruptValue",
     "Entry",
+    "EtcdTls",
     "EventKind",
     "KeptLease",
     "KeyMeta",
@@ -703,4 +868,5 @@ __all__ = [
     "WatchCompacted",
     "WatchEvent",
     "decode",
+    "parse_endpoints",
 ]
