@@ -526,6 +526,8 @@ class Worker:
                     collapse_key=found.value.collapse_key,
                 )
                 outcome = await provider.send(message)
+                # A provider's Retry-After counts from its answer, not from the request.
+                now = time.time()
                 delivery.attempts += 1
                 result = "sent" if outcome.sent else ("retry" if outcome.retry else "failed")
                 self._attempts.add(

@@ -8,6 +8,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +49,26 @@ class Message:
     collapse_key: str
 
 
+# A Retry-After further out than this is taken as this (the notification expires first).
+MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
+
+
 def retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (a number of seconds or an HTTP date)."""
+    """Retry-After as seconds from now (a number of seconds or an HTTP date); None when
+    absent or neither, so the worker's own backoff applies."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, seconds))
 
 
 def _classify(status: int, reason: str, headers: httpx.Headers) -> Outcome:

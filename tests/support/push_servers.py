@@ -1,8 +1,9 @@
 """Local HTTP/2 servers (TLS, ALPN h2) that answer as APNs, FCM and Google's OAuth2
 token endpoint do, record every request exactly, and misbehave on cue by device token:
 `ok-…` succeeds, `bad-…` is refused (400), `gone-…` is unregistered (410 / UNREGISTERED),
-`busy-…` gets 429 with Retry-After once, `flaky-…` gets 503 once, `down-…` always 503,
-`hang-…` is held without an answer the first time."""
+`busy-…` gets 429 with Retry-After: 1 once (half a second after the request came in),
+`soon-…` gets 429 with a Retry-After that is no number nor date once, `flaky-…` gets 503
+once, `down-…` always 503, `hang-…` is held without an answer the first time."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Recorded:
     body: bytes
     at: float
     status: int = 0
+    # When the answer was sent back.
+    answered_at: float = 0.0
 
 
 @dataclass
@@ -158,6 +161,7 @@ class PushServers:
         self.arrived.set()
         status, extra, payload = await self._answer(record)
         record.status = status
+        record.answered_at = time.time()
         await send(
             {
                 "type": "http.response.start",
@@ -220,10 +224,13 @@ class PushServers:
                 }
                 return 404, {}, {"error": {"code": 404, "status": "NOT_FOUND", "details": [detail]}}
             return 410, {}, {"reason": "Unregistered", "timestamp": int(time.time() * 1000)}
-        if kind == "busy" and count == 1:
+        if kind in ("busy", "soon") and count == 1:
+            if kind == "busy":
+                # A slow refusal: a retry counted from the request, not the answer, is early.
+                await asyncio.sleep(0.5)
             return (
                 429,
-                {"retry-after": "1"},
+                {"retry-after": "1" if kind == "busy" else "soon"},
                 (
                     {"error": {"status": "RESOURCE_EXHAUSTED"}}
                     if fcm
