@@ -210,6 +210,7 @@ class ServiceProcess:
     port: int
     lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    _ended: threading.Event = field(default_factory=threading.Event)
 
     @property
     def address(self) -> str:
@@ -221,6 +222,12 @@ class ServiceProcess:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
+        self._ended.set()
+
+    async def whole_log(self, timeout: float = 30.0) -> list[str]:
+        """Every line the process wrote, once it has exited (stop it first)."""
+        await eventually(self._ended.is_set, timeout=timeout, what=f"{self.name} log closed")
+        return list(self.lines)
 
     async def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
         def find() -> str | None:

@@ -105,6 +105,29 @@ async def test_sigterm_under_48_concurrent_calls_answers_every_call_received(
     assert await probe.wait_exit() == 0
 
 
+async def test_a_client_that_cancels_is_logged_at_debug_not_as_an_error(
+    service_factory: Factory,
+) -> None:
+    probe = service_factory(PROBE, PROBE_WORK_SECONDS="5", ACCESSLINE_LOG_LEVEL="DEBUG")
+    await wait_serving(probe)
+    async with grpc.aio.insecure_channel(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        unary = stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=30)
+        await probe.wait_for_log("GetPool in flight")
+        unary.cancel()
+        presence: Any = presence_pb2_grpc.PresenceServiceStub(channel)
+        watch = presence.WatchPresence(presence_pb2.WatchPresenceRequest())
+        await watch.read()
+        await probe.wait_for_log("WatchPresence open")
+        watch.cancel()
+    probe.signal(signal.SIGTERM)
+    assert await probe.wait_exit() == 0
+    logged = await probe.whole_log()
+    assert sum("RPC cancelled" in line and '"DEBUG"' in line for line in logged) == 2
+    errors = [line for line in logged if '"level": "ERROR"' in line or "Traceback" in line]
+    assert errors == []
+
+
 async def test_sigterm_ends_open_streams_and_tells_health_watchers(
     service_factory: Factory,
 ) -> None:

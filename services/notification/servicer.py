@@ -46,10 +46,10 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         v.id("device.application_id", d.application_id)
         if d.platform not in (nt_pb2.PLATFORM_APNS, nt_pb2.PLATFORM_FCM, nt_pb2.PLATFORM_IN_APP):
             v.add("device.platform", "must be APNS, FCM or IN_APP")
-        if d.platform in (nt_pb2.PLATFORM_APNS, nt_pb2.PLATFORM_FCM):
-            v.text("device.push_token", d.push_token, 4096, required=True)
-            if any(c in d.push_token for c in "/ ?#"):
-                v.add("device.push_token", "must not contain '/', '?', '#' or spaces")
+        push = d.platform in (nt_pb2.PLATFORM_APNS, nt_pb2.PLATFORM_FCM)
+        v.text("device.push_token", d.push_token, 4096, required=push)
+        if push and any(c in d.push_token for c in "/ ?#"):
+            v.add("device.push_token", "must not contain '/', '?', '#' or spaces")
         v.text("device.locale", d.locale, 35)
         v.raise_if_any()
         return nt_pb2.RegisterDeviceResponse(device=await self._n.register_device(d))

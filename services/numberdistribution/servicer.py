@@ -59,6 +59,10 @@ def _check_numbers(request: Any, v: Violations) -> None:
         v.add("numbers", "must list at least one number")
     elif len(request.numbers) > MAX_NUMBERS_PER_CALL:
         v.add("numbers", f"must list at most {MAX_NUMBERS_PER_CALL} numbers; split the import")
+    else:
+        for i, number in enumerate(request.numbers):
+            if len(number) > 256:
+                v.add(f"numbers[{i}]", "must be at most 256 characters")
 
 
 class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):

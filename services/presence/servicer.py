@@ -27,6 +27,7 @@ def _check_agent(agent: pr_pb2.Agent, v: Violations) -> None:
             v.add(f"agent.skills[{i}].level", "must be 1 to 10")
     v.items_list("agent.languages", agent.languages, 16, 35)
     v.text("agent.site.name", agent.site.name, 128)
+    v.region("agent.site.country_code", agent.site.country_code)
     if agent.site.HasField("location"):
         v.latitude_longitude(
             "agent.site.location", agent.site.location.latitude, agent.site.location.longitude
@@ -109,8 +110,17 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         v = Violations()
         if len(request.agent_ids) > 1000:
             v.add("agent_ids", "must have at most 1,000 entries")
+        for i, agent_id in enumerate(request.agent_ids[:1000]):
+            v.id(f"agent_ids[{i}]", agent_id)
+        if len(request.resource_groups) > 100:
+            v.add("resource_groups", "must have at most 100 entries")
         for i, group in enumerate(request.resource_groups[:100]):
             v.id(f"resource_groups[{i}]", group)
+        if len(request.channels) > len(common_pb2.Channel.values()):
+            v.add("channels", "must name each channel at most once")
+        for i, channel in enumerate(request.channels[:16]):
+            if channel not in common_pb2.Channel.values() or not channel:
+                v.add(f"channels[{i}]", "must be one of the CHANNEL_ values")
         v.text("resume_token", request.resume_token, 32)
         v.raise_if_any()
         async for message in self._directory.watch(request, self._stopping):

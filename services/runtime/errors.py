@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -69,6 +70,11 @@ class AccesslineError(Exception):
         return out
 
 
+# A refusal names at most this many fields (its details travel in a trailer of bounded
+# size); the message says how many more there were.
+MAX_VIOLATIONS = 50
+
+
 class InvalidArgument(AccesslineError):
     """The request is malformed; nothing was changed."""
 
@@ -83,9 +89,12 @@ class InvalidArgument(AccesslineError):
     ) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one field violation")
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        shown = list(violations[:MAX_VIOLATIONS])
+        summary = "; ".join(f"{v.field}: {v.description[:200]}" for v in shown[:10])
+        if len(violations) > 10:
+            summary += f"; and {len(violations) - 10} more"
         super().__init__(f"invalid request: {summary}", reason=reason)
-        self.violations = list(violations)
+        self.violations = shown
 
     def details(self) -> list[Any]:
         bad = error_details_pb2.BadRequest(
@@ -247,13 +256,67 @@ def _stopping() -> Unavailable:
     )
 
 
-def _wrap_unary_response(method: str, behavior: Behavior, in_flight: InFlight) -> Behavior:
+class Undecodable:
+    """Stands in for a request that does not parse, or holds a time protobuf cannot
+    represent: refused with INVALID_ARGUMENT before any servicer code sees it."""
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+Screen = Callable[[Any], list[FieldViolation]]
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, screen: Screen) -> Any:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            message = deserializer(data)
+        except DecodeError:
+            return Undecodable(
+                InvalidArgument(
+                    [FieldViolation("request", "is not a valid message of this method")],
+                    reason="UNDECODABLE_REQUEST",
+                )
+            )
+        bad = screen(message)
+        return Undecodable(InvalidArgument(bad)) if bad else message
+
+    return parse
+
+
+async def _screened(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages; one that does not parse ends the call."""
+    async for item in requests:
+        if isinstance(item, Undecodable):
+            raise item.error
+        yield item
+
+
+def _admit(request: Any, in_flight: InFlight) -> AccesslineError | None:
+    if in_flight.closed:
+        return _stopping()
+    if isinstance(request, Undecodable):
+        return request.error
+    return None
+
+
+def _requests(request_or_iterator: Any, streaming: bool) -> Any:
+    return _screened(request_or_iterator) if streaming else request_or_iterator
+
+
+def _wrap_unary_response(
+    method: str, behavior: Behavior, in_flight: InFlight, streaming: bool
+) -> Behavior:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if in_flight.closed:
-            await context.abort_with_status(to_status(_stopping()))
+        refused = _admit(request_or_iterator, in_flight)
+        if refused is not None:
+            await context.abort_with_status(to_status(refused))
         in_flight.enter()
         try:
-            result = behavior(request_or_iterator, context)
+            result = behavior(_requests(request_or_iterator, streaming), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -267,15 +330,18 @@ def _wrap_unary_response(method: str, behavior: Behavior, in_flight: InFlight) -
     return handler
 
 
-def _wrap_stream_response(method: str, behavior: Behavior, in_flight: InFlight) -> Behavior:
+def _wrap_stream_response(
+    method: str, behavior: Behavior, in_flight: InFlight, streaming: bool
+) -> Behavior:
     async def handler(
         request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        if in_flight.closed:
-            await context.abort_with_status(to_status(_stopping()))
+        refused = _admit(request_or_iterator, in_flight)
+        if refused is not None:
+            await context.abort_with_status(to_status(refused))
         in_flight.enter()
         try:
-            result = behavior(request_or_iterator, context)
+            result = behavior(_requests(request_or_iterator, streaming), context)
             if inspect.isawaitable(result):
                 result = await result
             if result is not None:
@@ -296,8 +362,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     unexpected into a logged INTERNAL without internals for the caller; counts the calls
     in flight for a graceful stop."""
 
-    def __init__(self, in_flight: InFlight | None = None) -> None:
+    def __init__(self, in_flight: InFlight | None = None, screen: Screen | None = None) -> None:
         self.in_flight = in_flight or InFlight()
+        self._screen: Screen = screen or (lambda _: [])
 
     async def intercept_service(
         self,
@@ -311,25 +378,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         codec: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer, self._screen),
             "response_serializer": handler.response_serializer,
         }
         wrapped: Any
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary, self.in_flight), **codec
+                _wrap_unary_response(method, handler.unary_unary, self.in_flight, False), **codec
             )
         elif handler.stream_unary is not None:
             wrapped = grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary, self.in_flight), **codec
+                _wrap_unary_response(method, handler.stream_unary, self.in_flight, True), **codec
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream, self.in_flight), **codec
+                _wrap_stream_response(method, handler.unary_stream, self.in_flight, False), **codec
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.stream_stream, self.in_flight), **codec
+                _wrap_stream_response(method, handler.stream_stream, self.in_flight, True), **codec
             )
         else:
             return handler

@@ -31,6 +31,7 @@ from services.runtime.telemetry import (
     server_interceptor,
     setup_telemetry,
 )
+from services.runtime.validation import invalid_times
 
 log = logging.getLogger("accessline.server")
 
@@ -141,7 +142,7 @@ class ServiceRuntime:
         self._monitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._etcd_ok: bool | None = None
-        self._errors = ErrorInterceptor()
+        self._errors = ErrorInterceptor(screen=invalid_times)
         self._stopping_started = False
 
     @property

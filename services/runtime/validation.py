@@ -7,13 +7,19 @@ import math
 import re
 from collections.abc import Sequence
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from services.runtime.errors import FieldViolation, InvalidArgument
 
 ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 LONG_ID = re.compile(r"^[A-Za-z0-9_.\-:@]{1,128}$")
 REGION = re.compile(r"^[A-Z]{2}$")
+# The ranges protobuf defines for its time types (0001-01-01 to 9999-12-31; ±10,000 years).
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_NANOS = 999_999_999
 
 
 class Violations:
@@ -84,3 +90,36 @@ class Violations:
             self.add(size_field, f"must be between 0 and {maximum}")
             return default
         return size or default
+
+
+def _time_violation(value: Message) -> str:
+    if isinstance(value, timestamp_pb2.Timestamp):
+        if not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS:
+            return "must be between 0001-01-01 and 9999-12-31"
+        if not 0 <= value.nanos <= MAX_NANOS:
+            return "nanos must be between 0 and 999,999,999"
+    elif isinstance(value, duration_pb2.Duration):
+        if not -MAX_DURATION_SECONDS <= value.seconds <= MAX_DURATION_SECONDS:
+            return "must be within 10,000 years"
+        if not -MAX_NANOS <= value.nanos <= MAX_NANOS or value.seconds * value.nanos < 0:
+            return "nanos must be within ±999,999,999 and of the sign of seconds"
+    return ""
+
+
+def invalid_times(message: Message, path: str = "") -> list[FieldViolation]:
+    """Every Timestamp and Duration of a request (at any depth) outside the range
+    protobuf defines for it: such values cannot be converted and are refused whole."""
+    out: list[FieldViolation] = []
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        name = f"{path}{field.name}"
+        items = list(enumerate(value)) if field.is_repeated else [(None, value)]
+        for index, item in items:
+            at = name if index is None else f"{name}[{index}]"
+            problem = _time_violation(item)
+            if problem:
+                out.append(FieldViolation(at, problem))
+            elif not field.message_type.full_name.startswith("google.protobuf."):
+                out += invalid_times(item, f"{at}.")
+    return out
