@@ -1040,6 +1040,102 @@ async def test_killing_the_dispatch_leader_loses_no_queued_call_or_offer(
         await stop_stack(own)
 
 
+async def test_a_claim_never_outlives_its_offer(stack: Stack) -> None:
+    """Should the leader die together with the call (nobody left to settle the offer),
+    the agent is claimed no longer than the offer could be answered."""
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    member, app = await agent(stack, group)
+    call = Call(stack.routers[0], numbers[0])
+    await call.until("offered")
+    claims, _ = await stack.store.get_prefix(rt_keys.claims_of(member), rt_store.AgentClaim)
+    offers, _ = await stack.store.get_prefix(pr_keys.offers(member), pr_store.StoredOffer)
+    assert len(claims) == len(offers) == 1
+    timeout = float(ROUTING_ENV["ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS"])
+    # etcd may round a small TTL up (to its minimum) and add the shared lease's window.
+    assert await stack.store.lease_ttl(claims[0].meta.lease) <= (
+        timeout + pr_keys.OFFER_MARGIN_SECONDS + 2
+    )
+    assert claims[0].meta.lease == offers[0].meta.lease
+    call.hang_up()
+    app.call.cancel()
+
+
+async def test_an_accept_of_a_call_whose_router_died_is_undone_and_the_agent_told(
+    etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    own = await start_stack(etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path)
+    try:
+        group = new_group()
+        _, numbers = await setup_numbers(own, group)
+        member, app = await agent(own, group)
+        holder = own.router_processes[0]
+        call = Call(own.routers[0], numbers[0])
+        await call.until("offered")
+        preview = await app.next_kind("offer")
+        # The replica holding the switch's stream dies; its calls live on until its lease
+        # ends, and the agent accepts in that window.
+        os.kill(holder.process.pid, signal.SIGKILL)
+        await app.send(
+            offer_response=pr_pb2.OfferResponse(offer_id=preview.offer_id, decision=ACCEPT)
+        )
+        event = await app.next()
+        while event.WhichOneof("message") == "presence_confirmed":
+            event = await app.next()
+        kind = event.WhichOneof("message")
+        assert kind in ("offer_response_recorded", "offer_response_refused"), event
+        if kind == "offer_response_recorded":
+            # Accepted in time: once the dead replica's lease ends the agent is told the
+            # caller is gone, and is free again.
+            gone = await app.next_kind("offer_cancelled", timeout=30)
+            assert gone.reason == pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE
+            assert gone.offer_id == preview.offer_id
+        shown = await own.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[member]))
+
+        async def free() -> bool:
+            now = await own.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[member]))
+            return bool(now.agents[0].channels[0].presence == C.CHANNEL_PRESENCE_AVAILABLE)
+
+        await eventually(free, timeout=30, what=f"agent free again ({shown})")
+        ongoing, _ = await own.store.get_prefix(
+            pr_keys.interactions(member), pr_store.StoredInteraction
+        )
+        assert ongoing == []
+        app.call.cancel()
+    finally:
+        await stop_stack(own)
+
+
+async def test_a_caller_who_hangs_up_after_the_accept_frees_the_agent(stack: Stack) -> None:
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    member, app = await agent(stack, group)
+    call = Call(stack.routers[1], numbers[0])
+    await call.until("offered")
+    preview = await answer(app, ACCEPT)
+    await app.next_kind("offer_response_recorded")
+    # The switch's stream ends before it read the connect.
+    call.hang_up()
+
+    async def settled() -> bool:
+        queued, _ = await stack.store.get_prefix(rt_keys.queue(group), rt_store.QueuedInteraction)
+        return not queued
+
+    await eventually(settled, what="the call out of the queue")
+    ongoing, _ = await stack.store.get_prefix(
+        pr_keys.interactions(member), pr_store.StoredInteraction
+    )
+    # Either the connect went out first (the agent is on the call until it ends it) or
+    # the call was taken out before: then the agent is free and told.
+    if ongoing:
+        assert [o.value.interaction_id for o in ongoing] == [preview.interaction_id]
+        assert ongoing[0].meta.lease != 0
+    else:
+        gone = await app.next_kind("offer_cancelled")
+        assert gone.reason == pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE
+    app.call.cancel()
+
+
 async def test_a_deposed_leader_changes_nothing(stack: Stack) -> None:
     """The leader's key is replaced behind its back (as when its lease ran out and another
     replica won): its next offer is refused by the fence and nothing is offered until a

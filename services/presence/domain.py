@@ -398,6 +398,11 @@ class Hub:
             session = self.sessions.get(agent_id)
             if session is not None:
                 session.on_offer(event)
+        elif key.startswith(keys.INTERACTIONS) and event.kind == EventKind.DELETE:
+            agent_id = key[len(keys.INTERACTIONS) :].split("/", 1)[0]
+            session = self.sessions.get(agent_id)
+            if session is not None:
+                session.on_interaction_gone(event)
 
     async def _cancel_orphaned_offers(self, agent_id: str) -> None:
         """The agent's session ended (cleanly or by lease): its open offers are cancelled.
@@ -593,6 +598,45 @@ class AgentSession:
                 )
             return
         self._offer_state(event.decode(pr_store.StoredOffer))
+
+    def on_interaction_gone(self, event: WatchEvent) -> None:
+        """An interaction's key vanished while the agent was still on it: the caller was
+        gone before the call reached the agent (its lease ended, or the router took the
+        call out). The agent is free again and the app is told."""
+        interaction_id = event.key.rsplit("/", 1)[1]
+        if interaction_id not in self.state.interactions:
+            return  # ended by the agent
+        before = event.decode_prev(pr_store.StoredInteraction)
+        task = asyncio.get_running_loop().create_task(
+            self._caller_gone(interaction_id, before.offer_id if before is not None else "")
+        )
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _caller_gone(self, interaction_id: str, offer_id: str) -> None:
+        async with self.write_lock:
+            if interaction_id not in self.state.interactions:
+                return
+            channel_id = self.state.interactions[interaction_id]
+            del self.state.interactions[interaction_id]
+            for channel in self.state.channels:
+                if channel.channel == channel_id:
+                    channel.active_interactions = max(0, channel.active_interactions - 1)
+            if not self.state.interactions:
+                self.state.idle_since.CopyFrom(_now_ts())
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_cancelled=pr_pb2.OfferCancelled(
+                        offer_id=offer_id, reason=pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE
+                    )
+                )
+            )
+            try:
+                await self._write_locked()
+            except SessionEnded as ended:
+                self.send(ended)
+            except AccesslineError as exc:
+                log.warning("could not free agent %s: %s", self.agent.agent_id, exc)
 
     def _offer_state(self, stored: pr_store.StoredOffer) -> None:
         offer_id = stored.offer.offer_id
@@ -817,6 +861,7 @@ class AgentSession:
             # An accept makes the agent busy in the same transaction, so whoever sees the
             # accepted offer also sees the channel taken.
             also: tuple[list[Compare], list[Op]] = ([], [])
+            lasts = 0
             busy = pr_store.StoredPresence()
             if accept:
                 busy.CopyFrom(self.state)
@@ -835,14 +880,22 @@ class AgentSession:
                     accepted_at=_now_ts(),
                 )
                 lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
+                compares = [Compare.modified_at(presence_key, self.revision)]
+                if stored.call_key:
+                    # The caller is still there: their place in the queue is unchanged.
+                    compares.append(
+                        Compare.created_at(stored.call_key, stored.call_create_revision)
+                    )
                 also = (
-                    [Compare.modified_at(presence_key, self.revision)],
+                    compares,
                     [
                         Op.put(presence_key, busy, self.lease.id),
+                        # Until the call is connected the interaction lives and dies with
+                        # the call; the router moves it to `lasts` then.
                         Op.put(
                             keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
                             ongoing,
-                            lasts,
+                            stored.call_lease or lasts,
                         ),
                     ],
                 )
@@ -851,6 +904,7 @@ class AgentSession:
                 entry,
                 pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
                 accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
+                interaction_lease=lasts if accept else 0,
                 also=also,
             )
             if not ok:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from dataclasses import dataclass
 
 from opentelemetry import propagate
 
@@ -55,12 +56,24 @@ def interaction(agent_id: str, interaction_id: str) -> str:
     return f"{INTERACTIONS}{agent_id}/{interaction_id}"
 
 
+@dataclass(frozen=True)
+class CallBinding:
+    """What ties an offered call's fate to its caller: the key of the call's place (the
+    offer holds only while it exists with this create revision) and the call's lease
+    (an accepted interaction is bound to it until the call is connected)."""
+
+    key: str
+    create_revision: int
+    lease: int
+
+
 def new_offer(
     agent_id: str,
     interaction_id: str,
     channel: common_pb2.Channel.ValueType,
     summary: presence_pb2.ContextSummary,
     timeout: float,
+    call: CallBinding | None = None,
 ) -> pr_store.StoredOffer:
     """An open offer due `timeout` seconds from now, carrying the current trace context
     (write it under a lease of at least `timeout + OFFER_MARGIN_SECONDS`)."""
@@ -74,7 +87,7 @@ def new_offer(
     shown.deadline.FromNanoseconds(int(deadline * 1e9))
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    return pr_store.StoredOffer(
+    stored = pr_store.StoredOffer(
         offer=shown,
         agent_id=agent_id,
         state=pr_store.OFFER_STATE_OPEN,
@@ -82,6 +95,26 @@ def new_offer(
             traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
         ),
     )
+    if call is not None:
+        stored.call_key = call.key
+        stored.call_create_revision = call.create_revision
+        stored.call_lease = call.lease
+    return stored
+
+
+def interaction_connected(agent_id: str, interaction_id: str, lease: int) -> tuple[Compare, Op]:
+    """For the transaction that confirms a call reached the agent: the accepted
+    interaction leaves the call's lease for `lease` (the answer's `interaction_lease`),
+    if the agent has not ended it already (apply the op only when the compare holds)."""
+    key = interaction(agent_id, interaction_id)
+    return Compare.exists(key), Op.relet(key, lease)
+
+
+def interaction_abandoned(agent_id: str, interaction_id: str) -> Op:
+    """For the transaction that takes a call out before it reached the agent: an
+    interaction the agent accepted meanwhile ends (the agent's app is told the caller is
+    gone, and the channel is free again)."""
+    return Op.delete(interaction(agent_id, interaction_id))
 
 
 async def make_offer(
@@ -119,6 +152,7 @@ async def _set_state(
     *,
     cancel_reason: presence_pb2.OfferCancelReason.ValueType = NO_REASON,
     accepted_channel: common_pb2.Channel.ValueType = common_pb2.CHANNEL_UNSPECIFIED,
+    interaction_lease: int = 0,
     also: tuple[list[Compare], list[Op]] = ([], []),
 ) -> bool:
     """Moves an open offer to `state` if nobody changed it since it was read, together
@@ -128,6 +162,7 @@ async def _set_state(
     updated.state = state
     updated.cancel_reason = cancel_reason
     updated.accepted_channel = accepted_channel
+    updated.interaction_lease = interaction_lease
     updated.answered_at.FromNanoseconds(time.time_ns())
     result = await store.txn(
         [Compare.modified_at(entry.key, entry.meta.mod_revision), *also[0]],

@@ -435,13 +435,15 @@ class Dispatcher:
                 candidate.channel,
                 item.summary,
                 self._rules.offer_timeout,
+                # An accept holds only while the caller still has this place in the queue.
+                pr_keys.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
             )
-        # The claim is deleted once the offer is answered; its lease only cleans up after
-        # a leader that died and a successor that never came.
-        claim_lease = await self._store.shared_lease(self._rules.offer_timeout * 2 + 30, 5.0)
+        # The claim is deleted once the offer is answered; should the leader die and the
+        # call with it (nobody left to answer for), it ends with the offer's own lease.
         offer_lease = await self._store.shared_lease(
             self._rules.offer_timeout + pr_keys.OFFER_MARGIN_SECONDS
         )
+        claim_lease = offer_lease
         record = rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id)
         for slot in range(capacity):
             claim_key = keys.claim(agent.agent_id, candidate.channel, slot)
@@ -518,7 +520,7 @@ class Dispatcher:
             if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
                 await self._store.delete(keys.no_answer(offer.agent_id))
                 channel = answer.accepted_channel or offer.channel
-                await self._accepted(entry, offer, channel)
+                await self._accepted(entry, offer, channel, answer.interaction_lease)
                 return
             if answer is not None and answer.state == pr_store.OFFER_STATE_DECLINED:
                 await self._store.delete(keys.no_answer(offer.agent_id))
@@ -574,10 +576,15 @@ class Dispatcher:
         )
 
     async def _accepted(
-        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int
+        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int, lease: int
     ) -> None:
         address = offer.addresses.get(channel, "")
-        target = rt_store.ConnectTarget(agent_id=offer.agent_id, channel=channel, address=address)  # type: ignore[arg-type]
+        target = rt_store.ConnectTarget(
+            agent_id=offer.agent_id,
+            channel=channel,  # type: ignore[arg-type]
+            address=address,
+            interaction_lease=lease,
+        )
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
             if not await self._on_accepted_callback(entry, target, self._fence):
                 raise NotLeader("rt/leader is held by another replica")

@@ -22,6 +22,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
+from services.presence import keys as pr_keys
 from services.routing import keys
 from services.routing.dispatch import withdraw_offer
 from services.routing.queue import (
@@ -41,6 +42,8 @@ log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
 
 QI = rt_store.QueuedInteraction
+# Tries to take a call out of the queue while the dispatch leader keeps changing it.
+LEAVE_ATTEMPTS = 5
 
 
 class Router:
@@ -259,16 +262,36 @@ class Router:
             )
 
     async def _leave(self, key: str, connected: bool) -> None:
-        """Takes the call out of the queue; an offer still open is withdrawn."""
+        """Takes the call out of the queue. Connected: the agent's interaction outlives
+        it from now on. Not connected (the caller hung up): an offer still open is
+        withdrawn, and an accept that came too late is undone, in the same transaction
+        that takes the call out (the agent is told the caller is gone)."""
         with contextlib.suppress(AccesslineError):
-            entry = await self._store.get(key, QI)
-            if entry is None:
-                return
-            await self._store.txn(
-                [Compare.modified_at(key, entry.meta.mod_revision)], [Op.delete(key)]
-            )
-            if not connected:
-                await withdraw_offer(self._store, entry.value)
+            # The leader may change the entry meanwhile (an offer, an accept): read again.
+            for _ in range(LEAVE_ATTEMPTS):
+                entry = await self._store.get(key, QI)
+                if entry is None:
+                    return
+                item = entry.value
+                target = item.connected
+                if connected and target.interaction_lease:
+                    kept, relet = pr_keys.interaction_connected(
+                        target.agent_id, item.interaction_id, target.interaction_lease
+                    )
+                    await self._store.txn([kept], [Op.delete(key), relet], [Op.delete(key)])
+                    return
+                ops = [Op.delete(key)]
+                agent_id = target.agent_id or item.offer.agent_id
+                if not connected and agent_id:
+                    ops.append(pr_keys.interaction_abandoned(agent_id, item.interaction_id))
+                left = await self._store.txn(
+                    [Compare.modified_at(key, entry.meta.mod_revision)], ops
+                )
+                if left.succeeded:
+                    if not connected:
+                        await withdraw_offer(self._store, item)
+                    return
+            log.warning("the call %s could not be taken out of the queue", key)
 
     async def _follow(
         self, key: str, item: QI, revision: int, group: str, arrived: float

@@ -163,11 +163,18 @@ class Op:
     value: bytes = b""
     lease: int = 0
     prefix: bool = False
+    keep_value: bool = False
 
     @staticmethod
     def put(key: str, value: Message | bytes, lease: int = 0) -> Op:
         data = value if isinstance(value, bytes) else value.SerializeToString()
         return Op("put", key, data, lease)
+
+    @staticmethod
+    def relet(key: str, lease: int) -> Op:
+        """Moves an existing key to another lease, its value unchanged (the transaction
+        fails with an error if the key does not exist: compare it first)."""
+        return Op("put", key, b"", lease, keep_value=True)
 
     @staticmethod
     def delete(key: str) -> Op:
@@ -670,7 +677,9 @@ class Store:
         key = self._abs(op.key)
         if op.kind == "put":
             return etcdrpc.RequestOp(
-                request_put=etcdrpc.PutRequest(key=key, value=op.value, lease=op.lease)
+                request_put=etcdrpc.PutRequest(
+                    key=key, value=op.value, lease=op.lease, ignore_value=op.keep_value
+                )
             )
         if op.kind == "delete":
             end = prefix_range_end(key) if op.prefix else b""

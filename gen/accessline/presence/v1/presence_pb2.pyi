@@ -63,6 +63,10 @@ class _OfferCancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Off
     """Its deadline passed and the agent let the configured number of offers in a row time
     out: Presence sets the agent's channels not ready (redirect on no answer).
     """
+    OFFER_CANCEL_REASON_CALLER_GONE: _OfferCancelReason.ValueType  # 5
+    """The agent accepted, but the caller was gone before the call reached them (hung up,
+    or the Routing replica holding the call died): the agent is free again.
+    """
 
 class OfferCancelReason(_OfferCancelReason, metaclass=_OfferCancelReasonEnumTypeWrapper):
     """Why an offer was withdrawn."""
@@ -78,6 +82,10 @@ OFFER_CANCEL_REASON_SESSION_ENDED: OfferCancelReason.ValueType  # 3
 OFFER_CANCEL_REASON_NO_ANSWER_LIMIT: OfferCancelReason.ValueType  # 4
 """Its deadline passed and the agent let the configured number of offers in a row time
 out: Presence sets the agent's channels not ready (redirect on no answer).
+"""
+OFFER_CANCEL_REASON_CALLER_GONE: OfferCancelReason.ValueType  # 5
+"""The agent accepted, but the caller was gone before the call reached them (hung up,
+or the Routing replica holding the call died): the agent is free again.
 """
 Global___OfferCancelReason: _TypeAlias = OfferCancelReason  # noqa: Y015
 

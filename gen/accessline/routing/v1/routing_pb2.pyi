@@ -65,6 +65,10 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """The dialled number belongs to no pool and no default group is configured."""
     FAILURE_REASON_UNAVAILABLE: _FailureReason.ValueType  # 4
     """A service the routing depends on did not answer."""
+    FAILURE_REASON_SERVER_STOPPING: _FailureReason.ValueType  # 5
+    """The Routing replica holding the call is stopping: call RouteInboundCall again (any
+    replica) with `resume_token` after `retry_after`, before `resume_before`.
+    """
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why routing gave up."""
@@ -79,6 +83,10 @@ FAILURE_REASON_UNKNOWN_NUMBER: FailureReason.ValueType  # 3
 """The dialled number belongs to no pool and no default group is configured."""
 FAILURE_REASON_UNAVAILABLE: FailureReason.ValueType  # 4
 """A service the routing depends on did not answer."""
+FAILURE_REASON_SERVER_STOPPING: FailureReason.ValueType  # 5
+"""The Routing replica holding the call is stopping: call RouteInboundCall again (any
+replica) with `resume_token` after `retry_after`, before `resume_before`.
+"""
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 class _CallbackState:
@@ -160,6 +168,7 @@ class RouteInboundCallRequest(_message.Message):
     ANI_FIELD_NUMBER: _builtins.int
     DTMF_DIGITS_FIELD_NUMBER: _builtins.int
     CALL_ARRIVED_AT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The switch's voice session id. 1 to 128 characters."""
     dnis: _builtins.str
@@ -168,6 +177,12 @@ class RouteInboundCallRequest(_message.Message):
     """The caller's number (ANI); empty when withheld. Never logged."""
     dtmf_digits: _builtins.str
     """DTMF digits collected before routing; may be empty. Never logged."""
+    resume_token: _builtins.str
+    """The `resume_token` of a `failed` event with reason SERVER_STOPPING: the call goes on
+    where it was (no new match; its place and age in the queue are kept), on whichever
+    replica answers. `call_id` must be the same; the other fields are ignored. At most
+    512 characters.
+    """
     @_builtins.property
     def call_arrived_at(self) -> _timestamp_pb2.Timestamp:
         """When the call arrived at the switch. Unset: now."""
@@ -180,10 +195,11 @@ class RouteInboundCallRequest(_message.Message):
         ani: _builtins.str = ...,
         dtmf_digits: _builtins.str = ...,
         call_arrived_at: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call_arrived_at", b"call_arrived_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani", b"ani", "call_arrived_at", b"call_arrived_at", "call_id", b"call_id", "dnis", b"dnis", "dtmf_digits", b"dtmf_digits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani", b"ani", "call_arrived_at", b"call_arrived_at", "call_id", b"call_id", "dnis", b"dnis", "dtmf_digits", b"dtmf_digits", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,19 +347,35 @@ class Failed(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    RESUME_BEFORE_FIELD_NUMBER: _builtins.int
     reason: Global___FailureReason.ValueType
     """Why."""
     message: _builtins.str
     """A sentence for the switch's logs (no personal data)."""
+    resume_token: _builtins.str
+    """With SERVER_STOPPING: the token that resumes the call with its place in the queue."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """When retrying makes sense: how long to wait first."""
+
+    @_builtins.property
+    def resume_before(self) -> _timestamp_pb2.Timestamp:
+        """With SERVER_STOPPING: the call's place is kept until then."""
+
     def __init__(
         self,
         *,
         reason: Global___FailureReason.ValueType = ...,
         message: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        resume_token: _builtins.str = ...,
+        resume_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resume_before", b"resume_before", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "resume_before", b"resume_before", "resume_token", b"resume_token", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

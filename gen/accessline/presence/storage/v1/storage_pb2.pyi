@@ -187,9 +187,10 @@ Global___StoredPresence: _TypeAlias = StoredPresence  # noqa: Y015
 @_typing.final
 class StoredInteraction(_message.Message):
     """An interaction the agent accepted and has not ended yet. Key:
-    `pr/interactions/{agent_id}/{interaction_id}`, under a lease of the longest interaction
-    allowed (ACCESSLINE_PRESENCE_MAX_INTERACTION_HOURS): it outlives the agent's session,
-    so an app that reconnects during a call finds the agent still on it.
+    `pr/interactions/{agent_id}/{interaction_id}`, under the call's lease until the call is
+    connected (gone with a caller who is gone), then under a lease of the longest
+    interaction allowed (ACCESSLINE_PRESENCE_MAX_INTERACTION_HOURS): it outlives the agent's
+    session, so an app that reconnects during a call finds the agent still on it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -240,6 +241,10 @@ class StoredOffer(_message.Message):
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
     ANSWERED_AT_FIELD_NUMBER: _builtins.int
+    CALL_KEY_FIELD_NUMBER: _builtins.int
+    CALL_CREATE_REVISION_FIELD_NUMBER: _builtins.int
+    CALL_LEASE_FIELD_NUMBER: _builtins.int
+    INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     state: Global___OfferState.ValueType
@@ -248,6 +253,21 @@ class StoredOffer(_message.Message):
     """On accept, the channel accepted on."""
     cancel_reason: _presence_pb2.OfferCancelReason.ValueType
     """Why it was cancelled."""
+    call_key: _builtins.str
+    """Set by the one who offers a call: the offer holds only while this key (the call's
+    place in the queue) exists with `call_create_revision`, so an accept after the caller
+    hung up is refused in the same transaction.
+    """
+    call_create_revision: _builtins.int
+    """See `call_key`."""
+    call_lease: _builtins.int
+    """The call's lease: an accepted interaction is bound to it until the call is confirmed
+    connected, so it ends by itself if the caller is gone before that.
+    """
+    interaction_lease: _builtins.int
+    """Set by Presence on accept: the lease the interaction moves to once the call is
+    connected (the longest interaction allowed).
+    """
     @_builtins.property
     def offer(self) -> _presence_pb2.Offer:
         """The offer shown to the agent."""
@@ -272,10 +292,14 @@ class StoredOffer(_message.Message):
         cancel_reason: _presence_pb2.OfferCancelReason.ValueType = ...,
         trace: _common_pb2.TraceContext | None = ...,
         answered_at: _timestamp_pb2.Timestamp | None = ...,
+        call_key: _builtins.str = ...,
+        call_create_revision: _builtins.int = ...,
+        call_lease: _builtins.int = ...,
+        interaction_lease: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "offer", b"offer", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "cancel_reason", b"cancel_reason", "offer", b"offer", "state", b"state", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "state", b"state", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

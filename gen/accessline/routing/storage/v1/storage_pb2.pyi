@@ -215,22 +215,28 @@ class ConnectTarget(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     channel: _common_pb2.Channel.ValueType
     """The channel the agent accepted on."""
     address: _builtins.str
     """The agent's address on that channel."""
+    interaction_lease: _builtins.int
+    """The lease the agent's interaction moves to once the switch has the connect (see
+    Presence's StoredOffer.interaction_lease).
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         channel: _common_pb2.Channel.ValueType = ...,
         address: _builtins.str = ...,
+        interaction_lease: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel", "interaction_lease", b"interaction_lease"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -271,6 +277,10 @@ class QueuedInteraction(_message.Message):
     RETRY_TRIED_AFTER_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    DETACHED_UNTIL_FIELD_NUMBER: _builtins.int
+    RESUME_HASH_FIELD_NUMBER: _builtins.int
+    SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
+    MATCH_DECIDED_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Id (a callback's entry uses the callback id)."""
     kind: Global___InteractionKind.ValueType
@@ -301,6 +311,12 @@ class QueuedInteraction(_message.Message):
     """The merged handoff session, when matched."""
     customer_id: _builtins.str
     """The customer, when known."""
+    resume_hash: _builtins.bytes
+    """SHA-256 of the secret part of the resume token given to the switch."""
+    sealed_context: _builtins.bytes
+    """While handed over: the matched call's context (serialized ContextData, personal
+    data), sealed with Routing's secret and bound to the interaction id.
+    """
     @_builtins.property
     def location(self) -> _common_pb2.GeoPoint:
         """The customer's location, for proximity."""
@@ -349,6 +365,17 @@ class QueuedInteraction(_message.Message):
         whose stream enforces the maximum queue time.
         """
 
+    @_builtins.property
+    def detached_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while the call is handed over by a stopping replica: it keeps its place but is
+        not offered until the switch resumes it on another replica, before this time (when
+        the entry's handover lease ends).
+        """
+
+    @_builtins.property
+    def match_decided(self) -> _routing_pb2.MatchDecided:
+        """The match decision the switch was given, replayed when it resumes."""
+
     def __init__(
         self,
         *,
@@ -377,10 +404,14 @@ class QueuedInteraction(_message.Message):
         retry_tried_after: _timestamp_pb2.Timestamp | None = ...,
         trace: _common_pb2.TraceContext | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        detached_until: _timestamp_pb2.Timestamp | None = ...,
+        resume_hash: _builtins.bytes = ...,
+        sealed_context: _builtins.bytes = ...,
+        match_decided: _routing_pb2.MatchDecided | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "location", b"location", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "summary", b"summary", "trace", b"trace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "detached_until", b"detached_until", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "summary", b"summary", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "not_before", b"not_before", "offer", b"offer", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "retry_tried_after", b"retry_tried_after", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
