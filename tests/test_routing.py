@@ -246,10 +246,13 @@ async def pool_subject(stack: Stack, group: str) -> str:
 class Call:
     """The switch's side of one RouteInboundCall stream."""
 
-    def __init__(self, router: Any, dnis: str, call_id: str | None = None) -> None:
+    def __init__(
+        self, router: Any, dnis: str, call_id: str | None = None, resume_token: str = ""
+    ) -> None:
+        self.call_id = call_id or f"call-{uuid.uuid4().hex[:8]}"
         self.call = router.RouteInboundCall(
             rt_pb2.RouteInboundCallRequest(
-                call_id=call_id or f"call-{uuid.uuid4().hex[:8]}", dnis=dnis
+                call_id=self.call_id, dnis=dnis, resume_token=resume_token
             )
         )
         self.events: list[rt_pb2.RouteInboundCallResponse] = []
@@ -1035,6 +1038,60 @@ async def test_killing_the_dispatch_leader_loses_no_queued_call_or_offer(
             preview = await answer(app, ACCEPT)
             assert preview.interaction_id == offered.interaction_id
             assert (await call.until("connect")).connect.agent_id == member
+        app.call.cancel()
+    finally:
+        await stop_stack(own)
+
+
+async def test_a_stopping_replica_hands_its_waiting_calls_over_and_they_keep_their_place(
+    etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    own = await start_stack(etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path)
+    try:
+        group = new_group()
+        app_id, numbers = await setup_numbers(own, group, 2)
+        subject = await pool_subject(own, group)
+        # Logged in but not ready: the calls wait in the queue.
+        member, app = await agent(own, group, available=False, skill=subject)
+        context = C.ContextData(
+            subject=subject, attributes={"display_name": "Ms Martin", "policy": "POL-77125"}
+        )
+        started = await handoff(own, app_id, "c1", context)
+        first = Call(own.routers[0], started.access_number)
+        decided = (await first.next()).match_decided
+        assert (await first.until("queued")).queued.position == 1
+        second = Call(own.routers[1], numbers[1])
+        assert (await second.until("queued")).queued.position == 2
+
+        own.router_processes[0].signal(signal.SIGTERM)
+        handed = (await first.until("failed")).failed
+        assert handed.reason == rt_pb2.FAILURE_REASON_SERVER_STOPPING
+        assert handed.retry_after.ToNanoseconds() > 0
+        assert handed.resume_before.ToNanoseconds() > time.time_ns()
+        assert await first.call.code() == grpc.StatusCode.OK
+        # The context waits sealed, never in clear.
+        assert not await stored_anywhere(own, b"POL-77125")
+
+        # The switch calls the other replica with the token: no new match (the session
+        # was consumed), the same interaction, still first in line.
+        resumed = Call(own.routers[1], "", call_id=first.call_id, resume_token=handed.resume_token)
+        again = (await resumed.next()).match_decided
+        assert (again.session_id, again.outcome) == (decided.session_id, decided.outcome)
+        assert resumed.events[0].interaction_id == first.events[0].interaction_id
+        assert (await resumed.until("queued")).queued.position == 1
+        with pytest.raises(grpc.aio.AioRpcError) as twice:
+            await Call(
+                own.routers[1], "", call_id=first.call_id, resume_token=handed.resume_token
+            ).next()
+        assert twice.value.code() == grpc.StatusCode.NOT_FOUND
+
+        await set_available(app, True)
+        assert (await resumed.until("offered")).offered.agent_id == member
+        await answer(app, ACCEPT)
+        connect = (await resumed.until("connect")).connect
+        assert (connect.agent_id, connect.session_id) == (member, started.session_id)
+        assert connect.context == context
+        second.hang_up()
         app.call.cancel()
     finally:
         await stop_stack(own)

@@ -48,6 +48,7 @@ def rules_from(settings: RoutingSettings) -> Rules:
         callback_retry=settings.routing_callback_retry_seconds,
         callback_dial_timeout=settings.routing_callback_dial_timeout_seconds,
         callback_retention=settings.routing_callback_retention_hours * 3600,
+        resume_window=settings.routing_resume_seconds,
     )
 
 
@@ -96,7 +97,16 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         sweep=callbacks.sweep,
         meter=meter,
     )
-    router = Router(context.store, matching, presence, rules, wake, meter=meter)
+    router = Router(
+        context.store,
+        matching,
+        presence,
+        rules,
+        sealer,
+        context.stopping,
+        wake,
+        meter=meter,
+    )
     dispatcher.start()
     context.on_stop(router.close)
     context.on_stop(dispatcher.stop)

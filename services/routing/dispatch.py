@@ -330,7 +330,13 @@ class Dispatcher:
                 notify_by_group[request.value.request.resource_group].append(request)
         for group in sorted(set(by_group) | set(notify_by_group)):
             entries = by_group.get(group, [])
-            ready = {e.value.interaction_id: e for e in entries if waiting(e.value, now)}
+            # A call handed over by a stopping replica keeps its place but waits for its
+            # switch to resume it before it is offered.
+            ready = {
+                e.value.interaction_id: e
+                for e in entries
+                if waiting(e.value, now) and not e.value.HasField("detached_until")
+            }
             asks = sorted(notify_by_group.get(group, []), key=lambda r: seconds(r.value.created_at))
             if not ready and not asks:
                 continue

@@ -8,11 +8,16 @@ switch that hangs up, or a replica that dies, takes the call out of the queue.""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
@@ -35,8 +40,16 @@ from services.routing.queue import (
     timestamp,
     waiting,
 )
-from services.runtime.errors import AccesslineError
+from services.runtime.errors import (
+    Aborted,
+    AccesslineError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store
+from services.runtime.validation import ID
 
 log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
@@ -44,6 +57,50 @@ tracer = trace.get_tracer("accessline.routing")
 QI = rt_store.QueuedInteraction
 # Tries to take a call out of the queue while the dispatch leader keeps changing it.
 LEAVE_ATTEMPTS = 5
+
+
+def resume_token(group: str, interaction_id: str, secret: str) -> str:
+    """The opaque token a switch resumes a handed-over call with."""
+    raw = f"{group}:{interaction_id}:{secret}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_resume_token(token: str) -> tuple[str, str, str]:
+    """(group, interaction id, secret) of a resume token; InvalidArgument if it is none."""
+    refused = InvalidArgument(
+        [FieldViolation("resume_token", "is not a token this service gave")],
+        reason="BAD_RESUME_TOKEN",
+    )
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise refused from None
+    parts = raw.split(":")
+    if len(parts) != 3 or not all(ID.match(p) for p in parts[:2]) or len(parts[2]) < 16:
+        raise refused
+    return parts[0], parts[1], parts[2]
+
+
+def _secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+@dataclass
+class _Call:
+    """One call this replica holds the switch's stream of, while it is in the queue."""
+
+    key: str
+    group: str
+    interaction_id: str
+    arrived: float
+    context: common_pb2.ContextData
+    decided: rt_pb2.MatchDecided
+    session_id: str
+    handed_over: bool = False
+
+
+# Put in a call's change feed when the replica starts stopping.
+_STOPPING = object()
 
 
 class Router:
@@ -55,6 +112,8 @@ class Router:
         matching: Any,
         presence: Any,
         rules: Rules,
+        sealer: Sealer,
+        stopping: asyncio.Event,
         wake: Callable[[], None] = lambda: None,
         meter: metrics.Meter | None = None,
     ) -> None:
@@ -62,6 +121,8 @@ class Router:
         self._matching = matching
         self._presence = presence
         self._rules = rules
+        self._sealer = sealer
+        self._stopping = stopping
         self._wake = wake
         self._lease: KeptLease | None = None
         self._lease_lock = asyncio.Lock()
@@ -166,14 +227,13 @@ class Router:
             if hold is not None
             else matched.resource_group or self._rules.default_group
         )
-        yield event(
-            match_decided=rt_pb2.MatchDecided(
-                outcome=matched.outcome,
-                treatment=treatment,
-                session_id=matched.session_id,
-                resource_group=group,
-            )
+        decided = rt_pb2.MatchDecided(
+            outcome=matched.outcome,
+            treatment=treatment,
+            session_id=matched.session_id,
+            resource_group=group,
         )
+        yield event(match_decided=decided)
         if not group:
             yield event(
                 failed=rt_pb2.Failed(
@@ -237,20 +297,17 @@ class Router:
                     item.ClearField("preferred_until")
             if not revision:
                 revision = await self._store.put(key, item, lease)
-            self._wake()
-            self._queued.add(1)
-            connected = False
-            try:
-                async for update in self._follow(key, item, revision, group, arrived):
-                    if update.WhichOneof("event") == "connect":
-                        connected = True
-                        update.connect.context.CopyFrom(context)
-                        update.connect.session_id = matched.session_id
-                    update.interaction_id = interaction_id
-                    yield update
-            finally:
-                self._queued.add(-1)
-                await asyncio.shield(self._leave(key, connected))
+            call = _Call(
+                key=key,
+                group=group,
+                interaction_id=interaction_id,
+                arrived=arrived,
+                context=context,
+                decided=decided,
+                session_id=matched.session_id,
+            )
+            async for update in self._attend(call, item, revision):
+                yield update
         except AccesslineError as exc:
             # The switch already has the match decision: tell it on the stream.
             log.warning("routing of %s stopped: %s", interaction_id, exc.message)
@@ -260,6 +317,120 @@ class Router:
                     message=f"routing could not go on ({exc.reason}); try again",
                 )
             )
+
+    async def resume(
+        self, request: rt_pb2.RouteInboundCallRequest
+    ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
+        """Takes over a call a stopping replica handed over: no new match, the same
+        interaction with its place and age in the queue. The stream starts again with
+        the call's match decision."""
+        group, interaction_id, secret = parse_resume_token(request.resume_token)
+        key = keys.queued(group, interaction_id)
+        entry = await self._store.get(key, QI)
+        if (
+            entry is None
+            or not entry.value.resume_hash
+            or not hmac.compare_digest(_secret_hash(secret), entry.value.resume_hash)
+            or entry.value.call_id != request.call_id
+        ):
+            raise NotFound(
+                "no call waits to be resumed with this token (its place ended, or it was"
+                " resumed already)",
+                reason="RESUME_UNKNOWN",
+            )
+        item = entry.value
+        context = (
+            common_pb2.ContextData.FromString(
+                self._sealer.unseal(item.sealed_context, interaction_id)
+            )
+            if item.sealed_context
+            else common_pb2.ContextData()
+        )
+        decided = rt_pb2.MatchDecided()
+        decided.CopyFrom(item.match_decided)
+        adopted = QI()
+        adopted.CopyFrom(item)
+        adopted.ClearField("detached_until")
+        adopted.ClearField("resume_hash")
+        adopted.ClearField("sealed_context")
+        adopted.ClearField("match_decided")
+        lease = await self._replica_lease()
+        taken = await self._store.txn(
+            [Compare.modified_at(key, entry.meta.mod_revision)], [Op.put(key, adopted, lease)]
+        )
+        if not taken.succeeded:
+            raise Aborted(
+                "the call was resumed by another stream at the same moment",
+                reason="RESUME_RACE",
+            )
+        log.info("call resumed", extra={"fields": {"interaction_id": interaction_id}})
+        yield rt_pb2.RouteInboundCallResponse(interaction_id=interaction_id, match_decided=decided)
+        call = _Call(
+            key=key,
+            group=group,
+            interaction_id=interaction_id,
+            arrived=seconds(item.created_at),
+            context=context,
+            decided=decided,
+            session_id=item.session_id,
+        )
+        async for update in self._attend(call, adopted, taken.revision):
+            yield update
+
+    async def _attend(
+        self, call: _Call, item: QI, revision: int
+    ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
+        """The call's progress until it connects, fails, is handed over or hangs up; then
+        it leaves the queue (unless handed over)."""
+        self._wake()
+        self._queued.add(1)
+        connected = False
+        try:
+            async for update in self._follow(call, item, revision):
+                if update.WhichOneof("event") == "connect":
+                    connected = True
+                    update.connect.context.CopyFrom(call.context)
+                    update.connect.session_id = call.session_id
+                update.interaction_id = call.interaction_id
+                yield update
+        finally:
+            self._queued.add(-1)
+            if not call.handed_over:
+                await asyncio.shield(self._leave(call.key, connected))
+
+    async def _hand_over(
+        self, call: _Call, current: QI, revision: int
+    ) -> rt_pb2.RouteInboundCallResponse | None:
+        """This replica is stopping: the waiting call keeps its place under a lease of its
+        own for the resume window, and the switch gets the token to resume it elsewhere.
+        None when the entry changed meanwhile (an offer went out: follow that first)."""
+        secret = secrets.token_urlsafe(24)
+        until = time.time() + self._rules.resume_window
+        updated = QI()
+        updated.CopyFrom(current)
+        updated.detached_until.CopyFrom(timestamp(until))
+        updated.resume_hash = _secret_hash(secret)
+        updated.match_decided.CopyFrom(call.decided)
+        if call.context.ByteSize():
+            updated.sealed_context = self._sealer.seal(
+                call.context.SerializeToString(), call.interaction_id
+            )
+        lease = await self._store.shared_lease(self._rules.resume_window)
+        moved = await self._store.txn(
+            [Compare.modified_at(call.key, revision)], [Op.put(call.key, updated, lease)]
+        )
+        if not moved.succeeded:
+            return None
+        call.handed_over = True
+        log.info("call handed over", extra={"fields": {"interaction_id": call.interaction_id}})
+        failed = rt_pb2.Failed(
+            reason=rt_pb2.FAILURE_REASON_SERVER_STOPPING,
+            message="this Routing replica is stopping; resume the call with the token",
+            resume_token=resume_token(call.group, call.interaction_id, secret),
+        )
+        failed.retry_after.FromSeconds(1)
+        failed.resume_before.CopyFrom(timestamp(until))
+        return rt_pb2.RouteInboundCallResponse(failed=failed)
 
     async def _leave(self, key: str, connected: bool) -> None:
         """Takes the call out of the queue. Connected: the agent's interaction outlives
@@ -294,22 +465,26 @@ class Router:
             log.warning("the call %s could not be taken out of the queue", key)
 
     async def _follow(
-        self, key: str, item: QI, revision: int, group: str, arrived: float
+        self, call: _Call, item: QI, revision: int
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         """The call's progress as its queue entry (written at `revision`) changes, and its
-        position refreshed every queue update interval while it waits."""
-        changes: asyncio.Queue[QI | None] = asyncio.Queue()
+        position refreshed every queue update interval while it waits. When the replica
+        stops, a waiting call is handed over; one being offered finishes its offer first."""
+        changes: asyncio.Queue[tuple[QI | None, int] | object] = asyncio.Queue()
+        key = call.key
 
         async def watch() -> None:
             async for change in self._store.watch_prefix(key, revision + 1):
                 if change.key != key:
                     continue
                 if change.kind == EventKind.DELETE:
-                    changes.put_nowait(None)
+                    changes.put_nowait((None, change.revision))
                     return
-                changes.put_nowait(change.decode(QI))
+                changes.put_nowait((change.decode(QI), change.revision))
 
         watcher = asyncio.ensure_future(watch())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        stopper.add_done_callback(lambda _: changes.put_nowait(_STOPPING))
         current: QI | None = item
         shown_queue: tuple[int, int] | None = None
         shown_offer = ""
@@ -319,7 +494,7 @@ class Router:
                     yield self._lost()
                     return
                 if current.state == rt_store.INTERACTION_STATE_CONNECTED:
-                    self._to_accept.record(max(0.0, time.time() - arrived))
+                    self._to_accept.record(max(0.0, time.time() - call.arrived))
                     target = current.connected
                     yield rt_pb2.RouteInboundCallResponse(
                         connect=rt_pb2.Connect(
@@ -327,6 +502,11 @@ class Router:
                         )
                     )
                     return
+                if current.state == rt_store.INTERACTION_STATE_QUEUED and self._stopping.is_set():
+                    handed = await self._hand_over(call, current, revision)
+                    if handed is not None:
+                        yield handed
+                        return
                 if current.state == rt_store.INTERACTION_STATE_OFFERED:
                     if current.offer.offer_id != shown_offer:
                         shown_offer = current.offer.offer_id
@@ -339,13 +519,13 @@ class Router:
                             )
                         )
                 elif current.state == rt_store.INTERACTION_STATE_QUEUED:
-                    position, wait = await self._position(group, current)
+                    position, wait = await self._position(call.group, current)
                     if (position, wait) != shown_queue:
                         shown_queue = (position, wait)
                         queued = rt_pb2.Queued(position=position)
                         queued.estimated_wait.FromSeconds(wait)
                         yield rt_pb2.RouteInboundCallResponse(queued=queued)
-                left = self._rules.max_queue - (time.time() - arrived)
+                left = self._rules.max_queue - (time.time() - call.arrived)
                 if left <= 0:
                     yield rt_pb2.RouteInboundCallResponse(
                         failed=rt_pb2.Failed(
@@ -356,12 +536,16 @@ class Router:
                     return
                 timeout = min(left, self._rules.queue_update)
                 try:
-                    current = await asyncio.wait_for(changes.get(), timeout)
+                    change = await asyncio.wait_for(changes.get(), timeout)
                 except TimeoutError:
                     if watcher.done():
                         watcher.result()
                         current = None
+                    continue
+                if change is not _STOPPING:
+                    current, revision = change  # type: ignore[misc]
         finally:
+            stopper.cancel()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, AccesslineError):
                 await watcher

@@ -121,6 +121,7 @@ class Rules:
     callback_retry: float = 300.0
     callback_dial_timeout: float = 600.0
     callback_retention: float = 24 * 3600.0
+    resume_window: float = 30.0
 
     def value_of(self, channel: int, segment: str, subject: str, kind: int) -> tuple[float, float]:
         """The business value and SLA target (seconds) of a new interaction."""

@@ -48,11 +48,15 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         v = Violations()
         v.id("call_id", request.call_id, long=True)
-        v.text("dnis", request.dnis, 256, required=True)
+        v.text("resume_token", request.resume_token, 512)
+        v.text("dnis", request.dnis, 256, required=not request.resume_token)
         v.text("ani", request.ani, 256)
         v.dtmf("dtmf_digits", request.dtmf_digits)
         v.raise_if_any()
-        async for event in self._router.route(request):
+        events = (
+            self._router.resume(request) if request.resume_token else self._router.route(request)
+        )
+        async for event in events:
             yield event
 
     async def EstimateWait(

@@ -112,6 +112,13 @@ class RoutingSettings(ServiceSettings):
         le=60,
         description="The dispatch loop runs at least this often (priorities rise with time).",
     )
+    routing_resume_seconds: float = Field(
+        default=30,
+        ge=5,
+        le=600,
+        description="How long a call handed over by a stopping replica keeps its place in the"
+        " queue for the switch to resume it on another replica.",
+    )
     routing_leader_lease_seconds: int = Field(
         default=5,
         ge=2,
