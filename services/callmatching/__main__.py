@@ -54,6 +54,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             ani_failure_limit=settings.ani_failure_limit,
             ani_failure_window=settings.ani_failure_window_seconds,
             default_region=settings.default_region,
+            late_call_window=settings.late_call_window_seconds,
         ),
         meter=meter,
     )

@@ -56,6 +56,7 @@ FAILURES = {
     cm_pb2.MATCH_OUTCOME_CODE_MISMATCH,
     cm_pb2.MATCH_OUTCOME_LOCKED_OUT,
     cm_pb2.MATCH_OUTCOME_EXPIRED,
+    cm_pb2.MATCH_OUTCOME_STALE_CODE,
 }
 
 
@@ -104,6 +105,7 @@ class Limits:
     ani_failure_limit: int
     ani_failure_window: float
     default_region: str
+    late_call_window: float = 60.0
 
 
 class CallMatching:
@@ -232,6 +234,9 @@ class CallMatching:
             idempotency_key=f"cm:{idempotency_key}" if idempotency_key else "",
         )
         reserve.ttl.FromNanoseconds(int(ttl * 1e9))
+        if schema == common_pb2.MATCH_SCHEMA_NUMBER:
+            # Only the quarantine keeps a late caller from the number's next customer.
+            reserve.min_quarantine.FromNanoseconds(int(self._limits.late_call_window * 1e9))
         if request.context.HasField("location"):
             reserve.device_location.CopyFrom(request.context.location)
         reserved = await self._numbers.ReserveNumber(reserve)
@@ -528,7 +533,11 @@ class CallMatching:
             # A shared number: only the code tells the reservations apart.
             candidates = [r for r in candidates if r.code_check == nd_pb2.CODE_CHECK_MATCH]
             if not candidates:
-                unmatched.outcome = cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+                unmatched.outcome = (
+                    cm_pb2.MATCH_OUTCOME_STALE_CODE
+                    if resolved.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
+                    else cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+                )
                 return unmatched
         chosen = candidates[0]
         entry = await self._store.get(
@@ -561,6 +570,11 @@ class CallMatching:
             if not self._crypto.same(ani_hash, session.ani_hash):
                 unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
                 return unmatched
+        if session.match_schema in NEEDS_CODE and chosen.code_check == nd_pb2.CODE_CHECK_SPENT:
+            # The code of an ended session on this number: a late caller, whom nothing
+            # is counted against the session waiting on the number now.
+            unmatched.outcome = cm_pb2.MATCH_OUTCOME_STALE_CODE
+            return unmatched
         if session.match_schema in NEEDS_CODE and chosen.code_check != nd_pb2.CODE_CHECK_MATCH:
             unmatched.outcome = await self._wrong_code(
                 session, entry.meta.mod_revision, call.call_id, now

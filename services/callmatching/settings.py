@@ -48,6 +48,14 @@ class CallMatchingSettings(ServiceSettings):
         description="Failed match attempts from one caller number"
         " within the window before its calls are refused as rate-limited.",
     )
+    late_call_window_seconds: float = Field(
+        default=60,
+        ge=0,
+        le=24 * 3600,
+        description="How long after a session ends its late caller must still not reach the"
+        " number's next customer: an application matching by the number alone gets numbers"
+        " only from pools whose quarantine is at least this.",
+    )
     ani_failure_window_seconds: float = Field(
         default=600, ge=1, le=24 * 3600, description="The window of the caller-number rate limit."
     )

@@ -33,6 +33,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         view,
         CodeBook(secret.encode()),
         attempts=settings.numbers_reserve_attempts,
+        code_memory=settings.numbers_code_memory_seconds,
         meter=context.telemetry.meter("accessline.numberdistribution"),
     )
     return [

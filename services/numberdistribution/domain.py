@@ -87,6 +87,7 @@ def code_length(pool: nd_pb2.Pool) -> int:
 
 @dataclass(frozen=True)
 class ReserveRequest:
+    min_quarantine: float
     location: tuple[float, float] | None
     subject: str
     segment: str
@@ -117,6 +118,7 @@ class NumberDistribution:
         codes: CodeBook,
         *,
         attempts: int = 16,
+        code_memory: float = 3600.0,
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -124,6 +126,7 @@ class NumberDistribution:
         self._view = view
         self._codes = codes
         self._attempts = attempts
+        self._code_memory = code_memory
         self._clock = clock
         self._replica = secrets.token_hex(6)
         self._exhaustion: dict[str, int] = {}
@@ -538,13 +541,21 @@ class NumberDistribution:
                 reason="NO_ELIGIBLE_POOL",
                 metadata={"subject": request.subject, "segment": request.segment},
             )
+        resting = [(s, d) for s, d in eligible if pool_ttls(s.pool)[2] >= request.min_quarantine]
+        if not resting:
+            raise FailedPrecondition(
+                f"no eligible pool has a quarantine of at least {request.min_quarantine:g} s,"
+                " which matching calls by the number alone needs",
+                reason="QUARANTINE_TOO_SHORT",
+                metadata={"min_quarantine_seconds": f"{request.min_quarantine:g}"},
+            )
         fitting = [
             (s, d)
-            for s, d in eligible
+            for s, d in resting
             if request.ttl is None or request.ttl <= pool_ttls(s.pool)[1] + 1e-9
         ]
         if not fitting:
-            longest = max(pool_ttls(s.pool)[1] for s, _ in eligible)
+            longest = max(pool_ttls(s.pool)[1] for s, _ in resting)
             raise InvalidArgument(
                 [
                     FieldViolation(
@@ -669,6 +680,8 @@ class NumberDistribution:
                 shared=share,
                 idempotency_hash=idem,
             )
+            if code:
+                record.code_memory.FromNanoseconds(int(self._code_memory * 1e9))
             reason = nd_pb2.SelectionReason(
                 pool_id=pool.pool_id,
                 city=pool.city.name,
@@ -705,6 +718,9 @@ class NumberDistribution:
                     )
                 )
                 failure.append(Op.get(keys.idempotency(idem)))
+            if code:
+                # Never the code of an ended reservation a late caller may still key in.
+                compares.append(Compare.absent(keys.spent(value, code_hash)))
             if code and shared_pool:
                 compares.append(Compare.absent(keys.code(value, code_hash)))
                 ops.append(Op.put(keys.code(value, code_hash), keys.EMPTY, lease))
@@ -858,15 +874,18 @@ class NumberDistribution:
             value = normalize_number(dialled, region)
         except NumberFormatError as exc:
             raise InvalidArgument([FieldViolation("dialled_number", str(exc))]) from None
-        result = await self._store.txn(
-            [],
-            [
-                Op.get(keys.number(value)),
-                Op.get_prefix(keys.slots(value)),
-                Op.get(keys.quarantine_key(value)),
-            ],
-        )
-        number_rows, slot_rows, quarantine_rows = result.gets
+        digits = clean_digits(dtmf)
+        reads = [
+            Op.get(keys.number(value)),
+            Op.get_prefix(keys.slots(value)),
+            Op.get(keys.quarantine_key(value)),
+        ]
+        if digits:
+            # Whether the digits are the code of an ended reservation of this number.
+            reads.append(Op.get(keys.spent(value, self._codes.hash(value, digits))))
+        result = await self._store.txn([], reads)
+        number_rows, slot_rows, quarantine_rows = result.gets[:3]
+        spent = bool(digits) and bool(result.gets[3])
         pool_id = (
             decode(storage_pb2.StoredNumber, value, number_rows[0][1]).pool_id
             if number_rows
@@ -874,7 +893,6 @@ class NumberDistribution:
         )
         state = self._view.pools.get(pool_id)
         now = self._clock()
-        digits = clean_digits(dtmf)
         resolved: list[nd_pb2.ResolvedReservation] = []
         expired = 0
         for key, raw, _ in slot_rows:
@@ -888,6 +906,8 @@ class NumberDistribution:
                 check = nd_pb2.CODE_CHECK_MISSING
             elif self._codes.matches(value, digits, record.code_hash):
                 check = nd_pb2.CODE_CHECK_MATCH
+            elif spent:
+                check = nd_pb2.CODE_CHECK_SPENT
             else:
                 check = nd_pb2.CODE_CHECK_MISMATCH
             resolved.append(

@@ -8,6 +8,7 @@ other code needs (releasing a reservation into quarantine), so no one else spell
     nd/idempotency/{sha256(key)}        IdempotencyRecord   (reservation's lease)
     nd/codes/{number}/{code hash hex}   empty               (reservation's lease, shared pools)
     nd/quarantine/{number}              QuarantineRecord    (quarantine lease)
+    nd/spent/{number}/{code hash hex}   empty               (code memory lease)
     nd/exhaustion/{pool_id}/{replica}   ExhaustionCount
 """
 
@@ -18,6 +19,8 @@ from google.protobuf import empty_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
 from services.runtime.store import Compare, KeyMeta, Op, Store
 
+EMPTY = empty_pb2.Empty()
+
 ROOT = "nd/"
 POOLS = "nd/pools/"
 NUMBERS = "nd/numbers/"
@@ -26,6 +29,7 @@ RESERVATIONS = "nd/reservations/"
 IDEMPOTENCY = "nd/idempotency/"
 CODES = "nd/codes/"
 QUARANTINE = "nd/quarantine/"
+SPENT = "nd/spent/"
 EXHAUSTION = "nd/exhaustion/"
 
 
@@ -55,6 +59,10 @@ def idempotency(key_hash: str) -> str:
 
 def code(value: str, code_hash: bytes) -> str:
     return f"{CODES}{value}/{code_hash.hex()}"
+
+
+def spent(value: str, code_hash: bytes) -> str:
+    return f"{SPENT}{value}/{code_hash.hex()}"
 
 
 def quarantine_key(value: str) -> str:
@@ -114,7 +122,10 @@ async def release_ops(
         record.until.FromNanoseconds(int(until * 1e9))
         lease = await store.shared_lease(quarantine)
         ops.append(Op.put(quarantine_key(reserved.number), record, lease))
+    memory = reserved.code_memory.ToNanoseconds() / 1e9
+    if reserved.code_hash and memory > 0:
+        # A late caller keying this code in is told apart from a guesser, and the code is
+        # not issued again on this number meanwhile.
+        remembered = await store.shared_lease(quarantine + memory, window=60.0)
+        ops.append(Op.put(spent(reserved.number, reserved.code_hash), EMPTY, remembered))
     return compares, ops, until
-
-
-EMPTY = empty_pb2.Empty()

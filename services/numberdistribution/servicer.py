@@ -164,11 +164,17 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v.text("segment", request.segment, 64)
         v.id("resource_group", request.resource_group, required=False)
         ttl = v.duration("ttl", request.ttl, 1, MAX_DAY) if request.HasField("ttl") else None
+        min_quarantine = (
+            v.duration("min_quarantine", request.min_quarantine, 0, MAX_DAY)
+            if request.HasField("min_quarantine")
+            else 0.0
+        )
         v.id("session_id", request.session_id, required=False)
         v.text("idempotency_key", request.idempotency_key, 128)
         v.raise_if_any()
         reservation, code, reason = await self._domain.reserve(
             ReserveRequest(
+                min_quarantine=min_quarantine,
                 location=location,
                 subject=request.subject,
                 segment=request.segment,

@@ -26,6 +26,14 @@ class NumberDistributionSettings(ServiceSettings):
         description="Secret from which access-code hashing and sealing keys are derived;"
         " the same on every replica.",
     )
+    numbers_code_memory_seconds: float = Field(
+        default=3600,
+        ge=0,
+        le=7 * 86400,
+        description="How long the access code of an ended reservation is remembered, so a"
+        " late caller keying it in is answered STALE_CODE and never counted against the"
+        " number's next customer; 0 turns this off.",
+    )
     numbers_reserve_attempts: int = Field(
         default=16,
         ge=1,

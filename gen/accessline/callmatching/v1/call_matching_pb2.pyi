@@ -46,6 +46,10 @@ class _MatchOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MatchOut
     """Too many wrong codes: the reservation is locked and released."""
     MATCH_OUTCOME_RATE_LIMITED: _MatchOutcome.ValueType  # 8
     """The caller's number failed too often across numbers and is refused for a while."""
+    MATCH_OUTCOME_STALE_CODE: _MatchOutcome.ValueType  # 9
+    """The code belongs to an earlier, ended session on this number (a late or repeated
+    call): nothing is counted against the session waiting on it now.
+    """
 
 class MatchOutcome(_MatchOutcome, metaclass=_MatchOutcomeEnumTypeWrapper):
     """The outcome of a match attempt."""
@@ -68,6 +72,10 @@ MATCH_OUTCOME_LOCKED_OUT: MatchOutcome.ValueType  # 7
 """Too many wrong codes: the reservation is locked and released."""
 MATCH_OUTCOME_RATE_LIMITED: MatchOutcome.ValueType  # 8
 """The caller's number failed too often across numbers and is refused for a while."""
+MATCH_OUTCOME_STALE_CODE: MatchOutcome.ValueType  # 9
+"""The code belongs to an earlier, ended session on this number (a late or repeated
+call): nothing is counted against the session waiting on it now.
+"""
 Global___MatchOutcome: _TypeAlias = MatchOutcome  # noqa: Y015
 
 class _SessionState:

@@ -124,6 +124,11 @@ class _CodeCheckEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CodeCheck.V
     """The digits do not match the code."""
     CODE_CHECK_MISSING: _CodeCheck.ValueType  # 4
     """The reservation has a code but no digits were given."""
+    CODE_CHECK_SPENT: _CodeCheck.ValueType  # 5
+    """The digits are not this reservation's code but the code of an ended reservation of
+    the same number (a late or repeated call), remembered for
+    ACCESSLINE_NUMBERS_CODE_MEMORY_SECONDS; a new code never equals a remembered one.
+    """
 
 class CodeCheck(_CodeCheck, metaclass=_CodeCheckEnumTypeWrapper):
     """How the digits of a call compare with a reservation's access code."""
@@ -138,6 +143,11 @@ CODE_CHECK_MISMATCH: CodeCheck.ValueType  # 3
 """The digits do not match the code."""
 CODE_CHECK_MISSING: CodeCheck.ValueType  # 4
 """The reservation has a code but no digits were given."""
+CODE_CHECK_SPENT: CodeCheck.ValueType  # 5
+"""The digits are not this reservation's code but the code of an ended reservation of
+the same number (a late or repeated call), remembered for
+ACCESSLINE_NUMBERS_CODE_MEMORY_SECONDS; a new code never equals a remembered one.
+"""
 Global___CodeCheck: _TypeAlias = CodeCheck  # noqa: Y015
 
 @_typing.final
@@ -820,6 +830,7 @@ class ReserveNumberRequest(_message.Message):
     WANT_ACCESS_CODE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MIN_QUARANTINE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The call's subject; only pools dedicated to it (or to any subject) are eligible."""
     segment: _builtins.str
@@ -846,6 +857,12 @@ class ReserveNumberRequest(_message.Message):
         INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def min_quarantine(self) -> _duration_pb2.Duration:
+        """Only pools whose quarantine is at least this are eligible (matching by the number
+        alone needs a quarantine covering the late-call window). Unset: any. At most a day.
+        """
+
     def __init__(
         self,
         *,
@@ -857,10 +874,11 @@ class ReserveNumberRequest(_message.Message):
         want_access_code: _builtins.bool = ...,
         session_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        min_quarantine: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device_location", b"device_location", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_location", b"device_location", "min_quarantine", b"min_quarantine", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_location", b"device_location", "idempotency_key", b"idempotency_key", "resource_group", b"resource_group", "segment", b"segment", "session_id", b"session_id", "subject", b"subject", "ttl", b"ttl", "want_access_code", b"want_access_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_location", b"device_location", "idempotency_key", b"idempotency_key", "min_quarantine", b"min_quarantine", "resource_group", b"resource_group", "segment", b"segment", "session_id", b"session_id", "subject", b"subject", "ttl", b"ttl", "want_access_code", b"want_access_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,26 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n6accessline/numberdistribution/storage/v1/storage.proto\x12(accessline.numberdistribution.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0cStoredNumber\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xf2\x02\n\x11StoredReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\x05\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcode_hash\x18\t \x01(\x0c\x12\x0e\n\x06shared\x18\n \x01(\x08\x12\x1c\n\x14\x66\x61iled_code_attempts\x18\x0b \x01(\x05\x12\x18\n\x10idempotency_hash\x18\x0c \x01(\t\x12\x35\n\x11quarantined_until\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x12ReservationLocator\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"a\n\x11IdempotencyRecord\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x1a\n\x12sealed_access_code\x18\x02 \x01(\x0c\x12\x18\n\x10selection_reason\x18\x03 \x01(\x0c\"U\n\x10QuarantineRecord\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\" \n\x0f\x45xhaustionCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n6accessline/numberdistribution/storage/v1/storage.proto\x12(accessline.numberdistribution.storage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x0cStoredNumber\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xa2\x03\n\x11StoredReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06number\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\x05\x12\x10\n\x08lease_id\x18\x06 \x01(\x03\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcode_hash\x18\t \x01(\x0c\x12\x0e\n\x06shared\x18\n \x01(\x08\x12\x1c\n\x14\x66\x61iled_code_attempts\x18\x0b \x01(\x05\x12\x18\n\x10idempotency_hash\x18\x0c \x01(\t\x12\x35\n\x11quarantined_until\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0b\x63ode_memory\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\"2\n\x12ReservationLocator\x12\x0e\n\x06number\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"a\n\x11IdempotencyRecord\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x1a\n\x12sealed_access_code\x18\x02 \x01(\x0c\x12\x18\n\x10selection_reason\x18\x03 \x01(\x0c\"U\n\x10QuarantineRecord\x12)\n\x05until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\" \n\x0f\x45xhaustionCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.numberdistribution.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOREDNUMBER']._serialized_start=133
-  _globals['_STOREDNUMBER']._serialized_end=198
-  _globals['_STOREDRESERVATION']._serialized_start=201
-  _globals['_STOREDRESERVATION']._serialized_end=571
-  _globals['_RESERVATIONLOCATOR']._serialized_start=573
-  _globals['_RESERVATIONLOCATOR']._serialized_end=623
-  _globals['_IDEMPOTENCYRECORD']._serialized_start=625
-  _globals['_IDEMPOTENCYRECORD']._serialized_end=722
-  _globals['_QUARANTINERECORD']._serialized_start=724
-  _globals['_QUARANTINERECORD']._serialized_end=809
-  _globals['_EXHAUSTIONCOUNT']._serialized_start=811
-  _globals['_EXHAUSTIONCOUNT']._serialized_end=843
+  _globals['_STOREDNUMBER']._serialized_start=165
+  _globals['_STOREDNUMBER']._serialized_end=230
+  _globals['_STOREDRESERVATION']._serialized_start=233
+  _globals['_STOREDRESERVATION']._serialized_end=651
+  _globals['_RESERVATIONLOCATOR']._serialized_start=653
+  _globals['_RESERVATIONLOCATOR']._serialized_end=703
+  _globals['_IDEMPOTENCYRECORD']._serialized_start=705
+  _globals['_IDEMPOTENCYRECORD']._serialized_end=802
+  _globals['_QUARANTINERECORD']._serialized_start=804
+  _globals['_QUARANTINERECORD']._serialized_end=889
+  _globals['_EXHAUSTIONCOUNT']._serialized_start=891
+  _globals['_EXHAUSTIONCOUNT']._serialized_end=923
 # @@protoc_insertion_point(module_scope)

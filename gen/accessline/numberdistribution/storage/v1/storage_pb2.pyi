@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
@@ -75,6 +76,7 @@ class StoredReservation(_message.Message):
     FAILED_CODE_ATTEMPTS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_HASH_FIELD_NUMBER: _builtins.int
     QUARANTINED_UNTIL_FIELD_NUMBER: _builtins.int
+    CODE_MEMORY_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Id of the reservation."""
     number: _builtins.str
@@ -107,6 +109,12 @@ class StoredReservation(_message.Message):
     def quarantined_until(self) -> _timestamp_pb2.Timestamp:
         """Until when the number rests in quarantine after `expires_at`."""
 
+    @_builtins.property
+    def code_memory(self) -> _duration_pb2.Duration:
+        """How long the code is remembered once the reservation ends (`nd/spent/...`), so a
+        late caller keying it in is told apart from a guesser.
+        """
+
     def __init__(
         self,
         *,
@@ -123,10 +131,11 @@ class StoredReservation(_message.Message):
         failed_code_attempts: _builtins.int = ...,
         idempotency_hash: _builtins.str = ...,
         quarantined_until: _timestamp_pb2.Timestamp | None = ...,
+        code_memory: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "quarantined_until", b"quarantined_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_memory", b"code_memory", "created_at", b"created_at", "expires_at", b"expires_at", "quarantined_until", b"quarantined_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_hash", b"code_hash", "created_at", b"created_at", "expires_at", b"expires_at", "failed_code_attempts", b"failed_code_attempts", "idempotency_hash", b"idempotency_hash", "lease_id", b"lease_id", "number", b"number", "pool_id", b"pool_id", "quarantined_until", b"quarantined_until", "reservation_id", b"reservation_id", "session_id", b"session_id", "shared", b"shared", "slot", b"slot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_hash", b"code_hash", "code_memory", b"code_memory", "created_at", b"created_at", "expires_at", b"expires_at", "failed_code_attempts", b"failed_code_attempts", "idempotency_hash", b"idempotency_hash", "lease_id", b"lease_id", "number", b"number", "pool_id", b"pool_id", "quarantined_until", b"quarantined_until", "reservation_id", b"reservation_id", "session_id", b"session_id", "shared", b"shared", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
