@@ -376,3 +376,32 @@ async def test_bad_requests_name_their_fields(setup: Setup) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await setup.stubs[0].GetDelivery(N.GetDeliveryRequest(notification_id="n-unknown"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_device_holds_at_most_its_streams_over_all_replicas(setup: Setup) -> None:
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    in_app = await device(setup.stubs[0], customer, N.PLATFORM_IN_APP)
+    request = N.StreamNotificationsRequest(device_id=in_app)
+    # Five at once over two replicas: two are taken (the default), the rest refused.
+    streams = [setup.stubs[i % 2].StreamNotifications(request) for i in range(5)]
+    await publish(setup.stubs[0], customer_id=customer)
+    answers = await asyncio.gather(*(s.read() for s in streams), return_exceptions=True)
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == 3
+    assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    served = [s for s, a in zip(streams, answers, strict=True) if not isinstance(a, Exception)]
+    assert all(a.notification.title for a in answers if not isinstance(a, Exception))
+    served[0].cancel()
+
+    async def another() -> bool:
+        late = setup.stubs[1].StreamNotifications(request)
+        await publish(setup.stubs[0], customer_id=customer)
+        try:
+            return bool((await late.read()).notification.title)
+        except grpc.aio.AioRpcError:
+            return False
+        finally:
+            late.cancel()
+
+    await eventually(another, what="a stream once another closed")
+    served[1].cancel()

@@ -531,3 +531,42 @@ async def test_registering_a_bad_agent_names_every_bad_field(cluster: Cluster) -
         "agent.channels[1].channel",
         "agent.channels[1].address",
     }
+
+
+async def test_presence_streams_have_limits(
+    service_factory: Callable[..., ServiceProcess], cluster: Cluster
+) -> None:
+    replica = service_factory(
+        "services.presence",
+        ACCESSLINE_PRESENCE_MAX_WATCHERS="2",
+        ACCESSLINE_PRESENCE_LOGIN_TIMEOUT_SECONDS="1",
+        ACCESSLINE_PRESENCE_RESUME_REVISIONS="100",
+    )
+    await wait_serving(replica)
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        stub: Any = pr_grpc.PresenceServiceStub(channel)
+        watchers = [Watcher(stub) for _ in range(3)]
+        answers = await asyncio.gather(*(w.call.read() for w in watchers), return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert [r.code() for r in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        for watcher in watchers:
+            watcher.call.cancel()
+
+        # A stream that never logs in is closed after the login time-out, not held open.
+        silent = stub.Connect()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(silent.read(), 15)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        # A resume token far back in etcd's history gets a snapshot, not a replay of it all.
+        agent_id = await register(stub)
+        for _ in range(110):
+            await register(cluster.stubs[0])
+        watcher = Watcher(stub, resume_token="1", agent_ids=[agent_id])
+        first = await watcher.next()
+        assert first.HasField("snapshot")
+        assert [a.agent_id for a in first.snapshot.agents] == [agent_id]
+        watcher.call.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as future:
+            await Watcher(stub, resume_token=str(10**12)).next()
+        assert future.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
@@ -81,7 +81,7 @@ class Stack:
     prefix: str = ""
 
 
-async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path) -> Stack:
+async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path, **routing_env: str) -> Stack:
     nd = spawn_service("services.numberdistribution", etcd.endpoint, prefix)
     pr = spawn_service("services.presence", etcd.endpoint, prefix)
     nt = spawn_service("services.notification", etcd.endpoint, prefix)
@@ -103,7 +103,7 @@ async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path) -> Stack:
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
             ACCESSLINE_PRESENCE_ADDRESS=pr.address,
             ACCESSLINE_NOTIFICATION_ADDRESS=nt.address,
-            **ROUTING_ENV,
+            **{**ROUTING_ENV, **routing_env},
         )
         for _ in range(2)
     ]
@@ -1092,6 +1092,46 @@ async def test_a_stopping_replica_hands_its_waiting_calls_over_and_they_keep_the
         assert (connect.agent_id, connect.session_id) == (member, started.session_id)
         assert connect.context == context
         second.hang_up()
+        app.call.cancel()
+    finally:
+        await stop_stack(own)
+
+
+async def test_a_groups_queue_holds_at_most_its_maximum_over_all_replicas(
+    etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    own = await start_stack(
+        etcd,
+        f"/test-{uuid.uuid4().hex[:12]}",
+        tmp_path,
+        ACCESSLINE_ROUTING_MAX_QUEUE_LENGTH="3",
+    )
+    try:
+        group = new_group()
+        _, numbers = await setup_numbers(own, group)
+        _, app = await agent(own, group, available=False)
+        calls = [Call(own.routers[i % 2], numbers[0]) for i in range(10)]
+        first = await asyncio.gather(*(c.until("queued", "failed") for c in calls))
+        queued = [c for c, e in zip(calls, first, strict=True) if e.HasField("queued")]
+        full = [e.failed for e in first if e.HasField("failed")]
+        assert len(queued) == 3
+        assert len(full) == 7
+        assert {f.reason for f in full} == {rt_pb2.FAILURE_REASON_QUEUE_FULL}
+        assert all(f.retry_after.ToNanoseconds() > 0 for f in full)
+        places, _ = await own.store.get_prefix(rt_keys.places(group), empty_pb2.Empty)
+        assert len(places) == 3
+        # One hangs up: its place is free for the next call.
+        queued[0].hang_up()
+
+        async def place_freed() -> bool:
+            left, _ = await own.store.get_prefix(rt_keys.places(group), empty_pb2.Empty)
+            return len(left) == 2
+
+        await eventually(place_freed, what="the place of the call that hung up freed")
+        late = Call(own.routers[0], numbers[0])
+        assert (await late.until("queued", "failed")).HasField("queued")
+        for call in [*queued[1:], late]:
+            call.hang_up()
         app.call.cancel()
     finally:
         await stop_stack(own)

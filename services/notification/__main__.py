@@ -30,6 +30,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         retention=settings.notification_retention_seconds,
         max_attempts=settings.delivery_max_attempts,
         backoff_base=settings.delivery_backoff_seconds,
+        streams_per_device=settings.notification_streams_per_device,
     )
     providers: dict[int, Provider] = {}
     # A configured credential file that is missing (an optional Secret not created)

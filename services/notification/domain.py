@@ -12,6 +12,7 @@ retries, and the in-app stream that replays what a device has not acknowledged.
     nt/outbox/{notification_id}/{device_id}         Delivery            (notification lease)
     nt/claims/{notification_id}/{device_id}         Claim               (worker lease)
     nt/inbox/{device_id}/{notification_id}          empty               (notification lease)
+    nt/streams/{device_id}/{slot}                   empty               (the replica's lease)
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ from opentelemetry import metrics
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from services.notification.providers import Message, Outcome
-from services.runtime.errors import AccesslineError, FailedPrecondition, NotFound
+from services.runtime.errors import (
+    AccesslineError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store, WatchCompacted
 from services.runtime.streams import until
 
@@ -50,6 +56,7 @@ NOTIFICATIONS = "nt/notifications/"
 OUTBOX = "nt/outbox/"
 CLAIMS = "nt/claims/"
 INBOX = "nt/inbox/"
+STREAMS = "nt/streams/"
 BATCH = 60  # outbox items per transaction (two or three operations each)
 EMPTY = empty_pb2.Empty()
 
@@ -81,6 +88,7 @@ class Policy:
     max_attempts: int
     backoff_base: float
     backoff_cap: float = 300.0
+    streams_per_device: int = 2
 
 
 class Notifications:
@@ -328,6 +336,32 @@ class Notifications:
             raise FailedPrecondition(
                 f"device {device_id} is not an in-app device", reason="NOT_IN_APP"
             )
+        slot = await self._stream_slot(device_id)
+        try:
+            async for message in self._stream(device_id, stopping):
+                yield message
+        finally:
+            with contextlib.suppress(AccesslineError):
+                await self._store.delete(slot)
+
+    async def _stream_slot(self, device_id: str) -> str:
+        """One of the device's stream slots, taken with create-if-absent under this
+        replica's lease (so a dead replica's streams free theirs): the limit holds over
+        all replicas, checked and counted in one step."""
+        lease = await self._store.process_lease()
+        for slot in range(self._policy.streams_per_device):
+            key = f"{STREAMS}{device_id}/{slot}"
+            if await self._store.create(key, EMPTY, lease) is not None:
+                return key
+        raise ResourceExhausted(
+            f"device {device_id} already has {self._policy.streams_per_device} streams open",
+            reason="TOO_MANY_DEVICE_STREAMS",
+            retry_after=5.0,
+        )
+
+    async def _stream(
+        self, device_id: str, stopping: asyncio.Event
+    ) -> AsyncIterator[nt_pb2.StreamNotificationsResponse]:
         rows, revision = await self._store.get_prefix(f"{INBOX}{device_id}/", empty_pb2.Empty)
         for row in rows:
             message = await self._in_app(row.key.rsplit("/", 1)[1], device_id)

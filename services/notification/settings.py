@@ -52,3 +52,10 @@ class NotificationSettings(ServiceSettings):
         le=300,
         description="Lease of a worker's claims: how long a dead worker's items wait.",
     )
+    notification_streams_per_device: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="In-app streams one device may hold open at once, over all replicas;"
+        " more are refused RESOURCE_EXHAUSTED.",
+    )

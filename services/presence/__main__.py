@@ -25,7 +25,11 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     hub = Hub(context.store, context.telemetry.meter("accessline.presence"))
     await hub.start()
     context.on_stop(hub.stop)
-    directory = Directory(context.store)
+    directory = Directory(
+        context.store,
+        max_watchers=settings.presence_max_watchers,
+        resume_revisions=settings.presence_resume_revisions,
+    )
     sessions = Sessions(
         context.store,
         hub,
@@ -35,6 +39,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             heartbeat_timeout=settings.presence_heartbeat_timeout_seconds,
             secret=secret.encode(),
             max_interaction=settings.presence_max_interaction_hours * 3600,
+            login_timeout=settings.presence_login_timeout_seconds,
         ),
     )
     return [

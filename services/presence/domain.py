@@ -27,6 +27,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from services.runtime.store import (
@@ -118,8 +119,13 @@ def _channel_name(channel: int) -> str:
 class Directory:
     """Registered agents and point queries of presence."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, *, max_watchers: int = 500, resume_revisions: int = 100_000
+    ) -> None:
         self._store = store
+        self._max_watchers = max_watchers
+        self._resume_revisions = resume_revisions
+        self.watchers = 0
 
     async def register(self, agent: pr_pb2.Agent) -> pr_pb2.Agent:
         stored = pr_pb2.Agent()
@@ -237,7 +243,25 @@ class Directory:
         self, request: pr_pb2.WatchPresenceRequest, stopping: asyncio.Event
     ) -> AsyncIterator[pr_pb2.WatchPresenceResponse]:
         """A snapshot (unless resuming), then every change, each with its resume token (the
-        etcd revision). A resume point etcd has compacted away gets a fresh snapshot."""
+        etcd revision). A resume point etcd has compacted away, or further back than the
+        resume horizon, gets a fresh snapshot. At most `max_watchers` per replica."""
+        if self.watchers >= self._max_watchers:
+            raise ResourceExhausted(
+                f"this replica serves its maximum of {self._max_watchers} presence watchers;"
+                " retry later or on another replica",
+                reason="TOO_MANY_WATCHERS",
+                retry_after=5.0,
+            )
+        self.watchers += 1
+        try:
+            async for message in self._watch(request, stopping):
+                yield message
+        finally:
+            self.watchers -= 1
+
+    async def _watch(
+        self, request: pr_pb2.WatchPresenceRequest, stopping: asyncio.Event
+    ) -> AsyncIterator[pr_pb2.WatchPresenceResponse]:
         agent_ids, groups, channels = (
             set(request.agent_ids),
             set(request.resource_groups),
@@ -252,13 +276,19 @@ class Directory:
             return not channels or bool(channels & {c.channel for c in agent.channels})
 
         agents, live, revision = await self.snapshot()
+        resume = 0
         if request.resume_token:
             try:
-                revision = int(request.resume_token)
+                resume = int(request.resume_token)
             except ValueError:
+                resume = -1
+            if not 0 < resume <= revision:
                 raise InvalidArgument(
                     [FieldViolation("resume_token", "is not a token this service gave")]
-                ) from None
+                )
+        # A resume point too far back would replay a long history: a snapshot instead.
+        if resume and revision - resume <= self._resume_revisions:
+            revision = resume
         else:
             yield pr_pb2.WatchPresenceResponse(
                 snapshot=pr_pb2.PresenceSnapshot(
@@ -440,6 +470,7 @@ class Limits:
     heartbeat_timeout: float
     secret: bytes
     max_interaction: float = 12 * 3600.0
+    login_timeout: float = 10.0
 
 
 @dataclass
@@ -947,7 +978,7 @@ class Sessions:
         await self._hub.ready(5.0)
         iterator = requests.__aiter__()
         try:
-            first = await asyncio.wait_for(iterator.__anext__(), self._limits.heartbeat_timeout)
+            first = await asyncio.wait_for(iterator.__anext__(), self._limits.login_timeout)
         except (StopAsyncIteration, TimeoutError):
             raise InvalidArgument(
                 [FieldViolation("login", "the first message must be a login")]

@@ -46,3 +46,23 @@ class PresenceSettings(ServiceSettings):
         description="An accepted interaction the agent app never ends stops counting against"
         " the agent's channel after this long.",
     )
+    presence_login_timeout_seconds: float = Field(
+        default=10,
+        ge=1,
+        le=300,
+        description="A Connect stream that has not logged in within this time is closed.",
+    )
+    presence_max_watchers: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="WatchPresence streams one replica serves at most; more are refused"
+        " RESOURCE_EXHAUSTED.",
+    )
+    presence_resume_revisions: int = Field(
+        default=100_000,
+        ge=100,
+        le=100_000_000,
+        description="A WatchPresence resume token further back than this many etcd"
+        " revisions gets a fresh snapshot instead of a replay.",
+    )

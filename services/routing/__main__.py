@@ -49,6 +49,7 @@ def rules_from(settings: RoutingSettings) -> Rules:
         callback_dial_timeout=settings.routing_callback_dial_timeout_seconds,
         callback_retention=settings.routing_callback_retention_hours * 3600,
         resume_window=settings.routing_resume_seconds,
+        max_queue_length=settings.routing_max_queue_length,
     )
 
 
@@ -108,7 +109,6 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         meter=meter,
     )
     dispatcher.start()
-    context.on_stop(router.close)
     context.on_stop(dispatcher.stop)
     return [
         Registration(

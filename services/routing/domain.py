@@ -14,12 +14,14 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf import empty_pb2
 from opentelemetry import metrics, propagate, trace
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
@@ -46,9 +48,10 @@ from services.runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from services.runtime.sealing import Sealer
-from services.runtime.store import Compare, EventKind, KeptLease, Op, Store
+from services.runtime.store import Compare, EventKind, Op, Store
 from services.runtime.validation import ID
 
 log = logging.getLogger("accessline.routing")
@@ -57,6 +60,15 @@ tracer = trace.get_tracer("accessline.routing")
 QI = rt_store.QueuedInteraction
 # Tries to take a call out of the queue while the dispatch leader keeps changing it.
 LEAVE_ATTEMPTS = 5
+# A call joining its queue tries this many random places before it looks at which are
+# free, and gives up after this many tries in all.
+PLACE_GUESSES = 3
+PLACE_ATTEMPTS = 8
+EMPTY_PB = empty_pb2.Empty()
+
+
+class QueueFull(ResourceExhausted):
+    """Every place of the group's queue is taken."""
 
 
 def resume_token(group: str, interaction_id: str, secret: str) -> str:
@@ -124,8 +136,6 @@ class Router:
         self._sealer = sealer
         self._stopping = stopping
         self._wake = wake
-        self._lease: KeptLease | None = None
-        self._lease_lock = asyncio.Lock()
         self._availability: dict[str, tuple[float, int, int]] = {}
         self._orders: dict[str, tuple[float, list[str]]] = {}
         meter = meter or metrics.get_meter("accessline.routing")
@@ -143,20 +153,9 @@ class Router:
             description="Calls held by this replica's streams that wait for an agent",
         )
 
-    async def close(self) -> None:
-        if self._lease is not None:
-            self._store.stop_keep_alive(self._lease)
-            with contextlib.suppress(AccesslineError):
-                await self._store.revoke_lease(self._lease.id)
-
     async def _replica_lease(self) -> int:
         """The lease of this replica's calls, kept alive while the replica runs."""
-        async with self._lease_lock:
-            if self._lease is None or self._lease.lost.is_set():
-                ttl = max(5, self._rules.leader_lease)
-                lease_id = await self._store.grant_lease(ttl)
-                self._lease = await self._store.keep_alive(lease_id, ttl)
-            return self._lease.id
+        return await self._store.process_lease(max(5, self._rules.leader_lease))
 
     async def availability(self, group: str, channel: int = 0) -> tuple[int, int]:
         """(available, logged in) agents of the group on voice channels (or `channel`),
@@ -282,21 +281,19 @@ class Router:
                         time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
                     )
                 )
-                taken = await self._store.txn(
+                revision = await self._join(
+                    group,
+                    key,
+                    item,
+                    lease,
                     [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                    [
-                        Op.put(key, item, lease),
-                        Op.delete(hold.key),
-                        Op.delete(hold.value.claim_key),
-                    ],
+                    [Op.delete(hold.key), Op.delete(hold.value.claim_key)],
                 )
-                if taken.succeeded:
-                    revision = taken.revision
-                else:
+                if not revision:
                     item.ClearField("preferred_agent_id")
                     item.ClearField("preferred_until")
             if not revision:
-                revision = await self._store.put(key, item, lease)
+                revision = await self._join(group, key, item, lease)
             call = _Call(
                 key=key,
                 group=group,
@@ -308,6 +305,10 @@ class Router:
             )
             async for update in self._attend(call, item, revision):
                 yield update
+        except QueueFull as full:
+            failed = rt_pb2.Failed(reason=rt_pb2.FAILURE_REASON_QUEUE_FULL, message=full.message)
+            failed.retry_after.FromNanoseconds(int((full.retry_after or 1.0) * 1e9))
+            yield event(failed=failed)
         except AccesslineError as exc:
             # The switch already has the match decision: tell it on the stream.
             log.warning("routing of %s stopped: %s", interaction_id, exc.message)
@@ -317,6 +318,52 @@ class Router:
                     message=f"routing could not go on ({exc.reason}); try again",
                 )
             )
+
+    async def _join(
+        self,
+        group: str,
+        key: str,
+        item: QI,
+        lease: int,
+        compares: Sequence[Compare] = (),
+        ops: Sequence[Op] = (),
+    ) -> int:
+        """Puts the call in its group's queue, holding one of the group's places in the
+        same transaction (with `compares` and `ops` of the caller's); the revision, or 0
+        when the caller's compares failed. QueueFull when every place is taken: the
+        limit holds over all replicas, checked and counted in one step."""
+        limit = self._rules.max_queue_length
+        tried: set[int] = set()
+        for attempt in range(PLACE_ATTEMPTS):
+            if attempt < PLACE_GUESSES:
+                index = random.randrange(limit)
+            else:
+                # The queue is filling up: look at which places are free.
+                taken, _ = await self._store.get_prefix(keys.places(group), empty_pb2.Empty)
+                held = {int(e.key.rsplit("/", 1)[1]) for e in taken} | tried
+                free = [i for i in range(limit) if i not in held]
+                if not free:
+                    break
+                index = random.choice(free)
+            tried.add(index)
+            place = keys.place(group, index)
+            item.place_key = place
+            result = await self._store.txn(
+                [Compare.absent(place), *compares],
+                [Op.put(key, item, lease), Op.put(place, EMPTY_PB, lease), *ops],
+                [Op.get(place)],
+            )
+            if result.succeeded:
+                return result.revision
+            if not result.gets[0]:
+                item.ClearField("place_key")
+                return 0  # the place was free: the caller's compares failed
+        item.ClearField("place_key")
+        raise QueueFull(
+            f"the queue of group {group} holds its maximum of {limit} calls",
+            reason="QUEUE_FULL",
+            retry_after=max(1.0, self._rules.average_handle / 4),
+        )
 
     async def resume(
         self, request: rt_pb2.RouteInboundCallRequest
@@ -356,7 +403,8 @@ class Router:
         adopted.ClearField("match_decided")
         lease = await self._replica_lease()
         taken = await self._store.txn(
-            [Compare.modified_at(key, entry.meta.mod_revision)], [Op.put(key, adopted, lease)]
+            [Compare.modified_at(key, entry.meta.mod_revision)],
+            [Op.put(key, adopted, lease), *self._place_follows(item, lease)],
         )
         if not taken.succeeded:
             raise Aborted(
@@ -398,6 +446,11 @@ class Router:
             if not call.handed_over:
                 await asyncio.shield(self._leave(call.key, connected))
 
+    @staticmethod
+    def _place_follows(item: QI, lease: int) -> list[Op]:
+        """The call's place moves to the lease its entry moves to."""
+        return [Op.relet(item.place_key, lease)] if item.place_key else []
+
     async def _hand_over(
         self, call: _Call, current: QI, revision: int
     ) -> rt_pb2.RouteInboundCallResponse | None:
@@ -417,7 +470,8 @@ class Router:
             )
         lease = await self._store.shared_lease(self._rules.resume_window)
         moved = await self._store.txn(
-            [Compare.modified_at(call.key, revision)], [Op.put(call.key, updated, lease)]
+            [Compare.modified_at(call.key, revision)],
+            [Op.put(call.key, updated, lease), *self._place_follows(current, lease)],
         )
         if not moved.succeeded:
             return None
@@ -449,9 +503,12 @@ class Router:
                     kept, relet = pr_keys.interaction_connected(
                         target.agent_id, item.interaction_id, target.interaction_lease
                     )
-                    await self._store.txn([kept], [Op.delete(key), relet], [Op.delete(key)])
+                    out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
+                    await self._store.txn([kept], [*out, relet], out)
                     return
                 ops = [Op.delete(key)]
+                if item.place_key:
+                    ops.append(Op.delete(item.place_key))
                 agent_id = target.agent_id or item.offer.agent_id
                 if not connected and agent_id:
                     ops.append(pr_keys.interaction_abandoned(agent_id, item.interaction_id))

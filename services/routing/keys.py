@@ -10,6 +10,7 @@
     rt/callback-owners/{group}/{customer_id}    CallbackOwner
     rt/dials/{callback_id}                      PendingDial
     rt/no-answer/{agent_id}                     NoAnswerCount
+    rt/places/{group}/{n}                       empty              (the call's lease)
 
 An agent's channel has as many slots as its capacity; claiming one is a create-if-absent,
 so two Routing replicas never offer one agent more calls than the channel holds.
@@ -41,6 +42,14 @@ def queue(group: str) -> str:
 
 def queued(group: str, interaction_id: str) -> str:
     return f"{QUEUE}{group}/{interaction_id}"
+
+
+def place(group: str, index: int) -> str:
+    return f"rt/places/{group}/{index}"
+
+
+def places(group: str) -> str:
+    return f"rt/places/{group}/"
 
 
 def notify(request_id: str) -> str:

@@ -112,6 +112,13 @@ class RoutingSettings(ServiceSettings):
         le=60,
         description="The dispatch loop runs at least this often (priorities rise with time).",
     )
+    routing_max_queue_length: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Calls one group's queue holds at most, over all replicas; more get a"
+        " failed event QUEUE_FULL with a retry delay.",
+    )
     routing_resume_seconds: float = Field(
         default=30,
         ge=5,

@@ -111,6 +111,11 @@ class EmbeddedEtcd:
             self.initial_cluster or f"{self.name}={peer_url}",
             "--initial-cluster-token",
             "accessline",
+            # History is kept for the last 100,000 revisions (as in Kubernetes), not forever.
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "100000",
             "--logger",
             "zap",
             "--log-level",

@@ -212,8 +212,11 @@ class InFlight:
     """Counts the calls being handled, so that a stopping server answers every call it
     has received before it closes (grpc.aio cancels calls it has not picked up yet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int = 0) -> None:
         self.count = 0
+        # Streams (server or bidirectional) open now, and how many a replica holds at most.
+        self.streams = 0
+        self.max_streams = max_streams
         # Set once the server stops taking calls: a new one is answered UNAVAILABLE.
         self.closed = False
         self._idle = asyncio.Event()
@@ -303,6 +306,20 @@ def _admit(request: Any, in_flight: InFlight) -> AccesslineError | None:
     return None
 
 
+def _open_stream(in_flight: InFlight) -> AccesslineError | None:
+    """Counts a new stream, or refuses it when the replica holds its maximum (checked
+    and counted in one step: nothing else runs between the two)."""
+    if in_flight.max_streams and in_flight.streams >= in_flight.max_streams:
+        return ResourceExhausted(
+            f"this replica holds its maximum of {in_flight.max_streams} streams;"
+            " retry, or another replica",
+            reason="TOO_MANY_STREAMS",
+            retry_after=5.0,
+        )
+    in_flight.streams += 1
+    return None
+
+
 def _requests(request_or_iterator: Any, streaming: bool) -> Any:
     return _screened(request_or_iterator) if streaming else request_or_iterator
 
@@ -336,7 +353,7 @@ def _wrap_stream_response(
     async def handler(
         request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        refused = _admit(request_or_iterator, in_flight)
+        refused = _admit(request_or_iterator, in_flight) or _open_stream(in_flight)
         if refused is not None:
             await context.abort_with_status(to_status(refused))
         in_flight.enter()
@@ -352,6 +369,7 @@ def _wrap_stream_response(
         except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
             await context.abort_with_status(to_status(_translate(method, exc)))
         finally:
+            in_flight.streams -= 1
             in_flight.leave()
 
     return handler

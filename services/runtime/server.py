@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.errors import AccesslineError, ErrorInterceptor
+from services.runtime.errors import AccesslineError, ErrorInterceptor, InFlight
 from services.runtime.logs import setup_logging
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
 from services.runtime.store import EtcdTls, Store
@@ -142,7 +142,7 @@ class ServiceRuntime:
         self._monitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._etcd_ok: bool | None = None
-        self._errors = ErrorInterceptor(screen=invalid_times)
+        self._errors = ErrorInterceptor(InFlight(settings.max_streams), screen=invalid_times)
         self._stopping_started = False
 
     @property
@@ -273,6 +273,10 @@ class ServiceRuntime:
             await cleanup()
         for channel in self.context.channels:
             await channel.close()
+        # What lives only as long as this replica (calls it holds, streams it serves) ends
+        # now rather than when the lease would run out.
+        with contextlib.suppress(AccesslineError):
+            await self.context.store.release_process_lease()
         await self.context.store.close()
         log.info("stopped")
         self.context.telemetry.tracer_provider.force_flush()

@@ -86,6 +86,13 @@ class ServiceSettings(BaseSettings):
         description="After the drain delay, how long in-flight calls and streams may take to"
         " finish.",
     )
+    max_streams: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Streams (agent sessions, watchers, calls in progress...) one replica"
+        " holds at most; more are refused RESOURCE_EXHAUSTED with a retry delay.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level written to the JSON log."
     )

@@ -480,6 +480,8 @@ class Store:
         self._keeper = _LeaseKeeper(self)
         self._closed = False
         self._shared_leases: dict[int, tuple[int, float]] = {}
+        self._process_lease: KeptLease | None = None
+        self._process_lease_lock = asyncio.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -750,6 +752,23 @@ class Store:
         lease = await self.grant_lease(max(1, math.ceil(min_ttl + window)))
         self._shared_leases[key] = (lease, now)
         return lease
+
+    async def process_lease(self, ttl: int = 5) -> int:
+        """A lease kept alive while this process runs (granted again once lost), for keys
+        that must vanish with this replica: a dead replica's keys end within `ttl`."""
+        async with self._process_lease_lock:
+            lease = self._process_lease
+            if lease is None or lease.lost.is_set():
+                lease_id = await self.grant_lease(ttl)
+                lease = self._process_lease = await self.keep_alive(lease_id, ttl)
+            return lease.id
+
+    async def release_process_lease(self) -> None:
+        """Ends the process lease now (a clean stop), deleting the keys under it."""
+        lease, self._process_lease = self._process_lease, None
+        if lease is not None:
+            self.stop_keep_alive(lease)
+            await self.revoke_lease(lease.id)
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Ends a lease now, deleting every key under it. A lease already gone is fine."""

@@ -69,6 +69,10 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """The Routing replica holding the call is stopping: call RouteInboundCall again (any
     replica) with `resume_token` after `retry_after`, before `resume_before`.
     """
+    FAILURE_REASON_QUEUE_FULL: _FailureReason.ValueType  # 6
+    """The group's queue holds its maximum of calls (ACCESSLINE_ROUTING_MAX_QUEUE_LENGTH):
+    try again after `retry_after`.
+    """
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why routing gave up."""
@@ -86,6 +90,10 @@ FAILURE_REASON_UNAVAILABLE: FailureReason.ValueType  # 4
 FAILURE_REASON_SERVER_STOPPING: FailureReason.ValueType  # 5
 """The Routing replica holding the call is stopping: call RouteInboundCall again (any
 replica) with `resume_token` after `retry_after`, before `resume_before`.
+"""
+FAILURE_REASON_QUEUE_FULL: FailureReason.ValueType  # 6
+"""The group's queue holds its maximum of calls (ACCESSLINE_ROUTING_MAX_QUEUE_LENGTH):
+try again after `retry_after`.
 """
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 

@@ -281,6 +281,7 @@ class QueuedInteraction(_message.Message):
     RESUME_HASH_FIELD_NUMBER: _builtins.int
     SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
     MATCH_DECIDED_FIELD_NUMBER: _builtins.int
+    PLACE_KEY_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Id (a callback's entry uses the callback id)."""
     kind: Global___InteractionKind.ValueType
@@ -316,6 +317,10 @@ class QueuedInteraction(_message.Message):
     sealed_context: _builtins.bytes
     """While handed over: the matched call's context (serialized ContextData, personal
     data), sealed with Routing's secret and bound to the interaction id.
+    """
+    place_key: _builtins.str
+    """The call's place among the group's places (`rt/places/{group}/{n}`, under the same
+    lease): a group's queue holds at most as many calls as it has places.
     """
     @_builtins.property
     def location(self) -> _common_pb2.GeoPoint:
@@ -408,10 +413,11 @@ class QueuedInteraction(_message.Message):
         resume_hash: _builtins.bytes = ...,
         sealed_context: _builtins.bytes = ...,
         match_decided: _routing_pb2.MatchDecided | None = ...,
+        place_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "detached_until", b"detached_until", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "summary", b"summary", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "place_key", b"place_key", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
