@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
-from accessline.numberdistribution.v1 import number_distribution_pb2_grpc
+from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
 from services.callmatching.crypto import SessionCrypto
 from services.callmatching.domain import CallMatching, Limits
 from services.callmatching.history import MatchHistory
@@ -39,10 +39,13 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     context.on_stop(history.stop)
     numbers = PeerStub(
         number_distribution_pb2_grpc.NumberDistributionServiceStub(
-            context.channel(settings.numberdistribution_address)
+            context.channel(
+                settings.numberdistribution_address,
+                number_distribution_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"],
+            )
         ),
         "numberdistribution",
-        settings.etcd_timeout_seconds * 2,
+        context.peer_timeout,
     )
     domain = CallMatching(
         context.store,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from services.runtime.settings import ServiceSettings
+from services.runtime.settings import PeerAddress, ServiceSettings
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-callmatching-secret-not-for-production"  # noqa: S105
@@ -26,7 +26,7 @@ class CallMatchingSettings(ServiceSettings):
         description="Secret from which the context encryption key and the ANI hashing key"
         " are derived; the same on every replica.",
     )
-    numberdistribution_address: str = Field(
+    numberdistribution_address: PeerAddress = Field(
         default="127.0.0.1:50051", min_length=3, description="NumberDistribution's host:port."
     )
     history_dsn: str = Field(

@@ -7,9 +7,9 @@ import secrets
 import socket
 from collections.abc import Sequence
 
-from accessline.callmatching.v1 import call_matching_pb2_grpc
-from accessline.notification.v1 import notification_pb2_grpc
-from accessline.presence.v1 import presence_pb2_grpc
+from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
+from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
+from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
 from services.routing.callbacks import Callbacks, NotifyRequests
 from services.routing.dispatch import Dispatcher
@@ -56,22 +56,33 @@ def rules_from(settings: RoutingSettings) -> Rules:
 async def build(context: RuntimeContext) -> Sequence[Registration]:
     settings = context.settings
     assert isinstance(settings, RoutingSettings)
-    timeout = settings.etcd_timeout_seconds * 2
+    timeout = context.peer_timeout
     matching = PeerStub(
         call_matching_pb2_grpc.CallMatchingServiceStub(
-            context.channel(settings.callmatching_address)
+            context.channel(
+                settings.callmatching_address,
+                call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
+            )
         ),
         "callmatching",
         timeout,
     )
     presence = PeerStub(
-        presence_pb2_grpc.PresenceServiceStub(context.channel(settings.presence_address)),
+        presence_pb2_grpc.PresenceServiceStub(
+            context.channel(
+                settings.presence_address,
+                presence_pb2.DESCRIPTOR.services_by_name["PresenceService"],
+            )
+        ),
         "presence",
         timeout,
     )
     notification = PeerStub(
         notification_pb2_grpc.NotificationServiceStub(
-            context.channel(settings.notification_address)
+            context.channel(
+                settings.notification_address,
+                notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
+            )
         ),
         "notification",
         timeout,

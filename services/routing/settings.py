@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
-from services.runtime.settings import ServiceSettings
+from services.runtime.settings import PeerAddress, ServiceSettings
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-routing-secret-not-for-production"  # noqa: S105
@@ -26,10 +26,10 @@ class RoutingSettings(ServiceSettings):
         description="Secret from which the key sealing callbacks' numbers and contexts and"
         " notify requests' handoffs in etcd is derived; the same on every replica.",
     )
-    callmatching_address: str = Field(
+    callmatching_address: PeerAddress = Field(
         default="127.0.0.1:50052", min_length=3, description="CallMatching's host:port."
     )
-    presence_address: str = Field(
+    presence_address: PeerAddress = Field(
         default="127.0.0.1:50054", min_length=3, description="Presence's host:port."
     )
     routing_offer_timeout_seconds: float = Field(
@@ -45,7 +45,7 @@ class RoutingSettings(ServiceSettings):
     routing_language_weight: float = Field(
         default=5, ge=0, le=1000, description="Weight of speaking the customer's language."
     )
-    notification_address: str = Field(
+    notification_address: PeerAddress = Field(
         default="127.0.0.1:50055", min_length=3, description="Notification's host:port."
     )
     routing_proximity_weight: float = Field(

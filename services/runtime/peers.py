@@ -1,16 +1,96 @@
-"""Calls to other Accessline services: a deadline on every call, and a failed call
-turned into a domain error that keeps the peer's status code and rich details (so a
-RESOURCE_EXHAUSTED with RetryInfo from NumberDistribution reaches the app as such)."""
+"""Calls to other Accessline services: a peer is a group of replicas (a DNS name that
+resolves to all of them, or several addresses) balanced round-robin; every call has a
+deadline; calls the contract declares free of side effects or idempotent are retried on
+another replica when one is unavailable; and a failed call turns into a domain error that
+keeps the peer's status code and rich details (so a RESOURCE_EXHAUSTED with RetryInfo from
+NumberDistribution reaches the app as such)."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_status import rpc_status
 
 from services.runtime.errors import AccesslineError
+
+RETRYABLE = {
+    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+    descriptor_pb2.MethodOptions.IDEMPOTENT,
+}
+RETRY_ATTEMPTS = 3
+
+
+def peer_target(address: str) -> str:
+    """The gRPC target of a peer setting: `host:port` (a name that resolves to every
+    replica, as a headless Kubernetes Service does), `dns:///host:port`, or several
+    `ip:port` separated by commas."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    hosts = [part.rsplit(":", 1)[0].strip("[]") for part in parts]
+    try:
+        kinds = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ValueError(
+            "several addresses must be IP addresses; give one DNS name that resolves to"
+            " every replica instead"
+        ) from None
+    if len(kinds) != 1:
+        raise ValueError("several addresses must all be IPv4 or all IPv6")
+    return ("ipv4:" if kinds == {4} else "ipv6:") + ",".join(parts)
+
+
+def service_config(service: ServiceDescriptor, timeout: float) -> str:
+    """The gRPC service config of a peer channel: round-robin over the replicas, a
+    deadline on every unary method, and retries on UNAVAILABLE for the methods whose
+    contract declares them free of side effects or idempotent."""
+    unary = [m for m in service.methods if not (m.client_streaming or m.server_streaming)]
+    retried = [m for m in unary if m.GetOptions().idempotency_level in RETRYABLE]
+    plain = [m for m in unary if m not in retried]
+    deadline = f"{timeout:.3f}s"
+
+    def names(methods: list[Any]) -> list[dict[str, str]]:
+        return [{"service": service.full_name, "method": m.name} for m in methods]
+
+    configs: list[dict[str, Any]] = []
+    if plain:
+        configs.append({"name": names(plain), "timeout": deadline})
+    if retried:
+        configs.append(
+            {
+                "name": names(retried),
+                "timeout": deadline,
+                "retryPolicy": {
+                    "maxAttempts": RETRY_ATTEMPTS,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        )
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": configs})
+
+
+def peer_channel(
+    address: str, service: ServiceDescriptor, timeout: float, interceptors: Any = ()
+) -> grpc.aio.Channel:
+    """A channel to a peer service's replicas, balanced and retried as its contract
+    allows."""
+    options = [
+        ("grpc.service_config", service_config(service, timeout)),
+        ("grpc.enable_retries", 1),
+    ]
+    return grpc.aio.insecure_channel(
+        peer_target(address), options=options, interceptors=list(interceptors)
+    )
+
 
 # A peer's failure that says nothing about the request becomes UNAVAILABLE here.
 _OPAQUE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime.errors import AccesslineError, ErrorInterceptor, InFlight
 from services.runtime.logs import setup_logging
+from services.runtime.peers import peer_channel
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
 from services.runtime.store import EtcdTls, Store
 from services.runtime.telemetry import (
@@ -109,11 +110,17 @@ class RuntimeContext:
         if self.health is not None:
             await self.health.set(component, SERVING if serving else NOT_SERVING)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """An instrumented channel to a peer service (trace context propagates)."""
-        ch = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+    def channel(self, address: str, service: ServiceDescriptor) -> grpc.aio.Channel:
+        """An instrumented channel to a peer service's replicas (trace context
+        propagates), balanced and retried as its contract allows (see peers.py)."""
+        ch = peer_channel(address, service, self.peer_timeout, client_interceptors())
         self.channels.append(ch)
         return ch
+
+    @property
+    def peer_timeout(self) -> float:
+        """The deadline of a call to another service: a few etcd requests' worth."""
+        return self.settings.etcd_timeout_seconds * 2
 
 
 Builder = Callable[[RuntimeContext], Awaitable[Sequence[Registration]]]

@@ -7,15 +7,30 @@ own settings; every setting is read here, in one place, and documented in the RE
 from __future__ import annotations
 
 import re
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ACCESSLINE_"
 
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+:(\d{1,5})$|^\[[0-9A-Fa-f:]+\]:(\d{1,5})$")
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.\-]+)+$")
+
+
+def _peer_address(value: str) -> str:
+    from services.runtime.peers import peer_target
+
+    for part in value.split(","):
+        if not _ENDPOINT.match(part.strip().removeprefix("dns:///")):
+            raise ValueError(f"{part.strip()!r} must be host:port")
+    peer_target(value)
+    return value
+
+
+# Where a peer service's replicas answer: `host:port` (a name that resolves to all of
+# them), `dns:///host:port`, or several `ip:port` separated by commas.
+PeerAddress = Annotated[str, AfterValidator(_peer_address)]
 
 
 class SettingsError(Exception):

@@ -1,6 +1,7 @@
 """A service process for runtime tests: the real runtime serving test servicers that
 take time (to prove draining), hold streams open (to prove they end on shutdown) and
-read etcd (to prove etcd outages surface as UNAVAILABLE).
+read etcd (to prove etcd outages surface as UNAVAILABLE), and fail once with UNAVAILABLE
+on cue (a pool or session id starting with `flaky`, to prove which calls peers retry).
 
 Run as `python -m tests.support.probe_service`; settings as for any service.
 """
@@ -20,6 +21,7 @@ from accessline.numberdistribution.v1 import (
     number_distribution_pb2_grpc as nd_grpc,
 )
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
+from services.runtime.errors import Unavailable
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 from services.runtime.settings import ServiceSettings
 from services.runtime.store import Store
@@ -33,8 +35,23 @@ WORK_SECONDS = float(os.environ.get("PROBE_WORK_SECONDS", "1.0"))
 class ProbeNumbers(nd_grpc.NumberDistributionServiceServicer):
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._seen: set[str] = set()
+
+    def _flaky(self, name: str) -> None:
+        """Fails the first call naming `flaky…`, as a replica that is going away would."""
+        if name.startswith("flaky") and name not in self._seen:
+            self._seen.add(name)
+            log.info("refused once", extra={"fields": {"id": name}})
+            raise Unavailable("probe: unavailable once", reason="PROBE_FLAKY")
+
+    async def ReserveNumber(
+        self, request: nd_pb2.ReserveNumberRequest, context: Any
+    ) -> nd_pb2.ReserveNumberResponse:
+        self._flaky(request.session_id)
+        return nd_pb2.ReserveNumberResponse()
 
     async def GetPool(self, request: nd_pb2.GetPoolRequest, context: Any) -> nd_pb2.GetPoolResponse:
+        self._flaky(request.pool_id)
         log.info("GetPool in flight")
         await asyncio.sleep(WORK_SECONDS)
         log.info("GetPool done")
