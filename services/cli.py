@@ -1,4 +1,5 @@
-"""The `accessline` command: run one service, or the whole system on an embedded etcd."""
+"""The `accessline` command: run one service, or the whole system on an embedded etcd;
+administer pools; migrate the match history."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.numberdistribution import cli as numbers_cli
 from services.runtime import processes
 from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.settings import ServiceSettings
+from services.runtime.settings import ServiceSettings, SettingsError, load_settings
 
 SERVICES = ("numberdistribution", "callmatching", "routing", "presence", "notification")
 
@@ -122,6 +124,25 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         print("stopped.", flush=True)
 
 
+async def migrate_history(dsn: str | None) -> int:
+    from services.callmatching.history import migrate
+    from services.callmatching.settings import CallMatchingSettings
+
+    if dsn is None:
+        try:
+            dsn = load_settings(CallMatchingSettings).history_dsn
+        except SettingsError as exc:
+            print(f"accessline history migrate: {exc}", file=sys.stderr)
+            return 2
+    try:
+        created = await migrate(dsn)
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"accessline history migrate: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"history schema up to date (created: {', '.join(created) or 'nothing'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="accessline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,7 +165,17 @@ def main(argv: list[str] | None = None) -> None:
     demo_p.add_argument("--presence", default="127.0.0.1:50054", help="Presence address")
     numbers_p = sub.add_parser("numbers", help="administer access number pools")
     numbers_cli.add_arguments(numbers_p)
+    history_p = sub.add_parser("history", help="the match history database")
+    history_sub = history_p.add_subparsers(dest="action", required=True)
+    migrate_p = history_sub.add_parser(
+        "migrate", help="create what the history needs (once per deploy; safe to repeat)"
+    )
+    migrate_p.add_argument(
+        "--dsn", help="database URL; default: ACCESSLINE_HISTORY_DSN, as CallMatching reads it"
+    )
     args = parser.parse_args(argv)
+    if args.command == "history":
+        sys.exit(asyncio.run(migrate_history(args.dsn)))
     if args.command == "numbers":
         sys.exit(numbers_cli.run(args))
     if args.command == "demo":

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from services.callmatching.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES,
 from services.callmatching.domain import guess_success_probability
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
+    ROOT,
     ServiceProcess,
     error_details,
     eventually,
@@ -720,6 +724,69 @@ async def test_history_on_postgresql_survives_an_outage_without_failing_matches(
             await channel.close()
         for replica in replicas:
             replica.stop()
+
+
+async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_deploy(
+    system: System, etcd: EmbeddedEtcd, postgres: Any
+) -> None:
+    import asyncpg
+
+    database = f"history_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="postgres")
+    await admin.execute(f"CREATE DATABASE {database}")
+    await admin.close()
+    dsn = postgres.dsn.rsplit("/", 1)[0] + f"/{database}"
+    replica = spawn_service(
+        "services.callmatching",
+        etcd.endpoint,
+        PREFIX,
+        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,
+        ACCESSLINE_HISTORY_DSN=dsn,
+        ACCESSLINE_HISTORY_MIGRATE="false",
+    )
+    history = "accessline.callmatching.v1.MatchHistory"
+    try:
+        await wait_serving(replica)
+        async with grpc.aio.insecure_channel(replica.address) as channel:
+            stub = cm_grpc.CallMatchingServiceStub(channel)
+            subject, _ = await make_pool(system, 1)
+            app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+            started = await handoff(system, app_id, subject)
+            # Matching does not wait for the history: the attempt is buffered.
+            assert (await call(stub, started.access_number)).outcome == (
+                cm_pb2.MATCH_OUTCOME_MATCHED
+            )
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            await eventually(
+                lambda: _status(replica.address, history, not_serving),
+                what="history NOT_SERVING until migrated",
+            )
+            await replica.wait_for_log("accessline history migrate")
+            # The deploy's migration, run twice (a repeated Job changes nothing).
+            for expected in ("match_attempts", "nothing"):
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "services.cli", "history", "migrate", "--dsn", dsn],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"},
+                )
+                assert done.returncode == 0, done.stderr
+                assert f"created: {expected}" in done.stdout
+
+            async def written() -> bool:
+                page = await stub.ListMatchAttempts(
+                    cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
+                )
+                return len(page.attempts) == 1
+
+            await eventually(written, timeout=30, what="the buffered attempt written")
+            assert await health_status(replica.address, history) == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+    finally:
+        replica.stop()
 
 
 async def _status(address: str, service: str, want: int) -> bool:

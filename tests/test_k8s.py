@@ -415,3 +415,30 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
         "accessline_match_handoff_to_call_duration_seconds_bucket",
         "accessline_routing_call_to_accept_duration_seconds_bucket",
     }
+
+
+def test_prod_shares_the_match_history_in_postgresql_migrated_once_per_deploy(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["prod"]
+    matching = container(service_deployments(docs)["callmatching"])
+    env = {item["name"]: item for item in matching["env"]}
+    dsn = env["ACCESSLINE_HISTORY_DSN"]
+    assert "value" not in dsn
+    assert dsn["valueFrom"]["secretKeyRef"] == {"name": "accessline-history", "key": "dsn"}
+    assert env["ACCESSLINE_HISTORY_MIGRATE"]["value"] == "false"
+    job = of_kind(docs, "Job")["history-migrate"]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    migrate = container(job)
+    assert migrate["args"] == ["history", "migrate"]
+    assert {e["name"]: e for e in migrate["env"]}["ACCESSLINE_HISTORY_DSN"] == dsn
+    # The command the Job runs exists, with what it is given.
+    from services.cli import main
+
+    with pytest.raises(SystemExit) as shown:
+        main([*migrate["args"], "--help"])
+    assert shown.value.code == 0
+    # SQLite per pod stays the embedded and dev default.
+    dev = container(service_deployments(rendered["dev"])["callmatching"])
+    dev_dsn = {item["name"]: item for item in dev["env"]}["ACCESSLINE_HISTORY_DSN"]
+    assert dev_dsn["value"].startswith("sqlite")

@@ -34,7 +34,12 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     async def history_health(ok: bool) -> None:
         await context.report_health(HISTORY_HEALTH, ok)
 
-    history = MatchHistory(settings.history_dsn, on_health=history_health, meter=meter)
+    history = MatchHistory(
+        settings.history_dsn,
+        create_schema=settings.history_migrate,
+        on_health=history_health,
+        meter=meter,
+    )
     await history.start()
     context.on_stop(history.stop)
     numbers = PeerStub(

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     and_,
     func,
+    inspect,
     or_,
     select,
 )
@@ -130,6 +131,37 @@ def _untoken(token: str) -> tuple[int, str]:
         ) from None
 
 
+class SchemaMissing(SQLAlchemyError):
+    """The history's tables are not there and this replica does not create them."""
+
+
+# Taken while migrating, so two migrations run at once on PostgreSQL wait for each other.
+MIGRATION_LOCK = 7_301_991
+
+
+def _engine(dsn: str) -> AsyncEngine:
+    url = make_url(dsn)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Creates what the history needs in the database that is missing (run once per
+    deploy: `accessline history migrate`); safe to run again and concurrently. Returns
+    the tables created."""
+    engine = _engine(dsn)
+    try:
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            existing = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+            await conn.run_sync(metadata.create_all)
+        return sorted(set(metadata.tables) - existing)
+    finally:
+        await engine.dispose()
+
+
 class MatchHistory:
     """Buffered writer and reader of match attempts."""
 
@@ -137,13 +169,12 @@ class MatchHistory:
         self,
         dsn: str,
         *,
+        create_schema: bool = True,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         meter: metrics.Meter | None = None,
     ) -> None:
-        url = make_url(dsn)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        self._engine = _engine(dsn)
+        self._create_schema = create_schema
         self._buffer: asyncio.Queue[dict[str, object]] = asyncio.Queue(BUFFER_LIMIT)
         self._on_health = on_health
         self._healthy: bool | None = None
@@ -215,10 +246,16 @@ class MatchHistory:
             await self._on_health(ok)
 
     async def _ensure_schema(self) -> None:
-        if not self._ready:
-            async with self._engine.begin() as conn:
+        if self._ready:
+            return
+        async with self._engine.begin() as conn:
+            if self._create_schema:
                 await conn.run_sync(metadata.create_all)
-            self._ready = True
+            elif not await conn.run_sync(lambda c: inspect(c).has_table(attempts.name)):
+                raise SchemaMissing(
+                    "the match history tables are missing; run `accessline history migrate`"
+                )
+        self._ready = True
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -240,9 +277,10 @@ class MatchHistory:
                 backoff = 0.1
             except (SQLAlchemyError, OSError) as exc:
                 self._failures.add(1)
+                # SQLAlchemy's own texts may quote rows; only the schema's is said in full.
+                detail = str(exc) if isinstance(exc, SchemaMissing) else type(exc).__name__
                 log.warning(
-                    "writing match history failed; retrying",
-                    extra={"fields": {"error": type(exc).__name__}},
+                    "writing match history failed; retrying", extra={"fields": {"error": detail}}
                 )
                 await self._set_health(False)
                 await asyncio.sleep(backoff)
@@ -253,6 +291,8 @@ class MatchHistory:
             await self._ensure_schema()
             async with self._engine.connect() as conn:
                 return list((await conn.execute(statement)).fetchall())
+        except SchemaMissing as exc:
+            raise Unavailable(str(exc), reason="HISTORY_SCHEMA_MISSING", retry_after=5.0) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise Unavailable(
                 "the match history database is unreachable",

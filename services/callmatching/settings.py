@@ -35,6 +35,11 @@ class CallMatchingSettings(ServiceSettings):
         description="SQLAlchemy URL of the match history database: SQLite (default) or"
         " postgresql+asyncpg://user:password@host/db shared by every replica.",
     )
+    history_migrate: bool = Field(
+        default=True,
+        description="Create the match history's tables at start when missing (the embedded"
+        " run); false where `accessline history migrate` runs once per deploy.",
+    )
     session_retention_seconds: float = Field(
         default=3600,
         ge=60,
