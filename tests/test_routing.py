@@ -81,14 +81,18 @@ class Stack:
     prefix: str = ""
 
 
-async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path, **routing_env: str) -> Stack:
-    nd = spawn_service("services.numberdistribution", etcd.endpoint, prefix)
-    pr = spawn_service("services.presence", etcd.endpoint, prefix)
-    nt = spawn_service("services.notification", etcd.endpoint, prefix)
+async def start_stack(
+    etcd: EmbeddedEtcd | str, prefix: str, tmp: Path, **routing_env: str
+) -> Stack:
+    """The five services (two Routing replicas) on an etcd, or on the endpoints given."""
+    endpoints = etcd if isinstance(etcd, str) else etcd.endpoint
+    nd = spawn_service("services.numberdistribution", endpoints, prefix)
+    pr = spawn_service("services.presence", endpoints, prefix)
+    nt = spawn_service("services.notification", endpoints, prefix)
     await wait_serving(nd)
     cm = spawn_service(
         "services.callmatching",
-        etcd.endpoint,
+        endpoints,
         prefix,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
@@ -98,7 +102,7 @@ async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path, **routing_env:
     routers = [
         spawn_service(
             "services.routing",
-            etcd.endpoint,
+            endpoints,
             prefix,
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
             ACCESSLINE_PRESENCE_ADDRESS=pr.address,
@@ -110,7 +114,7 @@ async def start_stack(etcd: EmbeddedEtcd, prefix: str, tmp: Path, **routing_env:
     for router in routers:
         await wait_serving(router)
     channels = [grpc.aio.insecure_channel(p.address) for p in (nd, cm, pr, nt, *routers)]
-    store = Store(etcd.endpoint, prefix)
+    store = Store(endpoints, prefix)
     await store.connect()
     return Stack(
         nd_grpc.NumberDistributionServiceStub(channels[0]),

@@ -576,8 +576,14 @@ class Router:
                             )
                         )
                 elif current.state == rt_store.INTERACTION_STATE_QUEUED:
-                    position, wait = await self._position(call.group, current)
-                    if (position, wait) != shown_queue:
+                    try:
+                        position, wait = await self._position(call.group, current)
+                    except AccesslineError as exc:
+                        # etcd or Presence unreachable: the call's place lives on under
+                        # its lease; only the refresh of its position waits.
+                        log.debug("position of %s not refreshed: %s", key, exc.message)
+                        position, wait = shown_queue or (0, 0)
+                    if position and (position, wait) != shown_queue:
                         shown_queue = (position, wait)
                         queued = rt_pb2.Queued(position=position)
                         queued.estimated_wait.FromSeconds(wait)
