@@ -323,9 +323,15 @@ async def test_a_member_without_quorum_refuses_rather_than_serving_stale_data(
 
 
 async def test_requests_move_off_a_frozen_member(etcd_cluster: EtcdCluster) -> None:
-    async with Store(etcd_cluster.endpoints, "/frozen", timeout=1.0) as store:
+    # A frozen follower: the others keep their leader (losing the leader is an election,
+    # which tests/chaos covers).
+    leader = await etcd_cluster.leader()
+    followers = [m for m in etcd_cluster.members if m is not leader]
+    endpoints = [m.endpoint for m in (*followers, leader)]
+    async with Store(endpoints, "/frozen", timeout=1.0) as store:
         await store.put("pools/lyon", text("v1"))
         frozen = etcd_cluster.member(store.current_endpoint)
+        assert frozen is followers[0]
         assert frozen.process is not None
         frozen.process.send_signal(signal.SIGSTOP)
         try:

@@ -63,7 +63,7 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
         cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)
         quarantine = nd_pb2.Pool(pool_id=subject, subjects=[subject])
         quarantine.quarantine.FromSeconds(0)
-        quarantine.default_reservation_ttl.FromSeconds(5)
+        quarantine.default_reservation_ttl.FromSeconds(10)
         await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=quarantine))
         await nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=subject, numbers=pool))
         await cm.RegisterApplication(
@@ -136,7 +136,7 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
             return stats.free == len(pool)
 
         # What the killed replica held comes back by its leases.
-        await eventually(all_back, timeout=30, what="every number free again")
+        await eventually(all_back, timeout=45, what="every number free again")
 
 
 @dataclass
