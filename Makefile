@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/python -m bench.store_bench
 	$(BIN)/python -m bench.reservation_bench
 	$(BIN)/python -m bench.match_bench
+	$(BIN)/python -m bench.security_bench
 	$(BIN)/python -m bench.presence_bench
 	$(BIN)/python -m bench.notification_bench
 	$(BIN)/python -m bench.routing_bench

@@ -16,16 +16,74 @@ from typing import Any
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from services.demo import SimulatedAgent, Tally
-from services.presence.settings import DEVELOPMENT_SECRET
-from services.runtime import processes
+from services.runtime import devpki, processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+
+# The benchmarks measure the services' own work: plain text and no token checks unless a
+# benchmark gives a Secured (bench/security_bench.py measures what security costs).
+PLAIN = {"ACCESSLINE_INSECURE": "true", "ACCESSLINE_ENVIRONMENT": "development"}
+
+
+@dataclass
+class Secured:
+    """A development identity and its JWKS endpoint: mutual TLS everywhere (etcd too) and
+    a bearer token on every call."""
+
+    identity: devpki.DevIdentity
+    jwks: devpki.JwksServer
+
+    def env(self, service: str) -> dict[str, str]:
+        return self.identity.service_env(service, self.jwks.url)
+
+    def service_channel(self, address: str, service: str) -> Any:
+        """A channel as an Accessline service (its certificate, no token)."""
+        import grpc
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.identity.ca.read_bytes(),
+            private_key=self.identity.key(service).read_bytes(),
+            certificate_chain=self.identity.cert(service).read_bytes(),
+        )
+        return grpc.aio.secure_channel(address, credentials)
+
+    def channel(self, address: str, *roles: str, subject: str = "bench") -> Any:
+        token = self.identity.token(
+            subject, roles or ("admin", "app_backend", "switch"), applications=["*"], switch="*"
+        )
+        return self.identity.channel(address, token)
 
 
 @asynccontextmanager
-async def embedded_etcd() -> AsyncIterator[EmbeddedEtcd]:
-    """A real etcd (with fsync, as in production) in a temporary folder."""
+async def secured() -> AsyncIterator[Secured]:
+    with tempfile.TemporaryDirectory(prefix="accessline-bench-identity-") as tmp:
+        identity = devpki.create(Path(tmp), clients=("admin",))
+        jwks = devpki.JwksServer(identity.jwks)
+        try:
+            yield Secured(identity, jwks)
+        finally:
+            jwks.close()
+
+
+def channel(address: str, security: Secured | None = None, *roles: str) -> Any:
+    import grpc
+
+    if security is None:
+        return grpc.aio.insecure_channel(address)
+    return security.channel(address, *roles)
+
+
+@asynccontextmanager
+async def embedded_etcd(security: Secured | None = None) -> AsyncIterator[EmbeddedEtcd]:
+    """A real etcd (with fsync, as in production) in a temporary folder; serving TLS with
+    client certificates required when `security` is given."""
     with tempfile.TemporaryDirectory(prefix="accessline-bench-") as tmp:
-        etcd = EmbeddedEtcd(Path(tmp) / "etcd", free_port(), free_port())
+        etcd = EmbeddedEtcd(
+            Path(tmp) / "etcd",
+            free_port(),
+            free_port(),
+            extra_args=security.identity.etcd_server_args() if security else (),
+            client_tls=security.identity.etcd_client("numberdistribution") if security else None,
+        )
         etcd.start()
         try:
             await etcd.wait_ready()
@@ -94,11 +152,13 @@ def print_table(title: str, results: list[Result], baseline: Result) -> None:
 
 @asynccontextmanager
 async def service_process(
-    module: str, etcd: EmbeddedEtcd, prefix: str, **settings: str
+    module: str, etcd: EmbeddedEtcd, prefix: str, security: Secured | None = None, **settings: str
 ) -> AsyncIterator[str]:
     """A service as its own process on a free port; yields its address."""
     port = free_port()
+    name = module.rsplit(".", 1)[-1]
     env = {
+        **(security.env(name) if security else PLAIN),
         "ACCESSLINE_PORT": str(port),
         "ACCESSLINE_METRICS_PORT": "0",
         "ACCESSLINE_ETCD_ENDPOINTS": etcd.endpoint,
@@ -107,15 +167,22 @@ async def service_process(
         **settings,
     }
     process = processes.spawn(module, env, stdout=subprocess.DEVNULL)
+    probe = security.identity.credentials() if security else None
     try:
-        await processes.wait_serving(f"127.0.0.1:{port}", process, module)
+        await processes.wait_serving(f"127.0.0.1:{port}", process, module, 30.0, probe)
         yield f"127.0.0.1:{port}"
     finally:
         processes.stop([process], timeout=15)
 
 
 async def simulated_team(
-    presence: Any, group: str, subject: str, count: int, name: str, first_extension: int
+    presence: Any,
+    group: str,
+    subject: str,
+    count: int,
+    name: str,
+    first_extension: int,
+    presence_address: str,
 ) -> list[SimulatedAgent]:
     """Registers `count` agents of `group` (skill levels 1 to 10 in `subject`, French or
     English) and logs each in as a simulated app that accepts every offer and wraps up
@@ -141,7 +208,7 @@ async def simulated_team(
             )
         )
         member = SimulatedAgent(
-            presence, agent_id, Tally(), decline=0.0, ignore=0.0, secret=DEVELOPMENT_SECRET
+            channel(presence_address), agent_id, Tally(), decline=0.0, ignore=0.0
         )
         await member.start()
         team.append(member)

@@ -129,7 +129,9 @@ async def drive(
         application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
     )
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
-    team = await simulated_team(pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000)
+    team = await simulated_team(
+        pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000, pr_address
+    )
     timings: dict[str, list[float]] = {
         k: [] for k in ("handoff", "match", "offer", "accept", "call")
     }

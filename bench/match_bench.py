@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
-import grpc
 from google.protobuf import wrappers_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
@@ -25,7 +24,15 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from bench.common import Result, embedded_etcd, measure, print_table, service_process
+from bench.common import (
+    Result,
+    Secured,
+    channel,
+    embedded_etcd,
+    measure,
+    print_table,
+    service_process,
+)
 
 
 async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
@@ -54,25 +61,40 @@ async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Re
     return result
 
 
-async def main(count: int, concurrency: int) -> None:
+async def call_matching_round(
+    count: int, concurrency: int, security: Secured | None = None, *, baseline: bool = False
+) -> list[Result]:
+    """StartHandoff then MatchCall `count` times on a fresh etcd and fresh processes (over
+    mutual TLS with tokens when `security` is given); with `baseline`, the raw etcd
+    transaction first, on the same etcd."""
     history = Path(tempfile.mkdtemp(prefix="accessline-bench-")) / "history.db"
+    results: list[Result] = []
     async with (
-        embedded_etcd() as etcd,
-        service_process("services.numberdistribution", etcd, "/bench") as nd_address,
+        embedded_etcd(security) as etcd,
+        service_process("services.numberdistribution", etcd, "/bench", security) as nd_address,
         service_process(
             "services.callmatching",
             etcd,
             "/bench",
+            security,
             ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd_address,
             ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{history}",
         ) as cm_address,
     ):
+        if baseline:
+            results.append(await raw_baseline(etcd.host, etcd.client_port, count, concurrency))
+        # As an admin and app backend (setup, StartHandoff) and as Routing, which alone
+        # calls MatchCall (its certificate).
         async with (
-            grpc.aio.insecure_channel(nd_address) as nd_channel,
-            grpc.aio.insecure_channel(cm_address) as cm_channel,
+            channel(nd_address, security) as nd_channel,
+            channel(cm_address, security) as cm_channel,
+            (
+                security.service_channel(cm_address, "routing") if security else channel(cm_address)
+            ) as switch_channel,
         ):
             nd: Any = nd_grpc.NumberDistributionServiceStub(nd_channel)
             cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)
+            matcher: Any = cm_grpc.CallMatchingServiceStub(switch_channel)
             pool = nd_pb2.Pool(pool_id="bench", subjects=["bench"])
             pool.access_code_policy.mode = nd_pb2.ACCESS_CODE_MODE_OPTIONAL
             await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
@@ -107,7 +129,7 @@ async def main(count: int, concurrency: int) -> None:
 
             async def match(i: int) -> object:
                 session = started[i]
-                reply = await cm.MatchCall(
+                reply = await matcher.MatchCall(
                     cm_pb2.MatchCallRequest(
                         call_id=f"c{i}", dnis=session.access_number, dtmf_digits=session.access_code
                     )
@@ -119,14 +141,15 @@ async def main(count: int, concurrency: int) -> None:
             await measure("warm-up", start, 200, concurrency)
             await measure("warm-up", match, 200, concurrency)
             started.clear()
-            handoffs = await measure(
-                "StartHandoff (reserve + store session)", start, count, concurrency
-            )
-            matches = await measure(
-                "MatchCall (resolve + one transaction)", match, count, concurrency
-            )
-        baseline = await raw_baseline(etcd.host, etcd.client_port, count, concurrency)
+            how = "TLS + JWT" if security else "plain"
+            results.append(await measure(f"StartHandoff, {how}", start, count, concurrency))
+            results.append(await measure(f"MatchCall, {how}", match, count, concurrency))
     shutil.rmtree(history.parent, ignore_errors=True)
+    return results
+
+
+async def main(count: int, concurrency: int) -> None:
+    baseline, handoffs, matches = await call_matching_round(count, concurrency, baseline=True)
     print_table(
         f"call matching, {count} handoffs, {concurrency} concurrent",
         [baseline, handoffs, matches],

@@ -20,8 +20,6 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from bench.common import Result, embedded_etcd, print_table, service_process
-from services.presence.settings import DEVELOPMENT_SECRET
-from services.presence.tokens import agent_token
 from services.runtime.store import Store
 
 C = common_pb2
@@ -40,10 +38,7 @@ class Agent:
             yield message
 
     async def login(self) -> None:
-        token = agent_token(DEVELOPMENT_SECRET.encode(), self.agent_id)
-        self.queue.put_nowait(
-            pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id, auth_token=token))
-        )
+        self.queue.put_nowait(pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id)))
         while not (await self.call.read()).HasField("snapshot"):
             pass
         self.drain = asyncio.create_task(self._drain())

@@ -117,7 +117,9 @@ async def drive(
         application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
     )
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
-    team = await simulated_team(pr, "mortgage-team", "mortgage", agents, "bench-agent", 5000)
+    team = await simulated_team(
+        pr, "mortgage-team", "mortgage", agents, "bench-agent", 5000, pr_address
+    )
     # Every call's handoff first, so the measured time is the switch's alone.
     numbers: list[str] = []
     for i in range(calls):

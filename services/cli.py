@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import importlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +22,9 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.numberdistribution import cli as numbers_cli
-from services.runtime import processes
+from services.runtime import devpki, processes
 from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.identity import ROLES_BY_NAME
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
 
 SERVICES = ("numberdistribution", "callmatching", "routing", "presence", "notification")
@@ -56,8 +61,67 @@ class Child:
     process: subprocess.Popen[bytes]
 
 
+async def list_audit(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.runtime.audit import list_events
+
+    since = int((time.time() - args.since) * 1e6) if args.since is not None else None
+    try:
+        found, _ = await list_events(
+            args.dsn,
+            limit=args.limit,
+            since_us=since,
+            subject=args.subject,
+            denied_only=args.denied,
+        )
+    except (SQLAlchemyError, OSError) as exc:
+        print(f"accessline audit: cannot read {args.dsn}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    for event in found:
+        if args.json:
+            print(json.dumps(event, sort_keys=True))
+            continue
+        when = datetime.datetime.fromtimestamp(event["at_us"] / 1e6, datetime.UTC)
+        who = event["subject"] or event["service"] or "(anonymous)"
+        roles = f" [{event['roles']}]" if event["roles"] else ""
+        target = f" {event['target']}" if event["target"] else ""
+        reason = f" {event['reason']}" if event["reason"] else ""
+        print(
+            f"{when:%Y-%m-%d %H:%M:%S}Z  {who}{roles}  {event['action']}{target}"
+            f"  {event['outcome']}{reason}  {event['method']}  trace {event['trace_id'] or '-'}"
+        )
+    return 0
+
+
+def serve_jwks(jwks: Path, host: str, port: int) -> int:
+    """Serves `jwks` at /jwks.json until SIGINT or SIGTERM."""
+    if not jwks.is_file():
+        print(f"accessline issuer: no JWKS at {jwks}", file=sys.stderr)
+        return 1
+    server = devpki.JwksServer(jwks, host, port)
+    print(f"serving {jwks} at {server.url}", flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.close()
+    return 0
+
+
 async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> int:
-    etcd = EmbeddedEtcd(data_dir / "etcd", etcd_port, etcd_peer_port, host=host)
+    # TLS and tokens are on in the embedded run too: its own CA, certificates, signing
+    # key and JWKS, made the first time under the data folder.
+    identity = devpki.ensure(data_dir / "identity")
+    jwks = devpki.JwksServer(identity.jwks, host)
+    etcd = EmbeddedEtcd(
+        data_dir / "etcd",
+        etcd_port,
+        etcd_peer_port,
+        host=host,
+        extra_args=identity.etcd_server_args(),
+        client_tls=identity.etcd_client("numberdistribution"),
+    )
     print(f"starting etcd on {etcd.endpoint} (data in {etcd.data_dir})", flush=True)
     etcd.start()
     children: list[Child] = []
@@ -78,12 +142,21 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
                     "ACCESSLINE_HISTORY_DSN",
                     f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",
                 ),
+                "ACCESSLINE_AUDIT_DSN": os.environ.get(
+                    "ACCESSLINE_AUDIT_DSN",
+                    f"sqlite+aiosqlite:///{(data_dir / 'audit.db').resolve()}",
+                ),
+                **identity.service_env(service, jwks.url),
             }
             with (data_dir / f"{service}.log").open("ab") as log:
                 process = processes.spawn(f"services.{service}", env, stdout=log)
             children.append(Child(service, port, metrics_port, process))
+        probe = identity.credentials()
         await asyncio.gather(
-            *(processes.wait_serving(f"{host}:{c.port}", c.process, c.service) for c in children)
+            *(
+                processes.wait_serving(f"{host}:{c.port}", c.process, c.service, 30.0, probe)
+                for c in children
+            )
         )
         print("\nAccessline is up:\n")
         print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
@@ -93,9 +166,15 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
                 f"{f'http://{host}:{c.metrics_port}/metrics':<30}{data_dir / (c.service + '.log')}"
             )
         print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
+        folder = identity.folder
         print(
-            "\nList methods with, for example:\n"
-            f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods http://{host}:{children[0].port}"
+            f"\nTLS and tokens are on (development identity in {folder}; tokens from"
+            f" {jwks.url}).\nMint a token, then call a service with buf curl:\n"
+            "  TOKEN=$(.venv/bin/accessline token --role admin --subject me)\n"
+            f"  node_modules/.bin/buf curl --protocol grpc --cacert {folder}/ca.pem"
+            f" --cert {folder}/client-admin.pem --key {folder}/client-admin.key \\\n"
+            '    -H "Authorization: Bearer $TOKEN" --list-methods'
+            f" https://{host}:{children[0].port}"
         )
         print("\nPress Ctrl-C to stop.", flush=True)
 
@@ -121,6 +200,7 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         print("stopping services...", flush=True)
         processes.stop([c.process for c in children], timeout=15.0)
         etcd.stop()
+        jwks.close()
         print("stopped.", flush=True)
 
 
@@ -163,6 +243,48 @@ def main(argv: list[str] | None = None) -> None:
     demo_p.add_argument("--matching", default="127.0.0.1:50052", help="CallMatching address")
     demo_p.add_argument("--routing", default="127.0.0.1:50053", help="Routing address")
     demo_p.add_argument("--presence", default="127.0.0.1:50054", help="Presence address")
+    demo_p.add_argument(
+        "--identity",
+        type=Path,
+        default=Path(".accessline/identity"),
+        help="the development identity to connect with (none there: plain text)",
+    )
+    token_p = sub.add_parser(
+        "token", help="mint a development bearer token (signed with `make up`'s key)"
+    )
+    token_p.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=sorted(ROLES_BY_NAME),
+        help="a role of the token (repeat for several)",
+    )
+    token_p.add_argument("--subject", required=True, help="the caller: agent or customer id, …")
+    token_p.add_argument(
+        "--application", action="append", default=[], help="an application it acts for"
+    )
+    token_p.add_argument("--switch", default="", help="the switch id of a switch's token")
+    token_p.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid")
+    token_p.add_argument("--identity", type=Path, default=Path(".accessline/identity"))
+    audit_p = sub.add_parser(
+        "audit", help="list the audit trail: changes and refused calls, newest first"
+    )
+    audit_p.add_argument(
+        "--dsn",
+        default=os.environ.get("ACCESSLINE_AUDIT_DSN", "sqlite+aiosqlite:///.accessline/audit.db"),
+        help="the audit database (default: ACCESSLINE_AUDIT_DSN, else `make up`'s)",
+    )
+    audit_p.add_argument("--limit", type=int, default=50)
+    audit_p.add_argument("--since", type=float, help="only events of the last SECONDS")
+    audit_p.add_argument("--subject", default="", help="only events of this caller")
+    audit_p.add_argument("--denied", action="store_true", help="only refused calls")
+    audit_p.add_argument("--json", action="store_true", help="one JSON object per line")
+    issuer_p = sub.add_parser(
+        "issuer", help="serve a development identity's JWKS (its token issuer's public keys)"
+    )
+    issuer_p.add_argument("--jwks", type=Path, default=Path(".accessline/identity/jwks.json"))
+    issuer_p.add_argument("--host", default="127.0.0.1")
+    issuer_p.add_argument("--port", type=int, default=8080)
     numbers_p = sub.add_parser("numbers", help="administer access number pools")
     numbers_cli.add_arguments(numbers_p)
     history_p = sub.add_parser("history", help="the match history database")
@@ -174,16 +296,46 @@ def main(argv: list[str] | None = None) -> None:
         "--dsn", help="database URL; default: ACCESSLINE_HISTORY_DSN, as CallMatching reads it"
     )
     args = parser.parse_args(argv)
+    if args.command == "token":
+        found = devpki.DevIdentity(args.identity)
+        if not found.exists():
+            print(
+                f"accessline token: no development identity in {args.identity}; run `make up`",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        print(
+            found.token(
+                args.subject,
+                args.role,
+                applications=args.application,
+                switch=args.switch,
+                ttl=args.ttl,
+            )
+        )
+        return
+    if args.command == "audit":
+        sys.exit(asyncio.run(list_audit(args)))
+    if args.command == "issuer":
+        sys.exit(serve_jwks(args.jwks, args.host, args.port))
     if args.command == "history":
         sys.exit(asyncio.run(migrate_history(args.dsn)))
     if args.command == "numbers":
         sys.exit(numbers_cli.run(args))
     if args.command == "demo":
-        from services.demo import Addresses, play
+        from services.demo import Addresses, development_access, play
 
         addresses = Addresses(args.numbers, args.matching, args.routing, args.presence)
         try:
-            asyncio.run(play(addresses, args.calls, args.agents, args.concurrency))
+            asyncio.run(
+                play(
+                    addresses,
+                    args.calls,
+                    args.agents,
+                    args.concurrency,
+                    access=development_access(args.identity),
+                )
+            )
         except grpc.aio.AioRpcError as error:
             print(
                 f"accessline demo: {error.code().name}: {error.details()} (is `make up` running?)",

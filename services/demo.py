@@ -18,8 +18,9 @@ import secrets
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,10 +39,13 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.presence.settings import DEVELOPMENT_SECRET
-from services.presence.tokens import agent_token
+from services.runtime.devpki import DevIdentity
 
 C = common_pb2
+
+
+# Where `make up` keeps its development identity (certificates, signing key).
+DEFAULT_IDENTITY = Path(".accessline/identity")
 
 
 @dataclass
@@ -72,18 +76,46 @@ class Tally:
     agents: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Access:
+    """How the simulated apps, switch and agents reach the services: over mutual TLS with
+    the development identity and bearer tokens it signs, or in plain text when the
+    services run with ACCESSLINE_INSECURE (`identity` None)."""
+
+    identity: DevIdentity | None
+
+    def channel(self, address: str, token: str = "") -> grpc.aio.Channel:
+        if self.identity is None:
+            return grpc.aio.insecure_channel(address)
+        return self.identity.channel(address, token)
+
+    def token(self, subject: str, *roles: str, applications: Sequence[str] = ()) -> str:
+        if self.identity is None:
+            return ""
+        return self.identity.token(
+            subject, roles, applications=applications, switch="*" if "switch" in roles else ""
+        )
+
+
+def development_access(folder: Path = DEFAULT_IDENTITY) -> Access:
+    """The access of `make up`'s development identity, when there is one."""
+    found = DevIdentity(folder)
+    return Access(found if found.exists() else None)
+
+
 class SimulatedAgent:
     """An agent app: accepts most offers, declines some, ignores a few; wraps up at once."""
 
     def __init__(
-        self, stub: Any, agent_id: str, tally: Tally, decline: float, ignore: float, secret: str
+        self, channel: grpc.aio.Channel, agent_id: str, tally: Tally, decline: float, ignore: float
     ) -> None:
         self.agent_id = agent_id
         self._tally = tally
         self._decline = decline
         self._ignore = ignore
-        self._secret = secret
+        self._channel = channel
         self._outbox: asyncio.Queue[pr_pb2.ConnectRequest | None] = asyncio.Queue()
+        stub: Any = pr_grpc.PresenceServiceStub(channel)
         self._call = stub.Connect(self._requests())
         self._task: asyncio.Task[None] | None = None
 
@@ -92,10 +124,7 @@ class SimulatedAgent:
             yield message
 
     async def start(self) -> None:
-        token = agent_token(self._secret.encode(), self.agent_id)
-        self._outbox.put_nowait(
-            pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id, auth_token=token))
-        )
+        self._outbox.put_nowait(pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=self.agent_id)))
         snapshot = await self._call.read()
         self._tally.agents[self.agent_id] = C.OverallPresence.Name(
             snapshot.snapshot.presence.overall
@@ -271,20 +300,36 @@ async def play(
     wrong_code_share: float = 0.15,
     decline: float = 0.1,
     ignore: float = 0.05,
-    secret: str = DEVELOPMENT_SECRET,
+    access: Access | None = None,
     console: Console | None = None,
 ) -> Tally:
     console = console or Console()
+    access = access or development_access()
     run = secrets.token_hex(3)
     tally = Tally()
+    # The operator (pools, application, agents), the bank's app backend and the switch.
+    operator = access.token(
+        f"demo-{run}",
+        "admin",
+        "app_backend",
+        "switch",
+        "supervisor",
+        applications=[f"demo-bank-{run}"],
+    )
     channels = [
-        grpc.aio.insecure_channel(a)
+        access.channel(a, operator)
         for a in (addresses.numbers, addresses.matching, addresses.presence, addresses.routing)
     ]
-    _, cm, pr, rt = await setup(addresses, agents, run, channels)
+    _, cm, _, rt = await setup(addresses, agents, run, channels)
+    agent_ids = [f"demo-{run}-agent-{i:02d}" for i in range(agents)]
+    agent_channels = [
+        access.channel(addresses.presence, access.token(agent_id, "agent"))
+        for agent_id in agent_ids
+    ]
+    channels += agent_channels
     team = [
-        SimulatedAgent(pr, f"demo-{run}-agent-{i:02d}", tally, decline, ignore, secret)
-        for i in range(agents)
+        SimulatedAgent(channel, agent_id, tally, decline, ignore)
+        for channel, agent_id in zip(agent_channels, agent_ids, strict=True)
     ]
     for member in team:
         await member.start()
@@ -327,7 +372,11 @@ async def play(
             tally.in_progress += 1
             call = rt.RouteInboundCall(
                 rt_pb2.RouteInboundCallRequest(
-                    call_id=f"demo-call-{run}-{n}", dnis=started.access_number, dtmf_digits=digits
+                    call_id=f"demo-call-{run}-{n}",
+                    dnis=started.access_number,
+                    # Each simulated customer calls from a mobile number of their own.
+                    ani=f"+33612{n:06d}",
+                    dtmf_digits=digits,
                 )
             )
             queued = counted = False

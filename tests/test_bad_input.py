@@ -24,7 +24,15 @@ from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ServiceProcess, health_status, spawn_service, violated_fields
+from services.runtime.identity import method_policy
+from tests.conftest import (
+    ServiceProcess,
+    connect,
+    health_status,
+    identity,
+    spawn_service,
+    violated_fields,
+)
 
 SERVICES = {
     "numberdistribution": number_distribution_pb2.DESCRIPTOR.services_by_name[
@@ -106,8 +114,9 @@ async def _serving(service: ServiceProcess) -> None:
 
 
 async def raw_call(address: str, rpc: Rpc, payload: bytes, timeout: float = 10.0) -> Any:
-    """Sends `payload` as the request's bytes; returns the first answer's bytes."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    """Sends `payload` as the request's bytes, as a caller the RPC allows; returns the
+    first answer's bytes."""
+    async with grpc.aio.secure_channel(address, identity().allowed(rpc.method)) as channel:
         if rpc.method.client_streaming:
             call = channel.stream_stream(rpc.path)(iter([payload]), timeout=timeout)
             async for reply in call:
@@ -162,9 +171,22 @@ def is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
 
 
+def in_scope(rpc: Rpc) -> Message:
+    """An empty request but for the fields its access option scopes, set to what the
+    probing caller owns (so the probe reaches the request's checks)."""
+    request = message_class(rpc.method.input_type)()
+    for _, path in method_policy(rpc.method).scopes:
+        *parents, last = path.split(".")
+        target: Any = request
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, last, "probe-subject")
+    return request
+
+
 def request_with(rpc: Rpc, chain: tuple[FieldDescriptor, ...], fill: Any) -> Message:
     """A request with the field at the end of `chain` set by `fill(parent, field)`."""
-    request = message_class(rpc.method.input_type)()
+    request = in_scope(rpc)
     parent = request
     for field in chain[:-1]:
         if is_repeated(field):
@@ -300,12 +322,13 @@ async def test_garbage_after_a_login_ends_the_agent_stream_at_once(
     stack: dict[str, ServiceProcess],
 ) -> None:
     from accessline.common.v1 import common_pb2
-    from services.presence.settings import DEVELOPMENT_SECRET
-    from services.presence.tokens import agent_token
 
     address = stack["presence"].address
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub: Any = presence_pb2_grpc.PresenceServiceStub(channel)
+    async with (
+        connect(address) as admin,
+        connect(address, identity().token("garbage-sender", "agent")) as channel,
+    ):
+        stub: Any = presence_pb2_grpc.PresenceServiceStub(admin)
         agent = presence_pb2.Agent(
             agent_id="garbage-sender",
             channels=[
@@ -313,24 +336,19 @@ async def test_garbage_after_a_login_ends_the_agent_stream_at_once(
             ],
         )
         await stub.RegisterAgent(presence_pb2.RegisterAgentRequest(agent=agent))
-        login = presence_pb2.ConnectRequest(
-            login=presence_pb2.Login(
-                agent_id="garbage-sender",
-                auth_token=agent_token(DEVELOPMENT_SECRET.encode(), "garbage-sender"),
-            )
-        )
-        connect = channel.stream_stream(
+        login = presence_pb2.ConnectRequest(login=presence_pb2.Login(agent_id="garbage-sender"))
+        stream = channel.stream_stream(
             "/accessline.presence.v1.PresenceService/Connect",
             request_serializer=lambda b: b,
             response_deserializer=presence_pb2.ConnectResponse.FromString,
         )(timeout=30)
-        await connect.write(login.SerializeToString())
-        first = await connect.read()
+        await stream.write(login.SerializeToString())
+        first = await stream.read()
         assert first.HasField("snapshot")
-        await connect.write(b"\x00\x01garbage")
+        await stream.write(b"\x00\x01garbage")
         # Ended by the server at once, not left unread until the heartbeat time-out.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await asyncio.wait_for(read_to_end(connect), 10)
+            await asyncio.wait_for(read_to_end(stream), 10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refusal(caught.value)
 
 
@@ -346,7 +364,7 @@ async def test_a_client_cancelling_any_call_logs_no_error(
     service = stack[rpc.service]
     before = len(service.lines)
     request = message_class(rpc.method.input_type)().SerializeToString()
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with grpc.aio.secure_channel(service.address, identity().allowed(rpc.method)) as channel:
         if rpc.method.client_streaming:
             call: Any = channel.stream_stream(rpc.path)(iter([]), timeout=30)
         elif rpc.method.server_streaming:

@@ -35,6 +35,7 @@ from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ROOT,
     ServiceProcess,
+    connect,
     error_details,
     eventually,
     health_status,
@@ -47,6 +48,9 @@ PREFIX = "/cm-functional"
 _serial = itertools.count(1)
 S = common_pb2
 MARKER = "PERSONAL-DATA-MARKER-7731"  # must never reach a log line
+# Withheld callers share one bucket, and the module's many tests call withheld (the
+# buckets are tested in test_guessing.py).
+WITHHELD_LIMIT = "100000"
 
 
 def fresh_numbers(count: int) -> list[str]:
@@ -81,6 +85,7 @@ async def system(
     common = {
         "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd.address,
         "ACCESSLINE_ANI_FAILURE_LIMIT": "4",
+        "ACCESSLINE_WITHHELD_FAILURE_LIMIT": WITHHELD_LIMIT,
         # Most tests reuse a number at once; the window is tested on its own.
         "ACCESSLINE_LATE_CALL_WINDOW_SECONDS": "0",
     }
@@ -103,7 +108,8 @@ async def system(
     try:
         await wait_serving(cm)
         await wait_serving(cm2)
-        channels = [grpc.aio.insecure_channel(p.address) for p in processes]
+        # As Routing (which alone may call MatchCall), with the superuser's token besides.
+        channels = [connect(p.address, service="routing") for p in processes]
         yield System(
             nd_grpc.NumberDistributionServiceStub(channels[0]),
             cm_grpc.CallMatchingServiceStub(channels[1]),
@@ -317,7 +323,7 @@ async def test_number_only_matching_gets_numbers_only_from_pools_resting_long_en
     )
     try:
         await wait_serving(cm)
-        async with grpc.aio.insecure_channel(cm.address) as channel:
+        async with connect(cm.address) as channel:
             stub = cm_grpc.CallMatchingServiceStub(channel)
             app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
             request = cm_pb2.StartHandoffRequest(
@@ -673,11 +679,12 @@ async def test_history_on_postgresql_survives_an_outage_without_failing_matches(
     env = {
         "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd_address,
         "ACCESSLINE_HISTORY_DSN": postgres.dsn,
+        "ACCESSLINE_WITHHELD_FAILURE_LIMIT": WITHHELD_LIMIT,
     }
     replicas = [
         spawn_service("services.callmatching", etcd.endpoint, PREFIX, **env) for _ in range(2)
     ]
-    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    channels = [connect(r.address, service="routing") for r in replicas]
     try:
         for replica in replicas:
             await wait_serving(replica)
@@ -743,11 +750,12 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,
         ACCESSLINE_HISTORY_DSN=dsn,
         ACCESSLINE_HISTORY_MIGRATE="false",
+        ACCESSLINE_WITHHELD_FAILURE_LIMIT=WITHHELD_LIMIT,
     )
     history = "accessline.callmatching.v1.MatchHistory"
     try:
         await wait_serving(replica)
-        async with grpc.aio.insecure_channel(replica.address) as channel:
+        async with connect(replica.address, service="routing") as channel:
             stub = cm_grpc.CallMatchingServiceStub(channel)
             subject, _ = await make_pool(system, 1)
             app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
@@ -763,7 +771,7 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
             )
             await replica.wait_for_log("accessline history migrate")
             # The deploy's migration, run twice (a repeated Job changes nothing).
-            for expected in ("match_attempts", "nothing"):
+            for expected in ("audit_events, match_attempts", "nothing"):
                 done = await asyncio.to_thread(
                     subprocess.run,
                     [sys.executable, "-m", "services.cli", "history", "migrate", "--dsn", dsn],

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.demo import Addresses, play
-from tests.conftest import ServiceProcess, wait_serving
+from services.demo import Access, Addresses, play
+from tests.conftest import ServiceProcess, identity, wait_serving
 
 
 async def test_the_demo_plays_the_whole_flow(
@@ -42,6 +42,7 @@ async def test_the_demo_plays_the_whole_flow(
         concurrency=4,
         live=False,
         wrong_code_share=0.3,
+        access=Access(identity().files),
         console=Console(file=output, width=120),
     )
     assert tally.handoffs == 20

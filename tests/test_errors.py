@@ -23,7 +23,7 @@ from services.runtime.errors import (
 )
 from services.runtime.server import Registration, RuntimeContext, ServiceRuntime, ServiceSpec
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
-from tests.conftest import error_details
+from tests.conftest import connect, error_details, identity
 
 
 class Raising(nd_grpc.NumberDistributionServiceServicer):
@@ -65,11 +65,15 @@ async def stub(etcd: EmbeddedEtcd) -> AsyncIterator[Any]:
         ]
 
     settings = ServiceSettings(
-        port=0, etcd_endpoints=etcd.endpoint, etcd_prefix="/errors", shutdown_grace_seconds=1
+        port=0,
+        etcd_endpoints=etcd.endpoint,
+        etcd_prefix="/errors",
+        shutdown_grace_seconds=1,
+        **identity().settings("probe"),  # type: ignore[arg-type]
     )
     runtime = ServiceRuntime(ServiceSpec("errors-test", build), settings)
     port = await runtime.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with connect(f"127.0.0.1:{port}") as channel:
         yield nd_grpc.NumberDistributionServiceStub(channel)
     await runtime.stop()
 

@@ -29,14 +29,13 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.cli import SERVICES, default_port, settings_type
-from services.presence.settings import DEVELOPMENT_SECRET
-from services.presence.tokens import agent_token
 from services.runtime.embedded_etcd import free_port
 from services.runtime.server import LIVENESS
 from services.runtime.settings import ENV_PREFIX
-from tests.conftest import ROOT, ServiceProcess, eventually, wait_serving
+from tests.conftest import ROOT, ServiceProcess, connect, eventually, identity, wait_serving
 
 KUBERNETES_VERSION = "1.32.0"
+SECRET_STAND_IN = "a-value-of-the-operators-own-0123456789abcdef"
 OVERLAYS = ["dev", "prod"]
 DASHBOARD = ROOT / "k8s/overlays/dev/dashboards/accessline-match.json"
 
@@ -94,6 +93,8 @@ def test_every_rendered_resource_validates_against_the_kubernetes_schemas(
 ) -> None:
     failures = []
     for doc in rendered[overlay]:
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            continue  # a CRD's kinds: checked by test_certificates_... below
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -122,12 +123,17 @@ def test_ports_and_probes_match_the_services_defaults(
         c = container(deployment)
         assert c["args"] == ["serve", name]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": default_port(name), "metrics": default_port(name, "metrics_port")}
         env = environment(deployment, docs)
+        assert ports == {
+            "grpc": default_port(name),
+            "metrics": default_port(name, "metrics_port"),
+            "health": int(env["ACCESSLINE_HEALTH_PORT"]),
+        }
         assert int(env["ACCESSLINE_PORT"]) == ports["grpc"]
         assert int(env["ACCESSLINE_METRICS_PORT"]) == ports["metrics"]
-        assert c["readinessProbe"]["grpc"] == {"port": ports["grpc"]}
-        assert c["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": LIVENESS}
+        # The kubelet has no client certificate: it asks the plain-text health port.
+        assert c["readinessProbe"]["grpc"] == {"port": ports["health"]}
+        assert c["livenessProbe"]["grpc"] == {"port": ports["health"], "service": LIVENESS}
         spec = deployment["spec"]["template"]["spec"]
         assert spec["terminationGracePeriodSeconds"] > float(
             env["ACCESSLINE_SHUTDOWN_GRACE_SECONDS"]
@@ -140,7 +146,9 @@ def test_ports_and_probes_match_the_services_defaults(
             service["spec"]["selector"].items()
             <= deployment["spec"]["template"]["metadata"]["labels"].items()
         )
-        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+            k: v for k, v in ports.items() if k != "health"
+        }
     pdbs = of_kind(docs, "PodDisruptionBudget")
     assert set(SERVICES) | {"etcd"} <= set(pdbs)
 
@@ -158,8 +166,12 @@ def test_every_environment_variable_is_a_real_setting(
                 continue  # standard OpenTelemetry settings, read by the SDK
             if variable not in fields:
                 unknown.append(f"{name}: {variable}")
-        # And every value the manifests give must load.
-        values = {k: v for k, v in environment(deployment, docs).items() if v != "<from secret>"}
+        # And every value the manifests give must load (a Secret's stands in as a value
+        # of the operator's).
+        values = {
+            k: SECRET_STAND_IN if v == "<from secret>" else v
+            for k, v in environment(deployment, docs).items()
+        }
         settings_type(name).model_validate(
             {
                 k.removeprefix(ENV_PREFIX).lower(): v
@@ -190,6 +202,29 @@ def _policy_allows(
             for peer in peers:
                 wanted = peer.get("podSelector", {}).get("matchLabels", {})
                 if "podSelector" in peer and wanted.items() <= target_labels.items():
+                    return True
+    return False
+
+
+def _ingress_allows(
+    policies: list[dict[str, Any]],
+    source_labels: dict[str, str],
+    target_labels: dict[str, str],
+    port_names: set[str | int],
+) -> bool:
+    """Whether the target's ingress policies let a pod of `source_labels` (same
+    namespace) in on one of `port_names` (a number or the container port's name)."""
+    for policy in policies:
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not selector.items() <= target_labels.items():
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            if ports and not ports & port_names:
+                continue
+            for peer in rule.get("from", []):
+                wanted = peer.get("podSelector", {}).get("matchLabels", {})
+                if "podSelector" in peer and wanted.items() <= source_labels.items():
                     return True
     return False
 
@@ -227,6 +262,15 @@ def test_every_peer_a_service_calls_exists_and_is_reachable(
             assert _policy_allows(policies, labels, target_labels, int(port)), (
                 f"{name} may not reach {host}:{port}"
             )
+            named = {
+                p["name"]
+                for c in backing[0]["spec"]["template"]["spec"]["containers"]
+                for p in c["ports"]
+                if p["containerPort"] == int(port)
+            }
+            assert _ingress_allows(policies, labels, target_labels, {int(port), *named}), (
+                f"{host} does not let {name} in on {port}"
+            )
             checked += 1
     assert checked >= len(SERVICES) + 1  # etcd for each, plus CallMatching's NumberDistribution
 
@@ -239,13 +283,101 @@ def test_etcd_membership_matches_its_replicas(
     env = {e["name"]: e.get("value") for e in container(etcd)["env"]}
     members = env["ETCD_INITIAL_CLUSTER"].split(",")
     replicas = etcd["spec"]["replicas"]
-    assert members == [f"etcd-{i}=http://etcd-{i}.etcd:2380" for i in range(replicas)]
+    assert members == [f"etcd-{i}=https://etcd-{i}.etcd:2380" for i in range(replicas)]
+    # Clients and peers over TLS, each side's certificate required.
+    for side in ("", "PEER_"):
+        assert env[f"ETCD_{side}CLIENT_CERT_AUTH"] == "true"
+        assert env[f"ETCD_{side}TRUSTED_CA_FILE"].startswith("/etc/etcd/tls/")
+    assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://")
     assert replicas % 2 == 1
     assert env["ETCD_INITIAL_CLUSTER_STATE"] == "new"
     # The services know every member, so losing any one of them leaves a quorum to use.
     for deployment in service_deployments(rendered[overlay]).values():
         endpoints = environment(deployment, rendered[overlay])["ACCESSLINE_ETCD_ENDPOINTS"]
         assert endpoints.split(",") == [f"etcd-{i}.etcd:2379" for i in range(replicas)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_grpc_port_admits_exactly_the_callers_its_protos_name(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    from accessline.access.v1 import access_pb2
+    from services.runtime.identity import ROLE_NAMES, method_policy
+    from tests.test_access import SERVICES as DESCRIPTORS
+
+    docs = rendered[overlay]
+    policies = list(of_kind(docs, "NetworkPolicy").values())
+    for name, deployment in service_deployments(docs).items():
+        target = deployment["spec"]["template"]["metadata"]["labels"]
+        declared: set[str] = set()
+        for method in DESCRIPTORS[name].methods:
+            policy = method_policy(method)
+            declared |= {f"role:{ROLE_NAMES[r]}" for r in policy.roles}
+            declared |= {
+                "service:" + access_pb2.Service.Name(x).removeprefix("SERVICE_").lower()  # type: ignore[arg-type]
+                for x in policy.services
+            }
+        admitted: set[str] = set()
+        for policy in policies:
+            selector = policy["spec"]["podSelector"].get("matchLabels", {})
+            if not selector or not selector.items() <= target.items():
+                continue
+            for rule in policy["spec"].get("ingress", []):
+                if "grpc" not in {p.get("port") for p in rule.get("ports", [])}:
+                    continue
+                assert "from" in rule, f"{name}: an ingress rule open to every pod"
+                for peer in rule["from"]:
+                    labels = peer["podSelector"]["matchLabels"]
+                    if "accessline.io/caller" in labels:
+                        admitted.add(f"role:{labels['accessline.io/caller']}")
+                    else:
+                        admitted.add(f"service:{labels['app.kubernetes.io/name']}")
+        assert admitted == declared, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_mounts_its_own_certificate_with_its_name_and_spiffe_id(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    for name, deployment in service_deployments(docs).items():
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes["tls"]["secret"]["secretName"]
+        assert secret == f"accessline-tls-{name}"
+        env = environment(deployment, docs)
+        mount = next(
+            m["mountPath"] for m in container(deployment)["volumeMounts"] if m["name"] == "tls"
+        )
+        for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "ETCD_CA_FILE"):
+            assert env[f"ACCESSLINE_{variable}"].startswith(mount + "/"), variable
+        if overlay == "dev":  # cert-manager makes them; production may bring its own
+            spec = certificates[secret]
+            assert spec["uris"] == [f"spiffe://accessline/service/{name}"]
+            assert name in spec["dnsNames"]  # the name peers check
+            assert set(spec["usages"]) == {"server auth", "client auth"}
+    etcd = of_kind(docs, "StatefulSet")["etcd"]["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in etcd["volumes"]}["tls"]["secret"]["secretName"] == (
+        "accessline-tls-etcd"
+    )
+    if overlay == "dev":
+        assert "*.etcd" in certificates["accessline-tls-etcd"]["dnsNames"]
+
+
+def test_production_refuses_what_development_allows(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Production runs as production (its settings refuse development keys and plain
+    links) with its issuer's JWKS over HTTPS and every service auditing to the database;
+    only the dev overlay runs as development."""
+    for overlay, expected in (("prod", "production"), ("dev", "development")):
+        for name, deployment in service_deployments(rendered[overlay]).items():
+            env = environment(deployment, rendered[overlay])
+            assert env["ACCESSLINE_ENVIRONMENT"] == expected, name
+            assert "ACCESSLINE_INSECURE" not in env
+            if overlay == "prod":
+                assert env["ACCESSLINE_AUTH_JWKS_URL"].startswith("https://")
+                assert env["ACCESSLINE_AUDIT_DSN"] == "<from secret>", name
 
 
 def test_secrets_the_services_read_are_provided_in_dev(
@@ -319,10 +451,10 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
     # One of everything the dashboard shows: a handoff and its match, an exhausted pool,
     # an agent online, a call routed to that agent.
     async with (
-        grpc.aio.insecure_channel(nd.address) as a,
-        grpc.aio.insecure_channel(cm.address) as b,
-        grpc.aio.insecure_channel(pr.address) as c,
-        grpc.aio.insecure_channel(rt.address) as d,
+        connect(nd.address, service="callmatching") as a,
+        connect(cm.address, service="routing") as b,
+        connect(pr.address) as c,
+        connect(rt.address) as d,
     ):
         numbers: Any = nd_grpc.NumberDistributionServiceStub(a)
         matching: Any = cm_grpc.CallMatchingServiceStub(b)
@@ -365,11 +497,9 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
             ],
         )
         await presence.RegisterAgent(pr_pb2.RegisterAgentRequest(agent=agent))
-        stream = presence.Connect()
-        token = agent_token(DEVELOPMENT_SECRET.encode(), "metrics-agent")
-        await stream.write(
-            pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id="metrics-agent", auth_token=token))
-        )
+        agent_channel = connect(pr.address, identity().token("metrics-agent", "agent"))
+        stream = pr_grpc.PresenceServiceStub(agent_channel).Connect()
+        await stream.write(pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id="metrics-agent")))
         assert (await stream.read()).HasField("snapshot")
         routing: Any = rt_grpc.RoutingServiceStub(d)
         call = routing.RouteInboundCall(

@@ -24,7 +24,14 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from services.runtime.store import Store
-from tests.conftest import ServiceProcess, eventually, violated_fields, wait_serving
+from tests.conftest import (
+    ServiceProcess,
+    connect,
+    eventually,
+    identity,
+    violated_fields,
+    wait_serving,
+)
 from tests.support.push_servers import PushServers, make_credentials
 
 N = nt_pb2
@@ -37,6 +44,11 @@ class Setup:
     stubs: list[Any]
     replicas: list[ServiceProcess]
     store: Store
+
+    def customer(self, replica: int, customer_id: str) -> Any:
+        """A stub as the customer's own app calls it (its in-app stream)."""
+        channel = connect(self.replicas[replica].address, identity().token(customer_id, "customer"))
+        return nt_grpc.NotificationServiceStub(channel)
 
 
 @pytest.fixture
@@ -63,7 +75,7 @@ async def setup(
     replicas = [service_factory("services.notification", **env) for _ in range(2)]
     for replica in replicas:
         await wait_serving(replica)
-    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    channels = [connect(r.address) for r in replicas]
     async with Store(etcd.endpoint, prefix) as store:
         yield Setup(
             servers, [nt_grpc.NotificationServiceStub(c) for c in channels], replicas, store
@@ -132,7 +144,9 @@ async def test_a_topic_fans_out_to_every_platform_with_the_providers_exact_reque
     app = await device(setup.stubs[0], customer, N.PLATFORM_IN_APP)
     topic = f"service-request/SR-{uuid.uuid4().hex[:6]}"
     await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=customer))
-    stream = setup.stubs[1].StreamNotifications(N.StreamNotificationsRequest(device_id=app))
+    stream = setup.customer(1, customer).StreamNotifications(
+        N.StreamNotificationsRequest(device_id=app)
+    )
 
     sent = await publish(
         setup.stubs[0],
@@ -313,14 +327,16 @@ async def test_the_in_app_stream_replays_what_was_not_acknowledged(setup: Setup)
     first = await publish(setup.stubs[0], customer_id=customer, title="one")
     second = await publish(setup.stubs[0], customer_id=customer, title="two")
 
-    stream = setup.stubs[1].StreamNotifications(N.StreamNotificationsRequest(device_id=app))
+    stream = setup.customer(1, customer).StreamNotifications(
+        N.StreamNotificationsRequest(device_id=app)
+    )
     replayed = [await asyncio.wait_for(stream.read(), 15) for _ in range(2)]
     assert {r.notification.notification_id for r in replayed} == {
         first.notification_id,
         second.notification_id,
     }
     assert all(r.replayed for r in replayed)
-    acked = await setup.stubs[1].AcknowledgeNotifications(
+    acked = await setup.customer(1, customer).AcknowledgeNotifications(
         N.AcknowledgeNotificationsRequest(device_id=app, notification_ids=[first.notification_id])
     )
     assert acked.acknowledged == 1
@@ -329,7 +345,9 @@ async def test_the_in_app_stream_replays_what_was_not_acknowledged(setup: Setup)
     assert (live.notification.notification_id, live.replayed) == (third.notification_id, False)
     stream.cancel()
 
-    again = setup.stubs[0].StreamNotifications(N.StreamNotificationsRequest(device_id=app))
+    again = setup.customer(0, customer).StreamNotifications(
+        N.StreamNotificationsRequest(device_id=app)
+    )
     replay = [await asyncio.wait_for(again.read(), 15) for _ in range(2)]
     assert {r.notification.notification_id for r in replay} == {
         second.notification_id,
@@ -373,6 +391,17 @@ async def test_bad_requests_name_their_fields(setup: Setup) -> None:
             N.PublishRequest(event_type=N.EVENT_TYPE_SURVEY, ttl=seconds(90 * 86400))
         )
     assert violated_fields(no_target.value) == {"target", "ttl"}
+    # A push travels through the platforms' servers and shows on a locked screen: a value
+    # that could be an access code or a phone number is refused, whatever its key.
+    for value in ("4821", "+33612345678", "06 12 34 56 78", "0612-345-678"):
+        with pytest.raises(grpc.aio.AioRpcError) as leaky:
+            await setup.stubs[0].Publish(
+                N.PublishRequest(
+                    customer_id="c-1", event_type=N.EVENT_TYPE_SURVEY, data={"session_id": value}
+                )
+            )
+        assert leaky.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(leaky.value) == {"data[session_id]"}, value
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await setup.stubs[0].GetDelivery(N.GetDeliveryRequest(notification_id="n-unknown"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -383,7 +412,7 @@ async def test_a_device_holds_at_most_its_streams_over_all_replicas(setup: Setup
     in_app = await device(setup.stubs[0], customer, N.PLATFORM_IN_APP)
     request = N.StreamNotificationsRequest(device_id=in_app)
     # Five at once over two replicas: two are taken (the default), the rest refused.
-    streams = [setup.stubs[i % 2].StreamNotifications(request) for i in range(5)]
+    streams = [setup.customer(i % 2, customer).StreamNotifications(request) for i in range(5)]
     await publish(setup.stubs[0], customer_id=customer)
     answers = await asyncio.gather(*(s.read() for s in streams), return_exceptions=True)
     refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
@@ -394,7 +423,7 @@ async def test_a_device_holds_at_most_its_streams_over_all_replicas(setup: Setup
     served[0].cancel()
 
     async def another() -> bool:
-        late = setup.stubs[1].StreamNotifications(request)
+        late = setup.customer(1, customer).StreamNotifications(request)
         await publish(setup.stubs[0], customer_id=customer)
         try:
             return bool((await late.read()).notification.title)

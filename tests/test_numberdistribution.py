@@ -24,6 +24,7 @@ from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import Store
 from tests.conftest import (
     ServiceProcess,
+    connect,
     error_details,
     eventually,
     spawn_service,
@@ -62,7 +63,7 @@ async def service(etcd: EmbeddedEtcd) -> AsyncIterator[ServiceProcess]:
 
 @pytest.fixture(scope="module")
 async def stub(service: ServiceProcess) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with connect(service.address, service="callmatching") as channel:
         yield nd_grpc.NumberDistributionServiceStub(channel)
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ROOT, ServiceProcess, wait_serving
+from tests.conftest import ROOT, ServiceProcess, identity, wait_serving
 
 
 def accessline(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,7 +37,8 @@ async def test_the_cli_imports_100000_numbers_into_a_pool(
 ) -> None:
     service = service_factory("services.numberdistribution")
     await wait_serving(service)
-    address = ["--address", service.address]
+    # The test session's identity, as `make up`'s: its admin token is minted for the tool.
+    address = ["--address", service.address, "--identity", str(identity().files.folder)]
 
     created = accessline(
         "numbers", *address, "create-pool", "--pool", "paris-main", "--city", "Paris"
@@ -65,7 +66,8 @@ async def test_the_cli_reports_bad_numbers_by_row(
 ) -> None:
     service = service_factory("services.numberdistribution")
     await wait_serving(service)
-    address = ["--address", service.address]
+    # The test session's identity, as `make up`'s: its admin token is minted for the tool.
+    address = ["--address", service.address, "--identity", str(identity().files.folder)]
     assert accessline("numbers", *address, "create-pool", "--pool", "p1").returncode == 0
     csv_file = tmp_path / "numbers.csv"
     csv_file.write_text("+33140000001\nnot-a-number\n+33140000002\n")
@@ -74,5 +76,18 @@ async def test_the_cli_reports_bad_numbers_by_row(
     assert "INVALID_ARGUMENT" in imported.stderr
     assert "numbers[1]: not a phone number" in imported.stderr
     assert "Traceback" not in imported.stderr
+    # Without credentials the tool says what it needs, and nothing reaches the service.
+    bare = accessline(
+        "numbers",
+        "--address",
+        service.address,
+        "--identity",
+        "/nonexistent",
+        "stats",
+        "--pool",
+        "p1",
+    )
+    assert bare.returncode == 1
+    assert "--ca-file, --cert-file, --key-file and --token" in bare.stderr
     stats = accessline("numbers", *address, "stats", "--pool", "p1")
     assert printed_stats(stats.stdout)["total"] == "0"

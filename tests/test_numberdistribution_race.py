@@ -23,7 +23,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from services.numberdistribution import keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import EventKind, Store, WatchEvent
-from tests.conftest import ServiceProcess, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 
 CLIENTS = 200
 NUMBERS = 50
@@ -222,7 +222,7 @@ async def test_no_number_is_ever_held_twice_across_three_replicas(
     service_factory: Callable[..., ServiceProcess], etcd: EmbeddedEtcd, prefix: str
 ) -> None:
     replicas = await start_replicas(service_factory)
-    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    channels = [connect(r.address, service="callmatching") for r in replicas]
     stubs: list[Any] = [nd_grpc.NumberDistributionServiceStub(c) for c in channels]
     store = Store(etcd.endpoint, prefix)
     recorder = SlotRecorder(store)
@@ -250,7 +250,7 @@ async def test_a_killed_replicas_reservations_expire_and_every_number_comes_back
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
     replicas = await start_replicas(service_factory)
-    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    channels = [connect(r.address, service="callmatching") for r in replicas]
     stubs: list[Any] = [nd_grpc.NumberDistributionServiceStub(c) for c in channels]
     alive = [True, True, True]
     killed = asyncio.Event()

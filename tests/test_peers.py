@@ -19,7 +19,7 @@ from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.runtime.peers import peer_channel, peer_target, service_config
-from tests.conftest import ServiceProcess, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
 
 ND = nd_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"]
 Factory = Callable[..., ServiceProcess]
@@ -56,11 +56,17 @@ def test_a_peer_address_names_one_group_of_replicas(address: str, target: str) -
 async def test_calls_free_of_side_effects_are_retried_on_another_replica_and_others_not(
     service_factory: Factory,
 ) -> None:
-    replicas = [service_factory("tests.support.probe_service") for _ in range(2)]
+    # The probe serves NumberDistribution's contract, so it shows that service's certificate.
+    as_numbers = {
+        "ACCESSLINE_TLS_CERT_FILE": str(identity().files.cert("numberdistribution")),
+        "ACCESSLINE_TLS_KEY_FILE": str(identity().files.key("numberdistribution")),
+    }
+    replicas = [service_factory("tests.support.probe_service", **as_numbers) for _ in range(2)]
     for replica in replicas:
         await wait_serving(replica)
     address = ",".join(r.address for r in replicas)
-    async with peer_channel(address, ND, 10.0) as channel:
+    credentials = identity().service_credentials("callmatching", identity().superuser)
+    async with peer_channel(address, ND, 10.0, credentials=credentials) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         # Each replica refuses the first call naming the pool: the retry goes on.
         got = await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="flaky-pool"))
@@ -91,8 +97,8 @@ async def test_callmatching_keeps_serving_when_one_numberdistribution_replica_di
     await wait_serving(matching)
     subject = f"s-{uuid.uuid4().hex[:6]}"
     async with (
-        grpc.aio.insecure_channel(numbers[0].address) as nd_channel,
-        grpc.aio.insecure_channel(matching.address) as cm_channel,
+        connect(numbers[0].address, service="callmatching") as nd_channel,
+        connect(matching.address, service="routing") as cm_channel,
     ):
         nd: Any = nd_grpc.NumberDistributionServiceStub(nd_channel)
         cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)

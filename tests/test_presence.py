@@ -23,11 +23,20 @@ from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from services.presence import keys
-from services.presence.settings import DEVELOPMENT_SECRET
-from services.presence.tokens import agent_token
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import Store
-from tests.conftest import ROOT, ServiceProcess, eventually, violated_fields, wait_serving
+from tests.conftest import (
+    ROOT,
+    ServiceProcess,
+    connect,
+    eventually,
+    identity,
+    violated_fields,
+    wait_serving,
+)
+
+# The sealing of the test processes' records (their development secret).
+SEALING = keys.Sealing(keys.DEVELOPMENT_SECRET.encode())
 
 C = common_pb2
 SETTINGS = {
@@ -37,7 +46,7 @@ SETTINGS = {
 
 
 def token(agent_id: str) -> str:
-    return agent_token(DEVELOPMENT_SECRET.encode(), agent_id)
+    return identity().token(agent_id, "agent")
 
 
 @dataclass
@@ -45,6 +54,10 @@ class Cluster:
     replicas: list[ServiceProcess]
     stubs: list[Any]
     store: Store
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self.replicas]
 
 
 @pytest.fixture
@@ -54,7 +67,7 @@ async def cluster(
     replicas = [service_factory("services.presence", **SETTINGS) for _ in range(2)]
     for replica in replicas:
         await wait_serving(replica)
-    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    channels = [connect(r.address) for r in replicas]
     async with Store(etcd.endpoint, prefix) as store:
         yield Cluster(replicas, [pr_grpc.PresenceServiceStub(c) for c in channels], store)
     for channel in channels:
@@ -82,23 +95,40 @@ async def register(stub: Any, group: str = "mortgage-team") -> str:
 
 
 class App:
-    """An agent app's stream, driven by the test."""
+    """An agent app's stream, driven by the test: opened with the agent's own token (an
+    agent signs in with their company's identity provider, then connects)."""
 
-    def __init__(self, stub: Any) -> None:
-        self.call = stub.Connect()
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.address = address
+        self._token = token
+        self._call: Any = None
 
-    async def login(self, agent_id: str, auth: str | None = None) -> pr_pb2.Snapshot:
-        await self.call.write(
-            pr_pb2.ConnectRequest(
-                login=pr_pb2.Login(agent_id=agent_id, auth_token=auth or token(agent_id))
-            )
-        )
+    @property
+    def call(self) -> Any:
+        if self._call is None:
+            self.open(self._token or identity().token("some-agent", "agent"))
+        return self._call
+
+    def open(self, token: str) -> None:
+        channel = connect(self.address, token)
+        self._call = pr_grpc.PresenceServiceStub(channel).Connect()
+
+    async def login(self, agent_id: str) -> pr_pb2.Snapshot:
+        if self._call is None:
+            self.open(self._token or identity().token(agent_id, "agent"))
+        await self.call.write(pr_pb2.ConnectRequest(login=pr_pb2.Login(agent_id=agent_id)))
         reply = await self.next()
         assert reply.HasField("snapshot"), reply
         return reply.snapshot
 
     async def send(self, **message: Any) -> None:
         await self.call.write(pr_pb2.ConnectRequest(**message))
+
+    async def login_unchecked(self, agent_id: str) -> None:
+        """Sends a login with the agent's own token, whatever the answer."""
+        if self._call is None:
+            self.open(identity().token(agent_id, "agent"))
+        await self.send(login=pr_pb2.Login(agent_id=agent_id))
 
     async def next(self, timeout: float = 15.0) -> Any:
         reply = await asyncio.wait_for(self.call.read(), timeout)
@@ -147,7 +177,7 @@ async def test_a_watcher_on_another_replica_sees_every_change_in_order(cluster: 
     first = await watcher.next()
     assert [a.overall for a in first.snapshot.agents] == [C.OVERALL_PRESENCE_OFFLINE]
 
-    app = App(cluster.stubs[0])
+    app = App(cluster.addresses[0])
     snapshot = await app.login(agent_id)
     assert snapshot.presence.overall == C.OVERALL_PRESENCE_PARTIALLY_READY
     assert [c.presence for c in snapshot.presence.channels] == [
@@ -182,13 +212,19 @@ async def test_a_watcher_on_another_replica_sees_every_change_in_order(cluster: 
 
 async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
-    app = App(cluster.stubs[1])
+    app = App(cluster.addresses[1])
     await app.login(agent_id)
     summary = pr_pb2.ContextSummary(customer_display_name="Ms Martin", subject="mortgage")
 
     # Routing (a third party) writes the offer to etcd; the replica holding the stream delivers it.
     accepted = await keys.make_offer(
-        cluster.store, agent_id, "call-1", C.CHANNEL_DESK_VOICE, summary, timeout=15
+        cluster.store,
+        agent_id,
+        "call-1",
+        C.CHANNEL_DESK_VOICE,
+        summary,
+        timeout=15,
+        sealing=SEALING,
     )
     shown = await app.next_kind("offer")
     assert (shown.offer_id, shown.interaction_id, shown.summary) == (
@@ -215,7 +251,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     )
 
     declined = await keys.make_offer(
-        cluster.store, agent_id, "chat-1", C.CHANNEL_CHAT, summary, timeout=15
+        cluster.store, agent_id, "chat-1", C.CHANNEL_CHAT, summary, timeout=15, sealing=SEALING
     )
     shown = await app.next_kind("offer")
     await app.send(
@@ -231,7 +267,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     assert stored.value.state == pr_store.OFFER_STATE_DECLINED
 
     ignored = await keys.make_offer(
-        cluster.store, agent_id, "call-2", C.CHANNEL_DESK_VOICE, summary, timeout=1
+        cluster.store, agent_id, "call-2", C.CHANNEL_DESK_VOICE, summary, timeout=1, sealing=SEALING
     )
     assert (await app.next_kind("offer")).offer_id == ignored.offer.offer_id
     cancelled = await app.next_kind("offer_cancelled")
@@ -258,7 +294,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     assert refused.reason == pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
 
     withdrawn = await keys.make_offer(
-        cluster.store, agent_id, "call-3", C.CHANNEL_CHAT, summary, timeout=15
+        cluster.store, agent_id, "call-3", C.CHANNEL_CHAT, summary, timeout=15, sealing=SEALING
     )
     await app.next_kind("offer")
     assert await keys.cancel_offer(
@@ -282,10 +318,16 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
 
 async def test_an_agent_who_reconnects_during_a_call_is_still_on_it(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
-    first = App(cluster.stubs[0])
+    first = App(cluster.addresses[0])
     await first.login(agent_id)
     await keys.make_offer(
-        cluster.store, agent_id, "call-7", C.CHANNEL_DESK_VOICE, pr_pb2.ContextSummary(), 15
+        cluster.store,
+        agent_id,
+        "call-7",
+        C.CHANNEL_DESK_VOICE,
+        pr_pb2.ContextSummary(),
+        15,
+        SEALING,
     )
     shown = await first.next_kind("offer")
     await first.send(
@@ -298,7 +340,7 @@ async def test_an_agent_who_reconnects_during_a_call_is_still_on_it(cluster: Clu
     # the other replica.
     first.call.cancel()
     await eventually(lambda: _offline(cluster.stubs[0], agent_id), what="first session ended")
-    second = App(cluster.stubs[1])
+    second = App(cluster.addresses[1])
     snapshot = await second.login(agent_id)
     desk = next(c for c in snapshot.presence.channels if c.channel == C.CHANNEL_DESK_VOICE)
     assert (desk.presence, desk.active_interactions) == (C.CHANNEL_PRESENCE_BUSY, 1)
@@ -326,10 +368,16 @@ async def _offline(stub: Any, agent_id: str) -> bool:
 
 async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
-    app = App(cluster.stubs[0])
+    app = App(cluster.addresses[0])
     await app.login(agent_id)
     made = await keys.make_offer(
-        cluster.store, agent_id, "call-9", C.CHANNEL_DESK_VOICE, pr_pb2.ContextSummary(), 30
+        cluster.store,
+        agent_id,
+        "call-9",
+        C.CHANNEL_DESK_VOICE,
+        pr_pb2.ContextSummary(),
+        30,
+        SEALING,
     )
     await app.next_kind("offer")
     app.call.cancel()
@@ -349,7 +397,15 @@ async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) 
 def agent_app(address: str, agent_id: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.agent_app", address, agent_id, token(agent_id)],
+        [
+            sys.executable,
+            "-m",
+            "tests.support.agent_app",
+            address,
+            agent_id,
+            token(agent_id),
+            str(identity().files.folder),
+        ],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -397,7 +453,7 @@ async def test_a_dead_replica_lets_its_agents_go_offline_within_the_lease_ttl(
     cluster: Cluster,
 ) -> None:
     agent_id = await register(cluster.stubs[0])
-    app = App(cluster.stubs[0])
+    app = App(cluster.addresses[0])
     await app.login(agent_id)
     watcher = Watcher(cluster.stubs[1], agent_ids=[agent_id])
     await watcher.next()
@@ -410,9 +466,9 @@ async def test_a_dead_replica_lets_its_agents_go_offline_within_the_lease_ttl(
 
 async def test_a_second_login_replaces_the_first_session(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
-    first = App(cluster.stubs[0])
+    first = App(cluster.addresses[0])
     first_snapshot = await first.login(agent_id)
-    second = App(cluster.stubs[1])
+    second = App(cluster.addresses[1])
     second_snapshot = await second.login(agent_id)
     assert second_snapshot.agent_session_id != first_snapshot.agent_session_id
     replaced = await first.next_kind("session_replaced")
@@ -434,23 +490,24 @@ async def test_bad_messages_get_a_clear_status_and_never_affect_another_agent(
     cluster: Cluster,
 ) -> None:
     bystander = await register(cluster.stubs[0])
-    calm = App(cluster.stubs[0])
+    calm = App(cluster.addresses[0])
     await calm.login(bystander)
     culprit = await register(cluster.stubs[0])
 
-    no_login = App(cluster.stubs[0])
+    no_login = App(cluster.addresses[0])
     await no_login.send(heartbeat=pr_pb2.Heartbeat())
     assert (await ending(no_login))[0] == grpc.StatusCode.INVALID_ARGUMENT
 
-    bad_token = App(cluster.stubs[0])
-    await bad_token.send(login=pr_pb2.Login(agent_id=culprit, auth_token="forged"))
-    assert (await ending(bad_token))[0] == grpc.StatusCode.PERMISSION_DENIED
+    # Another agent's token: an agent logs in as themselves only.
+    someone_else = App(cluster.addresses[0], identity().token(bystander, "agent"))
+    await someone_else.send(login=pr_pb2.Login(agent_id=culprit))
+    assert (await ending(someone_else))[0] == grpc.StatusCode.PERMISSION_DENIED
 
-    unknown = App(cluster.stubs[0])
-    await unknown.send(login=pr_pb2.Login(agent_id="nobody-here", auth_token=token("nobody-here")))
+    unknown = App(cluster.addresses[0])
+    await unknown.login_unchecked("nobody-here")
     assert (await ending(unknown))[0] == grpc.StatusCode.NOT_FOUND
 
-    wrong_channel = App(cluster.stubs[0])
+    wrong_channel = App(cluster.addresses[0])
     await wrong_channel.login(culprit)
     await wrong_channel.send(
         set_channel_presence=pr_pb2.SetChannelPresence(channel=C.CHANNEL_EMAIL, available=True)
@@ -473,7 +530,7 @@ async def test_a_watcher_resuming_from_its_token_misses_nothing(cluster: Cluster
     resume = (await watcher.next()).resume_token
     watcher.call.cancel()
 
-    app = App(cluster.stubs[1])
+    app = App(cluster.addresses[1])
     await app.login(agent_id)
     await app.send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=True))
     await app.next_kind("presence_confirmed")
@@ -494,7 +551,7 @@ async def test_group_availability_counts_agents_per_channel(cluster: Cluster) ->
     agents = [await register(cluster.stubs[0], group) for _ in range(3)]
     apps = []
     for agent_id in agents[:2]:
-        app = App(cluster.stubs[0])
+        app = App(cluster.addresses[0])
         await app.login(agent_id)
         apps.append(app)
     await apps[1].send(set_do_not_disturb=pr_pb2.SetDoNotDisturb(enabled=True))
@@ -543,7 +600,7 @@ async def test_presence_streams_have_limits(
         ACCESSLINE_PRESENCE_RESUME_REVISIONS="100",
     )
     await wait_serving(replica)
-    async with grpc.aio.insecure_channel(replica.address) as channel:
+    async with connect(replica.address) as channel:
         stub: Any = pr_grpc.PresenceServiceStub(channel)
         watchers = [Watcher(stub) for _ in range(3)]
         answers = await asyncio.gather(*(w.call.read() for w in watchers), return_exceptions=True)
@@ -553,7 +610,7 @@ async def test_presence_streams_have_limits(
             watcher.call.cancel()
 
         # A stream that never logs in is closed after the login time-out, not held open.
-        silent = stub.Connect()
+        silent = App(replica.address).call
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(silent.read(), 15)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,12 +36,17 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.presence import keys as pr_keys
 from services.routing import keys as rt_keys
+from services.routing.__main__ import SEAL_PURPOSE
+from services.routing.settings import DEVELOPMENT_SECRET
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from services.runtime.sealing import Sealer
 from services.runtime.store import Op, Store
 from tests.conftest import (
     ServiceProcess,
+    connect,
     error_details,
     eventually,
+    identity,
     spawn_service,
     violated_fields,
     wait_serving,
@@ -48,6 +54,8 @@ from tests.conftest import (
 from tests.test_presence import App
 
 C = common_pb2
+# Routing's sealing in the test processes (their development secret).
+ROUTING_SEALER = Sealer(DEVELOPMENT_SECRET.encode(), SEAL_PURPOSE)
 ROUTING_ENV = {
     "ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS": "2",
     "ACCESSLINE_ROUTING_NO_ANSWER_LIMIT": "2",
@@ -113,7 +121,7 @@ async def start_stack(
     ]
     for router in routers:
         await wait_serving(router)
-    channels = [grpc.aio.insecure_channel(p.address) for p in (nd, cm, pr, nt, *routers)]
+    channels = [connect(p.address) for p in (nd, cm, pr, nt, *routers)]
     store = Store(endpoints, prefix)
     await store.connect()
     return Stack(
@@ -154,7 +162,7 @@ async def one_more_router(etcd: EmbeddedEtcd, prefix: str, **env: str) -> AsyncI
     process = spawn_service("services.routing", etcd.endpoint, prefix, **env)
     try:
         await wait_serving(process)
-        async with grpc.aio.insecure_channel(process.address) as channel:
+        async with connect(process.address) as channel:
             yield rt_grpc.RoutingServiceStub(channel)
     finally:
         await process.stop_async()
@@ -191,7 +199,7 @@ async def agent(
             )
         )
     )
-    app = App(stack.pr)
+    app = App(stack.processes[1].address)
     await app.login(agent_id)
     return agent_id, app
 
@@ -626,7 +634,10 @@ async def in_app(stack: Stack, customer: str) -> Any:
             )
         )
     )
-    return stack.nt.StreamNotifications(nt_pb2.StreamNotificationsRequest(device_id=device))
+    own = nt_grpc.NotificationServiceStub(
+        connect(stack.processes[2].address, identity().token(customer, "customer"))
+    )
+    return own.StreamNotifications(nt_pb2.StreamNotificationsRequest(device_id=device))
 
 
 async def test_notify_when_available_holds_the_agent_for_the_customers_call(stack: Stack) -> None:
@@ -686,7 +697,10 @@ async def test_a_hold_the_customer_does_not_use_releases_the_agent(stack: Stack)
     await set_available(app, True)
 
     async def held() -> bool:
-        return await stack.store.get(rt_keys.hold(customer), rt_store.AgentHold) is not None
+        return (
+            await stack.store.get(rt_keys.hold(ROUTING_SEALER, customer), rt_store.AgentHold)
+            is not None
+        )
 
     await eventually(held, what="agent held for the customer")
     # While held, another caller waits...
@@ -694,7 +708,7 @@ async def test_a_hold_the_customer_does_not_use_releases_the_agent(stack: Stack)
     assert (await caller.until("queued", "offered")).WhichOneof("event") == "queued"
     # ...and gets the agent once the 3 s hold runs out unused.
     assert (await caller.until("offered")).offered.agent_id == member
-    assert await stack.store.get(rt_keys.hold(customer), rt_store.AgentHold) is None
+    assert await stack.store.get(rt_keys.hold(ROUTING_SEALER, customer), rt_store.AgentHold) is None
     caller.hang_up()
     app.call.cancel()
 
@@ -721,7 +735,9 @@ async def test_a_snoozed_request_waits_and_a_cancelled_one_is_gone(stack: Stack)
     _, numbers = await setup_numbers(stack, group)
     call = Call(stack.routers[0], numbers[0])
     await call.until("offered")
-    assert await stack.store.get(rt_keys.hold("c-snooze"), rt_store.AgentHold) is None
+    assert (
+        await stack.store.get(rt_keys.hold(ROUTING_SEALER, "c-snooze"), rt_store.AgentHold) is None
+    )
     call.hang_up()
     await stack.routers[0].CancelNotifyWhenAvailable(
         rt_pb2.CancelNotifyWhenAvailableRequest(request_id=asked.request_id)
@@ -764,6 +780,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     )
     requested = await stack.routers[0].RequestCallback(
         rt_pb2.RequestCallbackRequest(
+            application_id="bank",
             customer_id=customer,
             phone_number="+33 6 12 34 56 78",
             latest=window(3600),
@@ -777,6 +794,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     # The same request again returns the same callback; another one is refused.
     again = await stack.routers[1].RequestCallback(
         rt_pb2.RequestCallbackRequest(
+            application_id="bank",
             customer_id=customer,
             phone_number="+33612345678",
             latest=window(3600),
@@ -788,6 +806,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stack.routers[1].RequestCallback(
             rt_pb2.RequestCallbackRequest(
+                application_id="bank",
                 customer_id=customer,
                 phone_number="+33612345678",
                 latest=window(3600),
@@ -844,6 +863,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     fresh = await stack.routers[0].RequestCallback(
         rt_pb2.RequestCallbackRequest(
+            application_id="bank",
             customer_id=customer,
             phone_number="+33612345678",
             latest=window(60),
@@ -868,6 +888,7 @@ async def test_a_dial_taken_by_a_switch_that_drops_goes_to_another(stack: Stack)
     first = stack.routers[0].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="a"))
     requested = await stack.routers[0].RequestCallback(
         rt_pb2.RequestCallbackRequest(
+            application_id="bank",
             customer_id="c-drop",
             phone_number="+33612345679",
             latest=window(600),
@@ -900,6 +921,7 @@ async def test_a_dial_no_switch_reports_counts_as_a_failed_attempt(stack: Stack)
     )
     requested = await stack.routers[0].RequestCallback(
         rt_pb2.RequestCallbackRequest(
+            application_id="bank",
             customer_id=customer,
             phone_number="+33612345680",
             latest=window(600),
@@ -938,6 +960,7 @@ async def test_bad_requests_name_their_fields_and_unknown_ids_are_not_found(stac
         (
             router.RequestCallback,
             rt_pb2.RequestCallbackRequest(
+                application_id="bank",
                 customer_id="c", phone_number="not a number", resource_group="g",
                 earliest=window(30), latest=window(10),
             ),
@@ -946,6 +969,7 @@ async def test_bad_requests_name_their_fields_and_unknown_ids_are_not_found(stac
         (
             router.RequestCallback,
             rt_pb2.RequestCallbackRequest(
+                application_id="bank",
                 customer_id="c", phone_number="+33612345678", resource_group="g",
                 latest=window(9 * 24 * 3600),
                 context=C.ContextData(attributes={f"k{i}": "v" for i in range(40)}),
@@ -956,14 +980,11 @@ async def test_bad_requests_name_their_fields_and_unknown_ids_are_not_found(stac
             router.RequestNotifyWhenAvailable,
             rt_pb2.RequestNotifyWhenAvailableRequest(
                 resource_group="g",
-                handoff=cm_pb2.StartHandoffRequest(customer_id="other", idempotency_key="x"),
+                handoff=cm_pb2.StartHandoffRequest(
+                    application_id="bank", customer_id="other", idempotency_key="x"
+                ),
             ),
-            {
-                "customer_id",
-                "handoff.customer_id",
-                "handoff.application_id",
-                "handoff.idempotency_key",
-            },
+            {"customer_id", "handoff.customer_id", "handoff.idempotency_key"},
         ),
         (
             router.SnoozeNotifyWhenAvailable,
@@ -1324,3 +1345,108 @@ async def test_a_call_waiting_past_the_maximum_queue_time_fails_and_leaves_the_q
 
         await eventually(left, what="the call out of the queue")
     app.call.cancel()
+
+
+# -- personal data at rest -----------------------------------------------------------
+
+
+async def raw_etcd(stack: Stack) -> list[tuple[str, bytes]]:
+    """Every key and value the five services keep under the stack's prefix, raw."""
+    found = await stack.store.txn([], [Op.get_prefix("")])
+    return [(key, value) for key, value, _ in found.gets[0]]
+
+
+def in_clear(entries: list[tuple[str, bytes]], needles: dict[str, bytes]) -> list[str]:
+    return [
+        f"{what} in {key}"
+        for key, value in entries
+        for what, needle in needles.items()
+        if needle in value or needle in key.encode()
+    ]
+
+
+async def test_no_personal_datum_is_kept_in_clear_anywhere_in_etcd(stack: Stack) -> None:
+    """A customer's whole journey (a handoff with a name, a location and private
+    attributes, the call queued, offered and connected to an agent with a mobile
+    number, a callback to a phone number, a notify request, a device with a push token),
+    every raw etcd value and key read at each step: none holds a personal datum."""
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group, count=2)
+    subject = await pool_subject(stack, group)
+    customer = f"c-leak-{uuid.uuid4().hex[:6]}"
+    mobile = "+33799887766"
+    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
+    await stack.pr.RegisterAgent(
+        pr_pb2.RegisterAgentRequest(
+            agent=pr_pb2.Agent(
+                agent_id=agent_id,
+                skills=[pr_pb2.Skill(name=subject, level=5)],
+                resource_groups=[group],
+                channels=[
+                    pr_pb2.ChannelConfig(
+                        channel=C.CHANNEL_MOBILE_VOICE, address=mobile, available_on_login=True
+                    )
+                ],
+            )
+        )
+    )
+    agent_app = App(stack.processes[1].address)
+    await agent_app.login(agent_id)
+    await stack.nt.RegisterDevice(
+        nt_pb2.RegisterDeviceRequest(
+            device=nt_pb2.Device(
+                device_id=f"d-{uuid.uuid4().hex[:6]}",
+                customer_id=customer,
+                application_id=app_id,
+                platform=nt_pb2.PLATFORM_FCM,
+                push_token="push-token-7f3a9c51e2",
+            )
+        )
+    )
+    context = C.ContextData(
+        subject=subject,
+        attributes={"display_name": "Ms Leakproof", "iban": "FR76LEAKPROOF0042"},
+        location=C.GeoPoint(latitude=48.856613, longitude=2.352222),
+    )
+    needles = {
+        "name": b"Ms Leakproof",
+        "attribute": b"FR76LEAKPROOF0042",
+        "latitude": struct.pack("<d", 48.856613),
+        "longitude": struct.pack("<d", 2.352222),
+        "agent's mobile": b"799887766",
+        "push token": b"push-token-7f3a9c51e2",
+        "callback number": b"655443322",
+    }
+    started = await handoff(stack, app_id, customer, context)
+    leaks = in_clear(await raw_etcd(stack), needles)
+    call = Call(stack.routers[0], started.access_number)
+    await call.until("offered")
+    leaks += in_clear(await raw_etcd(stack), needles)
+    await answer(agent_app, ACCEPT)
+    connect_to = (await call.until("connect")).connect
+    assert (connect_to.address, connect_to.context) == (mobile, context)
+    leaks += in_clear(await raw_etcd(stack), needles)
+    await stack.routers[1].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id=app_id,
+            customer_id=customer,
+            phone_number="+33 6 55 44 33 22",
+            latest=window(3600),
+            resource_group=new_group(),
+            context=context,
+        )
+    )
+    await stack.routers[0].RequestNotifyWhenAvailable(
+        rt_pb2.RequestNotifyWhenAvailableRequest(
+            customer_id=customer,
+            resource_group=new_group(),
+            handoff=cm_pb2.StartHandoffRequest(application_id=app_id, context=context),
+        )
+    )
+    entries = await raw_etcd(stack)
+    leaks += in_clear(entries, needles)
+    assert leaks == []
+    # Customer ids are the apps' own (pseudonymous) ids: kept in values where a record
+    # needs its owner, never in a key name, where they would match by prefix.
+    assert [key for key, _ in entries if customer in key] == []
+    agent_app.call.cancel()

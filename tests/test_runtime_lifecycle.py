@@ -26,9 +26,11 @@ from services.runtime.settings import ServiceSettings, SettingsError, load_setti
 from tests.conftest import (
     ROOT,
     ServiceProcess,
+    connect,
     error_details,
     eventually,
     health_status,
+    identity,
     wait_serving,
 )
 
@@ -46,7 +48,7 @@ async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
         ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="0",
     )
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         in_flight = asyncio.ensure_future(
             stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=30)
@@ -55,7 +57,7 @@ async def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(
 
         probe.signal(signal.SIGTERM)
         await probe.wait_for_log("shutting down")
-        async with grpc.aio.insecure_channel(probe.address) as fresh:
+        async with connect(probe.address) as fresh:
             late: Any = nd_grpc.NumberDistributionServiceStub(fresh)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await late.GetPool(nd_pb2.GetPoolRequest(pool_id="paris"), timeout=5)
@@ -84,7 +86,7 @@ async def test_sigterm_under_48_concurrent_calls_answers_every_call_received(
         ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="5",
     )
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         calls = [
             asyncio.ensure_future(stub.GetPool(nd_pb2.GetPoolRequest(pool_id=f"p{i}"), timeout=30))
@@ -110,7 +112,7 @@ async def test_a_client_that_cancels_is_logged_at_debug_not_as_an_error(
 ) -> None:
     probe = service_factory(PROBE, PROBE_WORK_SECONDS="5", ACCESSLINE_LOG_LEVEL="DEBUG")
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         unary = stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=30)
         await probe.wait_for_log("GetPool in flight")
@@ -127,10 +129,35 @@ async def test_a_client_that_cancels_is_logged_at_debug_not_as_an_error(
     assert errors == []
 
 
+async def test_calls_cancelled_in_flight_by_the_hundred_never_bring_the_server_down(
+    service_factory: Factory,
+) -> None:
+    """A switch hanging up calls, agents' apps closing: each call's end is observed (the
+    audit trail, the span) after gRPC has dropped the call. Found as a crash (SIGSEGV)
+    of Routing under load, when the peer was read from a finished call's context."""
+    probe = service_factory(PROBE, PROBE_WORK_SECONDS="5")
+    await wait_serving(probe)
+    async with connect(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        presence: Any = presence_pb2_grpc.PresenceServiceStub(channel)
+        for _ in range(4):
+            calls = [stub.GetPool(nd_pb2.GetPoolRequest(pool_id=f"p{i}")) for i in range(60)]
+            streams = [
+                presence.WatchPresence(presence_pb2.WatchPresenceRequest()) for _ in range(60)
+            ]
+            await asyncio.gather(*(s.read() for s in streams))
+            for call in (*calls, *streams):
+                call.cancel()
+        # Still serving, and it stops cleanly.
+        assert await health_status(probe.address) == health_pb2.HealthCheckResponse.SERVING
+    probe.signal(signal.SIGTERM)
+    assert await probe.wait_exit() == 0
+
+
 async def test_a_replica_holds_at_most_its_maximum_of_streams(service_factory: Factory) -> None:
     probe = service_factory(PROBE, ACCESSLINE_MAX_STREAMS="3")
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         presence: Any = presence_pb2_grpc.PresenceServiceStub(channel)
         # Opened all at once: the limit is checked and counted in one step.
         watches = [presence.WatchPresence(presence_pb2.WatchPresenceRequest()) for _ in range(8)]
@@ -167,7 +194,7 @@ async def test_sigterm_ends_open_streams_and_tells_health_watchers(
 ) -> None:
     probe = service_factory(PROBE, ACCESSLINE_SHUTDOWN_GRACE_SECONDS="20")
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         presence: Any = presence_pb2_grpc.PresenceServiceStub(channel)
         health: Any = health_pb2_grpc.HealthStub(channel)
         watch = presence.WatchPresence(presence_pb2.WatchPresenceRequest())
@@ -207,7 +234,7 @@ async def test_health_follows_etcd_and_calls_fail_as_unavailable_while_it_is_dow
     )
     assert await health_status(probe.address) == not_serving
 
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id="lyon"), timeout=10)
@@ -255,9 +282,18 @@ def test_settings_defaults_work_for_the_embedded_run(monkeypatch: pytest.MonkeyP
     for name in list(os.environ):
         if name.startswith("ACCESSLINE_"):
             monkeypatch.delenv(name)
+    # Alone, the defaults refuse to run without TLS and tokens, naming what is missing...
+    with pytest.raises(SettingsError) as refused:
+        load_settings(ServiceSettings)
+    for name in ("ACCESSLINE_TLS_CERT_FILE", "ACCESSLINE_AUTH_JWKS_URL"):
+        assert name in str(refused.value)
+    # ...and with what `make up` gives its services (the development identity) they run.
+    for name, value in identity().env("numberdistribution").items():
+        monkeypatch.setenv(name, value)
     settings = load_settings(ServiceSettings)
     assert settings.etcd_endpoint_list == ["127.0.0.1:2379"]
     assert settings.log_level == "INFO"
+    assert settings.environment == "development"
 
 
 def test_a_service_with_bad_settings_exits_with_status_2_and_no_traceback() -> None:
@@ -277,4 +313,76 @@ def test_a_service_with_bad_settings_exits_with_status_2_and_no_traceback() -> N
     assert done.returncode == 2
     assert "ACCESSLINE_PORT" in done.stderr
     assert "ACCESSLINE_SHUTDOWN_GRACE_SECONDS" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def production(**overrides: str) -> dict[str, str]:
+    """Settings of a production NumberDistribution, but for what `overrides` change."""
+    env = {
+        **identity().env("numberdistribution"),
+        "ACCESSLINE_ENVIRONMENT": "production",
+        "ACCESSLINE_AUTH_JWKS_URL": "https://issuer.example.invalid/jwks.json",
+        "ACCESSLINE_ETCD_CA_FILE": str(identity().files.ca),
+        "ACCESSLINE_ETCD_CERT_FILE": str(identity().files.cert("numberdistribution")),
+        "ACCESSLINE_ETCD_KEY_FILE": str(identity().files.key("numberdistribution")),
+        "ACCESSLINE_AUDIT_DSN": "postgresql+asyncpg://audit@db.example.invalid/accessline",
+        "ACCESSLINE_NUMBERS_SECRET": "a-secret-of-the-operators-own-0123456789",
+        **overrides,
+    }
+    return {k: v for k, v in env.items() if v}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"ACCESSLINE_AUTH_JWKS_URL": "http://issuer.example.invalid/jwks.json"}, "https"),
+        ({"ACCESSLINE_ETCD_CERT_FILE": "", "ACCESSLINE_ETCD_KEY_FILE": ""}, "ETCD_CERT_FILE"),
+        ({"ACCESSLINE_AUDIT_DSN": ""}, "ACCESSLINE_AUDIT_DSN"),
+        ({"ACCESSLINE_NUMBERS_SECRET": ""}, "ACCESSLINE_NUMBERS_SECRET"),
+        ({"ACCESSLINE_TLS_CERT_FILE": ""}, "ACCESSLINE_TLS_CERT_FILE"),
+    ],
+    ids=["jwks over http", "etcd without a certificate", "no audit", "dev secret", "no tls"],
+)
+def test_production_settings_refuse_what_development_allows(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, str], named: str
+) -> None:
+    from services.numberdistribution.settings import NumberDistributionSettings
+
+    for name in list(os.environ):
+        if name.startswith("ACCESSLINE_"):
+            monkeypatch.delenv(name)
+    for name, value in production().items():
+        monkeypatch.setenv(name, value)
+    load_settings(NumberDistributionSettings)  # the complete production settings load
+    for name in overrides:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in production(**overrides).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings(NumberDistributionSettings)
+    assert named in str(refused.value)
+    # ACCESSLINE_INSECURE is the one explicit way to run without TLS and tokens.
+    monkeypatch.setenv("ACCESSLINE_INSECURE", "true")
+    if named in ("https", "ETCD_CERT_FILE", "ACCESSLINE_TLS_CERT_FILE"):
+        load_settings(NumberDistributionSettings)
+    else:  # secrets and the audit trail are not relaxed by it
+        with pytest.raises(SettingsError):
+            load_settings(NumberDistributionSettings)
+
+
+def test_a_production_service_refuses_the_development_ca() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
+        **production(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "services.numberdistribution"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "ACCESSLINE_TLS_CA_FILE is the development CA" in done.stderr
     assert "Traceback" not in done.stderr

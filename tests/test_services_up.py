@@ -18,7 +18,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2
 from accessline.routing.v1 import routing_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ServiceProcess, health_status, spawn_service, wait_serving
+from tests.conftest import ServiceProcess, connect, health_status, spawn_service, wait_serving
 
 SERVICES = {
     "numberdistribution": number_distribution_pb2.DESCRIPTOR.services_by_name[
@@ -61,7 +61,7 @@ async def test_health_is_serving_for_the_server_and_for_the_service(
 
 
 async def reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(address) as channel:
         stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(iter([request]))
         async for reply in call:

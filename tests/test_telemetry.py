@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.runtime.embedded_etcd import free_port
-from tests.conftest import ServiceProcess, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -65,7 +65,7 @@ async def test_spans_are_exported_over_otlp_and_logs_carry_the_trace_id(
         OTEL_METRICS_EXPORTER="none",
     )
     await wait_serving(probe)
-    async with grpc.aio.insecure_channel(probe.address) as channel:
+    async with connect(probe.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="lyon"), timeout=10)
     method = "/accessline.numberdistribution.v1.NumberDistributionService/GetPool"

@@ -26,7 +26,7 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.embedded_etcd import free_port
-from tests.conftest import ServiceProcess, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 from tests.test_presence import App
 from tests.test_telemetry import Receiver
 
@@ -92,7 +92,7 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
         **otel,
     )
     await wait_serving(rt)
-    channels = [grpc.aio.insecure_channel(p.address) for p in (nd, cm, pr, rt)]
+    channels = [connect(p.address) for p in (nd, cm, pr, rt)]
     numbers: Any = nd_grpc.NumberDistributionServiceStub(channels[0])
     matching: Any = cm_grpc.CallMatchingServiceStub(channels[1])
     presence: Any = pr_grpc.PresenceServiceStub(channels[2])
@@ -128,7 +128,7 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
                 )
             )
         )
-        app = App(presence)
+        app = App(pr.address)
         await app.login("alice")
         handoff = await matching.StartHandoff(
             cm_pb2.StartHandoffRequest(

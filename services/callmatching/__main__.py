@@ -10,6 +10,7 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
 from services.callmatching.crypto import SessionCrypto
 from services.callmatching.domain import CallMatching, Limits
+from services.callmatching.failures import FailureLimits
 from services.callmatching.history import MatchHistory
 from services.callmatching.servicer import CallMatchingServicer
 from services.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
@@ -59,8 +60,12 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         history,
         Limits(
             session_retention=settings.session_retention_seconds,
-            ani_failure_limit=settings.ani_failure_limit,
-            ani_failure_window=settings.ani_failure_window_seconds,
+            failures=FailureLimits(
+                caller=settings.ani_failure_limit,
+                withheld=settings.withheld_failure_limit,
+                number=settings.number_failure_limit,
+                window=settings.ani_failure_window_seconds,
+            ),
             default_region=settings.default_region,
             late_call_window=settings.late_call_window_seconds,
         ),

@@ -6,10 +6,12 @@ client it is given."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,19 +22,21 @@ from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.callmatching import keys
+from services.callmatching import failures, keys
 from services.callmatching.crypto import SessionCrypto
 from services.callmatching.history import MatchHistory
 from services.numberdistribution import keys as nd_keys
+from services.runtime import identity
 from services.runtime.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
 )
 from services.runtime.phone import NumberFormatError, display_number, normalize_number
-from services.runtime.store import Compare, Op, Store
+from services.runtime.store import Compare, Entry, Op, Store
 from services.runtime.telemetry import span_context_from
 
 log = logging.getLogger("accessline.callmatching")
@@ -49,7 +53,7 @@ MAX_MATCH_ROUNDS = 24
 
 NEEDS_ANI = {common_pb2.MATCH_SCHEMA_NUMBER_ANI, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
 NEEDS_CODE = {common_pb2.MATCH_SCHEMA_NUMBER_CODE, common_pb2.MATCH_SCHEMA_NUMBER_ANI_CODE}
-# Outcomes that count against the caller's number for rate limiting.
+# Outcomes counted in the failure buckets (failures.py).
 FAILURES = {
     cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
     cm_pb2.MATCH_OUTCOME_ANI_MISMATCH,
@@ -60,6 +64,13 @@ FAILURES = {
 }
 
 
+def _rate_limited(resource_group: str = "") -> cm_pb2.MatchCallResponse:
+    """RATE_LIMITED, with the number's group: the call goes on unmatched, routed there."""
+    return cm_pb2.MatchCallResponse(
+        outcome=cm_pb2.MATCH_OUTCOME_RATE_LIMITED, resource_group=resource_group
+    )
+
+
 def _ts(epoch: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(epoch * 1e9))
@@ -68,6 +79,20 @@ def _ts(epoch: float) -> timestamp_pb2.Timestamp:
 
 def _epoch(ts: timestamp_pb2.Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
+
+
+def _digests(request: Handoff) -> tuple[bytes, bytes]:
+    """(customer, whole request) digests that an idempotency key is bound to."""
+    customer = hashlib.sha256(request.customer_id.encode()).digest()
+    whole = hashlib.sha256()
+    for part in (
+        request.customer_id.encode(),
+        request.context.SerializeToString(deterministic=True),
+        request.ani_hint.encode(),
+        request.default_region.encode(),
+    ):
+        whole.update(len(part).to_bytes(4, "big") + part)
+    return customer, whole.digest()
 
 
 def guess_success_probability(code_length: int, max_attempts: int) -> float:
@@ -102,8 +127,7 @@ class Call:
 @dataclass
 class Limits:
     session_retention: float
-    ani_failure_limit: int
-    ani_failure_window: float
+    failures: failures.FailureLimits
     default_region: str
     late_call_window: float = 60.0
 
@@ -216,7 +240,7 @@ class CallMatching:
             else ""
         )
         if idempotency_key:
-            replay = await self._replay(idempotency_key)
+            replay = await self._replay(idempotency_key, request)
             if replay is not None:
                 return replay
 
@@ -295,7 +319,11 @@ class CallMatching:
             ops.append(
                 Op.put(
                     idempotency_key,
-                    cm_store.HandoffIdempotency(session_id=session_id),
+                    cm_store.HandoffIdempotency(
+                        session_id=session_id,
+                        customer_digest=_digests(request)[0],
+                        request_digest=_digests(request)[1],
+                    ),
                     record.lease_id,
                 )
             )
@@ -303,7 +331,7 @@ class CallMatching:
         result = await self._store.txn(compares, ops, failure)
         if not result.succeeded:
             if idempotency_key and result.gets and result.gets[0]:
-                replay = await self._replay(idempotency_key)
+                replay = await self._replay(idempotency_key, request)
                 if replay is not None:
                     return replay
             raise Aborted(
@@ -345,10 +373,29 @@ class CallMatching:
             display=display,
         )
 
-    async def _replay(self, idempotency_key: str) -> cm_pb2.StartHandoffResponse | None:
+    async def _replay(
+        self, idempotency_key: str, request: Handoff
+    ) -> cm_pb2.StartHandoffResponse | None:
+        """The answer already given to this idempotency key, when this is the same
+        request again; a key reused by another customer or for another request is
+        refused, naming the key."""
         entry = await self._store.get(idempotency_key, cm_store.HandoffIdempotency)
         if entry is None:
             return None
+        record = entry.value
+        customer, whole = _digests(request)
+        if record.customer_digest and not hmac.compare_digest(record.customer_digest, customer):
+            raise AlreadyExists(
+                f"idempotency key {request.idempotency_key!r} was used by another customer",
+                reason="IDEMPOTENCY_KEY_TAKEN",
+                metadata={"idempotency_key": request.idempotency_key},
+            )
+        if record.request_digest and not hmac.compare_digest(record.request_digest, whole):
+            raise FailedPrecondition(
+                f"idempotency key {request.idempotency_key!r} was used for another request",
+                reason="IDEMPOTENCY_KEY_REUSED",
+                metadata={"idempotency_key": request.idempotency_key},
+            )
         stored = await self._store.get(keys.session(entry.value.session_id), cm_store.StoredSession)
         if stored is None:
             return None
@@ -365,6 +412,7 @@ class CallMatching:
         if entry is None:
             raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
         session = entry.value
+        identity.require_application(session.application_id, f"session {session_id}")
         now = self._clock()
         if _epoch(session.expires_at) <= now:
             raise FailedPrecondition(
@@ -377,10 +425,18 @@ class CallMatching:
             raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
 
     async def _end(
-        self, session: cm_store.StoredSession, revision: int, state: int, call_id: str, now: float
+        self,
+        session: cm_store.StoredSession,
+        revision: int,
+        state: int,
+        call_id: str,
+        now: float,
+        also_if: Sequence[Compare] = (),
+        also_do: Sequence[Op] = (),
     ) -> bool:
-        """In one transaction: the session is consumed (if unchanged since read), its
-        reservation ends, its number goes into quarantine, the outcome is kept."""
+        """In one transaction: the session is consumed (if unchanged since read and
+        `also_if` holds), its reservation ends, its number goes into quarantine, the
+        outcome is kept, and `also_do` is done."""
         compares, ops, _ = await nd_keys.release_ops(
             self._store, session.reservation, session.reservation_revision, now
         )
@@ -393,10 +449,11 @@ class CallMatching:
             application_id=session.application_id,
         )
         retention = await self._store.shared_lease(self._limits.session_retention, window=10.0)
-        compares.append(Compare.modified_at(keys.session(session.session_id), revision))
+        compares += [Compare.modified_at(keys.session(session.session_id), revision), *also_if]
         ops += [
             Op.delete(keys.session(session.session_id)),
             Op.put(keys.outcome(session.session_id), outcome, retention),
+            *also_do,
         ]
         result = await self._store.txn(compares, ops)
         return result.succeeded
@@ -408,6 +465,7 @@ class CallMatching:
         waiting, ended = result.gets
         if waiting:
             session = cm_store.StoredSession.FromString(waiting[0][1])
+            identity.require_application(session.application_id, f"session {session_id}")
             state = (
                 cm_pb2.SESSION_STATE_WAITING_FOR_CALL
                 if _epoch(session.expires_at) > self._clock()
@@ -421,6 +479,7 @@ class CallMatching:
             )
         if ended:
             outcome = cm_store.StoredOutcome.FromString(ended[0][1])
+            identity.require_application(outcome.application_id, f"session {session_id}")
             return cm_pb2.GetSessionResponse(
                 session_id=session_id,
                 state=outcome.state,
@@ -478,8 +537,6 @@ class CallMatching:
             span.set_attribute("accessline.application", attempt.application_id)
         if attempt.pool_id:
             span.set_attribute("accessline.pool", attempt.pool_id)
-        if ani_hash and response.outcome in FAILURES:
-            await self._count_ani_failure(ani_hash)
         log.info(
             "call match decided",
             extra={
@@ -492,30 +549,39 @@ class CallMatching:
         )
         return response
 
-    async def _count_ani_failure(self, ani_hash: bytes) -> None:
-        key = keys.ani_failures(ani_hash)
-        for _ in range(5):
-            entry = await self._store.get(key, cm_store.AniFailures)
-            if entry is None:
-                lease = await self._store.shared_lease(self._limits.ani_failure_window)
-                if await self._store.create(key, cm_store.AniFailures(count=1), lease) is not None:
-                    return
-                continue
-            bumped = cm_store.AniFailures(count=entry.value.count + 1)
-            result = await self._store.txn(
-                [Compare.modified_at(key, entry.meta.mod_revision)],
-                [Op.put(key, bumped, entry.meta.lease)],
-            )
-            if result.succeeded:
-                return
-
     async def _decide(
         self, call: Call, dnis: str, ani_hash: bytes, attempt: cm_pb2.MatchAttempt
     ) -> cm_pb2.MatchCallResponse:
-        if ani_hash:
-            failures = await self._store.get(keys.ani_failures(ani_hash), cm_store.AniFailures)
-            if failures is not None and failures.value.count >= self._limits.ani_failure_limit:
-                return cm_pb2.MatchCallResponse(outcome=cm_pb2.MATCH_OUTCOME_RATE_LIMITED)
+        """The decision, told only when the attempt's failure buckets are below their
+        limits: a failure is answered only once counted, a match commits only while the
+        buckets are below their limits (see failures.py)."""
+        buckets = self._limits.failures.buckets(ani_hash, dnis)
+        if await failures.full(self._store, buckets):
+            # The number's group only (no digits: nothing is checked, nothing is told).
+            resolved = await self._numbers.ResolveNumber(
+                nd_pb2.ResolveNumberRequest(dialled_number=dnis)
+            )
+            attempt.pool_id = resolved.pool_id
+            return _rate_limited(resolved.resource_group)
+        response, counted = await self._judge(call, dnis, ani_hash, attempt, buckets)
+        window = self._limits.failures.window
+        if (
+            response.outcome in FAILURES
+            and not counted
+            and not await failures.count(self._store, buckets, window)
+        ):
+            return _rate_limited(response.resource_group)
+        return response
+
+    async def _judge(
+        self,
+        call: Call,
+        dnis: str,
+        ani_hash: bytes,
+        attempt: cm_pb2.MatchAttempt,
+        buckets: tuple[failures.Bucket, ...],
+    ) -> tuple[cm_pb2.MatchCallResponse, bool]:
+        """The decision and whether its failure is counted already."""
         resolved = await self._numbers.ResolveNumber(
             nd_pb2.ResolveNumberRequest(dialled_number=dnis, dtmf_digits=call.dtmf)
         )
@@ -527,7 +593,7 @@ class CallMatching:
                 if resolved.expired_reservations
                 else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             )
-            return unmatched
+            return unmatched, False
         candidates = list(resolved.reservations)
         if len(candidates) > 1:
             # A shared number: only the code tells the reservations apart.
@@ -538,14 +604,14 @@ class CallMatching:
                     if resolved.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
                     else cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
                 )
-                return unmatched
+                return unmatched, False
         chosen = candidates[0]
         entry = await self._store.get(
             keys.session(chosen.reservation.session_id), cm_store.StoredSession
         )
         if entry is None:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-            return unmatched
+            return unmatched, False
         session = entry.value
         handoff = span_context_from(
             session.handoff_trace.traceparent, session.handoff_trace.tracestate
@@ -562,45 +628,55 @@ class CallMatching:
         now = self._clock()
         if _epoch(session.expires_at) <= now:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_EXPIRED
-            return unmatched
+            return unmatched, False
         if session.match_schema in NEEDS_ANI:
             if not ani_hash:
                 unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_WITHHELD
-                return unmatched
+                return unmatched, False
             if not self._crypto.same(ani_hash, session.ani_hash):
                 unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
-                return unmatched
+                return unmatched, False
         if session.match_schema in NEEDS_CODE and chosen.code_check == nd_pb2.CODE_CHECK_SPENT:
             # The code of an ended session on this number: a late caller, whom nothing
             # is counted against the session waiting on the number now.
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_STALE_CODE
-            return unmatched
+            return unmatched, False
         if session.match_schema in NEEDS_CODE and chosen.code_check != nd_pb2.CODE_CHECK_MATCH:
             unmatched.outcome = await self._wrong_code(
-                session, entry.meta.mod_revision, call.call_id, now
+                session, entry.meta.mod_revision, call.call_id, now, buckets
             )
-            return unmatched
+            return unmatched, True
         revision = entry.meta.mod_revision
         for _ in range(MAX_MATCH_ROUNDS):
-            if await self._end(session, revision, cm_pb2.SESSION_STATE_MATCHED, call.call_id, now):
+            if await self._end(
+                session,
+                revision,
+                cm_pb2.SESSION_STATE_MATCHED,
+                call.call_id,
+                now,
+                failures.below(buckets),
+            ):
                 break
             # The session changed since it was read: consumed by another call (maybe on
             # another replica), or only a wrong code counted on it, which must not keep
-            # the right caller out. Decide again on what is there now.
-            fresh = await self._store.get(keys.session(session.session_id), cm_store.StoredSession)
+            # the right caller out; or a failure bucket filled meanwhile. Decide again on
+            # what is there now.
+            full, fresh = await self._fresh(session.session_id, buckets)
+            if full:
+                return _rate_limited(resolved.resource_group), True
             if fresh is None or fresh.value.reservation.reservation_id != (
                 session.reservation.reservation_id
             ):
                 unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-                return unmatched
+                return unmatched, False
             session, revision = fresh.value, fresh.meta.mod_revision
         else:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-            return unmatched
+            return unmatched, False
         context = common_pb2.ContextData.FromString(
             self._crypto.unseal(session.sealed_context, session.session_id)
         )
-        return cm_pb2.MatchCallResponse(
+        matched = cm_pb2.MatchCallResponse(
             outcome=cm_pb2.MATCH_OUTCOME_MATCHED,
             session_id=session.session_id,
             application_id=session.application_id,
@@ -612,33 +688,73 @@ class CallMatching:
             handoff_trace=session.handoff_trace,
             handoff_requested_at=session.handoff_requested_at,
         )
+        return matched, False
 
     async def _wrong_code(
-        self, session: cm_store.StoredSession, revision: int, call_id: str, now: float
+        self,
+        session: cm_store.StoredSession,
+        revision: int,
+        call_id: str,
+        now: float,
+        buckets: tuple[failures.Bucket, ...],
     ) -> cm_pb2.MatchOutcome.ValueType:
-        """Counts a wrong code; at the limit the session is locked and its number released."""
-        attempts = session.failed_code_attempts + 1
-        if attempts >= session.max_code_attempts:
-            if await self._end(session, revision, cm_pb2.SESSION_STATE_LOCKED, call_id, now):
-                log.warning(
-                    "session locked after wrong access codes",
-                    extra={"fields": {"session_id": session.session_id}},
+        """Counts a wrong code on the session and in the failure buckets, in one
+        transaction; at the session's limit it is locked and its number released.
+        RATE_LIMITED (nothing counted) when a bucket is full."""
+        limits = self._limits.failures
+        while True:
+            counts = failures.below(buckets)
+            bump = await failures.count_ops(self._store, buckets, limits.window)
+            attempts = session.failed_code_attempts + 1
+            if attempts >= session.max_code_attempts:
+                if await self._end(
+                    session, revision, cm_pb2.SESSION_STATE_LOCKED, call_id, now, counts, bump
+                ):
+                    log.warning(
+                        "session locked after wrong access codes",
+                        extra={"fields": {"session_id": session.session_id}},
+                    )
+                    return cm_pb2.MATCH_OUTCOME_LOCKED_OUT
+            else:
+                counted = cm_store.StoredSession()
+                counted.CopyFrom(session)
+                counted.failed_code_attempts = attempts
+                key = keys.session(session.session_id)
+                result = await self._store.txn(
+                    [*counts, Compare.modified_at(key, revision)],
+                    [*bump, Op.put(key, counted, session.reservation.lease_id)],
                 )
-                return cm_pb2.MATCH_OUTCOME_LOCKED_OUT
-            return cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
-        counted = cm_store.StoredSession()
-        counted.CopyFrom(session)
-        counted.failed_code_attempts = attempts
+                if result.succeeded:
+                    return cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+            # A concurrent attempt changed the session, or filled a bucket.
+            full, fresh = await self._fresh(session.session_id, buckets)
+            if full:
+                return cm_pb2.MATCH_OUTCOME_RATE_LIMITED
+            if fresh is None or fresh.value.reservation.reservation_id != (
+                session.reservation.reservation_id
+            ):
+                # The session ended meanwhile (matched, locked or cancelled): nothing of
+                # it is left to guess; the wrong code counts in the buckets alone.
+                if await failures.count(self._store, buckets, limits.window):
+                    return cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+                return cm_pb2.MATCH_OUTCOME_RATE_LIMITED
+            session, revision = fresh.value, fresh.meta.mod_revision
+
+    async def _fresh(
+        self, session_id: str, buckets: tuple[failures.Bucket, ...]
+    ) -> tuple[bool, Entry[cm_store.StoredSession] | None]:
+        """In one read: whether a failure bucket is full, and the session as it is now."""
         result = await self._store.txn(
-            [Compare.modified_at(keys.session(session.session_id), revision)],
-            [Op.put(keys.session(session.session_id), counted, session.reservation.lease_id)],
+            [], [Op.get(keys.session(session_id)), *(Op.get(b.key) for b in buckets)]
         )
-        if not result.succeeded:
-            # A concurrent attempt changed the session: count this one again on fresh state.
-            fresh = await self._store.get(keys.session(session.session_id), cm_store.StoredSession)
-            if fresh is not None:
-                return await self._wrong_code(fresh.value, fresh.meta.mod_revision, call_id, now)
-        return cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+        full = any(
+            found and found[0][2].version >= bucket.limit
+            for bucket, found in zip(buckets, result.gets[1:], strict=True)
+        )
+        if not result.gets[0]:
+            return full, None
+        key, value, meta = result.gets[0][0]
+        return full, Entry(key, cm_store.StoredSession.FromString(value), meta)
 
     # -- history ----------------------------------------------------------------------
 

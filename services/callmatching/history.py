@@ -1,20 +1,16 @@
 """The history of match attempts in a real database: SQLite in a local file by default,
 PostgreSQL when a DSN says so (then every CallMatching replica shares it).
 
-Writing never slows or fails a match: attempts go into a bounded in-memory buffer that a
-background task writes in batches, retrying with backoff while the database is down;
-the outage shows in the health service and in metrics. No personal data is written: the
-caller's number only as a keyed hash."""
+Writing never slows or fails a match (see runtime/tables.py: buffered, batched, retried
+while the database is down). No personal data is written: the caller's number only as a
+keyed hash."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics
@@ -28,15 +24,13 @@ from sqlalchemy import (
     Table,
     and_,
     func,
-    inspect,
     or_,
     select,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from services.runtime import audit, tables
 from services.runtime.errors import FieldViolation, InvalidArgument, Unavailable
 
 log = logging.getLogger("accessline.callmatching.history")
@@ -131,35 +125,11 @@ def _untoken(token: str) -> tuple[int, str]:
         ) from None
 
 
-class SchemaMissing(SQLAlchemyError):
-    """The history's tables are not there and this replica does not create them."""
-
-
-# Taken while migrating, so two migrations run at once on PostgreSQL wait for each other.
-MIGRATION_LOCK = 7_301_991
-
-
-def _engine(dsn: str) -> AsyncEngine:
-    url = make_url(dsn)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    return create_async_engine(url, pool_pre_ping=True)
-
-
 async def migrate(dsn: str) -> list[str]:
-    """Creates what the history needs in the database that is missing (run once per
-    deploy: `accessline history migrate`); safe to run again and concurrently. Returns
-    the tables created."""
-    engine = _engine(dsn)
-    try:
-        async with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
-            existing = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
-            await conn.run_sync(metadata.create_all)
-        return sorted(set(metadata.tables) - existing)
-    finally:
-        await engine.dispose()
+    """Creates what the history and the audit trail need in the database that is missing
+    (run once per deploy: `accessline history migrate`); safe to run again and
+    concurrently. Returns the tables created."""
+    return await tables.migrate(dsn, [metadata, audit.metadata])
 
 
 class MatchHistory:
@@ -173,125 +143,40 @@ class MatchHistory:
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         meter: metrics.Meter | None = None,
     ) -> None:
-        self._engine = _engine(dsn)
-        self._create_schema = create_schema
-        self._buffer: asyncio.Queue[dict[str, object]] = asyncio.Queue(BUFFER_LIMIT)
-        self._on_health = on_health
-        self._healthy: bool | None = None
-        self._ready = False
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
-        meter = meter or metrics.get_meter("accessline.callmatching")
-        self._written = meter.create_counter(
-            "accessline.match.history.written",
-            unit="{attempt}",
-            description="Match attempts written to history",
-        )
-        self._failures = meter.create_counter(
-            "accessline.match.history.write_failures",
-            unit="{batch}",
-            description="Failed writes of match history batches (retried)",
-        )
-        self._dropped = meter.create_counter(
-            "accessline.match.history.dropped",
-            unit="{attempt}",
-            description="Match attempts dropped because the history buffer was full",
-        )
-        meter.create_observable_gauge(
-            "accessline.match.history.buffered",
-            callbacks=[lambda _: [metrics.Observation(self._buffer.qsize())]],
-            unit="{attempt}",
-            description="Match attempts waiting to be written to history",
+        self._writer = tables.BufferedWriter(
+            tables.engine_for(dsn),
+            attempts,
+            "match.history",
+            "{attempt}",
+            create_schema=create_schema,
+            on_health=on_health,
+            meter=meter or metrics.get_meter("accessline.callmatching"),
         )
 
     @property
     def healthy(self) -> bool:
-        return bool(self._healthy)
+        return self._writer.healthy
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="match-history-writer")
+        await self._writer.start()
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
-        with contextlib.suppress(TimeoutError):
-            await self.flush(flush_timeout)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._engine.dispose()
+        await self._writer.stop(flush_timeout)
 
     def record(self, attempt: cm_pb2.MatchAttempt) -> None:
         """Queues an attempt; never blocks and never raises."""
-        try:
-            self._buffer.put_nowait(_row(attempt))
-            self._idle.clear()
-        except asyncio.QueueFull:
-            self._dropped.add(1)
-            log.error("match history buffer full; an attempt was dropped")
+        self._writer.add(_row(attempt))
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Waits until everything recorded so far is written."""
-        await asyncio.wait_for(self._idle.wait(), timeout)
-
-    async def _set_health(self, ok: bool) -> None:
-        if ok == self._healthy:
-            return
-        self._healthy = ok
-        if ok:
-            log.info("match history database reachable")
-        else:
-            log.warning("match history database unreachable; buffering attempts")
-        if self._on_health is not None:
-            await self._on_health(ok)
-
-    async def _ensure_schema(self) -> None:
-        if self._ready:
-            return
-        async with self._engine.begin() as conn:
-            if self._create_schema:
-                await conn.run_sync(metadata.create_all)
-            elif not await conn.run_sync(lambda c: inspect(c).has_table(attempts.name)):
-                raise SchemaMissing(
-                    "the match history tables are missing; run `accessline history migrate`"
-                )
-        self._ready = True
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        batch: list[dict[str, object]] = []
-        while True:
-            try:
-                await self._ensure_schema()
-                await self._set_health(True)
-                if not batch:
-                    if self._buffer.empty():
-                        self._idle.set()
-                    batch.append(await self._buffer.get())
-                    while len(batch) < BATCH and not self._buffer.empty():
-                        batch.append(self._buffer.get_nowait())
-                async with self._engine.begin() as conn:
-                    await conn.execute(attempts.insert(), batch)
-                self._written.add(len(batch))
-                batch = []
-                backoff = 0.1
-            except (SQLAlchemyError, OSError) as exc:
-                self._failures.add(1)
-                # SQLAlchemy's own texts may quote rows; only the schema's is said in full.
-                detail = str(exc) if isinstance(exc, SchemaMissing) else type(exc).__name__
-                log.warning(
-                    "writing match history failed; retrying", extra={"fields": {"error": detail}}
-                )
-                await self._set_health(False)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        await self._writer.flush(timeout)
 
     async def _read(self, statement: Any) -> list[Any]:
         try:
-            await self._ensure_schema()
-            async with self._engine.connect() as conn:
+            await self._writer.ensure_schema()
+            async with self._writer.engine.connect() as conn:
                 return list((await conn.execute(statement)).fetchall())
-        except SchemaMissing as exc:
+        except tables.SchemaMissing as exc:
             raise Unavailable(str(exc), reason="HISTORY_SCHEMA_MISSING", retry_after=5.0) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise Unavailable(

@@ -4,7 +4,7 @@ cm/apps/{application_id}          Application
 cm/sessions/{session_id}          StoredSession       (the reservation's lease)
 cm/idempotency/{sha256}           HandoffIdempotency  (the reservation's lease)
 cm/outcomes/{session_id}          StoredOutcome       (retention lease)
-cm/ani-failures/{ani hash hex}    AniFailures         (rate-limit window lease)
+cm/failures/...                   failure buckets     (see failures.py)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ APPS = "cm/apps/"
 SESSIONS = "cm/sessions/"
 IDEMPOTENCY = "cm/idempotency/"
 OUTCOMES = "cm/outcomes/"
-ANI_FAILURES = "cm/ani-failures/"
 
 
 def app(application_id: str) -> str:
@@ -32,7 +31,3 @@ def idempotency(application_id: str, key: str) -> str:
 
 def outcome(session_id: str) -> str:
     return OUTCOMES + session_id
-
-
-def ani_failures(ani_hash: bytes) -> str:
-    return ANI_FAILURES + ani_hash.hex()

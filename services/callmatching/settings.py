@@ -50,8 +50,23 @@ class CallMatchingSettings(ServiceSettings):
         default=10,
         ge=1,
         le=10_000,
-        description="Failed match attempts from one caller number"
-        " within the window before its calls are refused as rate-limited.",
+        description="Failed match attempts counted from one caller number before its calls"
+        " are answered RATE_LIMITED, until a window after the last one counted.",
+    )
+    withheld_failure_limit: int = Field(
+        default=50,
+        ge=1,
+        le=100_000,
+        description="Failed match attempts counted from all callers whose number is withheld"
+        " (one shared bucket) before such calls are answered RATE_LIMITED.",
+    )
+    number_failure_limit: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="Failed match attempts counted on one dialled access number, from any"
+        " caller, before calls to it are answered RATE_LIMITED: the bound on guessing the"
+        " codes of a shared number's sessions.",
     )
     late_call_window_seconds: float = Field(
         default=60,
@@ -62,7 +77,11 @@ class CallMatchingSettings(ServiceSettings):
         " only from pools whose quarantine is at least this.",
     )
     ani_failure_window_seconds: float = Field(
-        default=600, ge=1, le=24 * 3600, description="The window of the caller-number rate limit."
+        default=600,
+        ge=1,
+        le=24 * 3600,
+        description="Window of the failure limits: a bucket ends this long after the"
+        " last failure counted in it.",
     )
     default_region: str = Field(
         default="",

@@ -11,7 +11,7 @@ from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from services.notification.domain import Notifications, Policy, Provider, Worker
 from services.notification.providers import Apns, Fcm
 from services.notification.servicer import NotificationServicer
-from services.notification.settings import NotificationSettings
+from services.notification.settings import DEVELOPMENT_SECRET, NotificationSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.notification")
@@ -56,7 +56,12 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         providers[notification_pb2.PLATFORM_FCM] = Fcm(
             settings.fcm_url, settings.fcm_service_account_file, settings.push_ca_file
         )
-    notifications = Notifications(context.store, policy, meter)
+    secret = settings.notification_secret.get_secret_value()
+    if secret == DEVELOPMENT_SECRET:
+        log.warning(
+            "ACCESSLINE_NOTIFICATION_SECRET is the development default; set a secret of your own"
+        )
+    notifications = Notifications(context.store, policy, secret.encode(), meter)
     worker = Worker(
         context.store,
         notifications,

@@ -1,11 +1,13 @@
 """The rules of notification: devices and subscriptions, publishing through a durable
 outbox in etcd (one item per device, written before anything is sent), workers on every
 replica that claim items under their lease and deliver them through the providers with
-retries, and the in-app stream that replays what a device has not acknowledged.
+retries, and the in-app stream that replays what a device has not acknowledged. Ids are
+hashed (keyed) where a key needs them, so no id is a prefix of another's keys and no
+customer id is in a key name; push tokens are sealed.
 
-    nt/devices/{device_id}                          Device
-    nt/owners/{customer|agent}:{id}/{device_id}     empty (index)
-    nt/subscriptions/{topic}/{subscription_id}      StoredSubscription
+    nt/devices/{device_id}                          StoredDevice (push token sealed)
+    nt/owners/{customer|agent}:{id hash}/{device}   empty (index)
+    nt/subscriptions/{topic hash}/{subscription}    StoredSubscription
     nt/subscription-ids/{subscription_id}           StoredSubscription
     nt/idempotency/{sha256}                         PublishRecord       (notification lease)
     nt/notifications/{notification_id}              StoredNotification  (notification lease)
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import hmac
 import logging
 import math
 import random
@@ -33,15 +36,20 @@ from typing import Protocol
 from google.protobuf import empty_pb2, timestamp_pb2
 from opentelemetry import metrics
 
+from accessline.access.v1 import access_pb2
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from services.notification.providers import Message, Outcome
+from services.runtime import identity
 from services.runtime.errors import (
     AccesslineError,
     FailedPrecondition,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
+from services.runtime.identity import Caller
+from services.runtime.sealing import Sealer, derive_key
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store, WatchCompacted
 from services.runtime.streams import until
 
@@ -71,9 +79,44 @@ def _epoch(ts: timestamp_pb2.Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
 
 
-def owner_key(device: nt_pb2.Device) -> str:
+class Keys:
+    """Key names that need an id a client chose (a customer id, a topic): a keyed hash of
+    it, so ids match exactly (`victim/spy` is not under `victim`) and no customer id
+    appears in a key name."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = derive_key(secret, b"accessline notification key names v1")
+
+    def _hash(self, kind: str, value: str) -> str:
+        return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+
+    def owner(self, kind: str, owner_id: str) -> str:
+        return f"{OWNERS}{kind}:{self._hash(kind, owner_id)}/"
+
+    def device_owner(self, device: nt_pb2.Device) -> str:
+        kind = device.WhichOneof("owner")
+        return self.owner(kind, getattr(device, kind)) if kind else ""
+
+    def topic(self, topic: str) -> str:
+        return f"{SUBSCRIPTIONS}{self._hash('topic', topic)}/"
+
+
+def owns_device(caller: Caller, device: nt_pb2.Device) -> bool:
+    """Whether the caller may act on the device: its app's backend, its own person."""
+    if caller.trusted:
+        return True
+    if caller.has(access_pb2.ROLE_APP_BACKEND) and caller.owns_application(device.application_id):
+        return True
     kind = device.WhichOneof("owner")
-    return f"{OWNERS}{kind}:{getattr(device, kind)}/" if kind else ""
+    if caller.has(access_pb2.ROLE_CUSTOMER) and kind == "customer_id":
+        return device.customer_id == caller.subject
+    if caller.has(access_pb2.ROLE_AGENT) and kind == "agent_id":
+        return device.agent_id == caller.subject
+    return False
+
+
+def _not_yours(what: str) -> PermissionDenied:
+    return PermissionDenied(f"{what} is not yours", reason="OUT_OF_SCOPE")
 
 
 class Provider(Protocol):
@@ -94,9 +137,17 @@ class Policy:
 class Notifications:
     """Devices, subscriptions, publishing and delivery status."""
 
-    def __init__(self, store: Store, policy: Policy, meter: metrics.Meter | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        secret: bytes,
+        meter: metrics.Meter | None = None,
+    ) -> None:
         self._store = store
         self._policy = policy
+        self.keys = Keys(secret)
+        self._sealer = Sealer(secret, b"accessline notification push token v1")
         meter = meter or metrics.get_meter("accessline.notification")
         self._published = meter.create_counter(
             "accessline.notifications.published",
@@ -106,37 +157,79 @@ class Notifications:
 
     # -- devices and subscriptions ----------------------------------------------------
 
+    def _stored(self, device: nt_pb2.Device) -> nt_store.StoredDevice:
+        shown = nt_pb2.Device()
+        shown.CopyFrom(device)
+        shown.push_token = ""
+        sealed = self._sealer.seal(device.push_token.encode(), device.device_id)
+        return nt_store.StoredDevice(device=shown, sealed_push_token=sealed)
+
+    def _opened(self, stored: nt_store.StoredDevice) -> nt_pb2.Device:
+        device = nt_pb2.Device()
+        device.CopyFrom(stored.device)
+        if stored.sealed_push_token:
+            device.push_token = self._sealer.unseal(
+                stored.sealed_push_token, device.device_id
+            ).decode()
+        return device
+
+    async def _load(self, device_id: str) -> tuple[nt_pb2.Device, int] | None:
+        entry = await self._store.get(DEVICES + device_id, nt_store.StoredDevice)
+        if entry is None:
+            return None
+        return self._opened(entry.value), entry.meta.mod_revision
+
     async def register_device(self, device: nt_pb2.Device) -> nt_pb2.Device:
         stored = nt_pb2.Device()
         stored.CopyFrom(device)
         stored.device_id = stored.device_id or "d" + secrets.token_urlsafe(12)
         stored.active = True
-        ops = [
-            Op.put(DEVICES + stored.device_id, stored),
-            Op.put(owner_key(stored) + stored.device_id, EMPTY),
-        ]
-        previous = await self._store.get(DEVICES + stored.device_id, nt_pb2.Device)
-        if previous is not None and owner_key(previous.value) != owner_key(stored):
-            ops.append(Op.delete(owner_key(previous.value) + stored.device_id))
-        await self._store.txn([], ops)
-        return stored
+        previous = await self._load(stored.device_id)
+        if previous is not None:
+            before = previous[0]
+            # A device id keeps its owner: registering it again refreshes its token; it is
+            # never taken over by someone else (unregister it first).
+            if not owns_device(identity.current(), before) or self.keys.device_owner(
+                before
+            ) != self.keys.device_owner(stored):
+                raise PermissionDenied(
+                    f"device {stored.device_id} is registered to someone else",
+                    reason="DEVICE_TAKEN",
+                )
+        await self._store.txn(
+            [],
+            [
+                Op.put(DEVICES + stored.device_id, self._stored(stored)),
+                Op.put(self.keys.device_owner(stored) + stored.device_id, EMPTY),
+            ],
+        )
+        shown = nt_pb2.Device()
+        shown.CopyFrom(stored)
+        return shown
 
     async def device(self, device_id: str) -> nt_pb2.Device:
-        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
-        if entry is None:
+        """A device the caller may act on."""
+        found = await self._load(device_id)
+        if found is None:
             raise NotFound(f"device {device_id} is not registered", reason="DEVICE_NOT_FOUND")
-        return entry.value
+        if not owns_device(identity.current(), found[0]):
+            raise _not_yours(f"device {device_id}")
+        return found[0]
 
     async def unregister_device(self, device_id: str) -> None:
         device = await self.device(device_id)
         await self._store.txn(
-            [], [Op.delete(DEVICES + device_id), Op.delete(owner_key(device) + device_id)]
+            [],
+            [
+                Op.delete(DEVICES + device_id),
+                Op.delete(self.keys.device_owner(device) + device_id),
+            ],
         )
 
     async def deactivate(self, device_id: str) -> None:
-        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
-        if entry is not None and entry.value.active:
-            entry.value.active = False
+        entry = await self._store.get(DEVICES + device_id, nt_store.StoredDevice)
+        if entry is not None and entry.value.device.active:
+            entry.value.device.active = False
             await self._store.txn(
                 [Compare.modified_at(DEVICES + device_id, entry.meta.mod_revision)],
                 [Op.put(DEVICES + device_id, entry.value)],
@@ -158,7 +251,7 @@ class Notifications:
         await self._store.txn(
             [],
             [
-                Op.put(f"{SUBSCRIPTIONS}{topic}/{sub.subscription_id}", sub),
+                Op.put(self.keys.topic(topic) + sub.subscription_id, sub),
                 Op.put(SUBSCRIPTION_IDS + sub.subscription_id, sub),
             ],
         )
@@ -172,36 +265,51 @@ class Notifications:
             raise NotFound(
                 f"subscription {subscription_id} does not exist", reason="SUBSCRIPTION_NOT_FOUND"
             )
+        sub = entry.value
+        caller = identity.current()
+        if sub.device_id:
+            await self.device(sub.device_id)  # refuses a device that is not the caller's
+        elif (
+            caller.has(access_pb2.ROLE_CUSTOMER)
+            and not caller.trusted
+            and sub.customer_id != caller.subject
+        ):
+            raise _not_yours(f"subscription {subscription_id}")
         await self._store.txn(
             [],
             [
-                Op.delete(f"{SUBSCRIPTIONS}{entry.value.topic}/{subscription_id}"),
+                Op.delete(self.keys.topic(sub.topic) + subscription_id),
                 Op.delete(SUBSCRIPTION_IDS + subscription_id),
             ],
         )
 
     async def _owned(self, kind: str, owner: str) -> list[str]:
-        rows, _ = await self._store.get_prefix(f"{OWNERS}{kind}:{owner}/", empty_pb2.Empty)
+        rows, _ = await self._store.get_prefix(self.keys.owner(kind, owner), empty_pb2.Empty)
         return [row.key.rsplit("/", 1)[1] for row in rows]
 
     async def _targets(self, topic: str, customer_id: str) -> list[nt_pb2.Device]:
+        """The active devices a publish reaches; an app backend reaches only the devices
+        of its own applications."""
         ids: list[str] = []
         if customer_id:
             ids += await self._owned("customer_id", customer_id)
         if topic:
             subs, _ = await self._store.get_prefix(
-                f"{SUBSCRIPTIONS}{topic}/", nt_store.StoredSubscription
+                self.keys.topic(topic), nt_store.StoredSubscription
             )
             for sub in subs:
                 if sub.value.device_id:
                     ids.append(sub.value.device_id)
                 else:
                     ids += await self._owned("customer_id", sub.value.customer_id)
+        caller = identity.current()
         devices = []
         for device_id in dict.fromkeys(ids):
-            entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
-            if entry is not None and entry.value.active:
-                devices.append(entry.value)
+            found = await self._load(device_id)
+            if found is None or not found[0].active:
+                continue
+            if caller.trusted or caller.owns_application(found[0].application_id):
+                devices.append(found[0])
         return devices
 
     # -- publishing -------------------------------------------------------------------
@@ -250,6 +358,7 @@ class Notifications:
                 priority=request.priority,
                 collapse_key=request.collapse_key,
                 device_ids=[d.device_id for d in devices],
+                publisher=identity.current().subject,
             )
             ops = [Op.put(NOTIFICATIONS + notification_id, stored, lease)]
             compares: list[Compare] = [Compare.absent(NOTIFICATIONS + notification_id)]
@@ -297,8 +406,8 @@ class Notifications:
         return nt_pb2.PublishResponse(notification_id=notification_id, device_count=len(devices))
 
     async def _maybe_device(self, device_id: str) -> nt_pb2.Device | None:
-        entry = await self._store.get(DEVICES + device_id, nt_pb2.Device)
-        return entry.value if entry is not None else None
+        found = await self._load(device_id)
+        return found[0] if found is not None else None
 
     async def deliveries(self, notification_id: str) -> list[nt_pb2.DeviceDelivery]:
         found = await self._store.get(NOTIFICATIONS + notification_id, nt_store.StoredNotification)
@@ -307,6 +416,9 @@ class Notifications:
                 f"notification {notification_id} is unknown or past its retention",
                 reason="NOTIFICATION_NOT_FOUND",
             )
+        caller = identity.current()
+        if not caller.trusted and found.value.publisher != caller.subject:
+            raise _not_yours(f"notification {notification_id}")
         expired = _epoch(found.value.expires_at) <= time.time()
         rows, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
         out = []
@@ -393,6 +505,7 @@ class Notifications:
         return found.value.notification
 
     async def acknowledge(self, device_id: str, notification_ids: Iterable[str]) -> int:
+        await self.device(device_id)  # the caller's own device only
         count = 0
         for notification_id in dict.fromkeys(notification_ids):
             result = await self._store.txn(

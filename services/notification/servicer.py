@@ -18,6 +18,9 @@ TOPIC = re.compile(r"^[A-Za-z0-9_.:/\-]{1,128}$")
 # Payload data carries ids only: keys name an id, values look like one.
 DATA_KEY = re.compile(r"^[a-z][a-z0-9_]{0,62}_id$|^event$|^status$")
 DATA_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,256}$")
+# A value of digits alone, four or more, could be an access code or a phone number: a
+# push travels through Apple's or Google's servers and shows on a locked screen.
+CODE_OR_NUMBER = re.compile(r"^[0-9][0-9 .\-]{3,}$")
 DEFAULT_TTL = 3600.0
 MAX_TTL = 28 * 86400.0
 
@@ -110,6 +113,11 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
                 )
             elif not DATA_VALUE.match(value):
                 v.add(f"data[{key}]", "values are ids of at most 256 characters of [A-Za-z0-9_.:-]")
+            elif CODE_OR_NUMBER.match(value):
+                v.add(
+                    f"data[{key}]",
+                    "looks like an access code or a phone number, which a push never carries",
+                )
         v.text("idempotency_key", request.idempotency_key, 128)
         ttl = v.duration("ttl", request.ttl, 1, MAX_TTL) if request.HasField("ttl") else DEFAULT_TTL
         if request.priority not in nt_pb2.Priority.values():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import ServiceSettings
+
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-notification-secret-not-for-production"  # noqa: S105
 
 
 class NotificationSettings(ServiceSettings):
@@ -58,4 +61,10 @@ class NotificationSettings(ServiceSettings):
         le=100,
         description="In-app streams one device may hold open at once, over all replicas;"
         " more are refused RESOURCE_EXHAUSTED.",
+    )
+    notification_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which the keys sealing push tokens and hashing ids in key"
+        " names are derived; the same on every replica.",
     )

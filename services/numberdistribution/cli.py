@@ -19,12 +19,14 @@ from grpc_status import rpc_status
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.numberdistribution.servicer import MAX_NUMBERS_PER_CALL
+from services.runtime.client import NoCredentials, add_client_arguments, client_channel
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="NumberDistribution host:port")
+    add_client_arguments(parser)
     sub = parser.add_subparsers(dest="numbers_command", required=True)
 
     create = sub.add_parser("create-pool", help="create a pool")
@@ -100,7 +102,7 @@ def _duration(seconds: float | None, target: Any) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    async with client_channel(args, args.address) as channel:
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         command = args.numbers_command
         if command == "create-pool":
@@ -176,6 +178,6 @@ def run(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as error:
         print(f"accessline numbers: {_explain(error)}", file=sys.stderr)
         return 1
-    except OSError as error:
+    except (OSError, NoCredentials) as error:
         print(f"accessline numbers: {error}", file=sys.stderr)
         return 1

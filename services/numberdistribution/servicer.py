@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from accessline.access.v1 import access_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.numberdistribution.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
 from services.numberdistribution.domain import NumberDistribution, ReserveRequest
+from services.runtime import identity
+from services.runtime.errors import PermissionDenied
 from services.runtime.validation import Violations
 
 MAX_NUMBERS_PER_CALL = 10_000
@@ -221,14 +224,27 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v.region("default_region", request.default_region)
         v.dtmf("dtmf_digits", request.dtmf_digits)
         v.raise_if_any()
+        caller = identity.current()
+        matcher = caller.unchecked or caller.service == access_pb2.SERVICE_CALLMATCHING
+        if not matcher and request.dtmf_digits:
+            # Anyone else could try codes one after the other here, never counted.
+            raise PermissionDenied(
+                "only CallMatching compares access codes", reason="CODE_CHECK_NOT_ALLOWED"
+            )
         found = await self._domain.resolve(
             request.dialled_number, request.default_region, request.dtmf_digits
         )
+        reservations = list(found.reservations)
+        if not matcher:
+            # An operator sees that a number is in use, not whose session holds it.
+            for resolved in reservations:
+                resolved.reservation.ClearField("reservation_id")
+                resolved.reservation.ClearField("session_id")
         return nd_pb2.ResolveNumberResponse(
             access_number=found.access_number,
             pool_id=found.pool_id,
             resource_group=found.resource_group,
-            reservations=found.reservations,
+            reservations=reservations,
             quarantined=found.quarantined,
             expired_reservations=found.expired_reservations,
         )

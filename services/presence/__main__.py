@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from services.presence.domain import Directory, Hub, Limits, Sessions
+from services.presence.keys import DEVELOPMENT_SECRET, Sealing
 from services.presence.servicer import PresenceServicer
-from services.presence.settings import DEVELOPMENT_SECRET, PresenceSettings
+from services.presence.settings import PresenceSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.presence")
@@ -22,11 +23,13 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         log.warning(
             "ACCESSLINE_PRESENCE_SECRET is the development default; set a secret of your own"
         )
+    sealing = Sealing(secret.encode())
     hub = Hub(context.store, context.telemetry.meter("accessline.presence"))
     await hub.start()
     context.on_stop(hub.stop)
     directory = Directory(
         context.store,
+        sealing,
         max_watchers=settings.presence_max_watchers,
         resume_revisions=settings.presence_resume_revisions,
     )
@@ -37,7 +40,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         Limits(
             lease_seconds=settings.presence_lease_seconds,
             heartbeat_timeout=settings.presence_heartbeat_timeout_seconds,
-            secret=secret.encode(),
+            sealing=sealing,
             max_interaction=settings.presence_max_interaction_hours * 3600,
             login_timeout=settings.presence_login_timeout_seconds,
         ),

@@ -20,7 +20,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from services.presence import keys
-from services.presence.tokens import token_valid
+from services.runtime import identity
 from services.runtime.errors import (
     AccesslineError,
     FieldViolation,
@@ -120,9 +120,15 @@ class Directory:
     """Registered agents and point queries of presence."""
 
     def __init__(
-        self, store: Store, *, max_watchers: int = 500, resume_revisions: int = 100_000
+        self,
+        store: Store,
+        sealing: keys.Sealing,
+        *,
+        max_watchers: int = 500,
+        resume_revisions: int = 100_000,
     ) -> None:
         self._store = store
+        self._sealing = sealing
         self._max_watchers = max_watchers
         self._resume_revisions = resume_revisions
         self.watchers = 0
@@ -132,18 +138,18 @@ class Directory:
         stored.CopyFrom(agent)
         for config in stored.channels:
             config.capacity = config.capacity or 1
-        await self._store.put(keys.agent(agent.agent_id), stored)
+        await self._store.put(keys.agent(agent.agent_id), self._sealing.stored_agent(stored))
         return stored
 
     async def get(self, agent_id: str) -> pr_pb2.Agent:
-        entry = await self._store.get(keys.agent(agent_id), pr_pb2.Agent)
+        entry = await self._store.get(keys.agent(agent_id), pr_store.StoredAgent)
         if entry is None:
             raise NotFound(
                 f"agent {agent_id} is not registered",
                 reason="AGENT_NOT_FOUND",
                 metadata={"agent_id": agent_id},
             )
-        return entry.value
+        return self._sealing.agent(entry.value)
 
     async def list_agents(
         self, group: str, page_size: int, page_token: str
@@ -153,9 +159,13 @@ class Directory:
         more = False
         while len(found) <= page_size:
             page, _ = await self._store.get_prefix(
-                keys.AGENTS, pr_pb2.Agent, limit=500, start_after=after
+                keys.AGENTS, pr_store.StoredAgent, limit=500, start_after=after
             )
-            found += [e.value for e in page if not group or group in e.value.resource_groups]
+            found += [
+                self._sealing.agent(e.value)
+                for e in page
+                if not group or group in e.value.agent.resource_groups
+            ]
             if len(page) < 500:
                 break
             after = page[-1].key
@@ -179,13 +189,14 @@ class Directory:
     async def snapshot(
         self,
     ) -> tuple[dict[str, pr_pb2.Agent], dict[str, pr_store.StoredPresence], int]:
-        """Every agent and every live session, read at one revision."""
-        agents, revision = await self._store.get_prefix(keys.AGENTS, pr_pb2.Agent)
+        """Every agent (without its addresses) and every live session, read at one
+        revision."""
+        agents, revision = await self._store.get_prefix(keys.AGENTS, pr_store.StoredAgent)
         live, _ = await self._store.get_prefix(
             keys.PRESENCE, pr_store.StoredPresence, revision=revision
         )
         return (
-            {e.value.agent_id: e.value for e in agents},
+            {e.value.agent.agent_id: e.value.agent for e in agents},
             {e.value.agent_id: e.value for e in live},
             revision,
         )
@@ -203,7 +214,7 @@ class Directory:
                     reason="AGENT_NOT_FOUND",
                     metadata={"agent_id": agent_id},
                 )
-            agent = pr_pb2.Agent.FromString(config_rows[0][1])
+            agent = pr_store.StoredAgent.FromString(config_rows[0][1]).agent
             stored = (
                 pr_store.StoredPresence.FromString(presence_rows[0][1]) if presence_rows else None
             )
@@ -336,7 +347,7 @@ class Directory:
             if event.kind == EventKind.DELETE:
                 gone = agents.pop(agent_id, None)
                 return public_presence(gone, None) if gone is not None else None
-            agents[agent_id] = event.decode(pr_pb2.Agent)
+            agents[agent_id] = event.decode(pr_store.StoredAgent).agent
             return public_presence(agents[agent_id], live.get(agent_id))
         if event.key.startswith(keys.PRESENCE):
             agent_id = event.key[len(keys.PRESENCE) :]
@@ -468,7 +479,7 @@ class SessionEnded(Exception):
 class Limits:
     lease_seconds: int
     heartbeat_timeout: float
-    secret: bytes
+    sealing: keys.Sealing
     max_interaction: float = 12 * 3600.0
     login_timeout: float = 10.0
 
@@ -680,7 +691,7 @@ class AgentSession:
                 context=context_from(stored.trace.traceparent, stored.trace.tracestate),
                 attributes={"accessline.agent": self.agent.agent_id},
             ):
-                self.send(pr_pb2.ConnectResponse(offer=stored.offer))
+                self.send(pr_pb2.ConnectResponse(offer=self.limits.sealing.shown_offer(stored)))
         elif stored.state == pr_store.OFFER_STATE_CANCELLED and offer_id in self.delivered:
             self.delivered.discard(offer_id)
             self.send(
@@ -988,11 +999,11 @@ class Sessions:
         login = first.login
         if not login.agent_id or len(login.agent_id) > 64:
             raise InvalidArgument([FieldViolation("login.agent_id", "must be 1 to 64 characters")])
+        caller = identity.current()
+        if not caller.unchecked and caller.subject != login.agent_id:
+            # An agent logs in as themselves only: the token's subject.
+            raise PermissionDenied("the token is not this agent's", reason="NOT_THIS_AGENT")
         agent = await self._directory.get(login.agent_id)
-        if not token_valid(self._limits.secret, login.agent_id, login.auth_token):
-            raise PermissionDenied(
-                "the authentication token is not valid for this agent", reason="BAD_AGENT_TOKEN"
-            )
         session = AgentSession(self._store, self._hub, self._limits, agent, login.device)
         reader: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None

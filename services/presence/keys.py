@@ -1,8 +1,9 @@
-"""Presence's key layout in etcd, and the offer operations Routing uses: the offer is
-written by whoever routes (another process, maybe another replica), delivered by the
-Presence replica holding the agent's stream, and answered in place.
+"""Presence's key layout in etcd, the sealing of its records, and the offer operations
+Routing uses: the offer is written by whoever routes (another process, maybe another
+replica), delivered by the Presence replica holding the agent's stream, and answered in
+place.
 
-    pr/agents/{agent_id}              Agent
+    pr/agents/{agent_id}              StoredAgent     (addresses sealed)
     pr/presence/{agent_id}            StoredPresence  (the agent session's lease)
     pr/offers/{agent_id}/{offer_id}   StoredOffer     (a lease ending at the deadline)
     pr/interactions/{agent_id}/{id}   StoredInteraction (the longest interaction allowed)
@@ -20,6 +21,7 @@ from opentelemetry import propagate
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2
+from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, Op, Store
 
 ROOT = "pr/"
@@ -30,6 +32,58 @@ INTERACTIONS = "pr/interactions/"
 # An offer's key outlives its deadline by this much, so its answer can still be read.
 OFFER_MARGIN_SECONDS = 5.0
 NO_REASON = presence_pb2.OFFER_CANCEL_REASON_UNSPECIFIED
+# The sealing secret of the embedded run on one machine (ACCESSLINE_PRESENCE_SECRET):
+# a deployment sets its own, refused in production.
+DEVELOPMENT_SECRET = "accessline-development-presence-secret-not-for-production"  # noqa: S105
+
+
+class Sealing:
+    """Personal data in Presence's records, sealed with ACCESSLINE_PRESENCE_SECRET:
+    agents' channel addresses and offers' previews. Routing, which writes offers and
+    connects calls to agents' addresses, is given the same secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._sealer = Sealer(secret, b"accessline presence records v1")
+
+    def stored_agent(self, agent: presence_pb2.Agent) -> pr_store.StoredAgent:
+        shown = presence_pb2.Agent()
+        shown.CopyFrom(agent)
+        addresses = pr_store.AgentAddresses()
+        for config in shown.channels:
+            addresses.addresses[config.channel] = config.address
+            config.address = ""
+        sealed = self._sealer.seal(addresses.SerializeToString(), agent.agent_id)
+        return pr_store.StoredAgent(agent=shown, sealed_addresses=sealed)
+
+    def agent(self, stored: pr_store.StoredAgent) -> presence_pb2.Agent:
+        """The agent with its addresses."""
+        found = presence_pb2.Agent()
+        found.CopyFrom(stored.agent)
+        if stored.sealed_addresses:
+            addresses = pr_store.AgentAddresses.FromString(
+                self._sealer.unseal(stored.sealed_addresses, found.agent_id)
+            )
+            for config in found.channels:
+                config.address = addresses.addresses.get(config.channel, "")
+        return found
+
+    def seal_summary(self, offer: pr_store.StoredOffer) -> None:
+        """Moves the preview's personal part out of the offer into its sealed copy."""
+        summary = offer.offer.summary
+        offer.sealed_summary = self._sealer.seal(summary.SerializeToString(), offer.offer.offer_id)
+        summary.customer_display_name = ""
+
+    def shown_offer(self, offer: pr_store.StoredOffer) -> presence_pb2.Offer:
+        """The offer as the agent's app is shown it, preview whole."""
+        shown = presence_pb2.Offer()
+        shown.CopyFrom(offer.offer)
+        if offer.sealed_summary:
+            shown.summary.CopyFrom(
+                presence_pb2.ContextSummary.FromString(
+                    self._sealer.unseal(offer.sealed_summary, shown.offer_id)
+                )
+            )
+        return shown
 
 
 def agent(agent_id: str) -> str:
@@ -73,10 +127,12 @@ def new_offer(
     channel: common_pb2.Channel.ValueType,
     summary: presence_pb2.ContextSummary,
     timeout: float,
+    sealing: Sealing,
     call: CallBinding | None = None,
 ) -> pr_store.StoredOffer:
-    """An open offer due `timeout` seconds from now, carrying the current trace context
-    (write it under a lease of at least `timeout + OFFER_MARGIN_SECONDS`)."""
+    """An open offer due `timeout` seconds from now, its preview's personal part sealed,
+    carrying the current trace context (write it under a lease of at least
+    `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
     shown = presence_pb2.Offer(
         offer_id="o" + secrets.token_urlsafe(12),
@@ -99,6 +155,7 @@ def new_offer(
         stored.call_key = call.key
         stored.call_create_revision = call.create_revision
         stored.call_lease = call.lease
+    sealing.seal_summary(stored)
     return stored
 
 
@@ -124,9 +181,10 @@ async def make_offer(
     channel: common_pb2.Channel.ValueType,
     summary: presence_pb2.ContextSummary,
     timeout: float,
+    sealing: Sealing,
 ) -> pr_store.StoredOffer:
     """Offers an interaction to an agent; the offer expires by itself after `timeout`."""
-    stored = new_offer(agent_id, interaction_id, channel, summary, timeout)
+    stored = new_offer(agent_id, interaction_id, channel, summary, timeout, sealing)
     lease = await store.grant_lease(max(1, math.ceil(timeout + OFFER_MARGIN_SECONDS)))
     await store.put(offer(agent_id, stored.offer.offer_id), stored, lease)
     return stored

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from services.presence.keys import DEVELOPMENT_SECRET
 from services.runtime.settings import ServiceSettings
-
-# Only for the embedded run on one machine: a deployment sets its own secret.
-DEVELOPMENT_SECRET = "accessline-development-presence-secret-not-for-production"  # noqa: S105
 
 
 class PresenceSettings(ServiceSettings):
@@ -19,11 +17,6 @@ class PresenceSettings(ServiceSettings):
         ge=0,
         le=65535,
         description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
-    presence_secret: SecretStr = Field(
-        default=SecretStr(DEVELOPMENT_SECRET),
-        min_length=32,
-        description="Secret that agent app tokens are derived from; the same on every replica.",
     )
     presence_lease_seconds: int = Field(
         default=10,
@@ -65,4 +58,10 @@ class PresenceSettings(ServiceSettings):
         le=100_000_000,
         description="A WatchPresence resume token further back than this many etcd"
         " revisions gets a fresh snapshot instead of a replay.",
+    )
+    presence_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which the key sealing agents' addresses and offers' previews"
+        " in etcd is derived; the same on every Presence and Routing replica.",
     )

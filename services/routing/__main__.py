@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -11,12 +12,14 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
+from services.presence.keys import Sealing
 from services.routing.callbacks import Callbacks, NotifyRequests
 from services.routing.dispatch import Dispatcher
 from services.routing.domain import Router
 from services.routing.queue import Rules, parse_value_rules
 from services.routing.servicer import RoutingServicer
 from services.routing.settings import RoutingSettings
+from services.runtime.audit import AuditEvent
 from services.runtime.peers import PeerStub
 from services.runtime.sealing import Sealer
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
@@ -88,6 +91,18 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         timeout,
     )
     rules = rules_from(settings)
+    # The value rules come from a setting, so they change with a deploy: each replica's
+    # start records the rules in force (their digest) in the audit trail.
+    digest = hashlib.sha256(settings.routing_value_rules.encode()).hexdigest()
+    context.audit.record(
+        AuditEvent(
+            action="value_rules.load",
+            method="",
+            target=f"sha256:{digest[:16]} ({len(rules.value_rules)} rules)",
+            outcome="OK",
+            service="routing",
+        )
+    )
     meter = context.telemetry.meter("accessline.routing")
     replica = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     dispatcher: Dispatcher | None = None
@@ -104,6 +119,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         notification,
         rules,
         sealer,
+        Sealing(settings.presence_secret.get_secret_value().encode()),
         replica,
         on_accepted_callback=callbacks.accepted,
         sweep=callbacks.sweep,

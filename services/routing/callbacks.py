@@ -19,14 +19,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from accessline.access.v1 import access_pb2
 from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.routing import keys
+from services.routing import keys, private
 from services.routing.dispatch import withdraw_offer
 from services.routing.queue import Rules, interaction_for, seconds, timestamp
-from services.runtime.errors import AccesslineError, AlreadyExists, FailedPrecondition, NotFound
+from services.runtime import identity
+from services.runtime.errors import (
+    AccesslineError,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+)
 from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
 
@@ -78,6 +86,7 @@ class Callbacks:
             callback=public,
             session_id=request.session_id,
             customer_id=request.customer_id,
+            application_id=request.application_id,
             idempotency_key=request.idempotency_key,
             sealed_details=self._sealer.seal(
                 rt_store.CallbackDetails(
@@ -93,6 +102,7 @@ class Callbacks:
             context=request.context,
             rules=self._rules,
             now=now,
+            sealer=self._sealer,
         )
         item.not_before.CopyFrom(public.earliest)
         item.deadline.CopyFrom(request.latest)
@@ -100,7 +110,7 @@ class Callbacks:
         item.customer_id = request.customer_id
         if item.preferred_agent_id:
             item.preferred_until.CopyFrom(timestamp(max(earliest, now) + self._rules.owner_wait))
-        owner_key = keys.callback_owner(request.resource_group, request.customer_id)
+        owner_key = keys.callback_owner(self._sealer, request.resource_group, request.customer_id)
         result = await self._store.txn(
             [Compare.absent(owner_key)],
             [
@@ -137,8 +147,14 @@ class Callbacks:
             )
         return entry
 
+    async def _yours(self, callback_id: str) -> Entry[rt_store.StoredCallback]:
+        """A callback the caller may see: one of its own applications'."""
+        entry = await self._get(callback_id)
+        identity.require_application(entry.value.application_id, f"callback {callback_id}")
+        return entry
+
     async def get(self, callback_id: str) -> rt_pb2.Callback:
-        return (await self._get(callback_id)).value.callback
+        return (await self._yours(callback_id)).value.callback
 
     async def _finish_ops(
         self, entry: Entry[rt_store.StoredCallback], state: rt_pb2.CallbackState.ValueType
@@ -151,14 +167,14 @@ class Callbacks:
         cb = done.callback
         return [
             Op.put(entry.key, done, retention),
-            Op.delete(keys.callback_owner(cb.resource_group, done.customer_id)),
+            Op.delete(keys.callback_owner(self._sealer, cb.resource_group, done.customer_id)),
             Op.delete(keys.queued(cb.resource_group, cb.callback_id)),
             Op.delete(keys.dial(cb.callback_id)),
         ]
 
     async def cancel(self, callback_id: str) -> None:
         for _ in range(5):
-            entry = await self._get(callback_id)
+            entry = await self._yours(callback_id)
             state = entry.value.callback.state
             if state in FINAL:
                 raise FailedPrecondition(
@@ -204,7 +220,7 @@ class Callbacks:
                     callback_id=updated.callback.callback_id,
                     phone_number=details.phone_number,
                     agent_id=target.agent_id,
-                    agent_address=target.address,
+                    agent_address=private.target_address(self._sealer, target),
                     context=details.context,
                 ).SerializeToString(),
                 updated.callback.callback_id,
@@ -335,6 +351,17 @@ class Callbacks:
     async def report(
         self, callback_id: str, outcome: rt_pb2.CallbackAttemptOutcome.ValueType
     ) -> rt_pb2.Callback:
+        caller = identity.current()
+        if not caller.trusted:
+            # Only the switch that took the dial reports on it.
+            dial = await self._store.get(keys.dial(callback_id), rt_store.PendingDial)
+            taker = dial.value.taken_by.split("/", 1)[0] if dial is not None else ""
+            if not caller.owns(access_pb2.SCOPE_KIND_SWITCH, taker):
+                raise PermissionDenied(
+                    f"callback {callback_id} is not being dialled by your switch",
+                    reason="OUT_OF_SCOPE",
+                    metadata={"scope": "switch"},
+                )
         for _ in range(5):
             entry = await self._get(callback_id)
             cb = entry.value.callback
@@ -361,6 +388,7 @@ class Callbacks:
                     context=self._details(entry.value).context,
                     rules=self._rules,
                     now=now,
+                    sealer=self._sealer,
                 )
                 item.created_at.CopyFrom(cb.earliest)
                 item.not_before.CopyFrom(timestamp(retry_at))
@@ -430,6 +458,7 @@ class NotifyRequests:
             request_id=request_id,
             request=request,
             sealed_handoff=self._sealer.seal(request.handoff.SerializeToString(), request_id),
+            application_id=request.handoff.application_id,
         )
         record.request.ClearField("handoff")
         if not record.request.channel:
@@ -451,6 +480,7 @@ class NotifyRequests:
                 f"notify request {request_id} is unknown, answered, cancelled or expired",
                 reason="NOTIFY_REQUEST_NOT_FOUND",
             )
+        identity.require_application(entry.value.application_id, f"notify request {request_id}")
         return entry
 
     async def snooze(

@@ -27,7 +27,7 @@ from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import keys as pr_keys
-from services.routing import keys
+from services.routing import keys, private
 from services.routing.queue import Candidate, Rules, order, rank, seconds, waiting
 from services.routing.view import AgentView
 from services.runtime.errors import AccesslineError
@@ -106,6 +106,7 @@ class Dispatcher:
         notification: Any,
         rules: Rules,
         sealer: Sealer,
+        presence_sealing: pr_keys.Sealing,
         replica_id: str,
         on_accepted_callback: Callable[
             [Entry[QI], rt_store.ConnectTarget, int], Coroutine[Any, Any, bool]
@@ -121,6 +122,7 @@ class Dispatcher:
         self._notification = notification
         self._rules = rules
         self._sealer = sealer
+        self._presence_sealing = presence_sealing
         self._replica = replica_id
         self._on_accepted_callback = on_accepted_callback
         self._sweep = sweep
@@ -129,7 +131,7 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._follows: dict[str, asyncio.Task[None]] = {}
         self._fence = 0
-        self._view = AgentView(store, self.wake)
+        self._view = AgentView(store, presence_sealing, self.wake)
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
         self._offers = meter.create_counter(
@@ -229,7 +231,7 @@ class Dispatcher:
 
     async def _lead(self, lost: asyncio.Event) -> None:
         self.leading.set()
-        self._view = AgentView(self._store, self.wake)
+        self._view = AgentView(self._store, self._presence_sealing, self.wake)
         watchers = [
             asyncio.ensure_future(self._wake_on(keys.ROOT)),
             asyncio.ensure_future(self._view.run()),
@@ -355,8 +357,10 @@ class Dispatcher:
             taken: set[str] = set()
             offers = []
             for item in order([e.value for e in ready.values()], self._rules, now):
+                where = private.interaction(self._sealer, item)
+                location = where.location if where.HasField("location") else None
                 eligible = self._eligible(
-                    rank(agents, shown, item, self._rules), item, reserved, taken, now
+                    rank(agents, shown, item, self._rules, location), item, reserved, taken, now
                 )
                 if eligible:
                     taken.add(eligible[0].agent.agent_id)
@@ -439,8 +443,9 @@ class Dispatcher:
                 agent.agent_id,
                 item.interaction_id,
                 candidate.channel,
-                item.summary,
+                private.summary(self._sealer, item),
                 self._rules.offer_timeout,
+                self._presence_sealing,
                 # An accept holds only while the caller still has this place in the queue.
                 pr_keys.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
             )
@@ -463,9 +468,9 @@ class Dispatcher:
                     offer_id=stored.offer.offer_id,
                     deadline=stored.offer.deadline,
                     claim_key=claim_key,
-                    addresses={c.channel: c.address for c in agent.channels},
                 )
             )
+            private.seal_addresses(self._sealer, updated.offer, agent)
             result = await self._store.txn(
                 [
                     self._fenced(),
@@ -584,13 +589,12 @@ class Dispatcher:
     async def _accepted(
         self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int, lease: int
     ) -> None:
-        address = offer.addresses.get(channel, "")
         target = rt_store.ConnectTarget(
             agent_id=offer.agent_id,
             channel=channel,  # type: ignore[arg-type]
-            address=address,
             interaction_lease=lease,
         )
+        private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
             if not await self._on_accepted_callback(entry, target, self._fence):
                 raise NotLeader("rt/leader is held by another replica")
@@ -610,7 +614,7 @@ class Dispatcher:
         """Holds a free agent for a customer who asked to be told, starts their handoff
         (number and code for the time of the hold) and pushes "an agent is available"."""
         request = ask.value.request
-        hold_key = keys.hold(request.customer_id)
+        hold_key = keys.hold(self._sealer, request.customer_id)
         if await self._store.get(hold_key, rt_store.AgentHold) is not None:
             return False  # this customer already has an agent held
         claimed = await self._claim(

@@ -30,7 +30,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.presence import keys as pr_keys
-from services.routing import keys
+from services.routing import keys, private
 from services.routing.dispatch import withdraw_offer
 from services.routing.queue import (
     VOICE,
@@ -220,7 +220,9 @@ class Router:
             treatment = rt_pb2.TREATMENT_IVR_AUTHENTICATE
         hold = None
         if is_match and matched.customer_id:
-            hold = await self._store.get(keys.hold(matched.customer_id), rt_store.AgentHold)
+            hold = await self._store.get(
+                keys.hold(self._sealer, matched.customer_id), rt_store.AgentHold
+            )
         group = (
             hold.value.resource_group
             if hold is not None
@@ -260,6 +262,7 @@ class Router:
                 context=context,
                 rules=self._rules,
                 now=arrived,
+                sealer=self._sealer,
             )
             item.not_before.CopyFrom(timestamp(0))
             item.call_id = request.call_id
@@ -555,7 +558,9 @@ class Router:
                     target = current.connected
                     yield rt_pb2.RouteInboundCallResponse(
                         connect=rt_pb2.Connect(
-                            agent_id=target.agent_id, channel=target.channel, address=target.address
+                            agent_id=target.agent_id,
+                            channel=target.channel,
+                            address=private.target_address(self._sealer, target),
                         )
                     )
                     return

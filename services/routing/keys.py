@@ -5,18 +5,22 @@
     rt/queue/{group}/{interaction_id}           QueuedInteraction  (calls: the holding
                                                                     replica's lease)
     rt/notify/{request_id}                      NotifyRequest      (lease to its expiry)
-    rt/holds/{customer_id}                      AgentHold          (the hold claim's lease)
+    rt/holds/{customer}                         AgentHold          (the hold claim's lease)
     rt/callbacks/{callback_id}                  StoredCallback
-    rt/callback-owners/{group}/{customer_id}    CallbackOwner
+    rt/callback-owners/{group}/{customer}       CallbackOwner
     rt/dials/{callback_id}                      PendingDial
     rt/no-answer/{agent_id}                     NoAnswerCount
     rt/places/{group}/{n}                       empty              (the call's lease)
 
-An agent's channel has as many slots as its capacity; claiming one is a create-if-absent,
-so two Routing replicas never offer one agent more calls than the channel holds.
+{customer} is a keyed hash of the customer id (Sealer.keyed_name): no customer id
+appears in a key name. An agent's channel has as many slots as its capacity; claiming one
+is a create-if-absent, so two Routing replicas never offer one agent more calls than the
+channel holds.
 """
 
 from __future__ import annotations
+
+from services.runtime.sealing import Sealer
 
 ROOT = "rt/"
 CLAIMS = "rt/claims/"
@@ -56,16 +60,16 @@ def notify(request_id: str) -> str:
     return NOTIFY + request_id
 
 
-def hold(customer_id: str) -> str:
-    return HOLDS + customer_id
+def hold(sealer: Sealer, customer_id: str) -> str:
+    return HOLDS + sealer.keyed_name("customer", customer_id)
 
 
 def callback(callback_id: str) -> str:
     return CALLBACKS + callback_id
 
 
-def callback_owner(group: str, customer_id: str) -> str:
-    return f"rt/callback-owners/{group}/{customer_id}"
+def callback_owner(sealer: Sealer, group: str, customer_id: str) -> str:
+    return f"rt/callback-owners/{group}/{sealer.keyed_name('customer', customer_id)}"
 
 
 def dial(callback_id: str) -> str:

@@ -15,6 +15,8 @@ from google.protobuf import timestamp_pb2
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from services.routing.private import seal_interaction
+from services.runtime.sealing import Sealer
 
 C = common_pb2
 VOICE = (C.CHANNEL_DESK_VOICE, C.CHANNEL_MOBILE_VOICE, C.CHANNEL_EXTERNAL_PHONE)
@@ -212,6 +214,7 @@ def rank(
     presence: dict[str, pr_pb2.AgentPresence],
     item: rt_store.QueuedInteraction,
     rules: Rules,
+    location: common_pb2.GeoPoint | None = None,
 ) -> list[Candidate]:
     """Available agents with a free voice channel, best first: agents not yet tried,
     then the score (skill level for the subject, the customer's language, the site's
@@ -231,8 +234,8 @@ def rank(
             for lang in agent.languages
         )
         near = 0.0
-        if item.HasField("location") and agent.site.HasField("location"):
-            near = 1.0 / (1.0 + distance_km(item.location, agent.site.location) / 500.0)
+        if location is not None and agent.site.HasField("location"):
+            near = 1.0 / (1.0 + distance_km(location, agent.site.location) / 500.0)
         score = (
             rules.skill_weight * level
             + rules.language_weight * speaks
@@ -251,9 +254,11 @@ def interaction_for(
     context: common_pb2.ContextData,
     rules: Rules,
     now: float,
+    sealer: Sealer,
 ) -> QI:
-    """A new queue entry: value and SLA from the rules, agent-selection fields and the
-    summary shown to the agent from the context, the service request's owner preferred."""
+    """A new queue entry: value and SLA from the rules, agent-selection fields from the
+    context, the customer's location and the summary shown to the agent sealed, the
+    service request's owner preferred."""
     channel = common_pb2.CHANNEL_DESK_VOICE
     value, sla = rules.value_of(channel, context.customer_segment, context.subject, kind)
     item = QI(
@@ -267,6 +272,8 @@ def interaction_for(
         business_value=value,
         sla_target_seconds=sla,
         state=rt_store.INTERACTION_STATE_QUEUED,
+    )
+    private = rt_store.InteractionPrivate(
         summary=pr_pb2.ContextSummary(
             customer_display_name=context.attributes.get("display_name", ""),
             subject=context.subject,
@@ -275,7 +282,8 @@ def interaction_for(
         ),
     )
     if context.HasField("location"):
-        item.location.CopyFrom(context.location)
+        private.location.CopyFrom(context.location)
+    seal_interaction(sealer, item, private)
     item.created_at.CopyFrom(timestamp(now))
     item.not_before.CopyFrom(timestamp(now))
     if context.service_request_owner:

@@ -112,6 +112,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         v = Violations()
         v.id("session_id", request.session_id, required=False)
         v.id("customer_id", request.customer_id)
+        v.id("application_id", request.application_id)
         v.id("resource_group", request.resource_group)
         v.id("idempotency_key", request.idempotency_key, required=False, long=True)
         phone = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
+from services.presence.keys import DEVELOPMENT_SECRET as PRESENCE_DEVELOPMENT_SECRET
 from services.runtime.settings import PeerAddress, ServiceSettings
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
@@ -25,6 +26,12 @@ class RoutingSettings(ServiceSettings):
         min_length=32,
         description="Secret from which the key sealing callbacks' numbers and contexts and"
         " notify requests' handoffs in etcd is derived; the same on every replica.",
+    )
+    presence_secret: SecretStr = Field(
+        default=SecretStr(PRESENCE_DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Presence's sealing secret (the same value as Presence's): Routing"
+        " writes offers to agents and reads the addresses they are connected at.",
     )
     callmatching_address: PeerAddress = Field(
         default="127.0.0.1:50052", min_length=3, description="CallMatching's host:port."

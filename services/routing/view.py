@@ -1,6 +1,7 @@
 """The dispatch leader's view of the agents: Presence's agent records in etcd (read only),
 loaded once and kept in step by a watch, so a dispatch pass ranks agents without calling
-Presence; Presence stays the only writer of these keys. Presence itself changes too often
+Presence; Presence stays the only writer of these keys. Agents' addresses are opened
+with Presence's sealing secret, and held only in memory. Presence itself changes too often
 to be taken from a watch: a pass reads it in the same snapshot as the claims (see
 dispatch.py), and this watch only wakes the loop when it changes."""
 
@@ -23,8 +24,11 @@ class AgentView:
     """Agents (`pr/agents/`), watch-synced; any change of an agent or of a presence
     calls `on_change`."""
 
-    def __init__(self, store: Store, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, store: Store, sealing: pr_keys.Sealing, on_change: Callable[[], None]
+    ) -> None:
         self._store = store
+        self._sealing = sealing
         self._on_change = on_change
         self._agents: dict[str, pr_pb2.Agent] = {}
         self.ready = asyncio.Event()
@@ -42,8 +46,8 @@ class AgentView:
         """Loads the agents and follows every change until cancelled; reloads when etcd
         compacted the history the watch needed."""
         while True:
-            agents, revision = await self._store.get_prefix(pr_keys.AGENTS, pr_pb2.Agent)
-            self._agents = {e.value.agent_id: e.value for e in agents}
+            agents, revision = await self._store.get_prefix(pr_keys.AGENTS, pr_store.StoredAgent)
+            self._agents = {e.value.agent.agent_id: self._sealing.agent(e.value) for e in agents}
             self.ready.set()
             self._on_change()
             try:
@@ -53,7 +57,8 @@ class AgentView:
                         if event.kind == EventKind.DELETE:
                             self._agents.pop(agent_id, None)
                         else:
-                            self._agents[agent_id] = event.decode(pr_pb2.Agent)
+                            stored = event.decode(pr_store.StoredAgent)
+                            self._agents[agent_id] = self._sealing.agent(stored)
                     elif not event.key.startswith(pr_keys.PRESENCE):
                         continue
                     self._on_change()

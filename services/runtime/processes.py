@@ -34,14 +34,25 @@ def spawn(
     )
 
 
+def channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    """A channel to a service: TLS with the given credentials, plain text without."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, credentials)
+
+
 async def wait_serving(
-    address: str, process: subprocess.Popen[Any], name: str, timeout: float = 30.0
+    address: str,
+    process: subprocess.Popen[Any],
+    name: str,
+    timeout: float = 30.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     """Polls the health service until the process reports SERVING, it exits (RuntimeError)
     or the deadline passes (TimeoutError)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
+    async with channel(address, credentials) as channel_:
+        stub: Any = health_pb2_grpc.HealthStub(channel_)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {process.returncode}")

@@ -4,6 +4,8 @@ another record, and it opens only with the deployment's secret."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
@@ -30,6 +32,12 @@ class Sealer:
 
     def __init__(self, secret: bytes, purpose: bytes) -> None:
         self._aead = AESGCM(derive_key(secret, purpose))
+        self._names = derive_key(secret, purpose + b" key names")
+
+    def keyed_name(self, kind: str, value: str) -> str:
+        """A keyed hash (HMAC-SHA256, hex) of an id a key name needs: the id matches
+        exactly and never appears in etcd."""
+        return hmac.new(self._names, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
 
     def seal(self, data: bytes, bound_to: str) -> bytes:
         nonce = os.urandom(12)

@@ -21,7 +21,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime.audit import AuditTrail, observer
 from services.runtime.errors import AccesslineError, ErrorInterceptor, InFlight
+from services.runtime.identity import Authorizer, JwksKeys, TokenVerifier, acting_as
 from services.runtime.logs import setup_logging
 from services.runtime.peers import peer_channel
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
@@ -29,9 +31,9 @@ from services.runtime.store import EtcdTls, Store
 from services.runtime.telemetry import (
     Telemetry,
     client_interceptors,
-    server_interceptor,
     setup_telemetry,
 )
+from services.runtime.tls import channel_credentials, check_production, server_credentials
 from services.runtime.validation import invalid_times
 
 log = logging.getLogger("accessline.server")
@@ -100,6 +102,10 @@ class RuntimeContext:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # The process's health service, for components with a health of their own.
     health: Any = None
+    # This service's certificate for its peers (mutual TLS); None when insecure.
+    credentials: grpc.ChannelCredentials | None = None
+    # The audit trail (set by the runtime before the services are built).
+    audit: AuditTrail = field(default_factory=lambda: AuditTrail("", create_schema=False))
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         self.cleanups.append(cleanup)
@@ -113,7 +119,9 @@ class RuntimeContext:
     def channel(self, address: str, service: ServiceDescriptor) -> grpc.aio.Channel:
         """An instrumented channel to a peer service's replicas (trace context
         propagates), balanced and retried as its contract allows (see peers.py)."""
-        ch = peer_channel(address, service, self.peer_timeout, client_interceptors())
+        ch = peer_channel(
+            address, service, self.peer_timeout, client_interceptors(), self.credentials
+        )
         self.channels.append(ch)
         return ch
 
@@ -151,6 +159,9 @@ class ServiceRuntime:
         self._etcd_ok: bool | None = None
         self._errors = ErrorInterceptor(InFlight(settings.max_streams), screen=invalid_times)
         self._stopping_started = False
+        self._jwks: JwksKeys | None = None
+        self._probes: grpc.aio.Server | None = None
+        self._authorizer = self._make_authorizer()
 
     @property
     def context(self) -> RuntimeContext:
@@ -165,15 +176,32 @@ class ServiceRuntime:
             metrics_host=settings.host,
             metrics_port=settings.metrics_port,
         )
+        check_production(settings)
         store = open_store(settings)
         await store.connect()
         self._context = RuntimeContext(
-            settings=settings, store=store, telemetry=telemetry, health=self._health
+            settings=settings,
+            store=store,
+            telemetry=telemetry,
+            health=self._health,
+            credentials=None if settings.insecure else channel_credentials(settings),
         )
+        trail = AuditTrail(
+            settings.audit_dsn.get_secret_value(),
+            create_schema=settings.environment == "development",
+            on_health=self._audit_health,
+            meter=telemetry.meter("accessline.audit"),
+        )
+        await trail.start()
+        self._context.audit = trail
+        self._context.on_stop(trail.stop)
         registrations = await self.spec.build(self._context)
+        self._authorizer.register(reg.descriptor for reg in registrations)
+        self._errors.admit = self._admit
+        self._errors.observe = observer(trail, self._authorizer)
 
         server = grpc.aio.server(
-            interceptors=[server_interceptor(), self._errors],
+            interceptors=[self._errors],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -191,9 +219,18 @@ class ServiceRuntime:
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if settings.insecure:
+            log.warning(
+                "ACCESSLINE_INSECURE is set: plain-text gRPC, and no caller is authenticated"
+            )
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, server_credentials(settings))
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        if settings.health_port:
+            await self._start_probe_server()
         # Not serving until etcd has answered once.
         await self._set_health(NOT_SERVING)
         await server.start()
@@ -212,6 +249,43 @@ class ServiceRuntime:
             },
         )
         return self.port
+
+    def _make_authorizer(self) -> Authorizer:
+        settings = self.settings
+        if settings.insecure:
+            return Authorizer(None, {}, insecure=True)
+        keys = JwksKeys(
+            settings.auth_jwks_url,
+            ca_file=settings.auth_jwks_ca_file,
+            refuse_development=settings.environment == "production",
+        )
+        self._jwks = keys
+        verifier = TokenVerifier(
+            keys,
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            algorithms=tuple(a.strip() for a in settings.auth_algorithms.split(",")),
+            leeway=settings.auth_clock_skew_seconds,
+        )
+        return Authorizer(verifier, {})
+
+    async def _audit_health(self, ok: bool) -> None:
+        await self.context.report_health("audit", ok)
+
+    async def _admit(self, method: str, context: Any, request: Any) -> None:
+        # The call's own task holds the caller until the call ends: nothing to undo.
+        acting_as(await self._authorizer.admit(method, context, request))
+
+    async def _start_probe_server(self) -> None:
+        """The health service alone, in plain text, for probes that cannot do mutual TLS.
+        It tells whether the service is up, nothing more."""
+        probes = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, probes)
+        address = f"{self.settings.host}:{self.settings.health_port}"
+        if probes.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen on {address}")
+        await probes.start()
+        self._probes = probes
 
     async def _set_health(self, status: int) -> None:
         for name in ["", *self._service_names]:
@@ -276,6 +350,10 @@ class ServiceRuntime:
             )
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self._probes is not None:
+            await self._probes.stop(0)
+        if self._jwks is not None:
+            await self._jwks.close()
         for cleanup in reversed(self.context.cleanups):
             await cleanup()
         for channel in self.context.channels:
@@ -315,7 +393,11 @@ def run(spec: ServiceSpec, settings_type: type[ServiceSettings]) -> None:
         print(f"accessline {spec.name}: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(spec.name, settings.log_level)
-    asyncio.run(serve(spec, settings))
+    try:
+        asyncio.run(serve(spec, settings))
+    except SettingsError as exc:
+        print(f"accessline {spec.name}: {exc}", file=sys.stderr)
+        sys.exit(2)
     # Spans and metrics queued during shutdown go out last.
     telemetry = setup_telemetry(spec.name, accessline_version())
     telemetry.shutdown()

@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ACCESSLINE_"
@@ -101,6 +108,51 @@ class ServiceSettings(BaseSettings):
         description="After the drain delay, how long in-flight calls and streams may take to"
         " finish.",
     )
+    environment: Literal["production", "development"] = Field(
+        default="production",
+        description="production refuses development keys, certificates and secrets;"
+        " development (`make up`, the tests) accepts them with a warning.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Plain-text gRPC and no authentication at all: only behind something"
+        " that does both (a service mesh), or for measurements. Logged as a warning.",
+    )
+    tls_cert_file: str = Field(
+        default="", description="This service's certificate (PEM), server and client."
+    )
+    tls_key_file: str = Field(default="", description="Its private key (PEM).")
+    tls_ca_file: str = Field(
+        default="",
+        description="CA bundle (PEM) that signs the certificates of every client and peer.",
+    )
+    auth_issuer: str = Field(default="", description="The OIDC issuer of bearer tokens (iss).")
+    auth_audience: str = Field(
+        default="accessline", min_length=1, description="The audience tokens must name (aud)."
+    )
+    auth_jwks_url: str = Field(default="", description="Where the issuer publishes its keys.")
+    auth_jwks_ca_file: str = Field(
+        default="", description="CA bundle for the JWKS URL's TLS; empty: the system's."
+    )
+    auth_clock_skew_seconds: float = Field(
+        default=30, ge=0, le=600, description="Leeway on token expiry and not-before."
+    )
+    auth_algorithms: str = Field(
+        default="ES256,RS256", description="Token signature algorithms accepted."
+    )
+    health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="A plain-text port serving only the health service, for probes that"
+        " cannot do mutual TLS (Kubernetes'); 0: none.",
+    )
+    audit_dsn: SecretStr = Field(
+        default=SecretStr(""),
+        description="SQLAlchemy URL of the database the audit trail is written to (the match"
+        " history's PostgreSQL in a deployment; `accessline history migrate` creates its"
+        " table); empty: audit events are logged only. Required in production.",
+    )
     max_streams: int = Field(
         default=10_000,
         ge=1,
@@ -138,6 +190,55 @@ class ServiceSettings(BaseSettings):
             raise ValueError("ACCESSLINE_ETCD_CA_FILE is needed with a client certificate")
         if bool(self.etcd_cert_file) != bool(self.etcd_key_file):
             raise ValueError("ACCESSLINE_ETCD_CERT_FILE and ACCESSLINE_ETCD_KEY_FILE go together")
+        return self
+
+    @model_validator(mode="after")
+    def _security(self) -> ServiceSettings:
+        if self.insecure:
+            return self
+        missing = [
+            ENV_PREFIX + name.upper()
+            for name in (
+                "tls_cert_file",
+                "tls_key_file",
+                "tls_ca_file",
+                "auth_issuer",
+                "auth_jwks_url",
+            )
+            if not getattr(self, name)
+        ]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} must be set (TLS and token checks are on unless"
+                " ACCESSLINE_INSECURE=true)"
+            )
+        if self.environment == "production":
+            if not self.auth_jwks_url.startswith("https://"):
+                raise ValueError("ACCESSLINE_AUTH_JWKS_URL must be https:// in production")
+            if not (self.etcd_ca_file and self.etcd_cert_file):
+                raise ValueError(
+                    "ACCESSLINE_ETCD_CA_FILE and ACCESSLINE_ETCD_CERT_FILE must be set in"
+                    " production: etcd is reached over TLS with a client certificate"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _no_development_secrets(self) -> ServiceSettings:
+        if self.environment != "production":
+            return self
+        if not self.audit_dsn.get_secret_value():
+            raise ValueError(
+                "ACCESSLINE_AUDIT_DSN must be set in production: every change and every"
+                " refused call is written to the audit trail"
+            )
+        for name, info in type(self).model_fields.items():
+            default = info.default
+            value = getattr(self, name)
+            if isinstance(default, SecretStr) and default.get_secret_value() and value == default:
+                raise ValueError(
+                    f"{ENV_PREFIX}{name.upper()} is the development default; set a secret of"
+                    " your own (production refuses development secrets)"
+                )
         return self
 
     @field_validator("etcd_prefix")

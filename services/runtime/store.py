@@ -153,6 +153,13 @@ class Compare:
         """The key was last modified at this revision (optimistic concurrency)."""
         return Compare(key, "mod", "==", revision)
 
+    @staticmethod
+    def written_fewer_than(key: str, times: int) -> Compare:
+        """The key was written fewer than `times` times since it was created (its
+        version; an absent key has version 0): a counter whose check and count are one
+        transaction, with no conflict between concurrent counts below the limit."""
+        return Compare(key, "version", "<", times)
+
 
 @dataclass(frozen=True)
 class Op:
@@ -671,6 +678,9 @@ class Store:
         elif compare.target == "mod":
             message.target = etcdrpc.Compare.MOD
             message.mod_revision = int(compare.operand)
+        elif compare.target == "version":
+            message.target = etcdrpc.Compare.VERSION
+            message.version = int(compare.operand)
         else:
             raise ValueError(f"unknown compare target {compare.target}")
         return message

@@ -1,6 +1,7 @@
 """OpenTelemetry for a service: tracer and meter providers with service resources, the
-gRPC server and client interceptors, OTLP export when an endpoint is configured through
-the standard OTEL_* variables, and a Prometheus scrape endpoint when a port is set."""
+server span of each call (started by the runtime's interceptor) and the client
+interceptors, OTLP export when an endpoint is configured through the standard OTEL_*
+variables, and a Prometheus scrape endpoint when a port is set."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -116,11 +118,30 @@ def span_context_from(traceparent: str, tracestate: str = "") -> trace.SpanConte
     return found if found.is_valid else None
 
 
-def server_interceptor() -> Any:
-    """The OpenTelemetry gRPC server interceptor (W3C context from incoming metadata)."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+def start_server_span(method: str, metadata: Any) -> trace.Span:
+    """The server span of an incoming call, continuing the caller's W3C trace context
+    from its metadata, made current for the rest of the call. Each call runs in a task of
+    its own, so the span is never detached: nothing can be detached in the wrong context
+    when a client cancels."""
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    parent = propagate.extract(carrier)
+    service, _, name = method.lstrip("/").rpartition("/")
+    span = trace.get_tracer("accessline.grpc").start_span(
+        method,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
+    otel_context.attach(trace.set_span_in_context(span, parent))
+    return span
 
-    return aio_server_interceptor()  # type: ignore[no-untyped-call]
+
+def end_server_span(span: trace.Span, code: Any) -> None:
+    """Ends a server span with the call's status code."""
+    span.set_attribute("rpc.grpc.status_code", int(code.value[0]))
+    if code.name != "OK":
+        span.set_status(trace.Status(trace.StatusCode.ERROR))
+    span.end()
 
 
 def client_interceptors() -> list[Any]:

@@ -17,7 +17,14 @@ import grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.store import Store
-from tests.conftest import EtcdCluster, ServiceProcess, eventually, spawn_service, wait_serving
+from tests.conftest import (
+    EtcdCluster,
+    ServiceProcess,
+    connect,
+    eventually,
+    spawn_service,
+    wait_serving,
+)
 from tests.test_numberdistribution_race import (
     NUMBERS,
     Hold,
@@ -59,7 +66,7 @@ async def test_the_reservation_race_survives_losing_the_member_in_use_and_the_le
     try:
         for replica in replicas:
             await wait_serving(replica)
-        channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+        channels = [connect(r.address, service="callmatching") for r in replicas]
         stubs: list[Any] = [nd_grpc.NumberDistributionServiceStub(c) for c in channels]
         await create_pool(stubs, ttl=5)
         recorder = SlotRecorder(store)

@@ -29,7 +29,7 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import keys as pr_keys
 from services.routing import keys as rt_keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ServiceProcess, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 from tests.test_presence import App
 from tests.test_routing import Call, agent, setup_numbers, start_stack, stop_stack
 
@@ -56,8 +56,8 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
     subject = f"s-{uuid.uuid4().hex[:6]}"
     pool = [f"+3322{uuid.uuid4().int % 10**3:03d}{i:04d}" for i in range(40)]
     async with (
-        grpc.aio.insecure_channel(numbers[0].address) as nd_channel,
-        grpc.aio.insecure_channel(matching.address) as cm_channel,
+        connect(numbers[0].address, service="callmatching") as nd_channel,
+        connect(matching.address, service="routing") as cm_channel,
     ):
         nd: Any = nd_grpc.NumberDistributionServiceStub(nd_channel)
         cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)
@@ -128,7 +128,7 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
         assert max(matched.values()) == 1
         assert set(seen) <= {*CLEAN, "MATCH_OUTCOME_MATCHED"}, seen
         survivor: Any = nd_grpc.NumberDistributionServiceStub(
-            grpc.aio.insecure_channel(numbers[2].address)
+            connect(numbers[2].address, service="callmatching")
         )
 
         async def all_back() -> bool:

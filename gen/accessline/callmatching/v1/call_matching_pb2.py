@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from accessline.access.v1 import access_pb2 as accessline_dot_access_dot_v1_dot_access__pb2
 from accessline.common.v1 import common_pb2 as accessline_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.accessline/callmatching/v1/call_matching.proto\x12\x1a\x61\x63\x63\x65ssline.callmatching.v1\x1a!accessline/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x0b\x41pplication\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x0cmatch_schema\x18\x03 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x36\n\x13\x64\x65\x66\x61ult_session_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15required_context_keys\x18\x05 \x03(\t\x12\x19\n\x11skip_ivr_on_match\x18\x06 \x01(\x08\x12\x19\n\x11max_code_attempts\x18\x07 \x01(\x05\"Z\n\x1aRegisterApplicationRequest\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"[\n\x1bRegisterApplicationResponse\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"/\n\x15GetApplicationRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\"V\n\x16GetApplicationResponse\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"@\n\x17ListApplicationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"r\n\x18ListApplicationsResponse\x12=\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\'.accessline.callmatching.v1.Application\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x98\x02\n\x13StartHandoffRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x32\n\x07\x63ontext\x18\x03 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x17\n\x0f\x64\x65vice_can_dial\x18\x04 \x01(\x08\x12\x1c\n\x14\x64\x65vice_can_send_dtmf\x18\x05 \x01(\x08\x12\x10\n\x08\x61ni_hint\x18\x06 \x01(\t\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\t \x01(\t\"Q\n\x13\x44isplayInstructions\x12\x16\n\x0enumber_display\x18\x01 \x01(\t\x12\x14\n\x0c\x63ode_display\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xdd\x01\n\x14StartHandoffResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\raccess_number\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65ss_code\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64ial_string\x18\x05 \x01(\t\x12@\n\x07\x64isplay\x18\x06 \x01(\x0b\x32/.accessline.callmatching.v1.DisplayInstructions\"*\n\x14\x43\x61ncelHandoffRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x43\x61ncelHandoffResponse\"\xa0\x01\n\x10MatchCallRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64nis\x18\x02 \x01(\t\x12\x0b\n\x03\x61ni\x18\x03 \x01(\t\x12\x13\n\x0b\x64tmf_digits\x18\x04 \x01(\t\x12\x33\n\x0f\x63\x61ll_arrived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\x06 \x01(\t\"\x9b\x03\n\x11MatchCallResponse\x12\x39\n\x07outcome\x18\x01 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\x32\n\x07\x63ontext\x18\x05 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x10\n\x08skip_ivr\x18\x06 \x01(\x08\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x16\n\x0eresource_group\x18\x08 \x01(\t\x12\x39\n\rhandoff_trace\x18\t \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12\x38\n\x14handoff_requested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xd5\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.accessline.callmatching.v1.SessionState\x12\x19\n\x11merged_session_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x06 \x01(\t\"\xac\x03\n\x0cMatchAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x04 \x01(\t\x12\x15\n\raccess_number\x18\x05 \x01(\t\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x39\n\x07outcome\x18\x08 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x10\n\x08\x61ni_hash\x18\t \x01(\t\x12\x38\n\x14handoff_requested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63\x61ll_arrived_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x02\n\x18ListMatchAttemptsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x03 \x01(\t\x12\x15\n\raccess_number\x18\x04 \x01(\t\x12\x39\n\x07outcome\x18\x05 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"p\n\x19ListMatchAttemptsResponse\x12:\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32(.accessline.callmatching.v1.MatchAttempt\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x0cOutcomeCount\x12\x39\n\x07outcome\x18\x01 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x8c\x01\n\x14GetMatchStatsRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x94\x02\n\x15GetMatchStatsResponse\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x03\x12\x0f\n\x07matched\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12:\n\x08outcomes\x18\x05 \x03(\x0b\x32(.accessline.callmatching.v1.OutcomeCount\x12\x36\n\x13handoff_to_call_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13handoff_to_call_p95\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration*\xc2\x02\n\x0cMatchOutcome\x12\x1d\n\x19MATCH_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15MATCH_OUTCOME_MATCHED\x10\x01\x12 \n\x1cMATCH_OUTCOME_NO_RESERVATION\x10\x02\x12\x1e\n\x1aMATCH_OUTCOME_ANI_MISMATCH\x10\x03\x12\x1f\n\x1bMATCH_OUTCOME_CODE_MISMATCH\x10\x04\x12\x1e\n\x1aMATCH_OUTCOME_ANI_WITHHELD\x10\x05\x12\x19\n\x15MATCH_OUTCOME_EXPIRED\x10\x06\x12\x1c\n\x18MATCH_OUTCOME_LOCKED_OUT\x10\x07\x12\x1e\n\x1aMATCH_OUTCOME_RATE_LIMITED\x10\x08\x12\x1c\n\x18MATCH_OUTCOME_STALE_CODE\x10\t*\xbe\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1eSESSION_STATE_WAITING_FOR_CALL\x10\x01\x12\x19\n\x15SESSION_STATE_MATCHED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03\x12\x18\n\x14SESSION_STATE_LOCKED\x10\x04\x12\x1b\n\x17SESSION_STATE_CANCELLED\x10\x05\x32\xee\x08\n\x13\x43\x61llMatchingService\x12\x8b\x01\n\x13RegisterApplication\x12\x36.accessline.callmatching.v1.RegisterApplicationRequest\x1a\x37.accessline.callmatching.v1.RegisterApplicationResponse\"\x03\x90\x02\x02\x12|\n\x0eGetApplication\x12\x31.accessline.callmatching.v1.GetApplicationRequest\x1a\x32.accessline.callmatching.v1.GetApplicationResponse\"\x03\x90\x02\x01\x12\x82\x01\n\x10ListApplications\x12\x33.accessline.callmatching.v1.ListApplicationsRequest\x1a\x34.accessline.callmatching.v1.ListApplicationsResponse\"\x03\x90\x02\x01\x12q\n\x0cStartHandoff\x12/.accessline.callmatching.v1.StartHandoffRequest\x1a\x30.accessline.callmatching.v1.StartHandoffResponse\x12t\n\rCancelHandoff\x12\x30.accessline.callmatching.v1.CancelHandoffRequest\x1a\x31.accessline.callmatching.v1.CancelHandoffResponse\x12h\n\tMatchCall\x12,.accessline.callmatching.v1.MatchCallRequest\x1a-.accessline.callmatching.v1.MatchCallResponse\x12p\n\nGetSession\x12-.accessline.callmatching.v1.GetSessionRequest\x1a..accessline.callmatching.v1.GetSessionResponse\"\x03\x90\x02\x01\x12\x85\x01\n\x11ListMatchAttempts\x12\x34.accessline.callmatching.v1.ListMatchAttemptsRequest\x1a\x35.accessline.callmatching.v1.ListMatchAttemptsResponse\"\x03\x90\x02\x01\x12y\n\rGetMatchStats\x12\x30.accessline.callmatching.v1.GetMatchStatsRequest\x1a\x31.accessline.callmatching.v1.GetMatchStatsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.accessline/callmatching/v1/call_matching.proto\x12\x1a\x61\x63\x63\x65ssline.callmatching.v1\x1a!accessline/access/v1/access.proto\x1a!accessline/common/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x0b\x41pplication\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x0cmatch_schema\x18\x03 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x36\n\x13\x64\x65\x66\x61ult_session_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15required_context_keys\x18\x05 \x03(\t\x12\x19\n\x11skip_ivr_on_match\x18\x06 \x01(\x08\x12\x19\n\x11max_code_attempts\x18\x07 \x01(\x05\"Z\n\x1aRegisterApplicationRequest\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"[\n\x1bRegisterApplicationResponse\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"/\n\x15GetApplicationRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\"V\n\x16GetApplicationResponse\x12<\n\x0b\x61pplication\x18\x01 \x01(\x0b\x32\'.accessline.callmatching.v1.Application\"@\n\x17ListApplicationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"r\n\x18ListApplicationsResponse\x12=\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32\'.accessline.callmatching.v1.Application\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x98\x02\n\x13StartHandoffRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x32\n\x07\x63ontext\x18\x03 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x17\n\x0f\x64\x65vice_can_dial\x18\x04 \x01(\x08\x12\x1c\n\x14\x64\x65vice_can_send_dtmf\x18\x05 \x01(\x08\x12\x10\n\x08\x61ni_hint\x18\x06 \x01(\t\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\t \x01(\t\"Q\n\x13\x44isplayInstructions\x12\x16\n\x0enumber_display\x18\x01 \x01(\t\x12\x14\n\x0c\x63ode_display\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xdd\x01\n\x14StartHandoffResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\raccess_number\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65ss_code\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64ial_string\x18\x05 \x01(\t\x12@\n\x07\x64isplay\x18\x06 \x01(\x0b\x32/.accessline.callmatching.v1.DisplayInstructions\"*\n\x14\x43\x61ncelHandoffRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x43\x61ncelHandoffResponse\"\xa0\x01\n\x10MatchCallRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64nis\x18\x02 \x01(\t\x12\x0b\n\x03\x61ni\x18\x03 \x01(\t\x12\x13\n\x0b\x64tmf_digits\x18\x04 \x01(\t\x12\x33\n\x0f\x63\x61ll_arrived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\x06 \x01(\t\"\x9b\x03\n\x11MatchCallResponse\x12\x39\n\x07outcome\x18\x01 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\x32\n\x07\x63ontext\x18\x05 \x01(\x0b\x32!.accessline.common.v1.ContextData\x12\x10\n\x08skip_ivr\x18\x06 \x01(\x08\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x16\n\x0eresource_group\x18\x08 \x01(\t\x12\x39\n\rhandoff_trace\x18\t \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12\x38\n\x14handoff_requested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xd5\x01\n\x12GetSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.accessline.callmatching.v1.SessionState\x12\x19\n\x11merged_session_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x06 \x01(\t\"\xac\x03\n\x0cMatchAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x04 \x01(\t\x12\x15\n\raccess_number\x18\x05 \x01(\t\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x39\n\x07outcome\x18\x08 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x10\n\x08\x61ni_hash\x18\t \x01(\t\x12\x38\n\x14handoff_requested_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63\x61ll_arrived_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x02\n\x18ListMatchAttemptsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x03 \x01(\t\x12\x15\n\raccess_number\x18\x04 \x01(\t\x12\x39\n\x07outcome\x18\x05 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"p\n\x19ListMatchAttemptsResponse\x12:\n\x08\x61ttempts\x18\x01 \x03(\x0b\x32(.accessline.callmatching.v1.MatchAttempt\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"X\n\x0cOutcomeCount\x12\x39\n\x07outcome\x18\x01 \x01(\x0e\x32(.accessline.callmatching.v1.MatchOutcome\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x8c\x01\n\x14GetMatchStatsRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x94\x02\n\x15GetMatchStatsResponse\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x03\x12\x0f\n\x07matched\x18\x03 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x04 \x01(\x01\x12:\n\x08outcomes\x18\x05 \x03(\x0b\x32(.accessline.callmatching.v1.OutcomeCount\x12\x36\n\x13handoff_to_call_p50\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13handoff_to_call_p95\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration*\xc2\x02\n\x0cMatchOutcome\x12\x1d\n\x19MATCH_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15MATCH_OUTCOME_MATCHED\x10\x01\x12 \n\x1cMATCH_OUTCOME_NO_RESERVATION\x10\x02\x12\x1e\n\x1aMATCH_OUTCOME_ANI_MISMATCH\x10\x03\x12\x1f\n\x1bMATCH_OUTCOME_CODE_MISMATCH\x10\x04\x12\x1e\n\x1aMATCH_OUTCOME_ANI_WITHHELD\x10\x05\x12\x19\n\x15MATCH_OUTCOME_EXPIRED\x10\x06\x12\x1c\n\x18MATCH_OUTCOME_LOCKED_OUT\x10\x07\x12\x1e\n\x1aMATCH_OUTCOME_RATE_LIMITED\x10\x08\x12\x1c\n\x18MATCH_OUTCOME_STALE_CODE\x10\t*\xbe\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1eSESSION_STATE_WAITING_FOR_CALL\x10\x01\x12\x19\n\x15SESSION_STATE_MATCHED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03\x12\x18\n\x14SESSION_STATE_LOCKED\x10\x04\x12\x1b\n\x17SESSION_STATE_CANCELLED\x10\x05\x32\xc7\n\n\x13\x43\x61llMatchingService\x12\xc6\x01\n\x13RegisterApplication\x12\x36.accessline.callmatching.v1.RegisterApplicationRequest\x1a\x37.accessline.callmatching.v1.RegisterApplicationResponse\">\x90\x02\x02\xa2\xbb\x18\x37\n\x01\x05\"2\n\x14\x61pplication.register\x12\x1a\x61pplication.application_id\x12\x99\x01\n\x0eGetApplication\x12\x31.accessline.callmatching.v1.GetApplicationRequest\x1a\x32.accessline.callmatching.v1.GetApplicationResponse\" \x90\x02\x01\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x12\x8a\x01\n\x10ListApplications\x12\x33.accessline.callmatching.v1.ListApplicationsRequest\x1a\x34.accessline.callmatching.v1.ListApplicationsResponse\"\x0b\x90\x02\x01\xa2\xbb\x18\x04\n\x02\x05\x04\x12\x91\x01\n\x0cStartHandoff\x12/.accessline.callmatching.v1.StartHandoffRequest\x1a\x30.accessline.callmatching.v1.StartHandoffResponse\"\x1e\xa2\xbb\x18\x1a\n\x01\x01\x12\x01\x03\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x12~\n\rCancelHandoff\x12\x30.accessline.callmatching.v1.CancelHandoffRequest\x1a\x31.accessline.callmatching.v1.CancelHandoffResponse\"\x08\xa2\xbb\x18\x04\n\x02\x05\x01\x12q\n\tMatchCall\x12,.accessline.callmatching.v1.MatchCallRequest\x1a-.accessline.callmatching.v1.MatchCallResponse\"\x07\xa2\xbb\x18\x03\x12\x01\x03\x12y\n\nGetSession\x12-.accessline.callmatching.v1.GetSessionRequest\x1a..accessline.callmatching.v1.GetSessionResponse\"\x0c\x90\x02\x01\xa2\xbb\x18\x05\n\x03\x05\x04\x01\x12\xa2\x01\n\x11ListMatchAttempts\x12\x34.accessline.callmatching.v1.ListMatchAttemptsRequest\x1a\x35.accessline.callmatching.v1.ListMatchAttemptsResponse\" \x90\x02\x01\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x12\x96\x01\n\rGetMatchStats\x12\x30.accessline.callmatching.v1.GetMatchStatsRequest\x1a\x31.accessline.callmatching.v1.GetMatchStatsResponse\" \x90\x02\x01\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_idb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,65 +36,71 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.callmatching.v1.
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['RegisterApplication']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['RegisterApplication']._serialized_options = b'\220\002\002'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['RegisterApplication']._serialized_options = b'\220\002\002\242\273\0307\n\001\005\"2\n\024application.register\022\032application.application_id'
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetApplication']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetApplication']._serialized_options = b'\220\002\001'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetApplication']._serialized_options = b'\220\002\001\242\273\030\031\n\003\005\004\001\032\022\010\001\022\016application_id'
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListApplications']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListApplications']._serialized_options = b'\220\002\001'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListApplications']._serialized_options = b'\220\002\001\242\273\030\004\n\002\005\004'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['StartHandoff']._loaded_options = None
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['StartHandoff']._serialized_options = b'\242\273\030\032\n\001\001\022\001\003\032\022\010\001\022\016application_id'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['CancelHandoff']._loaded_options = None
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['CancelHandoff']._serialized_options = b'\242\273\030\004\n\002\005\001'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['MatchCall']._loaded_options = None
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['MatchCall']._serialized_options = b'\242\273\030\003\022\001\003'
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetSession']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001\242\273\030\005\n\003\005\004\001'
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListMatchAttempts']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListMatchAttempts']._serialized_options = b'\220\002\001'
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['ListMatchAttempts']._serialized_options = b'\220\002\001\242\273\030\031\n\003\005\004\001\032\022\010\001\022\016application_id'
   _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetMatchStats']._loaded_options = None
-  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetMatchStats']._serialized_options = b'\220\002\001'
-  _globals['_MATCHOUTCOME']._serialized_start=3761
-  _globals['_MATCHOUTCOME']._serialized_end=4083
-  _globals['_SESSIONSTATE']._serialized_start=4086
-  _globals['_SESSIONSTATE']._serialized_end=4276
-  _globals['_APPLICATION']._serialized_start=179
-  _globals['_APPLICATION']._serialized_end=436
-  _globals['_REGISTERAPPLICATIONREQUEST']._serialized_start=438
-  _globals['_REGISTERAPPLICATIONREQUEST']._serialized_end=528
-  _globals['_REGISTERAPPLICATIONRESPONSE']._serialized_start=530
-  _globals['_REGISTERAPPLICATIONRESPONSE']._serialized_end=621
-  _globals['_GETAPPLICATIONREQUEST']._serialized_start=623
-  _globals['_GETAPPLICATIONREQUEST']._serialized_end=670
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=672
-  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=758
-  _globals['_LISTAPPLICATIONSREQUEST']._serialized_start=760
-  _globals['_LISTAPPLICATIONSREQUEST']._serialized_end=824
-  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_start=826
-  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_end=940
-  _globals['_STARTHANDOFFREQUEST']._serialized_start=943
-  _globals['_STARTHANDOFFREQUEST']._serialized_end=1223
-  _globals['_DISPLAYINSTRUCTIONS']._serialized_start=1225
-  _globals['_DISPLAYINSTRUCTIONS']._serialized_end=1306
-  _globals['_STARTHANDOFFRESPONSE']._serialized_start=1309
-  _globals['_STARTHANDOFFRESPONSE']._serialized_end=1530
-  _globals['_CANCELHANDOFFREQUEST']._serialized_start=1532
-  _globals['_CANCELHANDOFFREQUEST']._serialized_end=1574
-  _globals['_CANCELHANDOFFRESPONSE']._serialized_start=1576
-  _globals['_CANCELHANDOFFRESPONSE']._serialized_end=1599
-  _globals['_MATCHCALLREQUEST']._serialized_start=1602
-  _globals['_MATCHCALLREQUEST']._serialized_end=1762
-  _globals['_MATCHCALLRESPONSE']._serialized_start=1765
-  _globals['_MATCHCALLRESPONSE']._serialized_end=2176
-  _globals['_GETSESSIONREQUEST']._serialized_start=2178
-  _globals['_GETSESSIONREQUEST']._serialized_end=2217
-  _globals['_GETSESSIONRESPONSE']._serialized_start=2220
-  _globals['_GETSESSIONRESPONSE']._serialized_end=2433
-  _globals['_MATCHATTEMPT']._serialized_start=2436
-  _globals['_MATCHATTEMPT']._serialized_end=2864
-  _globals['_LISTMATCHATTEMPTSREQUEST']._serialized_start=2867
-  _globals['_LISTMATCHATTEMPTSREQUEST']._serialized_end=3132
-  _globals['_LISTMATCHATTEMPTSRESPONSE']._serialized_start=3134
-  _globals['_LISTMATCHATTEMPTSRESPONSE']._serialized_end=3246
-  _globals['_OUTCOMECOUNT']._serialized_start=3248
-  _globals['_OUTCOMECOUNT']._serialized_end=3336
-  _globals['_GETMATCHSTATSREQUEST']._serialized_start=3339
-  _globals['_GETMATCHSTATSREQUEST']._serialized_end=3479
-  _globals['_GETMATCHSTATSRESPONSE']._serialized_start=3482
-  _globals['_GETMATCHSTATSRESPONSE']._serialized_end=3758
-  _globals['_CALLMATCHINGSERVICE']._serialized_start=4279
-  _globals['_CALLMATCHINGSERVICE']._serialized_end=5413
+  _globals['_CALLMATCHINGSERVICE'].methods_by_name['GetMatchStats']._serialized_options = b'\220\002\001\242\273\030\031\n\003\005\004\001\032\022\010\001\022\016application_id'
+  _globals['_MATCHOUTCOME']._serialized_start=3796
+  _globals['_MATCHOUTCOME']._serialized_end=4118
+  _globals['_SESSIONSTATE']._serialized_start=4121
+  _globals['_SESSIONSTATE']._serialized_end=4311
+  _globals['_APPLICATION']._serialized_start=214
+  _globals['_APPLICATION']._serialized_end=471
+  _globals['_REGISTERAPPLICATIONREQUEST']._serialized_start=473
+  _globals['_REGISTERAPPLICATIONREQUEST']._serialized_end=563
+  _globals['_REGISTERAPPLICATIONRESPONSE']._serialized_start=565
+  _globals['_REGISTERAPPLICATIONRESPONSE']._serialized_end=656
+  _globals['_GETAPPLICATIONREQUEST']._serialized_start=658
+  _globals['_GETAPPLICATIONREQUEST']._serialized_end=705
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_start=707
+  _globals['_GETAPPLICATIONRESPONSE']._serialized_end=793
+  _globals['_LISTAPPLICATIONSREQUEST']._serialized_start=795
+  _globals['_LISTAPPLICATIONSREQUEST']._serialized_end=859
+  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_start=861
+  _globals['_LISTAPPLICATIONSRESPONSE']._serialized_end=975
+  _globals['_STARTHANDOFFREQUEST']._serialized_start=978
+  _globals['_STARTHANDOFFREQUEST']._serialized_end=1258
+  _globals['_DISPLAYINSTRUCTIONS']._serialized_start=1260
+  _globals['_DISPLAYINSTRUCTIONS']._serialized_end=1341
+  _globals['_STARTHANDOFFRESPONSE']._serialized_start=1344
+  _globals['_STARTHANDOFFRESPONSE']._serialized_end=1565
+  _globals['_CANCELHANDOFFREQUEST']._serialized_start=1567
+  _globals['_CANCELHANDOFFREQUEST']._serialized_end=1609
+  _globals['_CANCELHANDOFFRESPONSE']._serialized_start=1611
+  _globals['_CANCELHANDOFFRESPONSE']._serialized_end=1634
+  _globals['_MATCHCALLREQUEST']._serialized_start=1637
+  _globals['_MATCHCALLREQUEST']._serialized_end=1797
+  _globals['_MATCHCALLRESPONSE']._serialized_start=1800
+  _globals['_MATCHCALLRESPONSE']._serialized_end=2211
+  _globals['_GETSESSIONREQUEST']._serialized_start=2213
+  _globals['_GETSESSIONREQUEST']._serialized_end=2252
+  _globals['_GETSESSIONRESPONSE']._serialized_start=2255
+  _globals['_GETSESSIONRESPONSE']._serialized_end=2468
+  _globals['_MATCHATTEMPT']._serialized_start=2471
+  _globals['_MATCHATTEMPT']._serialized_end=2899
+  _globals['_LISTMATCHATTEMPTSREQUEST']._serialized_start=2902
+  _globals['_LISTMATCHATTEMPTSREQUEST']._serialized_end=3167
+  _globals['_LISTMATCHATTEMPTSRESPONSE']._serialized_start=3169
+  _globals['_LISTMATCHATTEMPTSRESPONSE']._serialized_end=3281
+  _globals['_OUTCOMECOUNT']._serialized_start=3283
+  _globals['_OUTCOMECOUNT']._serialized_end=3371
+  _globals['_GETMATCHSTATSREQUEST']._serialized_start=3374
+  _globals['_GETMATCHSTATSREQUEST']._serialized_end=3514
+  _globals['_GETMATCHSTATSRESPONSE']._serialized_start=3517
+  _globals['_GETMATCHSTATSRESPONSE']._serialized_end=3793
+  _globals['_CALLMATCHINGSERVICE']._serialized_start=4314
+  _globals['_CALLMATCHINGSERVICE']._serialized_end=5665
 # @@protoc_insertion_point(module_scope)

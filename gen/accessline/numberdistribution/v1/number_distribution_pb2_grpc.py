@@ -204,7 +204,9 @@ class NumberDistributionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveNumber(self, request, context):
-        """Returns the live reservations on a dialled number, for call matching.
+        """Returns the live reservations on a dialled number, for call matching. Only
+        CallMatching may give DTMF digits (others: PERMISSION_DENIED, so nobody can test codes
+        here) and sees the reservation and session ids; an admin or supervisor sees the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,7 +70,10 @@ class NumberDistributionServiceStub:
     ReleaseNumber: _grpc.UnaryUnaryMultiCallable[_number_distribution_pb2.ReleaseNumberRequest, _number_distribution_pb2.ReleaseNumberResponse]
     """Ends a reservation; the number goes into the pool's quarantine."""
     ResolveNumber: _grpc.UnaryUnaryMultiCallable[_number_distribution_pb2.ResolveNumberRequest, _number_distribution_pb2.ResolveNumberResponse]
-    """Returns the live reservations on a dialled number, for call matching."""
+    """Returns the live reservations on a dialled number, for call matching. Only
+    CallMatching may give DTMF digits (others: PERMISSION_DENIED, so nobody can test codes
+    here) and sees the reservation and session ids; an admin or supervisor sees the rest.
+    """
 
 @_typing.type_check_only
 class NumberDistributionServiceAsyncStub(NumberDistributionServiceStub):
@@ -114,7 +117,10 @@ class NumberDistributionServiceAsyncStub(NumberDistributionServiceStub):
     ReleaseNumber: _aio.UnaryUnaryMultiCallable[_number_distribution_pb2.ReleaseNumberRequest, _number_distribution_pb2.ReleaseNumberResponse]  # type: ignore[assignment]
     """Ends a reservation; the number goes into the pool's quarantine."""
     ResolveNumber: _aio.UnaryUnaryMultiCallable[_number_distribution_pb2.ResolveNumberRequest, _number_distribution_pb2.ResolveNumberResponse]  # type: ignore[assignment]
-    """Returns the live reservations on a dialled number, for call matching."""
+    """Returns the live reservations on a dialled number, for call matching. Only
+    CallMatching may give DTMF digits (others: PERMISSION_DENIED, so nobody can test codes
+    here) and sees the reservation and session ids; an admin or supervisor sees the rest.
+    """
 
 class NumberDistributionServiceServicer(metaclass=_abc_1.ABCMeta):
     """NumberDistributionService hands out access numbers: for one handoff request, a
@@ -233,6 +239,9 @@ class NumberDistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _number_distribution_pb2.ResolveNumberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_number_distribution_pb2.ResolveNumberResponse, _abc.Awaitable[_number_distribution_pb2.ResolveNumberResponse]]:
-        """Returns the live reservations on a dialled number, for call matching."""
+        """Returns the live reservations on a dialled number, for call matching. Only
+        CallMatching may give DTMF digits (others: PERMISSION_DENIED, so nobody can test codes
+        here) and sees the reservation and session ids; an admin or supervisor sees the rest.
+        """
 
 def add_NumberDistributionServiceServicer_to_server(servicer: NumberDistributionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -548,17 +548,16 @@ Global___Device: _TypeAlias = Device  # noqa: Y015
 
 @_typing.final
 class Login(_message.Message):
-    """The first message of a Connect stream."""
+    """The first message of a Connect stream. The stream's bearer token (role agent) is the
+    agent's credential: the login must name the token's own agent, else PERMISSION_DENIED.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
-    AUTH_TOKEN_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """The agent logging in."""
-    auth_token: _builtins.str
-    """The agent's authentication token, checked at login. Never logged."""
+    """The agent logging in: the subject of the stream's token."""
     @_builtins.property
     def device(self) -> Global___Device:
         """The device."""
@@ -567,12 +566,11 @@ class Login(_message.Message):
         self,
         *,
         agent_id: _builtins.str = ...,
-        auth_token: _builtins.str = ...,
         device: Global___Device | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "auth_token", b"auth_token", "device", b"device"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "device", b"device"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -688,6 +688,7 @@ class RequestCallbackRequest(_message.Message):
     RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The handoff session whose context goes with the callback."""
     customer_id: _builtins.str
@@ -698,6 +699,8 @@ class RequestCallbackRequest(_message.Message):
     """The group whose agent calls back."""
     idempotency_key: _builtins.str
     """A retry with the same key returns the same callback."""
+    application_id: _builtins.str
+    """The application asking (one of the calling app backend's). Required."""
     @_builtins.property
     def earliest(self) -> _timestamp_pb2.Timestamp:
         """Not before this time. Unset: now."""
@@ -723,10 +726,11 @@ class RequestCallbackRequest(_message.Message):
         resource_group: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         context: _common_pb2.ContextData | None = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "earliest", b"earliest", "latest", b"latest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "customer_id", b"customer_id", "earliest", b"earliest", "idempotency_key", b"idempotency_key", "latest", b"latest", "phone_number", b"phone_number", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "context", b"context", "customer_id", b"customer_id", "earliest", b"earliest", "idempotency_key", b"idempotency_key", "latest", b"latest", "phone_number", b"phone_number", "resource_group", b"resource_group", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

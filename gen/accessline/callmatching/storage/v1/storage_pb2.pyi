@@ -174,41 +174,29 @@ class HandoffIdempotency(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_DIGEST_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session."""
+    customer_digest: _builtins.bytes
+    """SHA-256 of the customer the key was first used for: another customer's request
+    with the key is refused, never answered with this session.
+    """
+    request_digest: _builtins.bytes
+    """SHA-256 of what the first request asked (customer, context, caller's number
+    announced, region): the same key with another request is refused.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        customer_digest: _builtins.bytes = ...,
+        request_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_digest", b"customer_digest", "request_digest", b"request_digest", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandoffIdempotency: _TypeAlias = HandoffIdempotency  # noqa: Y015
-
-@_typing.final
-class AniFailures(_message.Message):
-    """Failed match attempts from one caller number within the rate-limit window. Key:
-    `cm/ani-failures/{keyed hash of the ANI}`, bound to a lease of the window.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    COUNT_FIELD_NUMBER: _builtins.int
-    count: _builtins.int
-    """Failed attempts counted."""
-    def __init__(
-        self,
-        *,
-        count: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AniFailures: _TypeAlias = AniFailures  # noqa: Y015

@@ -60,6 +60,36 @@ class StoredSubscription(_message.Message):
 Global___StoredSubscription: _TypeAlias = StoredSubscription  # noqa: Y015
 
 @_typing.final
+class StoredDevice(_message.Message):
+    """A registered device. Key: `nt/devices/{device_id}`. Its push token (which reaches the
+    person's phone) is sealed with Notification's secret and bound to the device id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    SEALED_PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    sealed_push_token: _builtins.bytes
+    """The push token, sealed."""
+    @_builtins.property
+    def device(self) -> _notification_pb2.Device:
+        """The device, without its push token."""
+
+    def __init__(
+        self,
+        *,
+        device: _notification_pb2.Device | None = ...,
+        sealed_push_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "sealed_push_token", b"sealed_push_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredDevice: _TypeAlias = StoredDevice  # noqa: Y015
+
+@_typing.final
 class StoredNotification(_message.Message):
     """A published notification. Key: `nt/notifications/{notification_id}`, bound to a lease
     that outlives its TTL by the retention period.
@@ -72,10 +102,15 @@ class StoredNotification(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     COLLAPSE_KEY_FIELD_NUMBER: _builtins.int
     DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
     priority: _notification_pb2.Priority.ValueType
     """Delivery priority."""
     collapse_key: _builtins.str
     """Collapse key for the providers."""
+    publisher: _builtins.str
+    """Who published it (the token's subject, or the service): only they, and admins and
+    supervisors, read its deliveries.
+    """
     @_builtins.property
     def notification(self) -> _notification_pb2.Notification:
         """What devices show."""
@@ -96,10 +131,11 @@ class StoredNotification(_message.Message):
         priority: _notification_pb2.Priority.ValueType = ...,
         collapse_key: _builtins.str = ...,
         device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        publisher: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "notification", b"notification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collapse_key", b"collapse_key", "device_ids", b"device_ids", "expires_at", b"expires_at", "notification", b"notification", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collapse_key", b"collapse_key", "device_ids", b"device_ids", "expires_at", b"expires_at", "notification", b"notification", "priority", b"priority", "publisher", b"publisher"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

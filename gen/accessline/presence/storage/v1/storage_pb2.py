@@ -27,25 +27,33 @@ from accessline.presence.v1 import presence_pb2 as accessline_dot_presence_dot_v
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,accessline/presence/storage/v1/storage.proto\x12\x1e\x61\x63\x63\x65ssline.presence.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\rStoredChannel\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1b\n\x13\x61\x63tive_interactions\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x1c\n\x14\x61vailable_before_dnd\x18\x05 \x01(\x08\"\xcb\x03\n\x0eStoredPresence\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_session_id\x18\x02 \x01(\t\x12?\n\x08\x63hannels\x18\x03 \x03(\x0b\x32-.accessline.presence.storage.v1.StoredChannel\x12\x16\n\x0e\x64o_not_disturb\x18\x04 \x01(\x08\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nidle_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fresource_groups\x18\x07 \x03(\t\x12.\n\x06\x64\x65vice\x18\x08 \x01(\x0b\x32\x1e.accessline.presence.v1.Device\x12V\n\x0cinteractions\x18\t \x03(\x0b\x32@.accessline.presence.storage.v1.StoredPresence.InteractionsEntry\x1a\x33\n\x11InteractionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x9e\x01\n\x11StoredInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x03\n\x0bStoredOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.accessline.presence.v1.Offer\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x39\n\x05state\x18\x03 \x01(\x0e\x32*.accessline.presence.storage.v1.OfferState\x12\x37\n\x10\x61\x63\x63\x65pted_channel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12@\n\rcancel_reason\x18\x05 \x01(\x0e\x32).accessline.presence.v1.OfferCancelReason\x12\x31\n\x05trace\x18\x06 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12/\n\x0b\x61nswered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61ll_key\x18\x08 \x01(\t\x12\x1c\n\x14\x63\x61ll_create_revision\x18\t \x01(\x03\x12\x12\n\ncall_lease\x18\n \x01(\x03\x12\x19\n\x11interaction_lease\x18\x0b \x01(\x03*\x8e\x01\n\nOfferState\x12\x1b\n\x17OFFER_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10OFFER_STATE_OPEN\x10\x01\x12\x18\n\x14OFFER_STATE_ACCEPTED\x10\x02\x12\x18\n\x14OFFER_STATE_DECLINED\x10\x03\x12\x19\n\x15OFFER_STATE_CANCELLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,accessline/presence/storage/v1/storage.proto\x12\x1e\x61\x63\x63\x65ssline.presence.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x0bStoredAgent\x12,\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1d.accessline.presence.v1.Agent\x12\x18\n\x10sealed_addresses\x18\x02 \x01(\x0c\"\x94\x01\n\x0e\x41gentAddresses\x12P\n\taddresses\x18\x01 \x03(\x0b\x32=.accessline.presence.storage.v1.AgentAddresses.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9f\x01\n\rStoredChannel\x12.\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1b\n\x13\x61\x63tive_interactions\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x1c\n\x14\x61vailable_before_dnd\x18\x05 \x01(\x08\"\xcb\x03\n\x0eStoredPresence\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_session_id\x18\x02 \x01(\t\x12?\n\x08\x63hannels\x18\x03 \x03(\x0b\x32-.accessline.presence.storage.v1.StoredChannel\x12\x16\n\x0e\x64o_not_disturb\x18\x04 \x01(\x08\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nidle_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fresource_groups\x18\x07 \x03(\t\x12.\n\x06\x64\x65vice\x18\x08 \x01(\x0b\x32\x1e.accessline.presence.v1.Device\x12V\n\x0cinteractions\x18\t \x03(\x0b\x32@.accessline.presence.storage.v1.StoredPresence.InteractionsEntry\x1a\x33\n\x11InteractionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x9e\x01\n\x11StoredInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xde\x03\n\x0bStoredOffer\x12,\n\x05offer\x18\x01 \x01(\x0b\x32\x1d.accessline.presence.v1.Offer\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x39\n\x05state\x18\x03 \x01(\x0e\x32*.accessline.presence.storage.v1.OfferState\x12\x37\n\x10\x61\x63\x63\x65pted_channel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12@\n\rcancel_reason\x18\x05 \x01(\x0e\x32).accessline.presence.v1.OfferCancelReason\x12\x31\n\x05trace\x18\x06 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12/\n\x0b\x61nswered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61ll_key\x18\x08 \x01(\t\x12\x1c\n\x14\x63\x61ll_create_revision\x18\t \x01(\x03\x12\x12\n\ncall_lease\x18\n \x01(\x03\x12\x19\n\x11interaction_lease\x18\x0b \x01(\x03\x12\x16\n\x0esealed_summary\x18\x0c \x01(\x0c*\x8e\x01\n\nOfferState\x12\x1b\n\x17OFFER_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10OFFER_STATE_OPEN\x10\x01\x12\x18\n\x14OFFER_STATE_ACCEPTED\x10\x02\x12\x18\n\x14OFFER_STATE_DECLINED\x10\x03\x12\x19\n\x15OFFER_STATE_CANCELLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.presence.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._loaded_options = None
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_options = b'8\001'
   _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._loaded_options = None
   _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_OFFERSTATE']._serialized_start=1430
-  _globals['_OFFERSTATE']._serialized_end=1572
-  _globals['_STOREDCHANNEL']._serialized_start=188
-  _globals['_STOREDCHANNEL']._serialized_end=347
-  _globals['_STOREDPRESENCE']._serialized_start=350
-  _globals['_STOREDPRESENCE']._serialized_end=809
-  _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._serialized_start=758
-  _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._serialized_end=809
-  _globals['_STOREDINTERACTION']._serialized_start=812
-  _globals['_STOREDINTERACTION']._serialized_end=970
-  _globals['_STOREDOFFER']._serialized_start=973
-  _globals['_STOREDOFFER']._serialized_end=1427
+  _globals['_OFFERSTATE']._serialized_start=1692
+  _globals['_OFFERSTATE']._serialized_end=1834
+  _globals['_STOREDAGENT']._serialized_start=187
+  _globals['_STOREDAGENT']._serialized_end=272
+  _globals['_AGENTADDRESSES']._serialized_start=275
+  _globals['_AGENTADDRESSES']._serialized_end=423
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_start=375
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_end=423
+  _globals['_STOREDCHANNEL']._serialized_start=426
+  _globals['_STOREDCHANNEL']._serialized_end=585
+  _globals['_STOREDPRESENCE']._serialized_start=588
+  _globals['_STOREDPRESENCE']._serialized_end=1047
+  _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._serialized_start=996
+  _globals['_STOREDPRESENCE_INTERACTIONSENTRY']._serialized_end=1047
+  _globals['_STOREDINTERACTION']._serialized_start=1050
+  _globals['_STOREDINTERACTION']._serialized_end=1208
+  _globals['_STOREDOFFER']._serialized_start=1211
+  _globals['_STOREDOFFER']._serialized_end=1689
 # @@protoc_insertion_point(module_scope)

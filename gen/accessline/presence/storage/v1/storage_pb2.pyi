@@ -55,12 +55,86 @@ OFFER_STATE_CANCELLED: OfferState.ValueType  # 4
 Global___OfferState: _TypeAlias = OfferState  # noqa: Y015
 
 @_typing.final
-class StoredChannel(_message.Message):
+class StoredAgent(_message.Message):
     """How Presence keeps its state in etcd. These messages are the values of its keys; they
     are not part of the API, but Routing writes offers and reads answers through them.
 
-    One channel of a live agent session.
+    A registered agent. Key: `pr/agents/{agent_id}`. The channels' addresses (extensions,
+    mobile and external phone numbers, chat logins, e-mail addresses) are sealed with
+    Presence's secret, bound to the agent id; the agent keeps no address in clear.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    SEALED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    sealed_addresses: _builtins.bytes
+    """The addresses, a serialized AgentAddresses, sealed."""
+    @_builtins.property
+    def agent(self) -> _presence_pb2.Agent:
+        """The agent, without its channels' addresses."""
+
+    def __init__(
+        self,
+        *,
+        agent: _presence_pb2.Agent | None = ...,
+        sealed_addresses: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredAgent: _TypeAlias = StoredAgent  # noqa: Y015
+
+@_typing.final
+class AgentAddresses(_message.Message):
+    """The addresses of an agent's channels, before sealing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AddressesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def addresses(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """Channel number to address."""
+
+    def __init__(
+        self,
+        *,
+        addresses: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentAddresses: _TypeAlias = AgentAddresses  # noqa: Y015
+
+@_typing.final
+class StoredChannel(_message.Message):
+    """One channel of a live agent session."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -245,6 +319,7 @@ class StoredOffer(_message.Message):
     CALL_CREATE_REVISION_FIELD_NUMBER: _builtins.int
     CALL_LEASE_FIELD_NUMBER: _builtins.int
     INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
+    SEALED_SUMMARY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     state: Global___OfferState.ValueType
@@ -267,6 +342,11 @@ class StoredOffer(_message.Message):
     interaction_lease: _builtins.int
     """Set by Presence on accept: the lease the interaction moves to once the call is
     connected (the longest interaction allowed).
+    """
+    sealed_summary: _builtins.bytes
+    """The preview shown to the agent (a serialized ContextSummary, with the customer's
+    name), sealed with Presence's secret and bound to the offer id; `offer.summary` keeps
+    only what is not personal.
     """
     @_builtins.property
     def offer(self) -> _presence_pb2.Offer:
@@ -296,10 +376,11 @@ class StoredOffer(_message.Message):
         call_create_revision: _builtins.int = ...,
         call_lease: _builtins.int = ...,
         interaction_lease: _builtins.int = ...,
+        sealed_summary: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "offer", b"offer", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "state", b"state", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,43 +28,47 @@ from accessline.routing.v1 import routing_pb2 as accessline_dot_routing_dot_v1_d
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+accessline/routing/storage/v1/storage.proto\x12\x1d\x61\x63\x63\x65ssline.routing.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a#accessline/routing/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\nAgentClaim\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"G\n\x06Leader\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x02\n\rOfferInFlight\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclaim_key\x18\x06 \x01(\t\x12N\n\taddresses\x18\x07 \x03(\x0b\x32;.accessline.routing.storage.v1.OfferInFlight.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x06\"}\n\rConnectTarget\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x19\n\x11interaction_lease\x18\x04 \x01(\x03\"\x97\t\n\x11QueuedInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12<\n\x04kind\x18\x02 \x01(\x0e\x32..accessline.routing.storage.v1.InteractionKind\x12\x16\n\x0eresource_group\x18\x03 \x01(\t\x12.\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x07 \x01(\t\x12\x30\n\x08location\x18\x08 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x1a\n\x12preferred_agent_id\x18\t \x01(\t\x12\x33\n\x0fpreferred_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62usiness_value\x18\x0b \x01(\x01\x12\x1a\n\x12sla_target_seconds\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x05state\x18\x0f \x01(\x0e\x32/.accessline.routing.storage.v1.InteractionState\x12\x17\n\x0ftried_agent_ids\x18\x10 \x03(\t\x12;\n\x05offer\x18\x11 \x01(\x0b\x32,.accessline.routing.storage.v1.OfferInFlight\x12?\n\tconnected\x18\x12 \x01(\x0b\x32,.accessline.routing.storage.v1.ConnectTarget\x12\x0f\n\x07\x63\x61ll_id\x18\x13 \x01(\t\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x15 \x01(\t\x12\x37\n\x07summary\x18\x16 \x01(\x0b\x32&.accessline.presence.v1.ContextSummary\x12\x35\n\x11retry_tried_after\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05trace\x18\x18 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12,\n\x08\x64\x65\x61\x64line\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65tached_until\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bresume_hash\x18\x1b \x01(\x0c\x12\x16\n\x0esealed_context\x18\x1c \x01(\x0c\x12:\n\rmatch_decided\x18\x1d \x01(\x0b\x32#.accessline.routing.v1.MatchDecided\x12\x11\n\tplace_key\x18\x1e \x01(\t\"\x95\x02\n\rNotifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12I\n\x07request\x18\x02 \x01(\x0b\x32\x38.accessline.routing.v1.RequestNotifyWhenAvailableRequest\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tactive_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esealed_handoff\x18\x06 \x01(\x0c\"\xb7\x01\n\tAgentHold\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tclaim_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eresource_group\x18\x06 \x01(\t\"\xa9\x01\n\x0eStoredCallback\x12\x31\n\x08\x63\x61llback\x18\x01 \x01(\x0b\x32\x1f.accessline.routing.v1.Callback\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x16\n\x0esealed_details\x18\x07 \x01(\x0cJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"[\n\x0f\x43\x61llbackDetails\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x12\x32\n\x07\x63ontext\x18\x02 \x01(\x0b\x32!.accessline.common.v1.ContextData\"$\n\rCallbackOwner\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\t\"j\n\x0bPendingDial\x12\x10\n\x08taken_by\x18\x02 \x01(\t\x12\x13\n\x0bsealed_dial\x18\x03 \x01(\x0c\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x01\x10\x02\"\x1e\n\rNoAnswerCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x05*m\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERACTION_KIND_CALL\x10\x01\x12\x1d\n\x19INTERACTION_KIND_CALLBACK\x10\x02*\x93\x01\n\x10InteractionState\x12!\n\x1dINTERACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERACTION_STATE_QUEUED\x10\x01\x12\x1d\n\x19INTERACTION_STATE_OFFERED\x10\x02\x12\x1f\n\x1bINTERACTION_STATE_CONNECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+accessline/routing/storage/v1/storage.proto\x12\x1d\x61\x63\x63\x65ssline.routing.storage.v1\x1a!accessline/common/v1/common.proto\x1a%accessline/presence/v1/presence.proto\x1a#accessline/routing/v1/routing.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\nAgentClaim\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\"G\n\x06Leader\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xca\x01\n\rOfferInFlight\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x10\n\x08offer_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclaim_key\x18\x06 \x01(\t\x12\x18\n\x10sealed_addresses\x18\x08 \x01(\x0cJ\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08\"\x93\x01\n\x0e\x41gentAddresses\x12O\n\taddresses\x18\x01 \x03(\x0b\x32<.accessline.routing.storage.v1.AgentAddresses.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x7f\n\x12InteractionPrivate\x12\x30\n\x08location\x18\x01 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x37\n\x07summary\x18\x02 \x01(\x0b\x32&.accessline.presence.v1.ContextSummary\"\x8a\x01\n\rConnectTarget\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x19\n\x11interaction_lease\x18\x04 \x01(\x03\x12\x16\n\x0esealed_address\x18\x05 \x01(\x0cJ\x04\x08\x03\x10\x04\"\xd0\x08\n\x11QueuedInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12<\n\x04kind\x18\x02 \x01(\x0e\x32..accessline.routing.storage.v1.InteractionKind\x12\x16\n\x0eresource_group\x18\x03 \x01(\t\x12.\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x10\n\x08language\x18\x06 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x07 \x01(\t\x12\x1a\n\x12preferred_agent_id\x18\t \x01(\t\x12\x33\n\x0fpreferred_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62usiness_value\x18\x0b \x01(\x01\x12\x1a\n\x12sla_target_seconds\x18\x0c \x01(\x01\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x05state\x18\x0f \x01(\x0e\x32/.accessline.routing.storage.v1.InteractionState\x12\x17\n\x0ftried_agent_ids\x18\x10 \x03(\t\x12;\n\x05offer\x18\x11 \x01(\x0b\x32,.accessline.routing.storage.v1.OfferInFlight\x12?\n\tconnected\x18\x12 \x01(\x0b\x32,.accessline.routing.storage.v1.ConnectTarget\x12\x0f\n\x07\x63\x61ll_id\x18\x13 \x01(\t\x12\x12\n\nsession_id\x18\x14 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x15 \x01(\t\x12\x35\n\x11retry_tried_after\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x05trace\x18\x18 \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12,\n\x08\x64\x65\x61\x64line\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65tached_until\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bresume_hash\x18\x1b \x01(\x0c\x12\x16\n\x0esealed_context\x18\x1c \x01(\x0c\x12:\n\rmatch_decided\x18\x1d \x01(\x0b\x32#.accessline.routing.v1.MatchDecided\x12\x11\n\tplace_key\x18\x1e \x01(\t\x12\x16\n\x0esealed_private\x18\x1f \x01(\x0cJ\x04\x08\x08\x10\tJ\x04\x08\x16\x10\x17\"\xad\x02\n\rNotifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12I\n\x07request\x18\x02 \x01(\x0b\x32\x38.accessline.routing.v1.RequestNotifyWhenAvailableRequest\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tactive_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esealed_handoff\x18\x06 \x01(\x0c\x12\x16\n\x0e\x61pplication_id\x18\x07 \x01(\t\"\xb7\x01\n\tAgentHold\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12.\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1d.accessline.common.v1.Channel\x12\x11\n\tclaim_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eresource_group\x18\x06 \x01(\t\"\xc1\x01\n\x0eStoredCallback\x12\x31\n\x08\x63\x61llback\x18\x01 \x01(\x0b\x32\x1f.accessline.routing.v1.Callback\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x16\n\x0esealed_details\x18\x07 \x01(\x0c\x12\x16\n\x0e\x61pplication_id\x18\x08 \x01(\tJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"[\n\x0f\x43\x61llbackDetails\x12\x14\n\x0cphone_number\x18\x01 \x01(\t\x12\x32\n\x07\x63ontext\x18\x02 \x01(\x0b\x32!.accessline.common.v1.ContextData\"$\n\rCallbackOwner\x12\x13\n\x0b\x63\x61llback_id\x18\x01 \x01(\t\"j\n\x0bPendingDial\x12\x10\n\x08taken_by\x18\x02 \x01(\t\x12\x13\n\x0bsealed_dial\x18\x03 \x01(\x0c\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampJ\x04\x08\x01\x10\x02\"\x1e\n\rNoAnswerCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x05*m\n\x0fInteractionKind\x12 \n\x1cINTERACTION_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERACTION_KIND_CALL\x10\x01\x12\x1d\n\x19INTERACTION_KIND_CALLBACK\x10\x02*\x93\x01\n\x10InteractionState\x12!\n\x1dINTERACTION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERACTION_STATE_QUEUED\x10\x01\x12\x1d\n\x19INTERACTION_STATE_OFFERED\x10\x02\x12\x1f\n\x1bINTERACTION_STATE_CONNECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.routing.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._loaded_options = None
-  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_options = b'8\001'
-  _globals['_INTERACTIONKIND']._serialized_start=2867
-  _globals['_INTERACTIONKIND']._serialized_end=2976
-  _globals['_INTERACTIONSTATE']._serialized_start=2979
-  _globals['_INTERACTIONSTATE']._serialized_end=3126
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._loaded_options = None
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_options = b'8\001'
+  _globals['_INTERACTIONKIND']._serialized_start=3039
+  _globals['_INTERACTIONKIND']._serialized_end=3148
+  _globals['_INTERACTIONSTATE']._serialized_start=3151
+  _globals['_INTERACTIONSTATE']._serialized_end=3298
   _globals['_AGENTCLAIM']._serialized_start=222
   _globals['_AGENTCLAIM']._serialized_end=275
   _globals['_LEADER']._serialized_start=277
   _globals['_LEADER']._serialized_end=348
   _globals['_OFFERINFLIGHT']._serialized_start=351
-  _globals['_OFFERINFLIGHT']._serialized_end=651
-  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_start=597
-  _globals['_OFFERINFLIGHT_ADDRESSESENTRY']._serialized_end=645
-  _globals['_CONNECTTARGET']._serialized_start=653
-  _globals['_CONNECTTARGET']._serialized_end=778
-  _globals['_QUEUEDINTERACTION']._serialized_start=781
-  _globals['_QUEUEDINTERACTION']._serialized_end=1956
-  _globals['_NOTIFYREQUEST']._serialized_start=1959
-  _globals['_NOTIFYREQUEST']._serialized_end=2236
-  _globals['_AGENTHOLD']._serialized_start=2239
-  _globals['_AGENTHOLD']._serialized_end=2422
-  _globals['_STOREDCALLBACK']._serialized_start=2425
-  _globals['_STOREDCALLBACK']._serialized_end=2594
-  _globals['_CALLBACKDETAILS']._serialized_start=2596
-  _globals['_CALLBACKDETAILS']._serialized_end=2687
-  _globals['_CALLBACKOWNER']._serialized_start=2689
-  _globals['_CALLBACKOWNER']._serialized_end=2725
-  _globals['_PENDINGDIAL']._serialized_start=2727
-  _globals['_PENDINGDIAL']._serialized_end=2833
-  _globals['_NOANSWERCOUNT']._serialized_start=2835
-  _globals['_NOANSWERCOUNT']._serialized_end=2865
+  _globals['_OFFERINFLIGHT']._serialized_end=553
+  _globals['_AGENTADDRESSES']._serialized_start=556
+  _globals['_AGENTADDRESSES']._serialized_end=703
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_start=655
+  _globals['_AGENTADDRESSES_ADDRESSESENTRY']._serialized_end=703
+  _globals['_INTERACTIONPRIVATE']._serialized_start=705
+  _globals['_INTERACTIONPRIVATE']._serialized_end=832
+  _globals['_CONNECTTARGET']._serialized_start=835
+  _globals['_CONNECTTARGET']._serialized_end=973
+  _globals['_QUEUEDINTERACTION']._serialized_start=976
+  _globals['_QUEUEDINTERACTION']._serialized_end=2080
+  _globals['_NOTIFYREQUEST']._serialized_start=2083
+  _globals['_NOTIFYREQUEST']._serialized_end=2384
+  _globals['_AGENTHOLD']._serialized_start=2387
+  _globals['_AGENTHOLD']._serialized_end=2570
+  _globals['_STOREDCALLBACK']._serialized_start=2573
+  _globals['_STOREDCALLBACK']._serialized_end=2766
+  _globals['_CALLBACKDETAILS']._serialized_start=2768
+  _globals['_CALLBACKDETAILS']._serialized_end=2859
+  _globals['_CALLBACKOWNER']._serialized_start=2861
+  _globals['_CALLBACKOWNER']._serialized_end=2897
+  _globals['_PENDINGDIAL']._serialized_start=2899
+  _globals['_PENDINGDIAL']._serialized_end=3005
+  _globals['_NOANSWERCOUNT']._serialized_start=3007
+  _globals['_NOANSWERCOUNT']._serialized_end=3037
 # @@protoc_insertion_point(module_scope)

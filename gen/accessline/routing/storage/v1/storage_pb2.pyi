@@ -142,6 +142,55 @@ class OfferInFlight(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    CLAIM_KEY_FIELD_NUMBER: _builtins.int
+    SEALED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel offered on."""
+    offer_id: _builtins.str
+    """The offer's id in Presence."""
+    claim_key: _builtins.str
+    """The agent's claim key, deleted once the offer is answered (its lease is only a
+    safety net).
+    """
+    sealed_addresses: _builtins.bytes
+    """The agent's address on each of their channels (an AgentAddresses, personal data),
+    sealed with Routing's secret and bound to the offer id, so an accept on another
+    channel connects there.
+    """
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The answer is due before this time."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        offer_id: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        claim_key: _builtins.str = ...,
+        sealed_addresses: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channel", b"channel", "claim_key", b"claim_key", "deadline", b"deadline", "offer_id", b"offer_id", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferInFlight: _TypeAlias = OfferInFlight  # noqa: Y015
+
+@_typing.final
+class AgentAddresses(_message.Message):
+    """An agent's address on each of their channels (channel number to address)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
     @_typing.final
     class AddressesEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
@@ -162,49 +211,53 @@ class OfferInFlight(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    AGENT_ID_FIELD_NUMBER: _builtins.int
-    CHANNEL_FIELD_NUMBER: _builtins.int
-    OFFER_ID_FIELD_NUMBER: _builtins.int
-    DEADLINE_FIELD_NUMBER: _builtins.int
-    CLAIM_KEY_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
-    agent_id: _builtins.str
-    """The agent."""
-    channel: _common_pb2.Channel.ValueType
-    """The channel offered on."""
-    offer_id: _builtins.str
-    """The offer's id in Presence."""
-    claim_key: _builtins.str
-    """The agent's claim key, deleted once the offer is answered (its lease is only a
-    safety net).
-    """
-    @_builtins.property
-    def deadline(self) -> _timestamp_pb2.Timestamp:
-        """The answer is due before this time."""
-
     @_builtins.property
     def addresses(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
-        """The agent's address on each of their channels (channel number to address), so an
-        accept on another channel connects there.
-        """
+        """Channel number to address."""
 
     def __init__(
         self,
         *,
-        agent_id: _builtins.str = ...,
-        channel: _common_pb2.Channel.ValueType = ...,
-        offer_id: _builtins.str = ...,
-        deadline: _timestamp_pb2.Timestamp | None = ...,
-        claim_key: _builtins.str = ...,
         addresses: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_id", b"agent_id", "channel", b"channel", "claim_key", b"claim_key", "deadline", b"deadline", "offer_id", b"offer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___OfferInFlight: _TypeAlias = OfferInFlight  # noqa: Y015
+Global___AgentAddresses: _TypeAlias = AgentAddresses  # noqa: Y015
+
+@_typing.final
+class InteractionPrivate(_message.Message):
+    """The personal part of a queued interaction (QueuedInteraction.sealed_private)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCATION_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def location(self) -> _common_pb2.GeoPoint:
+        """The customer's location, for proximity."""
+
+    @_builtins.property
+    def summary(self) -> _presence_pb2.ContextSummary:
+        """What the agent's app shows with the offer (it names the customer)."""
+
+    def __init__(
+        self,
+        *,
+        location: _common_pb2.GeoPoint | None = ...,
+        summary: _presence_pb2.ContextSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InteractionPrivate: _TypeAlias = InteractionPrivate  # noqa: Y015
 
 @_typing.final
 class ConnectTarget(_message.Message):
@@ -214,29 +267,31 @@ class ConnectTarget(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
-    ADDRESS_FIELD_NUMBER: _builtins.int
     INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
+    SEALED_ADDRESS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     channel: _common_pb2.Channel.ValueType
     """The channel the agent accepted on."""
-    address: _builtins.str
-    """The agent's address on that channel."""
     interaction_lease: _builtins.int
     """The lease the agent's interaction moves to once the switch has the connect (see
     Presence's StoredOffer.interaction_lease).
+    """
+    sealed_address: _builtins.bytes
+    """The agent's address on that channel (personal data), sealed with Routing's secret
+    and bound to the agent id.
     """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         channel: _common_pb2.Channel.ValueType = ...,
-        address: _builtins.str = ...,
         interaction_lease: _builtins.int = ...,
+        sealed_address: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel", "interaction_lease", b"interaction_lease"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channel", b"channel", "interaction_lease", b"interaction_lease", "sealed_address", b"sealed_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,7 +314,6 @@ class QueuedInteraction(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
     CUSTOMER_SEGMENT_FIELD_NUMBER: _builtins.int
-    LOCATION_FIELD_NUMBER: _builtins.int
     PREFERRED_AGENT_ID_FIELD_NUMBER: _builtins.int
     PREFERRED_UNTIL_FIELD_NUMBER: _builtins.int
     BUSINESS_VALUE_FIELD_NUMBER: _builtins.int
@@ -273,7 +327,6 @@ class QueuedInteraction(_message.Message):
     CALL_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
-    SUMMARY_FIELD_NUMBER: _builtins.int
     RETRY_TRIED_AFTER_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
@@ -282,6 +335,7 @@ class QueuedInteraction(_message.Message):
     SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
     MATCH_DECIDED_FIELD_NUMBER: _builtins.int
     PLACE_KEY_FIELD_NUMBER: _builtins.int
+    SEALED_PRIVATE_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Id (a callback's entry uses the callback id)."""
     kind: Global___InteractionKind.ValueType
@@ -322,10 +376,10 @@ class QueuedInteraction(_message.Message):
     """The call's place among the group's places (`rt/places/{group}/{n}`, under the same
     lease): a group's queue holds at most as many calls as it has places.
     """
-    @_builtins.property
-    def location(self) -> _common_pb2.GeoPoint:
-        """The customer's location, for proximity."""
-
+    sealed_private: _builtins.bytes
+    """The customer's location and the offer's preview (an InteractionPrivate, personal
+    data), sealed with Routing's secret and bound to the interaction id.
+    """
     @_builtins.property
     def preferred_until(self) -> _timestamp_pb2.Timestamp:
         """Until when the preferred agent is waited for."""
@@ -349,10 +403,6 @@ class QueuedInteraction(_message.Message):
     @_builtins.property
     def connected(self) -> Global___ConnectTarget:
         """Who accepted (state CONNECTED)."""
-
-    @_builtins.property
-    def summary(self) -> _presence_pb2.ContextSummary:
-        """What the agent's app shows with the offer."""
 
     @_builtins.property
     def retry_tried_after(self) -> _timestamp_pb2.Timestamp:
@@ -391,7 +441,6 @@ class QueuedInteraction(_message.Message):
         subject: _builtins.str = ...,
         language: _builtins.str = ...,
         customer_segment: _builtins.str = ...,
-        location: _common_pb2.GeoPoint | None = ...,
         preferred_agent_id: _builtins.str = ...,
         preferred_until: _timestamp_pb2.Timestamp | None = ...,
         business_value: _builtins.float = ...,
@@ -405,7 +454,6 @@ class QueuedInteraction(_message.Message):
         call_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         customer_id: _builtins.str = ...,
-        summary: _presence_pb2.ContextSummary | None = ...,
         retry_tried_after: _timestamp_pb2.Timestamp | None = ...,
         trace: _common_pb2.TraceContext | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
@@ -414,10 +462,11 @@ class QueuedInteraction(_message.Message):
         sealed_context: _builtins.bytes = ...,
         match_decided: _routing_pb2.MatchDecided | None = ...,
         place_key: _builtins.str = ...,
+        sealed_private: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "detached_until", b"detached_until", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "summary", b"summary", "trace", b"trace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "detached_until", b"detached_until", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "location", b"location", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "place_key", b"place_key", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "summary", b"summary", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "place_key", b"place_key", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "sealed_private", b"sealed_private", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -437,12 +486,15 @@ class NotifyRequest(_message.Message):
     ACTIVE_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     SEALED_HANDOFF_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Id of the request."""
     sealed_handoff: _builtins.bytes
     """The request's handoff (a serialized StartHandoffRequest, whose context may hold
     personal data), sealed with Routing's secret and bound to the request id.
     """
+    application_id: _builtins.str
+    """The application of the handoff (only its app backends may snooze or cancel it)."""
     @_builtins.property
     def request(self) -> _routing_pb2.RequestNotifyWhenAvailableRequest:
         """The request as the app made it, without its handoff (sealed below)."""
@@ -468,10 +520,11 @@ class NotifyRequest(_message.Message):
         active_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         sealed_handoff: _builtins.bytes = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request", "request_id", b"request_id", "sealed_handoff", b"sealed_handoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_at", b"active_at", "application_id", b"application_id", "created_at", b"created_at", "expires_at", b"expires_at", "request", b"request", "request_id", b"request_id", "sealed_handoff", b"sealed_handoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,6 +590,7 @@ class StoredCallback(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     SEALED_DETAILS_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The handoff session."""
     customer_id: _builtins.str
@@ -547,6 +601,8 @@ class StoredCallback(_message.Message):
     """The number to dial and the context (a serialized CallbackDetails), sealed with
     Routing's secret and bound to the callback id.
     """
+    application_id: _builtins.str
+    """The application that asked for it (only its app backends may read or cancel it)."""
     @_builtins.property
     def callback(self) -> _routing_pb2.Callback:
         """The callback as GetCallback shows it."""
@@ -559,10 +615,11 @@ class StoredCallback(_message.Message):
         customer_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         sealed_details: _builtins.bytes = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "sealed_details", b"sealed_details", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "callback", b"callback", "customer_id", b"customer_id", "idempotency_key", b"idempotency_key", "sealed_details", b"sealed_details", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,186 @@
+"""Rows written to a real database without slowing or failing the call that makes them:
+SQLite in a local file for the embedded run, PostgreSQL when a DSN says so (shared by
+every replica). Rows go into a bounded in-memory buffer that a background task writes in
+batches, retrying with backoff while the database is down; the outage shows in health
+and metrics, a full buffer drops rows and counts them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from opentelemetry import metrics
+from sqlalchemy import MetaData, Table, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+BUFFER_LIMIT = 100_000
+BATCH = 500
+# Taken while migrating, so two migrations run at once on PostgreSQL wait for each other.
+MIGRATION_LOCK = 7_301_991
+
+
+class SchemaMissing(SQLAlchemyError):
+    """The tables are not there and this process does not create them."""
+
+
+def engine_for(dsn: str) -> AsyncEngine:
+    url = make_url(dsn)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+async def migrate(dsn: str, schemas: Iterable[MetaData]) -> list[str]:
+    """Creates the tables of `schemas` missing in the database (once per deploy); safe to
+    run again and concurrently. Returns the tables created."""
+    engine = engine_for(dsn)
+    created: set[str] = set()
+    try:
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+            existing = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+            for schema in schemas:
+                await conn.run_sync(schema.create_all)
+                created |= set(schema.tables) - existing
+        return sorted(created)
+    finally:
+        await engine.dispose()
+
+
+class BufferedWriter:
+    """Buffered, batched inserts into one table; `name` words the logs and metrics
+    (`accessline.{name}.written` and the like)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        table: Table,
+        name: str,
+        unit: str,
+        *,
+        create_schema: bool,
+        on_health: Callable[[bool], Awaitable[None]] | None = None,
+        meter: metrics.Meter | None = None,
+    ) -> None:
+        self.engine = engine
+        self._table = table
+        self._name = name
+        self._create_schema = create_schema
+        self._buffer: asyncio.Queue[dict[str, object]] = asyncio.Queue(BUFFER_LIMIT)
+        self._on_health = on_health
+        self._healthy: bool | None = None
+        self._ready = False
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._log = logging.getLogger(f"accessline.{name}")
+        self._what = what = name.replace(".", " ")
+        meter = meter or metrics.get_meter("accessline")
+        self._written = meter.create_counter(
+            f"accessline.{name}.written", unit=unit, description=f"Rows written to the {what}"
+        )
+        self._failures = meter.create_counter(
+            f"accessline.{name}.write_failures",
+            unit="{batch}",
+            description=f"Failed writes of {what} batches (retried)",
+        )
+        self._dropped = meter.create_counter(
+            f"accessline.{name}.dropped",
+            unit=unit,
+            description=f"Rows of the {what} dropped because its buffer was full",
+        )
+        meter.create_observable_gauge(
+            f"accessline.{name}.buffered",
+            callbacks=[lambda _: [metrics.Observation(self._buffer.qsize())]],
+            unit=unit,
+            description=f"Rows waiting to be written to the {what}",
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self._healthy)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"{self._name}-writer")
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        with contextlib.suppress(TimeoutError):
+            await self.flush(flush_timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.engine.dispose()
+
+    def add(self, row: dict[str, object]) -> None:
+        """Queues a row; never blocks and never raises."""
+        try:
+            self._buffer.put_nowait(row)
+            self._idle.clear()
+        except asyncio.QueueFull:
+            self._dropped.add(1)
+            self._log.error("%s buffer full; a row was dropped", self._what)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Waits until everything added so far is written."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def _set_health(self, ok: bool) -> None:
+        if ok == self._healthy:
+            return
+        self._healthy = ok
+        if ok:
+            self._log.info("%s database reachable", self._what)
+        else:
+            self._log.warning("%s database unreachable; buffering", self._what)
+        if self._on_health is not None:
+            await self._on_health(ok)
+
+    async def ensure_schema(self) -> None:
+        if self._ready:
+            return
+        async with self.engine.begin() as conn:
+            if self._create_schema:
+                await conn.run_sync(self._table.metadata.create_all)
+            elif not await conn.run_sync(lambda c: inspect(c).has_table(self._table.name)):
+                raise SchemaMissing(
+                    f"the {self._what} tables are missing; run `accessline history migrate`"
+                )
+        self._ready = True
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        batch: list[dict[str, object]] = []
+        while True:
+            try:
+                await self.ensure_schema()
+                await self._set_health(True)
+                if not batch:
+                    if self._buffer.empty():
+                        self._idle.set()
+                    batch.append(await self._buffer.get())
+                    while len(batch) < BATCH and not self._buffer.empty():
+                        batch.append(self._buffer.get_nowait())
+                async with self.engine.begin() as conn:
+                    await conn.execute(self._table.insert(), batch)
+                self._written.add(len(batch))
+                batch = []
+                backoff = 0.1
+            except (SQLAlchemyError, OSError) as exc:
+                self._failures.add(1)
+                # SQLAlchemy's own texts may quote rows; only the schema's is said in full.
+                detail = str(exc) if isinstance(exc, SchemaMissing) else type(exc).__name__
+                self._log.warning(
+                    "writing the %s failed; retrying",
+                    self._what,
+                    extra={"fields": {"error": detail}},
+                )
+                await self._set_health(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
