@@ -50,7 +50,7 @@ from tests.conftest import (
     spawn_service,
     wait_serving,
 )
-from tests.test_routing import Stack, start_stack, stop_stack, window
+from tests.support.stack import Stack, start_stack, stop_stack, window
 
 SERVICES = {
     "numberdistribution": nd_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"],

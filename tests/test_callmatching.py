@@ -29,8 +29,8 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.callmatching.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
 from services.callmatching.domain import guess_success_probability
+from services.runtime.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ROOT,

@@ -18,7 +18,7 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.peers import peer_channel, peer_target, service_config
+from services.runtime.peers import PeerError, peer_channel, peer_target, service_config
 from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
 
 ND = nd_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"]
@@ -67,14 +67,16 @@ async def test_calls_free_of_side_effects_are_retried_on_another_replica_and_oth
     address = ",".join(r.address for r in replicas)
     credentials = identity().service_credentials("callmatching", identity().superuser)
     async with peer_channel(address, ND, 10.0, credentials=credentials) as channel:
-        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        stub = nd_grpc.NumberDistributionServiceStub(channel)
         # Each replica refuses the first call naming the pool: the retry goes on.
         got = await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="flaky-pool"))
         assert got.pool.pool_id == "flaky-pool"
-        # A reservation is not repeated behind the caller's back.
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
+        # A reservation is not repeated behind the caller's back; its failure reaches the
+        # caller as the peer's error, with the peer's status.
+        with pytest.raises(PeerError) as refused:
             await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(session_id="flaky-session"))
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.reason == "PEER_UNAVAILABLE"
         # Both replicas take calls.
         await asyncio.gather(
             *(stub.GetPool(nd_pb2.GetPoolRequest(pool_id=f"p{i}")) for i in range(20))

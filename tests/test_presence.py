@@ -22,7 +22,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.presence import keys
+from services.presence import offers, roster
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import Store
 from tests.conftest import (
@@ -36,7 +36,7 @@ from tests.conftest import (
 )
 
 # The sealing of the test processes' records (their development secret).
-SEALING = keys.Sealing(keys.DEVELOPMENT_SECRET.encode())
+SEALING = roster.Sealing(roster.DEVELOPMENT_SECRET.encode())
 
 C = common_pb2
 SETTINGS = {
@@ -217,7 +217,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     summary = pr_pb2.ContextSummary(customer_display_name="Ms Martin", subject="mortgage")
 
     # Routing (a third party) writes the offer to etcd; the replica holding the stream delivers it.
-    accepted = await keys.make_offer(
+    accepted = await offers.make_offer(
         cluster.store,
         agent_id,
         "call-1",
@@ -243,14 +243,16 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     assert recorded.decision == pr_pb2.OFFER_DECISION_ACCEPT
     busy = await app.next_kind("presence_confirmed")
     assert busy.presence.channels[0].presence == C.CHANNEL_PRESENCE_BUSY
-    stored = await cluster.store.get(keys.offer(agent_id, shown.offer_id), pr_store.StoredOffer)
+    stored = await cluster.store.get(
+        offers.offer_key(agent_id, shown.offer_id), pr_store.StoredOffer
+    )
     assert stored is not None
     assert (stored.value.state, stored.value.accepted_channel) == (
         pr_store.OFFER_STATE_ACCEPTED,
         C.CHANNEL_DESK_VOICE,
     )
 
-    declined = await keys.make_offer(
+    declined = await offers.make_offer(
         cluster.store, agent_id, "chat-1", C.CHANNEL_CHAT, summary, timeout=15, sealing=SEALING
     )
     shown = await app.next_kind("offer")
@@ -261,12 +263,12 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     )
     await app.next_kind("offer_response_recorded")
     stored = await cluster.store.get(
-        keys.offer(agent_id, declined.offer.offer_id), pr_store.StoredOffer
+        offers.offer_key(agent_id, declined.offer.offer_id), pr_store.StoredOffer
     )
     assert stored is not None
     assert stored.value.state == pr_store.OFFER_STATE_DECLINED
 
-    ignored = await keys.make_offer(
+    ignored = await offers.make_offer(
         cluster.store, agent_id, "call-2", C.CHANNEL_DESK_VOICE, summary, timeout=1, sealing=SEALING
     )
     assert (await app.next_kind("offer")).offer_id == ignored.offer.offer_id
@@ -279,7 +281,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     async def expired() -> bool:
         return (
             await cluster.store.get(
-                keys.offer(agent_id, ignored.offer.offer_id), pr_store.StoredOffer
+                offers.offer_key(agent_id, ignored.offer.offer_id), pr_store.StoredOffer
             )
             is None
         )
@@ -293,11 +295,11 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     refused = await app.next_kind("offer_response_refused")
     assert refused.reason == pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
 
-    withdrawn = await keys.make_offer(
+    withdrawn = await offers.make_offer(
         cluster.store, agent_id, "call-3", C.CHANNEL_CHAT, summary, timeout=15, sealing=SEALING
     )
     await app.next_kind("offer")
-    assert await keys.cancel_offer(
+    assert await offers.cancel_offer(
         cluster.store, agent_id, withdrawn.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
     )
     assert (await app.next_kind("offer_cancelled")).reason == pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
@@ -320,7 +322,7 @@ async def test_an_agent_who_reconnects_during_a_call_is_still_on_it(cluster: Clu
     agent_id = await register(cluster.stubs[0])
     first = App(cluster.addresses[0])
     await first.login(agent_id)
-    await keys.make_offer(
+    await offers.make_offer(
         cluster.store,
         agent_id,
         "call-7",
@@ -370,7 +372,7 @@ async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) 
     agent_id = await register(cluster.stubs[0])
     app = App(cluster.addresses[0])
     await app.login(agent_id)
-    made = await keys.make_offer(
+    made = await offers.make_offer(
         cluster.store,
         agent_id,
         "call-9",
@@ -384,12 +386,14 @@ async def test_open_offers_of_a_dropped_session_are_cancelled(cluster: Cluster) 
 
     async def cancelled() -> bool:
         entry = await cluster.store.get(
-            keys.offer(agent_id, made.offer.offer_id), pr_store.StoredOffer
+            offers.offer_key(agent_id, made.offer.offer_id), pr_store.StoredOffer
         )
         return entry is not None and entry.value.state == pr_store.OFFER_STATE_CANCELLED
 
     await eventually(cancelled, what="offer cancelled when the session dropped")
-    entry = await cluster.store.get(keys.offer(agent_id, made.offer.offer_id), pr_store.StoredOffer)
+    entry = await cluster.store.get(
+        offers.offer_key(agent_id, made.offer.offer_id), pr_store.StoredOffer
+    )
     assert entry is not None
     assert entry.value.cancel_reason == pr_pb2.OFFER_CANCEL_REASON_SESSION_ENDED
 

@@ -13,36 +13,26 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, empty_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
-from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
-from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
-from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.presence import keys as pr_keys
+from services.presence import offers as pr_offers
 from services.routing import keys as rt_keys
-from services.routing.__main__ import SEAL_PURPOSE
-from services.routing.settings import DEVELOPMENT_SECRET
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.sealing import Sealer
-from services.runtime.store import Op, Store
+from services.runtime.store import Op
 from tests.conftest import (
-    ServiceProcess,
     connect,
     error_details,
     eventually,
@@ -51,98 +41,26 @@ from tests.conftest import (
     violated_fields,
     wait_serving,
 )
+from tests.support.stack import (
+    ACCEPT,
+    DECLINE,
+    ROUTING_ENV,
+    ROUTING_SEALER,
+    C,
+    Call,
+    Stack,
+    agent,
+    answer,
+    handoff,
+    new_group,
+    pool_subject,
+    set_available,
+    setup_numbers,
+    start_stack,
+    stop_stack,
+    window,
+)
 from tests.test_presence import App
-
-C = common_pb2
-# Routing's sealing in the test processes (their development secret).
-ROUTING_SEALER = Sealer(DEVELOPMENT_SECRET.encode(), SEAL_PURPOSE)
-ROUTING_ENV = {
-    "ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS": "2",
-    "ACCESSLINE_ROUTING_NO_ANSWER_LIMIT": "2",
-    "ACCESSLINE_ROUTING_OWNER_WAIT_SECONDS": "1.5",
-    "ACCESSLINE_ROUTING_DISPATCH_INTERVAL_SECONDS": "0.2",
-    "ACCESSLINE_ROUTING_QUEUE_UPDATE_SECONDS": "0.2",
-    "ACCESSLINE_ROUTING_LEADER_LEASE_SECONDS": "2",
-    "ACCESSLINE_ROUTING_HOLD_SECONDS": "3",
-    "ACCESSLINE_ROUTING_CALLBACK_RETRY_SECONDS": "0",
-    "ACCESSLINE_ROUTING_CALLBACK_DIAL_TIMEOUT_SECONDS": "4",
-    # Gold customers are worth more, but ordinary calls have a short SLA and their
-    # priority rises fast once it is missed.
-    "ACCESSLINE_ROUTING_VALUE_RULES": '[{"segment": "gold", "value": 50, "sla_seconds": 600}]',
-    "ACCESSLINE_ROUTING_DEFAULT_VALUE": "10",
-    "ACCESSLINE_ROUTING_DEFAULT_SLA_SECONDS": "1",
-    "ACCESSLINE_ROUTING_PRIORITY_PER_SECOND": "40",
-}
-
-
-@dataclass
-class Stack:
-    nd: Any
-    cm: Any
-    pr: Any
-    nt: Any
-    routers: list[Any]
-    store: Store
-    processes: list[ServiceProcess]
-    router_processes: list[ServiceProcess]
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-    prefix: str = ""
-
-
-async def start_stack(
-    etcd: EmbeddedEtcd | str, prefix: str, tmp: Path, **routing_env: str
-) -> Stack:
-    """The five services (two Routing replicas) on an etcd, or on the endpoints given."""
-    endpoints = etcd if isinstance(etcd, str) else etcd.endpoint
-    nd = spawn_service("services.numberdistribution", endpoints, prefix)
-    pr = spawn_service("services.presence", endpoints, prefix)
-    nt = spawn_service("services.notification", endpoints, prefix)
-    await wait_serving(nd)
-    cm = spawn_service(
-        "services.callmatching",
-        endpoints,
-        prefix,
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
-    )
-    for service in (pr, nt, cm):
-        await wait_serving(service)
-    routers = [
-        spawn_service(
-            "services.routing",
-            endpoints,
-            prefix,
-            ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
-            ACCESSLINE_PRESENCE_ADDRESS=pr.address,
-            ACCESSLINE_NOTIFICATION_ADDRESS=nt.address,
-            **{**ROUTING_ENV, **routing_env},
-        )
-        for _ in range(2)
-    ]
-    for router in routers:
-        await wait_serving(router)
-    channels = [connect(p.address) for p in (nd, cm, pr, nt, *routers)]
-    store = Store(endpoints, prefix)
-    await store.connect()
-    return Stack(
-        nd_grpc.NumberDistributionServiceStub(channels[0]),
-        cm_grpc.CallMatchingServiceStub(channels[1]),
-        pr_grpc.PresenceServiceStub(channels[2]),
-        nt_grpc.NotificationServiceStub(channels[3]),
-        [rt_grpc.RoutingServiceStub(c) for c in channels[4:]],
-        store,
-        [nd, pr, nt, cm, *routers],
-        routers,
-        channels,
-        prefix,
-    )
-
-
-async def stop_stack(stack: Stack) -> None:
-    for channel in stack.channels:
-        await channel.close()
-    await stack.store.close()
-    await asyncio.gather(*(p.stop_async() for p in stack.processes))
 
 
 @pytest.fixture(scope="module")
@@ -166,138 +84,6 @@ async def one_more_router(etcd: EmbeddedEtcd, prefix: str, **env: str) -> AsyncI
             yield rt_grpc.RoutingServiceStub(channel)
     finally:
         await process.stop_async()
-
-
-def new_group() -> str:
-    return f"g-{uuid.uuid4().hex[:6]}"
-
-
-async def agent(
-    stack: Stack,
-    group: str,
-    level: int = 5,
-    languages: tuple[str, ...] = (),
-    *,
-    available: bool = True,
-    skill: str = "mortgage",
-) -> tuple[str, App]:
-    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
-    await stack.pr.RegisterAgent(
-        pr_pb2.RegisterAgentRequest(
-            agent=pr_pb2.Agent(
-                agent_id=agent_id,
-                skills=[pr_pb2.Skill(name=skill, level=level)],
-                languages=list(languages),
-                resource_groups=[group],
-                channels=[
-                    pr_pb2.ChannelConfig(
-                        channel=C.CHANNEL_DESK_VOICE,
-                        address=f"ext-{agent_id}",
-                        available_on_login=available,
-                    )
-                ],
-            )
-        )
-    )
-    app = App(stack.processes[1].address)
-    await app.login(agent_id)
-    return agent_id, app
-
-
-async def set_available(app: App, available: bool) -> None:
-    await app.send(
-        set_channel_presence=pr_pb2.SetChannelPresence(
-            channel=C.CHANNEL_DESK_VOICE, available=available
-        )
-    )
-    await app.next_kind("presence_confirmed")
-
-
-async def answer(app: App, decision: int) -> pr_pb2.Offer:
-    preview = await app.next_kind("offer")
-    await app.send(
-        offer_response=pr_pb2.OfferResponse(offer_id=preview.offer_id, decision=decision)
-    )
-    return preview
-
-
-ACCEPT = pr_pb2.OFFER_DECISION_ACCEPT
-DECLINE = pr_pb2.OFFER_DECISION_DECLINE
-
-
-async def setup_numbers(
-    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True
-) -> tuple[str, list[str]]:
-    pool_id = f"p-{uuid.uuid4().hex[:6]}"
-    subject = f"mortgage-{pool_id}"
-    await stack.nd.CreatePool(
-        nd_pb2.CreatePoolRequest(
-            pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject], resource_group=group)
-        )
-    )
-    numbers = [f"+3313{uuid.uuid4().int % 10**7:07d}" for _ in range(count)]
-    await stack.nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=numbers))
-    app_id = f"app-{uuid.uuid4().hex[:6]}"
-    await stack.cm.RegisterApplication(
-        cm_pb2.RegisterApplicationRequest(
-            application=cm_pb2.Application(
-                application_id=app_id,
-                match_schema=C.MATCH_SCHEMA_NUMBER,
-                skip_ivr_on_match=skip_ivr,
-            )
-        )
-    )
-    return app_id, numbers
-
-
-async def pool_subject(stack: Stack, group: str) -> str:
-    pools = await stack.nd.ListPools(nd_pb2.ListPoolsRequest())
-    return next(p.subjects[0] for p in pools.pools if p.resource_group == group)
-
-
-class Call:
-    """The switch's side of one RouteInboundCall stream."""
-
-    def __init__(
-        self, router: Any, dnis: str, call_id: str | None = None, resume_token: str = ""
-    ) -> None:
-        self.call_id = call_id or f"call-{uuid.uuid4().hex[:8]}"
-        self.call = router.RouteInboundCall(
-            rt_pb2.RouteInboundCallRequest(
-                call_id=self.call_id, dnis=dnis, resume_token=resume_token
-            )
-        )
-        self.events: list[rt_pb2.RouteInboundCallResponse] = []
-
-    async def next(self, timeout: float = 20.0) -> rt_pb2.RouteInboundCallResponse:
-        event = await asyncio.wait_for(self.call.read(), timeout)
-        assert event is not grpc.aio.EOF, self.events
-        self.events.append(event)
-        return event
-
-    async def until(self, *kinds: str, timeout: float = 20.0) -> rt_pb2.RouteInboundCallResponse:
-        """Reads events (queued updates included) until one of `kinds` arrives."""
-        deadline = time.monotonic() + timeout
-        while True:
-            event = await self.next(max(0.1, deadline - time.monotonic()))
-            if event.WhichOneof("event") in kinds:
-                return event
-
-    def kinds(self) -> list[str]:
-        return [str(e.WhichOneof("event")) for e in self.events]
-
-    def hang_up(self) -> None:
-        self.call.cancel()
-
-
-async def handoff(
-    stack: Stack, app_id: str, customer: str, context: C.ContextData, **extra: Any
-) -> cm_pb2.StartHandoffResponse:
-    return await stack.cm.StartHandoff(
-        cm_pb2.StartHandoffRequest(
-            application_id=app_id, customer_id=customer, context=context, **extra
-        )
-    )
 
 
 async def stored_anywhere(stack: Stack, *needles: bytes) -> bool:
@@ -472,7 +258,9 @@ async def test_a_hang_up_withdraws_the_offer_and_releases_the_agent(stack: Stack
         return not claims and not queued
 
     await eventually(released, what="claim and queue entry gone after hang-up")
-    offer = await stack.store.get(pr_keys.offer(member, preview.offer_id), pr_store.StoredOffer)
+    offer = await stack.store.get(
+        pr_offers.offer_key(member, preview.offer_id), pr_store.StoredOffer
+    )
     assert offer is None or offer.value.state == pr_store.OFFER_STATE_CANCELLED
     assert offered.interaction_id == preview.interaction_id
     app.call.cancel()
@@ -751,12 +539,6 @@ async def test_a_snoozed_request_waits_and_a_cancelled_one_is_gone(stack: Stack)
 
 
 # -- callbacks ------------------------------------------------------------------------
-
-
-def window(seconds: float) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromNanoseconds(int((time.time() + seconds) * 1e9))
-    return out
 
 
 async def dial_for(stream: Any, callback_id: str) -> rt_pb2.StreamCallbackDialsResponse:
@@ -1171,12 +953,12 @@ async def test_a_claim_never_outlives_its_offer(stack: Stack) -> None:
     call = Call(stack.routers[0], numbers[0])
     await call.until("offered")
     claims, _ = await stack.store.get_prefix(rt_keys.claims_of(member), rt_store.AgentClaim)
-    offers, _ = await stack.store.get_prefix(pr_keys.offers(member), pr_store.StoredOffer)
+    offers, _ = await stack.store.get_prefix(pr_offers.offers_key(member), pr_store.StoredOffer)
     assert len(claims) == len(offers) == 1
     timeout = float(ROUTING_ENV["ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS"])
     # etcd may round a small TTL up (to its minimum) and add the shared lease's window.
     assert await stack.store.lease_ttl(claims[0].meta.lease) <= (
-        timeout + pr_keys.OFFER_MARGIN_SECONDS + 2
+        timeout + pr_offers.OFFER_MARGIN_SECONDS + 2
     )
     assert claims[0].meta.lease == offers[0].meta.lease
     call.hang_up()
@@ -1220,7 +1002,7 @@ async def test_an_accept_of_a_call_whose_router_died_is_undone_and_the_agent_tol
 
         await eventually(free, timeout=30, what=f"agent free again ({shown})")
         ongoing, _ = await own.store.get_prefix(
-            pr_keys.interactions(member), pr_store.StoredInteraction
+            pr_offers.interactions_key(member), pr_store.StoredInteraction
         )
         assert ongoing == []
         app.call.cancel()
@@ -1245,7 +1027,7 @@ async def test_a_caller_who_hangs_up_after_the_accept_frees_the_agent(stack: Sta
 
     await eventually(settled, what="the call out of the queue")
     ongoing, _ = await stack.store.get_prefix(
-        pr_keys.interactions(member), pr_store.StoredInteraction
+        pr_offers.interactions_key(member), pr_store.StoredInteraction
     )
     # Either the connect went out first (the agent is on the call until it ends it) or
     # the call was taken out before: then the agent is free and told.
@@ -1285,7 +1067,7 @@ async def test_a_deposed_leader_changes_nothing(stack: Stack) -> None:
         await deposed.wait_for_log("held by another replica")
         entries, _ = await stack.store.get_prefix(rt_keys.queue(group), rt_store.QueuedInteraction)
         assert [e.value.state for e in entries] == [rt_store.INTERACTION_STATE_QUEUED]
-        offers, _ = await stack.store.get_prefix(pr_keys.offers(member), pr_store.StoredOffer)
+        offers, _ = await stack.store.get_prefix(pr_offers.offers_key(member), pr_store.StoredOffer)
         claims, _ = await stack.store.get_prefix(rt_keys.claims_of(member), rt_store.AgentClaim)
         assert (offers, claims) == ([], [])
     finally:

@@ -14,7 +14,6 @@ from services.callmatching.failures import FailureLimits
 from services.callmatching.history import MatchHistory
 from services.callmatching.servicer import CallMatchingServicer
 from services.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
-from services.runtime.peers import PeerStub
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.callmatching")
@@ -43,15 +42,11 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     )
     await history.start()
     context.on_stop(history.stop)
-    numbers = PeerStub(
-        number_distribution_pb2_grpc.NumberDistributionServiceStub(
-            context.channel(
-                settings.numberdistribution_address,
-                number_distribution_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"],
-            )
-        ),
-        "numberdistribution",
-        context.peer_timeout,
+    numbers = number_distribution_pb2_grpc.NumberDistributionServiceStub(
+        context.channel(
+            settings.numberdistribution_address,
+            number_distribution_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"],
+        )
     )
     domain = CallMatching(
         context.store,

@@ -13,9 +13,8 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from google.protobuf import timestamp_pb2
 from opentelemetry import metrics, propagate, trace
 
 from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
@@ -25,8 +24,9 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.callmatching import failures, keys
 from services.callmatching.crypto import SessionCrypto
 from services.callmatching.history import MatchHistory
-from services.numberdistribution import keys as nd_keys
+from services.numberdistribution import reservations
 from services.runtime import identity
+from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -38,6 +38,11 @@ from services.runtime.errors import (
 from services.runtime.phone import NumberFormatError, display_number, normalize_number
 from services.runtime.store import Compare, Entry, Op, Store
 from services.runtime.telemetry import span_context_from
+
+if TYPE_CHECKING:
+    from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
+        NumberDistributionServiceAsyncStub,
+    )
 
 log = logging.getLogger("accessline.callmatching")
 tracer = trace.get_tracer("accessline.callmatching")
@@ -69,16 +74,6 @@ def _rate_limited(resource_group: str = "") -> cm_pb2.MatchCallResponse:
     return cm_pb2.MatchCallResponse(
         outcome=cm_pb2.MATCH_OUTCOME_RATE_LIMITED, resource_group=resource_group
     )
-
-
-def _ts(epoch: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(epoch * 1e9))
-    return ts
-
-
-def _epoch(ts: timestamp_pb2.Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
 
 
 def _digests(request: Handoff) -> tuple[bytes, bytes]:
@@ -138,7 +133,7 @@ class CallMatching:
     def __init__(
         self,
         store: Store,
-        numbers: Any,
+        numbers: NumberDistributionServiceAsyncStub,
         crypto: SessionCrypto,
         history: MatchHistory,
         limits: Limits,
@@ -278,7 +273,7 @@ class CallMatching:
                 reason="POOL_WITHOUT_CODES",
                 metadata={"pool_id": reservation.pool_id, "application_id": app.application_id},
             )
-        found = await nd_keys.read_reservation(self._store, reservation.reservation_id)
+        found = await reservations.read_reservation(self._store, reservation.reservation_id)
         if found is None:
             raise Aborted(
                 "the reservation ended before the session was stored; retry",
@@ -300,7 +295,7 @@ class CallMatching:
             sealed_access_code=self._crypto.seal(reserved.access_code.encode(), session_id)
             if reserved.access_code
             else b"",
-            handoff_requested_at=_ts(self._clock()),
+            handoff_requested_at=timestamp(self._clock()),
             expires_at=record.expires_at,
             handoff_trace=common_pb2.TraceContext(
                 traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
@@ -309,9 +304,7 @@ class CallMatching:
             device_can_dial=request.device_can_dial,
             device_can_send_dtmf=request.device_can_send_dtmf,
         )
-        compares = [
-            Compare.created_at(nd_keys.slot(record.number, record.slot), meta.create_revision)
-        ]
+        compares = [reservations.still_held(record, meta.create_revision)]
         ops = [Op.put(keys.session(session_id), session, record.lease_id)]
         failure: list[Op] = []
         if idempotency_key:
@@ -414,7 +407,7 @@ class CallMatching:
         session = entry.value
         identity.require_application(session.application_id, f"session {session_id}")
         now = self._clock()
-        if _epoch(session.expires_at) <= now:
+        if seconds(session.expires_at) <= now:
             raise FailedPrecondition(
                 f"session {session_id} already expired", reason="SESSION_EXPIRED"
             )
@@ -437,7 +430,7 @@ class CallMatching:
         """In one transaction: the session is consumed (if unchanged since read and
         `also_if` holds), its reservation ends, its number goes into quarantine, the
         outcome is kept, and `also_do` is done."""
-        compares, ops, _ = await nd_keys.release_ops(
+        compares, ops, _ = await reservations.release_ops(
             self._store, session.reservation, session.reservation_revision, now
         )
         outcome = cm_store.StoredOutcome(
@@ -445,7 +438,7 @@ class CallMatching:
             state=state,  # type: ignore[arg-type]
             merged_session_id=session.session_id if state == cm_pb2.SESSION_STATE_MATCHED else "",
             call_id=call_id,
-            ended_at=_ts(now),
+            ended_at=timestamp(now),
             application_id=session.application_id,
         )
         retention = await self._store.shared_lease(self._limits.session_retention, window=10.0)
@@ -468,7 +461,7 @@ class CallMatching:
             identity.require_application(session.application_id, f"session {session_id}")
             state = (
                 cm_pb2.SESSION_STATE_WAITING_FOR_CALL
-                if _epoch(session.expires_at) > self._clock()
+                if seconds(session.expires_at) > self._clock()
                 else cm_pb2.SESSION_STATE_EXPIRED
             )
             return cm_pb2.GetSessionResponse(
@@ -512,13 +505,13 @@ class CallMatching:
             call_id=call.call_id,
             access_number=dnis,
             ani_hash=ani_hash.hex(),
-            call_arrived_at=_ts(arrived),
+            call_arrived_at=timestamp(arrived),
         )
         span = trace.get_current_span()
         response = await self._decide(call, dnis, ani_hash, attempt)
         now = self._clock()
         attempt.outcome = response.outcome
-        attempt.decided_at.CopyFrom(_ts(now))
+        attempt.decided_at.CopyFrom(timestamp(now))
         self._history.record(attempt)
         labels = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
         if attempt.application_id:
@@ -528,7 +521,7 @@ class CallMatching:
         if response.outcome == cm_pb2.MATCH_OUTCOME_MATCHED and attempt.HasField(
             "handoff_requested_at"
         ):
-            self._waited.record(max(0.0, arrived - _epoch(attempt.handoff_requested_at)), labels)
+            self._waited.record(max(0.0, arrived - seconds(attempt.handoff_requested_at)), labels)
         span.set_attribute("accessline.match.outcome", labels["accessline.match.outcome"])
         span.set_attribute(
             "accessline.match.schema", common_pb2.MatchSchema.Name(attempt.match_schema)
@@ -626,7 +619,7 @@ class CallMatching:
         unmatched.match_schema = session.match_schema
         unmatched.handoff_requested_at.CopyFrom(session.handoff_requested_at)
         now = self._clock()
-        if _epoch(session.expires_at) <= now:
+        if seconds(session.expires_at) <= now:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_EXPIRED
             return unmatched, False
         if session.match_schema in NEEDS_ANI:

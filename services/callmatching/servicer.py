@@ -8,12 +8,12 @@ from typing import Any
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
-from services.callmatching.contextdata import KEY, check_context
 from services.callmatching.domain import Call, CallMatching, Handoff
 from services.callmatching.history import AttemptFilter
+from services.runtime.contextdata import KEY, check_context
+from services.runtime.server import ServicerContext
 from services.runtime.validation import Violations
 
-Context = Any
 MAX_DAY = 24 * 3600.0
 
 
@@ -28,7 +28,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         self._domain = domain
 
     async def RegisterApplication(
-        self, request: cm_pb2.RegisterApplicationRequest, context: Context
+        self, request: cm_pb2.RegisterApplicationRequest, context: ServicerContext
     ) -> cm_pb2.RegisterApplicationResponse:
         app = request.application
         v = Violations()
@@ -54,7 +54,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         )
 
     async def GetApplication(
-        self, request: cm_pb2.GetApplicationRequest, context: Context
+        self, request: cm_pb2.GetApplicationRequest, context: ServicerContext
     ) -> cm_pb2.GetApplicationResponse:
         v = Violations()
         v.id("application_id", request.application_id)
@@ -64,7 +64,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         )
 
     async def ListApplications(
-        self, request: cm_pb2.ListApplicationsRequest, context: Context
+        self, request: cm_pb2.ListApplicationsRequest, context: ServicerContext
     ) -> cm_pb2.ListApplicationsResponse:
         v = Violations()
         size = v.page("page_size", request.page_size, 500, 100)
@@ -74,7 +74,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         return cm_pb2.ListApplicationsResponse(applications=apps, next_page_token=token)
 
     async def StartHandoff(
-        self, request: cm_pb2.StartHandoffRequest, context: Context
+        self, request: cm_pb2.StartHandoffRequest, context: ServicerContext
     ) -> cm_pb2.StartHandoffResponse:
         v = Violations()
         v.id("application_id", request.application_id)
@@ -100,7 +100,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         )
 
     async def CancelHandoff(
-        self, request: cm_pb2.CancelHandoffRequest, context: Context
+        self, request: cm_pb2.CancelHandoffRequest, context: ServicerContext
     ) -> cm_pb2.CancelHandoffResponse:
         v = Violations()
         v.id("session_id", request.session_id)
@@ -109,7 +109,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         return cm_pb2.CancelHandoffResponse()
 
     async def MatchCall(
-        self, request: cm_pb2.MatchCallRequest, context: Context
+        self, request: cm_pb2.MatchCallRequest, context: ServicerContext
     ) -> cm_pb2.MatchCallResponse:
         v = Violations()
         v.id("call_id", request.call_id, long=True)
@@ -135,7 +135,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         )
 
     async def GetSession(
-        self, request: cm_pb2.GetSessionRequest, context: Context
+        self, request: cm_pb2.GetSessionRequest, context: ServicerContext
     ) -> cm_pb2.GetSessionResponse:
         v = Violations()
         v.id("session_id", request.session_id)
@@ -143,7 +143,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         return await self._domain.get_session(request.session_id)
 
     async def ListMatchAttempts(
-        self, request: cm_pb2.ListMatchAttemptsRequest, context: Context
+        self, request: cm_pb2.ListMatchAttemptsRequest, context: ServicerContext
     ) -> cm_pb2.ListMatchAttemptsResponse:
         v = Violations()
         v.id("application_id", request.application_id, required=False)
@@ -167,7 +167,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         return cm_pb2.ListMatchAttemptsResponse(attempts=found, next_page_token=token)
 
     async def GetMatchStats(
-        self, request: cm_pb2.GetMatchStatsRequest, context: Context
+        self, request: cm_pb2.GetMatchStatsRequest, context: ServicerContext
     ) -> cm_pb2.GetMatchStatsResponse:
         v = Violations()
         v.id("application_id", request.application_id)

@@ -3,18 +3,7 @@ outbox in etcd (one item per device, written before anything is sent), workers o
 replica that claim items under their lease and deliver them through the providers with
 retries, and the in-app stream that replays what a device has not acknowledged. Ids are
 hashed (keyed) where a key needs them, so no id is a prefix of another's keys and no
-customer id is in a key name; push tokens are sealed.
-
-    nt/devices/{device_id}                          StoredDevice (push token sealed)
-    nt/owners/{customer|agent}:{id hash}/{device}   empty (index)
-    nt/subscriptions/{topic hash}/{subscription}    StoredSubscription
-    nt/subscription-ids/{subscription_id}           StoredSubscription
-    nt/idempotency/{sha256}                         PublishRecord       (notification lease)
-    nt/notifications/{notification_id}              StoredNotification  (notification lease)
-    nt/outbox/{notification_id}/{device_id}         Delivery            (notification lease)
-    nt/claims/{notification_id}/{device_id}         Claim               (worker lease)
-    nt/inbox/{device_id}/{notification_id}          empty               (notification lease)
-    nt/streams/{device_id}/{slot}                   empty               (the replica's lease)
+customer id is in a key name; push tokens are sealed (the key layout is in keys.py).
 """
 
 from __future__ import annotations
@@ -23,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
-import hmac
 import logging
 import math
 import random
@@ -33,14 +21,26 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 from opentelemetry import metrics
 
 from accessline.access.v1 import access_pb2
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
+from services.notification.keys import (
+    CLAIMS,
+    DEVICES,
+    IDEMPOTENCY,
+    INBOX,
+    NOTIFICATIONS,
+    OUTBOX,
+    STREAMS,
+    SUBSCRIPTION_IDS,
+    Keys,
+)
 from services.notification.providers import Message, Outcome
 from services.runtime import identity
+from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     AccesslineError,
     FailedPrecondition,
@@ -49,56 +49,14 @@ from services.runtime.errors import (
     ResourceExhausted,
 )
 from services.runtime.identity import Caller
-from services.runtime.sealing import Sealer, derive_key
+from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, EventKind, KeptLease, Op, Store, WatchCompacted
 from services.runtime.streams import until
 
 log = logging.getLogger("accessline.notification")
 
-DEVICES = "nt/devices/"
-OWNERS = "nt/owners/"
-SUBSCRIPTIONS = "nt/subscriptions/"
-SUBSCRIPTION_IDS = "nt/subscription-ids/"
-IDEMPOTENCY = "nt/idempotency/"
-NOTIFICATIONS = "nt/notifications/"
-OUTBOX = "nt/outbox/"
-CLAIMS = "nt/claims/"
-INBOX = "nt/inbox/"
-STREAMS = "nt/streams/"
 BATCH = 60  # outbox items per transaction (two or three operations each)
 EMPTY = empty_pb2.Empty()
-
-
-def _ts(epoch: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(epoch * 1e9))
-    return ts
-
-
-def _epoch(ts: timestamp_pb2.Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
-
-
-class Keys:
-    """Key names that need an id a client chose (a customer id, a topic): a keyed hash of
-    it, so ids match exactly (`victim/spy` is not under `victim`) and no customer id
-    appears in a key name."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._key = derive_key(secret, b"accessline notification key names v1")
-
-    def _hash(self, kind: str, value: str) -> str:
-        return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
-
-    def owner(self, kind: str, owner_id: str) -> str:
-        return f"{OWNERS}{kind}:{self._hash(kind, owner_id)}/"
-
-    def device_owner(self, device: nt_pb2.Device) -> str:
-        kind = device.WhichOneof("owner")
-        return self.owner(kind, getattr(device, kind)) if kind else ""
-
-    def topic(self, topic: str) -> str:
-        return f"{SUBSCRIPTIONS}{self._hash('topic', topic)}/"
 
 
 def owns_device(caller: Caller, device: nt_pb2.Device) -> bool:
@@ -352,9 +310,9 @@ class Notifications:
                     title=request.title,
                     body=request.body,
                     data=request.data,
-                    published_at=_ts(now),
+                    published_at=timestamp(now),
                 ),
-                expires_at=_ts(now + ttl),
+                expires_at=timestamp(now + ttl),
                 priority=request.priority,
                 collapse_key=request.collapse_key,
                 device_ids=[d.device_id for d in devices],
@@ -387,8 +345,8 @@ class Notifications:
                     notification_id=notification_id,
                     device_id=device.device_id,
                     status=nt_pb2.DELIVERY_STATUS_QUEUED,
-                    next_attempt_at=_ts(now),
-                    updated_at=_ts(now),
+                    next_attempt_at=timestamp(now),
+                    updated_at=timestamp(now),
                 )
                 ops.append(Op.put(f"{OUTBOX}{notification_id}/{device.device_id}", delivery, lease))
                 if device.platform == nt_pb2.PLATFORM_IN_APP:
@@ -419,7 +377,7 @@ class Notifications:
         caller = identity.current()
         if not caller.trusted and found.value.publisher != caller.subject:
             raise _not_yours(f"notification {notification_id}")
-        expired = _epoch(found.value.expires_at) <= time.time()
+        expired = seconds(found.value.expires_at) <= time.time()
         rows, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
         out = []
         for row in rows:
@@ -490,14 +448,14 @@ class Notifications:
 
     async def _in_app(self, notification_id: str, device_id: str) -> nt_pb2.Notification | None:
         found = await self._store.get(NOTIFICATIONS + notification_id, nt_store.StoredNotification)
-        if found is None or _epoch(found.value.expires_at) <= time.time():
+        if found is None or seconds(found.value.expires_at) <= time.time():
             return None
         key = f"{OUTBOX}{notification_id}/{device_id}"
         entry = await self._store.get(key, nt_store.Delivery)
         if entry is not None and entry.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
             entry.value.status = nt_pb2.DELIVERY_STATUS_SENT
             entry.value.attempts += 1
-            entry.value.updated_at.CopyFrom(_ts(time.time()))
+            entry.value.updated_at.CopyFrom(timestamp(time.time()))
             await self._store.txn(
                 [Compare.modified_at(key, entry.meta.mod_revision)],
                 [Op.put(key, entry.value, entry.meta.lease)],
@@ -585,7 +543,7 @@ class Worker:
                 rows, revision = await self._store.get_prefix(OUTBOX, nt_store.Delivery)
                 for row in rows:
                     if row.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
-                        self._schedule(row.key, _epoch(row.value.next_attempt_at))
+                        self._schedule(row.key, seconds(row.value.next_attempt_at))
                 watcher = asyncio.create_task(self._follow(revision))
                 try:
                     await self._dispatch()
@@ -600,7 +558,7 @@ class Worker:
             if event.key.startswith(OUTBOX) and event.kind == EventKind.PUT:
                 delivery = event.decode(nt_store.Delivery)
                 if delivery.status == nt_pb2.DELIVERY_STATUS_QUEUED:
-                    self._schedule(event.key, _epoch(delivery.next_attempt_at))
+                    self._schedule(event.key, seconds(delivery.next_attempt_at))
             elif event.key.startswith(CLAIMS) and event.kind == EventKind.DELETE:
                 # A claim ended (maybe its worker died): look at the item again now.
                 self._schedule(OUTBOX + event.key[len(CLAIMS) :], time.time())
@@ -636,8 +594,8 @@ class Worker:
         entry = await self._store.get(key, nt_store.Delivery)
         if entry is None or entry.value.status != nt_pb2.DELIVERY_STATUS_QUEUED:
             return
-        if _epoch(entry.value.next_attempt_at) > time.time() + 0.001:
-            self._schedule(key, _epoch(entry.value.next_attempt_at))
+        if seconds(entry.value.next_attempt_at) > time.time() + 0.001:
+            self._schedule(key, seconds(entry.value.next_attempt_at))
             return
         if (
             await self._store.create(
@@ -654,7 +612,7 @@ class Worker:
             device = await self._notifications._maybe_device(device_id)
             now = time.time()
             outcome: Outcome
-            if found is None or _epoch(found.value.expires_at) <= now:
+            if found is None or seconds(found.value.expires_at) <= now:
                 delivery.status = nt_pb2.DELIVERY_STATUS_EXPIRED
             elif device is None or not device.active:
                 delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
@@ -668,7 +626,7 @@ class Worker:
                 message = Message(
                     notification=found.value.notification,
                     push_token=device.push_token,
-                    expires_at=_epoch(found.value.expires_at),
+                    expires_at=seconds(found.value.expires_at),
                     priority=found.value.priority,
                     collapse_key=found.value.collapse_key,
                 )
@@ -693,14 +651,14 @@ class Worker:
                         self._policy.backoff_base * 2 ** (delivery.attempts - 1),
                     )
                     wait = max(outcome.retry_after or 0.0, random.uniform(backoff / 2, backoff))
-                    delivery.next_attempt_at.CopyFrom(_ts(now + wait))
+                    delivery.next_attempt_at.CopyFrom(timestamp(now + wait))
                     delivery.failure_reason = outcome.reason
                 else:
                     delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
                     delivery.failure_reason = outcome.reason or "too many attempts"
                     if outcome.unregistered:
                         await self._notifications.deactivate(device_id)
-            delivery.updated_at.CopyFrom(_ts(time.time()))
+            delivery.updated_at.CopyFrom(timestamp(time.time()))
             await self._store.txn(
                 [Compare.modified_at(key, entry.meta.mod_revision)],
                 [Op.put(key, delivery, entry.meta.lease)],

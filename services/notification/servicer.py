@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from services.notification.domain import Notifications
+from services.runtime.server import ServicerContext
 from services.runtime.validation import Violations
 
-Context = Any
 TOPIC = re.compile(r"^[A-Za-z0-9_.:/\-]{1,128}$")
 # Payload data carries ids only: keys name an id, values look like one.
 DATA_KEY = re.compile(r"^[a-z][a-z0-9_]{0,62}_id$|^event$|^status$")
@@ -40,7 +39,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         self._stopping = stopping
 
     async def RegisterDevice(
-        self, request: nt_pb2.RegisterDeviceRequest, context: Context
+        self, request: nt_pb2.RegisterDeviceRequest, context: ServicerContext
     ) -> nt_pb2.RegisterDeviceResponse:
         d = request.device
         v = Violations()
@@ -58,7 +57,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.RegisterDeviceResponse(device=await self._n.register_device(d))
 
     async def UnregisterDevice(
-        self, request: nt_pb2.UnregisterDeviceRequest, context: Context
+        self, request: nt_pb2.UnregisterDeviceRequest, context: ServicerContext
     ) -> nt_pb2.UnregisterDeviceResponse:
         v = Violations()
         v.id("device_id", request.device_id)
@@ -67,7 +66,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.UnregisterDeviceResponse()
 
     async def Subscribe(
-        self, request: nt_pb2.SubscribeRequest, context: Context
+        self, request: nt_pb2.SubscribeRequest, context: ServicerContext
     ) -> nt_pb2.SubscribeResponse:
         v = Violations()
         if not TOPIC.match(request.topic):
@@ -81,7 +80,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.SubscribeResponse(subscription_id=sub)
 
     async def Unsubscribe(
-        self, request: nt_pb2.UnsubscribeRequest, context: Context
+        self, request: nt_pb2.UnsubscribeRequest, context: ServicerContext
     ) -> nt_pb2.UnsubscribeResponse:
         v = Violations()
         v.id("subscription_id", request.subscription_id)
@@ -90,7 +89,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.UnsubscribeResponse()
 
     async def Publish(
-        self, request: nt_pb2.PublishRequest, context: Context
+        self, request: nt_pb2.PublishRequest, context: ServicerContext
     ) -> nt_pb2.PublishResponse:
         v = Violations()
         target = request.WhichOneof("target")
@@ -127,7 +126,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return await self._n.publish(request, ttl)
 
     async def StreamNotifications(
-        self, request: nt_pb2.StreamNotificationsRequest, context: Context
+        self, request: nt_pb2.StreamNotificationsRequest, context: ServicerContext
     ) -> AsyncIterator[nt_pb2.StreamNotificationsResponse]:
         v = Violations()
         v.id("device_id", request.device_id)
@@ -136,7 +135,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
             yield message
 
     async def AcknowledgeNotifications(
-        self, request: nt_pb2.AcknowledgeNotificationsRequest, context: Context
+        self, request: nt_pb2.AcknowledgeNotificationsRequest, context: ServicerContext
     ) -> nt_pb2.AcknowledgeNotificationsResponse:
         v = Violations()
         v.id("device_id", request.device_id)
@@ -149,7 +148,7 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.AcknowledgeNotificationsResponse(acknowledged=count)
 
     async def GetDelivery(
-        self, request: nt_pb2.GetDeliveryRequest, context: Context
+        self, request: nt_pb2.GetDeliveryRequest, context: ServicerContext
     ) -> nt_pb2.GetDeliveryResponse:
         v = Violations()
         v.id("notification_id", request.notification_id)

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from google.protobuf import timestamp_pb2
 from opentelemetry import metrics
 
 from accessline.common.v1 import common_pb2
@@ -27,7 +26,9 @@ from services.numberdistribution.codes import (
     idempotency_hash,
 )
 from services.numberdistribution.geo import distance_km, lookup_city
+from services.numberdistribution.reservations import EMPTY, read_reservation, release_ops
 from services.numberdistribution.view import NumberView, PoolState
+from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -54,30 +55,16 @@ FALLBACK_RETRY_SECONDS = 5.0
 READY_TIMEOUT = 5.0
 
 
-def _seconds(duration: object) -> float:
-    return float(duration.ToNanoseconds()) / 1e9  # type: ignore[attr-defined]
-
-
-def _timestamp(epoch: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(epoch * 1e9))
-    return ts
-
-
-def _epoch(ts: timestamp_pb2.Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
-
-
 def pool_ttls(pool: nd_pb2.Pool) -> tuple[float, float, float]:
     """(default TTL, maximum TTL, quarantine) of a pool, defaults applied: an unset
     default TTL is 5 minutes, or the maximum when that is shorter."""
     has = pool.HasField
-    maximum = _seconds(pool.max_reservation_ttl) if has("max_reservation_ttl") else DEFAULT_MAX_TTL
+    maximum = seconds(pool.max_reservation_ttl) if has("max_reservation_ttl") else DEFAULT_MAX_TTL
     if has("default_reservation_ttl"):
-        default = _seconds(pool.default_reservation_ttl)
+        default = seconds(pool.default_reservation_ttl)
     else:
         default = min(DEFAULT_TTL, maximum)
-    quarantine = _seconds(pool.quarantine) if has("quarantine") else DEFAULT_QUARANTINE
+    quarantine = seconds(pool.quarantine) if has("quarantine") else DEFAULT_QUARANTINE
     return default, maximum, quarantine
 
 
@@ -265,7 +252,7 @@ class NumberDistribution:
             out += [
                 e.value
                 for e in page
-                if e.value.pool_id == pool_id and _epoch(e.value.expires_at) > now
+                if e.value.pool_id == pool_id and seconds(e.value.expires_at) > now
             ]
             if len(page) < 1000:
                 return out
@@ -446,7 +433,7 @@ class NumberDistribution:
             raise Aborted("the number changed meanwhile; retry", reason="CONCURRENT_UPDATE")
         slots, _ = await self._store.get_prefix(keys.slots(value), storage_pb2.StoredReservation)
         now = self._clock()
-        live = sum(1 for s in slots if _epoch(s.value.expires_at) > now)
+        live = sum(1 for s in slots if seconds(s.value.expires_at) > now)
         await self._view.wait_for(result.revision)
         return nd_pb2.DrainNumberResponse(
             number=nd_pb2.AccessNumber(number=value, draining=draining), live_reservations=live
@@ -673,9 +660,9 @@ class NumberDistribution:
                 session_id=request.session_id,
                 slot=slot,
                 lease_id=lease,
-                created_at=_timestamp(now),
-                expires_at=_timestamp(now + ttl),
-                quarantined_until=_timestamp(now + ttl + quarantine),
+                created_at=timestamp(now),
+                expires_at=timestamp(now + ttl),
+                quarantined_until=timestamp(now + ttl + quarantine),
                 code_hash=code_hash,
                 shared=share,
                 idempotency_hash=idem,
@@ -723,7 +710,7 @@ class NumberDistribution:
                 compares.append(Compare.absent(keys.spent(value, code_hash)))
             if code and shared_pool:
                 compares.append(Compare.absent(keys.code(value, code_hash)))
-                ops.append(Op.put(keys.code(value, code_hash), keys.EMPTY, lease))
+                ops.append(Op.put(keys.code(value, code_hash), EMPTY, lease))
             result = await self._store.txn(compares, ops, failure)
             if result.succeeded:
                 used.add(lease)
@@ -778,7 +765,7 @@ class NumberDistribution:
     async def _find(
         self, reservation_id: str
     ) -> tuple[storage_pb2.StoredReservation, KeyMeta] | None:
-        return await keys.read_reservation(self._store, reservation_id)
+        return await read_reservation(self._store, reservation_id)
 
     def _reservation_not_found(self, reservation_id: str) -> NotFound:
         return NotFound(
@@ -798,7 +785,7 @@ class NumberDistribution:
             raise self._reservation_not_found(reservation_id)
         record, meta = found
         now = self._clock()
-        if _epoch(record.expires_at) <= now:
+        if seconds(record.expires_at) <= now:
             raise FailedPrecondition(
                 f"reservation {reservation_id} already expired; its number rests in quarantine",
                 reason="RESERVATION_EXPIRED",
@@ -809,9 +796,7 @@ class NumberDistribution:
     async def release(self, reservation_id: str) -> float:
         """Ends a live reservation; returns when the number leaves quarantine."""
         record, meta, now = await self._live(reservation_id)
-        compares, ops, until = await keys.release_ops(
-            self._store, record, meta.create_revision, now
-        )
+        compares, ops, until = await release_ops(self._store, record, meta.create_revision, now)
         result = await self._store.txn(compares, ops)
         if not result.succeeded:
             raise self._reservation_not_found(reservation_id)
@@ -825,7 +810,7 @@ class NumberDistribution:
         if state is None:
             raise self._pool_not_found(record.pool_id)
         _, maximum, quarantine = pool_ttls(state.pool)
-        remaining = _epoch(record.created_at) + maximum - now
+        remaining = seconds(record.created_at) + maximum - now
         if ttl > remaining + 1e-9:
             raise InvalidArgument(
                 [
@@ -840,8 +825,8 @@ class NumberDistribution:
         updated = storage_pb2.StoredReservation()
         updated.CopyFrom(record)
         updated.lease_id = lease
-        updated.expires_at.CopyFrom(_timestamp(now + ttl))
-        updated.quarantined_until.CopyFrom(_timestamp(now + ttl + quarantine))
+        updated.expires_at.CopyFrom(timestamp(now + ttl))
+        updated.quarantined_until.CopyFrom(timestamp(now + ttl + quarantine))
         ops = [
             Op.put(keys.slot(record.number, record.slot), updated, lease),
             Op.put(
@@ -851,7 +836,7 @@ class NumberDistribution:
             ),
         ]
         if record.code_hash and state.pool.mode == nd_pb2.POOL_MODE_SHARED:
-            ops.append(Op.put(keys.code(record.number, record.code_hash), keys.EMPTY, lease))
+            ops.append(Op.put(keys.code(record.number, record.code_hash), EMPTY, lease))
         if record.idempotency_hash:
             idem = await self._store.get(
                 keys.idempotency(record.idempotency_hash), storage_pb2.IdempotencyRecord
@@ -897,7 +882,7 @@ class NumberDistribution:
         expired = 0
         for key, raw, _ in slot_rows:
             record = decode(storage_pb2.StoredReservation, key, raw)
-            if _epoch(record.expires_at) <= now:
+            if seconds(record.expires_at) <= now:
                 expired += 1
                 continue
             if not record.code_hash:

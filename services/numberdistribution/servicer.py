@@ -12,13 +12,12 @@ from services.numberdistribution.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
 from services.numberdistribution.domain import NumberDistribution, ReserveRequest
 from services.runtime import identity
 from services.runtime.errors import PermissionDenied
+from services.runtime.server import ServicerContext
 from services.runtime.validation import Violations
 
 MAX_NUMBERS_PER_CALL = 10_000
 MAX_TAGS = 64
 MAX_DAY = 24 * 3600.0
-
-Context = Any
 
 
 def _check_pool(pool: nd_pb2.Pool, v: Violations) -> None:
@@ -75,7 +74,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         self._domain = domain
 
     async def CreatePool(
-        self, request: nd_pb2.CreatePoolRequest, context: Context
+        self, request: nd_pb2.CreatePoolRequest, context: ServicerContext
     ) -> nd_pb2.CreatePoolResponse:
         v = Violations()
         _check_pool(request.pool, v)
@@ -83,7 +82,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.CreatePoolResponse(pool=await self._domain.create_pool(request.pool))
 
     async def UpdatePool(
-        self, request: nd_pb2.UpdatePoolRequest, context: Context
+        self, request: nd_pb2.UpdatePoolRequest, context: ServicerContext
     ) -> nd_pb2.UpdatePoolResponse:
         v = Violations()
         _check_pool(request.pool, v)
@@ -91,7 +90,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.UpdatePoolResponse(pool=await self._domain.update_pool(request.pool))
 
     async def GetPool(
-        self, request: nd_pb2.GetPoolRequest, context: Context
+        self, request: nd_pb2.GetPoolRequest, context: ServicerContext
     ) -> nd_pb2.GetPoolResponse:
         v = Violations()
         v.id("pool_id", request.pool_id)
@@ -99,7 +98,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.GetPoolResponse(pool=await self._domain.get_pool(request.pool_id))
 
     async def ListPools(
-        self, request: nd_pb2.ListPoolsRequest, context: Context
+        self, request: nd_pb2.ListPoolsRequest, context: ServicerContext
     ) -> nd_pb2.ListPoolsResponse:
         v = Violations()
         size = v.page("page_size", request.page_size, 500, 100)
@@ -109,7 +108,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.ListPoolsResponse(pools=pools, next_page_token=token)
 
     async def DeletePool(
-        self, request: nd_pb2.DeletePoolRequest, context: Context
+        self, request: nd_pb2.DeletePoolRequest, context: ServicerContext
     ) -> nd_pb2.DeletePoolResponse:
         v = Violations()
         v.id("pool_id", request.pool_id)
@@ -118,7 +117,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.DeletePoolResponse()
 
     async def AddNumbers(
-        self, request: nd_pb2.AddNumbersRequest, context: Context
+        self, request: nd_pb2.AddNumbersRequest, context: ServicerContext
     ) -> nd_pb2.AddNumbersResponse:
         v = Violations()
         _check_numbers(request, v)
@@ -128,7 +127,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         )
 
     async def RemoveNumbers(
-        self, request: nd_pb2.RemoveNumbersRequest, context: Context
+        self, request: nd_pb2.RemoveNumbersRequest, context: ServicerContext
     ) -> nd_pb2.RemoveNumbersResponse:
         v = Violations()
         _check_numbers(request, v)
@@ -138,7 +137,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         )
 
     async def DrainNumber(
-        self, request: nd_pb2.DrainNumberRequest, context: Context
+        self, request: nd_pb2.DrainNumberRequest, context: ServicerContext
     ) -> nd_pb2.DrainNumberResponse:
         v = Violations()
         v.id("pool_id", request.pool_id)
@@ -147,7 +146,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return await self._domain.drain_number(request.pool_id, request.number, request.draining)
 
     async def GetPoolStats(
-        self, request: nd_pb2.GetPoolStatsRequest, context: Context
+        self, request: nd_pb2.GetPoolStatsRequest, context: ServicerContext
     ) -> nd_pb2.GetPoolStatsResponse:
         v = Violations()
         v.id("pool_id", request.pool_id)
@@ -155,7 +154,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return nd_pb2.GetPoolStatsResponse(stats=await self._domain.pool_stats(request.pool_id))
 
     async def ReserveNumber(
-        self, request: nd_pb2.ReserveNumberRequest, context: Context
+        self, request: nd_pb2.ReserveNumberRequest, context: ServicerContext
     ) -> nd_pb2.ReserveNumberResponse:
         v = Violations()
         location = None
@@ -193,7 +192,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         )
 
     async def ExtendReservation(
-        self, request: nd_pb2.ExtendReservationRequest, context: Context
+        self, request: nd_pb2.ExtendReservationRequest, context: ServicerContext
     ) -> nd_pb2.ExtendReservationResponse:
         v = Violations()
         v.id("reservation_id", request.reservation_id)
@@ -204,7 +203,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         )
 
     async def ReleaseNumber(
-        self, request: nd_pb2.ReleaseNumberRequest, context: Context
+        self, request: nd_pb2.ReleaseNumberRequest, context: ServicerContext
     ) -> nd_pb2.ReleaseNumberResponse:
         v = Violations()
         v.id("reservation_id", request.reservation_id)
@@ -217,7 +216,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         return response
 
     async def ResolveNumber(
-        self, request: nd_pb2.ResolveNumberRequest, context: Context
+        self, request: nd_pb2.ResolveNumberRequest, context: ServicerContext
     ) -> nd_pb2.ResolveNumberResponse:
         v = Violations()
         v.text("dialled_number", request.dialled_number, 256, required=True)

@@ -6,9 +6,12 @@ import logging
 from collections.abc import Sequence
 
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
-from services.presence.domain import Directory, Hub, Limits, Sessions
-from services.presence.keys import DEVELOPMENT_SECRET, Sealing
+from services.presence.directory import Directory
+from services.presence.hub import Hub
+from services.presence.roster import DEVELOPMENT_SECRET, Sealing
 from services.presence.servicer import PresenceServicer
+from services.presence.session import Limits
+from services.presence.sessions import Sessions
 from services.presence.settings import PresenceSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 

@@ -1,7 +1,6 @@
-"""Presence's key layout in etcd, the sealing of its records, and the offer operations
-Routing uses: the offer is written by whoever routes (another process, maybe another
-replica), delivered by the Presence replica holding the agent's stream, and answered in
-place.
+"""Presence's key layout in etcd, private to this service: other services reach its
+state through the published modules, `roster.py` (agents and their presence, read) and
+`offers.py` (offers and interactions, written in their own transactions).
 
     pr/agents/{agent_id}              StoredAgent     (addresses sealed)
     pr/presence/{agent_id}            StoredPresence  (the agent session's lease)
@@ -11,79 +10,11 @@ place.
 
 from __future__ import annotations
 
-import math
-import secrets
-import time
-from dataclasses import dataclass
-
-from opentelemetry import propagate
-
-from accessline.common.v1 import common_pb2
-from accessline.presence.storage.v1 import storage_pb2 as pr_store
-from accessline.presence.v1 import presence_pb2
-from services.runtime.sealing import Sealer
-from services.runtime.store import Compare, Entry, Op, Store
-
 ROOT = "pr/"
 AGENTS = "pr/agents/"
 PRESENCE = "pr/presence/"
 OFFERS = "pr/offers/"
 INTERACTIONS = "pr/interactions/"
-# An offer's key outlives its deadline by this much, so its answer can still be read.
-OFFER_MARGIN_SECONDS = 5.0
-NO_REASON = presence_pb2.OFFER_CANCEL_REASON_UNSPECIFIED
-# The sealing secret of the embedded run on one machine (ACCESSLINE_PRESENCE_SECRET):
-# a deployment sets its own, refused in production.
-DEVELOPMENT_SECRET = "accessline-development-presence-secret-not-for-production"  # noqa: S105
-
-
-class Sealing:
-    """Personal data in Presence's records, sealed with ACCESSLINE_PRESENCE_SECRET:
-    agents' channel addresses and offers' previews. Routing, which writes offers and
-    connects calls to agents' addresses, is given the same secret."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._sealer = Sealer(secret, b"accessline presence records v1")
-
-    def stored_agent(self, agent: presence_pb2.Agent) -> pr_store.StoredAgent:
-        shown = presence_pb2.Agent()
-        shown.CopyFrom(agent)
-        addresses = pr_store.AgentAddresses()
-        for config in shown.channels:
-            addresses.addresses[config.channel] = config.address
-            config.address = ""
-        sealed = self._sealer.seal(addresses.SerializeToString(), agent.agent_id)
-        return pr_store.StoredAgent(agent=shown, sealed_addresses=sealed)
-
-    def agent(self, stored: pr_store.StoredAgent) -> presence_pb2.Agent:
-        """The agent with its addresses."""
-        found = presence_pb2.Agent()
-        found.CopyFrom(stored.agent)
-        if stored.sealed_addresses:
-            addresses = pr_store.AgentAddresses.FromString(
-                self._sealer.unseal(stored.sealed_addresses, found.agent_id)
-            )
-            for config in found.channels:
-                config.address = addresses.addresses.get(config.channel, "")
-        return found
-
-    def seal_summary(self, offer: pr_store.StoredOffer) -> None:
-        """Moves the preview's personal part out of the offer into its sealed copy."""
-        summary = offer.offer.summary
-        offer.sealed_summary = self._sealer.seal(summary.SerializeToString(), offer.offer.offer_id)
-        summary.customer_display_name = ""
-
-    def shown_offer(self, offer: pr_store.StoredOffer) -> presence_pb2.Offer:
-        """The offer as the agent's app is shown it, preview whole."""
-        shown = presence_pb2.Offer()
-        shown.CopyFrom(offer.offer)
-        if offer.sealed_summary:
-            shown.summary.CopyFrom(
-                presence_pb2.ContextSummary.FromString(
-                    self._sealer.unseal(offer.sealed_summary, shown.offer_id)
-                )
-            )
-        return shown
 
 
 def agent(agent_id: str) -> str:
@@ -108,125 +39,3 @@ def interactions(agent_id: str) -> str:
 
 def interaction(agent_id: str, interaction_id: str) -> str:
     return f"{INTERACTIONS}{agent_id}/{interaction_id}"
-
-
-@dataclass(frozen=True)
-class CallBinding:
-    """What ties an offered call's fate to its caller: the key of the call's place (the
-    offer holds only while it exists with this create revision) and the call's lease
-    (an accepted interaction is bound to it until the call is connected)."""
-
-    key: str
-    create_revision: int
-    lease: int
-
-
-def new_offer(
-    agent_id: str,
-    interaction_id: str,
-    channel: common_pb2.Channel.ValueType,
-    summary: presence_pb2.ContextSummary,
-    timeout: float,
-    sealing: Sealing,
-    call: CallBinding | None = None,
-) -> pr_store.StoredOffer:
-    """An open offer due `timeout` seconds from now, its preview's personal part sealed,
-    carrying the current trace context (write it under a lease of at least
-    `timeout + OFFER_MARGIN_SECONDS`)."""
-    deadline = time.time() + timeout
-    shown = presence_pb2.Offer(
-        offer_id="o" + secrets.token_urlsafe(12),
-        interaction_id=interaction_id,
-        summary=summary,
-        channel=channel,
-    )
-    shown.deadline.FromNanoseconds(int(deadline * 1e9))
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    stored = pr_store.StoredOffer(
-        offer=shown,
-        agent_id=agent_id,
-        state=pr_store.OFFER_STATE_OPEN,
-        trace=common_pb2.TraceContext(
-            traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
-        ),
-    )
-    if call is not None:
-        stored.call_key = call.key
-        stored.call_create_revision = call.create_revision
-        stored.call_lease = call.lease
-    sealing.seal_summary(stored)
-    return stored
-
-
-def interaction_connected(agent_id: str, interaction_id: str, lease: int) -> tuple[Compare, Op]:
-    """For the transaction that confirms a call reached the agent: the accepted
-    interaction leaves the call's lease for `lease` (the answer's `interaction_lease`),
-    if the agent has not ended it already (apply the op only when the compare holds)."""
-    key = interaction(agent_id, interaction_id)
-    return Compare.exists(key), Op.relet(key, lease)
-
-
-def interaction_abandoned(agent_id: str, interaction_id: str) -> Op:
-    """For the transaction that takes a call out before it reached the agent: an
-    interaction the agent accepted meanwhile ends (the agent's app is told the caller is
-    gone, and the channel is free again)."""
-    return Op.delete(interaction(agent_id, interaction_id))
-
-
-async def make_offer(
-    store: Store,
-    agent_id: str,
-    interaction_id: str,
-    channel: common_pb2.Channel.ValueType,
-    summary: presence_pb2.ContextSummary,
-    timeout: float,
-    sealing: Sealing,
-) -> pr_store.StoredOffer:
-    """Offers an interaction to an agent; the offer expires by itself after `timeout`."""
-    stored = new_offer(agent_id, interaction_id, channel, summary, timeout, sealing)
-    lease = await store.grant_lease(max(1, math.ceil(timeout + OFFER_MARGIN_SECONDS)))
-    await store.put(offer(agent_id, stored.offer.offer_id), stored, lease)
-    return stored
-
-
-async def cancel_offer(
-    store: Store, agent_id: str, offer_id: str, reason: presence_pb2.OfferCancelReason.ValueType
-) -> bool:
-    """Withdraws an open offer; False when it was answered, cancelled or gone already."""
-    for _ in range(5):
-        entry = await store.get(offer(agent_id, offer_id), pr_store.StoredOffer)
-        if entry is None or entry.value.state != pr_store.OFFER_STATE_OPEN:
-            return False
-        if await _set_state(store, entry, pr_store.OFFER_STATE_CANCELLED, cancel_reason=reason):
-            return True
-    return False
-
-
-async def _set_state(
-    store: Store,
-    entry: Entry[pr_store.StoredOffer],
-    state: pr_store.OfferState.ValueType,
-    *,
-    cancel_reason: presence_pb2.OfferCancelReason.ValueType = NO_REASON,
-    accepted_channel: common_pb2.Channel.ValueType = common_pb2.CHANNEL_UNSPECIFIED,
-    interaction_lease: int = 0,
-    also: tuple[list[Compare], list[Op]] = ([], []),
-) -> bool:
-    """Moves an open offer to `state` if nobody changed it since it was read, together
-    with `also` (more compares and operations) in the same transaction."""
-    updated = pr_store.StoredOffer()
-    updated.CopyFrom(entry.value)
-    updated.state = state
-    updated.cancel_reason = cancel_reason
-    updated.accepted_channel = accepted_channel
-    updated.interaction_lease = interaction_lease
-    updated.answered_at.FromNanoseconds(time.time_ns())
-    result = await store.txn(
-        [Compare.modified_at(entry.key, entry.meta.mod_revision), *also[0]],
-        [Op.put(entry.key, updated, entry.meta.lease), *also[1]],
-    )
-    return result.succeeded
-
-
-set_offer_state = _set_state

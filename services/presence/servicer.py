@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.presence.domain import Directory, Sessions
+from services.presence.directory import Directory
+from services.presence.sessions import Sessions
+from services.runtime.server import ServicerContext
 from services.runtime.validation import Violations
-
-Context = Any
 
 
 def _check_agent(agent: pr_pb2.Agent, v: Violations) -> None:
@@ -61,7 +60,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         self._stopping = stopping
 
     async def RegisterAgent(
-        self, request: pr_pb2.RegisterAgentRequest, context: Context
+        self, request: pr_pb2.RegisterAgentRequest, context: ServicerContext
     ) -> pr_pb2.RegisterAgentResponse:
         v = Violations()
         _check_agent(request.agent, v)
@@ -69,7 +68,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         return pr_pb2.RegisterAgentResponse(agent=await self._directory.register(request.agent))
 
     async def GetAgent(
-        self, request: pr_pb2.GetAgentRequest, context: Context
+        self, request: pr_pb2.GetAgentRequest, context: ServicerContext
     ) -> pr_pb2.GetAgentResponse:
         v = Violations()
         v.id("agent_id", request.agent_id)
@@ -77,7 +76,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         return pr_pb2.GetAgentResponse(agent=await self._directory.get(request.agent_id))
 
     async def ListAgents(
-        self, request: pr_pb2.ListAgentsRequest, context: Context
+        self, request: pr_pb2.ListAgentsRequest, context: ServicerContext
     ) -> pr_pb2.ListAgentsResponse:
         v = Violations()
         v.id("resource_group", request.resource_group, required=False)
@@ -90,7 +89,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         return pr_pb2.ListAgentsResponse(agents=agents, next_page_token=token)
 
     async def UnregisterAgent(
-        self, request: pr_pb2.UnregisterAgentRequest, context: Context
+        self, request: pr_pb2.UnregisterAgentRequest, context: ServicerContext
     ) -> pr_pb2.UnregisterAgentResponse:
         v = Violations()
         v.id("agent_id", request.agent_id)
@@ -99,13 +98,13 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         return pr_pb2.UnregisterAgentResponse()
 
     async def Connect(
-        self, request_iterator: AsyncIterator[pr_pb2.ConnectRequest], context: Context
+        self, request_iterator: AsyncIterator[pr_pb2.ConnectRequest], context: ServicerContext
     ) -> AsyncIterator[pr_pb2.ConnectResponse]:
         async for message in self._sessions.connect(request_iterator, self._stopping):
             yield message
 
     async def WatchPresence(
-        self, request: pr_pb2.WatchPresenceRequest, context: Context
+        self, request: pr_pb2.WatchPresenceRequest, context: ServicerContext
     ) -> AsyncIterator[pr_pb2.WatchPresenceResponse]:
         v = Violations()
         if len(request.agent_ids) > 1000:
@@ -127,7 +126,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
             yield message
 
     async def GetPresence(
-        self, request: pr_pb2.GetPresenceRequest, context: Context
+        self, request: pr_pb2.GetPresenceRequest, context: ServicerContext
     ) -> pr_pb2.GetPresenceResponse:
         v = Violations()
         if not request.agent_ids:
@@ -140,7 +139,7 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         return pr_pb2.GetPresenceResponse(agents=await self._directory.presence(request.agent_ids))
 
     async def GetGroupAvailability(
-        self, request: pr_pb2.GetGroupAvailabilityRequest, context: Context
+        self, request: pr_pb2.GetGroupAvailabilityRequest, context: ServicerContext
     ) -> pr_pb2.GetGroupAvailabilityResponse:
         v = Violations()
         if len(request.resource_groups) > 100:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from services.presence.keys import DEVELOPMENT_SECRET
+from services.presence.roster import DEVELOPMENT_SECRET
 from services.runtime.settings import ServiceSettings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -12,7 +13,7 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
-from services.presence.keys import Sealing
+from services.presence.roster import Sealing
 from services.routing.callbacks import Callbacks, NotifyRequests
 from services.routing.dispatch import Dispatcher
 from services.routing.domain import Router
@@ -20,7 +21,6 @@ from services.routing.queue import Rules, parse_value_rules
 from services.routing.servicer import RoutingServicer
 from services.routing.settings import RoutingSettings
 from services.runtime.audit import AuditEvent
-from services.runtime.peers import PeerStub
 from services.runtime.sealing import Sealer
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
@@ -59,36 +59,23 @@ def rules_from(settings: RoutingSettings) -> Rules:
 async def build(context: RuntimeContext) -> Sequence[Registration]:
     settings = context.settings
     assert isinstance(settings, RoutingSettings)
-    timeout = context.peer_timeout
-    matching = PeerStub(
-        call_matching_pb2_grpc.CallMatchingServiceStub(
-            context.channel(
-                settings.callmatching_address,
-                call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
-            )
-        ),
-        "callmatching",
-        timeout,
+    matching = call_matching_pb2_grpc.CallMatchingServiceStub(
+        context.channel(
+            settings.callmatching_address,
+            call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
+        )
     )
-    presence = PeerStub(
-        presence_pb2_grpc.PresenceServiceStub(
-            context.channel(
-                settings.presence_address,
-                presence_pb2.DESCRIPTOR.services_by_name["PresenceService"],
-            )
-        ),
-        "presence",
-        timeout,
+    presence = presence_pb2_grpc.PresenceServiceStub(
+        context.channel(
+            settings.presence_address,
+            presence_pb2.DESCRIPTOR.services_by_name["PresenceService"],
+        )
     )
-    notification = PeerStub(
-        notification_pb2_grpc.NotificationServiceStub(
-            context.channel(
-                settings.notification_address,
-                notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
-            )
-        ),
-        "notification",
-        timeout,
+    notification = notification_pb2_grpc.NotificationServiceStub(
+        context.channel(
+            settings.notification_address,
+            notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
+        )
     )
     rules = rules_from(settings)
     # The value rules come from a setting, so they change with a deploy: each replica's
@@ -105,12 +92,10 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     )
     meter = context.telemetry.meter("accessline.routing")
     replica = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
-    dispatcher: Dispatcher | None = None
-
-    def wake() -> None:
-        if dispatcher is not None:
-            dispatcher.wake()
-
+    # Everything that makes work for the dispatch leader rings this doorbell; the
+    # dispatcher of this replica (leading or not) waits on it.
+    doorbell = asyncio.Event()
+    wake = doorbell.set
     sealer = Sealer(settings.routing_secret.get_secret_value().encode(), SEAL_PURPOSE)
     callbacks = Callbacks(context.store, notification, rules, sealer, wake)
     dispatcher = Dispatcher(
@@ -124,6 +109,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         on_accepted_callback=callbacks.accepted,
         sweep=callbacks.sweep,
         meter=meter,
+        doorbell=doorbell,
     )
     router = Router(
         context.store,

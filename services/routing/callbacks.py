@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from accessline.access.v1 import access_pb2
 from accessline.common.v1 import common_pb2
@@ -26,8 +26,10 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.routing import keys, private
 from services.routing.dispatch import withdraw_offer
-from services.routing.queue import Rules, interaction_for, seconds, timestamp
+from services.routing.queue import Rules, interaction_for
 from services.runtime import identity
+from services.runtime.clock import seconds, timestamp
+from services.runtime.election import Term
 from services.runtime.errors import (
     AccesslineError,
     AlreadyExists,
@@ -37,6 +39,9 @@ from services.runtime.errors import (
 )
 from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
+
+if TYPE_CHECKING:
+    from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
 
 log = logging.getLogger("accessline.routing")
 
@@ -55,7 +60,7 @@ class Callbacks:
     def __init__(
         self,
         store: Store,
-        notification: Any,
+        notification: NotificationServiceAsyncStub,
         rules: Rules,
         sealer: Sealer,
         wake: Callable[[], None],
@@ -123,8 +128,8 @@ class Callbacks:
         if result.succeeded:
             self._wake()
             return public
-        found = result.gets[0] if result.gets else []
-        existing_id = rt_store.CallbackOwner.FromString(found[0][1]).callback_id if found else ""
+        found = result.first()
+        existing_id = rt_store.CallbackOwner.FromString(found.value).callback_id if found else ""
         existing = await self._store.get(keys.callback(existing_id), rt_store.StoredCallback)
         if (
             existing is not None
@@ -200,14 +205,14 @@ class Callbacks:
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
 
-    async def accepted(self, entry: Entry[QI], target: rt_store.ConnectTarget, fence: int) -> bool:
+    async def accepted(self, entry: Entry[QI], target: rt_store.ConnectTarget, term: Term) -> None:
         """The dispatch leader's hook when an agent accepted a callback: the callback is
-        dialling and the switch gets the dial. False only when the fence failed."""
+        dialling and the switch gets the dial. NotLeader when the fence failed."""
         stored = await self._store.get(
             keys.callback(entry.value.interaction_id), rt_store.StoredCallback
         )
         if stored is None or stored.value.callback.state != rt_pb2.CALLBACK_STATE_QUEUED:
-            return True
+            return
         updated = rt_store.StoredCallback()
         updated.CopyFrom(stored.value)
         updated.callback.state = rt_pb2.CALLBACK_STATE_DIALLING
@@ -228,7 +233,7 @@ class Callbacks:
         )
         result = await self._store.txn(
             [
-                Compare.created_at(keys.LEADER, fence),
+                term.fence(),
                 Compare.modified_at(entry.key, entry.meta.mod_revision),
                 Compare.modified_at(stored.key, stored.meta.mod_revision),
             ],
@@ -237,12 +242,11 @@ class Callbacks:
                 Op.put(stored.key, updated),
                 Op.put(keys.dial(updated.callback.callback_id), dial),
             ],
-            [Op.get(keys.LEADER)],
+            [term.read()],
         )
-        if result.succeeded:
-            return True
-        found = result.gets[0] if result.gets else []
-        return bool(found) and found[0][2].create_revision == fence
+        # Failed otherwise (the call or the callback changed meanwhile): the next pass
+        # sees it as it is now.
+        term.check(result)
 
     async def sweep(
         self, queued: list[Entry[QI]], dials: list[Entry[rt_store.PendingDial]], now: float

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import metrics, trace
@@ -26,10 +26,13 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
-from services.presence import keys as pr_keys
+from services.presence import offers as pr_offers
+from services.presence import roster as pr_roster
 from services.routing import keys, private
-from services.routing.queue import Candidate, Rules, order, rank, seconds, waiting
+from services.routing.queue import Candidate, Rules, order, rank, waiting
 from services.routing.view import AgentView
+from services.runtime.clock import seconds
+from services.runtime.election import Election, NotLeader, Term
 from services.runtime.errors import AccesslineError
 from services.runtime.peers import PeerError
 from services.runtime.sealing import Sealer
@@ -44,6 +47,10 @@ from services.runtime.store import (
 )
 from services.runtime.telemetry import context_from
 
+if TYPE_CHECKING:
+    from accessline.callmatching.v1.call_matching_pb2_grpc import CallMatchingServiceAsyncStub
+    from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
+
 log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
 
@@ -57,13 +64,9 @@ FINAL_PEER_CODES = {
 }
 
 
-class NotLeader(Exception):
-    """The leader's fencing token no longer holds: stop acting as leader."""
-
-
 async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
     """The offer once it is no longer open, or None when it timed out or vanished."""
-    key = pr_keys.offer(agent_id, offer_id)
+    key = pr_offers.offer_key(agent_id, offer_id)
     entry = await store.get(key, pr_store.StoredOffer)
     if entry is None:
         return None
@@ -91,7 +94,7 @@ async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.St
 async def withdraw_offer(store: Store, item: QI) -> None:
     """Withdraws the offer in flight of an interaction leaving the queue, if any."""
     if item.state == rt_store.INTERACTION_STATE_OFFERED:
-        await pr_keys.cancel_offer(
+        await pr_offers.cancel_offer(
             store, item.offer.agent_id, item.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
         )
 
@@ -102,20 +105,21 @@ class Dispatcher:
     def __init__(
         self,
         store: Store,
-        matching: Any,
-        notification: Any,
+        matching: CallMatchingServiceAsyncStub,
+        notification: NotificationServiceAsyncStub,
         rules: Rules,
         sealer: Sealer,
-        presence_sealing: pr_keys.Sealing,
+        presence_sealing: pr_roster.Sealing,
         replica_id: str,
         on_accepted_callback: Callable[
-            [Entry[QI], rt_store.ConnectTarget, int], Coroutine[Any, Any, bool]
+            [Entry[QI], rt_store.ConnectTarget, Term], Coroutine[Any, Any, None]
         ],
         sweep: Callable[
             [list[Entry[QI]], list[Entry[rt_store.PendingDial]], float],
             Coroutine[Any, Any, None],
         ],
         meter: metrics.Meter | None = None,
+        doorbell: asyncio.Event | None = None,
     ) -> None:
         self._store = store
         self._matching = matching
@@ -126,11 +130,14 @@ class Dispatcher:
         self._replica = replica_id
         self._on_accepted_callback = on_accepted_callback
         self._sweep = sweep
-        self._wake = asyncio.Event()
+        # Rung (set) by whatever makes work for the leader: a call queued, an agent free.
+        self._wake = doorbell or asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._follows: dict[str, asyncio.Task[None]] = {}
-        self._fence = 0
+        self._election = Election(store, keys.LEADER, rules.leader_lease)
+        # The current term while this replica leads (its fence guards every write).
+        self._term: Term | None = None
         self._view = AgentView(store, presence_sealing, self.wake)
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
@@ -169,7 +176,7 @@ class Dispatcher:
         backoff = 0.2
         while not self._stopping.is_set():
             try:
-                await self._term()
+                await self._term_of_office()
                 backoff = 0.2
                 continue
             except (AccesslineError, NotLeader, WatchCompacted) as exc:
@@ -183,51 +190,25 @@ class Dispatcher:
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, 5.0)
 
-    async def _term(self) -> None:
-        """One lease of this replica: campaign with it, lead while it holds."""
-        lease_id = await self._store.grant_lease(self._rules.leader_lease)
-        kept = await self._store.keep_alive(lease_id, self._rules.leader_lease)
-        try:
-            while not kept.lost.is_set() and not self._stopping.is_set():
-                leader = rt_store.Leader(replica_id=self._replica)
-                leader.since.FromNanoseconds(time.time_ns())
-                revision = await self._store.create(keys.LEADER, leader, lease_id)
-                if revision is None:
-                    await self._await_vacancy(kept.lost)
-                    continue
-                self._fence = revision
-                log.info("this replica now runs the dispatch loop")
-                try:
-                    await self._lead(kept.lost)
-                finally:
-                    self.leading.clear()
-                    log.info("this replica no longer runs the dispatch loop")
-        finally:
-            self._store.stop_keep_alive(kept)
-            with contextlib.suppress(AccesslineError):
-                await self._store.revoke_lease(lease_id)
+    def _leader_record(self) -> rt_store.Leader:
+        leader = rt_store.Leader(replica_id=self._replica)
+        leader.since.FromNanoseconds(time.time_ns())
+        return leader
 
-    async def _await_vacancy(self, lost: asyncio.Event) -> None:
-        """Returns once `rt/leader` is gone (or our own lease is lost)."""
-        entry = await self._store.get(keys.LEADER, rt_store.Leader)
-        if entry is None:
+    async def _term_of_office(self) -> None:
+        """Campaigns for `rt/leader`; once elected, leads while the term holds, then
+        resigns (another replica may lead at once)."""
+        term = await self._election.campaign(self._leader_record, self._stopping)
+        if term is None:
             return
-
-        async def deleted() -> None:
-            async for event in self._store.watch_prefix(keys.LEADER, entry.meta.mod_revision + 1):
-                if event.key == keys.LEADER and event.kind == EventKind.DELETE:
-                    return
-
-        watch = asyncio.ensure_future(deleted())
-        lost_wait = asyncio.ensure_future(lost.wait())
+        self._term = term
+        log.info("this replica now runs the dispatch loop")
         try:
-            await asyncio.wait({watch, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done():
-                watch.result()
+            await self._lead(term.lost)
         finally:
-            for task in (watch, lost_wait):
-                task.cancel()
-            await asyncio.gather(watch, lost_wait, return_exceptions=True)
+            self.leading.clear()
+            log.info("this replica no longer runs the dispatch loop")
+            await term.resign()
 
     async def _lead(self, lost: asyncio.Event) -> None:
         self.leading.set()
@@ -265,29 +246,25 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*watchers, *self._follows.values(), return_exceptions=True)
             self._follows.clear()
-            # Step down: another replica may lead at once.
-            with contextlib.suppress(AccesslineError):
-                await self._store.txn(
-                    [Compare.created_at(keys.LEADER, self._fence)], [Op.delete(keys.LEADER)]
-                )
 
     async def _wake_on(self, prefix: str) -> None:
         revision = await self._store.revision()
         async for _ in self._store.watch_prefix(prefix, revision + 1):
             self._wake.set()
 
-    def _fenced(self) -> Compare:
-        return Compare.created_at(keys.LEADER, self._fence)
+    @property
+    def _office(self) -> Term:
+        """The term this replica leads in (only called while leading)."""
+        if self._term is None:
+            raise NotLeader("this replica has not been elected")
+        return self._term
 
     async def _txn(self, compares: list[Compare], ops: list[Op]) -> bool:
         """A fenced transaction: False when `compares` failed, NotLeader when the fence did."""
-        result = await self._store.txn([self._fenced(), *compares], ops, [Op.get(keys.LEADER)])
-        if result.succeeded:
-            return True
-        found = result.gets[0] if result.gets else []
-        if not found or found[0][2].create_revision != self._fence:
-            raise NotLeader("rt/leader is held by another replica")
-        return False
+        term = self._office
+        result = await self._store.txn([term.fence(), *compares], ops, [term.read()])
+        term.check(result)
+        return result.succeeded
 
     # -- one pass ---------------------------------------------------------------------
 
@@ -301,7 +278,7 @@ class Dispatcher:
                 Op.get_prefix(keys.QUEUE),
                 Op.get_prefix(keys.NOTIFY),
                 Op.get_prefix(keys.CLAIMS),
-                Op.get_prefix(pr_keys.PRESENCE),
+                Op.get_prefix(pr_roster.PRESENCE),
                 Op.get_prefix(keys.DIALS),
             ],
         )
@@ -309,7 +286,7 @@ class Dispatcher:
         queued = [Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue]
         requests = [Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests]
         stored = {
-            k.removeprefix(pr_keys.PRESENCE): decode(pr_store.StoredPresence, k, v)
+            k.removeprefix(pr_roster.PRESENCE): decode(pr_store.StoredPresence, k, v)
             for k, v, _ in raw_presence
         }
         claimed: dict[tuple[str, int], int] = defaultdict(int)
@@ -439,7 +416,7 @@ class Dispatcher:
             else None,
             attributes={"accessline.agent": agent.agent_id},
         ):
-            stored = pr_keys.new_offer(
+            stored = pr_offers.new_offer(
                 agent.agent_id,
                 item.interaction_id,
                 candidate.channel,
@@ -447,12 +424,12 @@ class Dispatcher:
                 self._rules.offer_timeout,
                 self._presence_sealing,
                 # An accept holds only while the caller still has this place in the queue.
-                pr_keys.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
+                pr_offers.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
             )
         # The claim is deleted once the offer is answered; should the leader die and the
         # call with it (nobody left to answer for), it ends with the offer's own lease.
         offer_lease = await self._store.shared_lease(
-            self._rules.offer_timeout + pr_keys.OFFER_MARGIN_SECONDS
+            self._rules.offer_timeout + pr_offers.OFFER_MARGIN_SECONDS
         )
         claim_lease = offer_lease
         record = rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id)
@@ -473,7 +450,7 @@ class Dispatcher:
             private.seal_addresses(self._sealer, updated.offer, agent)
             result = await self._store.txn(
                 [
-                    self._fenced(),
+                    self._office.fence(),
                     Compare.modified_at(entry.key, entry.meta.mod_revision),
                     Compare.absent(claim_key),
                 ],
@@ -481,20 +458,21 @@ class Dispatcher:
                     Op.put(claim_key, record, claim_lease),
                     Op.put(entry.key, updated, entry.meta.lease),
                     Op.put(
-                        pr_keys.offer(agent.agent_id, stored.offer.offer_id), stored, offer_lease
+                        pr_offers.offer_key(agent.agent_id, stored.offer.offer_id),
+                        stored,
+                        offer_lease,
                     ),
                 ],
-                [Op.get(keys.LEADER), Op.get(entry.key), Op.get(claim_key)],
+                [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
                 self._follow_offer(Entry(entry.key, updated, entry.meta))
                 return True
-            leader, current, holder = result.gets
-            if not leader or leader[0][2].create_revision != self._fence:
-                raise NotLeader("rt/leader is held by another replica")
-            if not current or current[0][2].mod_revision != entry.meta.mod_revision:
+            self._office.check(result, 0)
+            current, holder = result.first(1), result.first(2)
+            if current is None or current.meta.mod_revision != entry.meta.mod_revision:
                 return False  # the call hung up or changed meanwhile
-            if not holder:
+            if holder is None:
                 return False
         return False
 
@@ -552,10 +530,12 @@ class Dispatcher:
             if limit and count >= limit
             else pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT
         )
-        withdrawn = await pr_keys.cancel_offer(self._store, offer.agent_id, offer.offer_id, reason)
+        withdrawn = await pr_offers.cancel_offer(
+            self._store, offer.agent_id, offer.offer_id, reason
+        )
         if not withdrawn:
             late = await self._store.get(
-                pr_keys.offer(offer.agent_id, offer.offer_id), pr_store.StoredOffer
+                pr_offers.offer_key(offer.agent_id, offer.offer_id), pr_store.StoredOffer
             )
             if late is not None and late.value.state in (
                 pr_store.OFFER_STATE_ACCEPTED,
@@ -596,8 +576,7 @@ class Dispatcher:
         )
         private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
-            if not await self._on_accepted_callback(entry, target, self._fence):
-                raise NotLeader("rt/leader is held by another replica")
+            await self._on_accepted_callback(entry, target, self._office)
             return
         updated = QI()
         updated.CopyFrom(entry.value)
@@ -678,4 +657,4 @@ class Dispatcher:
         return True
 
 
-__all__ = ["Dispatcher", "NotLeader", "wait_answer", "withdraw_offer"]
+__all__ = ["Dispatcher", "wait_answer", "withdraw_offer"]

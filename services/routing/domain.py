@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 from opentelemetry import metrics, propagate, trace
@@ -29,19 +29,11 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.presence import keys as pr_keys
+from services.presence import offers as pr_offers
 from services.routing import keys, private
 from services.routing.dispatch import withdraw_offer
-from services.routing.queue import (
-    VOICE,
-    Rules,
-    estimate,
-    interaction_for,
-    order,
-    seconds,
-    timestamp,
-    waiting,
-)
+from services.routing.queue import VOICE, Rules, estimate, interaction_for, order, waiting
+from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     Aborted,
     AccesslineError,
@@ -53,6 +45,10 @@ from services.runtime.errors import (
 from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, EventKind, Op, Store
 from services.runtime.validation import ID
+
+if TYPE_CHECKING:
+    from accessline.callmatching.v1.call_matching_pb2_grpc import CallMatchingServiceAsyncStub
+    from accessline.presence.v1.presence_pb2_grpc import PresenceServiceAsyncStub
 
 log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
@@ -121,8 +117,8 @@ class Router:
     def __init__(
         self,
         store: Store,
-        matching: Any,
-        presence: Any,
+        matching: CallMatchingServiceAsyncStub,
+        presence: PresenceServiceAsyncStub,
         rules: Rules,
         sealer: Sealer,
         stopping: asyncio.Event,
@@ -503,7 +499,7 @@ class Router:
                 item = entry.value
                 target = item.connected
                 if connected and target.interaction_lease:
-                    kept, relet = pr_keys.interaction_connected(
+                    kept, relet = pr_offers.interaction_connected(
                         target.agent_id, item.interaction_id, target.interaction_lease
                     )
                     out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
@@ -514,7 +510,7 @@ class Router:
                     ops.append(Op.delete(item.place_key))
                 agent_id = target.agent_id or item.offer.agent_id
                 if not connected and agent_id:
-                    ops.append(pr_keys.interaction_abandoned(agent_id, item.interaction_id))
+                    ops.append(pr_offers.interaction_abandoned(agent_id, item.interaction_id))
                 left = await self._store.txn(
                     [Compare.modified_at(key, entry.meta.mod_revision)], ops
                 )

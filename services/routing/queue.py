@@ -8,14 +8,12 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.routing.private import seal_interaction
+from services.runtime.clock import seconds, timestamp
 from services.runtime.sealing import Sealer
 
 C = common_pb2
@@ -132,16 +130,6 @@ class Rules:
             if rule.matches(channel, segment, subject, kind):
                 return rule.value, rule.sla_seconds
         return self.default_value, self.default_sla
-
-
-def timestamp(when: float) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromNanoseconds(int(when * 1e9))
-    return out
-
-
-def seconds(ts: Any) -> float:
-    return float(ts.ToNanoseconds()) / 1e9
 
 
 def priority(item: QI, rules: Rules, now: float) -> float:

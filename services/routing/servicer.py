@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from accessline.common.v1 import common_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.callmatching.contextdata import check_context
 from services.routing.callbacks import Callbacks, NotifyRequests
 from services.routing.domain import Router
-from services.routing.queue import seconds
+from services.runtime.clock import seconds
+from services.runtime.contextdata import check_context
 from services.runtime.phone import NumberFormatError, normalize_number
+from services.runtime.server import ServicerContext
 from services.runtime.streams import until
 from services.runtime.validation import Violations
 
-Context = Any
 MAX_WINDOW = 7 * 24 * 3600.0
 
 
@@ -44,7 +43,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         self._stopping = stopping
 
     async def RouteInboundCall(
-        self, request: rt_pb2.RouteInboundCallRequest, context: Context
+        self, request: rt_pb2.RouteInboundCallRequest, context: ServicerContext
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         v = Violations()
         v.id("call_id", request.call_id, long=True)
@@ -60,7 +59,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
             yield event
 
     async def EstimateWait(
-        self, request: rt_pb2.EstimateWaitRequest, context: Context
+        self, request: rt_pb2.EstimateWaitRequest, context: ServicerContext
     ) -> rt_pb2.EstimateWaitResponse:
         v = Violations()
         v.id("resource_group", request.resource_group)
@@ -69,7 +68,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return await self._router.estimate_wait(request.resource_group, request.channel)
 
     async def RequestNotifyWhenAvailable(
-        self, request: rt_pb2.RequestNotifyWhenAvailableRequest, context: Context
+        self, request: rt_pb2.RequestNotifyWhenAvailableRequest, context: ServicerContext
     ) -> rt_pb2.RequestNotifyWhenAvailableResponse:
         v = Violations()
         v.id("session_id", request.session_id, required=False)
@@ -89,7 +88,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return await self._notify.request(request)
 
     async def SnoozeNotifyWhenAvailable(
-        self, request: rt_pb2.SnoozeNotifyWhenAvailableRequest, context: Context
+        self, request: rt_pb2.SnoozeNotifyWhenAvailableRequest, context: ServicerContext
     ) -> rt_pb2.SnoozeNotifyWhenAvailableResponse:
         v = Violations()
         v.id("request_id", request.request_id)
@@ -98,7 +97,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return await self._notify.snooze(request.request_id, snooze)
 
     async def CancelNotifyWhenAvailable(
-        self, request: rt_pb2.CancelNotifyWhenAvailableRequest, context: Context
+        self, request: rt_pb2.CancelNotifyWhenAvailableRequest, context: ServicerContext
     ) -> rt_pb2.CancelNotifyWhenAvailableResponse:
         v = Violations()
         v.id("request_id", request.request_id)
@@ -107,7 +106,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return rt_pb2.CancelNotifyWhenAvailableResponse()
 
     async def RequestCallback(
-        self, request: rt_pb2.RequestCallbackRequest, context: Context
+        self, request: rt_pb2.RequestCallbackRequest, context: ServicerContext
     ) -> rt_pb2.RequestCallbackResponse:
         v = Violations()
         v.id("session_id", request.session_id, required=False)
@@ -140,7 +139,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return rt_pb2.RequestCallbackResponse(callback=await self._callbacks.request(checked))
 
     async def GetCallback(
-        self, request: rt_pb2.GetCallbackRequest, context: Context
+        self, request: rt_pb2.GetCallbackRequest, context: ServicerContext
     ) -> rt_pb2.GetCallbackResponse:
         v = Violations()
         v.id("callback_id", request.callback_id)
@@ -148,7 +147,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return rt_pb2.GetCallbackResponse(callback=await self._callbacks.get(request.callback_id))
 
     async def CancelCallback(
-        self, request: rt_pb2.CancelCallbackRequest, context: Context
+        self, request: rt_pb2.CancelCallbackRequest, context: ServicerContext
     ) -> rt_pb2.CancelCallbackResponse:
         v = Violations()
         v.id("callback_id", request.callback_id)
@@ -157,7 +156,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         return rt_pb2.CancelCallbackResponse()
 
     async def StreamCallbackDials(
-        self, request: rt_pb2.StreamCallbackDialsRequest, context: Context
+        self, request: rt_pb2.StreamCallbackDialsRequest, context: ServicerContext
     ) -> AsyncIterator[rt_pb2.StreamCallbackDialsResponse]:
         v = Violations()
         v.id("switch_id", request.switch_id)
@@ -168,7 +167,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
             yield dial
 
     async def ReportCallbackAttempt(
-        self, request: rt_pb2.ReportCallbackAttemptRequest, context: Context
+        self, request: rt_pb2.ReportCallbackAttemptRequest, context: ServicerContext
     ) -> rt_pb2.ReportCallbackAttemptResponse:
         v = Violations()
         v.id("callback_id", request.callback_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
-from services.presence.keys import DEVELOPMENT_SECRET as PRESENCE_DEVELOPMENT_SECRET
+from services.presence.roster import DEVELOPMENT_SECRET as PRESENCE_DEVELOPMENT_SECRET
 from services.runtime.settings import PeerAddress, ServiceSettings
 
 # Only for the embedded run on one machine: a deployment sets its own secret.

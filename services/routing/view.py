@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from services.presence import keys as pr_keys
-from services.presence.domain import public_presence
+from services.presence import roster as pr_roster
+from services.presence.roster import public_presence
 from services.runtime.store import EventKind, Store, WatchCompacted
 
 log = logging.getLogger("accessline.routing")
@@ -25,7 +25,7 @@ class AgentView:
     calls `on_change`."""
 
     def __init__(
-        self, store: Store, sealing: pr_keys.Sealing, on_change: Callable[[], None]
+        self, store: Store, sealing: pr_roster.Sealing, on_change: Callable[[], None]
     ) -> None:
         self._store = store
         self._sealing = sealing
@@ -46,20 +46,20 @@ class AgentView:
         """Loads the agents and follows every change until cancelled; reloads when etcd
         compacted the history the watch needed."""
         while True:
-            agents, revision = await self._store.get_prefix(pr_keys.AGENTS, pr_store.StoredAgent)
+            agents, revision = await self._store.get_prefix(pr_roster.AGENTS, pr_store.StoredAgent)
             self._agents = {e.value.agent.agent_id: self._sealing.agent(e.value) for e in agents}
             self.ready.set()
             self._on_change()
             try:
-                async for event in self._store.watch_prefix(pr_keys.ROOT, revision + 1):
-                    if event.key.startswith(pr_keys.AGENTS):
-                        agent_id = event.key.removeprefix(pr_keys.AGENTS)
+                async for event in self._store.watch_prefix(pr_roster.ROOT, revision + 1):
+                    if event.key.startswith(pr_roster.AGENTS):
+                        agent_id = event.key.removeprefix(pr_roster.AGENTS)
                         if event.kind == EventKind.DELETE:
                             self._agents.pop(agent_id, None)
                         else:
                             stored = event.decode(pr_store.StoredAgent)
                             self._agents[agent_id] = self._sealing.agent(stored)
-                    elif not event.key.startswith(pr_keys.PRESENCE):
+                    elif not event.key.startswith(pr_roster.PRESENCE):
                         continue
                     self._on_change()
             except WatchCompacted:

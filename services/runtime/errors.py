@@ -71,6 +71,15 @@ class AccesslineError(Exception):
             out.append(error_details_pb2.RetryInfo(retry_delay=delay))
         return out
 
+    def packed_details(self) -> list[any_pb2.Any]:
+        """The details as they travel in the status (a peer's error passes its own on)."""
+        packed = []
+        for detail in self.details():
+            one = any_pb2.Any()
+            one.Pack(detail)
+            packed.append(one)
+        return packed
+
 
 # A refusal names at most this many fields (its details travel in a trailer of bounded
 # size); the message says how many more there were.
@@ -182,17 +191,10 @@ class Unimplemented(AccesslineError):
 
 def to_status(error: AccesslineError) -> grpc.Status:
     """The gRPC status (with packed rich details) for a domain error."""
-    details = []
-    passed = getattr(error, "passed_details", None)
-    if passed is not None:
-        details = list(passed)
-    else:
-        for detail in error.details():
-            packed = any_pb2.Any()
-            packed.Pack(detail)
-            details.append(packed)
     proto = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+        code=code_pb2.Code.Value(error.code.name),
+        message=error.message,
+        details=error.packed_details(),
     )
     status: grpc.Status = rpc_status.to_status(proto)
     return status

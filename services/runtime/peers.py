@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2
+from google.protobuf import any_pb2, descriptor_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_status import rpc_status
 
@@ -88,24 +88,24 @@ def peer_channel(
     address: str,
     service: ServiceDescriptor,
     timeout: float,
-    interceptors: Any = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     """A channel to a peer service's replicas, balanced and retried as its contract
     allows; over mutual TLS when given this service's credentials, each replica's
     certificate checked for the peer's name (`numberdistribution`, say) whatever address
-    it is reached at."""
+    it is reached at. Unary calls on it go through `PeerCalls` first (outermost, so that
+    the interceptors given, tracing among them, still see the transport's error)."""
+    chain = [PeerCalls(peer_name(service), timeout), *interceptors]
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", service_config(service, timeout)),
         ("grpc.enable_retries", 1),
     ]
     if credentials is None:
-        return grpc.aio.insecure_channel(
-            peer_target(address), options=options, interceptors=list(interceptors)
-        )
+        return grpc.aio.insecure_channel(peer_target(address), options=options, interceptors=chain)
     options.append(("grpc.ssl_target_name_override", peer_name(service)))
     return grpc.aio.secure_channel(
-        peer_target(address), credentials, options=options, interceptors=list(interceptors)
+        peer_target(address), credentials, options=options, interceptors=chain
     )
 
 
@@ -128,22 +128,33 @@ class PeerError(AccesslineError):
         status = None if opaque else rpc_status.from_call(error)  # type: ignore[arg-type]
         self.passed_details = list(status.details) if status is not None else None
 
+    def packed_details(self) -> list[any_pb2.Any]:
+        if self.passed_details is None:
+            return super().packed_details()
+        return self.passed_details
 
-class PeerStub:
-    """Wraps a generated stub: `await peer.Method(request)`."""
 
-    def __init__(self, stub: Any, peer: str, timeout: float) -> None:
-        self._stub = stub
+class PeerCalls(grpc.aio.UnaryUnaryClientInterceptor):
+    """The client side of every unary call to a peer, installed where the runtime makes
+    the channel: the call gets the peer deadline when its caller set none, and a failed
+    call raises `PeerError` (keeping the peer's status and rich details) instead of the
+    transport's `AioRpcError`. Callers use the generated typed stubs directly."""
+
+    def __init__(self, peer: str, timeout: float) -> None:
         self._peer = peer
         self._timeout = timeout
 
-    def __getattr__(self, method: str) -> Callable[[Any], Awaitable[Any]]:
-        call = getattr(self._stub, method)
-
-        async def invoke(request: Any) -> Any:
-            try:
-                return await call(request, timeout=self._timeout)
-            except grpc.aio.AioRpcError as error:
-                raise PeerError(self._peer, error) from None
-
-        return invoke
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        if client_call_details.timeout is None:
+            client_call_details = client_call_details._replace(timeout=self._timeout)  # type: ignore[attr-defined]
+        call = await continuation(client_call_details, request)
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            raise PeerError(self._peer, error) from None
+        return call

@@ -77,6 +77,11 @@ def accessline_version() -> str:
         return "0.0.0+unknown"
 
 
+# The context a servicer method is given (requests and responses are typed by the
+# method's own signature).
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+
+
 @dataclass(frozen=True)
 class Registration:
     """One gRPC service a process serves: its servicer, the generated `add_*_to_server`

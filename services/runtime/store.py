@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import aetcd.rpc as etcdrpc
 import grpc
@@ -113,6 +113,14 @@ class KeyMeta:
     mod_revision: int
     version: int
     lease: int
+
+
+class RawKV(NamedTuple):
+    """A key as a transaction's `get` op found it, not decoded (`decode` does that)."""
+
+    key: str
+    value: bytes
+    meta: KeyMeta
 
 
 @dataclass(frozen=True)
@@ -203,12 +211,18 @@ class Op:
 @dataclass(frozen=True)
 class TxnResult:
     """Whether the compares held, the store revision after the transaction, and for
-    each `get` op the raw (key, value, meta) triples it found."""
+    each `get` op the raw keys it found."""
 
     succeeded: bool
     revision: int
-    gets: list[list[tuple[str, bytes, KeyMeta]]]
+    gets: list[list[RawKV]]
     deleted: list[int]
+
+    def first(self, index: int = 0) -> RawKV | None:
+        """The first key the `index`-th get op found (in the ops that ran), or None."""
+        if index >= len(self.gets) or not self.gets[index]:
+            return None
+        return self.gets[index][0]
 
 
 class EventKind(Enum):
@@ -719,13 +733,16 @@ class Store:
         # A transaction without writes is a read (a consistent snapshot of several keys).
         read_only = all(o.kind == "get" for o in (*success, *failure))
         reply = await self._call("kv", "Txn", request, read=read_only)
-        gets: list[list[tuple[str, bytes, KeyMeta]]] = []
+        gets: list[list[RawKV]] = []
         deleted: list[int] = []
         for response in reply.responses:
             kind = response.WhichOneof("response")
             if kind == "response_range":
                 gets.append(
-                    [(self._rel(i.key), i.value, _meta(i)) for i in response.response_range.kvs]
+                    [
+                        RawKV(self._rel(i.key), i.value, _meta(i))
+                        for i in response.response_range.kvs
+                    ]
                 )
             elif kind == "response_delete_range":
                 deleted.append(int(response.response_delete_range.deleted))
@@ -812,16 +829,29 @@ class Store:
 
     # -- watches ----------------------------------------------------------------------
 
-    async def watch_prefix(
+    def watch_key(
+        self, key: str, start_revision: int, *, max_backoff: float = 2.0
+    ) -> AsyncIterator[WatchEvent]:
+        """Every change of the one key `key` from `start_revision` on (as `watch_prefix`,
+        without the keys that merely start with it)."""
+        return self._watch(key, start_revision, max_backoff, whole_prefix=False)
+
+    def watch_prefix(
         self, prefix: str, start_revision: int, *, max_backoff: float = 2.0
     ) -> AsyncIterator[WatchEvent]:
         """Every change under `prefix` from `start_revision` on, in revision order, with
         nothing lost across reconnects: after a broken stream the watch resumes from the
         revision after the last event seen. Raises WatchCompacted when etcd no longer
         has the revisions needed to resume."""
+        return self._watch(prefix, start_revision, max_backoff, whole_prefix=True)
+
+    async def _watch(
+        self, prefix: str, start_revision: int, max_backoff: float, *, whole_prefix: bool
+    ) -> AsyncIterator[WatchEvent]:
         next_revision = start_revision
         backoff = 0.05
         abs_prefix = self._abs(prefix)
+        range_end = prefix_range_end(abs_prefix) if whole_prefix else b""
         while not self._closed:
             stop = asyncio.Event()
 
@@ -831,7 +861,7 @@ class Store:
                 yield etcdrpc.WatchRequest(
                     create_request=etcdrpc.WatchCreateRequest(
                         key=abs_prefix,
-                        range_end=prefix_range_end(abs_prefix),
+                        range_end=range_end,
                         start_revision=revision,
                         prev_kv=True,
                         progress_notify=True,
@@ -898,6 +928,7 @@ __all__ = [
     "KeptLease",
     "KeyMeta",
     "Op",
+    "RawKV",
     "Store",
     "StoreRejected",
     "StoreTimeout",

@@ -14,17 +14,21 @@ from typing import Any
 
 import grpc
 
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.runtime.store import Store
+from services.numberdistribution import keys as nd_keys
+from services.runtime.store import Op, Store
 from tests.conftest import (
     EtcdCluster,
     ServiceProcess,
     connect,
+    error_details,
     eventually,
     spawn_service,
     wait_serving,
 )
+from tests.support.stack import ACCEPT, Call, agent, answer, setup_numbers, start_stack, stop_stack
 from tests.test_numberdistribution_race import (
     NUMBERS,
     Hold,
@@ -34,7 +38,6 @@ from tests.test_numberdistribution_race import (
     create_pool,
     overlaps,
 )
-from tests.test_routing import ACCEPT, Call, agent, answer, setup_numbers, start_stack, stop_stack
 
 # What a client may see while the cluster elects a leader or a member is gone: a clean
 # refusal it can retry, never INTERNAL or UNKNOWN.
@@ -106,12 +109,31 @@ async def test_the_reservation_race_survives_losing_the_member_in_use_and_the_le
         assert refusals <= {"RESOURCE_EXHAUSTED", *RETRYABLE}, outcomes
         assert len({h.number for h in history}) == NUMBERS
         # A reservation whose answer was lost in the failover ends with its lease.
-        await eventually(lambda: all_free(stubs), timeout=30, what="every number free again")
+        try:
+            await eventually(lambda: all_free(stubs), timeout=30, what="every number free again")
+        except AssertionError as failed:
+            raise AssertionError(f"{failed}; {await what_holds(stubs, store)}") from None
     finally:
         await store.close()
         for channel in channels:
             await channel.close()
         await asyncio.gather(*(r.stop_async() for r in replicas))
+
+
+async def what_holds(stubs: list[Any], store: Store) -> str:
+    """What keeps numbers from being free: each replica's counts, and the slots and
+    quarantine records etcd still has with their leases' time to live."""
+    counts = []
+    for stub in stubs:
+        stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id="race"))).stats
+        counts.append((stats.free, stats.reserved, stats.quarantined))
+    found = []
+    for prefix in (nd_keys.SLOTS, nd_keys.QUARANTINE):
+        result = await store.txn([], [Op.get_prefix(prefix)])
+        for kv in result.gets[0]:
+            ttl = await store.lease_ttl(kv.meta.lease) if kv.meta.lease else None
+            found.append(f"{kv.key} lease {kv.meta.lease:x} ttl {ttl}")
+    return f"replicas (free, reserved, quarantined): {counts}; in etcd: {found}"
 
 
 async def test_routing_serves_its_queue_through_losing_the_etcd_leader(
@@ -140,21 +162,30 @@ async def test_routing_serves_its_queue_through_losing_the_etcd_leader(
         refused: list[str] = []
 
         async def one_call(index: int) -> None:
-            # A switch routes a call refused cleanly (while etcd elects a leader) again.
+            # A switch routes a call refused cleanly (while etcd elects a leader) again,
+            # after the delay the refusal's RetryInfo asks for, as the README tells it to.
+            mine: list[str] = []
+            started = time.monotonic()
             for attempt in range(10):
                 call = Call(stack.routers[(index + attempt) % 2], numbers[0])
                 try:
                     event = await call.until("connect", "failed", timeout=60)
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code().name in RETRYABLE, exc
+                    delay = error_details(exc)["RetryInfo"].retry_delay.ToNanoseconds() / 1e9
+                    mine.append(f"{time.monotonic() - started:.1f}s {exc.code().name}")
                     refused.append(exc.code().name)
+                    await asyncio.sleep(min(delay, 2.0))
                     continue
                 if event.HasField("connect"):
                     connected.append(call.call_id)
                     return
                 assert event.failed.reason == rt_pb2.FAILURE_REASON_UNAVAILABLE, event
+                delay = event.failed.retry_after.ToNanoseconds() / 1e9
+                mine.append(f"{time.monotonic() - started:.1f}s failed UNAVAILABLE")
                 refused.append("failed UNAVAILABLE")
-            raise AssertionError(f"call {index} never connected: {refused}")
+                await asyncio.sleep(min(delay, 2.0))
+            raise AssertionError(f"call {index} never connected: {mine}")
 
         first = [asyncio.ensure_future(one_call(i)) for i in range(8)]
         await progress(lambda: len(connected), 2, "calls connected before the fault")

@@ -19,7 +19,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import eventually
-from tests.test_routing import (
+from tests.support.stack import (
     ACCEPT,
     Call,
     agent,

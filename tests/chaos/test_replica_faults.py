@@ -26,12 +26,12 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
-from services.presence import keys as pr_keys
+from services.presence import offers as pr_offers
 from services.routing import keys as rt_keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
+from tests.support.stack import Call, agent, setup_numbers, start_stack, stop_stack
 from tests.test_presence import App
-from tests.test_routing import Call, agent, setup_numbers, start_stack, stop_stack
 
 CLEAN = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 Factory = Callable[..., ServiceProcess]
@@ -239,7 +239,7 @@ async def test_killing_the_dispatch_leader_under_queue_load_breaks_no_guarantee(
         await eventually(all_free, timeout=30, what="every agent free")
         for member in team:
             ongoing, _ = await stack.store.get_prefix(
-                pr_keys.interactions(member.agent_id), pr_store.StoredInteraction
+                pr_offers.interactions_key(member.agent_id), pr_store.StoredInteraction
             )
             assert ongoing == [], member.agent_id
         for task in workers:

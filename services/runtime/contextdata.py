@@ -1,6 +1,7 @@
 """Limits of the context an app sends (documented on accessline.common.v1.ContextData):
 at most 32 attributes, keys of 1 to 64 bytes of [A-Za-z0-9_.-], values and typed fields
-of at most 1,024 bytes, 16 KiB serialized."""
+of at most 1,024 bytes, 16 KiB serialized. Shared: CallMatching checks the context of a
+handoff, Routing the context a callback or a notify request carries."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ TYPED_FIELDS = (
 
 
 def check_context(context: common_pb2.ContextData, v: Violations, field: str = "context") -> None:
+    """Adds a violation to `v` for each limit `context` (at `field`) breaks."""
     if context.HasField("location"):
         loc = context.location
         if not (math.isfinite(loc.latitude) and -90 <= loc.latitude <= 90):

@@ -1,0 +1,561 @@
+"""One agent's session: a lease kept alive only while the app's stream is open and
+heartbeating, per-channel presence and do-not-disturb, offers delivered and answered,
+interactions ended."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from accessline.common.v1 import common_pb2
+from accessline.presence.storage.v1 import storage_pb2 as pr_store
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from services.presence import keys, offers
+from services.presence.hub import Hub
+from services.presence.roster import Sealing, channel_presence, public_presence
+from services.runtime.clock import now_timestamp
+from services.runtime.errors import (
+    AccesslineError,
+    FieldViolation,
+    InvalidArgument,
+    Unavailable,
+)
+from services.runtime.store import (
+    Compare,
+    Entry,
+    EventKind,
+    KeptLease,
+    Op,
+    Store,
+    WatchEvent,
+)
+from services.runtime.telemetry import context_from
+
+log = logging.getLogger("accessline.presence")
+tracer = trace.get_tracer("accessline.presence")
+
+C = common_pb2
+
+
+def _channel_name(channel: int) -> str:
+    return (
+        C.Channel.Name(C.Channel.ValueType(channel))
+        if channel in C.Channel.values()
+        else str(channel)
+    )
+
+
+class SessionEnded(Exception):
+    """Ends the Connect stream: `error` is the status to end it with, None for OK."""
+
+    def __init__(self, error: AccesslineError | None = None) -> None:
+        super().__init__(error.message if error else "session ended")
+        self.error = error
+
+
+@dataclass
+class Limits:
+    lease_seconds: int
+    heartbeat_timeout: float
+    sealing: Sealing
+    max_interaction: float = 12 * 3600.0
+    login_timeout: float = 10.0
+
+
+@dataclass
+class AgentSession:
+    """One agent app's live session on this replica."""
+
+    store: Store
+    hub: Hub
+    limits: Limits
+    agent: pr_pb2.Agent
+    device: pr_pb2.Device
+    outbox: asyncio.Queue[pr_pb2.ConnectResponse | SessionEnded] = field(
+        default_factory=asyncio.Queue
+    )
+    session_id: str = field(default_factory=lambda: "as" + secrets.token_urlsafe(12))
+    state: pr_store.StoredPresence = field(default_factory=pr_store.StoredPresence)
+    revision: int = 0
+    lease: KeptLease | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    delivered: set[str] = field(default_factory=set)
+    replaced: bool = False
+    resync_needed: asyncio.Event = field(default_factory=asyncio.Event)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        lease_id = await self.store.grant_lease(self.limits.lease_seconds)
+        self.lease = await self.store.keep_alive(lease_id, self.limits.lease_seconds)
+        now = now_timestamp()
+        self.state = pr_store.StoredPresence(
+            agent_id=self.agent.agent_id,
+            agent_session_id=self.session_id,
+            channels=[
+                pr_store.StoredChannel(
+                    channel=c.channel, available=c.available_on_login, capacity=c.capacity or 1
+                )
+                for c in self.agent.channels
+            ],
+            updated_at=now,
+            idle_since=now,
+            resource_groups=self.agent.resource_groups,
+            device=self.device,
+        )
+        # Calls accepted in an earlier session and not ended: the agent is still on them.
+        ongoing, _ = await self.store.get_prefix(
+            keys.interactions(self.agent.agent_id), pr_store.StoredInteraction
+        )
+        for entry in ongoing:
+            for channel in self.state.channels:
+                if channel.channel == entry.value.channel:
+                    channel.active_interactions += 1
+                    self.state.interactions[entry.value.interaction_id] = entry.value.channel
+        if self.state.interactions:
+            self.state.ClearField("idle_since")
+        previous = self.hub.sessions.get(self.agent.agent_id)
+        if previous is not None:
+            previous.replace(self.device)
+        self.hub.sessions[self.agent.agent_id] = self
+        # Overwrites a session of another replica too; that replica sees it and steps down.
+        self.revision = await self.store.put(
+            keys.presence(self.agent.agent_id), self.state, lease_id
+        )
+        self.send(
+            pr_pb2.ConnectResponse(
+                snapshot=pr_pb2.Snapshot(
+                    agent=self.agent, presence=self.public(), agent_session_id=self.session_id
+                )
+            )
+        )
+        await self._deliver_open_offers()
+        log.info(
+            "agent logged in",
+            extra={
+                "fields": {"agent_id": self.agent.agent_id, "agent_session_id": self.session_id}
+            },
+        )
+
+    async def _deliver_open_offers(self) -> None:
+        entries, _ = await self.store.get_prefix(
+            keys.offers(self.agent.agent_id), pr_store.StoredOffer
+        )
+        for entry in entries:
+            self._offer_state(entry.value)
+
+    def public(self) -> pr_pb2.AgentPresence:
+        return public_presence(self.agent, self.state)
+
+    def send(self, message: pr_pb2.ConnectResponse | SessionEnded) -> None:
+        self.outbox.put_nowait(message)
+
+    def replace(self, by: pr_pb2.Device) -> None:
+        """Another login of this agent took over."""
+        if not self.replaced:
+            self.replaced = True
+            self.send(pr_pb2.ConnectResponse(session_replaced=pr_pb2.SessionReplaced(by_device=by)))
+            self.send(SessionEnded())
+
+    async def close(self) -> None:
+        """Ends the session: presence removed at once (unless replaced), open offers
+        cancelled, lease released."""
+        if self.hub.sessions.get(self.agent.agent_id) is self:
+            del self.hub.sessions[self.agent.agent_id]
+        if self.lease is not None:
+            self.store.stop_keep_alive(self.lease)
+        with contextlib.suppress(AccesslineError):
+            if not self.replaced:
+                await self.store.txn(
+                    [Compare.modified_at(keys.presence(self.agent.agent_id), self.revision)],
+                    [Op.delete(keys.presence(self.agent.agent_id))],
+                )
+            if self.lease is not None:
+                await self.store.revoke_lease(self.lease.id)
+        log.info(
+            "agent session ended",
+            extra={
+                "fields": {"agent_id": self.agent.agent_id, "agent_session_id": self.session_id}
+            },
+        )
+
+    # -- events from etcd -------------------------------------------------------------
+
+    def on_presence(self, event: WatchEvent) -> None:
+        if event.kind == EventKind.DELETE:
+            if event.revision > self.revision and not self.replaced:
+                self.send(
+                    SessionEnded(
+                        Unavailable(
+                            "the agent session ended (unregistered or lease lost)",
+                            reason="SESSION_LOST",
+                        )
+                    )
+                )
+            return
+        stored = event.decode(pr_store.StoredPresence)
+        if stored.agent_session_id != self.session_id:
+            self.replace(stored.device)
+
+    def on_offer(self, event: WatchEvent) -> None:
+        if event.kind == EventKind.DELETE:
+            before = event.decode_prev(pr_store.StoredOffer)
+            if (
+                before is not None
+                and before.state == pr_store.OFFER_STATE_OPEN
+                and before.offer.offer_id in self.delivered
+            ):
+                self.delivered.discard(before.offer.offer_id)
+                self.send(
+                    pr_pb2.ConnectResponse(
+                        offer_cancelled=pr_pb2.OfferCancelled(
+                            offer_id=before.offer.offer_id,
+                            reason=pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT,
+                        )
+                    )
+                )
+            return
+        self._offer_state(event.decode(pr_store.StoredOffer))
+
+    def on_interaction_gone(self, event: WatchEvent) -> None:
+        """An interaction's key vanished while the agent was still on it: the caller was
+        gone before the call reached the agent (its lease ended, or the router took the
+        call out). The agent is free again and the app is told."""
+        interaction_id = event.key.rsplit("/", 1)[1]
+        if interaction_id not in self.state.interactions:
+            return  # ended by the agent
+        before = event.decode_prev(pr_store.StoredInteraction)
+        task = asyncio.get_running_loop().create_task(
+            self._caller_gone(interaction_id, before.offer_id if before is not None else "")
+        )
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _caller_gone(self, interaction_id: str, offer_id: str) -> None:
+        async with self.write_lock:
+            if interaction_id not in self.state.interactions:
+                return
+            channel_id = self.state.interactions[interaction_id]
+            del self.state.interactions[interaction_id]
+            for channel in self.state.channels:
+                if channel.channel == channel_id:
+                    channel.active_interactions = max(0, channel.active_interactions - 1)
+            if not self.state.interactions:
+                self.state.idle_since.CopyFrom(now_timestamp())
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_cancelled=pr_pb2.OfferCancelled(
+                        offer_id=offer_id, reason=pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE
+                    )
+                )
+            )
+            try:
+                await self._write_locked()
+            except SessionEnded as ended:
+                self.send(ended)
+            except AccesslineError as exc:
+                log.warning("could not free agent %s: %s", self.agent.agent_id, exc)
+
+    def _offer_state(self, stored: pr_store.StoredOffer) -> None:
+        offer_id = stored.offer.offer_id
+        if stored.state == pr_store.OFFER_STATE_OPEN and offer_id not in self.delivered:
+            if stored.offer.deadline.ToNanoseconds() <= time.time_ns():
+                return
+            self.delivered.add(offer_id)
+            with tracer.start_as_current_span(
+                "accessline.offer.deliver",
+                context=context_from(stored.trace.traceparent, stored.trace.tracestate),
+                attributes={"accessline.agent": self.agent.agent_id},
+            ):
+                self.send(pr_pb2.ConnectResponse(offer=self.limits.sealing.shown_offer(stored)))
+        elif stored.state == pr_store.OFFER_STATE_CANCELLED and offer_id in self.delivered:
+            self.delivered.discard(offer_id)
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_cancelled=pr_pb2.OfferCancelled(
+                        offer_id=offer_id, reason=stored.cancel_reason
+                    )
+                )
+            )
+            if stored.cancel_reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT:
+                task = asyncio.get_running_loop().create_task(self._set_not_ready())
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+
+    async def _set_not_ready(self) -> None:
+        """Redirect on no answer: the agent let too many offers time out, so every channel
+        is set not ready until the agent makes it available again."""
+        for channel in self.state.channels:
+            if self.state.do_not_disturb:
+                channel.available_before_dnd = False
+            else:
+                channel.available = False
+        try:
+            await self._write()
+        except SessionEnded as ended:
+            self.send(ended)
+        except AccesslineError as exc:
+            log.warning("could not set agent %s not ready: %s", self.agent.agent_id, exc)
+
+    # -- messages from the app --------------------------------------------------------
+
+    def _channel(self, channel: C.Channel.ValueType, field_name: str) -> pr_store.StoredChannel:
+        for stored in self.state.channels:
+            if stored.channel == channel:
+                return stored
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field_name,
+                    f"channel {_channel_name(channel)} is not configured for this agent",
+                )
+            ]
+        )
+
+    async def _write(self, also: Sequence[Op] = ()) -> None:
+        async with self.write_lock:
+            await self._write_locked(also)
+
+    async def _write_locked(self, also: Sequence[Op] = ()) -> None:
+        self.state.updated_at.CopyFrom(now_timestamp())
+        assert self.lease is not None
+        result = await self.store.txn(
+            [Compare.modified_at(keys.presence(self.agent.agent_id), self.revision)],
+            [Op.put(keys.presence(self.agent.agent_id), self.state, self.lease.id), *also],
+        )
+        if not result.succeeded:
+            self.replaced = True
+            raise SessionEnded(
+                Unavailable("this session was replaced or lost", reason="SESSION_LOST")
+            )
+        self.revision = result.revision
+        self.send(
+            pr_pb2.ConnectResponse(
+                presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+            )
+        )
+
+    async def handle(self, message: pr_pb2.ConnectRequest) -> None:
+        self.last_seen = time.monotonic()
+        kind = message.WhichOneof("message")
+        if kind == "login":
+            raise InvalidArgument([FieldViolation("login", "the session is already logged in")])
+        if kind == "heartbeat":
+            self.send(
+                pr_pb2.ConnectResponse(
+                    heartbeat_ack=pr_pb2.HeartbeatAck(server_time=now_timestamp())
+                )
+            )
+        elif kind == "set_channel_presence":
+            change = message.set_channel_presence
+            channel = self._channel(change.channel, "set_channel_presence.channel")
+            if self.state.do_not_disturb:
+                channel.available_before_dnd = change.available
+            else:
+                channel.available = change.available
+            await self._write()
+        elif kind == "set_do_not_disturb":
+            enabled = message.set_do_not_disturb.enabled
+            if enabled != self.state.do_not_disturb:
+                for channel in self.state.channels:
+                    if enabled:
+                        channel.available_before_dnd, channel.available = channel.available, False
+                    else:
+                        channel.available = channel.available_before_dnd
+                self.state.do_not_disturb = enabled
+            await self._write()
+        elif kind == "offer_response":
+            await self._answer(message.offer_response)
+        elif kind == "end_interaction":
+            interaction = message.end_interaction.interaction_id
+            if not interaction or len(interaction) > 64:
+                raise InvalidArgument(
+                    [FieldViolation("end_interaction.interaction_id", "must be 1 to 64 characters")]
+                )
+            if interaction not in self.state.interactions:
+                # Already ended (an app repeating itself after a reconnect): nothing to
+                # change, the presence as it is confirms it.
+                self.send(
+                    pr_pb2.ConnectResponse(
+                        presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                    )
+                )
+                return
+            channel_id = self.state.interactions[interaction]
+            del self.state.interactions[interaction]
+            for channel in self.state.channels:
+                if channel.channel == channel_id:
+                    channel.active_interactions = max(0, channel.active_interactions - 1)
+            if not self.state.interactions:
+                self.state.idle_since.CopyFrom(now_timestamp())
+            await self._write([Op.delete(keys.interaction(self.agent.agent_id, interaction))])
+        else:
+            raise InvalidArgument(
+                [FieldViolation("message", "must be one of the ConnectRequest messages")]
+            )
+
+    async def _answer(self, response: pr_pb2.OfferResponse) -> None:
+        if response.decision not in (pr_pb2.OFFER_DECISION_ACCEPT, pr_pb2.OFFER_DECISION_DECLINE):
+            raise InvalidArgument(
+                [FieldViolation("offer_response.decision", "must be ACCEPT or DECLINE")]
+            )
+        if not response.offer_id or len(response.offer_id) > 64:
+            raise InvalidArgument(
+                [FieldViolation("offer_response.offer_id", "must be 1 to 64 characters")]
+            )
+        entry = await self.store.get(
+            keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
+        )
+        parent = (
+            context_from(entry.value.trace.traceparent, entry.value.trace.tracestate)
+            if entry
+            else None
+        )
+        # The agent's answer joins the trace of the call that made the offer.
+        with tracer.start_as_current_span(
+            "accessline.offer.answer",
+            context=parent,
+            attributes={
+                "accessline.agent": self.agent.agent_id,
+                "accessline.offer.decision": pr_pb2.OfferDecision.Name(response.decision)
+                if response.decision in pr_pb2.OfferDecision.values()
+                else "UNKNOWN",
+            },
+        ):
+            await self._answer_offer(response, entry)
+
+    async def _answer_offer(
+        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
+    ) -> None:
+        def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_response_refused=pr_pb2.OfferResponseRefused(
+                        offer_id=response.offer_id, reason=reason
+                    )
+                )
+            )
+
+        if entry is None:
+            refuse(pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
+            return
+        stored = entry.value
+        accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
+        wanted = stored.state == (
+            pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED
+        )
+        if wanted and (
+            not accept
+            or not response.accept_channel
+            or response.accept_channel == stored.accepted_channel
+        ):
+            # Answering twice the same way is harmless: the same confirmation again.
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_response_recorded=pr_pb2.OfferResponseRecorded(
+                        offer_id=response.offer_id, decision=response.decision
+                    )
+                )
+            )
+            return
+        if (
+            stored.state != pr_store.OFFER_STATE_OPEN
+            or stored.offer.deadline.ToNanoseconds() <= time.time_ns()
+        ):
+            refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
+            return
+        channel_id = response.accept_channel or stored.offer.channel
+        if accept:
+            try:
+                channel = self._channel(channel_id, "offer_response.accept_channel")
+            except InvalidArgument:
+                refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
+                return
+            if (
+                channel_presence(channel, self.state.do_not_disturb) != C.CHANNEL_PRESENCE_AVAILABLE
+                and channel_id != stored.offer.channel
+            ):
+                refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
+                return
+        async with self.write_lock:
+            # An accept makes the agent busy in the same transaction, so whoever sees the
+            # accepted offer also sees the channel taken.
+            also: tuple[list[Compare], list[Op]] = ([], [])
+            lasts = 0
+            busy = pr_store.StoredPresence()
+            if accept:
+                busy.CopyFrom(self.state)
+                for channel in busy.channels:
+                    if channel.channel == channel_id:
+                        channel.active_interactions += 1
+                busy.interactions[stored.offer.interaction_id] = channel_id
+                busy.ClearField("idle_since")
+                busy.updated_at.CopyFrom(now_timestamp())
+                assert self.lease is not None
+                presence_key = keys.presence(self.agent.agent_id)
+                ongoing = pr_store.StoredInteraction(
+                    interaction_id=stored.offer.interaction_id,
+                    channel=channel_id,
+                    offer_id=stored.offer.offer_id,
+                    accepted_at=now_timestamp(),
+                )
+                lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
+                compares = [Compare.modified_at(presence_key, self.revision)]
+                if stored.call_key:
+                    # The caller is still there: their place in the queue is unchanged.
+                    compares.append(
+                        Compare.created_at(stored.call_key, stored.call_create_revision)
+                    )
+                also = (
+                    compares,
+                    [
+                        Op.put(presence_key, busy, self.lease.id),
+                        # Until the call is connected the interaction lives and dies with
+                        # the call; the router moves it to `lasts` then.
+                        Op.put(
+                            keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
+                            ongoing,
+                            stored.call_lease or lasts,
+                        ),
+                    ],
+                )
+            ok = await offers.set_offer_state(
+                self.store,
+                entry,
+                pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
+                accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
+                interaction_lease=lasts if accept else 0,
+                also=also,
+            )
+            if not ok:
+                refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
+                return
+            self.delivered.discard(response.offer_id)
+            self.send(
+                pr_pb2.ConnectResponse(
+                    offer_response_recorded=pr_pb2.OfferResponseRecorded(
+                        offer_id=response.offer_id, decision=response.decision
+                    )
+                )
+            )
+            if accept:
+                fresh = await self.store.get(
+                    keys.presence(self.agent.agent_id), pr_store.StoredPresence
+                )
+                if fresh is not None and fresh.value.agent_session_id == self.session_id:
+                    self.state = fresh.value
+                    self.revision = fresh.meta.mod_revision
+                self.send(
+                    pr_pb2.ConnectResponse(
+                        presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
+                    )
+                )

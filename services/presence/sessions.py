@@ -1,0 +1,142 @@
+"""The agent sessions of a Presence replica: `Connect` streams opened, one session per
+agent across replicas, closed on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+
+from accessline.common.v1 import common_pb2
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from services.presence.directory import Directory
+from services.presence.hub import Hub
+from services.presence.session import AgentSession, Limits, SessionEnded
+from services.runtime import identity
+from services.runtime.errors import (
+    AccesslineError,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
+from services.runtime.store import (
+    Store,
+)
+
+log = logging.getLogger("accessline.presence")
+tracer = trace.get_tracer("accessline.presence")
+
+C = common_pb2
+
+
+class Sessions:
+    """Runs Connect streams: login, then messages up and events down until the end."""
+
+    def __init__(self, store: Store, hub: Hub, directory: Directory, limits: Limits) -> None:
+        self._store = store
+        self._hub = hub
+        self._directory = directory
+        self._limits = limits
+
+    async def connect(
+        self, requests: AsyncIterator[pr_pb2.ConnectRequest], stopping: asyncio.Event
+    ) -> AsyncIterator[pr_pb2.ConnectResponse]:
+        await self._hub.ready(5.0)
+        iterator = requests.__aiter__()
+        try:
+            first = await asyncio.wait_for(iterator.__anext__(), self._limits.login_timeout)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgument(
+                [FieldViolation("login", "the first message must be a login")]
+            ) from None
+        if first.WhichOneof("message") != "login":
+            raise InvalidArgument([FieldViolation("login", "the first message must be a login")])
+        login = first.login
+        if not login.agent_id or len(login.agent_id) > 64:
+            raise InvalidArgument([FieldViolation("login.agent_id", "must be 1 to 64 characters")])
+        caller = identity.current()
+        if not caller.unchecked and caller.subject != login.agent_id:
+            # An agent logs in as themselves only: the token's subject.
+            raise PermissionDenied("the token is not this agent's", reason="NOT_THIS_AGENT")
+        agent = await self._directory.get(login.agent_id)
+        session = AgentSession(self._store, self._hub, self._limits, agent, login.device)
+        reader: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            await session.open()
+            reader = asyncio.create_task(self._read(iterator, session))
+            watchdog = asyncio.create_task(self._watch(session, stopping))
+            while True:
+                item = await session.outbox.get()
+                if isinstance(item, SessionEnded):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            for task in (reader, watchdog):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await session.close()
+
+    async def _read(
+        self, iterator: AsyncIterator[pr_pb2.ConnectRequest], session: AgentSession
+    ) -> None:
+        try:
+            async for message in iterator:
+                await session.handle(message)
+            session.send(SessionEnded())
+        except SessionEnded as ended:
+            session.send(ended)
+        except AccesslineError as error:
+            session.send(SessionEnded(error))
+
+    async def _watch(self, session: AgentSession, stopping: asyncio.Event) -> None:
+        """Ends the session when the app goes silent, the lease is lost or the server stops;
+        resyncs offers after the hub missed events."""
+        assert session.lease is not None
+        while True:
+            if stopping.is_set():
+                session.send(
+                    SessionEnded(
+                        Unavailable(
+                            "the server is shutting down; reconnect",
+                            reason="SERVER_STOPPING",
+                            retry_after=1.0,
+                        )
+                    )
+                )
+                return
+            if session.lease.lost.is_set():
+                session.send(
+                    SessionEnded(
+                        Unavailable(
+                            "the agent session's lease was lost; reconnect",
+                            reason="SESSION_LOST",
+                            retry_after=1.0,
+                        )
+                    )
+                )
+                return
+            if time.monotonic() - session.last_seen > self._limits.heartbeat_timeout:
+                session.send(
+                    SessionEnded(
+                        Unavailable("no heartbeat from the agent app", reason="HEARTBEAT_TIMEOUT")
+                    )
+                )
+                return
+            if session.resync_needed.is_set():
+                session.resync_needed.clear()
+                with contextlib.suppress(AccesslineError):
+                    await session._deliver_open_offers()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    stopping.wait(), min(1.0, self._limits.heartbeat_timeout / 4)
+                )

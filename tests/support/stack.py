@@ -1,0 +1,286 @@
+"""The stack the routing tests and the chaos tests share: the five services as real
+processes (two Routing replicas) on one etcd, their typed stubs, and the helpers that
+play the agent, the customer and the switch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
+from accessline.common.v1 import common_pb2
+from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from services.routing.__main__ import SEAL_PURPOSE
+from services.routing.settings import DEVELOPMENT_SECRET
+from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.sealing import Sealer
+from services.runtime.store import Store
+from tests.conftest import (
+    ServiceProcess,
+    connect,
+    spawn_service,
+    wait_serving,
+)
+from tests.test_presence import App
+
+C = common_pb2
+
+
+# Routing's sealing in the test processes (their development secret).
+ROUTING_SEALER = Sealer(DEVELOPMENT_SECRET.encode(), SEAL_PURPOSE)
+
+
+ROUTING_ENV = {
+    "ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS": "2",
+    "ACCESSLINE_ROUTING_NO_ANSWER_LIMIT": "2",
+    "ACCESSLINE_ROUTING_OWNER_WAIT_SECONDS": "1.5",
+    "ACCESSLINE_ROUTING_DISPATCH_INTERVAL_SECONDS": "0.2",
+    "ACCESSLINE_ROUTING_QUEUE_UPDATE_SECONDS": "0.2",
+    "ACCESSLINE_ROUTING_LEADER_LEASE_SECONDS": "2",
+    "ACCESSLINE_ROUTING_HOLD_SECONDS": "3",
+    "ACCESSLINE_ROUTING_CALLBACK_RETRY_SECONDS": "0",
+    "ACCESSLINE_ROUTING_CALLBACK_DIAL_TIMEOUT_SECONDS": "4",
+    # Gold customers are worth more, but ordinary calls have a short SLA and their
+    # priority rises fast once it is missed.
+    "ACCESSLINE_ROUTING_VALUE_RULES": '[{"segment": "gold", "value": 50, "sla_seconds": 600}]',
+    "ACCESSLINE_ROUTING_DEFAULT_VALUE": "10",
+    "ACCESSLINE_ROUTING_DEFAULT_SLA_SECONDS": "1",
+    "ACCESSLINE_ROUTING_PRIORITY_PER_SECOND": "40",
+}
+
+
+@dataclass
+class Stack:
+    """The running services: a typed stub of each (a stub per Routing replica), a store
+    on their etcd prefix, and their processes."""
+
+    nd: NumberDistributionServiceAsyncStub
+    cm: CallMatchingServiceAsyncStub
+    pr: PresenceServiceAsyncStub
+    nt: NotificationServiceAsyncStub
+    routers: list[RoutingServiceAsyncStub]
+    store: Store
+    processes: list[ServiceProcess]
+    router_processes: list[ServiceProcess]
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    prefix: str = ""
+
+
+async def start_stack(
+    etcd: EmbeddedEtcd | str, prefix: str, tmp: Path, **routing_env: str
+) -> Stack:
+    """The five services (two Routing replicas) on an etcd, or on the endpoints given."""
+    endpoints = etcd if isinstance(etcd, str) else etcd.endpoint
+    nd = spawn_service("services.numberdistribution", endpoints, prefix)
+    pr = spawn_service("services.presence", endpoints, prefix)
+    nt = spawn_service("services.notification", endpoints, prefix)
+    await wait_serving(nd)
+    cm = spawn_service(
+        "services.callmatching",
+        endpoints,
+        prefix,
+        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
+        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
+    )
+    for service in (pr, nt, cm):
+        await wait_serving(service)
+    routers = [
+        spawn_service(
+            "services.routing",
+            endpoints,
+            prefix,
+            ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
+            ACCESSLINE_PRESENCE_ADDRESS=pr.address,
+            ACCESSLINE_NOTIFICATION_ADDRESS=nt.address,
+            **{**ROUTING_ENV, **routing_env},
+        )
+        for _ in range(2)
+    ]
+    for router in routers:
+        await wait_serving(router)
+    channels = [connect(p.address) for p in (nd, cm, pr, nt, *routers)]
+    store = Store(endpoints, prefix)
+    await store.connect()
+    return Stack(
+        nd_grpc.NumberDistributionServiceStub(channels[0]),
+        cm_grpc.CallMatchingServiceStub(channels[1]),
+        pr_grpc.PresenceServiceStub(channels[2]),
+        nt_grpc.NotificationServiceStub(channels[3]),
+        [rt_grpc.RoutingServiceStub(c) for c in channels[4:]],
+        store,
+        [nd, pr, nt, cm, *routers],
+        routers,
+        channels,
+        prefix,
+    )
+
+
+async def stop_stack(stack: Stack) -> None:
+    for channel in stack.channels:
+        await channel.close()
+    await stack.store.close()
+    await asyncio.gather(*(p.stop_async() for p in stack.processes))
+
+
+def new_group() -> str:
+    return f"g-{uuid.uuid4().hex[:6]}"
+
+
+async def agent(
+    stack: Stack,
+    group: str,
+    level: int = 5,
+    languages: tuple[str, ...] = (),
+    *,
+    available: bool = True,
+    skill: str = "mortgage",
+) -> tuple[str, App]:
+    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
+    await stack.pr.RegisterAgent(
+        pr_pb2.RegisterAgentRequest(
+            agent=pr_pb2.Agent(
+                agent_id=agent_id,
+                skills=[pr_pb2.Skill(name=skill, level=level)],
+                languages=list(languages),
+                resource_groups=[group],
+                channels=[
+                    pr_pb2.ChannelConfig(
+                        channel=C.CHANNEL_DESK_VOICE,
+                        address=f"ext-{agent_id}",
+                        available_on_login=available,
+                    )
+                ],
+            )
+        )
+    )
+    app = App(stack.processes[1].address)
+    await app.login(agent_id)
+    return agent_id, app
+
+
+async def set_available(app: App, available: bool) -> None:
+    await app.send(
+        set_channel_presence=pr_pb2.SetChannelPresence(
+            channel=C.CHANNEL_DESK_VOICE, available=available
+        )
+    )
+    await app.next_kind("presence_confirmed")
+
+
+async def answer(app: App, decision: int) -> pr_pb2.Offer:
+    preview = await app.next_kind("offer")
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(offer_id=preview.offer_id, decision=decision)
+    )
+    return preview
+
+
+ACCEPT = pr_pb2.OFFER_DECISION_ACCEPT
+
+
+DECLINE = pr_pb2.OFFER_DECISION_DECLINE
+
+
+async def setup_numbers(
+    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True
+) -> tuple[str, list[str]]:
+    pool_id = f"p-{uuid.uuid4().hex[:6]}"
+    subject = f"mortgage-{pool_id}"
+    await stack.nd.CreatePool(
+        nd_pb2.CreatePoolRequest(
+            pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject], resource_group=group)
+        )
+    )
+    numbers = [f"+3313{uuid.uuid4().int % 10**7:07d}" for _ in range(count)]
+    await stack.nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=numbers))
+    app_id = f"app-{uuid.uuid4().hex[:6]}"
+    await stack.cm.RegisterApplication(
+        cm_pb2.RegisterApplicationRequest(
+            application=cm_pb2.Application(
+                application_id=app_id,
+                match_schema=C.MATCH_SCHEMA_NUMBER,
+                skip_ivr_on_match=skip_ivr,
+            )
+        )
+    )
+    return app_id, numbers
+
+
+async def pool_subject(stack: Stack, group: str) -> str:
+    pools = await stack.nd.ListPools(nd_pb2.ListPoolsRequest())
+    return next(p.subjects[0] for p in pools.pools if p.resource_group == group)
+
+
+class Call:
+    """The switch's side of one RouteInboundCall stream."""
+
+    def __init__(
+        self, router: Any, dnis: str, call_id: str | None = None, resume_token: str = ""
+    ) -> None:
+        self.call_id = call_id or f"call-{uuid.uuid4().hex[:8]}"
+        self.call = router.RouteInboundCall(
+            rt_pb2.RouteInboundCallRequest(
+                call_id=self.call_id, dnis=dnis, resume_token=resume_token
+            )
+        )
+        self.events: list[rt_pb2.RouteInboundCallResponse] = []
+
+    async def next(self, timeout: float = 20.0) -> rt_pb2.RouteInboundCallResponse:
+        event = await asyncio.wait_for(self.call.read(), timeout)
+        assert event is not grpc.aio.EOF, self.events
+        self.events.append(event)
+        return event
+
+    async def until(self, *kinds: str, timeout: float = 20.0) -> rt_pb2.RouteInboundCallResponse:
+        """Reads events (queued updates included) until one of `kinds` arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.next(max(0.1, deadline - time.monotonic()))
+            if event.WhichOneof("event") in kinds:
+                return event
+
+    def kinds(self) -> list[str]:
+        return [str(e.WhichOneof("event")) for e in self.events]
+
+    def hang_up(self) -> None:
+        self.call.cancel()
+
+
+async def handoff(
+    stack: Stack, app_id: str, customer: str, context: C.ContextData, **extra: Any
+) -> cm_pb2.StartHandoffResponse:
+    return await stack.cm.StartHandoff(
+        cm_pb2.StartHandoffRequest(
+            application_id=app_id, customer_id=customer, context=context, **extra
+        )
+    )
+
+
+def window(seconds: float) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromNanoseconds(int((time.time() + seconds) * 1e9))
+    return out
+
+
+if TYPE_CHECKING:
+    from accessline.callmatching.v1.call_matching_pb2_grpc import CallMatchingServiceAsyncStub
+    from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
+    from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
+        NumberDistributionServiceAsyncStub,
+    )
+    from accessline.presence.v1.presence_pb2_grpc import PresenceServiceAsyncStub
+    from accessline.routing.v1.routing_pb2_grpc import RoutingServiceAsyncStub

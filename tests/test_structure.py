@@ -1,0 +1,84 @@
+"""The shape of the code between services: a service reaches another through its gRPC
+contract or through the modules that service publishes (`PUBLISHED` in its package),
+never through its private modules (its `keys.py`, its domain); the runtime every
+service stands on imports no service."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "services"
+SERVICES = ("callmatching", "numberdistribution", "presence", "routing", "notification")
+
+
+def published(service: str) -> set[str]:
+    package = importlib.import_module(f"services.{service}")
+    return set(package.PUBLISHED)
+
+
+def imported_modules(source: str) -> list[tuple[int, str]]:
+    """Every `services.x.y` module a source imports, with its line."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from services.presence import offers` imports services.presence.offers;
+            # `from services.presence.offers import X` imports the module named.
+            parts = node.module.split(".")
+            if len(parts) == 2 and parts[0] == "services":
+                found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, node.module))
+    return [(line, name) for line, name in found if name.startswith("services.")]
+
+
+def trespasses(owner: str, source: str, allowed: dict[str, set[str]]) -> list[str]:
+    """The imports of a module of `owner` (a service, or "runtime") that reach another
+    service's private modules (or, from the runtime, any service at all)."""
+    wrong = []
+    for line, name in imported_modules(source):
+        parts = name.split(".")
+        target = parts[1] if len(parts) > 1 else ""
+        if target not in SERVICES or target == owner:
+            continue
+        module = parts[2] if len(parts) > 2 else ""
+        if owner == "runtime" or module not in allowed[target]:
+            wrong.append(f"line {line}: {name}")
+    return wrong
+
+
+def test_services_import_only_what_other_services_publish() -> None:
+    allowed = {service: published(service) for service in SERVICES}
+    found = {}
+    for owner in (*SERVICES, "runtime"):
+        for path in sorted((ROOT / owner).glob("*.py")):
+            wrong = trespasses(owner, path.read_text(), allowed)
+            if wrong:
+                found[str(path.relative_to(ROOT.parent))] = wrong
+    assert found == {}
+
+
+@pytest.mark.parametrize(
+    ("owner", "source"),
+    [
+        ("callmatching", "from services.numberdistribution import keys as nd_keys\n"),
+        ("routing", "from services.presence.session import AgentSession\n"),
+        ("routing", "import services.presence.keys\n"),
+        ("runtime", "from services.presence import roster\n"),
+    ],
+)
+def test_the_contract_check_catches_a_private_import(owner: str, source: str) -> None:
+    allowed = {service: published(service) for service in SERVICES}
+    assert trespasses(owner, source, allowed) != []
+
+
+def test_published_modules_exist_and_say_who_uses_them() -> None:
+    for service in SERVICES:
+        for module in published(service):
+            loaded = importlib.import_module(f"services.{service}.{module}")
+            assert "published module" in (loaded.__doc__ or ""), module
