@@ -112,6 +112,17 @@ async def invoke(
                     if method.server_streaming
                     else channel.stream_unary(path, serialize, bytes)
                 )(timeout=3)
+                # The server's verdict first (admitted streams send their initial
+                # metadata at once): writing into a refusal makes gRPC's Python client
+                # report INTERNAL instead of the server's status (grpc/grpc#36066).
+                await call.initial_metadata()
+                if call.done():
+                    raise grpc.aio.AioRpcError(
+                        await call.code(),
+                        grpc.aio.Metadata(),
+                        await call.trailing_metadata(),
+                        await call.details(),
+                    )
                 await call.write(request)
                 if method.server_streaming:
                     await call.read()

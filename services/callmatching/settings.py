@@ -13,13 +13,7 @@ DEVELOPMENT_SECRET = "accessline-development-callmatching-secret-not-for-product
 class CallMatchingSettings(ServiceSettings):
     """CallMatching's settings: the shared ones, its ports and its own."""
 
-    port: int = Field(default=50052, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
-    metrics_port: int = Field(
-        default=9452,
-        ge=0,
-        le=65535,
-        description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
+    default_ports = (50052, 9452)
     callmatching_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

@@ -13,13 +13,7 @@ DEVELOPMENT_SECRET = "accessline-development-notification-secret-not-for-product
 class NotificationSettings(ServiceSettings):
     """Notification's settings: the shared ones, its ports, its providers and delivery policy."""
 
-    port: int = Field(default=50055, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
-    metrics_port: int = Field(
-        default=9455,
-        ge=0,
-        le=65535,
-        description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
+    default_ports = (50055, 9455)
     apns_url: str = Field(default="https://api.push.apple.com", description="APNs endpoint.")
     apns_key_file: str = Field(
         default="", description="APNs signing key (.p8, PEM); empty: APNs off."

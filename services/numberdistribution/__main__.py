@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
 from services.numberdistribution.codes import CodeBook
-from services.numberdistribution.domain import NumberDistribution
+from services.numberdistribution.pools import Pools
+from services.numberdistribution.reserving import Reservations
 from services.numberdistribution.servicer import NumberDistributionServicer
 from services.numberdistribution.settings import DEVELOPMENT_SECRET, NumberDistributionSettings
 from services.numberdistribution.view import NumberView
@@ -28,17 +29,19 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     view = NumberView(context.store)
     await view.start()
     context.on_stop(view.stop)
-    domain = NumberDistribution(
+    meter = context.telemetry.meter("accessline.numberdistribution")
+    pools = Pools(context.store, view, meter=meter)
+    reservations = Reservations(
         context.store,
         view,
         CodeBook(secret.encode()),
         attempts=settings.numbers_reserve_attempts,
         code_memory=settings.numbers_code_memory_seconds,
-        meter=context.telemetry.meter("accessline.numberdistribution"),
+        meter=meter,
     )
     return [
         Registration(
-            servicer=NumberDistributionServicer(domain),
+            servicer=NumberDistributionServicer(pools, reservations),
             add_to_server=number_distribution_pb2_grpc.add_NumberDistributionServiceServicer_to_server,
             descriptor=number_distribution_pb2.DESCRIPTOR.services_by_name[
                 "NumberDistributionService"

@@ -9,7 +9,8 @@ from accessline.access.v1 import access_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.numberdistribution.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
-from services.numberdistribution.domain import NumberDistribution, ReserveRequest
+from services.numberdistribution.pools import Pools
+from services.numberdistribution.reserving import Reservations, ReserveRequest
 from services.runtime import identity
 from services.runtime.errors import PermissionDenied
 from services.runtime.server import ServicerContext
@@ -70,8 +71,9 @@ def _check_numbers(request: Any, v: Violations) -> None:
 class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
     """The NumberDistributionService contract on top of the domain."""
 
-    def __init__(self, domain: NumberDistribution) -> None:
-        self._domain = domain
+    def __init__(self, pools: Pools, reservations: Reservations) -> None:
+        self._pools = pools
+        self._reservations = reservations
 
     async def CreatePool(
         self, request: nd_pb2.CreatePoolRequest, context: ServicerContext
@@ -79,7 +81,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_pool(request.pool, v)
         v.raise_if_any()
-        return nd_pb2.CreatePoolResponse(pool=await self._domain.create_pool(request.pool))
+        return nd_pb2.CreatePoolResponse(pool=await self._pools.create_pool(request.pool))
 
     async def UpdatePool(
         self, request: nd_pb2.UpdatePoolRequest, context: ServicerContext
@@ -87,7 +89,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_pool(request.pool, v)
         v.raise_if_any()
-        return nd_pb2.UpdatePoolResponse(pool=await self._domain.update_pool(request.pool))
+        return nd_pb2.UpdatePoolResponse(pool=await self._pools.update_pool(request.pool))
 
     async def GetPool(
         self, request: nd_pb2.GetPoolRequest, context: ServicerContext
@@ -95,7 +97,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         v.id("pool_id", request.pool_id)
         v.raise_if_any()
-        return nd_pb2.GetPoolResponse(pool=await self._domain.get_pool(request.pool_id))
+        return nd_pb2.GetPoolResponse(pool=await self._pools.get_pool(request.pool_id))
 
     async def ListPools(
         self, request: nd_pb2.ListPoolsRequest, context: ServicerContext
@@ -104,7 +106,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         size = v.page("page_size", request.page_size, 500, 100)
         v.id("page_token", request.page_token, required=False)
         v.raise_if_any()
-        pools, token = await self._domain.list_pools(size, request.page_token)
+        pools, token = await self._pools.list_pools(size, request.page_token)
         return nd_pb2.ListPoolsResponse(pools=pools, next_page_token=token)
 
     async def DeletePool(
@@ -113,7 +115,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         v.id("pool_id", request.pool_id)
         v.raise_if_any()
-        await self._domain.delete_pool(request.pool_id, request.force)
+        await self._pools.delete_pool(request.pool_id, request.force)
         return nd_pb2.DeletePoolResponse()
 
     async def AddNumbers(
@@ -122,7 +124,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_numbers(request, v)
         v.raise_if_any()
-        return await self._domain.add_numbers(
+        return await self._pools.add_numbers(
             request.pool_id, request.numbers, request.default_region
         )
 
@@ -132,7 +134,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_numbers(request, v)
         v.raise_if_any()
-        return await self._domain.remove_numbers(
+        return await self._pools.remove_numbers(
             request.pool_id, request.numbers, request.default_region
         )
 
@@ -143,7 +145,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v.id("pool_id", request.pool_id)
         v.text("number", request.number, 256, required=True)
         v.raise_if_any()
-        return await self._domain.drain_number(request.pool_id, request.number, request.draining)
+        return await self._pools.drain_number(request.pool_id, request.number, request.draining)
 
     async def GetPoolStats(
         self, request: nd_pb2.GetPoolStatsRequest, context: ServicerContext
@@ -151,7 +153,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         v.id("pool_id", request.pool_id)
         v.raise_if_any()
-        return nd_pb2.GetPoolStatsResponse(stats=await self._domain.pool_stats(request.pool_id))
+        return nd_pb2.GetPoolStatsResponse(stats=await self._pools.pool_stats(request.pool_id))
 
     async def ReserveNumber(
         self, request: nd_pb2.ReserveNumberRequest, context: ServicerContext
@@ -174,7 +176,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v.id("session_id", request.session_id, required=False)
         v.text("idempotency_key", request.idempotency_key, 128)
         v.raise_if_any()
-        reservation, code, reason = await self._domain.reserve(
+        reservation, code, reason = await self._reservations.reserve(
             ReserveRequest(
                 min_quarantine=min_quarantine,
                 location=location,
@@ -199,7 +201,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         ttl = v.duration("ttl", request.ttl, 1, MAX_DAY)
         v.raise_if_any()
         return nd_pb2.ExtendReservationResponse(
-            reservation=await self._domain.extend(request.reservation_id, ttl)
+            reservation=await self._reservations.extend(request.reservation_id, ttl)
         )
 
     async def ReleaseNumber(
@@ -210,7 +212,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         if request.reason not in nd_pb2.ReleaseReason.values():
             v.add("reason", "unknown reason")
         v.raise_if_any()
-        until = await self._domain.release(request.reservation_id)
+        until = await self._reservations.release(request.reservation_id)
         response = nd_pb2.ReleaseNumberResponse()
         response.quarantined_until.FromNanoseconds(int(until * 1e9))
         return response
@@ -230,7 +232,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
             raise PermissionDenied(
                 "only CallMatching compares access codes", reason="CODE_CHECK_NOT_ALLOWED"
             )
-        found = await self._domain.resolve(
+        found = await self._reservations.resolve(
             request.dialled_number, request.default_region, request.dtmf_digits
         )
         reservations = list(found.reservations)

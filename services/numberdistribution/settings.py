@@ -13,13 +13,7 @@ DEVELOPMENT_SECRET = "accessline-development-secret-do-not-use-in-production"  #
 class NumberDistributionSettings(ServiceSettings):
     """NumberDistribution's settings: the shared ones, its ports and its own."""
 
-    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
-    metrics_port: int = Field(
-        default=9451,
-        ge=0,
-        le=65535,
-        description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
+    default_ports = (50051, 9451)
     numbers_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

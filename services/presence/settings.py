@@ -11,13 +11,7 @@ from services.runtime.settings import ServiceSettings
 class PresenceSettings(ServiceSettings):
     """Presence's settings: the shared ones, its ports and its own."""
 
-    port: int = Field(default=50054, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
-    metrics_port: int = Field(
-        default=9454,
-        ge=0,
-        le=65535,
-        description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
+    default_ports = (50054, 9454)
     presence_lease_seconds: int = Field(
         default=10,
         ge=2,

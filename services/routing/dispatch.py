@@ -15,6 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -29,7 +30,17 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import offers as pr_offers
 from services.presence import roster as pr_roster
 from services.routing import keys, private
-from services.routing.queue import Candidate, Rules, order, rank, waiting
+from services.routing.plan import (
+    GroupState,
+    OfferPlan,
+    claims_per_channel,
+    eligible,
+    mark_claimed_busy,
+    plan_offers,
+    ready_to_offer,
+    reserved_agents,
+)
+from services.routing.queue import Candidate, Rules, rank
 from services.routing.view import AgentView
 from services.runtime.clock import seconds
 from services.runtime.election import Election, NotLeader, Term
@@ -97,6 +108,17 @@ async def withdraw_offer(store: Store, item: QI) -> None:
         await pr_offers.cancel_offer(
             store, item.offer.agent_id, item.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
         )
+
+
+@dataclass
+class Snapshot:
+    """What one dispatch pass reads, in one transaction."""
+
+    queued: list[Entry[QI]]
+    requests: list[Entry[rt_store.NotifyRequest]]
+    presence: dict[str, pr_store.StoredPresence]
+    claimed: dict[tuple[str, int], int]
+    dials: list[Entry[rt_store.PendingDial]]
 
 
 class Dispatcher:
@@ -268,11 +290,10 @@ class Dispatcher:
 
     # -- one pass ---------------------------------------------------------------------
 
-    async def _pass(self) -> None:
-        now = time.time()
-        # One snapshot of the queues, the requests, the claims and the agents' presence:
-        # an agent whose claim was just dropped after an accept shows busy in it.
-        snapshot = await self._store.txn(
+    async def _snapshot(self) -> Snapshot:
+        """One read of the queues, the requests, the claims, the agents' presence and the
+        pending dials: an agent whose claim was just dropped after an accept shows busy."""
+        read = await self._store.txn(
             [],
             [
                 Op.get_prefix(keys.QUEUE),
@@ -282,108 +303,89 @@ class Dispatcher:
                 Op.get_prefix(keys.DIALS),
             ],
         )
-        raw_queue, raw_requests, raw_claims, raw_presence, raw_dials = snapshot.gets
-        queued = [Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue]
-        requests = [Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests]
-        stored = {
-            k.removeprefix(pr_roster.PRESENCE): decode(pr_store.StoredPresence, k, v)
-            for k, v, _ in raw_presence
-        }
-        claimed: dict[tuple[str, int], int] = defaultdict(int)
-        for key, _, _ in raw_claims:
-            agent_id, channel, _slot = key.removeprefix(keys.CLAIMS).rsplit("/", 2)
-            claimed[(agent_id, int(channel))] += 1
-        dials = [Entry(k, decode(rt_store.PendingDial, k, v), m) for k, v, m in raw_dials]
-        await self._sweep(queued, dials, now)
+        raw_queue, raw_requests, raw_claims, raw_presence, raw_dials = read.gets
+        return Snapshot(
+            queued=[Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue],
+            requests=[
+                Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests
+            ],
+            presence={
+                k.removeprefix(pr_roster.PRESENCE): decode(pr_store.StoredPresence, k, v)
+                for k, v, _ in raw_presence
+            },
+            claimed=claims_per_channel(kv.key.removeprefix(keys.CLAIMS) for kv in raw_claims),
+            dials=[Entry(k, decode(rt_store.PendingDial, k, v), m) for k, v, m in raw_dials],
+        )
+
+    async def _pass(self) -> None:
+        """Snapshot, then per group: plan the offers (plan.py), make them, and hold
+        agents for the customers who asked to be told one is available."""
+        now = time.time()
+        snapshot = await self._snapshot()
+        await self._sweep(snapshot.queued, snapshot.dials, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
-        for entry in queued:
+        for entry in snapshot.queued:
             by_group[entry.value.resource_group].append(entry)
             if (
                 entry.value.state == rt_store.INTERACTION_STATE_OFFERED
                 and entry.value.interaction_id not in self._follows
             ):
                 self._follow_offer(entry)
-        notify_by_group: dict[str, list[Entry[rt_store.NotifyRequest]]] = defaultdict(list)
-        for request in requests:
+        asks_by_group: dict[str, list[Entry[rt_store.NotifyRequest]]] = defaultdict(list)
+        for request in snapshot.requests:
             if seconds(request.value.active_at) <= now:
-                notify_by_group[request.value.request.resource_group].append(request)
-        for group in sorted(set(by_group) | set(notify_by_group)):
+                asks_by_group[request.value.request.resource_group].append(request)
+        for group in sorted(set(by_group) | set(asks_by_group)):
             entries = by_group.get(group, [])
-            # A call handed over by a stopping replica keeps its place but waits for its
-            # switch to resume it before it is offered.
-            ready = {
-                e.value.interaction_id: e
-                for e in entries
-                if waiting(e.value, now) and not e.value.HasField("detached_until")
-            }
-            asks = sorted(notify_by_group.get(group, []), key=lambda r: seconds(r.value.created_at))
-            if not ready and not asks:
+            asks = sorted(asks_by_group.get(group, []), key=lambda r: seconds(r.value.created_at))
+            if not asks and not ready_to_offer((e.value for e in entries), now):
                 continue
-            agents, shown = self._view.group(group, stored)
-            # A channel whose slots are all claimed (an offer out, or a hold) is not free,
-            # whatever the agent's presence says.
-            for presence in shown.values():
-                for state in presence.channels:
-                    if claimed.get((presence.agent_id, state.channel), 0) >= max(1, state.capacity):
-                        state.presence = common_pb2.CHANNEL_PRESENCE_BUSY
-            reserved = {
-                e.value.preferred_agent_id: e.value.interaction_id
-                for e in entries
-                if e.value.preferred_agent_id and seconds(e.value.preferred_until) > now
-            }
-            taken: set[str] = set()
-            offers = []
-            for item in order([e.value for e in ready.values()], self._rules, now):
-                where = private.interaction(self._sealer, item)
-                location = where.location if where.HasField("location") else None
-                eligible = self._eligible(
-                    rank(agents, shown, item, self._rules, location), item, reserved, taken, now
-                )
-                if eligible:
-                    taken.add(eligible[0].agent.agent_id)
-                    offers.append(self._offer(ready[item.interaction_id], eligible[0]))
-            # The offers of one pass go out together. One that lost a race (the call
-            # changed, a slot was claimed meanwhile) waits for the next pass, which that
-            # very change in etcd wakes.
-            results = await asyncio.gather(*offers, return_exceptions=True)
-            for result in results:
-                if isinstance(result, NotLeader):
-                    raise result
-                if isinstance(result, BaseException):
-                    log.warning("offer failed: %s", result)
-            for ask in asks:
-                probe = QI(
-                    channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
-                    interaction_id=ask.value.request_id,
-                )
-                for candidate in self._eligible(
-                    rank(agents, shown, probe, self._rules), probe, reserved, taken, now
-                ):
-                    taken.add(candidate.agent.agent_id)
-                    if await self._hold(ask, candidate):
-                        break
+            agents, shown = self._view.group(group, snapshot.presence)
+            mark_claimed_busy(shown, snapshot.claimed)
+            state = GroupState(agents, shown, [e.value for e in entries])
+            planned = plan_offers(state, self._rules, now, self._location)
+            await self._make_offers(entries, planned)
+            await self._hold_for(asks, state, planned.taken, now)
 
-    @staticmethod
-    def _eligible(
-        candidates: list[Candidate],
-        item: QI,
-        reserved: dict[str, str],
+    def _location(self, item: QI) -> common_pb2.GeoPoint | None:
+        where = private.interaction(self._sealer, item)
+        return where.location if where.HasField("location") else None
+
+    async def _make_offers(self, entries: list[Entry[QI]], planned: OfferPlan) -> None:
+        """The offers of one pass go out together. One that lost a race (the call changed,
+        a slot was claimed meanwhile) waits for the next pass, which that very change in
+        etcd wakes."""
+        by_id = {e.value.interaction_id: e for e in entries}
+        results = await asyncio.gather(
+            *(self._offer(by_id[item.interaction_id], chosen) for item, chosen in planned.offers),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, NotLeader):
+                raise result
+            if isinstance(result, BaseException):
+                log.warning("offer failed: %s", result)
+
+    async def _hold_for(
+        self,
+        asks: list[Entry[rt_store.NotifyRequest]],
+        state: GroupState,
         taken: set[str],
         now: float,
-    ) -> list[Candidate]:
-        """Who may be offered `item` now: the preferred agent alone while they are waited
-        for; otherwise agents not reserved for another interaction, not taken in this
-        pass, and not tried already (unless the retry time has come)."""
-        out = [c for c in candidates if c.agent.agent_id not in taken]
-        if item.preferred_agent_id and seconds(item.preferred_until) > now:
-            return [c for c in out if c.agent.agent_id == item.preferred_agent_id]
-        retry_tried = seconds(item.retry_tried_after) <= now
-        return [
-            c
-            for c in out
-            if reserved.get(c.agent.agent_id, item.interaction_id) == item.interaction_id
-            and (retry_tried or not c.tried)
-        ]
+    ) -> None:
+        """Holds an agent, not taken by this pass's offers, for each customer who asked
+        to be told one is available (oldest request first)."""
+        reserved = reserved_agents(state.entries, now)
+        for ask in asks:
+            probe = QI(
+                channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
+                interaction_id=ask.value.request_id,
+            )
+            ranked = rank(state.agents, state.shown, probe, self._rules)
+            for candidate in eligible(ranked, probe, reserved, taken, now):
+                taken.add(candidate.agent.agent_id)
+                if await self._hold(ask, candidate):
+                    break
 
     async def _claim(
         self, candidate: Candidate, record: rt_store.AgentClaim, ttl: float

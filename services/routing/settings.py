@@ -14,13 +14,7 @@ DEVELOPMENT_SECRET = "accessline-development-routing-secret-not-for-production" 
 class RoutingSettings(ServiceSettings):
     """Routing's settings: the shared ones, its ports, its peers and its routing rules."""
 
-    port: int = Field(default=50053, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
-    metrics_port: int = Field(
-        default=9453,
-        ge=0,
-        le=65535,
-        description="Port of the Prometheus scrape endpoint (/metrics); 0 turns it off.",
-    )
+    default_ports = (50053, 9453)
     routing_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

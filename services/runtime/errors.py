@@ -428,6 +428,8 @@ def _wrap_unary_response(
         call = _Call(method, context, None if streaming else request_or_iterator, observe)
         try:
             await _entered(call, request_or_iterator, in_flight, admit, method, streaming)
+            if streaming:
+                await context.send_initial_metadata(())  # admitted (see the stream case)
             in_flight.enter()
             try:
                 result = behavior(_requests(request_or_iterator, streaming), context)
@@ -466,6 +468,12 @@ def _wrap_stream_response(
             refused = _open_stream(in_flight)
             if refused is not None:
                 await call.refuse(refused)
+            if streaming:
+                # Admitted: say so at once. A client that waits for the initial metadata
+                # before its first write learns a refusal as the status the server sent;
+                # one that writes first may be told INTERNAL by its own library when the
+                # refusal arrives during the write (grpc/grpc#36066).
+                await context.send_initial_metadata(())
             in_flight.enter()
             try:
                 result = behavior(_requests(request_or_iterator, streaming), context)

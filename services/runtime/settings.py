@@ -7,7 +7,7 @@ own settings; every setting is read here, in one place, and documented in the RE
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -48,6 +48,16 @@ class ServiceSettings(BaseSettings):
     """Settings every service has. Field names map to ACCESSLINE_<NAME> variables."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # Each service's default (gRPC port, metrics port); the fields are declared once here.
+    default_ports: ClassVar[tuple[int, int]] = (0, 0)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        grpc_port, metrics_port = cls.default_ports
+        cls.model_fields["port"].default = grpc_port
+        cls.model_fields["metrics_port"].default = metrics_port
+        cls.model_rebuild(force=True)
 
     host: str = Field(
         default="127.0.0.1",

@@ -1,0 +1,115 @@
+"""NumberDistribution's domain classes in-process against a real etcd, no gRPC and no
+processes: the rules that need only the store (exclusive numbers under racing
+reservations, release into quarantine, drain) checked directly and fast. The process
+tests (test_numberdistribution.py, the race and chaos tests) keep the end-to-end
+guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from google.protobuf import duration_pb2
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from services.numberdistribution.codes import CodeBook
+from services.numberdistribution.pools import Pools
+from services.numberdistribution.reserving import Reservations, ReserveRequest
+from services.numberdistribution.view import NumberView
+from services.runtime.errors import ResourceExhausted
+from services.runtime.store import Store
+
+
+@dataclass
+class Replica:
+    view: NumberView
+    pools: Pools
+    reservations: Reservations
+
+
+@pytest.fixture
+async def replicas(store: Store) -> AsyncIterator[list[Replica]]:
+    """Two replicas (a view and domain objects each) on one store prefix."""
+    made = []
+    for _ in range(2):
+        view = NumberView(store)
+        await view.start()
+        made.append(
+            Replica(
+                view,
+                Pools(store, view),
+                Reservations(store, view, CodeBook(b"in-process test secret")),
+            )
+        )
+    yield made
+    for replica in made:
+        await replica.view.stop()
+
+
+def request(session: str) -> ReserveRequest:
+    return ReserveRequest(
+        min_quarantine=0.0,
+        location=None,
+        subject="",
+        segment="",
+        resource_group="",
+        ttl=30.0,
+        want_access_code=False,
+        session_id=session,
+        idempotency_key="",
+    )
+
+
+async def a_pool(replica: Replica, numbers: int, quarantine: float = 0.0) -> list[str]:
+    pool = nd_pb2.Pool(pool_id="lyon", quarantine=duration_pb2.Duration(seconds=int(quarantine)))
+    await replica.pools.create_pool(pool)
+    values = [f"+3347200{i:04d}" for i in range(numbers)]
+    await replica.pools.add_numbers("lyon", values, "FR")
+    return values
+
+
+async def caught_up(store: Store, replicas: list[Replica]) -> None:
+    """Every replica's view has applied everything written so far."""
+    revision = await store.revision()
+    for replica in replicas:
+        await replica.view.wait_for(revision)
+
+
+async def test_racing_replicas_never_hand_out_one_number_twice(
+    store: Store, replicas: list[Replica]
+) -> None:
+    numbers = await a_pool(replicas[0], 6)
+    await caught_up(store, replicas)
+
+    async def reserve(i: int) -> str | None:
+        try:
+            reservation, _, _ = await replicas[i % 2].reservations.reserve(request(f"s{i}"))
+        except ResourceExhausted:
+            return None
+        return reservation.access_number
+
+    got = await asyncio.gather(*(reserve(i) for i in range(20)))
+    held = [number for number in got if number is not None]
+    assert sorted(held) == sorted(numbers)  # every number once, the rest refused
+    assert got.count(None) == 14
+    stats = await replicas[1].pools.pool_stats("lyon")
+    assert (stats.total, stats.reserved, stats.free) == (6, 6, 0)
+
+
+async def test_a_released_number_rests_in_quarantine_before_it_is_reserved_again(
+    store: Store, replicas: list[Replica]
+) -> None:
+    (number,) = await a_pool(replicas[0], 1, quarantine=60)
+    await caught_up(store, replicas)
+    first, _, _ = await replicas[0].reservations.reserve(request("s1"))
+    assert first.access_number == number
+    await replicas[0].reservations.release(first.reservation_id)
+    await caught_up(store, replicas)
+    with pytest.raises(ResourceExhausted) as refused:
+        await replicas[0].reservations.reserve(request("s2"))
+    # The refusal says when to try again: when the quarantine ends.
+    assert 0 < (refused.value.retry_after or 0) <= 60
+    stats = await replicas[0].pools.pool_stats("lyon")
+    assert (stats.quarantined, stats.free) == (1, 0)
