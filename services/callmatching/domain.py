@@ -20,6 +20,7 @@ from opentelemetry import metrics, propagate, trace
 from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.storage.v1 import storage_pb2 as nd_store
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.callmatching import failures, keys
 from services.callmatching.crypto import SessionCrypto
@@ -36,7 +37,7 @@ from services.runtime.errors import (
     NotFound,
 )
 from services.runtime.phone import NumberFormatError, display_number, normalize_number
-from services.runtime.store import Compare, Entry, Op, Store
+from services.runtime.store import Compare, Entry, KeyMeta, Op, Store
 from services.runtime.telemetry import span_context_from
 
 if TYPE_CHECKING:
@@ -127,6 +128,30 @@ class Limits:
     late_call_window: float = 60.0
 
 
+def _candidate(
+    resolved: nd_pb2.ResolveNumberResponse,
+) -> tuple[nd_pb2.ResolvedReservation | None, cm_pb2.MatchOutcome.ValueType]:
+    """The reservation a call to the resolved number is for, or None and why: nothing
+    reserved (or expired), or on a shared number no reservation whose code matched."""
+    if not resolved.reservations:
+        return None, (
+            cm_pb2.MATCH_OUTCOME_EXPIRED
+            if resolved.expired_reservations
+            else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+        )
+    candidates = list(resolved.reservations)
+    if len(candidates) > 1:
+        # A shared number: only the code tells the reservations apart.
+        candidates = [r for r in candidates if r.code_check == nd_pb2.CODE_CHECK_MATCH]
+        if not candidates:
+            return None, (
+                cm_pb2.MATCH_OUTCOME_STALE_CODE
+                if resolved.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
+                else cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
+            )
+    return candidates[0], cm_pb2.MATCH_OUTCOME_MATCHED
+
+
 class CallMatching:
     """Handoff sessions and call matching on one etcd, safe to run as several replicas."""
 
@@ -201,8 +226,52 @@ class CallMatching:
     # -- handoff ----------------------------------------------------------------------
 
     async def start_handoff(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
+        """Checks the request against its application, reserves a number (through
+        NumberDistribution's contract) and stores the session, fenced by the reservation,
+        in one transaction; a repeated request with its idempotency key gets the first
+        answer."""
         app = await self.get_application(request.application_id)
-        schema = app.match_schema
+        ani_hash = self._checked_ani_hash(app, request)
+        idempotency_key = (
+            keys.idempotency(app.application_id, request.idempotency_key)
+            if request.idempotency_key
+            else ""
+        )
+        if idempotency_key:
+            replay = await self._replay(idempotency_key, request)
+            if replay is not None:
+                return replay
+        reserved = await self._reserve_for(app, request, idempotency_key)
+        # NumberDistribution may have answered an earlier attempt of this same request.
+        session_id = reserved.reservation.session_id
+        found = await reservations.read_reservation(
+            self._store, reserved.reservation.reservation_id
+        )
+        if found is None:
+            raise Aborted(
+                "the reservation ended before the session was stored; retry",
+                reason="RESERVATION_GONE",
+            )
+        record, meta = found
+        session = self._new_session(app, request, session_id, record, meta, ani_hash, reserved)
+        replay = await self._store_session(session, meta, idempotency_key, request)
+        if replay is not None:
+            return replay
+        log.info(
+            "handoff started",
+            extra={
+                "fields": {
+                    "session_id": session_id,
+                    "application_id": app.application_id,
+                    "pool_id": record.pool_id,
+                }
+            },
+        )
+        return self._handoff_answer(session, reserved.access_code)
+
+    def _checked_ani_hash(self, app: cm_pb2.Application, request: Handoff) -> bytes:
+        """The keyed hash of the caller's number the application matches by (empty when
+        it does not); INVALID_ARGUMENT naming every field the application's rules miss."""
         violations = [
             FieldViolation(
                 f"context.attributes[{k}]", f"is required by application {app.application_id}"
@@ -211,7 +280,7 @@ class CallMatching:
             if k not in request.context.attributes
         ]
         ani_hash = b""
-        if schema in NEEDS_ANI:
+        if app.match_schema in NEEDS_ANI:
             if not request.ani_hint:
                 violations.append(
                     FieldViolation(
@@ -228,18 +297,15 @@ class CallMatching:
                     violations.append(FieldViolation("ani_hint", str(exc)))
         if violations:
             raise InvalidArgument(violations)
+        return ani_hash
 
-        idempotency_key = (
-            keys.idempotency(app.application_id, request.idempotency_key)
-            if request.idempotency_key
-            else ""
-        )
-        if idempotency_key:
-            replay = await self._replay(idempotency_key, request)
-            if replay is not None:
-                return replay
-
-        session_id = "s" + secrets.token_urlsafe(15)
+    async def _reserve_for(
+        self, app: cm_pb2.Application, request: Handoff, idempotency_key: str
+    ) -> nd_pb2.ReserveNumberResponse:
+        """A number for a new session (with a code when the application matches by one),
+        reserved by NumberDistribution; a pool that issues no codes to an application
+        that needs them is FAILED_PRECONDITION, its number released at once."""
+        schema = app.match_schema
         ttl = (
             request.ttl
             if request.ttl is not None
@@ -249,7 +315,7 @@ class CallMatching:
             subject=request.context.subject,
             segment=request.context.customer_segment,
             want_access_code=schema in NEEDS_CODE,
-            session_id=session_id,
+            session_id="s" + secrets.token_urlsafe(15),
             idempotency_key=f"cm:{idempotency_key}" if idempotency_key else "",
         )
         reserve.ttl.FromNanoseconds(int(ttl * 1e9))
@@ -260,9 +326,6 @@ class CallMatching:
             reserve.device_location.CopyFrom(request.context.location)
         reserved = await self._numbers.ReserveNumber(reserve)
         reservation = reserved.reservation
-        if reservation.session_id != session_id:
-            # NumberDistribution answered an earlier attempt of this same idempotent request.
-            session_id = reservation.session_id
         if schema in NEEDS_CODE and not reserved.access_code:
             await self._numbers.ReleaseNumber(
                 nd_pb2.ReleaseNumberRequest(reservation_id=reservation.reservation_id)
@@ -273,23 +336,30 @@ class CallMatching:
                 reason="POOL_WITHOUT_CODES",
                 metadata={"pool_id": reservation.pool_id, "application_id": app.application_id},
             )
-        found = await reservations.read_reservation(self._store, reservation.reservation_id)
-        if found is None:
-            raise Aborted(
-                "the reservation ended before the session was stored; retry",
-                reason="RESERVATION_GONE",
-            )
-        record, meta = found
+        return reserved
+
+    def _new_session(
+        self,
+        app: cm_pb2.Application,
+        request: Handoff,
+        session_id: str,
+        record: nd_store.StoredReservation,
+        meta: KeyMeta,
+        ani_hash: bytes,
+        reserved: nd_pb2.ReserveNumberResponse,
+    ) -> cm_store.StoredSession:
+        """The session as stored: context and code sealed, the reservation it is fenced
+        by, the trace of the handoff to continue when the call arrives."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        session = cm_store.StoredSession(
+        return cm_store.StoredSession(
             session_id=session_id,
             application_id=app.application_id,
             customer_id=request.customer_id,
             sealed_context=self._crypto.seal(request.context.SerializeToString(), session_id),
             reservation=record,
             reservation_revision=meta.create_revision,
-            match_schema=schema,
+            match_schema=app.match_schema,
             skip_ivr=app.skip_ivr_on_match,
             ani_hash=ani_hash,
             sealed_access_code=self._crypto.seal(reserved.access_code.encode(), session_id)
@@ -304,44 +374,47 @@ class CallMatching:
             device_can_dial=request.device_can_dial,
             device_can_send_dtmf=request.device_can_send_dtmf,
         )
+
+    async def _store_session(
+        self,
+        session: cm_store.StoredSession,
+        meta: KeyMeta,
+        idempotency_key: str,
+        request: Handoff,
+    ) -> cm_pb2.StartHandoffResponse | None:
+        """Writes the session (and its idempotency record) if the reservation still
+        holds; None when stored, the first answer when a concurrent repeat of the request
+        stored its own; ABORTED when the reservation ended meanwhile."""
+        record = session.reservation
         compares = [reservations.still_held(record, meta.create_revision)]
-        ops = [Op.put(keys.session(session_id), session, record.lease_id)]
+        ops = [Op.put(keys.session(session.session_id), session, record.lease_id)]
         failure: list[Op] = []
         if idempotency_key:
+            customer_digest, request_digest = _digests(request)
             compares.append(Compare.absent(idempotency_key))
             ops.append(
                 Op.put(
                     idempotency_key,
                     cm_store.HandoffIdempotency(
-                        session_id=session_id,
-                        customer_digest=_digests(request)[0],
-                        request_digest=_digests(request)[1],
+                        session_id=session.session_id,
+                        customer_digest=customer_digest,
+                        request_digest=request_digest,
                     ),
                     record.lease_id,
                 )
             )
             failure.append(Op.get(idempotency_key))
         result = await self._store.txn(compares, ops, failure)
-        if not result.succeeded:
-            if idempotency_key and result.gets and result.gets[0]:
-                replay = await self._replay(idempotency_key, request)
-                if replay is not None:
-                    return replay
-            raise Aborted(
-                "the reservation ended before the session was stored; retry",
-                reason="RESERVATION_GONE",
-            )
-        log.info(
-            "handoff started",
-            extra={
-                "fields": {
-                    "session_id": session_id,
-                    "application_id": app.application_id,
-                    "pool_id": record.pool_id,
-                }
-            },
+        if result.succeeded:
+            return None
+        if idempotency_key and result.first() is not None:
+            replay = await self._replay(idempotency_key, request)
+            if replay is not None:
+                return replay
+        raise Aborted(
+            "the reservation ended before the session was stored; retry",
+            reason="RESERVATION_GONE",
         )
-        return self._handoff_answer(session, reserved.access_code)
 
     def _handoff_answer(
         self, session: cm_store.StoredSession, code: str
@@ -580,25 +653,10 @@ class CallMatching:
         )
         attempt.pool_id = resolved.pool_id
         unmatched = cm_pb2.MatchCallResponse(resource_group=resolved.resource_group)
-        if not resolved.reservations:
-            unmatched.outcome = (
-                cm_pb2.MATCH_OUTCOME_EXPIRED
-                if resolved.expired_reservations
-                else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-            )
+        chosen, outcome = _candidate(resolved)
+        if chosen is None:
+            unmatched.outcome = outcome
             return unmatched, False
-        candidates = list(resolved.reservations)
-        if len(candidates) > 1:
-            # A shared number: only the code tells the reservations apart.
-            candidates = [r for r in candidates if r.code_check == nd_pb2.CODE_CHECK_MATCH]
-            if not candidates:
-                unmatched.outcome = (
-                    cm_pb2.MATCH_OUTCOME_STALE_CODE
-                    if resolved.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
-                    else cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
-                )
-                return unmatched, False
-        chosen = candidates[0]
         entry = await self._store.get(
             keys.session(chosen.reservation.session_id), cm_store.StoredSession
         )
@@ -606,11 +664,37 @@ class CallMatching:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched, False
         session = entry.value
+        self._note_session(session, attempt, unmatched)
+        now = self._clock()
+        refused = self._mismatch(session, ani_hash, chosen, now)
+        if refused is not None:
+            unmatched.outcome = refused
+            return unmatched, False
+        if session.match_schema in NEEDS_CODE and chosen.code_check != nd_pb2.CODE_CHECK_MATCH:
+            unmatched.outcome = await self._wrong_code(
+                session, entry.meta.mod_revision, call.call_id, now, buckets
+            )
+            return unmatched, True
+        consumed, limited = await self._consume(entry, call, now, buckets)
+        if limited:
+            return _rate_limited(resolved.resource_group), True
+        if consumed is None:
+            unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+            return unmatched, False
+        return self._matched(consumed, resolved.resource_group), False
+
+    @staticmethod
+    def _note_session(
+        session: cm_store.StoredSession,
+        attempt: cm_pb2.MatchAttempt,
+        unmatched: cm_pb2.MatchCallResponse,
+    ) -> None:
+        """The session the call is judged against, in its attempt record and answer; the
+        voice call's trace points at the data-session request that prepared it."""
         handoff = span_context_from(
             session.handoff_trace.traceparent, session.handoff_trace.tracestate
         )
         if handoff is not None:
-            # The voice call's trace points at the data-session request that prepared it.
             trace.get_current_span().add_link(handoff, {"accessline.link": "handoff"})
         attempt.session_id = session.session_id
         attempt.application_id = session.application_id
@@ -618,28 +702,40 @@ class CallMatching:
         attempt.handoff_requested_at.CopyFrom(session.handoff_requested_at)
         unmatched.match_schema = session.match_schema
         unmatched.handoff_requested_at.CopyFrom(session.handoff_requested_at)
-        now = self._clock()
+
+    def _mismatch(
+        self,
+        session: cm_store.StoredSession,
+        ani_hash: bytes,
+        chosen: nd_pb2.ResolvedReservation,
+        now: float,
+    ) -> cm_pb2.MatchOutcome.ValueType | None:
+        """Why the call cannot match the session, short of a wrong code (which is
+        counted): expired, the caller's number withheld or another, or a spent code."""
         if seconds(session.expires_at) <= now:
-            unmatched.outcome = cm_pb2.MATCH_OUTCOME_EXPIRED
-            return unmatched, False
+            return cm_pb2.MATCH_OUTCOME_EXPIRED
         if session.match_schema in NEEDS_ANI:
             if not ani_hash:
-                unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_WITHHELD
-                return unmatched, False
+                return cm_pb2.MATCH_OUTCOME_ANI_WITHHELD
             if not self._crypto.same(ani_hash, session.ani_hash):
-                unmatched.outcome = cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
-                return unmatched, False
+                return cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
         if session.match_schema in NEEDS_CODE and chosen.code_check == nd_pb2.CODE_CHECK_SPENT:
             # The code of an ended session on this number: a late caller, whom nothing
             # is counted against the session waiting on the number now.
-            unmatched.outcome = cm_pb2.MATCH_OUTCOME_STALE_CODE
-            return unmatched, False
-        if session.match_schema in NEEDS_CODE and chosen.code_check != nd_pb2.CODE_CHECK_MATCH:
-            unmatched.outcome = await self._wrong_code(
-                session, entry.meta.mod_revision, call.call_id, now, buckets
-            )
-            return unmatched, True
-        revision = entry.meta.mod_revision
+            return cm_pb2.MATCH_OUTCOME_STALE_CODE
+        return None
+
+    async def _consume(
+        self,
+        entry: Entry[cm_store.StoredSession],
+        call: Call,
+        now: float,
+        buckets: tuple[failures.Bucket, ...],
+    ) -> tuple[cm_store.StoredSession | None, bool]:
+        """Consumes the session for this call, with its reservation, in one
+        transaction: (the session consumed or None when another call had it, whether a
+        failure bucket filled meanwhile)."""
+        session, revision = entry.value, entry.meta.mod_revision
         for _ in range(MAX_MATCH_ROUNDS):
             if await self._end(
                 session,
@@ -649,27 +745,29 @@ class CallMatching:
                 now,
                 failures.below(buckets),
             ):
-                break
+                return session, False
             # The session changed since it was read: consumed by another call (maybe on
             # another replica), or only a wrong code counted on it, which must not keep
             # the right caller out; or a failure bucket filled meanwhile. Decide again on
             # what is there now.
             full, fresh = await self._fresh(session.session_id, buckets)
             if full:
-                return _rate_limited(resolved.resource_group), True
+                return None, True
             if fresh is None or fresh.value.reservation.reservation_id != (
                 session.reservation.reservation_id
             ):
-                unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-                return unmatched, False
+                return None, False
             session, revision = fresh.value, fresh.meta.mod_revision
-        else:
-            unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-            return unmatched, False
+        return None, False
+
+    def _matched(
+        self, session: cm_store.StoredSession, resource_group: str
+    ) -> cm_pb2.MatchCallResponse:
+        """The answer to a matched call: the session's context unsealed."""
         context = common_pb2.ContextData.FromString(
             self._crypto.unseal(session.sealed_context, session.session_id)
         )
-        matched = cm_pb2.MatchCallResponse(
+        return cm_pb2.MatchCallResponse(
             outcome=cm_pb2.MATCH_OUTCOME_MATCHED,
             session_id=session.session_id,
             application_id=session.application_id,
@@ -677,11 +775,10 @@ class CallMatching:
             context=context,
             skip_ivr=session.skip_ivr,
             match_schema=session.match_schema,
-            resource_group=resolved.resource_group,
+            resource_group=resource_group,
             handoff_trace=session.handoff_trace,
             handoff_requested_at=session.handoff_requested_at,
         )
-        return matched, False
 
     async def _wrong_code(
         self,

@@ -299,41 +299,9 @@ class Reservations:
                 fallback=fallback,
                 shared=share,
             )
-            compares = [
-                Compare.modified_at(keys.number(value), number.revision),
-                Compare.absent(keys.slot(value, slot)),
-                Compare.absent(keys.quarantine_key(value)),
-            ]
-            ops = [
-                Op.put(keys.slot(value, slot), record, lease),
-                Op.put(
-                    keys.reservation(reservation_id),
-                    storage_pb2.ReservationLocator(number=value, slot=slot),
-                    lease,
-                ),
-            ]
-            failure: list[Op] = []
-            if idem:
-                compares.append(Compare.absent(keys.idempotency(idem)))
-                sealed = self._codes.seal(code, reservation_id) if code else b""
-                ops.append(
-                    Op.put(
-                        keys.idempotency(idem),
-                        storage_pb2.IdempotencyRecord(
-                            reservation_id=reservation_id,
-                            sealed_access_code=sealed,
-                            selection_reason=reason.SerializeToString(),
-                        ),
-                        lease,
-                    )
-                )
-                failure.append(Op.get(keys.idempotency(idem)))
-            if code:
-                # Never the code of an ended reservation a late caller may still key in.
-                compares.append(Compare.absent(keys.spent(value, code_hash)))
-            if code and shared_pool:
-                compares.append(Compare.absent(keys.code(value, code_hash)))
-                ops.append(Op.put(keys.code(value, code_hash), EMPTY, lease))
+            compares, ops, failure = self._reservation_txn(
+                record, number.revision, code, reason, shared_pool=shared_pool
+            )
             result = await self._store.txn(compares, ops, failure)
             if result.succeeded:
                 used.add(lease)
@@ -349,6 +317,58 @@ class Reservations:
                     return replay
             self._view.mark_taken(pool.pool_id, value)
         return None
+
+    def _reservation_txn(
+        self,
+        record: storage_pb2.StoredReservation,
+        number_revision: int,
+        code: str,
+        reason: nd_pb2.SelectionReason,
+        *,
+        shared_pool: bool,
+    ) -> tuple[list[Compare], list[Op], list[Op]]:
+        """The transaction that takes the number's slot for `record` (compares, success
+        ops, failure ops): only if the number is unchanged since the view read it, the
+        slot free, the number out of quarantine, the idempotency key unused, the code
+        not one a late caller may still key in, and (shared pools) not another
+        reservation's code on the number."""
+        value, slot, lease = record.number, record.slot, record.lease_id
+        compares = [
+            Compare.modified_at(keys.number(value), number_revision),
+            Compare.absent(keys.slot(value, slot)),
+            Compare.absent(keys.quarantine_key(value)),
+        ]
+        ops = [
+            Op.put(keys.slot(value, slot), record, lease),
+            Op.put(
+                keys.reservation(record.reservation_id),
+                storage_pb2.ReservationLocator(number=value, slot=slot),
+                lease,
+            ),
+        ]
+        failure: list[Op] = []
+        idem = record.idempotency_hash
+        if idem:
+            compares.append(Compare.absent(keys.idempotency(idem)))
+            sealed = self._codes.seal(code, record.reservation_id) if code else b""
+            ops.append(
+                Op.put(
+                    keys.idempotency(idem),
+                    storage_pb2.IdempotencyRecord(
+                        reservation_id=record.reservation_id,
+                        sealed_access_code=sealed,
+                        selection_reason=reason.SerializeToString(),
+                    ),
+                    lease,
+                )
+            )
+            failure.append(Op.get(keys.idempotency(idem)))
+        if code:
+            compares.append(Compare.absent(keys.spent(value, record.code_hash)))
+        if code and shared_pool:
+            compares.append(Compare.absent(keys.code(value, record.code_hash)))
+            ops.append(Op.put(keys.code(value, record.code_hash), EMPTY, lease))
+        return compares, ops, failure
 
     @staticmethod
     def _public(record: storage_pb2.StoredReservation) -> common_pb2.Reservation:

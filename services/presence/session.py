@@ -433,9 +433,104 @@ class AgentSession:
         ):
             await self._answer_offer(response, entry)
 
+    def _recorded(self, response: pr_pb2.OfferResponse) -> None:
+        self.send(
+            pr_pb2.ConnectResponse(
+                offer_response_recorded=pr_pb2.OfferResponseRecorded(
+                    offer_id=response.offer_id, decision=response.decision
+                )
+            )
+        )
+
+    def _refusal(
+        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
+    ) -> pr_pb2.OfferRefusal.ValueType | None:
+        """Why this answer cannot be recorded (unknown offer, no longer open, the channel
+        accepted on unavailable), or None."""
+        if entry is None:
+            return pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
+        stored = entry.value
+        if (
+            stored.state != pr_store.OFFER_STATE_OPEN
+            or stored.offer.deadline.ToNanoseconds() <= time.time_ns()
+        ):
+            return pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN
+        if response.decision != pr_pb2.OFFER_DECISION_ACCEPT:
+            return None
+        channel_id = response.accept_channel or stored.offer.channel
+        try:
+            channel = self._channel(channel_id, "offer_response.accept_channel")
+        except InvalidArgument:
+            return pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE
+        if (
+            channel_presence(channel, self.state.do_not_disturb) != C.CHANNEL_PRESENCE_AVAILABLE
+            and channel_id != stored.offer.channel
+        ):
+            return pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE
+        return None
+
+    @staticmethod
+    def _already_answered(response: pr_pb2.OfferResponse, stored: pr_store.StoredOffer) -> bool:
+        """Whether the offer already holds this very answer (answering twice the same way
+        is harmless: the same confirmation again)."""
+        accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
+        wanted = stored.state == (
+            pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED
+        )
+        return wanted and (
+            not accept
+            or not response.accept_channel
+            or response.accept_channel == stored.accepted_channel
+        )
+
+    async def _accept_ops(
+        self, stored: pr_store.StoredOffer, channel_id: C.Channel.ValueType
+    ) -> tuple[tuple[list[Compare], list[Op]], int]:
+        """What an accept writes with the offer's new state, and the lease the
+        interaction moves to once the call is connected: the agent busy on the channel
+        (so whoever sees the accepted offer also sees the channel taken) and the
+        interaction, bound to the call's lease until then; only while the agent's
+        presence is as read and the caller still holds their place."""
+        busy = pr_store.StoredPresence()
+        busy.CopyFrom(self.state)
+        for channel in busy.channels:
+            if channel.channel == channel_id:
+                channel.active_interactions += 1
+        busy.interactions[stored.offer.interaction_id] = channel_id
+        busy.ClearField("idle_since")
+        busy.updated_at.CopyFrom(now_timestamp())
+        assert self.lease is not None
+        presence_key = keys.presence(self.agent.agent_id)
+        ongoing = pr_store.StoredInteraction(
+            interaction_id=stored.offer.interaction_id,
+            channel=channel_id,
+            offer_id=stored.offer.offer_id,
+            accepted_at=now_timestamp(),
+        )
+        lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
+        compares = [Compare.modified_at(presence_key, self.revision)]
+        if stored.call_key:
+            # The caller is still there: their place in the queue is unchanged.
+            compares.append(Compare.created_at(stored.call_key, stored.call_create_revision))
+        ops = [
+            Op.put(presence_key, busy, self.lease.id),
+            # Until the call is connected the interaction lives and dies with the call;
+            # the router moves it to `lasts` then.
+            Op.put(
+                keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
+                ongoing,
+                stored.call_lease or lasts,
+            ),
+        ]
+        return (compares, ops), lasts
+
     async def _answer_offer(
         self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
     ) -> None:
+        """Records the agent's accept or decline of an offer in one transaction (an
+        accept with the agent busy and the interaction started), or tells the agent why
+        not."""
+
         def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
             self.send(
                 pr_pb2.ConnectResponse(
@@ -445,89 +540,21 @@ class AgentSession:
                 )
             )
 
-        if entry is None:
-            refuse(pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
+        if entry is not None and self._already_answered(response, entry.value):
+            self._recorded(response)
+            return
+        refusal = self._refusal(response, entry)
+        if refusal is not None or entry is None:
+            refuse(refusal or pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
             return
         stored = entry.value
         accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
-        wanted = stored.state == (
-            pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED
-        )
-        if wanted and (
-            not accept
-            or not response.accept_channel
-            or response.accept_channel == stored.accepted_channel
-        ):
-            # Answering twice the same way is harmless: the same confirmation again.
-            self.send(
-                pr_pb2.ConnectResponse(
-                    offer_response_recorded=pr_pb2.OfferResponseRecorded(
-                        offer_id=response.offer_id, decision=response.decision
-                    )
-                )
-            )
-            return
-        if (
-            stored.state != pr_store.OFFER_STATE_OPEN
-            or stored.offer.deadline.ToNanoseconds() <= time.time_ns()
-        ):
-            refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
-            return
         channel_id = response.accept_channel or stored.offer.channel
-        if accept:
-            try:
-                channel = self._channel(channel_id, "offer_response.accept_channel")
-            except InvalidArgument:
-                refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
-                return
-            if (
-                channel_presence(channel, self.state.do_not_disturb) != C.CHANNEL_PRESENCE_AVAILABLE
-                and channel_id != stored.offer.channel
-            ):
-                refuse(pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE)
-                return
         async with self.write_lock:
-            # An accept makes the agent busy in the same transaction, so whoever sees the
-            # accepted offer also sees the channel taken.
             also: tuple[list[Compare], list[Op]] = ([], [])
             lasts = 0
-            busy = pr_store.StoredPresence()
             if accept:
-                busy.CopyFrom(self.state)
-                for channel in busy.channels:
-                    if channel.channel == channel_id:
-                        channel.active_interactions += 1
-                busy.interactions[stored.offer.interaction_id] = channel_id
-                busy.ClearField("idle_since")
-                busy.updated_at.CopyFrom(now_timestamp())
-                assert self.lease is not None
-                presence_key = keys.presence(self.agent.agent_id)
-                ongoing = pr_store.StoredInteraction(
-                    interaction_id=stored.offer.interaction_id,
-                    channel=channel_id,
-                    offer_id=stored.offer.offer_id,
-                    accepted_at=now_timestamp(),
-                )
-                lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
-                compares = [Compare.modified_at(presence_key, self.revision)]
-                if stored.call_key:
-                    # The caller is still there: their place in the queue is unchanged.
-                    compares.append(
-                        Compare.created_at(stored.call_key, stored.call_create_revision)
-                    )
-                also = (
-                    compares,
-                    [
-                        Op.put(presence_key, busy, self.lease.id),
-                        # Until the call is connected the interaction lives and dies with
-                        # the call; the router moves it to `lasts` then.
-                        Op.put(
-                            keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
-                            ongoing,
-                            stored.call_lease or lasts,
-                        ),
-                    ],
-                )
+                also, lasts = await self._accept_ops(stored, channel_id)
             ok = await offers.set_offer_state(
                 self.store,
                 entry,
@@ -540,13 +567,7 @@ class AgentSession:
                 refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
                 return
             self.delivered.discard(response.offer_id)
-            self.send(
-                pr_pb2.ConnectResponse(
-                    offer_response_recorded=pr_pb2.OfferResponseRecorded(
-                        offer_id=response.offer_id, decision=response.decision
-                    )
-                )
-            )
+            self._recorded(response)
             if accept:
                 fresh = await self.store.get(
                     keys.presence(self.agent.agent_id), pr_store.StoredPresence

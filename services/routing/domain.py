@@ -43,7 +43,7 @@ from services.runtime.errors import (
     ResourceExhausted,
 )
 from services.runtime.sealing import Sealer
-from services.runtime.store import Compare, EventKind, Op, Store
+from services.runtime.store import Compare, Entry, EventKind, Op, Store
 from services.runtime.validation import ID
 
 if TYPE_CHECKING:
@@ -187,6 +187,8 @@ class Router:
     async def route(
         self, request: rt_pb2.RouteInboundCallRequest
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
+        """One inbound call on the switch's stream: the match decision (CallMatching),
+        then the queue of its group until an agent accepts, or a `failed` event."""
         interaction_id = "i" + secrets.token_urlsafe(12)
         arrived = (
             seconds(request.call_arrived_at) if request.HasField("call_arrived_at") else time.time()
@@ -195,6 +197,63 @@ class Router:
         def event(**fields: Any) -> rt_pb2.RouteInboundCallResponse:
             return rt_pb2.RouteInboundCallResponse(interaction_id=interaction_id, **fields)
 
+        matched, decided, hold = await self._decide(request, interaction_id)
+        group = decided.resource_group
+        yield event(match_decided=decided)
+        if not group:
+            yield event(
+                failed=rt_pb2.Failed(
+                    reason=rt_pb2.FAILURE_REASON_UNKNOWN_NUMBER,
+                    message="the dialled number routes to no group",
+                )
+            )
+            return
+        try:
+            is_match = matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+            context = matched.context if is_match else common_pb2.ContextData()
+            if hold is None:
+                _, staffed = await self.availability(group)
+                if staffed == 0:
+                    yield event(
+                        failed=rt_pb2.Failed(
+                            reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
+                            message="no agent of the group is logged in",
+                        )
+                    )
+                    return
+            item = self._queue_entry(request, matched, interaction_id, group, context, arrived)
+            key = keys.queued(group, interaction_id)
+            revision = await self._enter_queue(group, key, item, hold)
+            call = _Call(
+                key=key,
+                group=group,
+                interaction_id=interaction_id,
+                arrived=arrived,
+                context=context,
+                decided=decided,
+                session_id=matched.session_id,
+            )
+            async for update in self._attend(call, item, revision):
+                yield update
+        except QueueFull as full:
+            failed = rt_pb2.Failed(reason=rt_pb2.FAILURE_REASON_QUEUE_FULL, message=full.message)
+            failed.retry_after.FromNanoseconds(int((full.retry_after or 1.0) * 1e9))
+            yield event(failed=failed)
+        except AccesslineError as exc:
+            # The switch already has the match decision: tell it on the stream.
+            log.warning("routing of %s stopped: %s", interaction_id, exc.message)
+            yield event(
+                failed=rt_pb2.Failed(
+                    reason=rt_pb2.FAILURE_REASON_UNAVAILABLE,
+                    message=f"routing could not go on ({exc.reason}); try again",
+                )
+            )
+
+    async def _decide(
+        self, request: rt_pb2.RouteInboundCallRequest, interaction_id: str
+    ) -> tuple[cm_pb2.MatchCallResponse, rt_pb2.MatchDecided, Entry[rt_store.AgentHold] | None]:
+        """The match (CallMatching's MatchCall), the treatment and group it decides, and
+        the agent held for the matched customer, if any (their group wins)."""
         match = cm_pb2.MatchCallRequest(
             call_id=request.call_id,
             dnis=request.dnis,
@@ -230,93 +289,64 @@ class Router:
             session_id=matched.session_id,
             resource_group=group,
         )
-        yield event(match_decided=decided)
-        if not group:
-            yield event(
-                failed=rt_pb2.Failed(
-                    reason=rt_pb2.FAILURE_REASON_UNKNOWN_NUMBER,
-                    message="the dialled number routes to no group",
+        return matched, decided, hold
+
+    def _queue_entry(
+        self,
+        request: rt_pb2.RouteInboundCallRequest,
+        matched: cm_pb2.MatchCallResponse,
+        interaction_id: str,
+        group: str,
+        context: common_pb2.ContextData,
+        arrived: float,
+    ) -> QI:
+        """The call's queue entry, carrying the current trace."""
+        item = interaction_for(
+            interaction_id=interaction_id,
+            kind=rt_store.INTERACTION_KIND_CALL,
+            group=group,
+            context=context,
+            rules=self._rules,
+            now=arrived,
+            sealer=self._sealer,
+        )
+        item.not_before.CopyFrom(timestamp(0))
+        item.call_id = request.call_id
+        item.session_id = matched.session_id
+        item.customer_id = matched.customer_id
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        item.trace.traceparent = carrier.get("traceparent", "")
+        item.trace.tracestate = carrier.get("tracestate", "")
+        return item
+
+    async def _enter_queue(
+        self, group: str, key: str, item: QI, hold: Entry[rt_store.AgentHold] | None
+    ) -> int:
+        """Puts the call in its group's queue under this replica's lease; the revision.
+        The agent held for this customer waits for this call alone: the hold's claim is
+        dropped in the same transaction so the dispatcher can offer them."""
+        lease = await self._replica_lease()
+        if hold is not None:
+            item.preferred_agent_id = hold.value.agent_id
+            item.preferred_until.CopyFrom(
+                timestamp(
+                    time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
                 )
             )
-            return
-        try:
-            context = matched.context if is_match else common_pb2.ContextData()
-            if hold is None:
-                _, staffed = await self.availability(group)
-                if staffed == 0:
-                    yield event(
-                        failed=rt_pb2.Failed(
-                            reason=rt_pb2.FAILURE_REASON_NO_AGENTS,
-                            message="no agent of the group is logged in",
-                        )
-                    )
-                    return
-            item = interaction_for(
-                interaction_id=interaction_id,
-                kind=rt_store.INTERACTION_KIND_CALL,
-                group=group,
-                context=context,
-                rules=self._rules,
-                now=arrived,
-                sealer=self._sealer,
+            revision = await self._join(
+                group,
+                key,
+                item,
+                lease,
+                [Compare.modified_at(hold.key, hold.meta.mod_revision)],
+                [Op.delete(hold.key), Op.delete(hold.value.claim_key)],
             )
-            item.not_before.CopyFrom(timestamp(0))
-            item.call_id = request.call_id
-            item.session_id = matched.session_id
-            item.customer_id = matched.customer_id
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            item.trace.traceparent = carrier.get("traceparent", "")
-            item.trace.tracestate = carrier.get("tracestate", "")
-            key = keys.queued(group, interaction_id)
-            lease = await self._replica_lease()
-            revision = 0
-            if hold is not None:
-                # The agent held for this customer waits for this call alone; the hold's
-                # claim is dropped in the same transaction so the dispatcher can offer them.
-                item.preferred_agent_id = hold.value.agent_id
-                item.preferred_until.CopyFrom(
-                    timestamp(
-                        time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
-                    )
-                )
-                revision = await self._join(
-                    group,
-                    key,
-                    item,
-                    lease,
-                    [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                    [Op.delete(hold.key), Op.delete(hold.value.claim_key)],
-                )
-                if not revision:
-                    item.ClearField("preferred_agent_id")
-                    item.ClearField("preferred_until")
-            if not revision:
-                revision = await self._join(group, key, item, lease)
-            call = _Call(
-                key=key,
-                group=group,
-                interaction_id=interaction_id,
-                arrived=arrived,
-                context=context,
-                decided=decided,
-                session_id=matched.session_id,
-            )
-            async for update in self._attend(call, item, revision):
-                yield update
-        except QueueFull as full:
-            failed = rt_pb2.Failed(reason=rt_pb2.FAILURE_REASON_QUEUE_FULL, message=full.message)
-            failed.retry_after.FromNanoseconds(int((full.retry_after or 1.0) * 1e9))
-            yield event(failed=failed)
-        except AccesslineError as exc:
-            # The switch already has the match decision: tell it on the stream.
-            log.warning("routing of %s stopped: %s", interaction_id, exc.message)
-            yield event(
-                failed=rt_pb2.Failed(
-                    reason=rt_pb2.FAILURE_REASON_UNAVAILABLE,
-                    message=f"routing could not go on ({exc.reason}); try again",
-                )
-            )
+            if revision:
+                return revision
+            item.ClearField("preferred_agent_id")
+            item.ClearField("preferred_until")
+        return await self._join(group, key, item, lease)
 
     async def _join(
         self,
