@@ -512,3 +512,16 @@ async def postgres() -> AsyncIterator[Postgres]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def stack(etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    """The routing tests' stack (tests/support/stack.py), started once for every routing
+    test module: each test uses groups of its own."""
+    from tests.support.stack import start_stack, stop_stack
+
+    built = await start_stack(
+        etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path_factory.mktemp("routing")
+    )
+    yield built
+    await stop_stack(built)

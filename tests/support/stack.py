@@ -5,8 +5,10 @@ play the agent, the customer and the switch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
+from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
@@ -24,14 +27,16 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from services.routing import keys as rt_keys
 from services.routing.__main__ import SEAL_PURPOSE
 from services.routing.settings import DEVELOPMENT_SECRET
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.sealing import Sealer
-from services.runtime.store import Store
+from services.runtime.store import Op, Store
 from tests.conftest import (
     ServiceProcess,
     connect,
+    identity,
     spawn_service,
     wait_serving,
 )
@@ -284,3 +289,39 @@ if TYPE_CHECKING:
     )
     from accessline.presence.v1.presence_pb2_grpc import PresenceServiceAsyncStub
     from accessline.routing.v1.routing_pb2_grpc import RoutingServiceAsyncStub
+
+
+@contextlib.asynccontextmanager
+async def one_more_router(etcd: EmbeddedEtcd, prefix: str, **env: str) -> AsyncIterator[Any]:
+    """A Routing process of its own settings, stopped on exit; yields its stub."""
+    process = spawn_service("services.routing", etcd.endpoint, prefix, **env)
+    try:
+        await wait_serving(process)
+        async with connect(process.address) as channel:
+            yield rt_grpc.RoutingServiceStub(channel)
+    finally:
+        await process.stop_async()
+
+
+async def stored_anywhere(stack: Stack, *needles: bytes) -> bool:
+    """Whether any of `needles` appears in clear in a value of Routing's keys."""
+    found = await stack.store.txn([], [Op.get_prefix(rt_keys.ROOT)])
+    return any(n in value for _, value, _ in found.gets[0] for n in needles)
+
+
+async def in_app(stack: Stack, customer: str) -> Any:
+    device = f"d-{uuid.uuid4().hex[:6]}"
+    await stack.nt.RegisterDevice(
+        nt_pb2.RegisterDeviceRequest(
+            device=nt_pb2.Device(
+                device_id=device,
+                customer_id=customer,
+                application_id="customer-app",
+                platform=nt_pb2.PLATFORM_IN_APP,
+            )
+        )
+    )
+    own = nt_grpc.NotificationServiceStub(
+        connect(stack.processes[2].address, identity().token(customer, "customer"))
+    )
+    return own.StreamNotifications(nt_pb2.StreamNotificationsRequest(device_id=device))

@@ -1,0 +1,221 @@
+"""Routing end to end, callbacks: dials streamed to switches (StreamCallbackDials),
+retries, completion, and dials no switch reports.
+The stack (tests/conftest.py's `routing_stack`, the five services as processes, two
+Routing replicas) is shared by the routing test modules; every group is a fresh one."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from tests.conftest import (
+    error_details,
+    eventually,
+)
+from tests.support.stack import (
+    ACCEPT,
+    C,
+    Stack,
+    agent,
+    answer,
+    in_app,
+    new_group,
+    stored_anywhere,
+    window,
+)
+
+# -- callbacks ------------------------------------------------------------------------
+
+
+async def dial_for(stream: Any, callback_id: str) -> rt_pb2.StreamCallbackDialsResponse:
+    """The next dial of this callback on a switch stream (dials of other tests' callbacks
+    may come first on this shared stack)."""
+    while True:
+        dial = await asyncio.wait_for(stream.read(), 20)
+        assert dial is not grpc.aio.EOF
+        if dial.callback_id == callback_id:
+            return dial
+
+
+async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None:
+    group = new_group()
+    member, app = await agent(stack, group)
+    customer = f"c-{uuid.uuid4().hex[:6]}"
+    pushes = await in_app(stack, customer)
+    dials = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="sw1"))
+    context = C.ContextData(
+        subject="mortgage", attributes={"display_name": "Ms Petit", "iban": "FR7630001007941"}
+    )
+    requested = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id=customer,
+            phone_number="+33 6 12 34 56 78",
+            latest=window(3600),
+            resource_group=group,
+            idempotency_key="cb-key-1",
+            context=context,
+        )
+    )
+    callback_id = requested.callback.callback_id
+    assert requested.callback.state == rt_pb2.CALLBACK_STATE_QUEUED
+    # The same request again returns the same callback; another one is refused.
+    again = await stack.routers[1].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id=customer,
+            phone_number="+33612345678",
+            latest=window(3600),
+            resource_group=group,
+            idempotency_key="cb-key-1",
+        )
+    )
+    assert again.callback.callback_id == callback_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.routers[1].RequestCallback(
+            rt_pb2.RequestCallbackRequest(
+                application_id="bank",
+                customer_id=customer,
+                phone_number="+33612345678",
+                latest=window(3600),
+                resource_group=group,
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_details(refused.value)["ErrorInfo"].reason == "CALLBACK_EXISTS"
+
+    # The number and the context are sealed in etcd, in the callback and in its dial.
+    assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
+    preview = await answer(app, ACCEPT)
+    assert preview.interaction_id == callback_id
+    dial = await dial_for(dials, callback_id)
+    assert not await stored_anywhere(stack, b"+33612345678", b"FR7630001007941")
+    assert (dial.callback_id, dial.phone_number, dial.agent_id, dial.agent_address) == (
+        callback_id,
+        "+33612345678",
+        member,
+        f"ext-{member}",
+    )
+    assert dial.context == context
+    got = await stack.routers[0].GetCallback(rt_pb2.GetCallbackRequest(callback_id=callback_id))
+    assert (got.callback.state, got.callback.attempts) == (rt_pb2.CALLBACK_STATE_DIALLING, 1)
+
+    # No answer: queued again and the customer is told the agent tried.
+    await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=callback_id))
+    report = await stack.routers[1].ReportCallbackAttempt(
+        rt_pb2.ReportCallbackAttemptRequest(
+            callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_NO_ANSWER
+        )
+    )
+    assert report.callback.state == rt_pb2.CALLBACK_STATE_QUEUED
+    told = (await asyncio.wait_for(pushes.read(), 20)).notification
+    assert told.event_type == nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED
+    assert dict(told.data) == {"callback_id": callback_id}
+    assert "+336" not in told.body
+
+    await answer(app, ACCEPT)
+    await dial_for(dials, callback_id)
+    done = await stack.routers[0].ReportCallbackAttempt(
+        rt_pb2.ReportCallbackAttemptRequest(
+            callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
+        )
+    )
+    assert (done.callback.state, done.callback.attempts) == (rt_pb2.CALLBACK_STATE_COMPLETED, 2)
+    # Finished: the customer may ask again, and a late report is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await stack.routers[0].ReportCallbackAttempt(
+            rt_pb2.ReportCallbackAttemptRequest(
+                callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
+            )
+        )
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    fresh = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id=customer,
+            phone_number="+33612345678",
+            latest=window(60),
+            resource_group=group,
+        )
+    )
+    await stack.routers[0].CancelCallback(
+        rt_pb2.CancelCallbackRequest(callback_id=fresh.callback.callback_id)
+    )
+    cancelled = await stack.routers[1].GetCallback(
+        rt_pb2.GetCallbackRequest(callback_id=fresh.callback.callback_id)
+    )
+    assert cancelled.callback.state == rt_pb2.CALLBACK_STATE_CANCELLED
+    dials.cancel()
+    pushes.cancel()
+    app.call.cancel()
+
+
+async def test_a_dial_taken_by_a_switch_that_drops_goes_to_another(stack: Stack) -> None:
+    group = new_group()
+    _, app = await agent(stack, group)
+    first = stack.routers[0].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="a"))
+    requested = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id="c-drop",
+            phone_number="+33612345679",
+            latest=window(600),
+            resource_group=group,
+        )
+    )
+    await answer(app, ACCEPT)
+    await dial_for(first, requested.callback.callback_id)
+    first.cancel()
+    second = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="b"))
+    await dial_for(second, requested.callback.callback_id)
+    done = await stack.routers[1].ReportCallbackAttempt(
+        rt_pb2.ReportCallbackAttemptRequest(
+            callback_id=requested.callback.callback_id,
+            outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED,
+        )
+    )
+    assert done.callback.state == rt_pb2.CALLBACK_STATE_COMPLETED
+    second.cancel()
+    app.call.cancel()
+
+
+async def test_a_dial_no_switch_reports_counts_as_a_failed_attempt(stack: Stack) -> None:
+    group = new_group()
+    _, app = await agent(stack, group)
+    customer = f"c-{uuid.uuid4().hex[:6]}"
+    pushes = await in_app(stack, customer)
+    silent = stack.routers[1].StreamCallbackDials(
+        rt_pb2.StreamCallbackDialsRequest(switch_id="silent")
+    )
+    requested = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id=customer,
+            phone_number="+33612345680",
+            latest=window(600),
+            resource_group=group,
+        )
+    )
+    callback_id = requested.callback.callback_id
+    await answer(app, ACCEPT)
+    # The switch takes the dial and never reports it (4 s dial timeout here).
+    await dial_for(silent, callback_id)
+
+    async def retried() -> bool:
+        got = await stack.routers[0].GetCallback(rt_pb2.GetCallbackRequest(callback_id=callback_id))
+        return (got.callback.state, got.callback.attempts) == (rt_pb2.CALLBACK_STATE_QUEUED, 1)
+
+    await eventually(retried, what="the unreported dial counted as a failed attempt")
+    told = (await asyncio.wait_for(pushes.read(), 20)).notification
+    assert told.event_type == nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED
+    await stack.routers[0].CancelCallback(rt_pb2.CancelCallbackRequest(callback_id=callback_id))
+    silent.cancel()
+    pushes.cancel()
+    app.call.cancel()
