@@ -11,29 +11,17 @@ from pathlib import Path
 from rich.console import Console
 
 from services.demo import Access, Addresses, play
-from tests.conftest import ServiceProcess, identity, wait_serving
+from tests.conftest import ServiceProcess, identity
+from tests.support.stack import call_path_services
 
 
 async def test_the_demo_plays_the_whole_flow(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    nd = service_factory("services.numberdistribution")
-    pr = service_factory("services.presence")
-    await wait_serving(nd)
-    cm = service_factory(
-        "services.callmatching",
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}",
+    services = await call_path_services(
+        service_factory, tmp_path, ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS="2"
     )
-    await wait_serving(pr)
-    await wait_serving(cm)
-    rt = service_factory(
-        "services.routing",
-        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
-        ACCESSLINE_PRESENCE_ADDRESS=pr.address,
-        ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS="2",
-    )
-    await wait_serving(rt)
+    nd, cm, pr, rt = services.nd, services.cm, services.pr, services.rt
     output = io.StringIO()
     tally = await play(
         Addresses(nd.address, cm.address, rt.address, pr.address),

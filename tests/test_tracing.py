@@ -26,7 +26,8 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.embedded_etcd import free_port
-from tests.conftest import ServiceProcess, connect, eventually, wait_serving
+from tests.conftest import ServiceProcess, connect, eventually
+from tests.support.stack import call_path_services
 from tests.test_presence import App
 from tests.test_telemetry import Receiver
 
@@ -74,24 +75,8 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRIC_EXPORT_INTERVAL": "500",
     }
-    nd = service_factory("services.numberdistribution", **otel)
-    pr = service_factory("services.presence", **otel)
-    await wait_serving(nd)
-    cm = service_factory(
-        "services.callmatching",
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}",
-        **otel,
-    )
-    await wait_serving(pr)
-    await wait_serving(cm)
-    rt = service_factory(
-        "services.routing",
-        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
-        ACCESSLINE_PRESENCE_ADDRESS=pr.address,
-        **otel,
-    )
-    await wait_serving(rt)
+    services = await call_path_services(service_factory, tmp_path, otel)
+    nd, cm, pr, rt = services.nd, services.cm, services.pr, services.rt
     channels = [connect(p.address) for p in (nd, cm, pr, rt)]
     numbers: Any = nd_grpc.NumberDistributionServiceStub(channels[0])
     matching: Any = cm_grpc.CallMatchingServiceStub(channels[1])

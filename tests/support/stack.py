@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,3 +325,45 @@ async def in_app(stack: Stack, customer: str) -> Any:
         connect(stack.processes[2].address, identity().token(customer, "customer"))
     )
     return own.StreamNotifications(nt_pb2.StreamNotificationsRequest(device_id=device))
+
+
+@dataclass
+class CallPath:
+    """The four services of the call path (no Notification), one process each."""
+
+    nd: ServiceProcess
+    cm: ServiceProcess
+    pr: ServiceProcess
+    rt: ServiceProcess
+
+
+async def call_path_services(
+    start: Callable[..., ServiceProcess],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    **routing_env: str,
+) -> CallPath:
+    """NumberDistribution, CallMatching, Presence and Routing started with `start` (the
+    `service_factory` fixture, which stops them after the test), each with `env`, and
+    Routing with `routing_env` as well; returns once all serve."""
+    env = env or {}
+    nd = start("services.numberdistribution", **env)
+    pr = start("services.presence", **env)
+    await wait_serving(nd)
+    cm = start(
+        "services.callmatching",
+        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
+        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'h.db'}",
+        **env,
+    )
+    await wait_serving(pr)
+    await wait_serving(cm)
+    rt = start(
+        "services.routing",
+        ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
+        ACCESSLINE_PRESENCE_ADDRESS=pr.address,
+        **env,
+        **routing_env,
+    )
+    await wait_serving(rt)
+    return CallPath(nd, cm, pr, rt)
