@@ -273,6 +273,9 @@ class Notifications:
     # -- publishing -------------------------------------------------------------------
 
     async def publish(self, request: nt_pb2.PublishRequest, ttl: float) -> nt_pb2.PublishResponse:
+        """Stores the notification and its outbox items (one per target device) before
+        anything is sent; a repeat with the same idempotency key is answered as a
+        duplicate, or finishes the fan-out the first one left half done."""
         now = time.time()
         record_key = ""
         record: nt_store.PublishRecord | None = None
@@ -335,6 +338,24 @@ class Notifications:
             if not result.succeeded:
                 # A concurrent publish with the same key got there first.
                 return await self.publish(request, ttl)
+        await self._fan_out(notification_id, devices, lease, now)
+        if record_key:
+            await self._store.put(
+                record_key,
+                nt_store.PublishRecord(
+                    notification_id=notification_id, device_count=len(devices), complete=True
+                ),
+                lease,
+            )
+        self._published.add(1, {"accessline.event_type": nt_pb2.EventType.Name(request.event_type)})
+        return nt_pb2.PublishResponse(notification_id=notification_id, device_count=len(devices))
+
+    async def _fan_out(
+        self, notification_id: str, devices: list[nt_pb2.Device], lease: int, now: float
+    ) -> None:
+        """Writes the outbox item of every device that has none yet (and the in-app
+        inbox entry), a batch per transaction; the repeat of a publish interrupted half
+        way writes only what is missing."""
         written, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
         done = {row.key.rsplit("/", 1)[1] for row in written}
         missing = [d for d in devices if d.device_id not in done]
@@ -352,16 +373,6 @@ class Notifications:
                 if device.platform == nt_pb2.PLATFORM_IN_APP:
                     ops.append(Op.put(f"{INBOX}{device.device_id}/{notification_id}", EMPTY, lease))
             await self._store.txn([], ops)
-        if record_key:
-            await self._store.put(
-                record_key,
-                nt_store.PublishRecord(
-                    notification_id=notification_id, device_count=len(devices), complete=True
-                ),
-                lease,
-            )
-        self._published.add(1, {"accessline.event_type": nt_pb2.EventType.Name(request.event_type)})
-        return nt_pb2.PublishResponse(notification_id=notification_id, device_count=len(devices))
 
     async def _maybe_device(self, device_id: str) -> nt_pb2.Device | None:
         found = await self._load(device_id)

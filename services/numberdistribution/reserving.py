@@ -136,14 +136,10 @@ class Reservations:
 
         return sorted(chosen, key=order)
 
-    async def reserve(
-        self, request: ReserveRequest
-    ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason]:
-        await self._view.ready(READY_TIMEOUT)
-        if request.idempotency_key:
-            replay = await self._replay(request.idempotency_key)
-            if replay is not None:
-                return replay
+    def _fitting(self, request: ReserveRequest) -> list[tuple[PoolState, float | None]]:
+        """The pools a reservation may come from, nearest first: eligible for the
+        request, resting numbers at least `min_quarantine`, allowing its TTL. Each
+        filter that leaves nothing is its own clear refusal."""
         eligible = self._eligible(request)
         if not eligible:
             raise FailedPrecondition(
@@ -175,6 +171,21 @@ class Reservations:
                     )
                 ]
             )
+        return fitting
+
+    async def reserve(
+        self, request: ReserveRequest
+    ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason]:
+        """A number from the nearest fitting pool (exclusive first, then sharing a
+        number of a shared pool), with its code and why it was chosen; a repeat of an
+        idempotent request gets the first answer; RESOURCE_EXHAUSTED with RetryInfo
+        (the soonest release) when every fitting pool is full."""
+        await self._view.ready(READY_TIMEOUT)
+        if request.idempotency_key:
+            replay = await self._replay(request.idempotency_key)
+            if replay is not None:
+                return replay
+        fitting = self._fitting(request)
         # Leases granted for this request, by TTL, with the time just before each grant;
         # the one a reservation used is kept.
         leases: dict[int, tuple[int, float]] = {}
