@@ -560,9 +560,7 @@ class Router:
         key = call.key
 
         async def watch() -> None:
-            async for change in self._store.watch_prefix(key, revision + 1):
-                if change.key != key:
-                    continue
+            async for change in self._store.watch_key(key, revision + 1):
                 if change.kind == EventKind.DELETE:
                     changes.put_nowait((None, change.revision))
                     return
@@ -580,15 +578,7 @@ class Router:
                     yield self._lost()
                     return
                 if current.state == rt_store.INTERACTION_STATE_CONNECTED:
-                    self._to_accept.record(max(0.0, time.time() - call.arrived))
-                    target = current.connected
-                    yield rt_pb2.RouteInboundCallResponse(
-                        connect=rt_pb2.Connect(
-                            agent_id=target.agent_id,
-                            channel=target.channel,
-                            address=private.target_address(self._sealer, target),
-                        )
-                    )
+                    yield self._connect(call, current)
                     return
                 if current.state == rt_store.INTERACTION_STATE_QUEUED and self._stopping.is_set():
                     handed = await self._hand_over(call, current, revision)
@@ -607,17 +597,11 @@ class Router:
                             )
                         )
                 elif current.state == rt_store.INTERACTION_STATE_QUEUED:
-                    try:
-                        position, wait = await self._position(call.group, current)
-                    except AccesslineError as exc:
-                        # etcd or Presence unreachable: the call's place lives on under
-                        # its lease; only the refresh of its position waits.
-                        log.debug("position of %s not refreshed: %s", key, exc.message)
-                        position, wait = shown_queue or (0, 0)
-                    if position and (position, wait) != shown_queue:
-                        shown_queue = (position, wait)
-                        queued = rt_pb2.Queued(position=position)
-                        queued.estimated_wait.FromSeconds(wait)
+                    place = await self._place(call, current, shown_queue)
+                    if place != shown_queue and place is not None:
+                        shown_queue = place
+                        queued = rt_pb2.Queued(position=place[0])
+                        queued.estimated_wait.FromSeconds(place[1])
                         yield rt_pb2.RouteInboundCallResponse(queued=queued)
                 left = self._rules.max_queue - (time.time() - call.arrived)
                 if left <= 0:
@@ -643,6 +627,31 @@ class Router:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, AccesslineError):
                 await watcher
+
+    def _connect(self, call: _Call, current: QI) -> rt_pb2.RouteInboundCallResponse:
+        """The switch's `connect` event for a call an agent accepted."""
+        self._to_accept.record(max(0.0, time.time() - call.arrived))
+        target = current.connected
+        return rt_pb2.RouteInboundCallResponse(
+            connect=rt_pb2.Connect(
+                agent_id=target.agent_id,
+                channel=target.channel,
+                address=private.target_address(self._sealer, target),
+            )
+        )
+
+    async def _place(
+        self, call: _Call, current: QI, shown: tuple[int, int] | None
+    ) -> tuple[int, int] | None:
+        """The call's (position, estimated wait) now, None while it has no position; the
+        one shown last when etcd or Presence is unreachable (the call's place lives on
+        under its lease; only the refresh of its position waits)."""
+        try:
+            position, wait = await self._position(call.group, current)
+        except AccesslineError as exc:
+            log.debug("position of %s not refreshed: %s", call.key, exc.message)
+            return shown
+        return (position, wait) if position else None
 
     @staticmethod
     def _lost() -> rt_pb2.RouteInboundCallResponse:
