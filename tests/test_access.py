@@ -708,3 +708,21 @@ async def test_a_rotated_issuer_key_is_taken_without_a_restart(tmp_path: Path) -
     finally:
         await keys.close()
         server.close()
+
+
+async def test_an_admitted_client_stream_is_told_so_before_its_first_message(
+    stack: Stack,
+) -> None:
+    """Presence's Connect, admitted, sends its initial metadata before the agent's app
+    writes anything: a client can learn the verdict without racing a write into it."""
+    address = stack.processes[PROCESS_INDEX["presence"]].address
+    credentials = identity().credentials(
+        identity().token("m", *EVERY_ROLE, applications=["*"], switch="*")
+    )
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        call: Any = channel.stream_stream(
+            "/accessline.presence.v1.PresenceService/Connect", bytes, bytes
+        )(timeout=30)
+        await asyncio.wait_for(call.initial_metadata(), 10)
+        assert not call.done()
+        call.cancel()
