@@ -50,7 +50,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
             v.add("application.max_code_attempts", "must be between 0 (default 3) and 20")
         v.raise_if_any()
         return cm_pb2.RegisterApplicationResponse(
-            application=await self._domain.register_application(app)
+            application=await self._domain.applications.register(app)
         )
 
     async def GetApplication(
@@ -60,7 +60,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         v.id("application_id", request.application_id)
         v.raise_if_any()
         return cm_pb2.GetApplicationResponse(
-            application=await self._domain.get_application(request.application_id)
+            application=await self._domain.applications.get(request.application_id)
         )
 
     async def ListApplications(
@@ -70,7 +70,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         size = v.page("page_size", request.page_size, 500, 100)
         v.id("page_token", request.page_token, required=False)
         v.raise_if_any()
-        apps, token = await self._domain.list_applications(size, request.page_token)
+        apps, token = await self._domain.applications.page(size, request.page_token)
         return cm_pb2.ListApplicationsResponse(applications=apps, next_page_token=token)
 
     async def StartHandoff(
@@ -85,7 +85,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         ttl = v.duration("ttl", request.ttl, 1, MAX_DAY) if request.HasField("ttl") else None
         v.text("idempotency_key", request.idempotency_key, 128)
         v.raise_if_any()
-        return await self._domain.start_handoff(
+        return await self._domain.handoffs.start(
             Handoff(
                 application_id=request.application_id,
                 customer_id=request.customer_id,
@@ -105,7 +105,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         v = Violations()
         v.id("session_id", request.session_id)
         v.raise_if_any()
-        await self._domain.cancel_handoff(request.session_id)
+        await self._domain.handoffs.cancel(request.session_id)
         return cm_pb2.CancelHandoffResponse()
 
     async def MatchCall(
@@ -123,7 +123,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
             if request.HasField("call_arrived_at")
             else None
         )
-        return await self._domain.match_call(
+        return await self._domain.matcher.match_call(
             Call(
                 call_id=request.call_id,
                 dnis=request.dnis,
@@ -140,7 +140,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         v = Violations()
         v.id("session_id", request.session_id)
         v.raise_if_any()
-        return await self._domain.get_session(request.session_id)
+        return await self._domain.sessions.get(request.session_id)
 
     async def ListMatchAttempts(
         self, request: cm_pb2.ListMatchAttemptsRequest, context: ServicerContext
