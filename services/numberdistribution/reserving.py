@@ -276,7 +276,7 @@ class Reservations:
             number = self._view.numbers.get(value)
             slot = self._view.free_slot(value, state.max_shares) if share else 0
             if number is None or slot is None:
-                self._view.mark_taken(pool.pool_id, value)
+                self._view.mark_taken(pool.pool_id, value, self._view.revision + 1)
                 continue
             if lease_ttl not in leases:
                 before = self._clock()
@@ -326,7 +326,7 @@ class Reservations:
                 replay = await self._replay(request.idempotency_key)
                 if replay is not None:
                     return replay
-            self._view.mark_taken(pool.pool_id, value)
+            self._view.mark_taken(pool.pool_id, value, result.revision)
         return None
 
     def _reservation_txn(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
 import time
@@ -101,6 +102,9 @@ class NumberView:
         self.slots: dict[str, dict[int, SlotState]] = {}
         self.quarantine: dict[str, float] = {}
         self._pool_numbers: dict[str, set[str]] = {}
+        # Numbers left out after a failed compare, with the revision the view must reach
+        # before it judges them again (a heap by revision).
+        self._recheck: list[tuple[int, str]] = []
         self.revision = 0
         self._changed = asyncio.Condition()
         self._ready = asyncio.Event()
@@ -163,6 +167,8 @@ class NumberView:
     async def _advance(self, revision: int) -> None:
         async with self._changed:
             self.revision = revision
+            while self._recheck and self._recheck[0][0] <= revision:
+                self._refresh(heapq.heappop(self._recheck)[1])
             self._changed.notify_all()
 
     async def _read_all(self, prefix: str, message_type: type[M], revision: int) -> list[Entry[M]]:
@@ -186,6 +192,7 @@ class NumberView:
         quarantine = await self._read_all(keys.QUARANTINE, storage_pb2.QuarantineRecord, revision)
         self.pools, self.numbers, self.slots, self.quarantine = {}, {}, {}, {}
         self._pool_numbers = {}
+        self._recheck = []
         for pool in pools:
             self.pools[pool.value.pool_id] = PoolState(pool.value)
         for number in numbers:
@@ -327,12 +334,23 @@ class NumberView:
         if revision > self.revision:
             self._put_slot(key, record, revision)
 
-    def mark_taken(self, pool_id: str, value: str) -> None:
-        """A compare failed on this number: stop offering it until etcd says otherwise."""
+    def mark_taken(self, pool_id: str, value: str, revision: int) -> None:
+        """A compare on this number failed at `revision`: stop offering it until the view
+        has applied every change up to `revision`, then judge it again by what the view
+        knows. Not "until the number changes": the view may have applied the change that
+        made the compare fail (another replica's reservation, and its release) before
+        the failure is reported, or the compare may have failed on something that is
+        no change of the number (a code a late caller may still key in), and then no
+        later change of the number would ever bring it back."""
         pool = self.pools.get(pool_id)
-        if pool is not None:
-            pool.free.discard(value)
-            pool.shareable.discard(value)
+        if pool is None:
+            return
+        pool.free.discard(value)
+        pool.shareable.discard(value)
+        if revision <= self.revision:
+            self._refresh(value)
+        else:
+            heapq.heappush(self._recheck, (revision, value))
 
     # -- queries ----------------------------------------------------------------------
 
