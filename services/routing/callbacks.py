@@ -25,8 +25,8 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.routing import keys, private
-from services.routing.dispatch import withdraw_offer
 from services.routing.queue import Rules, interaction_for
+from services.routing.settle import withdraw_offer
 from services.runtime import identity
 from services.runtime.clock import seconds, timestamp
 from services.runtime.election import Term

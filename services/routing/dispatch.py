@@ -1,56 +1,50 @@
 """The dispatch loop: one Routing replica at a time (the holder of `rt/leader`) serves the
 queues. Each pass reads every group's queue, orders it by priority then age, and for each
 waiting interaction claims the best free agent and offers it through Presence; agents left
-over are held for customers who asked to be told when an agent is free. Every write the
-leader makes is fenced by the create revision of its `rt/leader` key, so a leader whose
-lease ran out can no longer change anything. Offers in flight are recorded in the queue,
-so a new leader resumes them where the old one stopped: nothing queued is lost."""
+over are held for customers who asked to be told when an agent is free (holds.py). Every
+write the leader makes is fenced by the create revision of its `rt/leader` key, so a
+leader whose lease ran out can no longer change anything. Offers in flight are recorded
+in the queue, so a new leader resumes them where the old one stopped (settle.py):
+nothing queued is lost."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from opentelemetry import metrics, trace
 
-from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
-from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
-from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import offers as pr_offers
 from services.presence import roster as pr_roster
 from services.routing import keys, private
+from services.routing.holds import Holds
 from services.routing.plan import (
     GroupState,
     OfferPlan,
     claims_per_channel,
-    eligible,
     mark_claimed_busy,
     plan_offers,
     ready_to_offer,
-    reserved_agents,
 )
-from services.routing.queue import Candidate, Rules, rank
+from services.routing.queue import Candidate, Rules
+from services.routing.settle import AcceptedCallback, Settler
 from services.routing.view import AgentView
 from services.runtime.clock import seconds
 from services.runtime.election import Election, NotLeader, Term
 from services.runtime.errors import AccesslineError
-from services.runtime.peers import PeerError
 from services.runtime.sealing import Sealer
 from services.runtime.store import (
     Compare,
     Entry,
-    EventKind,
     Op,
     Store,
     WatchCompacted,
@@ -66,48 +60,6 @@ log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
 
 QI = rt_store.QueuedInteraction
-# Errors of StartHandoff that retrying will not mend: the notify request is dropped.
-FINAL_PEER_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.PERMISSION_DENIED,
-}
-
-
-async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
-    """The offer once it is no longer open, or None when it timed out or vanished."""
-    key = pr_offers.offer_key(agent_id, offer_id)
-    entry = await store.get(key, pr_store.StoredOffer)
-    if entry is None:
-        return None
-    if entry.value.state != pr_store.OFFER_STATE_OPEN:
-        return entry.value
-    deadline = seconds(entry.value.offer.deadline)
-
-    async def follow() -> pr_store.StoredOffer | None:
-        async for change in store.watch_prefix(key, entry.meta.mod_revision + 1):
-            if change.key != key:
-                continue
-            if change.kind == EventKind.DELETE:
-                return None
-            value = change.decode(pr_store.StoredOffer)
-            if value.state != pr_store.OFFER_STATE_OPEN:
-                return value
-        return None
-
-    try:
-        return await asyncio.wait_for(follow(), max(0.1, deadline - time.time()))
-    except TimeoutError:
-        return None
-
-
-async def withdraw_offer(store: Store, item: QI) -> None:
-    """Withdraws the offer in flight of an interaction leaving the queue, if any."""
-    if item.state == rt_store.INTERACTION_STATE_OFFERED:
-        await pr_offers.cancel_offer(
-            store, item.offer.agent_id, item.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
-        )
 
 
 @dataclass
@@ -133,9 +85,7 @@ class Dispatcher:
         sealer: Sealer,
         presence_sealing: pr_roster.Sealing,
         replica_id: str,
-        on_accepted_callback: Callable[
-            [Entry[QI], rt_store.ConnectTarget, Term], Coroutine[Any, Any, None]
-        ],
+        on_accepted_callback: AcceptedCallback,
         sweep: Callable[
             [list[Entry[QI]], list[Entry[rt_store.PendingDial]], float],
             Coroutine[Any, Any, None],
@@ -144,13 +94,10 @@ class Dispatcher:
         doorbell: asyncio.Event | None = None,
     ) -> None:
         self._store = store
-        self._matching = matching
-        self._notification = notification
         self._rules = rules
         self._sealer = sealer
         self._presence_sealing = presence_sealing
         self._replica = replica_id
-        self._on_accepted_callback = on_accepted_callback
         self._sweep = sweep
         # Rung (set) by whatever makes work for the leader: a call queued, an agent free.
         self._wake = doorbell or asyncio.Event()
@@ -163,14 +110,10 @@ class Dispatcher:
         self._view = AgentView(store, presence_sealing, self.wake)
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
-        self._offers = meter.create_counter(
-            "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
+        self._settler = Settler(
+            store, rules, sealer, self._txn, lambda: self._office, on_accepted_callback, meter
         )
-        self._holds = meter.create_counter(
-            "accessline.routing.holds",
-            unit="{hold}",
-            description="Agents held for customers told an agent is available",
-        )
+        self._holds = Holds(store, matching, notification, rules, sealer, self._txn, meter)
         meter.create_observable_gauge(
             "accessline.routing.leader",
             callbacks=[lambda _: [metrics.Observation(1 if self.leading.is_set() else 0)]],
@@ -345,7 +288,7 @@ class Dispatcher:
             state = GroupState(agents, shown, [e.value for e in entries])
             planned = plan_offers(state, self._rules, now, self._location)
             await self._make_offers(entries, planned)
-            await self._hold_for(asks, state, planned.taken, now)
+            await self._holds.hold_for(asks, state, planned.taken, now)
 
     def _location(self, item: QI) -> common_pb2.GeoPoint | None:
         where = private.interaction(self._sealer, item)
@@ -365,43 +308,6 @@ class Dispatcher:
                 raise result
             if isinstance(result, BaseException):
                 log.warning("offer failed: %s", result)
-
-    async def _hold_for(
-        self,
-        asks: list[Entry[rt_store.NotifyRequest]],
-        state: GroupState,
-        taken: set[str],
-        now: float,
-    ) -> None:
-        """Holds an agent, not taken by this pass's offers, for each customer who asked
-        to be told one is available (oldest request first)."""
-        reserved = reserved_agents(state.entries, now)
-        for ask in asks:
-            probe = QI(
-                channel=ask.value.request.channel or common_pb2.CHANNEL_DESK_VOICE,
-                interaction_id=ask.value.request_id,
-            )
-            ranked = rank(state.agents, state.shown, probe, self._rules)
-            for candidate in eligible(ranked, probe, reserved, taken, now):
-                taken.add(candidate.agent.agent_id)
-                if await self._hold(ask, candidate):
-                    break
-
-    async def _claim(
-        self, candidate: Candidate, record: rt_store.AgentClaim, ttl: float
-    ) -> tuple[int, str] | None:
-        """Holds a free slot of the agent's channel under a new lease: (lease, key), or
-        None when every slot is held."""
-        capacity = next(
-            (c.capacity or 1 for c in candidate.agent.channels if c.channel == candidate.channel), 1
-        )
-        lease = await self._store.grant_lease(max(1, math.ceil(ttl)))
-        for slot in range(capacity):
-            key = keys.claim(candidate.agent.agent_id, candidate.channel, slot)
-            if await self._store.create(key, record, lease) is not None:
-                return lease, key
-        await self._store.revoke_lease(lease)
-        return None
 
     async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:
         """Claims a slot of the agent's channel and offers them the interaction, in one
@@ -480,7 +386,9 @@ class Dispatcher:
 
     def _follow_offer(self, entry: Entry[QI]) -> None:
         interaction_id = entry.value.interaction_id
-        task = asyncio.get_running_loop().create_task(self._settle(entry.key, entry.value.offer))
+        task = asyncio.get_running_loop().create_task(
+            self._settler.settle(entry.key, entry.value.offer)
+        )
         self._follows[interaction_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -492,171 +400,5 @@ class Dispatcher:
 
         task.add_done_callback(done)
 
-    async def _settle(self, key: str, offer: rt_store.OfferInFlight) -> None:
-        """Waits for the agent's answer and moves the interaction on: connected, or back
-        in the queue with the agent tried. The claim is dropped in every case."""
-        try:
-            answer = await wait_answer(self._store, offer.agent_id, offer.offer_id)
-            if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
-                answer = await self._time_out(offer)
-            result = (
-                pr_store.OfferState.Name(answer.state).removeprefix("OFFER_STATE_")
-                if answer is not None
-                else "TIMED_OUT"
-            )
-            self._offers.add(1, {"accessline.offer.result": result})
-            entry = await self._store.get(key, QI)
-            if entry is None or entry.value.offer.offer_id != offer.offer_id:
-                return  # the caller hung up or the call moved on; nothing to update
-            if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
-                await self._store.delete(keys.no_answer(offer.agent_id))
-                channel = answer.accepted_channel or offer.channel
-                await self._accepted(entry, offer, channel, answer.interaction_lease)
-                return
-            if answer is not None and answer.state == pr_store.OFFER_STATE_DECLINED:
-                await self._store.delete(keys.no_answer(offer.agent_id))
-            await self._requeue(entry, offer.agent_id)
-        finally:
-            with contextlib.suppress(AccesslineError):
-                await self._store.delete(offer.claim_key)
 
-    async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
-        """Withdraws an unanswered offer, counting the agent's offers in a row without an
-        answer; at the limit Presence sets the agent not ready. Returns the answer when
-        the agent answered just in time."""
-        limit = self._rules.no_answer_limit
-        counter = await self._store.get(keys.no_answer(offer.agent_id), rt_store.NoAnswerCount)
-        count = (counter.value.count if counter else 0) + 1
-        reason = (
-            pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT
-            if limit and count >= limit
-            else pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT
-        )
-        withdrawn = await pr_offers.cancel_offer(
-            self._store, offer.agent_id, offer.offer_id, reason
-        )
-        if not withdrawn:
-            late = await self._store.get(
-                pr_offers.offer_key(offer.agent_id, offer.offer_id), pr_store.StoredOffer
-            )
-            if late is not None and late.value.state in (
-                pr_store.OFFER_STATE_ACCEPTED,
-                pr_store.OFFER_STATE_DECLINED,
-            ):
-                return late.value
-        if reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT:
-            log.info("agent %s set not ready after %d offers without answer", offer.agent_id, count)
-            await self._store.delete(keys.no_answer(offer.agent_id))
-        else:
-            await self._store.put(
-                keys.no_answer(offer.agent_id), rt_store.NoAnswerCount(count=count)
-            )
-        return None
-
-    async def _requeue(self, entry: Entry[QI], agent_id: str) -> None:
-        updated = QI()
-        updated.CopyFrom(entry.value)
-        updated.state = rt_store.INTERACTION_STATE_QUEUED
-        updated.ClearField("offer")
-        if agent_id not in updated.tried_agent_ids and len(updated.tried_agent_ids) < 200:
-            updated.tried_agent_ids.append(agent_id)
-        updated.retry_tried_after.FromNanoseconds(
-            int((time.time() + self._rules.offer_timeout) * 1e9)
-        )
-        await self._txn(
-            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
-            [Op.put(entry.key, updated, entry.meta.lease)],
-        )
-
-    async def _accepted(
-        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int, lease: int
-    ) -> None:
-        target = rt_store.ConnectTarget(
-            agent_id=offer.agent_id,
-            channel=channel,  # type: ignore[arg-type]
-            interaction_lease=lease,
-        )
-        private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
-        if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
-            await self._on_accepted_callback(entry, target, self._office)
-            return
-        updated = QI()
-        updated.CopyFrom(entry.value)
-        updated.state = rt_store.INTERACTION_STATE_CONNECTED
-        updated.connected.CopyFrom(target)
-        await self._txn(
-            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
-            [Op.put(entry.key, updated, entry.meta.lease)],
-        )
-
-    # -- notify when available ------------------------------------------------------
-
-    async def _hold(self, ask: Entry[rt_store.NotifyRequest], candidate: Candidate) -> bool:
-        """Holds a free agent for a customer who asked to be told, starts their handoff
-        (number and code for the time of the hold) and pushes "an agent is available"."""
-        request = ask.value.request
-        hold_key = keys.hold(self._sealer, request.customer_id)
-        if await self._store.get(hold_key, rt_store.AgentHold) is not None:
-            return False  # this customer already has an agent held
-        claimed = await self._claim(
-            candidate,
-            rt_store.AgentClaim(interaction_id=ask.value.request_id),
-            self._rules.hold,
-        )
-        if claimed is None:
-            return False
-        lease, claim_key = claimed
-        try:
-            handoff = cm_pb2.StartHandoffRequest.FromString(
-                self._sealer.unseal(ask.value.sealed_handoff, ask.value.request_id)
-            )
-            handoff.customer_id = request.customer_id
-            handoff.idempotency_key = ask.value.request_id
-            handoff.ttl.FromNanoseconds(int(self._rules.hold * 1e9))
-            started = await self._matching.StartHandoff(handoff)
-            publish = nt_pb2.PublishRequest(
-                customer_id=request.customer_id,
-                event_type=nt_pb2.EVENT_TYPE_AGENT_AVAILABLE,
-                title="An agent is available",
-                body="Open the app to call now.",
-                data={"request_id": ask.value.request_id, "session_id": started.session_id},
-                idempotency_key=f"agent-available-{ask.value.request_id}",
-                priority=nt_pb2.PRIORITY_HIGH,
-                collapse_key="agent-available",
-            )
-            publish.ttl.FromNanoseconds(int(self._rules.hold * 1e9))
-            await self._notification.Publish(publish)
-            hold = rt_store.AgentHold(
-                agent_id=candidate.agent.agent_id,
-                channel=candidate.channel,
-                claim_key=claim_key,
-                request_id=ask.value.request_id,
-                resource_group=request.resource_group,
-            )
-            hold.until.FromNanoseconds(int((time.time() + self._rules.hold) * 1e9))
-            ok = await self._txn(
-                [Compare.modified_at(ask.key, ask.meta.mod_revision), Compare.absent(hold_key)],
-                [Op.put(hold_key, hold, lease), Op.delete(ask.key)],
-            )
-        except PeerError as exc:
-            await self._store.revoke_lease(lease)
-            if exc.code in FINAL_PEER_CODES:
-                log.warning("notify request %s dropped: %s", ask.value.request_id, exc)
-                await self._store.txn(
-                    [Compare.modified_at(ask.key, ask.meta.mod_revision)], [Op.delete(ask.key)]
-                )
-            else:
-                log.warning("notify request %s waits: %s", ask.value.request_id, exc)
-            return False
-        except BaseException:
-            with contextlib.suppress(AccesslineError):
-                await self._store.revoke_lease(lease)
-            raise
-        if not ok:
-            await self._store.revoke_lease(lease)
-            return False
-        self._holds.add(1)
-        return True
-
-
-__all__ = ["Dispatcher", "wait_answer", "withdraw_offer"]
+__all__ = ["Dispatcher"]

@@ -2,49 +2,46 @@
 choose the treatment by the outcome, put the call in its group's queue in etcd and report
 its progress (queued with position and estimated wait, offered, connected, failed) until
 an agent accepts. The dispatch leader (dispatch.py) does the choosing and offering; the
-replica holding the stream owns the queue entry (under its own kept-alive lease), so a
-switch that hangs up, or a replica that dies, takes the call out of the queue."""
+replica holding the stream owns the queue entry (under its own kept-alive lease, written
+by entries.py), so a switch that hangs up, or a replica that dies, takes the call out of
+the queue. Positions and waits come from estimates.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
 import hmac
 import logging
-import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import empty_pb2
 from opentelemetry import metrics, propagate, trace
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
-from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.presence import offers as pr_offers
 from services.routing import keys, private
-from services.routing.dispatch import withdraw_offer
-from services.routing.queue import VOICE, Rules, estimate, interaction_for, order, waiting
+from services.routing.entries import (
+    QueueEntries,
+    QueueFull,
+    parse_resume_token,
+    resume_token,
+    secret_hash,
+)
+from services.routing.estimates import Estimates
+from services.routing.queue import Rules, interaction_for
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     Aborted,
     AccesslineError,
-    FieldViolation,
-    InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
 from services.runtime.sealing import Sealer
 from services.runtime.store import Compare, Entry, EventKind, Op, Store
-from services.runtime.validation import ID
 
 if TYPE_CHECKING:
     from accessline.callmatching.v1.call_matching_pb2_grpc import CallMatchingServiceAsyncStub
@@ -54,43 +51,6 @@ log = logging.getLogger("accessline.routing")
 tracer = trace.get_tracer("accessline.routing")
 
 QI = rt_store.QueuedInteraction
-# Tries to take a call out of the queue while the dispatch leader keeps changing it.
-LEAVE_ATTEMPTS = 5
-# A call joining its queue tries this many random places before it looks at which are
-# free, and gives up after this many tries in all.
-PLACE_GUESSES = 3
-PLACE_ATTEMPTS = 8
-EMPTY_PB = empty_pb2.Empty()
-
-
-class QueueFull(ResourceExhausted):
-    """Every place of the group's queue is taken."""
-
-
-def resume_token(group: str, interaction_id: str, secret: str) -> str:
-    """The opaque token a switch resumes a handed-over call with."""
-    raw = f"{group}:{interaction_id}:{secret}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def parse_resume_token(token: str) -> tuple[str, str, str]:
-    """(group, interaction id, secret) of a resume token; InvalidArgument if it is none."""
-    refused = InvalidArgument(
-        [FieldViolation("resume_token", "is not a token this service gave")],
-        reason="BAD_RESUME_TOKEN",
-    )
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise refused from None
-    parts = raw.split(":")
-    if len(parts) != 3 or not all(ID.match(p) for p in parts[:2]) or len(parts[2]) < 16:
-        raise refused
-    return parts[0], parts[1], parts[2]
-
-
-def _secret_hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
 
 
 @dataclass
@@ -132,8 +92,8 @@ class Router:
         self._sealer = sealer
         self._stopping = stopping
         self._wake = wake
-        self._availability: dict[str, tuple[float, int, int]] = {}
-        self._orders: dict[str, tuple[float, list[str]]] = {}
+        self.estimates = Estimates(store, presence, rules)
+        self._entries = QueueEntries(store, rules)
         meter = meter or metrics.get_meter("accessline.routing")
         self._to_accept = meter.create_histogram(
             "accessline.routing.call_to_accept.duration",
@@ -148,41 +108,6 @@ class Router:
             unit="{call}",
             description="Calls held by this replica's streams that wait for an agent",
         )
-
-    async def _replica_lease(self) -> int:
-        """The lease of this replica's calls, kept alive while the replica runs."""
-        return await self._store.process_lease(max(5, self._rules.leader_lease))
-
-    async def availability(self, group: str, channel: int = 0) -> tuple[int, int]:
-        """(available, logged in) agents of the group on voice channels (or `channel`),
-        cached for the queue update interval."""
-        key = f"{group}/{channel}"
-        cached = self._availability.get(key)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self._rules.queue_update:
-            return cached[1], cached[2]
-        answer = await self._presence.GetGroupAvailability(
-            pr_pb2.GetGroupAvailabilityRequest(resource_groups=[group])
-        )
-        available = staffed = 0
-        for found in answer.groups:
-            for ch in found.channels:
-                if (channel and ch.channel == channel) or (not channel and ch.channel in VOICE):
-                    available = max(available, ch.available_agents)
-                    staffed = max(staffed, ch.logged_in_agents)
-        self._availability[key] = (now, available, staffed)
-        return available, staffed
-
-    async def estimate_wait(self, group: str, channel: int) -> rt_pb2.EstimateWaitResponse:
-        entries, _ = await self._store.get_prefix(keys.queue(group), QI)
-        now = time.time()
-        length = sum(1 for e in entries if waiting(e.value, now))
-        available, staffed = await self.availability(group, channel)
-        answer = rt_pb2.EstimateWaitResponse(queue_length=length, available_agents=available)
-        answer.estimated_wait.FromNanoseconds(
-            int(estimate(length + 1, available, staffed, self._rules) * 1e9)
-        )
-        return answer
 
     async def route(
         self, request: rt_pb2.RouteInboundCallRequest
@@ -212,7 +137,7 @@ class Router:
             is_match = matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
             context = matched.context if is_match else common_pb2.ContextData()
             if hold is None:
-                _, staffed = await self.availability(group)
+                _, staffed = await self.estimates.availability(group)
                 if staffed == 0:
                     yield event(
                         failed=rt_pb2.Failed(
@@ -223,7 +148,7 @@ class Router:
                     return
             item = self._queue_entry(request, matched, interaction_id, group, context, arrived)
             key = keys.queued(group, interaction_id)
-            revision = await self._enter_queue(group, key, item, hold)
+            revision = await self._entries.enter(group, key, item, hold)
             call = _Call(
                 key=key,
                 group=group,
@@ -320,80 +245,6 @@ class Router:
         item.trace.tracestate = carrier.get("tracestate", "")
         return item
 
-    async def _enter_queue(
-        self, group: str, key: str, item: QI, hold: Entry[rt_store.AgentHold] | None
-    ) -> int:
-        """Puts the call in its group's queue under this replica's lease; the revision.
-        The agent held for this customer waits for this call alone: the hold's claim is
-        dropped in the same transaction so the dispatcher can offer them."""
-        lease = await self._replica_lease()
-        if hold is not None:
-            item.preferred_agent_id = hold.value.agent_id
-            item.preferred_until.CopyFrom(
-                timestamp(
-                    time.time() + self._rules.offer_timeout + self._rules.dispatch_interval + 5
-                )
-            )
-            revision = await self._join(
-                group,
-                key,
-                item,
-                lease,
-                [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                [Op.delete(hold.key), Op.delete(hold.value.claim_key)],
-            )
-            if revision:
-                return revision
-            item.ClearField("preferred_agent_id")
-            item.ClearField("preferred_until")
-        return await self._join(group, key, item, lease)
-
-    async def _join(
-        self,
-        group: str,
-        key: str,
-        item: QI,
-        lease: int,
-        compares: Sequence[Compare] = (),
-        ops: Sequence[Op] = (),
-    ) -> int:
-        """Puts the call in its group's queue, holding one of the group's places in the
-        same transaction (with `compares` and `ops` of the caller's); the revision, or 0
-        when the caller's compares failed. QueueFull when every place is taken: the
-        limit holds over all replicas, checked and counted in one step."""
-        limit = self._rules.max_queue_length
-        tried: set[int] = set()
-        for attempt in range(PLACE_ATTEMPTS):
-            if attempt < PLACE_GUESSES:
-                index = random.randrange(limit)
-            else:
-                # The queue is filling up: look at which places are free.
-                taken, _ = await self._store.get_prefix(keys.places(group), empty_pb2.Empty)
-                held = {int(e.key.rsplit("/", 1)[1]) for e in taken} | tried
-                free = [i for i in range(limit) if i not in held]
-                if not free:
-                    break
-                index = random.choice(free)
-            tried.add(index)
-            place = keys.place(group, index)
-            item.place_key = place
-            result = await self._store.txn(
-                [Compare.absent(place), *compares],
-                [Op.put(key, item, lease), Op.put(place, EMPTY_PB, lease), *ops],
-                [Op.get(place)],
-            )
-            if result.succeeded:
-                return result.revision
-            if not result.gets[0]:
-                item.ClearField("place_key")
-                return 0  # the place was free: the caller's compares failed
-        item.ClearField("place_key")
-        raise QueueFull(
-            f"the queue of group {group} holds its maximum of {limit} calls",
-            reason="QUEUE_FULL",
-            retry_after=max(1.0, self._rules.average_handle / 4),
-        )
-
     async def resume(
         self, request: rt_pb2.RouteInboundCallRequest
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
@@ -406,7 +257,7 @@ class Router:
         if (
             entry is None
             or not entry.value.resume_hash
-            or not hmac.compare_digest(_secret_hash(secret), entry.value.resume_hash)
+            or not hmac.compare_digest(secret_hash(secret), entry.value.resume_hash)
             or entry.value.call_id != request.call_id
         ):
             raise NotFound(
@@ -430,10 +281,10 @@ class Router:
         adopted.ClearField("resume_hash")
         adopted.ClearField("sealed_context")
         adopted.ClearField("match_decided")
-        lease = await self._replica_lease()
+        lease = await self._entries.replica_lease()
         taken = await self._store.txn(
             [Compare.modified_at(key, entry.meta.mod_revision)],
-            [Op.put(key, adopted, lease), *self._place_follows(item, lease)],
+            [Op.put(key, adopted, lease), *self._entries.place_follows(item, lease)],
         )
         if not taken.succeeded:
             raise Aborted(
@@ -473,12 +324,7 @@ class Router:
         finally:
             self._queued.add(-1)
             if not call.handed_over:
-                await asyncio.shield(self._leave(call.key, connected))
-
-    @staticmethod
-    def _place_follows(item: QI, lease: int) -> list[Op]:
-        """The call's place moves to the lease its entry moves to."""
-        return [Op.relet(item.place_key, lease)] if item.place_key else []
+                await asyncio.shield(self._entries.leave(call.key, connected))
 
     async def _hand_over(
         self, call: _Call, current: QI, revision: int
@@ -491,7 +337,7 @@ class Router:
         updated = QI()
         updated.CopyFrom(current)
         updated.detached_until.CopyFrom(timestamp(until))
-        updated.resume_hash = _secret_hash(secret)
+        updated.resume_hash = secret_hash(secret)
         updated.match_decided.CopyFrom(call.decided)
         if call.context.ByteSize():
             updated.sealed_context = self._sealer.seal(
@@ -500,7 +346,7 @@ class Router:
         lease = await self._store.shared_lease(self._rules.resume_window)
         moved = await self._store.txn(
             [Compare.modified_at(call.key, revision)],
-            [Op.put(call.key, updated, lease), *self._place_follows(current, lease)],
+            [Op.put(call.key, updated, lease), *self._entries.place_follows(current, lease)],
         )
         if not moved.succeeded:
             return None
@@ -514,41 +360,6 @@ class Router:
         failed.retry_after.FromSeconds(1)
         failed.resume_before.CopyFrom(timestamp(until))
         return rt_pb2.RouteInboundCallResponse(failed=failed)
-
-    async def _leave(self, key: str, connected: bool) -> None:
-        """Takes the call out of the queue. Connected: the agent's interaction outlives
-        it from now on. Not connected (the caller hung up): an offer still open is
-        withdrawn, and an accept that came too late is undone, in the same transaction
-        that takes the call out (the agent is told the caller is gone)."""
-        with contextlib.suppress(AccesslineError):
-            # The leader may change the entry meanwhile (an offer, an accept): read again.
-            for _ in range(LEAVE_ATTEMPTS):
-                entry = await self._store.get(key, QI)
-                if entry is None:
-                    return
-                item = entry.value
-                target = item.connected
-                if connected and target.interaction_lease:
-                    kept, relet = pr_offers.interaction_connected(
-                        target.agent_id, item.interaction_id, target.interaction_lease
-                    )
-                    out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
-                    await self._store.txn([kept], [*out, relet], out)
-                    return
-                ops = [Op.delete(key)]
-                if item.place_key:
-                    ops.append(Op.delete(item.place_key))
-                agent_id = target.agent_id or item.offer.agent_id
-                if not connected and agent_id:
-                    ops.append(pr_offers.interaction_abandoned(agent_id, item.interaction_id))
-                left = await self._store.txn(
-                    [Compare.modified_at(key, entry.meta.mod_revision)], ops
-                )
-                if left.succeeded:
-                    if not connected:
-                        await withdraw_offer(self._store, item)
-                    return
-            log.warning("the call %s could not be taken out of the queue", key)
 
     async def _follow(
         self, call: _Call, item: QI, revision: int
@@ -647,7 +458,7 @@ class Router:
         one shown last when etcd or Presence is unreachable (the call's place lives on
         under its lease; only the refresh of its position waits)."""
         try:
-            position, wait = await self._position(call.group, current)
+            position, wait = await self.estimates.position(call.group, current)
         except AccesslineError as exc:
             log.debug("position of %s not refreshed: %s", call.key, exc.message)
             return shown
@@ -661,33 +472,3 @@ class Router:
                 message="the call's place in the queue was lost (etcd lease ended)",
             )
         )
-
-    async def _queue_order(self, group: str, now: float, *, fresh: bool = False) -> list[str]:
-        """The ids of the group's waiting interactions in the order they are served. One
-        read serves every stream of this replica in the group for half an update
-        interval, so many waiting calls do not each read the whole queue."""
-        cached = self._orders.get(group)
-        if (
-            not fresh
-            and cached is not None
-            and time.monotonic() - cached[0] < self._rules.queue_update / 2
-        ):
-            return cached[1]
-        entries, _ = await self._store.get_prefix(keys.queue(group), QI)
-        ready = [e.value for e in entries if waiting(e.value, now)]
-        ids = [i.interaction_id for i in order(ready, self._rules, now)]
-        self._orders[group] = (time.monotonic(), ids)
-        if len(self._orders) > 1000:
-            self._orders.pop(next(iter(self._orders)))
-        return ids
-
-    async def _position(self, group: str, item: QI) -> tuple[int, int]:
-        """The call's place in its group's queue (1 is next) and the estimated wait in
-        whole seconds."""
-        now = time.time()
-        ids = await self._queue_order(group, now)
-        if item.interaction_id not in ids:  # newer than the cached order
-            ids = await self._queue_order(group, now, fresh=True)
-        position = ids.index(item.interaction_id) + 1 if item.interaction_id in ids else 1
-        available, staffed = await self.availability(group)
-        return position, round(estimate(position, available, staffed, self._rules))

@@ -65,7 +65,7 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         v.id("resource_group", request.resource_group)
         check_channel(v, "channel", request.channel)
         v.raise_if_any()
-        return await self._router.estimate_wait(request.resource_group, request.channel)
+        return await self._router.estimates.estimate_wait(request.resource_group, request.channel)
 
     async def RequestNotifyWhenAvailable(
         self, request: rt_pb2.RequestNotifyWhenAvailableRequest, context: ServicerContext

@@ -1,0 +1,191 @@
+"""What becomes of an offer once it is out: the leader follows the agent's answer and
+moves the interaction on — connected, or back in the queue with the agent tried — and
+drops the channel's claim in every case. An unanswered offer is withdrawn and counted
+against the agent (at the limit Presence sets them not ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from opentelemetry import metrics
+
+from accessline.presence.storage.v1 import storage_pb2 as pr_store
+from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from services.presence import offers as pr_offers
+from services.routing import keys, private
+from services.routing.queue import Rules
+from services.runtime.clock import seconds
+from services.runtime.election import Term
+from services.runtime.errors import AccesslineError
+from services.runtime.sealing import Sealer
+from services.runtime.store import Compare, Entry, EventKind, Op, Store
+
+log = logging.getLogger("accessline.routing")
+
+QI = rt_store.QueuedInteraction
+# A fenced transaction of the leader: False when its compares failed, NotLeader when the
+# fence did.
+Fenced = Callable[[list[Compare], list[Op]], Awaitable[bool]]
+AcceptedCallback = Callable[[Entry[QI], rt_store.ConnectTarget, Term], Coroutine[Any, Any, None]]
+
+
+async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
+    """The offer once it is no longer open, or None when it timed out or vanished."""
+    key = pr_offers.offer_key(agent_id, offer_id)
+    entry = await store.get(key, pr_store.StoredOffer)
+    if entry is None:
+        return None
+    if entry.value.state != pr_store.OFFER_STATE_OPEN:
+        return entry.value
+    deadline = seconds(entry.value.offer.deadline)
+
+    async def follow() -> pr_store.StoredOffer | None:
+        async for change in store.watch_prefix(key, entry.meta.mod_revision + 1):
+            if change.key != key:
+                continue
+            if change.kind == EventKind.DELETE:
+                return None
+            value = change.decode(pr_store.StoredOffer)
+            if value.state != pr_store.OFFER_STATE_OPEN:
+                return value
+        return None
+
+    try:
+        return await asyncio.wait_for(follow(), max(0.1, deadline - time.time()))
+    except TimeoutError:
+        return None
+
+
+async def withdraw_offer(store: Store, item: QI) -> None:
+    """Withdraws the offer in flight of an interaction leaving the queue, if any."""
+    if item.state == rt_store.INTERACTION_STATE_OFFERED:
+        await pr_offers.cancel_offer(
+            store, item.offer.agent_id, item.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
+        )
+
+
+class Settler:
+    """Follows the offers the leader made until they are answered or time out."""
+
+    def __init__(
+        self,
+        store: Store,
+        rules: Rules,
+        sealer: Sealer,
+        fenced: Fenced,
+        office: Callable[[], Term],
+        on_accepted_callback: AcceptedCallback,
+        meter: metrics.Meter,
+    ) -> None:
+        self._store = store
+        self._rules = rules
+        self._sealer = sealer
+        self._fenced = fenced
+        self._office = office
+        self._on_accepted_callback = on_accepted_callback
+        self._offers = meter.create_counter(
+            "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
+        )
+
+    async def settle(self, key: str, offer: rt_store.OfferInFlight) -> None:
+        """Waits for the agent's answer and moves the interaction on: connected, or back
+        in the queue with the agent tried. The claim is dropped in every case."""
+        try:
+            answer = await wait_answer(self._store, offer.agent_id, offer.offer_id)
+            if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
+                answer = await self._time_out(offer)
+            result = (
+                pr_store.OfferState.Name(answer.state).removeprefix("OFFER_STATE_")
+                if answer is not None
+                else "TIMED_OUT"
+            )
+            self._offers.add(1, {"accessline.offer.result": result})
+            entry = await self._store.get(key, QI)
+            if entry is None or entry.value.offer.offer_id != offer.offer_id:
+                return  # the caller hung up or the call moved on; nothing to update
+            if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
+                await self._store.delete(keys.no_answer(offer.agent_id))
+                channel = answer.accepted_channel or offer.channel
+                await self._accepted(entry, offer, channel, answer.interaction_lease)
+                return
+            if answer is not None and answer.state == pr_store.OFFER_STATE_DECLINED:
+                await self._store.delete(keys.no_answer(offer.agent_id))
+            await self._requeue(entry, offer.agent_id)
+        finally:
+            with contextlib.suppress(AccesslineError):
+                await self._store.delete(offer.claim_key)
+
+    async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
+        """Withdraws an unanswered offer, counting the agent's offers in a row without an
+        answer; at the limit Presence sets the agent not ready. Returns the answer when
+        the agent answered just in time."""
+        limit = self._rules.no_answer_limit
+        counter = await self._store.get(keys.no_answer(offer.agent_id), rt_store.NoAnswerCount)
+        count = (counter.value.count if counter else 0) + 1
+        reason = (
+            pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT
+            if limit and count >= limit
+            else pr_pb2.OFFER_CANCEL_REASON_TIMED_OUT
+        )
+        withdrawn = await pr_offers.cancel_offer(
+            self._store, offer.agent_id, offer.offer_id, reason
+        )
+        if not withdrawn:
+            late = await self._store.get(
+                pr_offers.offer_key(offer.agent_id, offer.offer_id), pr_store.StoredOffer
+            )
+            if late is not None and late.value.state in (
+                pr_store.OFFER_STATE_ACCEPTED,
+                pr_store.OFFER_STATE_DECLINED,
+            ):
+                return late.value
+        if reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT:
+            log.info("agent %s set not ready after %d offers without answer", offer.agent_id, count)
+            await self._store.delete(keys.no_answer(offer.agent_id))
+        else:
+            await self._store.put(
+                keys.no_answer(offer.agent_id), rt_store.NoAnswerCount(count=count)
+            )
+        return None
+
+    async def _requeue(self, entry: Entry[QI], agent_id: str) -> None:
+        updated = QI()
+        updated.CopyFrom(entry.value)
+        updated.state = rt_store.INTERACTION_STATE_QUEUED
+        updated.ClearField("offer")
+        if agent_id not in updated.tried_agent_ids and len(updated.tried_agent_ids) < 200:
+            updated.tried_agent_ids.append(agent_id)
+        updated.retry_tried_after.FromNanoseconds(
+            int((time.time() + self._rules.offer_timeout) * 1e9)
+        )
+        await self._fenced(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(entry.key, updated, entry.meta.lease)],
+        )
+
+    async def _accepted(
+        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int, lease: int
+    ) -> None:
+        target = rt_store.ConnectTarget(
+            agent_id=offer.agent_id,
+            channel=channel,  # type: ignore[arg-type]
+            interaction_lease=lease,
+        )
+        private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
+        if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
+            await self._on_accepted_callback(entry, target, self._office())
+            return
+        updated = QI()
+        updated.CopyFrom(entry.value)
+        updated.state = rt_store.INTERACTION_STATE_CONNECTED
+        updated.connected.CopyFrom(target)
+        await self._fenced(
+            [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(entry.key, updated, entry.meta.lease)],
+        )
