@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
-from services.notification.domain import Notifications, Policy, Provider, Worker
+from services.notification.delivery import Provider, Worker
+from services.notification.domain import Notifications, Policy
 from services.notification.providers import Apns, Fcm
 from services.notification.servicer import NotificationServicer
 from services.notification.settings import DEVELOPMENT_SECRET, NotificationSettings
