@@ -1,9 +1,10 @@
 """The rules of notification: devices and subscriptions, publishing through a durable
 outbox in etcd (one item per device, written before anything is sent; delivery.py's
 workers on every replica claim items under their lease and deliver them through the
-providers with retries), and the in-app stream that replays what a device has not acknowledged. Ids are
-hashed (keyed) where a key needs them, so no id is a prefix of another's keys and no
-customer id is in a key name; push tokens are sealed (the key layout is in keys.py).
+providers with retries), and the in-app stream that replays what a device has not
+acknowledged. Ids are hashed (keyed) where a key needs them, so no id is a prefix of
+another's keys and no customer id is in a key name; push tokens are sealed (the key
+layout is in keys.py).
 """
 
 from __future__ import annotations

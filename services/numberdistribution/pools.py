@@ -71,6 +71,30 @@ def pool_not_found(pool_id: str) -> NotFound:
     )
 
 
+def issues_code(pool: nd_pb2.Pool, *, wanted: bool) -> bool:
+    """Whether a reservation of the pool gets an access code: always on a shared pool,
+    by the pool's policy otherwise (optional: when `wanted`)."""
+    policy = pool.access_code_policy.mode
+    return (
+        pool.mode == nd_pb2.POOL_MODE_SHARED
+        or policy == nd_pb2.ACCESS_CODE_MODE_REQUIRED
+        or (policy == nd_pb2.ACCESS_CODE_MODE_OPTIONAL and wanted)
+    )
+
+
+def selection_reason(
+    pool: nd_pb2.Pool, *, fallback: bool, distance: float | None, shared: bool
+) -> nd_pb2.SelectionReason:
+    """Why the pool was chosen, as the answer tells it."""
+    return nd_pb2.SelectionReason(
+        pool_id=pool.pool_id,
+        city=pool.city.name,
+        distance_km=round(distance, 1) if distance is not None else 0.0,
+        fallback=fallback,
+        shared=shared,
+    )
+
+
 class Pools:
     """Pools and their numbers on one etcd, safe to run as several replicas: creation and
     updates, numbers added, removed and drained, counts by state from the view."""

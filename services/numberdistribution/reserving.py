@@ -1,6 +1,7 @@
 """NumberDistribution's reservations: choosing the pool nearest the device, reserving a
-number by compare-and-swap under a lease, access codes, sharing on exhaustion, extension,
-release into quarantine and resolution of a dialled number. No gRPC here."""
+number by compare-and-swap under a lease, access codes, sharing on exhaustion, extension
+and release into quarantine (resolving a dialled number is resolving.py's). No gRPC
+here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.numberdistribution import keys
 from services.numberdistribution.codes import (
     CodeBook,
-    clean_digits,
     idempotency_hash,
 )
 from services.numberdistribution.geo import distance_km
@@ -27,10 +27,13 @@ from services.numberdistribution.pools import (
     FALLBACK_RETRY_SECONDS,
     READY_TIMEOUT,
     code_length,
+    issues_code,
     pool_not_found,
     pool_ttls,
+    selection_reason,
 )
 from services.numberdistribution.reservations import EMPTY, read_reservation, release_ops
+from services.numberdistribution.resolving import Resolver, public_reservation
 from services.numberdistribution.view import NumberView, PoolState
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
@@ -41,7 +44,6 @@ from services.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from services.runtime.phone import NumberFormatError, normalize_number
 from services.runtime.store import Compare, KeyMeta, Op, Store, decode
 
 log = logging.getLogger("accessline.numberdistribution")
@@ -58,16 +60,6 @@ class ReserveRequest:
     want_access_code: bool
     session_id: str
     idempotency_key: str
-
-
-@dataclass(frozen=True)
-class Resolution:
-    access_number: str
-    pool_id: str
-    resource_group: str
-    reservations: list[nd_pb2.ResolvedReservation]
-    quarantined: bool
-    expired_reservations: int
 
 
 class Reservations:
@@ -93,6 +85,8 @@ class Reservations:
         self._code_memory = code_memory
         self._clock = clock
         self._replica = secrets.token_hex(6)
+        # Resolving a dialled number reads what reserving wrote, with the same codes.
+        self.resolver = Resolver(store, view, codes, clock)
         self._exhaustion: dict[str, int] = {}
         meter = meter or metrics.get_meter("accessline.numberdistribution")
         self._reservations = meter.create_counter(
@@ -257,16 +251,14 @@ class Reservations:
         fallback: bool,
         distance: float | None,
     ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason] | None:
+        """A number of the pool reserved for the request (picked at random from the
+        view's free or shareable numbers, confirmed by the transaction's compares), or
+        None when every attempt lost its race or the pool has nothing left."""
         pool = state.pool
         default_ttl, _, quarantine = pool_ttls(pool)
         ttl = request.ttl if request.ttl is not None else default_ttl
-        policy = pool.access_code_policy.mode
         shared_pool = pool.mode == nd_pb2.POOL_MODE_SHARED
-        wants_code = (
-            shared_pool
-            or policy == nd_pb2.ACCESS_CODE_MODE_REQUIRED
-            or (policy == nd_pb2.ACCESS_CODE_MODE_OPTIONAL and request.want_access_code)
-        )
+        wants_code = issues_code(pool, wanted=request.want_access_code)
         lease_ttl = max(1, math.ceil(ttl + quarantine))
         idem = idempotency_hash(request.idempotency_key) if request.idempotency_key else ""
         for _ in range(self._attempts):
@@ -303,13 +295,7 @@ class Reservations:
             )
             if code:
                 record.code_memory.FromNanoseconds(int(self._code_memory * 1e9))
-            reason = nd_pb2.SelectionReason(
-                pool_id=pool.pool_id,
-                city=pool.city.name,
-                distance_km=round(distance, 1) if distance is not None else 0.0,
-                fallback=fallback,
-                shared=share,
-            )
+            reason = selection_reason(pool, fallback=fallback, distance=distance, shared=share)
             compares, ops, failure = self._reservation_txn(
                 record, number.revision, code, reason, shared_pool=shared_pool
             )
@@ -321,7 +307,7 @@ class Reservations:
                 self._reservations.add(
                     1, {"accessline.pool": pool.pool_id, "accessline.shared": share}
                 )
-                return self._public(record), code, reason
+                return public_reservation(record), code, reason
             if idem and result.gets and result.gets[0]:
                 replay = await self._replay(request.idempotency_key)
                 if replay is not None:
@@ -381,18 +367,6 @@ class Reservations:
             ops.append(Op.put(keys.code(value, record.code_hash), EMPTY, lease))
         return compares, ops, failure
 
-    @staticmethod
-    def _public(record: storage_pb2.StoredReservation) -> common_pb2.Reservation:
-        return common_pb2.Reservation(
-            reservation_id=record.reservation_id,
-            access_number=record.number,
-            pool_id=record.pool_id,
-            session_id=record.session_id,
-            expires_at=record.expires_at,
-            shared=record.shared,
-            has_access_code=bool(record.code_hash),
-        )
-
     async def _replay(
         self, idempotency_key: str
     ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason] | None:
@@ -411,7 +385,7 @@ class Reservations:
             else ""
         )
         return (
-            self._public(record),
+            public_reservation(record),
             code,
             decode(nd_pb2.SelectionReason, "reason", entry.value.selection_reason),
         )
@@ -505,62 +479,4 @@ class Reservations:
             await self._store.revoke_lease(lease)
             raise Aborted("the reservation changed meanwhile; retry", reason="CONCURRENT_UPDATE")
         await self._store.revoke_lease(record.lease_id)
-        return self._public(updated)
-
-    async def resolve(self, dialled: str, region: str, dtmf: str) -> Resolution:
-        await self._view.ready(READY_TIMEOUT)
-        try:
-            value = normalize_number(dialled, region)
-        except NumberFormatError as exc:
-            raise InvalidArgument([FieldViolation("dialled_number", str(exc))]) from None
-        digits = clean_digits(dtmf)
-        reads = [
-            Op.get(keys.number(value)),
-            Op.get_prefix(keys.slots(value)),
-            Op.get(keys.quarantine_key(value)),
-        ]
-        if digits:
-            # Whether the digits are the code of an ended reservation of this number.
-            reads.append(Op.get(keys.spent(value, self._codes.hash(value, digits))))
-        result = await self._store.txn([], reads)
-        number_rows, slot_rows, quarantine_rows = result.gets[:3]
-        spent = bool(digits) and bool(result.gets[3])
-        pool_id = (
-            decode(storage_pb2.StoredNumber, value, number_rows[0][1]).pool_id
-            if number_rows
-            else ""
-        )
-        state = self._view.pools.get(pool_id)
-        now = self._clock()
-        resolved: list[nd_pb2.ResolvedReservation] = []
-        expired = 0
-        for key, raw, _ in slot_rows:
-            record = decode(storage_pb2.StoredReservation, key, raw)
-            if seconds(record.expires_at) <= now:
-                expired += 1
-                continue
-            if not record.code_hash:
-                check = nd_pb2.CODE_CHECK_NO_CODE
-            elif not digits:
-                check = nd_pb2.CODE_CHECK_MISSING
-            elif self._codes.matches(value, digits, record.code_hash):
-                check = nd_pb2.CODE_CHECK_MATCH
-            elif spent:
-                check = nd_pb2.CODE_CHECK_SPENT
-            else:
-                check = nd_pb2.CODE_CHECK_MISMATCH
-            resolved.append(
-                nd_pb2.ResolvedReservation(
-                    reservation=self._public(record),
-                    code_check=check,
-                    failed_code_attempts=record.failed_code_attempts,
-                )
-            )
-        return Resolution(
-            access_number=value,
-            pool_id=pool_id,
-            resource_group=state.pool.resource_group if state is not None else "",
-            reservations=resolved,
-            quarantined=bool(quarantine_rows) or expired > 0,
-            expired_reservations=expired,
-        )
+        return public_reservation(updated)

@@ -232,7 +232,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
             raise PermissionDenied(
                 "only CallMatching compares access codes", reason="CODE_CHECK_NOT_ALLOWED"
             )
-        found = await self._reservations.resolve(
+        found = await self._reservations.resolver.resolve(
             request.dialled_number, request.default_region, request.dtmf_digits
         )
         reservations = list(found.reservations)
