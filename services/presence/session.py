@@ -18,8 +18,10 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from services.presence import keys, offers
+from services.presence import state as presence_state
+from services.presence.answers import accept_ops, already_answered, refusal_of
 from services.presence.hub import Hub
-from services.presence.roster import Sealing, channel_presence, public_presence
+from services.presence.roster import Sealing, public_presence
 from services.runtime.clock import now_timestamp
 from services.runtime.errors import (
     AccesslineError,
@@ -97,32 +99,13 @@ class AgentSession:
     async def open(self) -> None:
         lease_id = await self.store.grant_lease(self.limits.lease_seconds)
         self.lease = await self.store.keep_alive(lease_id, self.limits.lease_seconds)
-        now = now_timestamp()
-        self.state = pr_store.StoredPresence(
-            agent_id=self.agent.agent_id,
-            agent_session_id=self.session_id,
-            channels=[
-                pr_store.StoredChannel(
-                    channel=c.channel, available=c.available_on_login, capacity=c.capacity or 1
-                )
-                for c in self.agent.channels
-            ],
-            updated_at=now,
-            idle_since=now,
-            resource_groups=self.agent.resource_groups,
-            device=self.device,
-        )
         # Calls accepted in an earlier session and not ended: the agent is still on them.
         ongoing, _ = await self.store.get_prefix(
             keys.interactions(self.agent.agent_id), pr_store.StoredInteraction
         )
-        for entry in ongoing:
-            for channel in self.state.channels:
-                if channel.channel == entry.value.channel:
-                    channel.active_interactions += 1
-                    self.state.interactions[entry.value.interaction_id] = entry.value.channel
-        if self.state.interactions:
-            self.state.ClearField("idle_since")
+        self.state = presence_state.logged_in(
+            self.agent, self.session_id, self.device, (e.value for e in ongoing)
+        )
         previous = self.hub.sessions.get(self.agent.agent_id)
         if previous is not None:
             previous.replace(self.device)
@@ -242,15 +225,8 @@ class AgentSession:
 
     async def _caller_gone(self, interaction_id: str, offer_id: str) -> None:
         async with self.write_lock:
-            if interaction_id not in self.state.interactions:
+            if not presence_state.interaction_ended(self.state, interaction_id):
                 return
-            channel_id = self.state.interactions[interaction_id]
-            del self.state.interactions[interaction_id]
-            for channel in self.state.channels:
-                if channel.channel == channel_id:
-                    channel.active_interactions = max(0, channel.active_interactions - 1)
-            if not self.state.interactions:
-                self.state.idle_since.CopyFrom(now_timestamp())
             self.send(
                 pr_pb2.ConnectResponse(
                     offer_cancelled=pr_pb2.OfferCancelled(
@@ -294,11 +270,7 @@ class AgentSession:
     async def _set_not_ready(self) -> None:
         """Redirect on no answer: the agent let too many offers time out, so every channel
         is set not ready until the agent makes it available again."""
-        for channel in self.state.channels:
-            if self.state.do_not_disturb:
-                channel.available_before_dnd = False
-            else:
-                channel.available = False
+        presence_state.not_ready(self.state)
         try:
             await self._write()
         except SessionEnded as ended:
@@ -358,20 +330,10 @@ class AgentSession:
         elif kind == "set_channel_presence":
             change = message.set_channel_presence
             channel = self._channel(change.channel, "set_channel_presence.channel")
-            if self.state.do_not_disturb:
-                channel.available_before_dnd = change.available
-            else:
-                channel.available = change.available
+            presence_state.set_available(self.state, channel, change.available)
             await self._write()
         elif kind == "set_do_not_disturb":
-            enabled = message.set_do_not_disturb.enabled
-            if enabled != self.state.do_not_disturb:
-                for channel in self.state.channels:
-                    if enabled:
-                        channel.available_before_dnd, channel.available = channel.available, False
-                    else:
-                        channel.available = channel.available_before_dnd
-                self.state.do_not_disturb = enabled
+            presence_state.set_do_not_disturb(self.state, message.set_do_not_disturb.enabled)
             await self._write()
         elif kind == "offer_response":
             await self._answer(message.offer_response)
@@ -381,7 +343,7 @@ class AgentSession:
                 raise InvalidArgument(
                     [FieldViolation("end_interaction.interaction_id", "must be 1 to 64 characters")]
                 )
-            if interaction not in self.state.interactions:
+            if not presence_state.interaction_ended(self.state, interaction):
                 # Already ended (an app repeating itself after a reconnect): nothing to
                 # change, the presence as it is confirms it.
                 self.send(
@@ -390,13 +352,6 @@ class AgentSession:
                     )
                 )
                 return
-            channel_id = self.state.interactions[interaction]
-            del self.state.interactions[interaction]
-            for channel in self.state.channels:
-                if channel.channel == channel_id:
-                    channel.active_interactions = max(0, channel.active_interactions - 1)
-            if not self.state.interactions:
-                self.state.idle_since.CopyFrom(now_timestamp())
             await self._write([Op.delete(keys.interaction(self.agent.agent_id, interaction))])
         else:
             raise InvalidArgument(
@@ -442,88 +397,6 @@ class AgentSession:
             )
         )
 
-    def _refusal(
-        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
-    ) -> pr_pb2.OfferRefusal.ValueType | None:
-        """Why this answer cannot be recorded (unknown offer, no longer open, the channel
-        accepted on unavailable), or None."""
-        if entry is None:
-            return pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
-        stored = entry.value
-        if (
-            stored.state != pr_store.OFFER_STATE_OPEN
-            or stored.offer.deadline.ToNanoseconds() <= time.time_ns()
-        ):
-            return pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN
-        if response.decision != pr_pb2.OFFER_DECISION_ACCEPT:
-            return None
-        channel_id = response.accept_channel or stored.offer.channel
-        try:
-            channel = self._channel(channel_id, "offer_response.accept_channel")
-        except InvalidArgument:
-            return pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE
-        if (
-            channel_presence(channel, self.state.do_not_disturb) != C.CHANNEL_PRESENCE_AVAILABLE
-            and channel_id != stored.offer.channel
-        ):
-            return pr_pb2.OFFER_REFUSAL_CHANNEL_UNAVAILABLE
-        return None
-
-    @staticmethod
-    def _already_answered(response: pr_pb2.OfferResponse, stored: pr_store.StoredOffer) -> bool:
-        """Whether the offer already holds this very answer (answering twice the same way
-        is harmless: the same confirmation again)."""
-        accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
-        wanted = stored.state == (
-            pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED
-        )
-        return wanted and (
-            not accept
-            or not response.accept_channel
-            or response.accept_channel == stored.accepted_channel
-        )
-
-    async def _accept_ops(
-        self, stored: pr_store.StoredOffer, channel_id: C.Channel.ValueType
-    ) -> tuple[tuple[list[Compare], list[Op]], int]:
-        """What an accept writes with the offer's new state, and the lease the
-        interaction moves to once the call is connected: the agent busy on the channel
-        (so whoever sees the accepted offer also sees the channel taken) and the
-        interaction, bound to the call's lease until then; only while the agent's
-        presence is as read and the caller still holds their place."""
-        busy = pr_store.StoredPresence()
-        busy.CopyFrom(self.state)
-        for channel in busy.channels:
-            if channel.channel == channel_id:
-                channel.active_interactions += 1
-        busy.interactions[stored.offer.interaction_id] = channel_id
-        busy.ClearField("idle_since")
-        busy.updated_at.CopyFrom(now_timestamp())
-        assert self.lease is not None
-        presence_key = keys.presence(self.agent.agent_id)
-        ongoing = pr_store.StoredInteraction(
-            interaction_id=stored.offer.interaction_id,
-            channel=channel_id,
-            offer_id=stored.offer.offer_id,
-            accepted_at=now_timestamp(),
-        )
-        lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
-        compares = [Compare.modified_at(presence_key, self.revision)]
-        if stored.call_key:
-            # The caller is still there: their place in the queue is unchanged.
-            compares.append(Compare.created_at(stored.call_key, stored.call_create_revision))
-        ops = [
-            Op.put(presence_key, busy, self.lease.id),
-            # Until the call is connected the interaction lives and dies with the call;
-            # the router moves it to `lasts` then.
-            Op.put(
-                keys.interaction(self.agent.agent_id, stored.offer.interaction_id),
-                ongoing,
-                stored.call_lease or lasts,
-            ),
-        ]
-        return (compares, ops), lasts
-
     async def _answer_offer(
         self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
     ) -> None:
@@ -540,10 +413,10 @@ class AgentSession:
                 )
             )
 
-        if entry is not None and self._already_answered(response, entry.value):
+        if entry is not None and already_answered(response, entry.value):
             self._recorded(response)
             return
-        refusal = self._refusal(response, entry)
+        refusal = refusal_of(response, entry, self._channel, self.state.do_not_disturb)
         if refusal is not None or entry is None:
             refuse(refusal or pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
             return
@@ -554,7 +427,16 @@ class AgentSession:
             also: tuple[list[Compare], list[Op]] = ([], [])
             lasts = 0
             if accept:
-                also, lasts = await self._accept_ops(stored, channel_id)
+                assert self.lease is not None
+                lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
+                also = accept_ops(
+                    self.state,
+                    stored,
+                    channel_id,
+                    agent_id=self.agent.agent_id,
+                    presence=(self.lease.id, self.revision),
+                    lasts=lasts,
+                )
             ok = await offers.set_offer_state(
                 self.store,
                 entry,
