@@ -14,9 +14,10 @@ from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
 from services.presence.roster import Sealing
-from services.routing.callbacks import Callbacks, NotifyRequests
+from services.routing.callbacks import Callbacks
 from services.routing.dispatch import Dispatcher
 from services.routing.domain import Router
+from services.routing.notify import NotifyRequests
 from services.routing.queue import Rules, parse_value_rules
 from services.routing.servicer import RoutingServicer
 from services.routing.settings import RoutingSettings

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from accessline.common.v1 import common_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.routing.callbacks import Callbacks, NotifyRequests
+from services.routing.callbacks import Callbacks
 from services.routing.domain import Router
+from services.routing.notify import NotifyRequests
 from services.runtime.clock import seconds
 from services.runtime.contextdata import check_context
 from services.runtime.phone import NumberFormatError, normalize_number

@@ -25,8 +25,8 @@ from sqlalchemy import BigInteger, Column, Index, MetaData, String, Table, and_,
 
 from accessline.access.v1 import access_pb2
 from services.runtime import tables
-from services.runtime.errors import Finished
 from services.runtime.identity import ROLE_NAMES, Authorizer, Caller, current, field_value
+from services.runtime.interceptor import Finished
 
 log = logging.getLogger("accessline.audit")
 

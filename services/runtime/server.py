@@ -22,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.audit import AuditTrail, observer
-from services.runtime.errors import AccesslineError, ErrorInterceptor, InFlight
+from services.runtime.errors import AccesslineError
 from services.runtime.identity import Authorizer, JwksKeys, TokenVerifier, acting_as
+from services.runtime.interceptor import ErrorInterceptor, InFlight
 from services.runtime.logs import setup_logging
 from services.runtime.peers import peer_channel
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings
