@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 from sqlalchemy.exc import SQLAlchemyError
@@ -131,26 +132,7 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         loop.add_signal_handler(sig, stop.set)
     try:
         await etcd.wait_ready()
-        for service in SERVICES:
-            port, metrics_port = default_port(service), default_port(service, "metrics_port")
-            env = {
-                "ACCESSLINE_ETCD_ENDPOINTS": etcd.endpoint,
-                "ACCESSLINE_HOST": host,
-                "ACCESSLINE_PORT": str(port),
-                "ACCESSLINE_METRICS_PORT": str(metrics_port),
-                "ACCESSLINE_HISTORY_DSN": os.environ.get(
-                    "ACCESSLINE_HISTORY_DSN",
-                    f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",
-                ),
-                "ACCESSLINE_AUDIT_DSN": os.environ.get(
-                    "ACCESSLINE_AUDIT_DSN",
-                    f"sqlite+aiosqlite:///{(data_dir / 'audit.db').resolve()}",
-                ),
-                **identity.service_env(service, jwks.url),
-            }
-            with (data_dir / f"{service}.log").open("ab") as log:
-                process = processes.spawn(f"services.{service}", env, stdout=log)
-            children.append(Child(service, port, metrics_port, process))
+        children += _spawn_services(data_dir, host, etcd.endpoint, identity, jwks.url)
         probe = identity.credentials()
         await asyncio.gather(
             *(
@@ -158,40 +140,8 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
                 for c in children
             )
         )
-        print("\nAccessline is up:\n")
-        print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
-        for c in children:
-            print(
-                f"  {c.service:<20}{host + ':' + str(c.port):<22}"
-                f"{f'http://{host}:{c.metrics_port}/metrics':<30}{data_dir / (c.service + '.log')}"
-            )
-        print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
-        folder = identity.folder
-        print(
-            f"\nTLS and tokens are on (development identity in {folder}; tokens from"
-            f" {jwks.url}).\nMint a token, then call a service with buf curl:\n"
-            "  TOKEN=$(.venv/bin/accessline token --role admin --subject me)\n"
-            f"  node_modules/.bin/buf curl --protocol grpc --cacert {folder}/ca.pem"
-            f" --cert {folder}/client-admin.pem --key {folder}/client-admin.key \\\n"
-            '    -H "Authorization: Bearer $TOKEN" --list-methods'
-            f" https://{host}:{children[0].port}"
-        )
-        print("\nPress Ctrl-C to stop.", flush=True)
-
-        async def watch_children() -> None:
-            while not stop.is_set():
-                for c in children:
-                    if c.process.poll() is not None:
-                        print(
-                            f"{c.service} exited with status {c.process.returncode}; stopping",
-                            flush=True,
-                        )
-                        stop.set()
-                        return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
-
-        await watch_children()
+        _print_up(children, host, data_dir, etcd, identity.folder, jwks.url)
+        await _watch_children(children, stop)
         return 0
     except (TimeoutError, RuntimeError) as exc:
         print(f"accessline up: {exc}", file=sys.stderr)
@@ -202,6 +152,76 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
         etcd.stop()
         jwks.close()
         print("stopped.", flush=True)
+
+
+def _spawn_services(
+    data_dir: Path, host: str, etcd_endpoint: str, identity: devpki.DevIdentity, jwks_url: str
+) -> list[Child]:
+    """The five services started on their default ports, each logging to its file."""
+    children: list[Child] = []
+    for service in SERVICES:
+        port, metrics_port = default_port(service), default_port(service, "metrics_port")
+        env = {
+            "ACCESSLINE_ETCD_ENDPOINTS": etcd_endpoint,
+            "ACCESSLINE_HOST": host,
+            "ACCESSLINE_PORT": str(port),
+            "ACCESSLINE_METRICS_PORT": str(metrics_port),
+            "ACCESSLINE_HISTORY_DSN": os.environ.get(
+                "ACCESSLINE_HISTORY_DSN",
+                f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",
+            ),
+            "ACCESSLINE_AUDIT_DSN": os.environ.get(
+                "ACCESSLINE_AUDIT_DSN",
+                f"sqlite+aiosqlite:///{(data_dir / 'audit.db').resolve()}",
+            ),
+            **identity.service_env(service, jwks_url),
+        }
+        with (data_dir / f"{service}.log").open("ab") as log:
+            process = processes.spawn(f"services.{service}", env, stdout=log)
+        children.append(Child(service, port, metrics_port, process))
+    return children
+
+
+def _print_up(
+    children: list[Child],
+    host: str,
+    data_dir: Path,
+    etcd: EmbeddedEtcd,
+    folder: Path,
+    jwks_url: str,
+) -> None:
+    print("\nAccessline is up:\n")
+    print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
+    for c in children:
+        print(
+            f"  {c.service:<20}{host + ':' + str(c.port):<22}"
+            f"{f'http://{host}:{c.metrics_port}/metrics':<30}{data_dir / (c.service + '.log')}"
+        )
+    print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
+    print(
+        f"\nTLS and tokens are on (development identity in {folder}; tokens from"
+        f" {jwks_url}).\nMint a token, then call a service with buf curl:\n"
+        "  TOKEN=$(.venv/bin/accessline token --role admin --subject me)\n"
+        f"  node_modules/.bin/buf curl --protocol grpc --cacert {folder}/ca.pem"
+        f" --cert {folder}/client-admin.pem --key {folder}/client-admin.key \\\n"
+        '    -H "Authorization: Bearer $TOKEN" --list-methods'
+        f" https://{host}:{children[0].port}"
+    )
+    print("\nPress Ctrl-C to stop.", flush=True)
+
+
+async def _watch_children(children: list[Child], stop: asyncio.Event) -> None:
+    """Returns on Ctrl-C (`stop`), or as soon as a service exits."""
+    while not stop.is_set():
+        for c in children:
+            if c.process.poll() is not None:
+                print(
+                    f"{c.service} exited with status {c.process.returncode}; stopping", flush=True
+                )
+                stop.set()
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
 
 
 async def migrate_history(dsn: str | None) -> int:
@@ -223,7 +243,7 @@ async def migrate_history(dsn: str | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accessline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run one service in the foreground")
@@ -233,6 +253,33 @@ def main(argv: list[str] | None = None) -> None:
     up_p.add_argument("--etcd-port", type=int, default=2379)
     up_p.add_argument("--etcd-peer-port", type=int, default=2380)
     up_p.add_argument("--host", default="127.0.0.1")
+    _add_demo(sub)
+    _add_token(sub)
+    _add_audit(sub)
+    issuer_p = sub.add_parser(
+        "issuer", help="serve a development identity's JWKS (its token issuer's public keys)"
+    )
+    issuer_p.add_argument("--jwks", type=Path, default=Path(".accessline/identity/jwks.json"))
+    issuer_p.add_argument("--host", default="127.0.0.1")
+    issuer_p.add_argument("--port", type=int, default=8080)
+    numbers_p = sub.add_parser("numbers", help="administer access number pools")
+    numbers_cli.add_arguments(numbers_p)
+    history_p = sub.add_parser("history", help="the match history database")
+    history_sub = history_p.add_subparsers(dest="action", required=True)
+    migrate_p = history_sub.add_parser(
+        "migrate", help="create what the history needs (once per deploy; safe to repeat)"
+    )
+    migrate_p.add_argument(
+        "--dsn", help="database URL; default: ACCESSLINE_HISTORY_DSN, as CallMatching reads it"
+    )
+    return parser
+
+
+# The subcommands of the parser (argparse names the type privately).
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_demo(sub: Subparsers) -> None:
     demo_p = sub.add_parser(
         "demo", help="play the whole call-matching path against running services"
     )
@@ -249,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(".accessline/identity"),
         help="the development identity to connect with (none there: plain text)",
     )
+
+
+def _add_token(sub: Subparsers) -> None:
     token_p = sub.add_parser(
         "token", help="mint a development bearer token (signed with `make up`'s key)"
     )
@@ -266,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     token_p.add_argument("--switch", default="", help="the switch id of a switch's token")
     token_p.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid")
     token_p.add_argument("--identity", type=Path, default=Path(".accessline/identity"))
+
+
+def _add_audit(sub: Subparsers) -> None:
     audit_p = sub.add_parser(
         "audit", help="list the audit trail: changes and refused calls, newest first"
     )
@@ -279,40 +332,56 @@ def main(argv: list[str] | None = None) -> None:
     audit_p.add_argument("--subject", default="", help="only events of this caller")
     audit_p.add_argument("--denied", action="store_true", help="only refused calls")
     audit_p.add_argument("--json", action="store_true", help="one JSON object per line")
-    issuer_p = sub.add_parser(
-        "issuer", help="serve a development identity's JWKS (its token issuer's public keys)"
-    )
-    issuer_p.add_argument("--jwks", type=Path, default=Path(".accessline/identity/jwks.json"))
-    issuer_p.add_argument("--host", default="127.0.0.1")
-    issuer_p.add_argument("--port", type=int, default=8080)
-    numbers_p = sub.add_parser("numbers", help="administer access number pools")
-    numbers_cli.add_arguments(numbers_p)
-    history_p = sub.add_parser("history", help="the match history database")
-    history_sub = history_p.add_subparsers(dest="action", required=True)
-    migrate_p = history_sub.add_parser(
-        "migrate", help="create what the history needs (once per deploy; safe to repeat)"
-    )
-    migrate_p.add_argument(
-        "--dsn", help="database URL; default: ACCESSLINE_HISTORY_DSN, as CallMatching reads it"
-    )
-    args = parser.parse_args(argv)
-    if args.command == "token":
-        found = devpki.DevIdentity(args.identity)
-        if not found.exists():
-            print(
-                f"accessline token: no development identity in {args.identity}; run `make up`",
-                file=sys.stderr,
-            )
-            sys.exit(1)
+
+
+def _token(args: argparse.Namespace) -> int:
+    found = devpki.DevIdentity(args.identity)
+    if not found.exists():
         print(
-            found.token(
-                args.subject,
-                args.role,
-                applications=args.application,
-                switch=args.switch,
-                ttl=args.ttl,
+            f"accessline token: no development identity in {args.identity}; run `make up`",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        found.token(
+            args.subject,
+            args.role,
+            applications=args.application,
+            switch=args.switch,
+            ttl=args.ttl,
+        )
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from services.demo import Addresses, development_access, play
+
+    addresses = Addresses(args.numbers, args.matching, args.routing, args.presence)
+    try:
+        asyncio.run(
+            play(
+                addresses,
+                args.calls,
+                args.agents,
+                args.concurrency,
+                access=development_access(args.identity),
             )
         )
+    except grpc.aio.AioRpcError as error:
+        print(
+            f"accessline demo: {error.code().name}: {error.details()} (is `make up` running?)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "token":
+        if _token(args):
+            sys.exit(1)
         return
     if args.command == "audit":
         sys.exit(asyncio.run(list_audit(args)))
@@ -323,24 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "numbers":
         sys.exit(numbers_cli.run(args))
     if args.command == "demo":
-        from services.demo import Addresses, development_access, play
-
-        addresses = Addresses(args.numbers, args.matching, args.routing, args.presence)
-        try:
-            asyncio.run(
-                play(
-                    addresses,
-                    args.calls,
-                    args.agents,
-                    args.concurrency,
-                    access=development_access(args.identity),
-                )
-            )
-        except grpc.aio.AioRpcError as error:
-            print(
-                f"accessline demo: {error.code().name}: {error.details()} (is `make up` running?)",
-                file=sys.stderr,
-            )
+        if _demo(args):
             sys.exit(1)
         return
     if args.command == "serve":

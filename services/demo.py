@@ -290,6 +290,99 @@ async def setup(
     return nd, cm, pr, rt
 
 
+@dataclass
+class Customers:
+    """The demo's customers: each starts a handoff in the bank's app, calls the number it
+    got (some keying in a wrong code) and follows the call to an agent, in the tally."""
+
+    cm: Any
+    rt: Any
+    run: str
+    tally: Tally
+    gate: asyncio.Semaphore
+    wrong_code_share: float
+
+    async def handoff(self, request: cm_pb2.StartHandoffRequest) -> cm_pb2.StartHandoffResponse:
+        # A real app waits as told when every number is taken, then asks again.
+        while True:
+            try:
+                reply: cm_pb2.StartHandoffResponse = await self.cm.StartHandoff(request)
+                return reply
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                self.tally.exhausted += 1
+                await asyncio.sleep(retry_delay(error))
+
+    async def call(self, n: int) -> None:
+        tally = self.tally
+        async with self.gate:
+            started = await self.handoff(
+                cm_pb2.StartHandoffRequest(
+                    application_id=f"demo-bank-{self.run}",
+                    customer_id=f"customer-{n}",
+                    device_can_dial=True,
+                    device_can_send_dtmf=True,
+                    context=C.ContextData(
+                        subject=f"mortgage-{self.run}",
+                        language="fr-FR",
+                        service_request_id=f"SR-{1000 + n}",
+                        attributes={"display_name": f"Customer {n}"},
+                    ),
+                )
+            )
+            tally.handoffs += 1
+            digits = started.access_code
+            if random.random() < self.wrong_code_share:
+                digits = str((int(digits) + 1) % 10**6).zfill(6)
+            arrived = time.perf_counter()
+            tally.calls_started += 1
+            tally.in_progress += 1
+            call = self.rt.RouteInboundCall(
+                rt_pb2.RouteInboundCallRequest(
+                    call_id=f"demo-call-{self.run}-{n}",
+                    dnis=started.access_number,
+                    # Each simulated customer calls from a mobile number of their own.
+                    ani=f"+33612{n:06d}",
+                    dtmf_digits=digits,
+                )
+            )
+            await self._follow(call, arrived)
+
+    async def _follow(self, call: Any, arrived: float) -> None:
+        """Counts the call's events until it ends."""
+        tally = self.tally
+        queued = counted = False
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "queued":
+                    position = event.queued.position
+                    tally.longest_position = max(tally.longest_position, position)
+                    if not queued:
+                        queued = True
+                        tally.waiting += 1
+                    if not counted and (position > 1 or event.queued.estimated_wait.seconds):
+                        counted = True
+                        tally.queued_calls += 1
+                    continue
+                if queued:
+                    queued = False
+                    tally.waiting -= 1
+                if kind == "match_decided":
+                    tally.outcomes[cm_pb2.MatchOutcome.Name(event.match_decided.outcome)] += 1
+                    tally.to_match.append(time.perf_counter() - arrived)
+                elif kind == "connect":
+                    tally.connected += 1
+                    tally.to_connect.append(time.perf_counter() - arrived)
+                elif kind == "failed":
+                    tally.failed += 1
+        finally:
+            tally.in_progress -= 1
+            if queued:
+                tally.waiting -= 1
+
+
 async def play(
     addresses: Addresses,
     calls: int,
@@ -333,82 +426,7 @@ async def play(
     ]
     for member in team:
         await member.start()
-    gate = asyncio.Semaphore(concurrency)
-
-    async def handoff(request: cm_pb2.StartHandoffRequest) -> cm_pb2.StartHandoffResponse:
-        # A real app waits as told when every number is taken, then asks again.
-        while True:
-            try:
-                reply: cm_pb2.StartHandoffResponse = await cm.StartHandoff(request)
-                return reply
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                tally.exhausted += 1
-                await asyncio.sleep(retry_delay(error))
-
-    async def customer(n: int) -> None:
-        async with gate:
-            started = await handoff(
-                cm_pb2.StartHandoffRequest(
-                    application_id=f"demo-bank-{run}",
-                    customer_id=f"customer-{n}",
-                    device_can_dial=True,
-                    device_can_send_dtmf=True,
-                    context=C.ContextData(
-                        subject=f"mortgage-{run}",
-                        language="fr-FR",
-                        service_request_id=f"SR-{1000 + n}",
-                        attributes={"display_name": f"Customer {n}"},
-                    ),
-                )
-            )
-            tally.handoffs += 1
-            digits = started.access_code
-            if random.random() < wrong_code_share:
-                digits = str((int(digits) + 1) % 10**6).zfill(6)
-            arrived = time.perf_counter()
-            tally.calls_started += 1
-            tally.in_progress += 1
-            call = rt.RouteInboundCall(
-                rt_pb2.RouteInboundCallRequest(
-                    call_id=f"demo-call-{run}-{n}",
-                    dnis=started.access_number,
-                    # Each simulated customer calls from a mobile number of their own.
-                    ani=f"+33612{n:06d}",
-                    dtmf_digits=digits,
-                )
-            )
-            queued = counted = False
-            try:
-                async for event in call:
-                    kind = event.WhichOneof("event")
-                    if kind == "queued":
-                        position = event.queued.position
-                        tally.longest_position = max(tally.longest_position, position)
-                        if not queued:
-                            queued = True
-                            tally.waiting += 1
-                        if not counted and (position > 1 or event.queued.estimated_wait.seconds):
-                            counted = True
-                            tally.queued_calls += 1
-                        continue
-                    if queued:
-                        queued = False
-                        tally.waiting -= 1
-                    if kind == "match_decided":
-                        tally.outcomes[cm_pb2.MatchOutcome.Name(event.match_decided.outcome)] += 1
-                        tally.to_match.append(time.perf_counter() - arrived)
-                    elif kind == "connect":
-                        tally.connected += 1
-                        tally.to_connect.append(time.perf_counter() - arrived)
-                    elif kind == "failed":
-                        tally.failed += 1
-            finally:
-                tally.in_progress -= 1
-                if queued:
-                    tally.waiting -= 1
-
+    customers = Customers(cm, rt, run, tally, asyncio.Semaphore(concurrency), wrong_code_share)
     with Live(
         render(tally, calls), console=console, refresh_per_second=4, transient=not live
     ) as view:
@@ -420,7 +438,7 @@ async def play(
 
         painter = asyncio.create_task(refresh())
         try:
-            await asyncio.gather(*(customer(n) for n in range(calls)))
+            await asyncio.gather(*(customers.call(n) for n in range(calls)))
         finally:
             painter.cancel()
             view.update(render(tally, calls))

@@ -206,6 +206,32 @@ class ServiceRuntime:
         self._errors.admit = self._admit
         self._errors.observe = observer(trail, self._authorizer)
 
+        server = self._grpc_server(registrations)
+        if settings.health_port:
+            await self._start_probe_server()
+        # Not serving until etcd has answered once.
+        await self._set_health(NOT_SERVING)
+        await server.start()
+        self._server = server
+        # Kubernetes' liveness probe asks for this name: alive even while etcd is away.
+        await self._health.set(LIVENESS, SERVING)
+        await self._check_etcd()
+        self._monitor = asyncio.create_task(self._monitor_etcd(), name="etcd-health")
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "address": f"{settings.host}:{self.port}",
+                    "services": self._service_names,
+                }
+            },
+        )
+        return self.port
+
+    def _grpc_server(self, registrations: Sequence[Registration]) -> grpc.aio.Server:
+        """The gRPC server with the services, health and reflection, listening on the
+        configured port (TLS unless insecure); `port` is set to the port it got."""
+        settings = self.settings
         server = grpc.aio.server(
             interceptors=[self._errors],
             options=[
@@ -235,26 +261,7 @@ class ServiceRuntime:
             self.port = server.add_secure_port(address, server_credentials(settings))
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-        if settings.health_port:
-            await self._start_probe_server()
-        # Not serving until etcd has answered once.
-        await self._set_health(NOT_SERVING)
-        await server.start()
-        self._server = server
-        # Kubernetes' liveness probe asks for this name: alive even while etcd is away.
-        await self._health.set(LIVENESS, SERVING)
-        await self._check_etcd()
-        self._monitor = asyncio.create_task(self._monitor_etcd(), name="etcd-health")
-        log.info(
-            "serving",
-            extra={
-                "fields": {
-                    "address": f"{settings.host}:{self.port}",
-                    "services": self._service_names,
-                }
-            },
-        )
-        return self.port
+        return server
 
     def _make_authorizer(self) -> Authorizer:
         settings = self.settings
