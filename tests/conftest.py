@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import glob
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,9 @@ from services.runtime import devpki, processes
 from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from services.runtime.identity import ROLE_NAMES, UNSCOPED_ROLES, method_policy
 from services.runtime.store import Store
+from tests.support.cluster import EtcdCluster, new_cluster
+from tests.support.postgres import Postgres, postgres_bin_dir
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SERVICES = (*devpki.SERVICE_NAMES, "probe")
@@ -129,30 +130,6 @@ def connect(
     return grpc.aio.secure_channel(address, identity().credentials(token, client=client))
 
 
-async def eventually(
-    check: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
-) -> Any:
-    """Polls `check` (sync or async) until it returns a truthy value or the deadline
-    passes; returns that value. The test's way to wait without fixed sleeps."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return result
-        except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
-            last_error = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"not true within {timeout}s: {what or check}"
-                + (f" (last error: {last_error})" if last_error else "")
-            )
-        await asyncio.sleep(interval)
-
-
 def error_details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
     """The rich details of a failed call, by type name (ErrorInfo, BadRequest, RetryInfo)."""
     status = rpc_status.from_call(error)
@@ -202,75 +179,6 @@ async def private_etcd(tmp_path: Path) -> AsyncIterator[EmbeddedEtcd]:
         yield server
     finally:
         server.stop()
-
-
-# Debian's etcd 3.4 for clusters whose members the tests kill (see tools/ensure-test-deps.sh).
-CLUSTER_ETCD = Path("/usr/bin/etcd")
-
-
-@dataclass
-class EtcdCluster:
-    """A 3-member etcd cluster on loopback, each member its own process."""
-
-    members: list[EmbeddedEtcd]
-
-    @property
-    def endpoints(self) -> str:
-        return ",".join(m.endpoint for m in self.members)
-
-    def member(self, endpoint: str) -> EmbeddedEtcd:
-        return next(m for m in self.members if m.endpoint == endpoint)
-
-    async def leader(self) -> EmbeddedEtcd:
-        """The member that leads the cluster now (asked of every live member)."""
-        import aetcd.rpc as etcdrpc
-
-        for member in self.members:
-            if member.process is None or member.process.poll() is not None:
-                continue
-            async with grpc.aio.insecure_channel(member.endpoint) as channel:
-                try:
-                    status = await etcdrpc.MaintenanceStub(channel).Status(
-                        etcdrpc.StatusRequest(), timeout=2
-                    )
-                except grpc.aio.AioRpcError:
-                    continue
-                if status.leader == status.header.member_id:
-                    return member
-        raise AssertionError("no member leads the cluster")
-
-    async def wait_ready(self) -> None:
-        await asyncio.gather(*(m.wait_ready() for m in self.members))
-
-    def stop(self) -> None:
-        for member in self.members:
-            member.stop()
-
-
-def new_cluster(root: Path, size: int = 3) -> EtcdCluster:
-    if not CLUSTER_ETCD.exists():
-        pytest.fail(f"{CLUSTER_ETCD} is missing; `make check` installs Debian's etcd-server")
-    # Members fsync; in memory that costs nothing and still runs etcd's real write path.
-    shm = Path("/dev/shm")  # noqa: S108 - a private folder made by mkdtemp inside it
-    base = Path(tempfile.mkdtemp(prefix="accessline-etcd-", dir=shm if shm.is_dir() else None))
-    ports = [(free_port(), free_port()) for _ in range(size)]
-    names = [f"m{i}" for i in range(size)]
-    initial = ",".join(
-        f"{n}=http://127.0.0.1:{peer}" for n, (_, peer) in zip(names, ports, strict=True)
-    )
-    members = [
-        EmbeddedEtcd(
-            base / name,
-            client,
-            peer,
-            name=name,
-            binary=CLUSTER_ETCD,
-            initial_cluster=initial,
-            log_file=root / f"{name}.log",
-        )
-        for name, (client, peer) in zip(names, ports, strict=True)
-    ]
-    return EtcdCluster(members)
 
 
 @pytest.fixture
@@ -415,82 +323,6 @@ async def service_factory(
 
     yield start
     await asyncio.gather(*(service.stop_async() for service in started))
-
-
-@dataclass
-class Postgres:
-    """A PostgreSQL server from Debian's packages, on a free loopback port."""
-
-    port: int
-    data_dir: Path
-    bin_dir: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def as_owner(self, *command: str) -> list[str]:
-        # PostgreSQL refuses to run as root, and CI runs as root.
-        if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *command]
-        return list(command)
-
-    def start(self) -> None:
-        with (self.data_dir.parent / "postgres.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                self.as_owner(
-                    str(self.bin_dir / "postgres"),
-                    *("-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1"),
-                    *("-k", str(self.data_dir.parent), "-c", "fsync=off"),
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def wait_ready(self) -> None:
-        import asyncpg
-
-        async def accepting() -> bool:
-            try:
-                conn = await asyncpg.connect(
-                    host="127.0.0.1", port=self.port, user="postgres", timeout=1
-                )
-            except (TimeoutError, OSError, asyncpg.PostgresError):
-                return False
-            await conn.close()
-            return True
-
-        await eventually(accepting, timeout=30, what="postgres accepting connections")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # Through pg_ctl: a signal to `runuser` would not reach the server.
-        subprocess.run(
-            self.as_owner(
-                str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast"
-            ),
-            capture_output=True,
-            check=False,
-            timeout=30,
-        )
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def postgres_bin_dir() -> Path:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
-    found = candidates[0] if candidates else shutil.which("initdb")
-    if not found:
-        pytest.fail(
-            "PostgreSQL server binaries not found; `make check` installs Debian's postgresql"
-        )
-    return Path(found).resolve().parent
 
 
 @pytest.fixture(scope="session")
