@@ -357,3 +357,15 @@ async def stack(etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) ->
     )
     yield built
     await stop_stack(built)
+
+
+@pytest.fixture(scope="session")
+async def callmatching_system(
+    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Any]:
+    """The CallMatching tests' system (tests/support/callmatching.py), started once for
+    both of its test modules."""
+    from tests.support.callmatching import running_system
+
+    async with running_system(etcd, tmp_path_factory.mktemp("callmatching")) as system:
+        yield system

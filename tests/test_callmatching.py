@@ -5,21 +5,11 @@ voice call to it exactly once, with every schema and every failure reason."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
-import subprocess
-import sys
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,151 +18,38 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from services.callmatching.domain import guess_success_probability
 from services.runtime.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
-    ROOT,
-    ServiceProcess,
     connect,
     error_details,
     eventually,
-    health_status,
     spawn_service,
     violated_fields,
     wait_serving,
 )
-
-PREFIX = "/cm-functional"
-_serial = itertools.count(1)
-S = common_pb2
-MARKER = "PERSONAL-DATA-MARKER-7731"  # must never reach a log line
-# Withheld callers share one bucket, and the module's many tests call withheld (the
-# buckets are tested in test_guessing.py).
-WITHHELD_LIMIT = "100000"
-
-
-def fresh_numbers(count: int) -> list[str]:
-    return [f"+3324{next(_serial):07d}" for _ in range(count)]
-
-
-def fresh_ani() -> str:
-    return f"+33612{next(_serial):06d}"
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(value * 1e9))
-    return d
+from tests.support.callmatching import (
+    CODE_POLICY,
+    MARKER,
+    PREFIX,
+    S,
+    System,
+    call,
+    context,
+    fresh_ani,
+    fresh_numbers,
+    handoff,
+    make_pool,
+    register,
+    seconds,
+)
 
 
-@dataclass
-class System:
-    nd: Any
-    cm: Any
-    cm2: Any
-    processes: list[ServiceProcess]
-
-
-@pytest.fixture(scope="module")
-async def system(
-    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[System]:
-    tmp = tmp_path_factory.mktemp("callmatching")
-    nd = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
-    await wait_serving(nd)
-    common = {
-        "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd.address,
-        "ACCESSLINE_ANI_FAILURE_LIMIT": "4",
-        "ACCESSLINE_WITHHELD_FAILURE_LIMIT": WITHHELD_LIMIT,
-        # Most tests reuse a number at once; the window is tested on its own.
-        "ACCESSLINE_LATE_CALL_WINDOW_SECONDS": "0",
-    }
-    cm = spawn_service(
-        "services.callmatching",
-        etcd.endpoint,
-        PREFIX,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h1.db",
-        **common,
-    )
-    cm2 = spawn_service(
-        "services.callmatching",
-        etcd.endpoint,
-        PREFIX,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h2.db",
-        **common,
-    )
-    processes = [nd, cm, cm2]
-    channels = []
-    try:
-        await wait_serving(cm)
-        await wait_serving(cm2)
-        # As Routing (which alone may call MatchCall), with the superuser's token besides.
-        channels = [connect(p.address, service="routing") for p in processes]
-        yield System(
-            nd_grpc.NumberDistributionServiceStub(channels[0]),
-            cm_grpc.CallMatchingServiceStub(channels[1]),
-            cm_grpc.CallMatchingServiceStub(channels[2]),
-            processes,
-        )
-    finally:
-        for channel in channels:
-            await channel.close()
-        for process in processes:
-            process.stop()
-
-
-async def make_pool(system: System, count: int = 1, **fields: Any) -> tuple[str, list[str]]:
-    subject = f"s-{uuid.uuid4().hex[:10]}"
-    pool = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:10]}", subjects=[subject], **fields)
-    await system.nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
-    numbers = fresh_numbers(count)
-    await system.nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool.pool_id, numbers=numbers))
-    return subject, numbers
-
-
-async def register(system: System, schema: int, **fields: Any) -> str:
-    app_id = f"app-{uuid.uuid4().hex[:8]}"
-    app = cm_pb2.Application(
-        application_id=app_id, match_schema=schema, skip_ivr_on_match=True, **fields
-    )
-    await system.cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
-    return app_id
-
-
-def context(subject: str, **attributes: str) -> common_pb2.ContextData:
-    return common_pb2.ContextData(
-        subject=subject, language="fr-FR", service_request_id="SR-1042", attributes=attributes
-    )
-
-
-async def handoff(
-    system: System, app_id: str, subject: str, **fields: Any
-) -> cm_pb2.StartHandoffResponse:
-    return await system.cm.StartHandoff(
-        cm_pb2.StartHandoffRequest(
-            application_id=app_id,
-            customer_id="customer-1",
-            context=fields.pop("ctx", None) or context(subject, note=MARKER),
-            device_can_dial=True,
-            device_can_send_dtmf=True,
-            **fields,
-        )
-    )
-
-
-async def call(
-    stub: Any, dnis: str, ani: str = "", dtmf: str = "", call_id: str = ""
-) -> cm_pb2.MatchCallResponse:
-    return await stub.MatchCall(
-        cm_pb2.MatchCallRequest(
-            call_id=call_id or f"call-{uuid.uuid4().hex[:8]}", dnis=dnis, ani=ani, dtmf_digits=dtmf
-        )
-    )
-
-
-CODE_POLICY = nd_pb2.AccessCodePolicy(mode=nd_pb2.ACCESS_CODE_MODE_OPTIONAL, length=6)
+@pytest.fixture
+def system(callmatching_system: System) -> System:
+    """The session's CallMatching system (tests/support/callmatching.py)."""
+    return callmatching_system
 
 
 @pytest.mark.parametrize(
@@ -583,67 +460,6 @@ async def test_dialled_numbers_match_in_every_common_format(system: System) -> N
         assert answer.outcome == cm_pb2.MATCH_OUTCOME_MATCHED, spell(started.access_number)
 
 
-async def test_history_records_every_attempt_and_gives_statistics(system: System) -> None:
-    subject, _ = await make_pool(system, 3)
-    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI)
-    ani = fresh_ani()
-    for _ in range(2):
-        started = await handoff(system, app_id, subject, ani_hint=ani)
-        assert (
-            await call(system.cm, started.access_number, ani=ani)
-        ).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
-    started = await handoff(system, app_id, subject, ani_hint=ani)
-    assert (
-        await call(system.cm, started.access_number, ani=fresh_ani())
-    ).outcome == cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
-
-    async def recorded() -> list[cm_pb2.MatchAttempt]:
-        page = await system.cm.ListMatchAttempts(
-            cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
-        )
-        return list(page.attempts) if len(page.attempts) == 3 else []
-
-    attempts = await eventually(recorded, what="three attempts in history")
-    assert [a.outcome for a in attempts] == [
-        cm_pb2.MATCH_OUTCOME_ANI_MISMATCH,
-        cm_pb2.MATCH_OUTCOME_MATCHED,
-        cm_pb2.MATCH_OUTCOME_MATCHED,
-    ]
-    assert all(len(a.ani_hash) == 64 and ani[1:] not in a.ani_hash for a in attempts)
-    assert all(
-        a.pool_id and a.session_id and a.match_schema == S.MATCH_SCHEMA_NUMBER_ANI for a in attempts
-    )
-
-    first = await system.cm.ListMatchAttempts(
-        cm_pb2.ListMatchAttemptsRequest(application_id=app_id, page_size=2)
-    )
-    second = await system.cm.ListMatchAttempts(
-        cm_pb2.ListMatchAttemptsRequest(
-            application_id=app_id, page_size=2, page_token=first.next_page_token
-        )
-    )
-    assert [a.attempt_id for a in [*first.attempts, *second.attempts]] == [
-        a.attempt_id for a in attempts
-    ]
-    assert second.next_page_token == ""
-    only = await system.cm.ListMatchAttempts(
-        cm_pb2.ListMatchAttemptsRequest(
-            application_id=app_id, outcome=cm_pb2.MATCH_OUTCOME_ANI_MISMATCH
-        )
-    )
-    assert len(only.attempts) == 1
-
-    stats = await system.cm.GetMatchStats(cm_pb2.GetMatchStatsRequest(application_id=app_id))
-    assert (stats.attempts, stats.matched) == (3, 2)
-    assert stats.success_rate == pytest.approx(2 / 3)
-    assert {o.outcome: o.count for o in stats.outcomes} == {
-        cm_pb2.MATCH_OUTCOME_MATCHED: 2,
-        cm_pb2.MATCH_OUTCOME_ANI_MISMATCH: 1,
-    }
-    assert stats.handoff_to_call_p50.ToNanoseconds() > 0
-    assert stats.handoff_to_call_p95.ToNanoseconds() >= stats.handoff_to_call_p50.ToNanoseconds()
-
-
 async def test_personal_data_never_reaches_the_logs(system: System) -> None:
     subject, _ = await make_pool(system, 1, access_code_policy=CODE_POLICY)
     app_id = await register(system, S.MATCH_SCHEMA_NUMBER_ANI_CODE)
@@ -670,132 +486,3 @@ async def test_pool_exhaustion_reaches_the_app_with_retry_info(system: System) -
     status = rpc_status.from_call(caught.value)
     assert status is not None
     assert any(d.TypeName() == "google.rpc.RetryInfo" for d in status.details)
-
-
-async def test_history_on_postgresql_survives_an_outage_without_failing_matches(
-    system: System, etcd: EmbeddedEtcd, postgres: Any, tmp_path: Path
-) -> None:
-    nd_address = system.processes[0].address
-    env = {
-        "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd_address,
-        "ACCESSLINE_HISTORY_DSN": postgres.dsn,
-        "ACCESSLINE_WITHHELD_FAILURE_LIMIT": WITHHELD_LIMIT,
-    }
-    replicas = [
-        spawn_service("services.callmatching", etcd.endpoint, PREFIX, **env) for _ in range(2)
-    ]
-    channels = [connect(r.address, service="routing") for r in replicas]
-    try:
-        for replica in replicas:
-            await wait_serving(replica)
-        stubs = [cm_grpc.CallMatchingServiceStub(c) for c in channels]
-        subject, _ = await make_pool(system, 4)
-        app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
-        for stub in stubs:
-            started = await handoff(system, app_id, subject)
-            assert (await call(stub, started.access_number)).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
-
-        async def shared_history(expected: int) -> bool:
-            page = await stubs[0].ListMatchAttempts(
-                cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
-            )
-            return len(page.attempts) == expected
-
-        # Both replicas write to the one database.
-        await eventually(lambda: shared_history(2), what="both replicas' attempts in PostgreSQL")
-
-        history = "accessline.callmatching.v1.MatchHistory"
-        postgres.stop()
-        started = await handoff(system, app_id, subject)
-        assert (await call(stubs[1], started.access_number)).outcome == cm_pb2.MATCH_OUTCOME_MATCHED
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        await eventually(
-            lambda: _status(replicas[1].address, history, not_serving),
-            what="history NOT_SERVING in health",
-        )
-        assert await health_status(replicas[1].address) == health_pb2.HealthCheckResponse.SERVING
-
-        postgres.start()
-        await postgres.wait_ready()
-        await eventually(
-            lambda: shared_history(3), timeout=30, what="buffered attempt written after the outage"
-        )
-        assert (
-            await health_status(replicas[1].address, history)
-            == health_pb2.HealthCheckResponse.SERVING
-        )
-        stats = await stubs[0].GetMatchStats(cm_pb2.GetMatchStatsRequest(application_id=app_id))
-        assert (stats.attempts, stats.matched) == (3, 3)
-    finally:
-        for channel in channels:
-            await channel.close()
-        for replica in replicas:
-            replica.stop()
-
-
-async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_deploy(
-    system: System, etcd: EmbeddedEtcd, postgres: Any
-) -> None:
-    import asyncpg
-
-    database = f"history_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(host="127.0.0.1", port=postgres.port, user="postgres")
-    await admin.execute(f"CREATE DATABASE {database}")
-    await admin.close()
-    dsn = postgres.dsn.rsplit("/", 1)[0] + f"/{database}"
-    replica = spawn_service(
-        "services.callmatching",
-        etcd.endpoint,
-        PREFIX,
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,
-        ACCESSLINE_HISTORY_DSN=dsn,
-        ACCESSLINE_HISTORY_MIGRATE="false",
-        ACCESSLINE_WITHHELD_FAILURE_LIMIT=WITHHELD_LIMIT,
-    )
-    history = "accessline.callmatching.v1.MatchHistory"
-    try:
-        await wait_serving(replica)
-        async with connect(replica.address, service="routing") as channel:
-            stub = cm_grpc.CallMatchingServiceStub(channel)
-            subject, _ = await make_pool(system, 1)
-            app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
-            started = await handoff(system, app_id, subject)
-            # Matching does not wait for the history: the attempt is buffered.
-            assert (await call(stub, started.access_number)).outcome == (
-                cm_pb2.MATCH_OUTCOME_MATCHED
-            )
-            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-            await eventually(
-                lambda: _status(replica.address, history, not_serving),
-                what="history NOT_SERVING until migrated",
-            )
-            await replica.wait_for_log("accessline history migrate")
-            # The deploy's migration, run twice (a repeated Job changes nothing).
-            for expected in ("audit_events, match_attempts", "nothing"):
-                done = await asyncio.to_thread(
-                    subprocess.run,
-                    [sys.executable, "-m", "services.cli", "history", "migrate", "--dsn", dsn],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"},
-                )
-                assert done.returncode == 0, done.stderr
-                assert f"created: {expected}" in done.stdout
-
-            async def written() -> bool:
-                page = await stub.ListMatchAttempts(
-                    cm_pb2.ListMatchAttemptsRequest(application_id=app_id)
-                )
-                return len(page.attempts) == 1
-
-            await eventually(written, timeout=30, what="the buffered attempt written")
-            assert await health_status(replica.address, history) == (
-                health_pb2.HealthCheckResponse.SERVING
-            )
-    finally:
-        replica.stop()
-
-
-async def _status(address: str, service: str, want: int) -> bool:
-    return await health_status(address, service) == want
