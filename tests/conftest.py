@@ -369,3 +369,13 @@ async def callmatching_system(
 
     async with running_system(etcd, tmp_path_factory.mktemp("callmatching")) as system:
         yield system
+
+
+@pytest.fixture(scope="session")
+async def numberdistribution_service(etcd: EmbeddedEtcd) -> AsyncIterator[ServiceProcess]:
+    """The NumberDistribution tests' service (tests/support/numbers.py), started once for
+    both of its test modules."""
+    from tests.support.numbers import running_numberdistribution
+
+    async with running_numberdistribution(etcd) as process:
+        yield process

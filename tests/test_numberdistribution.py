@@ -1,9 +1,9 @@
 """NumberDistribution through its gRPC API, on a real service process and a real etcd:
-pools, nearest-city choice, codes, quarantine, sharing, drain, idempotency, bad input."""
+pools, nearest-city choice, codes, quarantine, sharing, drain, idempotency (bad input is
+test_numberdistribution_input.py's)."""
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,9 +11,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
@@ -27,38 +24,23 @@ from tests.conftest import (
     connect,
     error_details,
     eventually,
-    spawn_service,
     violated_fields,
-    wait_serving,
 )
-
-PREFIX = "/nd-functional"
-_serial = itertools.count(1)
-
-LYON = common_pb2.GeoPoint(latitude=45.7640, longitude=4.8357)
-PARIS = common_pb2.GeoPoint(latitude=48.8566, longitude=2.3522)
-DIJON = common_pb2.GeoPoint(latitude=47.3220, longitude=5.0415)  # 175 km from Lyon, 263 from Paris
-
-
-def fresh_numbers(count: int) -> list[str]:
-    """Numbers no other test of the module uses (a number belongs to one pool)."""
-    return [f"+3347{next(_serial):07d}" for _ in range(count)]
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(value * 1e9))
-    return d
+from tests.support.numbers import (
+    DIJON,
+    LYON,
+    PARIS,
+    PREFIX,
+    make_pool,
+    reserve,
+    seconds,
+)
 
 
 @pytest.fixture(scope="module")
-async def service(etcd: EmbeddedEtcd) -> AsyncIterator[ServiceProcess]:
-    process = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
-    try:
-        await wait_serving(process)
-        yield process
-    finally:
-        process.stop()
+def service(numberdistribution_service: ServiceProcess) -> ServiceProcess:
+    """The session's NumberDistribution (tests/support/numbers.py)."""
+    return numberdistribution_service
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +53,6 @@ async def stub(service: ServiceProcess) -> AsyncIterator[Any]:
 def subject() -> str:
     """A subject of the test's own, so that only its pools are eligible."""
     return f"s-{uuid.uuid4().hex[:10]}"
-
-
-async def make_pool(
-    stub: Any, subject: str, count: int, **fields: Any
-) -> tuple[nd_pb2.Pool, list[str]]:
-    pool = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:10]}", subjects=[subject], **fields)
-    created = (await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))).pool
-    numbers = fresh_numbers(count)
-    if numbers:
-        await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=created.pool_id, numbers=numbers))
-    return created, numbers
-
-
-async def reserve(stub: Any, subject: str, **fields: Any) -> nd_pb2.ReserveNumberResponse:
-    return await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=subject, **fields))
 
 
 async def test_a_pool_named_by_city_gets_coordinates_and_defaults(stub: Any, subject: str) -> None:
@@ -101,33 +68,6 @@ async def test_a_pool_named_by_city_gets_coordinates_and_defaults(stub: Any, sub
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool.pool_id)))
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
-
-
-async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
-    pool = nd_pb2.Pool(
-        pool_id="not a valid id!",
-        city=common_pb2.City(name="Nowhereville-sur-Rien"),
-        mode=nd_pb2.POOL_MODE_SHARED,
-        max_shares_per_number=1,
-        quarantine=seconds(-1),
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) >= {
-        "pool.pool_id",
-        "pool.max_shares_per_number",
-        "pool.quarantine",
-    }
-
-    shared = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:8]}", mode=nd_pb2.POOL_MODE_SHARED)
-    shared.city.name = "Nowhereville-sur-Rien"
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=shared))
-    assert violated_fields(caught.value) == {"pool.access_code_policy.mode", "pool.city.location"}
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=shared.pool_id))
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_numbers_are_normalised_and_a_number_belongs_to_one_pool(
@@ -148,30 +88,6 @@ async def test_numbers_are_normalised_and_a_number_belongs_to_one_pool(
     assert list(moved.conflicting) == [numbers[0]]
     stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool.pool_id))).stats
     assert (stats.total, stats.free) == (2, 2)
-
-
-@settings(
-    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    junk=st.text(min_size=1, max_size=30).filter(lambda s: not any(c.isdigit() for c in s)),
-    at=st.integers(0, 3),
-)
-async def test_a_malformed_number_refuses_the_whole_batch(
-    stub: Any, subject: str, junk: str, at: int
-) -> None:
-    pool_id = f"p-{uuid.uuid4().hex[:10]}"
-    await stub.CreatePool(
-        nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject]))
-    )
-    batch = fresh_numbers(3)
-    batch.insert(at, junk)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=batch))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == {f"numbers[{at}]"}
-    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool_id))).stats
-    assert stats.total == 0
 
 
 async def test_the_nearest_city_is_chosen_then_the_next_then_exhaustion_with_retry_info(
@@ -496,50 +412,3 @@ async def test_removing_a_reserved_number_is_refused_until_it_is_drained(
         nd_pb2.RemoveNumbersRequest(pool_id=pool.pool_id, numbers=numbers)
     )
     assert (removed.removed, removed.not_found) == (1, 0)
-
-
-async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: str) -> None:
-    await make_pool(stub, subject, 1)
-    request = nd_pb2.ReserveNumberRequest(
-        subject=subject,
-        device_location=common_pb2.GeoPoint(latitude=91, longitude=-181),
-        ttl=seconds(0),
-        session_id="has spaces",
-        idempotency_key="k" * 129,
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ReserveNumber(request)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violated_fields(caught.value) == {
-        "device_location.latitude",
-        "device_location.longitude",
-        "ttl",
-        "session_id",
-        "idempotency_key",
-    }
-    with pytest.raises(grpc.aio.AioRpcError) as nowhere:
-        await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=f"{subject}-nobody-serves"))
-    assert nowhere.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.aio.AioRpcError) as unknown:
-        await stub.ReleaseNumber(nd_pb2.ReleaseNumberRequest(reservation_id="r-unknown"))
-    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(dialled=st.text(max_size=60), digits=st.text(alphabet="0123456789*#x", max_size=40))
-async def test_any_dialled_number_resolves_or_is_refused_as_invalid(
-    stub: Any, dialled: str, digits: str
-) -> None:
-    try:
-        reply = await stub.ResolveNumber(
-            nd_pb2.ResolveNumberRequest(dialled_number=dialled, dtmf_digits=digits)
-        )
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert violated_fields(exc) <= {"dialled_number", "dtmf_digits"}
-    else:
-        assert reply.access_number
-        assert "x" not in digits
-        assert len(digits) <= 32

@@ -27,8 +27,8 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually
+from tests.support.presence import App
 from tests.support.stack import call_path_services
-from tests.test_presence import App
 from tests.test_telemetry import Receiver
 
 C = common_pb2

@@ -30,8 +30,8 @@ from services.presence import offers as pr_offers
 from services.routing import keys as rt_keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
+from tests.support.presence import App
 from tests.support.stack import Call, agent, setup_numbers, start_stack, stop_stack
-from tests.test_presence import App
 
 CLEAN = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 Factory = Callable[..., ServiceProcess]

@@ -40,7 +40,7 @@ from tests.conftest import (
     spawn_service,
     wait_serving,
 )
-from tests.test_presence import App
+from tests.support.presence import App
 
 C = common_pb2
 
