@@ -22,7 +22,8 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from tests.conftest import ROOT, ServiceProcess, connect, eventually, identity, wait_serving
+from tests.conftest import ROOT, ServiceProcess, connect, eventually, identity
+from tests.support.stack import CallPath, call_path_services
 
 
 def audit_cli(dsn: str, *args: str) -> list[dict[str, Any]]:
@@ -38,24 +39,10 @@ def audit_cli(dsn: str, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-async def test_changes_and_refusals_are_audited_and_listed(
-    service_factory: Callable[..., ServiceProcess], tmp_path: Path
-) -> None:
-    dsn = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-    nd = service_factory("services.numberdistribution", ACCESSLINE_AUDIT_DSN=dsn)
-    pr = service_factory("services.presence", ACCESSLINE_AUDIT_DSN=dsn)
-    await wait_serving(nd)
-    cm = service_factory(
-        "services.callmatching",
-        ACCESSLINE_AUDIT_DSN=dsn,
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp_path / 'history.db'}",
-    )
-    rt = service_factory(
-        "services.routing", ACCESSLINE_AUDIT_DSN=dsn, ACCESSLINE_CALLMATCHING_ADDRESS="x:1"
-    )
-    for service in (pr, cm, rt):
-        await wait_serving(service)
+async def changes_allowed_and_refused(services: CallPath) -> None:
+    """An admin's changes on NumberDistribution, CallMatching and Presence, an app
+    backend's change refused, an anonymous read refused, and an allowed read."""
+    nd, cm, pr = services.nd, services.cm, services.pr
     admin = identity().token("olga", "admin")
     backend = identity().token("bank-backend", "app_backend", applications=["bank"])
     async with (
@@ -102,6 +89,15 @@ async def test_changes_and_refusals_are_audited_and_listed(
         )
         # Reads are not changes: an allowed GetPool is not audited.
         await numbers.GetPool(nd_pb2.GetPoolRequest(pool_id="audited"))
+
+
+async def test_changes_and_refusals_are_audited_and_listed(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    dsn = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
+    services = await call_path_services(service_factory, tmp_path, {"ACCESSLINE_AUDIT_DSN": dsn})
+    nd = services.nd
+    await changes_allowed_and_refused(services)
 
     expected = {
         ("pool.create", "audited", "OK", "olga"),

@@ -62,6 +62,29 @@ def scrape(port: int) -> tuple[set[str], set[str]]:
 async def test_the_dashboard_queries_only_metrics_the_services_export(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
+    exported, labels = await exercised_and_scraped(service_factory, tmp_path)
+    used_metrics: set[str] = set()
+    used_labels: set[str] = set()
+    for query in dashboard_queries():
+        metrics, query_labels = names_in(query)
+        assert metrics, query
+        used_metrics |= metrics
+        used_labels |= query_labels
+    buckets = {m for m in used_metrics if m.endswith("_bucket")}
+    assert used_metrics - exported == set()
+    assert used_labels - labels == set()
+    assert buckets == {
+        "accessline_match_decision_duration_seconds_bucket",
+        "accessline_match_handoff_to_call_duration_seconds_bucket",
+        "accessline_routing_call_to_accept_duration_seconds_bucket",
+    }
+
+
+async def exercised_and_scraped(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> tuple[set[str], set[str]]:
+    """The metric and label names the four call-path services export once they have
+    served one of everything the dashboard shows."""
     ports = {
         name: free_port() for name in ("numberdistribution", "callmatching", "presence", "routing")
     }
@@ -85,8 +108,29 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
         ACCESSLINE_PRESENCE_ADDRESS=pr.address,
     )
     await wait_serving(rt)
-    # One of everything the dashboard shows: a handoff and its match, an exhausted pool,
-    # an agent online, a call routed to that agent.
+    exported: set[str] = set()
+    labels: set[str] = set()
+
+    def collect() -> bool:
+        for port in ports.values():
+            names, found = scrape(port)
+            exported.update(names)
+            labels.update(found)
+        return {"accessline_presence_channels", "accessline_routing_offers_total"} <= exported
+
+    await one_of_everything(nd, cm, pr, rt, collect)
+    return exported, labels
+
+
+async def one_of_everything(
+    nd: ServiceProcess,
+    cm: ServiceProcess,
+    pr: ServiceProcess,
+    rt: ServiceProcess,
+    collect: Callable[[], bool],
+) -> None:
+    """A handoff and its match, an exhausted pool, an agent online, a call routed to
+    that agent; `collect` polled while the agent is still online."""
     async with (
         connect(nd.address, service="callmatching") as a,
         connect(cm.address, service="routing") as b,
@@ -153,32 +197,5 @@ async def test_the_dashboard_queries_only_metrics_the_services_export(
         )
         kinds = [event.WhichOneof("event") async for event in call]
         assert kinds[-1] == "connect"
-
-        exported: set[str] = set()
-        labels: set[str] = set()
-
-        def collect() -> bool:
-            for port in ports.values():
-                names, found = scrape(port)
-                exported.update(names)
-                labels.update(found)
-            return {"accessline_presence_channels", "accessline_routing_offers_total"} <= exported
-
         await eventually(collect, what="metrics scraped")
         stream.cancel()
-
-    used_metrics: set[str] = set()
-    used_labels: set[str] = set()
-    for query in dashboard_queries():
-        metrics, query_labels = names_in(query)
-        assert metrics, query
-        used_metrics |= metrics
-        used_labels |= query_labels
-    buckets = {m for m in used_metrics if m.endswith("_bucket")}
-    assert used_metrics - exported == set()
-    assert used_labels - labels == set()
-    assert buckets == {
-        "accessline_match_decision_duration_seconds_bucket",
-        "accessline_match_handoff_to_call_duration_seconds_bucket",
-        "accessline_routing_call_to_accept_duration_seconds_bucket",
-    }

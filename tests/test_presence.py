@@ -96,6 +96,24 @@ async def test_a_watcher_on_another_replica_sees_every_change_in_order(cluster: 
     watcher.call.cancel()
 
 
+async def stored_offer(
+    cluster: Cluster, agent_id: str, offer_id: str
+) -> pr_store.StoredOffer | None:
+    entry = await cluster.store.get(offers.offer_key(agent_id, offer_id), pr_store.StoredOffer)
+    return entry.value if entry is not None else None
+
+
+async def respond(app: App, offer_id: str, decision: int, channel: int = 0) -> None:
+    """The agent's answer to an offer (on `channel`, when given)."""
+    await app.send(
+        offer_response=pr_pb2.OfferResponse(
+            offer_id=offer_id,
+            decision=decision,  # type: ignore[arg-type]
+            accept_channel=channel,  # type: ignore[arg-type]
+        )
+    )
+
+
 async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) -> None:
     agent_id = await register(cluster.stubs[0])
     app = App(cluster.addresses[1])
@@ -118,22 +136,14 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
         "call-1",
         summary,
     )
-    await app.send(
-        offer_response=pr_pb2.OfferResponse(
-            offer_id=shown.offer_id,
-            decision=pr_pb2.OFFER_DECISION_ACCEPT,
-            accept_channel=C.CHANNEL_DESK_VOICE,
-        )
-    )
+    await respond(app, shown.offer_id, pr_pb2.OFFER_DECISION_ACCEPT, C.CHANNEL_DESK_VOICE)
     recorded = await app.next_kind("offer_response_recorded")
     assert recorded.decision == pr_pb2.OFFER_DECISION_ACCEPT
     busy = await app.next_kind("presence_confirmed")
     assert busy.presence.channels[0].presence == C.CHANNEL_PRESENCE_BUSY
-    stored = await cluster.store.get(
-        offers.offer_key(agent_id, shown.offer_id), pr_store.StoredOffer
-    )
+    stored = await stored_offer(cluster, agent_id, shown.offer_id)
     assert stored is not None
-    assert (stored.value.state, stored.value.accepted_channel) == (
+    assert (stored.state, stored.accepted_channel) == (
         pr_store.OFFER_STATE_ACCEPTED,
         C.CHANNEL_DESK_VOICE,
     )
@@ -142,17 +152,11 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
         cluster.store, agent_id, "chat-1", C.CHANNEL_CHAT, summary, timeout=15, sealing=SEALING
     )
     shown = await app.next_kind("offer")
-    await app.send(
-        offer_response=pr_pb2.OfferResponse(
-            offer_id=shown.offer_id, decision=pr_pb2.OFFER_DECISION_DECLINE
-        )
-    )
+    await respond(app, shown.offer_id, pr_pb2.OFFER_DECISION_DECLINE)
     await app.next_kind("offer_response_recorded")
-    stored = await cluster.store.get(
-        offers.offer_key(agent_id, declined.offer.offer_id), pr_store.StoredOffer
-    )
+    stored = await stored_offer(cluster, agent_id, declined.offer.offer_id)
     assert stored is not None
-    assert stored.value.state == pr_store.OFFER_STATE_DECLINED
+    assert stored.state == pr_store.OFFER_STATE_DECLINED
 
     ignored = await offers.make_offer(
         cluster.store, agent_id, "call-2", C.CHANNEL_DESK_VOICE, summary, timeout=1, sealing=SEALING
@@ -165,19 +169,10 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
     )
 
     async def expired() -> bool:
-        return (
-            await cluster.store.get(
-                offers.offer_key(agent_id, ignored.offer.offer_id), pr_store.StoredOffer
-            )
-            is None
-        )
+        return await stored_offer(cluster, agent_id, ignored.offer.offer_id) is None
 
     await eventually(expired, what="unanswered offer expired by itself")
-    await app.send(
-        offer_response=pr_pb2.OfferResponse(
-            offer_id=ignored.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
-        )
-    )
+    await respond(app, ignored.offer.offer_id, pr_pb2.OFFER_DECISION_ACCEPT)
     refused = await app.next_kind("offer_response_refused")
     assert refused.reason == pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER
 
@@ -189,11 +184,7 @@ async def test_offers_reach_the_agent_and_answers_come_back(cluster: Cluster) ->
         cluster.store, agent_id, withdrawn.offer.offer_id, pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
     )
     assert (await app.next_kind("offer_cancelled")).reason == pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN
-    await app.send(
-        offer_response=pr_pb2.OfferResponse(
-            offer_id=withdrawn.offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
-        )
-    )
+    await respond(app, withdrawn.offer.offer_id, pr_pb2.OFFER_DECISION_ACCEPT)
     assert (
         await app.next_kind("offer_response_refused")
     ).reason == pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN

@@ -44,6 +44,33 @@ async def dial_for(stream: Any, callback_id: str) -> rt_pb2.StreamCallbackDialsR
             return dial
 
 
+def callback_request(customer: str, group: str, **fields: Any) -> rt_pb2.RequestCallbackRequest:
+    """The bank's request of a callback to the customer's mobile within the hour, unless
+    `fields` say otherwise."""
+    request: dict[str, Any] = {
+        "application_id": "bank",
+        "customer_id": customer,
+        "phone_number": "+33612345678",
+        "latest": window(3600),
+        "resource_group": group,
+        **fields,
+    }
+    return rt_pb2.RequestCallbackRequest(**request)
+
+
+async def report_attempt(
+    stack: Stack, router: int, callback_id: str, outcome: int
+) -> rt_pb2.ReportCallbackAttemptResponse:
+    """The switch's report of a dial's outcome, to Routing replica `router`."""
+    reply: rt_pb2.ReportCallbackAttemptResponse = await stack.routers[router].ReportCallbackAttempt(
+        rt_pb2.ReportCallbackAttemptRequest(
+            callback_id=callback_id,
+            outcome=outcome,  # type: ignore[arg-type]
+        )
+    )
+    return reply
+
+
 async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None:
     group = new_group()
     member, app = await agent(stack, group)
@@ -54,12 +81,10 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
         subject="mortgage", attributes={"display_name": "Ms Petit", "iban": "FR7630001007941"}
     )
     requested = await stack.routers[0].RequestCallback(
-        rt_pb2.RequestCallbackRequest(
-            application_id="bank",
-            customer_id=customer,
+        callback_request(
+            customer,
+            group,
             phone_number="+33 6 12 34 56 78",
-            latest=window(3600),
-            resource_group=group,
             idempotency_key="cb-key-1",
             context=context,
         )
@@ -68,26 +93,11 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     assert requested.callback.state == rt_pb2.CALLBACK_STATE_QUEUED
     # The same request again returns the same callback; another one is refused.
     again = await stack.routers[1].RequestCallback(
-        rt_pb2.RequestCallbackRequest(
-            application_id="bank",
-            customer_id=customer,
-            phone_number="+33612345678",
-            latest=window(3600),
-            resource_group=group,
-            idempotency_key="cb-key-1",
-        )
+        callback_request(customer, group, idempotency_key="cb-key-1")
     )
     assert again.callback.callback_id == callback_id
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stack.routers[1].RequestCallback(
-            rt_pb2.RequestCallbackRequest(
-                application_id="bank",
-                customer_id=customer,
-                phone_number="+33612345678",
-                latest=window(3600),
-                resource_group=group,
-            )
-        )
+        await stack.routers[1].RequestCallback(callback_request(customer, group))
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_details(refused.value)["ErrorInfo"].reason == "CALLBACK_EXISTS"
 
@@ -109,11 +119,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
 
     # No answer: queued again and the customer is told the agent tried.
     await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=callback_id))
-    report = await stack.routers[1].ReportCallbackAttempt(
-        rt_pb2.ReportCallbackAttemptRequest(
-            callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_NO_ANSWER
-        )
-    )
+    report = await report_attempt(stack, 1, callback_id, rt_pb2.CALLBACK_ATTEMPT_OUTCOME_NO_ANSWER)
     assert report.callback.state == rt_pb2.CALLBACK_STATE_QUEUED
     told = (await asyncio.wait_for(pushes.read(), 20)).notification
     assert told.event_type == nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED
@@ -122,28 +128,14 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
 
     await answer(app, ACCEPT)
     await dial_for(dials, callback_id)
-    done = await stack.routers[0].ReportCallbackAttempt(
-        rt_pb2.ReportCallbackAttemptRequest(
-            callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
-        )
-    )
+    done = await report_attempt(stack, 0, callback_id, rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED)
     assert (done.callback.state, done.callback.attempts) == (rt_pb2.CALLBACK_STATE_COMPLETED, 2)
     # Finished: the customer may ask again, and a late report is refused.
     with pytest.raises(grpc.aio.AioRpcError) as late:
-        await stack.routers[0].ReportCallbackAttempt(
-            rt_pb2.ReportCallbackAttemptRequest(
-                callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
-            )
-        )
+        await report_attempt(stack, 0, callback_id, rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED)
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     fresh = await stack.routers[0].RequestCallback(
-        rt_pb2.RequestCallbackRequest(
-            application_id="bank",
-            customer_id=customer,
-            phone_number="+33612345678",
-            latest=window(60),
-            resource_group=group,
-        )
+        callback_request(customer, group, latest=window(60))
     )
     await stack.routers[0].CancelCallback(
         rt_pb2.CancelCallbackRequest(callback_id=fresh.callback.callback_id)

@@ -43,17 +43,8 @@ def in_clear(entries: list[tuple[str, bytes]], needles: dict[str, bytes]) -> lis
     ]
 
 
-async def test_no_personal_datum_is_kept_in_clear_anywhere_in_etcd(stack: Stack) -> None:
-    """A customer's whole journey (a handoff with a name, a location and private
-    attributes, the call queued, offered and connected to an agent with a mobile
-    number, a callback to a phone number, a notify request, a device with a push token),
-    every raw etcd value and key read at each step: none holds a personal datum."""
-    group = new_group()
-    app_id, _ = await setup_numbers(stack, group, count=2)
-    subject = await pool_subject(stack, group)
-    customer = f"c-leak-{uuid.uuid4().hex[:6]}"
-    mobile = "+33799887766"
-    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
+async def mobile_agent(stack: Stack, agent_id: str, subject: str, group: str, mobile: str) -> App:
+    """An agent of the group, logged in, reached on their mobile number."""
     await stack.pr.RegisterAgent(
         pr_pb2.RegisterAgentRequest(
             agent=pr_pb2.Agent(
@@ -70,6 +61,11 @@ async def test_no_personal_datum_is_kept_in_clear_anywhere_in_etcd(stack: Stack)
     )
     agent_app = App(stack.processes[1].address)
     await agent_app.login(agent_id)
+    return agent_app
+
+
+async def a_device(stack: Stack, customer: str, app_id: str) -> None:
+    """The customer's phone, registered with its push token."""
     await stack.nt.RegisterDevice(
         nt_pb2.RegisterDeviceRequest(
             device=nt_pb2.Device(
@@ -81,6 +77,21 @@ async def test_no_personal_datum_is_kept_in_clear_anywhere_in_etcd(stack: Stack)
             )
         )
     )
+
+
+async def test_no_personal_datum_is_kept_in_clear_anywhere_in_etcd(stack: Stack) -> None:
+    """A customer's whole journey (a handoff with a name, a location and private
+    attributes, the call queued, offered and connected to an agent with a mobile
+    number, a callback to a phone number, a notify request, a device with a push token),
+    every raw etcd value and key read at each step: none holds a personal datum."""
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group, count=2)
+    subject = await pool_subject(stack, group)
+    customer = f"c-leak-{uuid.uuid4().hex[:6]}"
+    mobile = "+33799887766"
+    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
+    agent_app = await mobile_agent(stack, agent_id, subject, group, mobile)
+    await a_device(stack, customer, app_id)
     context = C.ContextData(
         subject=subject,
         attributes={"display_name": "Ms Leakproof", "iban": "FR76LEAKPROOF0042"},

@@ -37,6 +37,54 @@ CLEAN = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 Factory = Callable[..., ServiceProcess]
 
 
+@dataclass
+class MatchLoad:
+    """Customers who hand off and call in a loop: every outcome counted, and how many
+    times each session matched (once at most, whatever is killed)."""
+
+    cm: Any
+    subject: str
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: Counter[str] = field(default_factory=Counter)
+    matched: Counter[str] = field(default_factory=Counter)
+
+    async def customer(self, worker: int) -> None:
+        """Hands off and calls in a loop until stopped; every refusal must be a clean one."""
+        serial = 0
+        while not self.stop.is_set():
+            serial += 1
+            key = f"w{worker}-{serial}"
+            request = cm_pb2.StartHandoffRequest(
+                application_id=self.subject,
+                customer_id=key,
+                context=common_pb2.ContextData(subject=self.subject),
+                idempotency_key=key,
+            )
+            try:
+                # A refused handoff is retried with the same key: never a second number.
+                for _ in range(20):
+                    try:
+                        started = await self.cm.StartHandoff(request, timeout=10)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        self.seen[exc.code().name] += 1
+                        assert exc.code().name in CLEAN, exc.details()
+                        await asyncio.sleep(0.05)
+                else:
+                    continue
+                outcome = await self.cm.MatchCall(
+                    cm_pb2.MatchCallRequest(call_id=key, dnis=started.access_number),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                self.seen[exc.code().name] += 1
+                assert exc.code().name in CLEAN, exc.details()
+                continue
+            self.seen[cm_pb2.MatchOutcome.Name(outcome.outcome)] += 1
+            if outcome.outcome == cm_pb2.MATCH_OUTCOME_MATCHED:
+                self.matched[outcome.session_id] += 1
+
+
 async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_nothing(
     service_factory: Factory,
 ) -> None:
@@ -73,46 +121,9 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
                 )
             )
         )
-        seen: Counter[str] = Counter()
-        matched: Counter[str] = Counter()
-        stop = asyncio.Event()
-
-        async def customer(worker: int) -> None:
-            serial = 0
-            while not stop.is_set():
-                serial += 1
-                key = f"w{worker}-{serial}"
-                request = cm_pb2.StartHandoffRequest(
-                    application_id=subject,
-                    customer_id=key,
-                    context=common_pb2.ContextData(subject=subject),
-                    idempotency_key=key,
-                )
-                try:
-                    # A refused handoff is retried with the same key: never a second number.
-                    for _ in range(20):
-                        try:
-                            started = await cm.StartHandoff(request, timeout=10)
-                            break
-                        except grpc.aio.AioRpcError as exc:
-                            seen[exc.code().name] += 1
-                            assert exc.code().name in CLEAN, exc.details()
-                            await asyncio.sleep(0.05)
-                    else:
-                        continue
-                    outcome = await cm.MatchCall(
-                        cm_pb2.MatchCallRequest(call_id=key, dnis=started.access_number),
-                        timeout=10,
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    seen[exc.code().name] += 1
-                    assert exc.code().name in CLEAN, exc.details()
-                    continue
-                seen[cm_pb2.MatchOutcome.Name(outcome.outcome)] += 1
-                if outcome.outcome == cm_pb2.MATCH_OUTCOME_MATCHED:
-                    matched[outcome.session_id] += 1
-
-        load = [asyncio.ensure_future(customer(i)) for i in range(16)]
+        traffic = MatchLoad(cm, subject)
+        seen, matched = traffic.seen, traffic.matched
+        load = [asyncio.ensure_future(traffic.customer(i)) for i in range(16)]
         total = lambda: sum(matched.values())  # noqa: E731
         await eventually(lambda: total() >= 100, timeout=60, what="matches before the faults")
         numbers[0].signal(signal.SIGTERM)
@@ -122,7 +133,7 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
         numbers[1].signal(signal.SIGKILL)
         mark = total()
         await eventually(lambda: total() >= mark + 100, timeout=60, what="matches after SIGKILL")
-        stop.set()
+        traffic.stop.set()
         await asyncio.gather(*load)
         print(f"outcomes {dict(seen)}")
         assert max(matched.values()) == 1
