@@ -61,6 +61,22 @@ async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Re
     return result
 
 
+async def provision(nd: Any, cm: Any, size: int) -> None:
+    """A pool of `size` numbers issuing codes, and an application matching by code."""
+    pool = nd_pb2.Pool(pool_id="bench", subjects=["bench"])
+    pool.access_code_policy.mode = nd_pb2.ACCESS_CODE_MODE_OPTIONAL
+    await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    numbers = [f"+3314{i:07d}" for i in range(size)]
+    for start in range(0, size, 10_000):
+        await nd.AddNumbers(
+            nd_pb2.AddNumbersRequest(pool_id="bench", numbers=numbers[start : start + 10_000])
+        )
+    app = cm_pb2.Application(
+        application_id="bench", match_schema=common_pb2.MATCH_SCHEMA_NUMBER_CODE
+    )
+    await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+
+
 async def call_matching_round(
     count: int, concurrency: int, security: Secured | None = None, *, baseline: bool = False
 ) -> list[Result]:
@@ -95,21 +111,7 @@ async def call_matching_round(
             nd: Any = nd_grpc.NumberDistributionServiceStub(nd_channel)
             cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)
             matcher: Any = cm_grpc.CallMatchingServiceStub(switch_channel)
-            pool = nd_pb2.Pool(pool_id="bench", subjects=["bench"])
-            pool.access_code_policy.mode = nd_pb2.ACCESS_CODE_MODE_OPTIONAL
-            await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
-            size = count + 400
-            numbers = [f"+3314{i:07d}" for i in range(size)]
-            for start in range(0, size, 10_000):
-                await nd.AddNumbers(
-                    nd_pb2.AddNumbersRequest(
-                        pool_id="bench", numbers=numbers[start : start + 10_000]
-                    )
-                )
-            app = cm_pb2.Application(
-                application_id="bench", match_schema=common_pb2.MATCH_SCHEMA_NUMBER_CODE
-            )
-            await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+            await provision(nd, cm, count + 400)
             started: list[cm_pb2.StartHandoffResponse] = []
 
             async def start(_: int) -> float:
