@@ -18,7 +18,7 @@ from services.numberdistribution.codes import CodeBook
 from services.numberdistribution.pools import Pools
 from services.numberdistribution.reserving import Reservations, ReserveRequest
 from services.numberdistribution.view import NumberView
-from services.runtime.errors import ResourceExhausted
+from services.runtime.errors import NotFound, ResourceExhausted
 from services.runtime.store import Store
 
 
@@ -154,3 +154,27 @@ async def test_a_number_marked_taken_ahead_of_the_view_waits_for_the_view_then_r
     assert a.view.revision >= ahead
     got = {(await a.reservations.reserve(request(f"s-{i}")))[0].access_number for i in (2, 3)}
     assert number in got
+
+
+async def test_a_release_read_from_a_stale_view_is_stopped_by_its_fencing_token(
+    store: Store, replicas: list[Replica]
+) -> None:
+    """A release takes the reservation from the replica's view when the view knows it:
+    a view that has not seen another replica's release of it yet lets it through to the
+    transaction, whose fencing token refuses it (NOT_FOUND), and nothing is written."""
+    a, b = replicas
+    (number,) = await a_pool(a, 1, quarantine=60)
+    await caught_up(store, replicas)
+    held, _, _ = await b.reservations.reserve(request("s-b"))
+    await caught_up(store, replicas)
+    assert a.view.reservation(held.reservation_id) is not None
+    await a.view.stop()  # a's view stays as it is: it will not see the release
+    await b.reservations.release(held.reservation_id)
+    before = await store.revision()
+    with pytest.raises(NotFound):
+        await a.reservations.release(held.reservation_id)
+    assert await store.revision() == before  # nothing written by the refused release
+    assert a.view.reservation(held.reservation_id) is not None  # the view was stale indeed
+    stats = await b.pools.pool_stats("lyon")
+    assert (stats.reserved, stats.quarantined) == (0, 1)
+    assert number in {n.number for n in b.view.pool_numbers("lyon")}

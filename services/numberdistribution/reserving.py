@@ -48,6 +48,9 @@ from services.runtime.store import Compare, KeyMeta, Op, Store, decode
 
 log = logging.getLogger("accessline.numberdistribution")
 
+# Reservations asking for the same time within this many seconds share one etcd lease.
+LEASE_WINDOW = 1.0
+
 
 @dataclass(frozen=True)
 class ReserveRequest:
@@ -180,18 +183,12 @@ class Reservations:
             if replay is not None:
                 return replay
         fitting = self._fitting(request)
-        # Leases granted for this request, by TTL, with the time just before each grant;
-        # the one a reservation used is kept.
-        leases: dict[int, tuple[int, float]] = {}
-        used: set[int] = set()
         failed: list[str] = []
         try:
             for position, (state, distance) in enumerate(fitting):
                 made = await self._try_pool(
                     state,
                     request,
-                    leases,
-                    used,
                     share=False,
                     fallback=position > 0,
                     distance=distance,
@@ -206,8 +203,6 @@ class Reservations:
                 made = await self._try_pool(
                     state,
                     request,
-                    leases,
-                    used,
                     share=True,
                     fallback=position > 0,
                     distance=distance,
@@ -216,9 +211,6 @@ class Reservations:
                     return made
                 failed.append(state.pool.pool_id)
         finally:
-            for lease, _ in leases.values():
-                if lease not in used:
-                    await self._store.revoke_lease(lease)
             for pool_id in failed:
                 await self._count_exhaustion(pool_id)
         waits = [
@@ -232,6 +224,14 @@ class Reservations:
             retry_after=max(retry, 0.1),
         )
 
+    async def _reservation_lease(self, lasts: float) -> int:
+        """A lease that outlives `lasts` seconds from now, shared by the reservations of
+        this replica asking for the same time within LEASE_WINDOW seconds: a reservation
+        costs no lease grant of its own, and none is revoked when one ends (its keys are
+        deleted). Its number may rest up to LEASE_WINDOW + 1 s longer than its quarantine
+        before the lease lets it go."""
+        return await self._store.shared_lease(lasts, window=LEASE_WINDOW)
+
     async def _count_exhaustion(self, pool_id: str) -> None:
         self._exhaustion[pool_id] = self._exhaustion.get(pool_id, 0) + 1
         self._exhausted.add(1, {"accessline.pool": pool_id})
@@ -244,8 +244,6 @@ class Reservations:
         self,
         state: PoolState,
         request: ReserveRequest,
-        leases: dict[int, tuple[int, float]],
-        used: set[int],
         *,
         share: bool,
         fallback: bool,
@@ -259,7 +257,6 @@ class Reservations:
         ttl = request.ttl if request.ttl is not None else default_ttl
         shared_pool = pool.mode == nd_pb2.POOL_MODE_SHARED
         wants_code = issues_code(pool, wanted=request.want_access_code)
-        lease_ttl = max(1, math.ceil(ttl + quarantine))
         idem = idempotency_hash(request.idempotency_key) if request.idempotency_key else ""
         for _ in range(self._attempts):
             value = (state.shareable if share else state.free).choice()
@@ -270,12 +267,11 @@ class Reservations:
             if number is None or slot is None:
                 self._view.mark_taken(pool.pool_id, value, self._view.revision + 1)
                 continue
-            if lease_ttl not in leases:
-                before = self._clock()
-                leases[lease_ttl] = (await self._store.grant_lease(lease_ttl), before)
-            # Expiry counts from just before the grant, so the lease (and with it the
-            # number's rest) never ends before the recorded expiry plus quarantine.
-            lease, now = leases[lease_ttl]
+            # Expiry counts from before the lease is asked for, and the lease outlives
+            # that moment by the TTL plus quarantine: it (and with it the number's rest)
+            # never ends before the recorded expiry plus quarantine.
+            now = self._clock()
+            lease = await self._reservation_lease(ttl + quarantine)
             reservation_id = "r" + secrets.token_urlsafe(15)
             code = self._codes.new_code(code_length(pool)) if wants_code else ""
             code_hash = self._codes.hash(value, code) if code else b""
@@ -301,7 +297,6 @@ class Reservations:
             )
             result = await self._store.txn(compares, ops, failure)
             if result.succeeded:
-                used.add(lease)
                 # Seen at once by this replica's next request; the watch confirms it.
                 self._view.note_reservation(keys.slot(value, slot), record, result.revision)
                 self._reservations.add(
@@ -422,14 +417,25 @@ class Reservations:
         return record, meta, now
 
     async def release(self, reservation_id: str) -> float:
-        """Ends a live reservation; returns when the number leaves quarantine."""
-        record, meta, now = await self._live(reservation_id)
-        compares, ops, until = await release_ops(self._store, record, meta.create_revision, now)
+        """Ends a live reservation; returns when the number leaves quarantine. The
+        reservation is read from the view when the view knows it alive: the release's
+        compare (its fencing token) makes a stale view harmless, as a reservation that
+        ended meanwhile fails it. Otherwise (not seen yet, or expired as the view saw
+        it) from etcd."""
+        await self._view.ready(READY_TIMEOUT)
+        now = self._clock()
+        seen = self._view.reservation(reservation_id)
+        if seen is not None and seen.expires_at > now:
+            record, fence = seen.record, seen.create_revision
+        else:
+            record, meta, now = await self._live(reservation_id)
+            fence = meta.create_revision
+        compares, ops, until = await release_ops(self._store, record, fence, now)
         result = await self._store.txn(compares, ops)
         if not result.succeeded:
             raise self._reservation_not_found(reservation_id)
-        # Its keys are gone; ending the lease now keeps etcd's lease table small.
-        await self._store.revoke_lease(record.lease_id)
+        # Its keys are gone. Its lease is shared with the other reservations made with it
+        # (never revoked for one of them): it ends by itself.
         return until
 
     async def extend(self, reservation_id: str, ttl: float) -> common_pb2.Reservation:
@@ -449,7 +455,7 @@ class Reservations:
                     )
                 ]
             )
-        lease = await self._store.grant_lease(max(1, math.ceil(ttl + quarantine)))
+        lease = await self._reservation_lease(ttl + quarantine)
         updated = storage_pb2.StoredReservation()
         updated.CopyFrom(record)
         updated.lease_id = lease
@@ -476,7 +482,5 @@ class Reservations:
             ops,
         )
         if not result.succeeded:
-            await self._store.revoke_lease(lease)
             raise Aborted("the reservation changed meanwhile; retry", reason="CONCURRENT_UPDATE")
-        await self._store.revoke_lease(record.lease_id)
         return public_reservation(updated)

@@ -69,6 +69,7 @@ class SlotState:
     quarantined_until: float
     shared: bool
     create_revision: int
+    record: storage_pb2.StoredReservation
 
 
 @dataclass
@@ -102,6 +103,8 @@ class NumberView:
         self.slots: dict[str, dict[int, SlotState]] = {}
         self.quarantine: dict[str, float] = {}
         self._pool_numbers: dict[str, set[str]] = {}
+        # Where each reservation the view knows is: (number, slot).
+        self._reservations: dict[str, tuple[str, int]] = {}
         # Numbers left out after a failed compare, with the revision the view must reach
         # before it judges them again (a heap by revision).
         self._recheck: list[tuple[int, str]] = []
@@ -192,6 +195,7 @@ class NumberView:
         quarantine = await self._read_all(keys.QUARANTINE, storage_pb2.QuarantineRecord, revision)
         self.pools, self.numbers, self.slots, self.quarantine = {}, {}, {}, {}
         self._pool_numbers = {}
+        self._reservations = {}
         self._recheck = []
         for pool in pools:
             self.pools[pool.value.pool_id] = PoolState(pool.value)
@@ -244,7 +248,9 @@ class NumberView:
             if deleted:
                 value, index = keys.split_slot(key)
                 held = self.slots.get(value, {})
-                held.pop(index, None)
+                gone = held.pop(index, None)
+                if gone is not None:
+                    self._reservations.pop(gone.reservation_id, None)
                 if not held:
                     self.slots.pop(value, None)
                 self._refresh(value)
@@ -292,13 +298,19 @@ class NumberView:
         refresh: bool = True,
     ) -> None:
         value, index = keys.split_slot(key)
-        self.slots.setdefault(value, {})[index] = SlotState(
+        held = self.slots.setdefault(value, {})
+        before = held.get(index)
+        if before is not None and before.reservation_id != record.reservation_id:
+            self._reservations.pop(before.reservation_id, None)
+        held[index] = SlotState(
             record.reservation_id,
             record.expires_at.ToNanoseconds() / 1e9,
             record.quarantined_until.ToNanoseconds() / 1e9,
             record.shared,
             create_revision,
+            record,
         )
+        self._reservations[record.reservation_id] = (value, index)
         if refresh:
             self._refresh(value)
 
@@ -359,6 +371,14 @@ class NumberView:
             state = self.numbers.get(value)
             if state is not None:
                 yield state
+
+    def reservation(self, reservation_id: str) -> SlotState | None:
+        """The reservation as the view last saw it (its record and fencing token), or
+        None when the view does not know it (gone, or not seen yet)."""
+        where = self._reservations.get(reservation_id)
+        if where is None:
+            return None
+        return self.slots.get(where[0], {}).get(where[1])
 
     def free_slot(self, value: str, max_shares: int) -> int | None:
         held = self.slots.get(value, {})
