@@ -1,6 +1,7 @@
 """Reservation cost as pools grow: ReserveNumber through gRPC on pools of 100, 10,000 and
 100,000 numbers, next to a raw etcd create-if-absent transaction through the same
-client library in the same run.
+client library in the same run, and on the smallest pool a second NumberDistribution
+process on the standard asyncio event loop instead of uvloop.
 
 Each worker reserves a number and releases it (pools have no quarantine, so numbers
 churn); only the ReserveNumber call is timed. One etcd and one NumberDistribution
@@ -63,7 +64,9 @@ async def prepare_pool(stub: Any, size: int, region_digit: int) -> str:
     return pool_id
 
 
-async def reservations(stub: Any, pool_id: str, count: int, concurrency: int) -> Result:
+async def reservations(
+    stub: Any, pool_id: str, count: int, concurrency: int, label: str = ""
+) -> Result:
     request = nd_pb2.ReserveNumberRequest(subject=pool_id)
 
     async def reserve_and_release(_: int) -> float:
@@ -77,7 +80,10 @@ async def reservations(stub: Any, pool_id: str, count: int, concurrency: int) ->
 
     await measure("warm-up", reserve_and_release, 200, concurrency)
     return await measure(
-        f"ReserveNumber, pool of {len_label(pool_id)}", reserve_and_release, count, concurrency
+        f"ReserveNumber, pool of {len_label(pool_id)}{label}",
+        reserve_and_release,
+        count,
+        concurrency,
     )
 
 
@@ -89,16 +95,30 @@ async def main(sizes: list[int], count: int, concurrency: int) -> None:
     async with (
         embedded_etcd() as etcd,
         service_process("services.numberdistribution", etcd, "/bench") as address,
+        service_process(
+            "services.numberdistribution", etcd, "/bench-asyncio", ACCESSLINE_EVENT_LOOP="asyncio"
+        ) as plain_address,
         grpc.aio.insecure_channel(address) as channel,
+        grpc.aio.insecure_channel(plain_address) as plain_channel,
     ):
         stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
         pools = [await prepare_pool(stub, size, i + 1) for i, size in enumerate(sizes)]
+        plain: Any = nd_grpc.NumberDistributionServiceStub(plain_channel)
+        plain_pool = await prepare_pool(plain, sizes[0], 9)
         baseline = await raw_baseline(etcd.host, etcd.client_port, count, concurrency)
         results = [await reservations(stub, pool_id, count, concurrency) for pool_id in pools]
+        on_asyncio = await reservations(
+            plain, plain_pool, count, concurrency, ", standard asyncio loop"
+        )
     print_table(
         f"reservations, {count} per pool, {concurrency} concurrent clients",
-        [baseline, *results],
+        [baseline, *results, on_asyncio],
         baseline,
+    )
+    print(
+        f"\nuvloop (the default) / standard loop, pool of {sizes[0]:,}:"
+        f" p50 {results[0].p50_ms / on_asyncio.p50_ms:.2f}x,"
+        f" throughput {results[0].per_second / on_asyncio.per_second:.2f}x"
     )
     small, large = results[0], results[-1]
     p50, p99 = large.p50_ms / small.p50_ms, large.p99_ms / small.p99_ms

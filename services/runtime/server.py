@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -406,8 +407,10 @@ def run(spec: ServiceSpec, settings_type: type[ServiceSettings]) -> None:
         print(f"accessline {spec.name}: {exc}", file=sys.stderr)
         sys.exit(2)
     setup_logging(spec.name, settings.log_level)
+    loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
     try:
-        asyncio.run(serve(spec, settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(spec, settings))
     except SettingsError as exc:
         print(f"accessline {spec.name}: {exc}", file=sys.stderr)
         sys.exit(2)

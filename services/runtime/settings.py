@@ -173,6 +173,11 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level written to the JSON log."
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="The event loop the service runs on: uvloop (libuv, faster) or the"
+        " standard library's.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
