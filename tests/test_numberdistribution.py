@@ -149,6 +149,24 @@ async def test_a_retry_with_the_same_idempotency_key_returns_the_same_reservatio
     assert other.reservation.reservation_id != first.reservation.reservation_id
 
 
+async def test_an_answer_carries_the_stored_reservation_and_its_fencing_token(
+    stub: Any, subject: str, etcd: EmbeddedEtcd
+) -> None:
+    """What CallMatching fences its session by, without reading it back: the record as
+    stored and the create revision of its slot key, for a first answer and a replay."""
+    await make_pool(stub, subject, 1)
+    first = await reserve(stub, subject, idempotency_key="fenced-1")
+    again = await reserve(stub, subject, idempotency_key="fenced-1")
+    async with Store(etcd.endpoint, PREFIX) as store:
+        entry = await store.get(
+            keys.slot(first.reservation.access_number, 0), storage_pb2.StoredReservation
+        )
+    assert entry is not None
+    for answer in (first, again):
+        assert answer.stored == entry.value
+        assert answer.fencing_revision == entry.meta.create_revision
+
+
 async def test_access_codes_are_checked_and_never_stored_in_clear(
     stub: Any, subject: str, etcd: EmbeddedEtcd
 ) -> None:

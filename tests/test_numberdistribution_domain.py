@@ -85,7 +85,7 @@ async def test_racing_replicas_never_hand_out_one_number_twice(
 
     async def reserve(i: int) -> str | None:
         try:
-            reservation, _, _ = await replicas[i % 2].reservations.reserve(request(f"s{i}"))
+            reservation = (await replicas[i % 2].reservations.reserve(request(f"s{i}"))).reservation
         except ResourceExhausted:
             return None
         return reservation.access_number
@@ -103,7 +103,7 @@ async def test_a_released_number_rests_in_quarantine_before_it_is_reserved_again
 ) -> None:
     (number,) = await a_pool(replicas[0], 1, quarantine=60)
     await caught_up(store, replicas)
-    first, _, _ = await replicas[0].reservations.reserve(request("s1"))
+    first = (await replicas[0].reservations.reserve(request("s1"))).reservation
     assert first.access_number == number
     await replicas[0].reservations.release(first.reservation_id)
     await caught_up(store, replicas)
@@ -127,12 +127,12 @@ async def test_a_number_whose_reservation_lost_a_race_is_offered_again_once_its_
     a, b = replicas
     (number,) = await a_pool(a, 1)
     await caught_up(store, replicas)
-    held, _, _ = await b.reservations.reserve(request("s-b"))
+    held = (await b.reservations.reserve(request("s-b"))).reservation
     failed_at = await store.revision()  # a's compare failed here: b held the number
     await b.reservations.release(held.reservation_id)
     await caught_up(store, replicas)
     a.view.mark_taken("lyon", number, failed_at)
-    again, _, _ = await a.reservations.reserve(request("s-a"))
+    again = (await a.reservations.reserve(request("s-a"))).reservation
     assert again.access_number == number
 
 
@@ -152,7 +152,9 @@ async def test_a_number_marked_taken_ahead_of_the_view_waits_for_the_view_then_r
     await a.pools.add_numbers("lyon", ["+33472009999"], "FR")  # any change moves the view on
     await caught_up(store, replicas)
     assert a.view.revision >= ahead
-    got = {(await a.reservations.reserve(request(f"s-{i}")))[0].access_number for i in (2, 3)}
+    got = {
+        (await a.reservations.reserve(request(f"s-{i}"))).reservation.access_number for i in (2, 3)
+    }
     assert number in got
 
 
@@ -165,7 +167,7 @@ async def test_a_release_read_from_a_stale_view_is_stopped_by_its_fencing_token(
     a, b = replicas
     (number,) = await a_pool(a, 1, quarantine=60)
     await caught_up(store, replicas)
-    held, _, _ = await b.reservations.reserve(request("s-b"))
+    held = (await b.reservations.reserve(request("s-b"))).reservation
     await caught_up(store, replicas)
     assert a.view.reservation(held.reservation_id) is not None
     await a.view.stop()  # a's view stays as it is: it will not see the release

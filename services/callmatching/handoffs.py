@@ -41,7 +41,7 @@ from services.runtime.errors import (
     NotFound,
 )
 from services.runtime.phone import NumberFormatError, display_number, normalize_number
-from services.runtime.store import Compare, KeyMeta, Op, Store
+from services.runtime.store import Compare, Op, Store
 
 if TYPE_CHECKING:
     from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
@@ -118,17 +118,9 @@ class Handoffs:
         reserved = await self._reserve_for(app, request, idempotency_key)
         # NumberDistribution may have answered an earlier attempt of this same request.
         session_id = reserved.reservation.session_id
-        found = await reservations.read_reservation(
-            self._store, reserved.reservation.reservation_id
-        )
-        if found is None:
-            raise Aborted(
-                "the reservation ended before the session was stored; retry",
-                reason="RESERVATION_GONE",
-            )
-        record, meta = found
-        session = self._new_session(app, request, session_id, record, meta, ani_hash, reserved)
-        replay = await self._store_session(session, meta, idempotency_key, request)
+        record, fence = await self._held(reserved)
+        session = self._new_session(app, request, session_id, record, fence, ani_hash, reserved)
+        replay = await self._store_session(session, fence, idempotency_key, request)
         if replay is not None:
             return replay
         log.info(
@@ -212,13 +204,31 @@ class Handoffs:
             )
         return reserved
 
+    async def _held(
+        self, reserved: nd_pb2.ReserveNumberResponse
+    ) -> tuple[nd_store.StoredReservation, int]:
+        """The reservation as stored and its fencing token, as NumberDistribution's
+        answer gives them; read from etcd when the answer has none (a replica of an
+        earlier version, during a rolling upgrade). ABORTED when it ended already."""
+        if reserved.HasField("stored") and reserved.fencing_revision:
+            return reserved.stored, reserved.fencing_revision
+        found = await reservations.read_reservation(
+            self._store, reserved.reservation.reservation_id
+        )
+        if found is None:
+            raise Aborted(
+                "the reservation ended before the session was stored; retry",
+                reason="RESERVATION_GONE",
+            )
+        return found[0], found[1].create_revision
+
     def _new_session(
         self,
         app: cm_pb2.Application,
         request: Handoff,
         session_id: str,
         record: nd_store.StoredReservation,
-        meta: KeyMeta,
+        fence: int,
         ani_hash: bytes,
         reserved: nd_pb2.ReserveNumberResponse,
     ) -> cm_store.StoredSession:
@@ -232,7 +242,7 @@ class Handoffs:
             customer_id=request.customer_id,
             sealed_context=self._crypto.seal(request.context.SerializeToString(), session_id),
             reservation=record,
-            reservation_revision=meta.create_revision,
+            reservation_revision=fence,
             match_schema=app.match_schema,
             skip_ivr=app.skip_ivr_on_match,
             ani_hash=ani_hash,
@@ -252,7 +262,7 @@ class Handoffs:
     async def _store_session(
         self,
         session: cm_store.StoredSession,
-        meta: KeyMeta,
+        fence: int,
         idempotency_key: str,
         request: Handoff,
     ) -> cm_pb2.StartHandoffResponse | None:
@@ -260,7 +270,7 @@ class Handoffs:
         holds; None when stored, the first answer when a concurrent repeat of the request
         stored its own; ABORTED when the reservation ended meanwhile."""
         record = session.reservation
-        compares = [reservations.still_held(record, meta.create_revision)]
+        compares = [reservations.still_held(record, fence)]
         ops = [Op.put(keys.session(session.session_id), session, record.lease_id)]
         failure: list[Op] = []
         if idempotency_key:

@@ -53,6 +53,19 @@ LEASE_WINDOW = 1.0
 
 
 @dataclass(frozen=True)
+class Reserved:
+    """A reservation made: what the caller sees of it, its code in clear (this once) and
+    why this pool, and the stored record with its fencing token (the create revision of
+    its slot key) for the caller's own fenced transaction."""
+
+    reservation: common_pb2.Reservation
+    code: str
+    reason: nd_pb2.SelectionReason
+    stored: storage_pb2.StoredReservation
+    fencing_revision: int
+
+
+@dataclass(frozen=True)
 class ReserveRequest:
     min_quarantine: float
     location: tuple[float, float] | None
@@ -170,9 +183,7 @@ class Reservations:
             )
         return fitting
 
-    async def reserve(
-        self, request: ReserveRequest
-    ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason]:
+    async def reserve(self, request: ReserveRequest) -> Reserved:
         """A number from the nearest fitting pool (exclusive first, then sharing a
         number of a shared pool), with its code and why it was chosen; a repeat of an
         idempotent request gets the first answer; RESOURCE_EXHAUSTED with RetryInfo
@@ -248,7 +259,7 @@ class Reservations:
         share: bool,
         fallback: bool,
         distance: float | None,
-    ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason] | None:
+    ) -> Reserved | None:
         """A number of the pool reserved for the request (picked at random from the
         view's free or shareable numbers, confirmed by the transaction's compares), or
         None when every attempt lost its race or the pool has nothing left."""
@@ -302,7 +313,7 @@ class Reservations:
                 self._reservations.add(
                     1, {"accessline.pool": pool.pool_id, "accessline.shared": share}
                 )
-                return public_reservation(record), code, reason
+                return Reserved(public_reservation(record), code, reason, record, result.revision)
             if idem and result.gets and result.gets[0]:
                 replay = await self._replay(request.idempotency_key)
                 if replay is not None:
@@ -362,9 +373,7 @@ class Reservations:
             ops.append(Op.put(keys.code(value, record.code_hash), EMPTY, lease))
         return compares, ops, failure
 
-    async def _replay(
-        self, idempotency_key: str
-    ) -> tuple[common_pb2.Reservation, str, nd_pb2.SelectionReason] | None:
+    async def _replay(self, idempotency_key: str) -> Reserved | None:
         entry = await self._store.get(
             keys.idempotency(idempotency_hash(idempotency_key)), storage_pb2.IdempotencyRecord
         )
@@ -373,16 +382,18 @@ class Reservations:
         found = await self._find(entry.value.reservation_id)
         if found is None:
             return None
-        record = found[0]
+        record, meta = found
         code = (
             self._codes.unseal(entry.value.sealed_access_code, record.reservation_id)
             if entry.value.sealed_access_code
             else ""
         )
-        return (
+        return Reserved(
             public_reservation(record),
             code,
             decode(nd_pb2.SelectionReason, "reason", entry.value.selection_reason),
+            record,
+            meta.create_revision,
         )
 
     async def _find(

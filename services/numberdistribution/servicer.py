@@ -176,7 +176,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v.id("session_id", request.session_id, required=False)
         v.text("idempotency_key", request.idempotency_key, 128)
         v.raise_if_any()
-        reservation, code, reason = await self._reservations.reserve(
+        reserved = await self._reservations.reserve(
             ReserveRequest(
                 min_quarantine=min_quarantine,
                 location=location,
@@ -190,7 +190,11 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
             )
         )
         return nd_pb2.ReserveNumberResponse(
-            reservation=reservation, access_code=code, reason=reason
+            reservation=reserved.reservation,
+            access_code=reserved.code,
+            reason=reserved.reason,
+            stored=reserved.stored,
+            fencing_revision=reserved.fencing_revision,
         )
 
     async def ExtendReservation(

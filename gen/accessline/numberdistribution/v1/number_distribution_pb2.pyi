@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from accessline.common.v1 import common_pb2 as _common_pb2
+from accessline.numberdistribution.storage.v1 import storage_pb2 as _storage_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -933,10 +934,13 @@ class ReserveNumberResponse(_message.Message):
     RESERVATION_FIELD_NUMBER: _builtins.int
     ACCESS_CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    FENCING_REVISION_FIELD_NUMBER: _builtins.int
     access_code: _builtins.str
     """The access code in clear, given this once and stored only as a keyed hash.
     Empty when no code was issued.
     """
+    fencing_revision: _builtins.int
     @_builtins.property
     def reservation(self) -> _common_pb2.Reservation:
         """The reservation."""
@@ -945,16 +949,25 @@ class ReserveNumberResponse(_message.Message):
     def reason(self) -> Global___SelectionReason:
         """Why this pool and number."""
 
+    @_builtins.property
+    def stored(self) -> _storage_pb2.StoredReservation:
+        """The reservation as NumberDistribution stores it, and the create revision of its
+        slot key (its fencing token): CallMatching stores its session fenced by them, in a
+        transaction of its own, without reading the reservation back from etcd.
+        """
+
     def __init__(
         self,
         *,
         reservation: _common_pb2.Reservation | None = ...,
         access_code: _builtins.str = ...,
         reason: Global___SelectionReason | None = ...,
+        stored: _storage_pb2.StoredReservation | None = ...,
+        fencing_revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reservation", b"reservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reservation", b"reservation", "stored", b"stored"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_code", b"access_code", "reason", b"reason", "reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_code", b"access_code", "fencing_revision", b"fencing_revision", "reason", b"reason", "reservation", b"reservation", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,89 @@
+"""CallMatching's domain classes in-process against a real etcd (NumberDistribution's
+in-process too, no gRPC): the rules that need only the store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from services.callmatching.applications import Applications
+from services.callmatching.crypto import SessionCrypto
+from services.callmatching.failures import FailureLimits
+from services.callmatching.handoffs import Handoffs
+from services.callmatching.sessions import Limits, Sessions
+from services.numberdistribution.codes import CodeBook
+from services.numberdistribution.pools import Pools
+from services.numberdistribution.reserving import Reservations, ReserveRequest
+from services.numberdistribution.view import NumberView
+from services.runtime.errors import Aborted
+from services.runtime.store import Store
+
+
+@pytest.fixture
+async def numbers(store: Store) -> AsyncIterator[Reservations]:
+    """NumberDistribution's reservations on the test's prefix, with one pool of one
+    number."""
+    view = NumberView(store)
+    await view.start()
+    await Pools(store, view).create_pool(nd_pb2.Pool(pool_id="lyon"))
+    await Pools(store, view).add_numbers("lyon", ["+33472000001"], "FR")
+    await view.wait_for(await store.revision())
+    yield Reservations(store, view, CodeBook(b"in-process test secret"))
+    await view.stop()
+
+
+def handoffs(store: Store) -> Handoffs:
+    limits = Limits(
+        session_retention=60.0,
+        failures=FailureLimits(caller=5, withheld=5, number=5, window=60.0),
+        default_region="FR",
+    )
+    return Handoffs(
+        store,
+        None,  # type: ignore[arg-type]  # no NumberDistribution peer: _held only
+        SessionCrypto(b"in-process test secret"),
+        limits,
+        Applications(store),
+        Sessions(store, limits),
+    )
+
+
+def request(session: str) -> ReserveRequest:
+    return ReserveRequest(
+        min_quarantine=0.0,
+        location=None,
+        subject="",
+        segment="",
+        resource_group="",
+        ttl=30.0,
+        want_access_code=False,
+        session_id=session,
+        idempotency_key="",
+    )
+
+
+async def test_an_answer_without_the_stored_reservation_is_read_back_from_etcd(
+    store: Store, numbers: Reservations
+) -> None:
+    """A NumberDistribution of an earlier version (a rolling upgrade) answers without
+    the stored reservation: CallMatching reads it back, with the same fencing token."""
+    made = await numbers.reserve(request("s1"))
+    older = nd_pb2.ReserveNumberResponse(reservation=made.reservation)
+    record, fence = await handoffs(store)._held(older)
+    assert (record, fence) == (made.stored, made.fencing_revision)
+    current = nd_pb2.ReserveNumberResponse(
+        reservation=made.reservation, stored=made.stored, fencing_revision=made.fencing_revision
+    )
+    assert await handoffs(store)._held(current) == (made.stored, made.fencing_revision)
+
+
+async def test_a_reservation_gone_before_its_session_is_stored_aborts_the_handoff(
+    store: Store, numbers: Reservations
+) -> None:
+    made = await numbers.reserve(request("s1"))
+    await numbers.release(made.reservation.reservation_id)
+    with pytest.raises(Aborted) as aborted:
+        await handoffs(store)._held(nd_pb2.ReserveNumberResponse(reservation=made.reservation))
+    assert aborted.value.reason == "RESERVATION_GONE"
