@@ -344,3 +344,34 @@ async def test_requests_move_off_a_frozen_member(etcd_cluster: EtcdCluster) -> N
             await store.put("pools/lyon", text("v2"))
         finally:
             frozen.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_cancelled_watch_ends_quietly_and_a_live_one_still_sees_its_key(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routing cancels a watch for every call and offer that ends: the cancel must not
+    go through the gRPC library's error path (a traceback formatted each time), and a
+    watch still open keeps seeing its key."""
+    revision = await store.revision()
+    seen: list[str] = []
+
+    async def follow(key: str) -> None:
+        async for event in store.watch_key(key, revision + 1):
+            seen.append(event.key)
+
+    live = asyncio.ensure_future(follow("kept"))
+    caplog.set_level("DEBUG", logger="grpc")
+    for i in range(20):
+        task = asyncio.ensure_future(follow(f"gone-{i}"))
+        await store.put(f"gone-{i}", wrappers_pb2.StringValue(value="x"))
+        await eventually(lambda i=i: f"gone-{i}" in seen, what="the watch open")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await store.put("kept", wrappers_pb2.StringValue(value="x"))
+    await eventually(lambda: seen[-1:] == ["kept"], what="the live watch's event")
+    live.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await live
+    noisy = [r.getMessage() for r in caplog.records if "raised exception" in r.getMessage()]
+    assert noisy == []

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aetcd.rpc as etcdrpc
 import grpc
@@ -362,26 +362,24 @@ class Store:
         abs_prefix = self._abs(prefix)
         range_end = prefix_range_end(abs_prefix) if whole_prefix else b""
         while not self._closed:
-            stop = asyncio.Event()
-
-            async def requests(
-                revision: int = next_revision, stop: asyncio.Event = stop
-            ) -> AsyncIterator[Any]:
-                yield etcdrpc.WatchRequest(
-                    create_request=etcdrpc.WatchCreateRequest(
-                        key=abs_prefix,
-                        range_end=range_end,
-                        start_revision=revision,
-                        prev_kv=True,
-                        progress_notify=True,
+            member = self._members.current
+            # The create request is written on the call itself, and the request side is
+            # never closed (that would end etcd's watch stream). No request iterator: a
+            # cancelled one would take the gRPC library's error path (a traceback
+            # formatted) for every watch that ends.
+            call = member.watch.Watch(metadata=REQUIRE_LEADER)
+            try:
+                await call.write(
+                    etcdrpc.WatchRequest(
+                        create_request=etcdrpc.WatchCreateRequest(
+                            key=abs_prefix,
+                            range_end=range_end,
+                            start_revision=next_revision,
+                            prev_kv=True,
+                            progress_notify=True,
+                        )
                     )
                 )
-                # Closing the request side would end etcd's watch stream: hold it open.
-                await stop.wait()
-
-            member = self._members.current
-            call = member.watch.Watch(requests(), metadata=REQUIRE_LEADER)
-            try:
                 async for reply in call:
                     if reply.compact_revision:
                         raise WatchCompacted(int(reply.compact_revision))
@@ -416,8 +414,9 @@ class Store:
                 )
                 if member_fault(exc):
                     self._members.failed(member, exc)
+            except asyncio.InvalidStateError:
+                log.warning("watch on %s ended before it started; resuming", prefix)
             finally:
-                stop.set()
                 call.cancel()
             await asyncio.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, max_backoff)
