@@ -95,7 +95,10 @@ class Settler:
 
     async def settle(self, key: str, offer: rt_store.OfferInFlight) -> None:
         """Waits for the agent's answer and moves the interaction on: connected, or back
-        in the queue with the agent tried. The claim is dropped in every case."""
+        in the queue with the agent tried. The claim is dropped in every case: in the
+        transaction that moves the interaction on (with the agent's count of offers
+        without an answer, when the agent answered), else on its own."""
+        dropped = False
         try:
             answer = await wait_answer(self._store, offer.agent_id, offer.offer_id)
             if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
@@ -109,17 +112,26 @@ class Settler:
             entry = await self._store.get(key, QI)
             if entry is None or entry.value.offer.offer_id != offer.offer_id:
                 return  # the caller hung up or the call moved on; nothing to update
+            drop = [Op.delete(offer.claim_key)]
+            answered = answer is not None and answer.state in (
+                pr_store.OFFER_STATE_ACCEPTED,
+                pr_store.OFFER_STATE_DECLINED,
+            )
+            if answered:
+                drop.append(Op.delete(keys.no_answer(offer.agent_id)))
             if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
-                await self._store.delete(keys.no_answer(offer.agent_id))
                 channel = answer.accepted_channel or offer.channel
-                await self._accepted(entry, offer, channel, answer.interaction_lease)
-                return
-            if answer is not None and answer.state == pr_store.OFFER_STATE_DECLINED:
+                dropped = await self._accepted(
+                    entry, offer, channel, answer.interaction_lease, drop
+                )
+            else:
+                dropped = await self._requeue(entry, offer.agent_id, drop)
+            if answered and not dropped:
                 await self._store.delete(keys.no_answer(offer.agent_id))
-            await self._requeue(entry, offer.agent_id)
         finally:
-            with contextlib.suppress(AccesslineError):
-                await self._store.delete(offer.claim_key)
+            if not dropped:
+                with contextlib.suppress(AccesslineError):
+                    await self._store.delete(offer.claim_key)
 
     async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
         """Withdraws an unanswered offer, counting the agent's offers in a row without an
@@ -154,7 +166,9 @@ class Settler:
             )
         return None
 
-    async def _requeue(self, entry: Entry[QI], agent_id: str) -> None:
+    async def _requeue(self, entry: Entry[QI], agent_id: str, also: list[Op]) -> bool:
+        """Back in the queue with the agent tried, and `also` done, in one fenced
+        transaction; False when the interaction changed meanwhile."""
         updated = QI()
         updated.CopyFrom(entry.value)
         updated.state = rt_store.INTERACTION_STATE_QUEUED
@@ -164,14 +178,22 @@ class Settler:
         updated.retry_tried_after.FromNanoseconds(
             int((time.time() + self._rules.offer_timeout) * 1e9)
         )
-        await self._fenced(
+        return await self._fenced(
             [Compare.modified_at(entry.key, entry.meta.mod_revision)],
-            [Op.put(entry.key, updated, entry.meta.lease)],
+            [Op.put(entry.key, updated, entry.meta.lease), *also],
         )
 
     async def _accepted(
-        self, entry: Entry[QI], offer: rt_store.OfferInFlight, channel: int, lease: int
-    ) -> None:
+        self,
+        entry: Entry[QI],
+        offer: rt_store.OfferInFlight,
+        channel: int,
+        lease: int,
+        also: list[Op],
+    ) -> bool:
+        """The interaction connected to the agent's channel, and `also` done, in one
+        fenced transaction (a callback goes to the dial instead, `also` left undone);
+        whether `also` was done."""
         target = rt_store.ConnectTarget(
             agent_id=offer.agent_id,
             channel=channel,  # type: ignore[arg-type]
@@ -180,12 +202,12 @@ class Settler:
         private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
             await self._on_accepted_callback(entry, target, self._office())
-            return
+            return False
         updated = QI()
         updated.CopyFrom(entry.value)
         updated.state = rt_store.INTERACTION_STATE_CONNECTED
         updated.connected.CopyFrom(target)
-        await self._fenced(
+        return await self._fenced(
             [Compare.modified_at(entry.key, entry.meta.mod_revision)],
-            [Op.put(entry.key, updated, entry.meta.lease)],
+            [Op.put(entry.key, updated, entry.meta.lease), *also],
         )
