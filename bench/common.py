@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -92,6 +96,30 @@ async def embedded_etcd(security: Secured | None = None) -> AsyncIterator[Embedd
             etcd.stop()
 
 
+# The pid of each service process started by `service_process`, by service name.
+SERVICE_PIDS: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def etcd_requests(etcd: EmbeddedEtcd) -> Counter[str]:
+    """gRPC requests and streams etcd has started so far, by method, from etcd's own
+    metrics (its client URL's /metrics)."""
+    url = f"http://{etcd.host}:{etcd.client_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("grpc_server_started_total{"):
+            method = re.search(r'grpc_method="(\w+)"', line)
+            if method is not None:
+                counts[method.group(1)] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
 @dataclass
 class Result:
     name: str
@@ -167,6 +195,7 @@ async def service_process(
         **settings,
     }
     process = processes.spawn(module, env, stdout=subprocess.DEVNULL)
+    SERVICE_PIDS[name] = process.pid
     probe = security.identity.credentials() if security else None
     try:
         await processes.wait_serving(f"127.0.0.1:{port}", process, module, 30.0, probe)

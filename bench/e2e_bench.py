@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,17 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from bench.common import (
+    SERVICE_PIDS,
     Result,
+    cpu_seconds,
     embedded_etcd,
+    etcd_requests,
     measure,
     print_table,
     service_process,
     simulated_team,
 )
+from services.runtime.embedded_etcd import EmbeddedEtcd
 
 C = common_pb2
 
@@ -82,7 +88,8 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
                     ACCESSLINE_CALLMATCHING_ADDRESS=cm_address,
                     ACCESSLINE_PRESENCE_ADDRESS=pr_address,
                 ) as rt_address:
-                    stages = await drive(
+                    stages, cost = await drive(
+                        etcd,
                         nd_address,
                         cm_address,
                         pr_address,
@@ -99,9 +106,36 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
         [baseline, *stages],
         baseline,
     )
+    print(cost)
+
+
+def costs(
+    before: tuple[dict[str, float], Counter[str]],
+    after: tuple[dict[str, float], Counter[str]],
+    handoffs: int,
+) -> str:
+    """What one handoff cost in the timed run: CPU milliseconds per process and etcd
+    requests by method (streams counted once, when opened)."""
+    cpu = {k: (after[0][k] - before[0][k]) * 1000 / handoffs for k in after[0]}
+    calls = after[1] - before[1]
+    lines = [f"\nper handoff, CPU ms: {sum(cpu.values()):.1f} in all"]
+    lines += [f"  {name:<20}{ms:6.1f}" for name, ms in sorted(cpu.items(), key=lambda i: -i[1])]
+    lines.append(f"per handoff, etcd requests: {sum(calls.values()) / handoffs:.1f} in all")
+    lines += [
+        f"  {method:<20}{count / handoffs:6.2f}"
+        for method, count in sorted(calls.items(), key=lambda i: -i[1])
+    ]
+    return "\n".join(lines)
+
+
+def sample(etcd: EmbeddedEtcd) -> tuple[dict[str, float], Counter[str]]:
+    assert etcd.process is not None
+    pids = {**SERVICE_PIDS, "etcd": etcd.process.pid, "benchmark client": os.getpid()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}, etcd_requests(etcd)
 
 
 async def drive(
+    etcd: EmbeddedEtcd,
     nd_address: str,
     cm_address: str,
     pr_address: str,
@@ -109,7 +143,7 @@ async def drive(
     handoffs: int,
     concurrency: int,
     agents: int,
-) -> list[Result]:
+) -> tuple[list[Result], str]:
     channels = [
         grpc.aio.insecure_channel(a) for a in (nd_address, cm_address, pr_address, rt_address)
     ]
@@ -164,9 +198,11 @@ async def drive(
         timings["call"].append(marks["connect"] - t1)
         return None
 
+    before = sample(etcd)
     started = time.perf_counter()
     await measure("calls", one, handoffs, concurrency)
     elapsed = time.perf_counter() - started
+    after = sample(etcd)
     for member in team:
         member.stop()
     for channel in channels:
@@ -180,7 +216,8 @@ async def drive(
         "accept": "offer to agent accepted (connect)",
         "call": "call arrival to connect",
     }
-    return [Result(names[k], len(v), elapsed, v) for k, v in timings.items()]
+    results = [Result(names[k], len(v), elapsed, v) for k, v in timings.items()]
+    return results, costs(before, after, handoffs)
 
 
 if __name__ == "__main__":
