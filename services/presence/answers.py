@@ -72,8 +72,9 @@ def accept_ops(
     agent_id: str,
     presence: tuple[int, int],
     lasts: int,
-) -> tuple[list[Compare], list[Op]]:
-    """What an accept writes with the offer's new state: the agent busy on the channel
+) -> tuple[list[Compare], list[Op], pr_store.StoredPresence]:
+    """What an accept writes with the offer's new state (and the agent's presence as it
+    writes it): the agent busy on the channel
     (so whoever sees the accepted offer also sees the channel taken) and the
     interaction, bound to the call's lease until the call is connected (then to
     `lasts`); only while the agent's presence (`presence`: its lease and the revision
@@ -108,4 +109,4 @@ def accept_ops(
             stored.call_lease or lasts,
         ),
     ]
-    return compares, ops
+    return compares, ops, busy

@@ -137,9 +137,10 @@ async def _set_state(
     accepted_channel: common_pb2.Channel.ValueType = common_pb2.CHANNEL_UNSPECIFIED,
     interaction_lease: int = 0,
     also: tuple[list[Compare], list[Op]] = ([], []),
-) -> bool:
+) -> int:
     """Moves an open offer to `state` if nobody changed it since it was read, together
-    with `also` (more compares and operations) in the same transaction."""
+    with `also` (more compares and operations) in the same transaction: the revision it
+    was written at, or 0 when a compare failed."""
     updated = pr_store.StoredOffer()
     updated.CopyFrom(entry.value)
     updated.state = state
@@ -151,7 +152,7 @@ async def _set_state(
         [Compare.modified_at(entry.key, entry.meta.mod_revision), *also[0]],
         [Op.put(entry.key, updated, entry.meta.lease), *also[1]],
     )
-    return result.succeeded
+    return result.revision if result.succeeded else 0
 
 
 set_offer_state = _set_state

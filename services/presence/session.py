@@ -426,10 +426,11 @@ class AgentSession:
         async with self.write_lock:
             also: tuple[list[Compare], list[Op]] = ([], [])
             lasts = 0
+            busy: pr_store.StoredPresence | None = None
             if accept:
                 assert self.lease is not None
                 lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
-                also = accept_ops(
+                compares, ops, busy = accept_ops(
                     self.state,
                     stored,
                     channel_id,
@@ -437,7 +438,8 @@ class AgentSession:
                     presence=(self.lease.id, self.revision),
                     lasts=lasts,
                 )
-            ok = await offers.set_offer_state(
+                also = (compares, ops)
+            written = await offers.set_offer_state(
                 self.store,
                 entry,
                 pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
@@ -445,18 +447,15 @@ class AgentSession:
                 interaction_lease=lasts if accept else 0,
                 also=also,
             )
-            if not ok:
+            if not written:
                 refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
                 return
             self.delivered.discard(response.offer_id)
             self._recorded(response)
-            if accept:
-                fresh = await self.store.get(
-                    keys.presence(self.agent.agent_id), pr_store.StoredPresence
-                )
-                if fresh is not None and fresh.value.agent_session_id == self.session_id:
-                    self.state = fresh.value
-                    self.revision = fresh.meta.mod_revision
+            if busy is not None:
+                # The accept's transaction wrote the presence as read (its compare): it is
+                # `busy` now, at the transaction's revision.
+                self.state, self.revision = busy, written
                 self.send(
                     pr_pb2.ConnectResponse(
                         presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())

@@ -374,7 +374,7 @@ class Dispatcher:
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
-                self._follow_offer(Entry(entry.key, updated, entry.meta))
+                self._follow_offer(Entry(entry.key, updated, entry.meta), result.revision)
                 return True
             self._office.check(result, 0)
             current, holder = result.first(1), result.first(2)
@@ -384,10 +384,10 @@ class Dispatcher:
                 return False
         return False
 
-    def _follow_offer(self, entry: Entry[QI]) -> None:
+    def _follow_offer(self, entry: Entry[QI], written_at: int = 0) -> None:
         interaction_id = entry.value.interaction_id
         task = asyncio.get_running_loop().create_task(
-            self._settler.settle(entry.key, entry.value.offer)
+            self._settler.settle(entry.key, entry.value.offer, written_at)
         )
         self._follows[interaction_id] = task
 

@@ -65,6 +65,8 @@ class _Call:
     decided: rt_pb2.MatchDecided
     session_id: str
     handed_over: bool = False
+    # The queue entry as last seen on its watch, with its revision.
+    seen: tuple[QI, int] | None = None
 
 
 # Put in a call's change feed when the replica starts stopping.
@@ -324,7 +326,7 @@ class Router:
         finally:
             self._queued.add(-1)
             if not call.handed_over:
-                await asyncio.shield(self._entries.leave(call.key, connected))
+                await asyncio.shield(self._entries.leave(call.key, connected, call.seen))
 
     async def _hand_over(
         self, call: _Call, current: QI, revision: int
@@ -388,6 +390,7 @@ class Router:
                 if current is None:
                     yield self._lost()
                     return
+                call.seen = (current, revision)
                 if current.state == rt_store.INTERACTION_STATE_CONNECTED:
                     yield self._connect(call, current)
                     return

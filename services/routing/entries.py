@@ -164,18 +164,22 @@ class QueueEntries:
         """The call's place moves to the lease its entry moves to."""
         return [Op.relet(item.place_key, lease)] if item.place_key else []
 
-    async def leave(self, key: str, connected: bool) -> None:
+    async def leave(self, key: str, connected: bool, seen: tuple[QI, int] | None = None) -> None:
         """Takes the call out of the queue. Connected: the agent's interaction outlives
         it from now on. Not connected (the caller hung up): an offer still open is
         withdrawn, and an accept that came too late is undone, in the same transaction
-        that takes the call out (the agent is told the caller is gone)."""
+        that takes the call out (the agent is told the caller is gone). `seen` is the
+        entry as its watch last showed it (with its revision): tried first, unread."""
         with contextlib.suppress(AccesslineError):
             # The leader may change the entry meanwhile (an offer, an accept): read again.
-            for _ in range(LEAVE_ATTEMPTS):
-                entry = await self._store.get(key, QI)
-                if entry is None:
-                    return
-                item = entry.value
+            for attempt in range(LEAVE_ATTEMPTS):
+                if attempt == 0 and seen is not None:
+                    item, revision = seen
+                else:
+                    entry = await self._store.get(key, QI)
+                    if entry is None:
+                        return
+                    item, revision = entry.value, entry.meta.mod_revision
                 target = item.connected
                 if connected and target.interaction_lease:
                     kept, relet = pr_offers.interaction_connected(
@@ -190,9 +194,7 @@ class QueueEntries:
                 agent_id = target.agent_id or item.offer.agent_id
                 if not connected and agent_id:
                     ops.append(pr_offers.interaction_abandoned(agent_id, item.interaction_id))
-                left = await self._store.txn(
-                    [Compare.modified_at(key, entry.meta.mod_revision)], ops
-                )
+                left = await self._store.txn([Compare.modified_at(key, revision)], ops)
                 if left.succeeded:
                     if not connected:
                         await withdraw_offer(self._store, item)

@@ -35,20 +35,24 @@ Fenced = Callable[[list[Compare], list[Op]], Awaitable[bool]]
 AcceptedCallback = Callable[[Entry[QI], rt_store.ConnectTarget, Term], Coroutine[Any, Any, None]]
 
 
-async def wait_answer(store: Store, agent_id: str, offer_id: str) -> pr_store.StoredOffer | None:
-    """The offer once it is no longer open, or None when it timed out or vanished."""
-    key = pr_offers.offer_key(agent_id, offer_id)
-    entry = await store.get(key, pr_store.StoredOffer)
-    if entry is None:
-        return None
-    if entry.value.state != pr_store.OFFER_STATE_OPEN:
-        return entry.value
-    deadline = seconds(entry.value.offer.deadline)
+async def wait_answer(
+    store: Store, offer: rt_store.OfferInFlight, written_at: int = 0
+) -> pr_store.StoredOffer | None:
+    """The offer once it is no longer open, or None when it timed out or vanished. The
+    leader that wrote the offer at `written_at` follows it from there; one resuming an
+    offer of an earlier leader reads it first."""
+    key = pr_offers.offer_key(offer.agent_id, offer.offer_id)
+    since, deadline = written_at, seconds(offer.deadline)
+    if not since:
+        entry = await store.get(key, pr_store.StoredOffer)
+        if entry is None:
+            return None
+        if entry.value.state != pr_store.OFFER_STATE_OPEN:
+            return entry.value
+        since = entry.meta.mod_revision
 
     async def follow() -> pr_store.StoredOffer | None:
-        async for change in store.watch_prefix(key, entry.meta.mod_revision + 1):
-            if change.key != key:
-                continue
+        async for change in store.watch_key(key, since + 1):
             if change.kind == EventKind.DELETE:
                 return None
             value = change.decode(pr_store.StoredOffer)
@@ -93,14 +97,14 @@ class Settler:
             "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
         )
 
-    async def settle(self, key: str, offer: rt_store.OfferInFlight) -> None:
+    async def settle(self, key: str, offer: rt_store.OfferInFlight, written_at: int = 0) -> None:
         """Waits for the agent's answer and moves the interaction on: connected, or back
         in the queue with the agent tried. The claim is dropped in every case: in the
         transaction that moves the interaction on (with the agent's count of offers
         without an answer, when the agent answered), else on its own."""
         dropped = False
         try:
-            answer = await wait_answer(self._store, offer.agent_id, offer.offer_id)
+            answer = await wait_answer(self._store, offer, written_at)
             if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
                 answer = await self._time_out(offer)
             result = (
