@@ -45,6 +45,7 @@ from services.runtime.sealing import Sealer
 from services.runtime.store import (
     Compare,
     Entry,
+    KeyMeta,
     Op,
     Store,
     WatchCompacted,
@@ -374,7 +375,13 @@ class Dispatcher:
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
-                self._follow_offer(Entry(entry.key, updated, entry.meta), result.revision)
+                written = KeyMeta(
+                    entry.meta.create_revision,
+                    result.revision,
+                    entry.meta.version + 1,
+                    entry.meta.lease,
+                )
+                self._follow_offer(Entry(entry.key, updated, written), fresh=True)
                 return True
             self._office.check(result, 0)
             current, holder = result.first(1), result.first(2)
@@ -384,10 +391,12 @@ class Dispatcher:
                 return False
         return False
 
-    def _follow_offer(self, entry: Entry[QI], written_at: int = 0) -> None:
+    def _follow_offer(self, entry: Entry[QI], *, fresh: bool = False) -> None:
+        """Settles the entry's offer in a task of its own; `fresh` when this leader just
+        wrote the entry as given (with the revision it wrote it at)."""
         interaction_id = entry.value.interaction_id
         task = asyncio.get_running_loop().create_task(
-            self._settler.settle(entry.key, entry.value.offer, written_at)
+            self._settler.settle(entry.key, entry.value.offer, entry if fresh else None)
         )
         self._follows[interaction_id] = task
 

@@ -97,12 +97,17 @@ class Settler:
             "accessline.routing.offers", unit="{offer}", description="Offers to agents by result"
         )
 
-    async def settle(self, key: str, offer: rt_store.OfferInFlight, written_at: int = 0) -> None:
+    async def settle(
+        self, key: str, offer: rt_store.OfferInFlight, written: Entry[QI] | None = None
+    ) -> None:
         """Waits for the agent's answer and moves the interaction on: connected, or back
         in the queue with the agent tried. The claim is dropped in every case: in the
         transaction that moves the interaction on (with the agent's count of offers
-        without an answer, when the agent answered), else on its own."""
+        without an answer, when the agent answered), else on its own. `written` is the
+        entry as this leader wrote it with the offer: the offer is followed from there,
+        and a call's entry is moved on from it unread (read when its compare fails)."""
         dropped = False
+        written_at = written.meta.mod_revision if written is not None else 0
         try:
             answer = await wait_answer(self._store, offer, written_at)
             if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
@@ -113,9 +118,6 @@ class Settler:
                 else "TIMED_OUT"
             )
             self._offers.add(1, {"accessline.offer.result": result})
-            entry = await self._store.get(key, QI)
-            if entry is None or entry.value.offer.offer_id != offer.offer_id:
-                return  # the caller hung up or the call moved on; nothing to update
             drop = [Op.delete(offer.claim_key)]
             answered = answer is not None and answer.state in (
                 pr_store.OFFER_STATE_ACCEPTED,
@@ -123,13 +125,25 @@ class Settler:
             )
             if answered:
                 drop.append(Op.delete(keys.no_answer(offer.agent_id)))
-            if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
-                channel = answer.accepted_channel or offer.channel
-                dropped = await self._accepted(
-                    entry, offer, channel, answer.interaction_lease, drop
-                )
-            else:
-                dropped = await self._requeue(entry, offer.agent_id, drop)
+            entry = written
+            if entry is not None and entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
+                entry = None  # a callback's entry is read: its dial is written from it
+            for _ in range(2):
+                unread = entry is not None
+                if entry is None:
+                    entry = await self._store.get(key, QI)
+                    if entry is None or entry.value.offer.offer_id != offer.offer_id:
+                        return  # the caller hung up or the call moved on: nothing to update
+                if answer is not None and answer.state == pr_store.OFFER_STATE_ACCEPTED:
+                    channel = answer.accepted_channel or offer.channel
+                    dropped = await self._accepted(
+                        entry, offer, channel, answer.interaction_lease, drop
+                    )
+                else:
+                    dropped = await self._requeue(entry, offer.agent_id, drop)
+                if dropped or not unread:
+                    break
+                entry = None  # changed since this leader wrote it: read it, try again
             if answered and not dropped:
                 await self._store.delete(keys.no_answer(offer.agent_id))
         finally:
