@@ -300,21 +300,49 @@ class AgentSession:
     async def _write_locked(self, also: Sequence[Op] = ()) -> None:
         self.state.updated_at.CopyFrom(now_timestamp())
         assert self.lease is not None
-        result = await self.store.txn(
-            [Compare.modified_at(keys.presence(self.agent.agent_id), self.revision)],
-            [Op.put(keys.presence(self.agent.agent_id), self.state, self.lease.id), *also],
-        )
-        if not result.succeeded:
-            self.replaced = True
-            raise SessionEnded(
-                Unavailable("this session was replaced or lost", reason="SESSION_LOST")
+        key = keys.presence(self.agent.agent_id)
+        for _ in range(2):
+            result = await self.store.txn(
+                [Compare.modified_at(key, self.revision)],
+                [Op.put(key, self.state, self.lease.id), *also],
             )
+            if result.succeeded:
+                break
+            # Changed since this session last wrote it: replaced or lost, or an earlier
+            # write of this session that etcd applied without its answer reaching it (an
+            # election, a timeout). Only this session writes its presence: then write on.
+            self.revision = await self._own_revision()
+        else:
+            raise self._lost()
         self.revision = result.revision
         self.send(
             pr_pb2.ConnectResponse(
                 presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
             )
         )
+
+    def _lost(self) -> SessionEnded:
+        self.replaced = True
+        return SessionEnded(Unavailable("this session was replaced or lost", reason="SESSION_LOST"))
+
+    async def _own_revision(self) -> int:
+        """The revision of the agent's presence in etcd while it is this session's; the
+        session ends when it is not (replaced by another login, or its lease lost)."""
+        current = await self.store.get(keys.presence(self.agent.agent_id), pr_store.StoredPresence)
+        if current is None or current.value.agent_session_id != self.session_id:
+            raise self._lost()
+        return current.meta.mod_revision
+
+    async def resync(self) -> None:
+        """Takes the presence as etcd holds it (after a write whose answer was lost: it
+        may or may not have been applied), while it is this session's."""
+        async with self.write_lock:
+            current = await self.store.get(
+                keys.presence(self.agent.agent_id), pr_store.StoredPresence
+            )
+            if current is None or current.value.agent_session_id != self.session_id:
+                raise self._lost()
+            self.state, self.revision = current.value, current.meta.mod_revision
 
     async def handle(self, message: pr_pb2.ConnectRequest) -> None:
         self.last_seen = time.monotonic()

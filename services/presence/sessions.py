@@ -19,6 +19,7 @@ from services.presence.session import AgentSession, Limits, SessionEnded
 from services.runtime import identity
 from services.runtime.errors import (
     AccesslineError,
+    DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
@@ -91,12 +92,36 @@ class Sessions:
     ) -> None:
         try:
             async for message in iterator:
-                await session.handle(message)
+                await self._handle(session, message)
             session.send(SessionEnded())
         except SessionEnded as ended:
             session.send(ended)
         except AccesslineError as error:
             session.send(SessionEnded(error))
+
+    async def _handle(self, session: AgentSession, message: pr_pb2.ConnectRequest) -> None:
+        """Handles one message of the app; when etcd cannot take it (unreachable, or no
+        answer in time, as in a leader election), tries again once the store answers,
+        from the presence as etcd holds it, for as long as the session's lease could
+        outlive the outage. The app is not cut off for what is no fault of its own."""
+        deadline = time.monotonic() + self._limits.lease_seconds
+        resync = False
+        while True:
+            try:
+                if resync:
+                    await session.resync()
+                await session.handle(message)
+                return
+            except (Unavailable, DeadlineExceeded) as exc:
+                delay = exc.retry_after or 1.0
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info(
+                    "agent message waits for etcd",
+                    extra={"fields": {"agent_id": session.agent.agent_id, "error": exc.reason}},
+                )
+                await asyncio.sleep(delay)
+                resync = True
 
     async def _watch(self, session: AgentSession, stopping: asyncio.Event) -> None:
         """Ends the session when the app goes silent, the lease is lost or the server stops;
