@@ -82,3 +82,29 @@ def test_published_modules_exist_and_say_who_uses_them() -> None:
         for module in published(service):
             loaded = importlib.import_module(f"services.{service}.{module}")
             assert "published module" in (loaded.__doc__ or ""), module
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+CODE = ("services", "tests", "bench", "tools")
+
+
+def oversized(path: Path) -> list[str]:
+    """What in a source file is over the project's sizes: the module, its functions."""
+    text = path.read_text()
+    found = []
+    if text.count("\n") > MAX_MODULE_LINES:
+        found.append(f"{path}: {text.count(chr(10))} lines")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{path}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_module_is_over_500_lines_and_no_function_over_80() -> None:
+    top = ROOT.parent
+    sources = [p for folder in CODE for p in sorted((top / folder).rglob("*.py"))]
+    assert len(sources) > 100
+    assert [o for p in sources for o in oversized(p)] == []
