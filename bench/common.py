@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from services.demo import SimulatedAgent, Tally
 from services.runtime import devpki, processes
@@ -242,3 +244,18 @@ async def simulated_team(
         await member.start()
         team.append(member)
     return team
+
+
+async def mortgage_pool_and_bank(nd: Any, cm: Any, pool_id: str, numbers: list[str]) -> None:
+    """The pool of the mortgage team's numbers, without quarantine (numbers are reused
+    at once, to measure throughput), and the bank's application matching by number."""
+    pool = nd_pb2.Pool(pool_id=pool_id, subjects=["mortgage"], resource_group="mortgage-team")
+    pool.quarantine.FromSeconds(0)
+    await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+    await nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=numbers))
+    app = cm_pb2.Application(
+        application_id="bank",
+        match_schema=common_pb2.MATCH_SCHEMA_NUMBER,
+        skip_ivr_on_match=True,
+    )
+    await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))

@@ -25,7 +25,6 @@ from google.protobuf import wrappers_pb2
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
-from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
@@ -37,6 +36,7 @@ from bench.common import (
     embedded_etcd,
     etcd_requests,
     measure,
+    mortgage_pool_and_bank,
     print_table,
     service_process,
     simulated_team,
@@ -134,20 +134,6 @@ def sample(etcd: EmbeddedEtcd) -> tuple[dict[str, float], Counter[str]]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}, etcd_requests(etcd)
 
 
-async def provision(nd: Any, cm: Any, numbers: int) -> None:
-    """A pool of `numbers` numbers without quarantine, and the bank's application."""
-    pool = nd_pb2.Pool(pool_id="e2e", subjects=["mortgage"], resource_group="mortgage-team")
-    pool.quarantine.FromSeconds(0)
-    await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
-    await nd.AddNumbers(
-        nd_pb2.AddNumbersRequest(pool_id="e2e", numbers=[f"+3314{i:07d}" for i in range(numbers)])
-    )
-    app = cm_pb2.Application(
-        application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
-    )
-    await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
-
-
 async def drive(
     etcd: EmbeddedEtcd,
     nd_address: str,
@@ -165,7 +151,7 @@ async def drive(
     cm: Any = cm_grpc.CallMatchingServiceStub(channels[1])
     pr: Any = pr_grpc.PresenceServiceStub(channels[2])
     rt: Any = rt_grpc.RoutingServiceStub(channels[3])
-    await provision(nd, cm, concurrency * 4)
+    await mortgage_pool_and_bank(nd, cm, "e2e", [f"+3314{i:07d}" for i in range(concurrency * 4)])
     team = await simulated_team(
         pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000, pr_address
     )

@@ -24,7 +24,6 @@ import grpc
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
-from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
@@ -33,6 +32,7 @@ from bench.common import (
     Result,
     embedded_etcd,
     measure,
+    mortgage_pool_and_bank,
     print_table,
     service_process,
     simulated_team,
@@ -107,16 +107,7 @@ async def drive(
     cm: Any = cm_grpc.CallMatchingServiceStub(channels[1])
     pr: Any = pr_grpc.PresenceServiceStub(channels[2])
     routers: list[Any] = [rt_grpc.RoutingServiceStub(c) for c in router_channels]
-    pool = nd_pb2.Pool(pool_id="bench", subjects=["mortgage"], resource_group="mortgage-team")
-    pool.quarantine.FromSeconds(0)
-    await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
-    await nd.AddNumbers(
-        nd_pb2.AddNumbersRequest(pool_id="bench", numbers=[f"+3315{i:07d}" for i in range(calls)])
-    )
-    app = cm_pb2.Application(
-        application_id="bank", match_schema=C.MATCH_SCHEMA_NUMBER, skip_ivr_on_match=True
-    )
-    await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+    await mortgage_pool_and_bank(nd, cm, "bench", [f"+3315{i:07d}" for i in range(calls)])
     team = await simulated_team(
         pr, "mortgage-team", "mortgage", agents, "bench-agent", 5000, pr_address
     )

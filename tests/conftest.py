@@ -379,3 +379,19 @@ async def numberdistribution_service(etcd: EmbeddedEtcd) -> AsyncIterator[Servic
 
     async with running_numberdistribution(etcd) as process:
         yield process
+
+
+@pytest.fixture(scope="module")
+async def nd_stub(numberdistribution_service: ServiceProcess) -> AsyncIterator[Any]:
+    """A stub of the session's NumberDistribution, called as CallMatching (its
+    certificate: ReserveNumber and the like are CallMatching's alone)."""
+    from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+
+    async with connect(numberdistribution_service.address, service="callmatching") as channel:
+        yield nd_grpc.NumberDistributionServiceStub(channel)
+
+
+@pytest.fixture
+def subject() -> str:
+    """A subject of the test's own, so that only its pools are eligible."""
+    return f"s-{uuid.uuid4().hex[:10]}"

@@ -15,10 +15,11 @@ from services.callmatching.handoffs import Handoffs
 from services.callmatching.sessions import Limits, Sessions
 from services.numberdistribution.codes import CodeBook
 from services.numberdistribution.pools import Pools
-from services.numberdistribution.reserving import Reservations, ReserveRequest
+from services.numberdistribution.reserving import Reservations
 from services.numberdistribution.view import NumberView
 from services.runtime.errors import Aborted
 from services.runtime.store import Store
+from tests.support.numbers import request
 
 
 @pytest.fixture
@@ -47,20 +48,6 @@ def handoffs(store: Store) -> Handoffs:
         limits,
         Applications(store),
         Sessions(store, limits),
-    )
-
-
-def request(session: str) -> ReserveRequest:
-    return ReserveRequest(
-        min_quarantine=0.0,
-        location=None,
-        subject="",
-        segment="",
-        resource_group="",
-        ttl=30.0,
-        want_access_code=False,
-        session_id=session,
-        idempotency_key="",
     )
 
 

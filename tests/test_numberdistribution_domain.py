@@ -16,10 +16,11 @@ from google.protobuf import duration_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.numberdistribution.codes import CodeBook
 from services.numberdistribution.pools import Pools
-from services.numberdistribution.reserving import Reservations, ReserveRequest
+from services.numberdistribution.reserving import Reservations
 from services.numberdistribution.view import NumberView
 from services.runtime.errors import NotFound, ResourceExhausted
 from services.runtime.store import Store
+from tests.support.numbers import request
 
 
 @dataclass
@@ -46,20 +47,6 @@ async def replicas(store: Store) -> AsyncIterator[list[Replica]]:
     yield made
     for replica in made:
         await replica.view.stop()
-
-
-def request(session: str) -> ReserveRequest:
-    return ReserveRequest(
-        min_quarantine=0.0,
-        location=None,
-        subject="",
-        segment="",
-        resource_group="",
-        ttl=30.0,
-        want_access_code=False,
-        session_id=session,
-        idempotency_key="",
-    )
 
 
 async def a_pool(replica: Replica, numbers: int, quarantine: float = 0.0) -> list[str]:

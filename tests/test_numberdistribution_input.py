@@ -5,7 +5,6 @@ dialled number resolved or refused as invalid (property-tested)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,10 +14,7 @@ from hypothesis import strategies as st
 
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from tests.conftest import (
-    ServiceProcess,
-    connect,
     violated_fields,
 )
 from tests.support.numbers import (
@@ -28,25 +24,7 @@ from tests.support.numbers import (
 )
 
 
-@pytest.fixture(scope="module")
-def service(numberdistribution_service: ServiceProcess) -> ServiceProcess:
-    """The session's NumberDistribution (tests/support/numbers.py)."""
-    return numberdistribution_service
-
-
-@pytest.fixture(scope="module")
-async def stub(service: ServiceProcess) -> AsyncIterator[Any]:
-    async with connect(service.address, service="callmatching") as channel:
-        yield nd_grpc.NumberDistributionServiceStub(channel)
-
-
-@pytest.fixture
-def subject() -> str:
-    """A subject of the test's own, so that only its pools are eligible."""
-    return f"s-{uuid.uuid4().hex[:10]}"
-
-
-async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
+async def test_a_bad_pool_is_refused_naming_every_bad_field(nd_stub: Any) -> None:
     pool = nd_pb2.Pool(
         pool_id="not a valid id!",
         city=common_pb2.City(name="Nowhereville-sur-Rien"),
@@ -55,7 +33,7 @@ async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
         quarantine=seconds(-1),
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
+        await nd_stub.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(caught.value) >= {
         "pool.pool_id",
@@ -66,10 +44,10 @@ async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
     shared = nd_pb2.Pool(pool_id=f"p-{uuid.uuid4().hex[:8]}", mode=nd_pb2.POOL_MODE_SHARED)
     shared.city.name = "Nowhereville-sur-Rien"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreatePool(nd_pb2.CreatePoolRequest(pool=shared))
+        await nd_stub.CreatePool(nd_pb2.CreatePoolRequest(pool=shared))
     assert violated_fields(caught.value) == {"pool.access_code_policy.mode", "pool.city.location"}
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id=shared.pool_id))
+        await nd_stub.GetPool(nd_pb2.GetPoolRequest(pool_id=shared.pool_id))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -81,24 +59,24 @@ async def test_a_bad_pool_is_refused_naming_every_bad_field(stub: Any) -> None:
     at=st.integers(0, 3),
 )
 async def test_a_malformed_number_refuses_the_whole_batch(
-    stub: Any, subject: str, junk: str, at: int
+    nd_stub: Any, subject: str, junk: str, at: int
 ) -> None:
     pool_id = f"p-{uuid.uuid4().hex[:10]}"
-    await stub.CreatePool(
+    await nd_stub.CreatePool(
         nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject]))
     )
     batch = fresh_numbers(3)
     batch.insert(at, junk)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=batch))
+        await nd_stub.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=batch))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(caught.value) == {f"numbers[{at}]"}
-    stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool_id))).stats
+    stats = (await nd_stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool_id))).stats
     assert stats.total == 0
 
 
-async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: str) -> None:
-    await make_pool(stub, subject, 1)
+async def test_bad_reservation_requests_name_their_fields(nd_stub: Any, subject: str) -> None:
+    await make_pool(nd_stub, subject, 1)
     request = nd_pb2.ReserveNumberRequest(
         subject=subject,
         device_location=common_pb2.GeoPoint(latitude=91, longitude=-181),
@@ -107,7 +85,7 @@ async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: st
         idempotency_key="k" * 129,
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ReserveNumber(request)
+        await nd_stub.ReserveNumber(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(caught.value) == {
         "device_location.latitude",
@@ -117,10 +95,10 @@ async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: st
         "idempotency_key",
     }
     with pytest.raises(grpc.aio.AioRpcError) as nowhere:
-        await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=f"{subject}-nobody-serves"))
+        await nd_stub.ReserveNumber(nd_pb2.ReserveNumberRequest(subject=f"{subject}-nobody-serves"))
     assert nowhere.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
-        await stub.ReleaseNumber(nd_pb2.ReleaseNumberRequest(reservation_id="r-unknown"))
+        await nd_stub.ReleaseNumber(nd_pb2.ReleaseNumberRequest(reservation_id="r-unknown"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -129,10 +107,10 @@ async def test_bad_reservation_requests_name_their_fields(stub: Any, subject: st
 )
 @given(dialled=st.text(max_size=60), digits=st.text(alphabet="0123456789*#x", max_size=40))
 async def test_any_dialled_number_resolves_or_is_refused_as_invalid(
-    stub: Any, dialled: str, digits: str
+    nd_stub: Any, dialled: str, digits: str
 ) -> None:
     try:
-        reply = await stub.ResolveNumber(
+        reply = await nd_stub.ResolveNumber(
             nd_pb2.ResolveNumberRequest(dialled_number=dialled, dtmf_digits=digits)
         )
     except grpc.aio.AioRpcError as exc:

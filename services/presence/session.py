@@ -311,7 +311,7 @@ class AgentSession:
             # Changed since this session last wrote it: replaced or lost, or an earlier
             # write of this session that etcd applied without its answer reaching it (an
             # election, a timeout). Only this session writes its presence: then write on.
-            self.revision = await self._own_revision()
+            self.revision = (await self._own_presence()).meta.mod_revision
         else:
             raise self._lost()
         self.revision = result.revision
@@ -325,23 +325,19 @@ class AgentSession:
         self.replaced = True
         return SessionEnded(Unavailable("this session was replaced or lost", reason="SESSION_LOST"))
 
-    async def _own_revision(self) -> int:
-        """The revision of the agent's presence in etcd while it is this session's; the
-        session ends when it is not (replaced by another login, or its lease lost)."""
+    async def _own_presence(self) -> Entry[pr_store.StoredPresence]:
+        """The agent's presence in etcd while it is this session's; the session ends when
+        it is not (replaced by another login, or its lease lost)."""
         current = await self.store.get(keys.presence(self.agent.agent_id), pr_store.StoredPresence)
         if current is None or current.value.agent_session_id != self.session_id:
             raise self._lost()
-        return current.meta.mod_revision
+        return current
 
     async def resync(self) -> None:
         """Takes the presence as etcd holds it (after a write whose answer was lost: it
         may or may not have been applied), while it is this session's."""
         async with self.write_lock:
-            current = await self.store.get(
-                keys.presence(self.agent.agent_id), pr_store.StoredPresence
-            )
-            if current is None or current.value.agent_session_id != self.session_id:
-                raise self._lost()
+            current = await self._own_presence()
             self.state, self.revision = current.value, current.meta.mod_revision
 
     async def handle(self, message: pr_pb2.ConnectRequest) -> None:

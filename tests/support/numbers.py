@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from services.numberdistribution.reserving import ReserveRequest
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ServiceProcess,
@@ -69,3 +70,18 @@ async def running_numberdistribution(etcd: EmbeddedEtcd) -> AsyncIterator[Servic
         yield process
     finally:
         process.stop()
+
+
+def request(session: str) -> ReserveRequest:
+    """A reservation request for any pool, as the in-process domain tests make it."""
+    return ReserveRequest(
+        min_quarantine=0.0,
+        location=None,
+        subject="",
+        segment="",
+        resource_group="",
+        ttl=30.0,
+        want_access_code=False,
+        session_id=session,
+        idempotency_key="",
+    )
