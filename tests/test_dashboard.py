@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.embedded_etcd import free_port
 from tests.conftest import ROOT, ServiceProcess, connect, eventually, identity, wait_serving
+from tests.support.scraping import scrape
 
 DASHBOARD = ROOT / "k8s/overlays/dev/dashboards/accessline-match.json"
 
@@ -44,19 +44,6 @@ def names_in(query: str) -> tuple[set[str], set[str]]:
     stripped = re.sub(r"\{[^}]*\}", "", re.sub(r"\b(?:by|on)\s*\([^)]*\)", "", query))
     metrics = set(re.findall(r"\baccessline_\w+", stripped))
     return metrics, labels - {"le"}
-
-
-def scrape(port: int) -> tuple[set[str], set[str]]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    metrics, labels = set(), set()
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name = re.match(r"[a-zA-Z_:][\w:]*", line)
-        assert name is not None
-        metrics.add(name.group(0))
-        labels |= set(re.findall(r"(\w+)=\"", line))
-    return metrics, labels
 
 
 async def test_the_dashboard_queries_only_metrics_the_services_export(

@@ -36,8 +36,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("accessline.callmatching")
 
 # Histogram buckets in seconds: a decision takes milliseconds, a customer dials in seconds.
-DECISION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
-HANDOFF_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0]
+# Bucket boundaries from the measured ranges: a decision takes milliseconds (p50 about
+# 20 ms on the 2-core machine), a customer dials within a fraction of a second (an app
+# that dials by itself) to minutes.
+DECISION_BUCKETS = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+]  # fmt: skip
+HANDOFF_BUCKETS = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+    90.0, 120.0, 180.0, 300.0, 600.0, 1800.0,
+]  # fmt: skip
 # A right call retries its final transaction while wrong codes keep changing the session;
 # they can do so at most max_code_attempts (at most 20) times before it locks.
 MAX_MATCH_ROUNDS = 24
@@ -122,7 +131,8 @@ class Matcher:
         self._decision = meter.create_histogram(
             "accessline.match.decision.duration",
             unit="s",
-            description="From the call's arrival to the match decision",
+            description="CallMatching's decision time: from the call's arrival (as the"
+            " switch stamped it, or MatchCall's start) to the decision",
             explicit_bucket_boundaries_advisory=DECISION_BUCKETS,
         )
         self._waited = meter.create_histogram(

@@ -12,7 +12,7 @@ from services.notification.delivery import Provider, Worker
 from services.notification.domain import Notifications, Policy
 from services.notification.providers import Apns, Fcm
 from services.notification.servicer import NotificationServicer
-from services.notification.settings import DEVELOPMENT_SECRET, NotificationSettings
+from services.notification.settings import NotificationSettings
 from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.notification")
@@ -58,10 +58,6 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             settings.fcm_url, settings.fcm_service_account_file, settings.push_ca_file
         )
     secret = settings.notification_secret.get_secret_value()
-    if secret == DEVELOPMENT_SECRET:
-        log.warning(
-            "ACCESSLINE_NOTIFICATION_SECRET is the development default; set a secret of your own"
-        )
     notifications = Notifications(context.store, policy, secret.encode(), meter)
     worker = Worker(
         context.store,

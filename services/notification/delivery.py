@@ -73,6 +73,15 @@ class Worker:
             unit="{attempt}",
             description="Delivery attempts by platform and result",
         )
+        # Deliveries taken from the schedule, waiting for a free sender: when each was due.
+        self._waiting: dict[str, float] = {}
+        meter.create_observable_gauge(
+            "accessline.notifications.outbox.lag",
+            callbacks=[lambda _: [metrics.Observation(self.lag(time.time()))]],
+            unit="s",
+            description="How long the most overdue delivery of this worker has been due"
+            " (0 when the worker keeps up)",
+        )
 
     async def start(self) -> None:
         lease_id = await self._store.grant_lease(self._lease_seconds)
@@ -91,6 +100,13 @@ class Worker:
             self._store.stop_keep_alive(self._lease)
             with contextlib.suppress(AccesslineError):
                 await self._store.revoke_lease(self._lease.id)
+
+    def lag(self, now: float) -> float:
+        """Seconds the most overdue delivery of this worker has been waiting."""
+        due = list(self._waiting.values())
+        if self._due:
+            due.append(self._due[0][0])
+        return max(0.0, now - min(due)) if due else 0.0
 
     def _schedule(self, key: str, at: float) -> None:
         heapq.heappush(self._due, (at, key))
@@ -126,7 +142,8 @@ class Worker:
         while True:
             now = time.time()
             while self._due and self._due[0][0] <= now:
-                _, key = heapq.heappop(self._due)
+                at, key = heapq.heappop(self._due)
+                self._waiting[key] = min(at, self._waiting.get(key, at))
                 task = asyncio.create_task(self._deliver(key))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -137,6 +154,7 @@ class Worker:
 
     async def _deliver(self, key: str) -> None:
         async with self._gate:
+            self._waiting.pop(key, None)
             try:
                 await self._attempt(key)
             except AccesslineError as exc:
@@ -194,11 +212,19 @@ class Worker:
                 now = time.time()
                 delivery.attempts += 1
                 result = "sent" if outcome.sent else ("retry" if outcome.retry else "failed")
-                self._attempts.add(
-                    1,
-                    {
-                        "accessline.platform": nt_pb2.Platform.Name(device.platform),
-                        "result": result,
+                platform = nt_pb2.Platform.Name(device.platform)
+                self._attempts.add(1, {"accessline.platform": platform, "result": result})
+                log.info(
+                    "push attempt",
+                    extra={
+                        "fields": {
+                            "notification_id": notification_id,
+                            "device_id": device_id,
+                            "platform": platform,
+                            "result": result,
+                            "attempt": delivery.attempts,
+                            "reason": outcome.reason,
+                        }
                     },
                 )
                 if outcome.sent:

@@ -206,7 +206,7 @@ class Reservations:
                 )
                 if made is not None:
                     return made
-                if state.pool.mode != nd_pb2.POOL_MODE_SHARED:
+                if state.pool.mode != nd_pb2.POOL_MODE_SHARED and not state.free:
                     failed.append(state.pool.pool_id)
             for position, (state, distance) in enumerate(fitting):
                 if state.pool.mode != nd_pb2.POOL_MODE_SHARED:
@@ -220,8 +220,11 @@ class Reservations:
                 )
                 if made is not None:
                     return made
-                failed.append(state.pool.pool_id)
+                if not state.shareable:
+                    failed.append(state.pool.pool_id)
         finally:
+            # Only pools found with nothing left: a pool whose attempts all lost their
+            # races to other replicas still has numbers and is not exhausted.
             for pool_id in failed:
                 await self._count_exhaustion(pool_id)
         waits = [

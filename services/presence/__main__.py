@@ -47,6 +47,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             max_interaction=settings.presence_max_interaction_hours * 3600,
             login_timeout=settings.presence_login_timeout_seconds,
         ),
+        context.telemetry.meter("accessline.presence"),
     )
     return [
         Registration(

@@ -34,6 +34,13 @@ log = logging.getLogger("accessline.presence")
 tracer = trace.get_tracer("accessline.presence")
 
 C = common_pb2
+_EVERY_CHANNEL_PRESENCE = [
+    (channel, presence)
+    for channel in C.Channel.keys()  # noqa: SIM118 - an enum wrapper, not a dict
+    if channel != "CHANNEL_UNSPECIFIED"
+    for presence in C.ChannelPresence.keys()  # noqa: SIM118
+    if presence != "CHANNEL_PRESENCE_UNSPECIFIED"
+]
 
 
 class Hub:
@@ -54,7 +61,9 @@ class Hub:
         self._janitors: set[asyncio.Task[None]] = set()
 
     def _observe(self, _: object) -> list[metrics.Observation]:
-        counts: dict[tuple[str, str], int] = {}
+        # Every channel and presence, zero when no agent is in it: "no agent available"
+        # is a 0 on the dashboard and in alerts, not a missing series.
+        counts: dict[tuple[str, str], int] = dict.fromkeys(_EVERY_CHANNEL_PRESENCE, 0)
         for session in list(self.sessions.values()):
             for channel in session.state.channels:
                 state = channel_presence(channel, session.state.do_not_disturb)

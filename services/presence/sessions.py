@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
@@ -38,11 +38,24 @@ C = common_pb2
 class Sessions:
     """Runs Connect streams: login, then messages up and events down until the end."""
 
-    def __init__(self, store: Store, hub: Hub, directory: Directory, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        directory: Directory,
+        limits: Limits,
+        meter: metrics.Meter | None = None,
+    ) -> None:
         self._store = store
         self._hub = hub
         self._directory = directory
         self._limits = limits
+        self._ended = (meter or metrics.get_meter("accessline.presence")).create_counter(
+            "accessline.presence.sessions.ended",
+            unit="{session}",
+            description="Agent sessions ended, by how: closed (the app logged out or ended"
+            " its stream), dropped (the stream broke), or the error's reason",
+        )
 
     async def connect(
         self, requests: AsyncIterator[pr_pb2.ConnectRequest], stopping: asyncio.Event
@@ -68,6 +81,7 @@ class Sessions:
         session = AgentSession(self._store, self._hub, self._limits, agent, login.device)
         reader: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
+        how = "dropped"  # unless the session says how it ended: the stream broke
         try:
             await session.open()
             reader = asyncio.create_task(self._read(iterator, session))
@@ -76,10 +90,13 @@ class Sessions:
                 item = await session.outbox.get()
                 if isinstance(item, SessionEnded):
                     if item.error is not None:
+                        how = item.error.reason or "error"
                         raise item.error
+                    how = "closed"
                     return
                 yield item
         finally:
+            self._ended.add(1, {"accessline.session.end": how})
             for task in (reader, watchdog):
                 if task is not None:
                     task.cancel()

@@ -120,6 +120,30 @@ class Dispatcher:
             callbacks=[lambda _: [metrics.Observation(1 if self.leading.is_set() else 0)]],
             description="1 on the replica running the dispatch loop",
         )
+        # Per group: (waiting for an agent, of which past their SLA target), as the
+        # leader's last pass saw the queue; a group once seen stays, at zero when empty.
+        self._waiting: dict[str, tuple[int, int]] = {}
+        meter.create_observable_gauge(
+            "accessline.routing.queue.waiting",
+            callbacks=[lambda _: self._observe_waiting(0)],
+            unit="{interaction}",
+            description="Interactions waiting for an agent, per group (the dispatch leader's view)",
+        )
+        meter.create_observable_gauge(
+            "accessline.routing.queue.past_sla",
+            callbacks=[lambda _: self._observe_waiting(1)],
+            unit="{interaction}",
+            description="Interactions waiting longer than their SLA target, per group"
+            " (the dispatch leader's view)",
+        )
+
+    def _observe_waiting(self, which: int) -> list[metrics.Observation]:
+        if not self.leading.is_set():
+            return []
+        return [
+            metrics.Observation(counts[which], {"accessline.group": group})
+            for group, counts in list(self._waiting.items())
+        ]
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -268,13 +292,18 @@ class Dispatcher:
         snapshot = await self._snapshot()
         await self._sweep(snapshot.queued, snapshot.dials, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
+        waiting = dict.fromkeys(self._waiting, (0, 0))
         for entry in snapshot.queued:
             by_group[entry.value.resource_group].append(entry)
+            waiting[entry.value.resource_group] = _counted(
+                waiting.get(entry.value.resource_group, (0, 0)), entry.value, now
+            )
             if (
                 entry.value.state == rt_store.INTERACTION_STATE_OFFERED
                 and entry.value.interaction_id not in self._follows
             ):
                 self._follow_offer(entry)
+        self._waiting = waiting
         asks_by_group: dict[str, list[Entry[rt_store.NotifyRequest]]] = defaultdict(list)
         for request in snapshot.requests:
             if seconds(request.value.active_at) <= now:
@@ -375,6 +404,18 @@ class Dispatcher:
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
+                log.info(
+                    "offer made",
+                    extra={
+                        "fields": {
+                            "interaction_id": item.interaction_id,
+                            "offer_id": stored.offer.offer_id,
+                            "agent_id": agent.agent_id,
+                            "channel": common_pb2.Channel.Name(candidate.channel),
+                            "group": item.resource_group,
+                        }
+                    },
+                )
                 written = KeyMeta(
                     entry.meta.create_revision,
                     result.revision,
@@ -411,3 +452,11 @@ class Dispatcher:
 
 
 __all__ = ["Dispatcher"]
+
+
+def _counted(counts: tuple[int, int], item: QI, now: float) -> tuple[int, int]:
+    """(waiting, past SLA) of a group with one more queue entry counted."""
+    if item.state == rt_store.INTERACTION_STATE_CONNECTED:
+        return counts
+    late = now - seconds(item.created_at) > item.sla_target_seconds
+    return counts[0] + 1, counts[1] + int(late)

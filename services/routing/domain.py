@@ -33,6 +33,7 @@ from services.routing.entries import (
     secret_hash,
 )
 from services.routing.estimates import Estimates
+from services.routing.measures import RouteMeasures
 from services.routing.queue import Rules, interaction_for
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
@@ -97,19 +98,7 @@ class Router:
         self.estimates = Estimates(store, presence, rules)
         self._entries = QueueEntries(store, rules)
         meter = meter or metrics.get_meter("accessline.routing")
-        self._to_accept = meter.create_histogram(
-            "accessline.routing.call_to_accept.duration",
-            unit="s",
-            description="From the call's arrival to the agent's accept",
-            explicit_bucket_boundaries_advisory=[
-                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
-            ],
-        )  # fmt: skip
-        self._queued = meter.create_up_down_counter(
-            "accessline.routing.calls_waiting",
-            unit="{call}",
-            description="Calls held by this replica's streams that wait for an agent",
-        )
+        self._measures = RouteMeasures(meter)
 
     async def route(
         self, request: rt_pb2.RouteInboundCallRequest
@@ -117,14 +106,14 @@ class Router:
         """One inbound call on the switch's stream: the match decision (CallMatching),
         then the queue of its group until an agent accepts, or a `failed` event."""
         interaction_id = "i" + secrets.token_urlsafe(12)
-        arrived = (
-            seconds(request.call_arrived_at) if request.HasField("call_arrived_at") else time.time()
-        )
+        stamped = request.HasField("call_arrived_at")
+        arrived = seconds(request.call_arrived_at) if stamped else time.time()
 
         def event(**fields: Any) -> rt_pb2.RouteInboundCallResponse:
             return rt_pb2.RouteInboundCallResponse(interaction_id=interaction_id, **fields)
 
         matched, decided, hold = await self._decide(request, interaction_id)
+        self._measures.decided(interaction_id, decided, arrived, stamped)
         group = decided.resource_group
         yield event(match_decided=decided)
         if not group:
@@ -313,7 +302,7 @@ class Router:
         """The call's progress until it connects, fails, is handed over or hangs up; then
         it leaves the queue (unless handed over)."""
         self._wake()
-        self._queued.add(1)
+        self._measures.waiting(1)
         connected = False
         try:
             async for update in self._follow(call, item, revision):
@@ -324,7 +313,7 @@ class Router:
                 update.interaction_id = call.interaction_id
                 yield update
         finally:
-            self._queued.add(-1)
+            self._measures.waiting(-1)
             if not call.handed_over:
                 await asyncio.shield(self._entries.leave(call.key, connected, call.seen))
 
@@ -444,7 +433,7 @@ class Router:
 
     def _connect(self, call: _Call, current: QI) -> rt_pb2.RouteInboundCallResponse:
         """The switch's `connect` event for a call an agent accepted."""
-        self._to_accept.record(max(0.0, time.time() - call.arrived))
+        self._measures.accepted(call.arrived)
         target = current.connected
         return rt_pb2.RouteInboundCallResponse(
             connect=rt_pb2.Connect(

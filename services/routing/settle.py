@@ -118,6 +118,16 @@ class Settler:
                 else "TIMED_OUT"
             )
             self._offers.add(1, {"accessline.offer.result": result})
+            log.info(
+                "offer answered",
+                extra={
+                    "fields": {
+                        "offer_id": offer.offer_id,
+                        "agent_id": offer.agent_id,
+                        "result": result,
+                    }
+                },
+            )
             drop = [Op.delete(offer.claim_key)]
             answered = answer is not None and answer.state in (
                 pr_store.OFFER_STATE_ACCEPTED,

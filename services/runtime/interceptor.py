@@ -189,6 +189,8 @@ class Finished:
     request: Any
     peer: str
     trace_id: str
+    # Seconds from the call's arrival in the interceptor to its end.
+    duration: float
 
 
 Observer = Callable[[Finished], None]
@@ -211,6 +213,7 @@ class _Call:
         self.peer = context.peer() if observe is not None else ""
         self.request = None if isinstance(request, Undecodable) else request
         self.observe = observe
+        self.started = time.perf_counter()
         self.span = start_server_span(method, context.invocation_metadata())
         self.code = grpc.StatusCode.OK
         self.reason = ""
@@ -232,6 +235,7 @@ class _Call:
                     self.request,
                     self.peer,
                     f"{trace_id:032x}" if trace_id else "",
+                    time.perf_counter() - self.started,
                 )
             )
 
@@ -343,7 +347,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._screen: Screen = screen or (lambda _: [])
         # Set by the runtime once it knows the services it serves and their policies.
         self.admit: Admit = _open
-        # Told of every call as it ends (the audit trail).
+        # Told of every call as it ends (the per-RPC metrics, the access log, the audit
+        # trail).
         self.observe: Observer | None = None
 
     async def intercept_service(

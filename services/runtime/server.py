@@ -21,7 +21,9 @@ import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import Observation
 
+from services.runtime.access import Access, observers
 from services.runtime.audit import AuditTrail, observer
 from services.runtime.errors import AccesslineError
 from services.runtime.identity import Authorizer, JwksKeys, TokenVerifier, acting_as
@@ -205,8 +207,14 @@ class ServiceRuntime:
         registrations = await self.spec.build(self._context)
         self._authorizer.register(reg.descriptor for reg in registrations)
         self._errors.admit = self._admit
-        self._errors.observe = observer(trail, self._authorizer)
+        access = Access(telemetry.meter("accessline.rpc"), log_calls=settings.access_log)
+        self._errors.observe = observers(access, observer(trail, self._authorizer))
 
+        telemetry.meter("accessline.runtime").create_observable_gauge(
+            "accessline.etcd.reachable",
+            callbacks=[lambda _: self._observe_etcd()],
+            description="1 while etcd answers this replica's health checks, 0 while it does not",
+        )
         server = self._grpc_server(registrations)
         if settings.health_port:
             await self._start_probe_server()
@@ -304,6 +312,9 @@ class ServiceRuntime:
     async def _set_health(self, status: int) -> None:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
+
+    def _observe_etcd(self) -> list[Observation]:
+        return [] if self._etcd_ok is None else [Observation(int(self._etcd_ok))]
 
     async def _check_etcd(self) -> None:
         try:

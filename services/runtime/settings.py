@@ -173,6 +173,10 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Least severe level written to the JSON log."
     )
+    access_log: bool = Field(
+        default=True,
+        description="One log line per call (method, status, duration, caller, trace id).",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
         description="The event loop the service runs on: uvloop (libuv, faster) or the"
@@ -246,15 +250,23 @@ class ServiceSettings(BaseSettings):
                 "ACCESSLINE_AUDIT_DSN must be set in production: every change and every"
                 " refused call is written to the audit trail"
             )
-        for name, info in type(self).model_fields.items():
-            default = info.default
-            value = getattr(self, name)
-            if isinstance(default, SecretStr) and default.get_secret_value() and value == default:
-                raise ValueError(
-                    f"{ENV_PREFIX}{name.upper()} is the development default; set a secret of"
-                    " your own (production refuses development secrets)"
-                )
+        for variable in self.development_secrets():
+            raise ValueError(
+                f"{variable} is the development default; set a secret of"
+                " your own (production refuses development secrets)"
+            )
         return self
+
+    def development_secrets(self) -> list[str]:
+        """The variables whose secret is still its development default (refused in
+        production, warned about at start otherwise)."""
+        return [
+            f"{ENV_PREFIX}{name.upper()}"
+            for name, info in type(self).model_fields.items()
+            if isinstance(info.default, SecretStr)
+            and info.default.get_secret_value()
+            and getattr(self, name) == info.default
+        ]
 
     @field_validator("etcd_prefix")
     @classmethod

@@ -101,6 +101,16 @@ class BufferedWriter:
             unit=unit,
             description=f"Rows waiting to be written to the {what}",
         )
+        meter.create_observable_gauge(
+            f"accessline.{name}.up",
+            callbacks=[lambda _: self._observe_up()],
+            description=f"1 while the {what} database takes writes, 0 while it does not",
+        )
+
+    def _observe_up(self) -> list[metrics.Observation]:
+        if self._healthy is None:
+            return []  # not tried yet
+        return [metrics.Observation(int(self._healthy))]
 
     @property
     def healthy(self) -> bool:

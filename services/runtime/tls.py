@@ -39,18 +39,40 @@ class _Files:
         )
 
 
+def development_cas(settings: ServiceSettings) -> list[str]:
+    """The variables naming a CA made by `make up` for development."""
+    if settings.insecure:
+        return []
+    return [
+        variable
+        for variable, path in (
+            ("ACCESSLINE_TLS_CA_FILE", settings.tls_ca_file),
+            ("ACCESSLINE_ETCD_CA_FILE", settings.etcd_ca_file),
+        )
+        if path and is_development_ca(Path(path).read_bytes())
+    ]
+
+
 def check_production(settings: ServiceSettings) -> None:
-    """Refuses, in production, a CA made by `make up` for development."""
-    if settings.environment != "production" or settings.insecure:
-        return
-    for variable, path in (
-        ("ACCESSLINE_TLS_CA_FILE", settings.tls_ca_file),
-        ("ACCESSLINE_ETCD_CA_FILE", settings.etcd_ca_file),
-    ):
-        if path and is_development_ca(Path(path).read_bytes()):
+    """Refuses, in production, a CA made by `make up` for development; elsewhere warns
+    of every development CA and secret in use."""
+    cas = development_cas(settings)
+    if settings.environment == "production":
+        for variable in cas:
             raise SettingsError(
                 f"{variable} is the development CA; production refuses development keys"
             )
+        return
+    for variable in settings.development_secrets():
+        log.warning(
+            "development secret in use",
+            extra={"fields": {"variable": variable, "fix": "set a secret of your own"}},
+        )
+    for variable in cas:
+        log.warning(
+            "development CA in use",
+            extra={"fields": {"variable": variable, "fix": "use your own CA in production"}},
+        )
 
 
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
