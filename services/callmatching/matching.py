@@ -167,15 +167,18 @@ class Matcher:
         attempt.outcome = response.outcome
         attempt.decided_at.CopyFrom(timestamp(now))
         self._history.record(attempt)
-        labels = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
+        outcome = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
+        labels = outcome
         if attempt.application_id:
-            labels["accessline.application"] = attempt.application_id
+            labels = {**outcome, "accessline.application": attempt.application_id}
         self._outcomes.add(1, labels)
-        self._decision.record(max(0.0, now - arrived), labels)
+        # The histograms by outcome alone: a series of buckets per application would
+        # multiply them by the applications, for no panel or alert that reads it.
+        self._decision.record(max(0.0, now - arrived), outcome)
         if response.outcome == cm_pb2.MATCH_OUTCOME_MATCHED and attempt.HasField(
             "handoff_requested_at"
         ):
-            self._waited.record(max(0.0, arrived - seconds(attempt.handoff_requested_at)), labels)
+            self._waited.record(max(0.0, arrived - seconds(attempt.handoff_requested_at)), outcome)
         span.set_attribute("accessline.match.outcome", labels["accessline.match.outcome"])
         span.set_attribute(
             "accessline.match.schema", common_pb2.MatchSchema.Name(attempt.match_schema)

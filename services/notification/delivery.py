@@ -108,6 +108,16 @@ class Worker:
             due.append(self._due[0][0])
         return max(0.0, now - min(due)) if due else 0.0
 
+    def _count(self, key: str, platform: int, attempt: int, outcome: Outcome) -> None:
+        """An attempt in the metrics and the log (ids only, never the push token)."""
+        result = "sent" if outcome.sent else ("retry" if outcome.retry else "failed")
+        name = nt_pb2.Platform.Name(platform)  # type: ignore[arg-type]
+        self._attempts.add(1, {"accessline.platform": name, "result": result})
+        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
+        fields = {"notification_id": notification_id, "device_id": device_id, "platform": name}
+        fields.update(result=result, attempt=str(attempt), reason=outcome.reason)
+        log.info("push attempt", extra={"fields": fields})
+
     def _schedule(self, key: str, at: float) -> None:
         heapq.heappush(self._due, (at, key))
         self._wake.set()
@@ -211,22 +221,7 @@ class Worker:
                 # A provider's Retry-After counts from its answer, not from the request.
                 now = time.time()
                 delivery.attempts += 1
-                result = "sent" if outcome.sent else ("retry" if outcome.retry else "failed")
-                platform = nt_pb2.Platform.Name(device.platform)
-                self._attempts.add(1, {"accessline.platform": platform, "result": result})
-                log.info(
-                    "push attempt",
-                    extra={
-                        "fields": {
-                            "notification_id": notification_id,
-                            "device_id": device_id,
-                            "platform": platform,
-                            "result": result,
-                            "attempt": delivery.attempts,
-                            "reason": outcome.reason,
-                        }
-                    },
-                )
+                self._count(key, device.platform, delivery.attempts, outcome)
                 if outcome.sent:
                     delivery.status = nt_pb2.DELIVERY_STATUS_SENT
                     delivery.failure_reason = ""

@@ -369,7 +369,6 @@ class Dispatcher:
         offer_lease = await self._store.shared_lease(
             self._rules.offer_timeout + pr_offers.OFFER_MARGIN_SECONDS
         )
-        claim_lease = offer_lease
         record = rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id)
         for slot in range(capacity):
             claim_key = keys.claim(agent.agent_id, candidate.channel, slot)
@@ -393,7 +392,7 @@ class Dispatcher:
                     Compare.absent(claim_key),
                 ],
                 [
-                    Op.put(claim_key, record, claim_lease),
+                    Op.put(claim_key, record, offer_lease),
                     Op.put(entry.key, updated, entry.meta.lease),
                     Op.put(
                         pr_offers.offer_key(agent.agent_id, stored.offer.offer_id),
@@ -404,18 +403,7 @@ class Dispatcher:
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
-                log.info(
-                    "offer made",
-                    extra={
-                        "fields": {
-                            "interaction_id": item.interaction_id,
-                            "offer_id": stored.offer.offer_id,
-                            "agent_id": agent.agent_id,
-                            "channel": common_pb2.Channel.Name(candidate.channel),
-                            "group": item.resource_group,
-                        }
-                    },
-                )
+                _log_offer(item, stored.offer.offer_id, candidate)
                 written = KeyMeta(
                     entry.meta.create_revision,
                     result.revision,
@@ -460,3 +448,18 @@ def _counted(counts: tuple[int, int], item: QI, now: float) -> tuple[int, int]:
         return counts
     late = now - seconds(item.created_at) > item.sla_target_seconds
     return counts[0] + 1, counts[1] + int(late)
+
+
+def _log_offer(item: QI, offer_id: str, candidate: Candidate) -> None:
+    log.info(
+        "offer made",
+        extra={
+            "fields": {
+                "interaction_id": item.interaction_id,
+                "offer_id": offer_id,
+                "agent_id": candidate.agent.agent_id,
+                "channel": common_pb2.Channel.Name(candidate.channel),
+                "group": item.resource_group,
+            }
+        },
+    )
