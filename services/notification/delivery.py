@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import random
 import secrets
 import time
 from typing import Protocol
@@ -24,6 +23,7 @@ from services.notification.keys import (
     OUTBOX,
 )
 from services.notification.providers import Message, Outcome
+from services.runtime.backoff import delay
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     AccesslineError,
@@ -226,11 +226,10 @@ class Worker:
                     delivery.status = nt_pb2.DELIVERY_STATUS_SENT
                     delivery.failure_reason = ""
                 elif outcome.retry and delivery.attempts < self._policy.max_attempts:
-                    backoff = min(
-                        self._policy.backoff_cap,
-                        self._policy.backoff_base * 2 ** (delivery.attempts - 1),
-                    )
-                    wait = max(outcome.retry_after or 0.0, random.uniform(backoff / 2, backoff))
+                    # Half the base to the whole after the first failure, doubling.
+                    policy = self._policy
+                    backoff = delay(delivery.attempts, policy.backoff_base / 2, policy.backoff_cap)
+                    wait = max(outcome.retry_after or 0.0, backoff)
                     delivery.next_attempt_at.CopyFrom(timestamp(now + wait))
                     delivery.failure_reason = outcome.reason
                 else:

@@ -38,6 +38,7 @@ from services.routing.plan import (
 from services.routing.queue import Candidate, Rules
 from services.routing.settle import AcceptedCallback, Settler
 from services.routing.view import AgentView
+from services.runtime.backoff import Backoff
 from services.runtime.clock import seconds
 from services.runtime.election import Election, NotLeader, Term
 from services.runtime.errors import AccesslineError
@@ -163,11 +164,11 @@ class Dispatcher:
                 await self._task
 
     async def _campaign(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(0.2, 5.0)
         while not self._stopping.is_set():
             try:
                 await self._term_of_office()
-                backoff = 0.2
+                backoff.reset()
                 continue
             except (AccesslineError, NotLeader, WatchCompacted) as exc:
                 log.warning("dispatch leadership interrupted: %s", exc)
@@ -177,8 +178,7 @@ class Dispatcher:
                 log.exception("dispatch loop failed")
             # Back off before campaigning again (etcd unreachable, lease lost).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, 5.0)
+                await asyncio.wait_for(self._stopping.wait(), backoff.next())
 
     def _leader_record(self) -> rt_store.Leader:
         leader = rt_store.Leader(replica_id=self._replica)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
 import aetcd.rpc as etcdrpc
 import grpc
 
+from services.runtime.backoff import Backoff
 from services.runtime.etcdlink import REQUIRE_LEADER, Members, member_fault
 
 log = logging.getLogger("accessline.store")
@@ -125,7 +125,7 @@ class LeaseKeeper:
                 await lease._mark_refreshed(reply.TTL)
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 2.0)
         while self._leases:
             member = self._members.current
             call = member.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
@@ -141,7 +141,7 @@ class LeaseKeeper:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()
-                backoff = 0.1
+                backoff.reset()
             except grpc.aio.AioRpcError as exc:
                 log.warning("lease keep-alive stream failed: %s", exc.code().name)
                 if member_fault(exc):
@@ -154,5 +154,4 @@ class LeaseKeeper:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
             await self._expire_overdue()
-            await asyncio.sleep(backoff * (1 + random.random()))
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
@@ -28,6 +27,7 @@ import aetcd.rpc as etcdrpc
 import grpc
 from google.protobuf.message import Message
 
+from services.runtime.backoff import Backoff
 from services.runtime.etcdlink import (
     REQUIRE_LEADER,
     EtcdTls,
@@ -358,7 +358,7 @@ class Store:
         self, prefix: str, start_revision: int, max_backoff: float, *, whole_prefix: bool
     ) -> AsyncIterator[WatchEvent]:
         next_revision = start_revision
-        backoff = 0.05
+        backoff = Backoff(0.05, max_backoff)
         abs_prefix = self._abs(prefix)
         range_end = prefix_range_end(abs_prefix) if whole_prefix else b""
         while not self._closed:
@@ -388,7 +388,7 @@ class Store:
                         if "leader" in reply.cancel_reason:
                             member.failed_at = time.monotonic()
                         break
-                    backoff = 0.05
+                    backoff.reset()
                     for event in reply.events:
                         kv = event.kv
                         prev = event.prev_kv.value if event.HasField("prev_kv") else None
@@ -418,8 +418,7 @@ class Store:
                 log.warning("watch on %s ended before it started; resuming", prefix)
             finally:
                 call.cancel()
-            await asyncio.sleep(backoff * (1 + random.random()))
-            backoff = min(backoff * 2, max_backoff)
+            await asyncio.sleep(backoff.next())
 
 
 __all__ = [
