@@ -7,11 +7,14 @@ guarantees."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 from google.protobuf import duration_pb2
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.numberdistribution.codes import CodeBook
@@ -167,3 +170,43 @@ async def test_a_release_read_from_a_stale_view_is_stopped_by_its_fencing_token(
     stats = await b.pools.pool_stats("lyon")
     assert (stats.reserved, stats.quarantined) == (0, 1)
     assert number in {n.number for n in b.view.pool_numbers("lyon")}
+
+
+async def test_a_pool_whose_attempt_lost_its_race_is_not_counted_exhausted(
+    store: Store, replicas: list[Replica]
+) -> None:
+    """Replica A's view is stale (stopped): replica B took a number A still sees free.
+    A's only attempt loses its race on that number while another stays free: refused,
+    but the pool was not found empty, so no exhaustion is counted against it."""
+    numbers = await a_pool(replicas[0], 2)
+    await caught_up(store, replicas)
+    reader = InMemoryMetricReader()
+    stale = Reservations(
+        store,
+        replicas[0].view,
+        CodeBook(b"in-process test secret"),
+        attempts=1,
+        meter=MeterProvider(metric_readers=[reader]).get_meter("test"),
+    )
+    await replicas[0].view.stop()
+    taken = (await replicas[1].reservations.reserve(request("b"))).reservation.access_number
+    candidates = list(replicas[0].view.pools["lyon"].free._items)
+    assert sorted(candidates) == sorted(numbers)
+    # A seed with which A's one random pick is the number B took.
+    seed = next(s for s in range(1000) if random.Random(s).choice(candidates) == taken)
+    random.seed(seed)
+    with pytest.raises(ResourceExhausted):
+        await stale.reserve(request("a"))
+    assert exhaustion_counts(reader) == {}
+
+
+def exhaustion_counts(reader: InMemoryMetricReader) -> dict[str, int]:
+    data = reader.get_metrics_data()
+    found: dict[str, int] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "accessline.numbers.exhaustion":
+                    for point in metric.data.data_points:
+                        found[str(point.attributes["accessline.pool"])] = int(point.value)
+    return found
