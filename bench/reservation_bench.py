@@ -1,7 +1,8 @@
 """Reservation cost as pools grow: ReserveNumber through gRPC on pools of 100, 10,000 and
 100,000 numbers, next to a raw etcd create-if-absent transaction through the same
 client library in the same run, and on the smallest pool a second NumberDistribution
-process on the standard asyncio event loop instead of uvloop.
+process on the standard asyncio event loop instead of uvloop, and two more logging at
+INFO as in production, with and without the access log line per call.
 
 Each worker reserves a number and releases it (pools have no quarantine, so numbers
 churn); only the ReserveNumber call is timed. One etcd and one NumberDistribution
@@ -87,6 +88,14 @@ async def reservations(
     )
 
 
+async def on_new_pool(address: str, size: int, count: int, concurrency: int, label: str) -> Result:
+    """Reservations on a pool of its own in the NumberDistribution at `address`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        pool_id = await prepare_pool(stub, size, 8)
+        return await reservations(stub, pool_id, count, concurrency, label)
+
+
 def len_label(pool_id: str) -> str:
     return f"{int(pool_id.split('-')[1]):,}"
 
@@ -98,6 +107,16 @@ async def main(sizes: list[int], count: int, concurrency: int) -> None:
         service_process(
             "services.numberdistribution", etcd, "/bench-asyncio", ACCESSLINE_EVENT_LOOP="asyncio"
         ) as plain_address,
+        service_process(
+            "services.numberdistribution", etcd, "/bench-logged", ACCESSLINE_LOG_LEVEL="INFO"
+        ) as logged_address,
+        service_process(
+            "services.numberdistribution",
+            etcd,
+            "/bench-unlogged",
+            ACCESSLINE_LOG_LEVEL="INFO",
+            ACCESSLINE_ACCESS_LOG="false",
+        ) as unlogged_address,
         grpc.aio.insecure_channel(address) as channel,
         grpc.aio.insecure_channel(plain_address) as plain_channel,
     ):
@@ -110,10 +129,22 @@ async def main(sizes: list[int], count: int, concurrency: int) -> None:
         on_asyncio = await reservations(
             plain, plain_pool, count, concurrency, ", standard asyncio loop"
         )
+        logged, unlogged = [
+            await on_new_pool(address, sizes[0], count, concurrency, label)
+            for address, label in (
+                (logged_address, ", INFO with the access log"),
+                (unlogged_address, ", INFO without the access log"),
+            )
+        ]
     print_table(
         f"reservations, {count} per pool, {concurrency} concurrent clients",
-        [baseline, *results, on_asyncio],
+        [baseline, *results, on_asyncio, logged, unlogged],
         baseline,
+    )
+    print(
+        f"\naccess log on / off (INFO), pool of {sizes[0]:,}:"
+        f" p50 {logged.p50_ms / unlogged.p50_ms:.2f}x,"
+        f" throughput {logged.per_second / unlogged.per_second:.2f}x"
     )
     print(
         f"\nuvloop (the default) / standard loop, pool of {sizes[0]:,}:"

@@ -13,8 +13,10 @@ import pytest
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from services.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
+from tests.support.presence import App, ending, register
 from tests.support.scraping import scrape_samples
 
 LIST_POOLS = "accessline.numberdistribution.v1.NumberDistributionService/ListPools"
@@ -108,3 +110,27 @@ async def test_agents_available_per_channel_is_zero_with_no_agent_logged_in(
     assert available["CHANNEL_DESK_VOICE"] == 0
     assert available["CHANNEL_MOBILE_VOICE"] == 0
     assert set(available.values()) == {0}
+
+
+async def test_an_agent_session_that_logs_out_is_closed_and_one_whose_stream_breaks_dropped(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    metrics_port = free_port()
+    pr = service_factory("services.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
+    await wait_serving(pr)
+    async with connect(pr.address) as channel:
+        stub: Any = pr_grpc.PresenceServiceStub(channel)
+        leaving, breaking = await register(stub), await register(stub)
+    leaver, breaker = App(pr.address), App(pr.address)
+    await leaver.login(leaving)
+    await breaker.login(breaking)
+    await leaver.call.done_writing()  # the app ends its stream: a logout
+    await ending(leaver)
+    breaker.call.cancel()  # the connection breaks
+
+    def ended() -> dict[str, float] | None:
+        samples = scrape_samples(metrics_port, "accessline_presence_sessions_ended_total")
+        found = {s["accessline_session_end"]: v for s, v in samples}
+        return found if sum(found.values()) >= 2 else None
+
+    assert await eventually(ended, what="both sessions ended") == {"closed": 1, "dropped": 1}
