@@ -41,6 +41,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str) -> None:
+    # The JSON object carries none of the caller's file, line, thread or process: the
+    # logging module need not look them up for every record (its documented
+    # optimisations; an access log line per call makes them count).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
