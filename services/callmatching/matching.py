@@ -35,10 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("accessline.callmatching")
 
-# Histogram buckets in seconds: a decision takes milliseconds, a customer dials in seconds.
-# Bucket boundaries from the measured ranges: a decision takes milliseconds (p50 about
-# 20 ms on the 2-core machine), a customer dials within a fraction of a second (an app
-# that dials by itself) to minutes.
+# Histogram buckets in seconds, from the measured ranges: a decision takes milliseconds
+# (p50 about 20 ms on the 2-core machine), a customer dials within a fraction of a second
+# (an app that dials by itself) to minutes.
 DECISION_BUCKETS = [
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
     0.25, 0.5, 1.0, 2.5, 5.0,

@@ -250,9 +250,10 @@ class ServiceSettings(BaseSettings):
                 "ACCESSLINE_AUDIT_DSN must be set in production: every change and every"
                 " refused call is written to the audit trail"
             )
-        for variable in self.development_secrets():
+        found = self.development_secrets()
+        if found:
             raise ValueError(
-                f"{variable} is the development default; set a secret of"
+                f"{found[0]} is the development default; set a secret of"
                 " your own (production refuses development secrets)"
             )
         return self
