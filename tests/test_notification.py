@@ -141,11 +141,19 @@ async def test_a_topic_fans_out_to_every_platform_with_the_providers_exact_reque
     customer = f"cust-{uuid.uuid4().hex[:6]}"
     ios = await device(setup.stubs[0], customer, N.PLATFORM_APNS, "ok-ios-1")
     android = await device(setup.stubs[0], customer, N.PLATFORM_FCM, "ok-android-1")
-    app = await device(setup.stubs[0], customer, N.PLATFORM_IN_APP)
+    # The in-app device is another customer's, following the same topic: a notification
+    # to that customer alone, read first, shows that the stream follows live.
+    listener = f"{customer}-app"
+    app = await device(setup.stubs[0], listener, N.PLATFORM_IN_APP)
     topic = f"service-request/SR-{uuid.uuid4().hex[:6]}"
-    await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=customer))
-    stream = setup.customer(1, customer).StreamNotifications(
+    for subscriber in (customer, listener):
+        await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=subscriber))
+    stream = setup.customer(1, listener).StreamNotifications(
         N.StreamNotificationsRequest(device_id=app)
+    )
+    first = await publish(setup.stubs[0], customer_id=listener)
+    assert (await asyncio.wait_for(stream.read(), 15)).notification.notification_id == (
+        first.notification_id
     )
 
     sent = await publish(

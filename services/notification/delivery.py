@@ -28,7 +28,15 @@ from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     AccesslineError,
 )
-from services.runtime.store import Compare, EventKind, KeptLease, Op, Store, WatchCompacted
+from services.runtime.store import (
+    Compare,
+    Entry,
+    EventKind,
+    KeptLease,
+    Op,
+    Store,
+    WatchCompacted,
+)
 
 log = logging.getLogger("accessline.notification")
 
@@ -41,8 +49,9 @@ class Provider(Protocol):
 
 class Worker:
     """Delivers outbox items through the providers. Every replica runs one; an item is
-    claimed (create-if-absent under this worker's lease) before it is sent, so two
-    workers never send it at once, and a dead worker's claims vanish with its lease."""
+    claimed (create-if-absent under this worker's lease, while the item is as the worker
+    read it) before it is sent, so two workers never send it at once nor one after the
+    other, and a dead worker's claims vanish with its lease."""
 
     def __init__(
         self,
@@ -84,10 +93,14 @@ class Worker:
         )
 
     async def start(self) -> None:
-        lease_id = await self._store.grant_lease(self._lease_seconds)
-        self._lease = await self._store.keep_alive(lease_id, self._lease_seconds)
+        await self.take_lease()
         self._runner = asyncio.create_task(self._run(), name="notification-worker")
         log.info("delivery worker started", extra={"fields": {"worker_id": self.worker_id}})
+
+    async def take_lease(self) -> None:
+        """The lease this worker's claims live under (kept alive until `stop`)."""
+        lease_id = await self._store.grant_lease(self._lease_seconds)
+        self._lease = await self._store.keep_alive(lease_id, self._lease_seconds)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -175,22 +188,27 @@ class Worker:
                 self._schedule(key, time.time() + 1.0)
 
     async def _attempt(self, key: str) -> None:
-        assert self._lease is not None
-        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
-        claim = CLAIMS + key[len(OUTBOX) :]
         entry = await self._store.get(key, nt_store.Delivery)
         if entry is None or entry.value.status != nt_pb2.DELIVERY_STATUS_QUEUED:
             return
         if seconds(entry.value.next_attempt_at) > time.time() + 0.001:
             self._schedule(key, seconds(entry.value.next_attempt_at))
             return
-        if (
-            await self._store.create(
-                claim, nt_store.Claim(worker_id=self.worker_id), self._lease.id
-            )
-            is None
-        ):
-            return  # another worker has it; its claim's end wakes us again
+        await self.attempt_as_read(key, entry)
+
+    async def attempt_as_read(self, key: str, entry: Entry[nt_store.Delivery]) -> None:
+        """Claims the delivery as `entry` shows it, sends it and records the outcome."""
+        assert self._lease is not None
+        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
+        claim = CLAIMS + key[len(OUTBOX) :]
+        # Claimed only while the delivery is as this worker read it: another worker may
+        # have claimed, sent, recorded and released it since (then it is no longer due).
+        claimed = await self._store.txn(
+            [Compare.absent(claim), Compare.modified_at(key, entry.meta.mod_revision)],
+            [Op.put(claim, nt_store.Claim(worker_id=self.worker_id), self._lease.id)],
+        )
+        if not claimed.succeeded:
+            return  # another worker has it or had it; its claim's end wakes us again
         try:
             delivery = entry.value
             found = await self._store.get(

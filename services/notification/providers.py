@@ -9,6 +9,7 @@ import email.utils
 import json
 import logging
 import math
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def _classify(status: int, reason: str, headers: httpx.Headers) -> Outcome:
 
 
 def _client(ca_file: str) -> httpx.AsyncClient:
-    verify: Any = ca_file if ca_file else True
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
     return httpx.AsyncClient(http2=True, verify=verify, timeout=10.0)
 
 
