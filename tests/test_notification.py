@@ -141,20 +141,9 @@ async def test_a_topic_fans_out_to_every_platform_with_the_providers_exact_reque
     customer = f"cust-{uuid.uuid4().hex[:6]}"
     ios = await device(setup.stubs[0], customer, N.PLATFORM_APNS, "ok-ios-1")
     android = await device(setup.stubs[0], customer, N.PLATFORM_FCM, "ok-android-1")
-    # The in-app device is another customer's, following the same topic: a notification
-    # to that customer alone, read first, shows that the stream follows live.
-    listener = f"{customer}-app"
-    app = await device(setup.stubs[0], listener, N.PLATFORM_IN_APP)
     topic = f"service-request/SR-{uuid.uuid4().hex[:6]}"
-    for subscriber in (customer, listener):
-        await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=subscriber))
-    stream = setup.customer(1, listener).StreamNotifications(
-        N.StreamNotificationsRequest(device_id=app)
-    )
-    first = await publish(setup.stubs[0], customer_id=listener)
-    assert (await asyncio.wait_for(stream.read(), 15)).notification.notification_id == (
-        first.notification_id
-    )
+    await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=customer))
+    app, stream = await live_in_app_stream(setup, f"{customer}-app", topic)
 
     sent = await publish(
         setup.stubs[0],
@@ -217,6 +206,22 @@ async def test_a_topic_fans_out_to_every_platform_with_the_providers_exact_reque
     assert message["android"]["collapse_key"] == "sr-1042"
     assert len(setup.servers.to("/token")) == 1
     stream.cancel()
+
+
+async def live_in_app_stream(setup: Setup, listener: str, topic: str) -> tuple[str, Any]:
+    """An in-app device of `listener`, following `topic`, and its stream once it follows
+    live: a notification to that customer alone is read first (until then, what is
+    published may come as the stream's replay)."""
+    app = await device(setup.stubs[0], listener, N.PLATFORM_IN_APP)
+    await setup.stubs[1].Subscribe(N.SubscribeRequest(topic=topic, customer_id=listener))
+    stream = setup.customer(1, listener).StreamNotifications(
+        N.StreamNotificationsRequest(device_id=app)
+    )
+    first = await publish(setup.stubs[0], customer_id=listener)
+    assert (await asyncio.wait_for(stream.read(), 15)).notification.notification_id == (
+        first.notification_id
+    )
+    return app, stream
 
 
 async def test_a_repeated_idempotency_key_sends_nothing_new(setup: Setup) -> None:
