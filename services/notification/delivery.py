@@ -127,8 +127,14 @@ class Worker:
         name = nt_pb2.Platform.Name(platform)  # type: ignore[arg-type]
         self._attempts.add(1, {"accessline.platform": name, "result": result})
         notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
-        fields = {"notification_id": notification_id, "device_id": device_id, "platform": name}
-        fields.update(result=result, attempt=str(attempt), reason=outcome.reason)
+        fields: dict[str, object] = {
+            "notification_id": notification_id,
+            "device_id": device_id,
+            "platform": name,
+            "result": result,
+            "attempt": attempt,
+            "reason": outcome.reason,
+        }
         log.info("push attempt", extra={"fields": fields})
 
     def _schedule(self, key: str, at: float) -> None:
