@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from google.rpc.error_details_pb2 import ErrorInfo
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
@@ -141,3 +143,39 @@ async def test_callmatching_keeps_serving_when_one_numberdistribution_replica_di
             return True
 
         await eventually(ten_in_a_row, timeout=20, what="handoffs served by the survivor")
+
+
+def _retry_delay(error: PeerError) -> float | None:
+    for packed in error.packed_details():
+        info = error_details_pb2.RetryInfo()
+        if packed.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+async def test_a_peer_that_is_unavailable_or_too_slow_is_refused_with_retry_info(
+    service_factory: Factory,
+) -> None:
+    # A caller told UNAVAILABLE or DEADLINE_EXCEEDED by way of a peer (a switch whose call
+    # CallMatching could not decide in time while etcd elected a leader) is told when to
+    # try again, as for etcd's own refusals.
+    probe = service_factory(
+        "tests.support.probe_service",
+        ACCESSLINE_TLS_CERT_FILE=str(identity().files.cert("numberdistribution")),
+        ACCESSLINE_TLS_KEY_FILE=str(identity().files.key("numberdistribution")),
+        PROBE_WORK_SECONDS="5",
+    )
+    await wait_serving(probe)
+    credentials = identity().service_credentials("callmatching", identity().superuser)
+    async with peer_channel(probe.address, ND, 10.0, credentials=credentials) as channel:
+        stub = nd_grpc.NumberDistributionServiceStub(channel)
+        with pytest.raises(PeerError) as refused:
+            await stub.ReserveNumber(nd_pb2.ReserveNumberRequest(session_id="flaky-once"))
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert _retry_delay(refused.value) == 1.0
+        infos = [d for d in refused.value.packed_details() if d.Is(ErrorInfo.DESCRIPTOR)]
+        assert len(infos) == 1
+        with pytest.raises(PeerError) as slow:
+            await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="slow-pool"), timeout=0.5)
+        assert slow.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _retry_delay(slow.value) == 1.0

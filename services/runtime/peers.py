@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, descriptor_pb2
 from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services.runtime.errors import AccesslineError
@@ -111,6 +112,13 @@ def peer_channel(
 
 # A peer's failure that says nothing about the request becomes UNAVAILABLE here.
 _OPAQUE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+# A caller refused with these may try again; it is told when, if the peer did not say.
+_RETRIED_LATER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+PEER_RETRY_AFTER_SECONDS = 1.0
+
+
+def _says_when(details: list[any_pb2.Any]) -> bool:
+    return any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
 
 
 class PeerError(AccesslineError):
@@ -119,14 +127,19 @@ class PeerError(AccesslineError):
     def __init__(self, peer: str, error: grpc.aio.AioRpcError) -> None:
         code = error.code()
         opaque = code in _OPAQUE
+        self.code = grpc.StatusCode.UNAVAILABLE if opaque else code
+        later = self.code in _RETRIED_LATER
         super().__init__(
             f"{peer}: {error.details() or code.name}",
             reason="PEER_UNAVAILABLE" if opaque else f"PEER_{code.name}",
-            retry_after=1.0 if opaque else None,
+            retry_after=PEER_RETRY_AFTER_SECONDS if later else None,
         )
-        self.code = grpc.StatusCode.UNAVAILABLE if opaque else code
         status = None if opaque else rpc_status.from_call(error)  # type: ignore[arg-type]
         self.passed_details = list(status.details) if status is not None else None
+        if self.passed_details is not None and later and not _says_when(self.passed_details):
+            # The peer (or the transport, for a deadline) did not say when: this does.
+            own = super().packed_details()
+            self.passed_details += [d for d in own if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
 
     def packed_details(self) -> list[any_pb2.Any]:
         if self.passed_details is None:
