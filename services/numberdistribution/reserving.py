@@ -44,7 +44,7 @@ from services.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from services.runtime.store import Compare, KeyMeta, Op, Store, decode
+from services.runtime.store import Compare, KeyMeta, Op, Store, TxnResult, decode
 
 log = logging.getLogger("accessline.numberdistribution")
 
@@ -279,7 +279,8 @@ class Reservations:
             number = self._view.numbers.get(value)
             slot = self._view.free_slot(value, state.max_shares) if share else 0
             if number is None or slot is None:
-                self._view.mark_taken(pool.pool_id, value, self._view.revision + 1)
+                # The view's own state says no (the sets lagged it): judged again now.
+                self._view.mark_taken(pool.pool_id, value, self._view.revision)
                 continue
             # Expiry counts from before the lease is asked for, and the lease outlives
             # that moment by the TTL plus quarantine: it (and with it the number's rest)
@@ -317,12 +318,22 @@ class Reservations:
                     1, {"accessline.pool": pool.pool_id, "accessline.shared": share}
                 )
                 return Reserved(public_reservation(record), code, reason, record, result.revision)
-            if idem and result.gets and result.gets[0]:
+            if idem and result.gets[0]:
                 replay = await self._replay(request.idempotency_key)
                 if replay is not None:
                     return replay
-            self._view.mark_taken(pool.pool_id, value, result.revision)
+            self._view.mark_taken(pool.pool_id, value, self._blocked_at(result, idem=bool(idem)))
         return None
+
+    def _blocked_at(self, result: TxnResult, *, idem: bool) -> int:
+        """The revision of the latest change among the keys whose compares a failed
+        reservation made (read in its failure branch): the change that refused it,
+        under NumberDistribution's keys, so this replica's view reaches it. (The
+        transaction's own revision may be another service's write, which the view
+        would only pass with NumberDistribution's next change.)"""
+        compared = result.gets[1:] if idem else result.gets
+        found = [kv.meta.mod_revision for keys_found in compared for kv in keys_found]
+        return max(found, default=self._view.revision)
 
     def _reservation_txn(
         self,
@@ -352,8 +363,12 @@ class Reservations:
                 lease,
             ),
         ]
-        failure: list[Op] = []
         idem = record.idempotency_hash
+        # On failure, what refused it: the idempotency record first (a replay), then
+        # each compared key of the number as it is.
+        failure = [Op.get(keys.idempotency(idem))] if idem else []
+        failure += [Op.get(keys.number(value)), Op.get(keys.slot(value, slot))]
+        failure.append(Op.get(keys.quarantine_key(value)))
         if idem:
             compares.append(Compare.absent(keys.idempotency(idem)))
             sealed = self._codes.seal(code, record.reservation_id) if code else b""
@@ -368,11 +383,12 @@ class Reservations:
                     lease,
                 )
             )
-            failure.append(Op.get(keys.idempotency(idem)))
         if code:
             compares.append(Compare.absent(keys.spent(value, record.code_hash)))
+            failure.append(Op.get(keys.spent(value, record.code_hash)))
         if code and shared_pool:
             compares.append(Compare.absent(keys.code(value, record.code_hash)))
+            failure.append(Op.get(keys.code(value, record.code_hash)))
             ops.append(Op.put(keys.code(value, record.code_hash), EMPTY, lease))
         return compares, ops, failure
 

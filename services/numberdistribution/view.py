@@ -137,11 +137,20 @@ class NumberView:
                 await self._task
 
     async def wait_for(self, revision: int, timeout: float = 10.0) -> None:
-        """Waits until the view has applied every change up to `revision`."""
-        async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: self.revision >= revision), timeout
-            )
+        """Waits until the view has applied every change up to `revision`, which must be
+        the revision of a change under NumberDistribution's keys (etcd's revisions count
+        every service's writes, and the view moves only with its own keys' changes)."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.revision >= revision), timeout
+                )
+        except TimeoutError:
+            raise Unavailable(
+                "the number view has not caught up with etcd",
+                reason="VIEW_BEHIND",
+                retry_after=1.0,
+            ) from None
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -347,13 +356,16 @@ class NumberView:
             self._put_slot(key, record, revision)
 
     def mark_taken(self, pool_id: str, value: str, revision: int) -> None:
-        """A compare on this number failed at `revision`: stop offering it until the view
-        has applied every change up to `revision`, then judge it again by what the view
-        knows. Not "until the number changes": the view may have applied the change that
-        made the compare fail (another replica's reservation, and its release) before
-        the failure is reported, or the compare may have failed on something that is
-        no change of the number (a code a late caller may still key in), and then no
-        later change of the number would ever bring it back."""
+        """A compare on this number failed on a change made at `revision`: stop offering
+        it until the view has applied every change up to `revision`, then judge it again
+        by what the view knows. Not "until the number changes": the view may have
+        applied the change that made the compare fail (another replica's reservation,
+        and its release) before the failure is reported, or the compare may have failed
+        on something that is no change of the number (a code a late caller may still
+        key in), and then no later change of the number would ever bring it back.
+        `revision` must be that of a change under NumberDistribution's keys, not the
+        store's revision at the failure (another service's write, maybe): the view
+        would not reach that one until NumberDistribution's keys changed again."""
         pool = self.pools.get(pool_id)
         if pool is None:
             return
