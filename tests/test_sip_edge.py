@@ -39,6 +39,7 @@ from tests.support.stack import (
     stop_stack,
 )
 
+
 @dataclass
 class Edge:
     """The module's stack and SIP edge; calls Routing sends through the IVR go to the
