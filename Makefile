@@ -11,6 +11,7 @@ BUF := node_modules/.bin/buf
 
 help:
 	@echo "make up        set up and run etcd + the five services on this machine"
+	@echo "               (make up SIP=1: with the SIP edge, Kamailio on UDP 5060)"
 	@echo "make check     set up and run every check and test (what CI runs)"
 	@echo "make demo      play the whole flow against a running \`make up\`"
 	@echo "make gen       regenerate gen/ from protos/"
@@ -65,8 +66,9 @@ bench: setup
 	$(BIN)/python -m bench.routing_bench
 	$(BIN)/python -m bench.e2e_bench
 
+# `make up SIP=1` also runs the SIP edge (Kamailio on UDP 5060 and the SIP adapter).
 up: setup
-	$(BIN)/accessline up
+	$(BIN)/accessline up $(if $(SIP),--sip)
 
 demo: setup
 	$(BIN)/accessline demo

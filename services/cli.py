@@ -54,6 +54,10 @@ def serve(service: str) -> None:
     module.main()
 
 
+# The SIP edge's event socket (Kamailio to the adapter), on loopback only.
+SIP_EVAPI_PORT = 8448
+
+
 @dataclass
 class Child:
     service: str
@@ -110,7 +114,9 @@ def serve_jwks(jwks: Path, host: str, port: int) -> int:
     return 0
 
 
-async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> int:
+async def up(
+    data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str, sip_port: int = 0
+) -> int:
     # TLS and tokens are on in the embedded run too: its own CA, certificates, signing
     # key and JWKS, made the first time under the data folder.
     identity = devpki.ensure(data_dir / "identity")
@@ -140,6 +146,8 @@ async def up(data_dir: Path, etcd_port: int, etcd_peer_port: int, host: str) -> 
                 for c in children
             )
         )
+        if sip_port:
+            children += await _spawn_sip_edge(data_dir, host, sip_port, identity)
         _print_up(children, host, data_dir, etcd, identity.folder, jwks.url)
         await _watch_children(children, stop)
         return 0
@@ -182,6 +190,38 @@ def _spawn_services(
     return children
 
 
+async def _spawn_sip_edge(
+    data_dir: Path, host: str, sip_port: int, identity: devpki.DevIdentity
+) -> list[Child]:
+    """Kamailio on `host:sip_port` (UDP) and the SIP adapter routing its calls through
+    Routing as a switch (the development identity's client certificate and a token)."""
+    from services.sipedge.edge import kamailio_command
+
+    evapi = f"127.0.0.1:{SIP_EVAPI_PORT}"
+    run_dir = data_dir / "kamailio"
+    run_dir.mkdir(exist_ok=True)
+    with (data_dir / "kamailio.log").open("ab") as log:
+        kamailio = subprocess.Popen(
+            kamailio_command(f"udp:{host}:{sip_port}", evapi, run_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    env = {
+        "ACCESSLINE_ROUTING_ADDRESS": f"{host}:{default_port('routing')}",
+        "ACCESSLINE_SIPEDGE_EVAPI_ADDRESS": evapi,
+        "ACCESSLINE_SIPEDGE_TOKEN": identity.token(
+            "sip-edge", ["switch"], switch="*", ttl=30 * 86400.0
+        ),
+        "ACCESSLINE_TLS_CA_FILE": str(identity.ca),
+        "ACCESSLINE_TLS_CERT_FILE": str(identity.client_cert("admin")),
+        "ACCESSLINE_TLS_KEY_FILE": str(identity.client_key("admin")),
+    }
+    with (data_dir / "sipedge.log").open("ab") as log:
+        adapter = processes.spawn("services.sipedge", env, stdout=log)
+    return [Child("kamailio", sip_port, 0, kamailio), Child("sipedge", 0, 0, adapter)]
+
+
 def _print_up(
     children: list[Child],
     host: str,
@@ -193,10 +233,11 @@ def _print_up(
     print("\nAccessline is up:\n")
     print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
     for c in children:
-        print(
-            f"  {c.service:<20}{host + ':' + str(c.port):<22}"
-            f"{f'http://{host}:{c.metrics_port}/metrics':<30}{data_dir / (c.service + '.log')}"
-        )
+        where = f"{host}:{c.port}" if c.port else ""
+        if c.service == "kamailio":
+            where = f"sip:{host}:{c.port}"
+        metrics = f"http://{host}:{c.metrics_port}/metrics" if c.metrics_port else ""
+        print(f"  {c.service:<20}{where:<22}{metrics:<30}{data_dir / (c.service + '.log')}")
     print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
     print(
         f"\nTLS and tokens are on (development identity in {folder}; tokens from"
@@ -253,6 +294,15 @@ def _parser() -> argparse.ArgumentParser:
     up_p.add_argument("--etcd-port", type=int, default=2379)
     up_p.add_argument("--etcd-peer-port", type=int, default=2380)
     up_p.add_argument("--host", default="127.0.0.1")
+    up_p.add_argument(
+        "--sip",
+        type=int,
+        nargs="?",
+        const=5060,
+        default=0,
+        metavar="PORT",
+        help="also run the SIP edge: Kamailio on this UDP port (5060) and the SIP adapter",
+    )
     _add_demo(sub)
     _add_token(sub)
     _add_audit(sub)
@@ -399,7 +449,9 @@ def main(argv: list[str] | None = None) -> None:
         serve(args.service)
     elif args.command == "up":
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        sys.exit(asyncio.run(up(args.data_dir, args.etcd_port, args.etcd_peer_port, args.host)))
+        sys.exit(
+            asyncio.run(up(args.data_dir, args.etcd_port, args.etcd_peer_port, args.host, args.sip))
+        )
 
 
 if __name__ == "__main__":

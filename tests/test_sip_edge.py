@@ -20,6 +20,8 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.sipedge import scenarios
+from services.sipedge.adapter import Adapter, caller_number
+from services.sipedge.settings import SipEdgeSettings
 from tests.conftest import eventually
 from tests.support.presence import App
 from tests.support.sip import (
@@ -56,14 +58,18 @@ async def edge(etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> 
         etcd, f"/sip-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("sip-stack")
     )
     ivr_port = free_udp_port()
+    logs = tmp_path_factory.mktemp("sip-edge")
     sip = await start_sip_edge(
         stack.processes[4].address,
-        tmp_path_factory.mktemp("sip-edge"),
+        logs,
         ACCESSLINE_SIPEDGE_IVR_URI=f"sip:ivr@127.0.0.1:{ivr_port}",
         ACCESSLINE_SIPEDGE_DTMF_TIMEOUT_SECONDS="3",
     )
     yield Edge(stack, sip, ivr_port)
     sip.stop()
+    # Kept with the test's files: what the adapter and Kamailio said.
+    (logs / "adapter.log").write_text("\n".join(sip.adapter.lines))
+    (logs / "kamailio.log").write_text("\n".join(sip.kamailio.lines))
     await stop_stack(stack)
 
 
@@ -154,12 +160,20 @@ async def test_a_matched_call_reaches_the_accepting_agents_phone_with_its_sessio
     _, app = await sip_agent(edge.stack, group, f"sip:desk@127.0.0.1:{port}")
     started = await handoff(edge.stack, app_id, subject)
 
-    caller = await customer_phone(tmp_path, edge.sip, started.access_number, started.access_code)
+    caller = await customer_phone(
+        tmp_path,
+        edge.sip,
+        started.access_number,
+        started.access_code,
+        dtmf_type="application/dtmf",
+        headers=["X-Accessline-Session: forged-by-the-caller"],
+    )
     await answer(app, ACCEPT)
     assert await caller.finished() == 0, caller.trace()
     assert await phone.finished() == 0, phone.trace()
     (invite,) = phone.received("INVITE")
-    assert f"X-Accessline-Session: {started.session_id}" in invite.splitlines()
+    sessions = [line for line in invite.splitlines() if line.startswith("X-Accessline-Session")]
+    assert sessions == [f"X-Accessline-Session: {started.session_id}"]
     state = await edge.stack.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
     assert state.state == cm_pb2.SESSION_STATE_MATCHED
 
@@ -253,3 +267,73 @@ async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(
     (matched,) = phone.received("INVITE")
     assert f"X-Accessline-Session: {started.session_id}" in matched.splitlines()
     assert len(ivr.received("INVITE")) == 1
+
+
+async def test_a_caller_who_keys_nothing_in_is_routed_unmatched_after_the_time_out(
+    edge: Edge, tmp_path: Path
+) -> None:
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    subject, app_id = await code_pool(edge.stack, group)
+    ivr = await sipp(tmp_path, "ivr", scenarios.agent(200), "-p", str(edge.ivr_port))
+    started = await handoff(edge.stack, app_id, subject)
+    caller = await customer_phone(tmp_path, edge.sip, started.access_number, "")
+    assert await caller.finished() == 0, caller.trace()
+    assert await ivr.finished() == 0, ivr.trace()
+    assert len(ivr.received("INVITE")) == 1
+
+
+@pytest.mark.parametrize(
+    ("from_user", "pai_user", "privacy", "ani"),
+    [
+        ("+33612345678", "", "", "+33612345678"),
+        ("+33612345678", "+33698765432", "", "+33698765432"),
+        ("+33612345678", "", "id", ""),
+        ("+33612345678", "+33698765432", "user; critical", ""),
+        ("anonymous", "", "", ""),
+        ("Anonymous", "", "none", ""),
+        ("alice", "", "", ""),
+    ],
+)
+def test_the_callers_number_is_passed_on_unless_withheld(
+    from_user: str, pai_user: str, privacy: str, ani: str
+) -> None:
+    assert caller_number(from_user, pai_user, privacy) == ani
+
+
+def test_routings_refusals_become_sip_answers_with_retry_after() -> None:
+    adapter = Adapter(SipEdgeSettings(), routing=None, send=None)  # type: ignore[arg-type]
+
+    def refused(reason: int, retry: int = 0) -> Any:
+        failed = rt_pb2.Failed(reason=reason)
+        failed.retry_after.FromSeconds(retry)
+        outcome = adapter._on_event(rt_pb2.RouteInboundCallResponse(failed=failed))
+        assert outcome is not None
+        return outcome[0]
+
+    assert refused(rt_pb2.FAILURE_REASON_QUEUE_FULL, 30) == {
+        "action": "reject",
+        "code": 486,
+        "reason": "Busy Here",
+        "retry_after": "30",
+    }
+    assert refused(rt_pb2.FAILURE_REASON_NO_AGENTS)["code"] == 480
+    assert "retry_after" not in refused(rt_pb2.FAILURE_REASON_NO_AGENTS)
+    assert refused(rt_pb2.FAILURE_REASON_UNKNOWN_NUMBER)["code"] == 404
+    assert refused(rt_pb2.FAILURE_REASON_UNAVAILABLE, 2)["retry_after"] == "2"
+    # A stopping replica's refusal is no answer: the call is resumed with its token.
+    stopping = rt_pb2.Failed(reason=rt_pb2.FAILURE_REASON_SERVER_STOPPING, resume_token="t")
+    assert adapter._on_event(rt_pb2.RouteInboundCallResponse(failed=stopping)) == (None, "t", 0.0)
+
+
+async def test_keys_that_overtake_their_invite_are_kept_for_it() -> None:
+    """Kamailio's SIP workers relay a call's events side by side: the caller's first key
+    (its INFO answered at once) can reach the adapter before the INVITE did. Seen in
+    this module's matched-call test: the call routed with 3 of its 4 digits."""
+    adapter = Adapter(SipEdgeSettings(), routing=None, send=None)  # type: ignore[arg-type]
+    adapter.receive({"event": "dtmf", "call_id": "c1", "digit": "4"})
+    adapter.receive({"event": "dtmf", "call_id": "c1", "digit": "7"})
+    adapter.receive({"event": "invite", "call_id": "c1", "index": 1, "label": 2})
+    call = adapter.calls["c1"]
+    assert call.digits == "47"
+    assert call.task is not None
+    call.task.cancel()

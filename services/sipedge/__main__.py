@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.backoff import Backoff
 from services.runtime.logs import setup_logging
+from services.runtime.peers import peer_target
 from services.sipedge.adapter import Adapter
 from services.sipedge.evapi import FramingError, encode, read_message
 from services.sipedge.settings import SipEdgeSettings
@@ -22,11 +24,13 @@ log = logging.getLogger("accessline.sipedge")
 
 
 def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
-    """Routing over mutual TLS with the switch's bearer token; in plain text only when no
-    TLS files are set (a development run on loopback)."""
+    """Routing's replicas (balanced round-robin) over mutual TLS with the switch's bearer
+    token; in plain text only when no TLS files are set (a development run on loopback)."""
     token = settings.token()
+    target = peer_target(settings.routing_address)
+    options = [("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
     if not settings.tls_ca_file:
-        return grpc.aio.insecure_channel(settings.routing_address)
+        return grpc.aio.insecure_channel(target, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(settings.tls_ca_file).read_bytes(),
         private_key=Path(settings.tls_key_file).read_bytes() if settings.tls_key_file else None,
@@ -39,9 +43,7 @@ def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
             credentials, grpc.access_token_call_credentials(token)
         )
     return grpc.aio.secure_channel(
-        settings.routing_address,
-        credentials,
-        options=[("grpc.ssl_target_name_override", "routing")],
+        target, credentials, options=[*options, ("grpc.ssl_target_name_override", "routing")]
     )
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ log = logging.getLogger("accessline.sipedge")
 # The caller's number is passed on only when it looks like one (never a name).
 _NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
 _WITHHELD = {"anonymous", "restricted", "unknown", "unavailable", "private"}
+# Events kept for calls whose INVITE has not reached the adapter yet: how many calls,
+# events per call, and for how long.
+EARLY_CALLS = 1000
+EARLY_EVENTS = 40
+EARLY_SECONDS = 10.0
 # A SERVER_STOPPING refusal is resumed on another replica at most this many times.
 RESUMES = 3
 IVR_TREATMENTS = {rt_pb2.TREATMENT_IVR_AUTHENTICATE, rt_pb2.TREATMENT_IVR_STANDARD}
@@ -109,16 +115,22 @@ class Adapter:
         self._routing = routing
         self._send = send
         self.calls: dict[str, HeldCall] = {}
+        # Events of calls whose INVITE has not come yet: Kamailio's SIP workers relay
+        # them side by side, so a caller's first key can overtake its INVITE.
+        self._early: OrderedDict[str, tuple[float, list[dict[str, Any]]]] = OrderedDict()
 
     def receive(self, message: dict[str, Any]) -> None:
         """One event from Kamailio."""
         event = message.get("event")
-        call_id = str(message.get("call_id", ""))
+        call_id = str(message.get("call_id", ""))[:128]
         if event == "invite":
             self._invite(message)
+            for early in self._early.pop(call_id, (0.0, []))[1]:
+                self.receive(early)
             return
         call = self.calls.get(call_id)
         if call is None:
+            self._keep_early(call_id, message)
             return
         if event == "dtmf":
             call.key(str(message.get("digit", "")), self._settings.sipedge_code_digits)
@@ -131,6 +143,17 @@ class Adapter:
                 "agent phone did not take the call",
                 extra={"fields": {"call_id": call_id, "status": message.get("status")}},
             )
+
+    def _keep_early(self, call_id: str, message: dict[str, Any]) -> None:
+        now = time.monotonic()
+        while self._early and (
+            len(self._early) >= EARLY_CALLS
+            or next(iter(self._early.values()))[0] < now - EARLY_SECONDS
+        ):
+            self._early.popitem(last=False)
+        kept = self._early.setdefault(call_id, (now, []))[1]
+        if len(kept) < EARLY_EVENTS:
+            kept.append(message)
 
     def _invite(self, message: dict[str, Any]) -> None:
         call = HeldCall(
@@ -146,6 +169,7 @@ class Adapter:
         )
         self.calls[call.call_id] = call
         call.task = asyncio.create_task(self._handle(call), name=f"sip-call-{call.call_id}")
+        log.info("call held", extra={"fields": {"call_id": call.call_id}})
 
     async def _handle(self, call: HeldCall) -> None:
         try:
@@ -178,6 +202,10 @@ class Adapter:
                 await asyncio.wait_for(
                     call.keyed.wait(), self._settings.sipedge_dtmf_timeout_seconds
                 )
+        log.info(
+            "routing the call",
+            extra={"fields": {"call_id": call.call_id, "digits": len(call.digits)}},
+        )
         resume = ""
         for _ in range(RESUMES + 1):
             answer, resume, delay = await self._route(call, resume)

@@ -52,11 +52,13 @@ def caller(
     expect: int = 200,
     hang_up_after_ms: int = 0,
     dtmf_type: str = "application/dtmf-relay",
+    headers: Sequence[str] = (),
 ) -> str:
     """A customer's phone: INVITE to the number given with `-s`, each digit of `code`
     as one INFO in the early dialog of the 183, then either the agent's 200 (ACK, a
     moment of talk, BYE), the refusal `expect`, or a CANCEL after `hang_up_after_ms`."""
-    privacy_header = f"\n      Privacy: {privacy}" if privacy else ""
+    extra = [f"Privacy: {privacy}"] if privacy else []
+    privacy_header = "".join(f"\n      {line}" for line in [*extra, *headers])
     out = _HEAD.format(name="accessline-caller")
     out += _send(
         f"""      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0

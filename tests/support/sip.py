@@ -15,9 +15,8 @@ from pathlib import Path
 from services.runtime import processes
 from services.runtime.embedded_etcd import free_port
 from services.sipedge import scenarios
+from services.sipedge.edge import kamailio_command
 from tests.conftest import ROOT, ServiceProcess, eventually, identity
-
-CONFIG = ROOT / "sip" / "kamailio.cfg"
 
 
 def free_udp_port() -> int:
@@ -72,19 +71,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     run_dir.mkdir(exist_ok=True)
     kamailio = Lines(
         subprocess.Popen(
-            [
-                "kamailio",
-                "-DD",
-                "-E",
-                "-f",
-                str(CONFIG),
-                "-Y",
-                str(run_dir),
-                "-l",
-                f"udp:127.0.0.1:{sip_port}",
-                "-A",
-                f'EVAPI_BIND="127.0.0.1:{evapi_port}"',
-            ],
+            kamailio_command(f"udp:127.0.0.1:{sip_port}", f"127.0.0.1:{evapi_port}", run_dir),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
