@@ -5,8 +5,10 @@ membership). The dashboard's queries are test_dashboard.py's."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -16,6 +18,7 @@ import yaml
 from services.cli import SERVICES, default_port, settings_type
 from services.runtime.server import LIVENESS
 from services.runtime.settings import ENV_PREFIX
+from services.sipedge.settings import SipEdgeSettings
 from tests.conftest import ROOT
 
 KUBERNETES_VERSION = "1.32.0"
@@ -400,3 +403,60 @@ def test_prod_shares_the_match_history_in_postgresql_migrated_once_per_deploy(
     dev = container(service_deployments(rendered["dev"])["callmatching"])
     dev_dsn = {item["name"]: item for item in dev["env"]}["ACCESSLINE_HISTORY_DSN"]
     assert dev_dsn["value"].startswith("sqlite")
+
+
+def test_the_sip_edge_component_renders_valid_and_agrees_with_the_adapter(
+    tmp_path: Path,
+) -> None:
+    """The optional SIP edge: its Kamailio configuration is sip/kamailio.cfg, its
+    resources validate, the adapter's variables are its settings and load, and Routing's
+    port admits it (as the switch) while its pod reaches Routing."""
+    component = ROOT / "k8s/components/sip-edge"
+    assert (component / "kamailio.cfg").read_text() == (ROOT / "sip/kamailio.cfg").read_text()
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(ROOT / "k8s/overlays/prod", tmp_path)],
+                "components": [os.path.relpath(component, tmp_path)],
+            }
+        )
+    )
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None
+    done = subprocess.run(
+        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    edge = of_kind(docs, "Deployment")["sip-edge"]
+    for doc in docs:
+        if doc["metadata"]["name"].startswith("sip-edge"):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    pod = edge["spec"]["template"]
+    assert pod["metadata"]["labels"]["accessline.io/caller"] == "switch"
+    adapter = next(c for c in pod["spec"]["containers"] if c["name"] == "adapter")
+    env = {e["name"]: e.get("value", SECRET_STAND_IN) for e in adapter["env"]}
+    fields = {ENV_PREFIX + f.upper() for f in SipEdgeSettings.model_fields}
+    assert set(env) <= fields
+    SipEdgeSettings.model_validate({k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})
+    config = of_kind(docs, "ConfigMap")
+    mounted = next(v for v in pod["spec"]["volumes"] if v["name"] == "kamailio-config")
+    assert (
+        config[mounted["configMap"]["name"]]["data"]["kamailio.cfg"]
+        == (ROOT / "sip/kamailio.cfg").read_text()
+    )
+    callers = of_kind(docs, "NetworkPolicy")["routing-callers"]["spec"]["ingress"][0]["from"]
+    assert {"accessline.io/caller": "switch"} in [
+        c.get("podSelector", {}).get("matchLabels") for c in callers
+    ]
+    egress = of_kind(docs, "NetworkPolicy")["sip-edge"]["spec"]["egress"]
+    assert any(
+        rule.get("to", [{}])[0].get("podSelector", {}).get("matchLabels")
+        == {"app.kubernetes.io/name": "routing"}
+        for rule in egress
+    )
