@@ -73,7 +73,9 @@ def caller(
         retrans=True,
     )
     out += '  <recv response="100" optional="true"/>\n'
-    out += '  <recv response="183" rrs="true"/>\n'
+    # Without a code to key in, the 183 is not needed (Kamailio alone sends none).
+    optional = "true" if code == "" else "false"
+    out += f'  <recv response="183" rrs="true" optional="{optional}"/>\n'
     for cseq, digit in enumerate(code, start=2):
         body = f"Signal={digit}\n      Duration=160" if dtmf_type.endswith("relay") else digit
         out += _send(
