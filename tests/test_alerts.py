@@ -5,7 +5,6 @@ README. test_prometheus.py evaluates them against running services."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.support.kustomize import render_prod_with
 
 MONITORING = ROOT / "k8s/components/monitoring"
 RULES = MONITORING / "accessline.rules.yml"
@@ -56,27 +56,7 @@ def test_the_prometheus_rule_holds_the_same_groups() -> None:
 def test_the_monitoring_component_renders_a_service_monitor_of_every_service(
     tmp_path: Path,
 ) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not on this machine: the manifests are rendered with it")
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "k8s/overlays/prod", tmp_path)],
-                "components": [os.path.relpath(MONITORING, tmp_path)],
-            }
-        )
-    )
-    done = subprocess.run(
-        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    docs = render_prod_with(MONITORING, tmp_path)
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
     assert len(monitors) == 1
     selected = set(monitors[0]["spec"]["selector"]["matchExpressions"][0]["values"])

@@ -5,7 +5,6 @@ membership). The dashboard's queries are test_dashboard.py's."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +19,7 @@ from services.runtime.server import LIVENESS
 from services.runtime.settings import ENV_PREFIX
 from services.sipedge.settings import SipEdgeSettings
 from tests.conftest import ROOT
+from tests.support.kustomize import render_prod_with
 
 KUBERNETES_VERSION = "1.32.0"
 SECRET_STAND_IN = "a-value-of-the-operators-own-0123456789abcdef"
@@ -413,26 +413,7 @@ def test_the_sip_edge_component_renders_valid_and_agrees_with_the_adapter(
     port admits it (as the switch) while its pod reaches Routing."""
     component = ROOT / "k8s/components/sip-edge"
     assert (component / "kamailio.cfg").read_text() == (ROOT / "sip/kamailio.cfg").read_text()
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "k8s/overlays/prod", tmp_path)],
-                "components": [os.path.relpath(component, tmp_path)],
-            }
-        )
-    )
-    kubectl = shutil.which("kubectl")
-    assert kubectl is not None
-    done = subprocess.run(
-        [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    docs = render_prod_with(component, tmp_path)
     edge = of_kind(docs, "Deployment")["sip-edge"]
     for doc in docs:
         if doc["metadata"]["name"].startswith("sip-edge"):

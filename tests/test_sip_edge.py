@@ -15,8 +15,6 @@ import pytest
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2 as C
-from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.sipedge import scenarios
@@ -35,8 +33,11 @@ from tests.support.sip import (
 from tests.support.stack import (
     ACCEPT,
     Stack,
+    agent,
     answer,
+    pool_subject,
     set_available,
+    setup_numbers,
     start_stack,
     stop_stack,
 )
@@ -73,60 +74,21 @@ async def edge(etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> 
     await stop_stack(stack)
 
 
-async def code_pool(stack: Stack, group: str) -> tuple[str, str]:
-    """A pool of one number whose reservations carry a 4-digit code, and an application
-    matching by number and code: the subject and the application id."""
-    pool_id = f"p-{uuid.uuid4().hex[:6]}"
-    subject = f"claims-{pool_id}"
-    await stack.nd.CreatePool(
-        nd_pb2.CreatePoolRequest(
-            pool=nd_pb2.Pool(
-                pool_id=pool_id,
-                subjects=[subject],
-                resource_group=group,
-                access_code_policy=nd_pb2.AccessCodePolicy(
-                    mode=nd_pb2.ACCESS_CODE_MODE_REQUIRED, length=4
-                ),
-            )
+async def waiting_handoff(stack: Stack) -> tuple[str, Any]:
+    """A group of its own with one number whose reservations carry a 4-digit code, and
+    a handoff waiting for its call: the group and the handoff."""
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    app_id, _ = await setup_numbers(stack, group, code_length=4)
+    started = await stack.cm.StartHandoff(
+        cm_pb2.StartHandoffRequest(
+            application_id=app_id,
+            customer_id=f"customer-{uuid.uuid4().hex[:6]}",
+            context=C.ContextData(subject=await pool_subject(stack, group)),
+            device_can_dial=True,
+            device_can_send_dtmf=True,
         )
     )
-    await stack.nd.AddNumbers(
-        nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=[f"+3313{uuid.uuid4().int % 10**7:07d}"])
-    )
-    app_id = f"app-{uuid.uuid4().hex[:6]}"
-    await stack.cm.RegisterApplication(
-        cm_pb2.RegisterApplicationRequest(
-            application=cm_pb2.Application(
-                application_id=app_id,
-                match_schema=C.MATCH_SCHEMA_NUMBER_CODE,
-                skip_ivr_on_match=True,
-            )
-        )
-    )
-    return subject, app_id
-
-
-async def sip_agent(
-    stack: Stack, group: str, address: str, *, available: bool = True
-) -> tuple[str, App]:
-    """An agent whose desk phone is the SIP address given, logged in (and available)."""
-    agent_id = f"agent-{uuid.uuid4().hex[:6]}"
-    await stack.pr.RegisterAgent(
-        pr_pb2.RegisterAgentRequest(
-            agent=pr_pb2.Agent(
-                agent_id=agent_id,
-                resource_groups=[group],
-                channels=[
-                    pr_pb2.ChannelConfig(
-                        channel=C.CHANNEL_DESK_VOICE, address=address, available_on_login=available
-                    )
-                ],
-            )
-        )
-    )
-    app = App(stack.processes[1].address)
-    await app.login(agent_id)
-    return agent_id, app
+    return group, started
 
 
 async def drain(app: App) -> list[Any]:
@@ -139,26 +101,12 @@ async def drain(app: App) -> list[Any]:
             return out
 
 
-async def handoff(stack: Stack, app_id: str, subject: str) -> Any:
-    return await stack.cm.StartHandoff(
-        cm_pb2.StartHandoffRequest(
-            application_id=app_id,
-            customer_id=f"customer-{uuid.uuid4().hex[:6]}",
-            context=C.ContextData(subject=subject),
-            device_can_dial=True,
-            device_can_send_dtmf=True,
-        )
-    )
-
-
 async def test_a_matched_call_reaches_the_accepting_agents_phone_with_its_session(
     edge: Edge, tmp_path: Path
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
+    group, started = await waiting_handoff(edge.stack)
     phone, port = await agent_phone(tmp_path, "agent")
-    _, app = await sip_agent(edge.stack, group, f"sip:desk@127.0.0.1:{port}")
-    started = await handoff(edge.stack, app_id, subject)
+    _, app = await agent(edge.stack, group, address=f"sip:desk@127.0.0.1:{port}")
 
     caller = await customer_phone(
         tmp_path,
@@ -179,10 +127,8 @@ async def test_a_matched_call_reaches_the_accepting_agents_phone_with_its_sessio
 
 
 async def test_a_wrong_code_sends_the_call_to_the_ivr_route(edge: Edge, tmp_path: Path) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
+    _, started = await waiting_handoff(edge.stack)
     ivr = await sipp(tmp_path, "ivr", scenarios.agent(200), "-p", str(edge.ivr_port))
-    started = await handoff(edge.stack, app_id, subject)
     wrong = f"{(int(started.access_code) + 1) % 10000:04d}"
 
     caller = await customer_phone(tmp_path, edge.sip, started.access_number, wrong)
@@ -198,11 +144,9 @@ async def test_a_wrong_code_sends_the_call_to_the_ivr_route(edge: Edge, tmp_path
 async def test_a_caller_who_hangs_up_while_queued_leaves_the_queue(
     edge: Edge, tmp_path: Path
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
+    group, started = await waiting_handoff(edge.stack)
     # The group's only agent is logged in but not available: the call waits.
-    _agent_id, app = await sip_agent(edge.stack, group, "sip:desk@127.0.0.1:9", available=False)
-    started = await handoff(edge.stack, app_id, subject)
+    _, app = await agent(edge.stack, group, address="sip:desk@127.0.0.1:9", available=False)
 
     caller = await customer_phone(
         tmp_path,
@@ -230,9 +174,7 @@ async def test_a_caller_who_hangs_up_while_queued_leaves_the_queue(
 async def test_a_call_to_a_group_with_no_agent_is_refused_with_480(
     edge: Edge, tmp_path: Path
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
-    started = await handoff(edge.stack, app_id, subject)
+    _, started = await waiting_handoff(edge.stack)
     caller = await customer_phone(
         tmp_path, edge.sip, started.access_number, started.access_code, expect=480
     )
@@ -242,12 +184,10 @@ async def test_a_call_to_a_group_with_no_agent_is_refused_with_480(
 async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(
     edge: Edge, tmp_path: Path
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
+    group, started = await waiting_handoff(edge.stack)
     phone, port = await agent_phone(tmp_path, "agent")
     ivr = await sipp(tmp_path, "ivr", scenarios.agent(200), "-p", str(edge.ivr_port))
-    _, app = await sip_agent(edge.stack, group, f"sip:desk@127.0.0.1:{port}")
-    started = await handoff(edge.stack, app_id, subject)
+    _, app = await agent(edge.stack, group, address=f"sip:desk@127.0.0.1:{port}")
 
     callers = [
         await customer_phone(
@@ -272,10 +212,8 @@ async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(
 async def test_a_caller_who_keys_nothing_in_is_routed_unmatched_after_the_time_out(
     edge: Edge, tmp_path: Path
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:6]}"
-    subject, app_id = await code_pool(edge.stack, group)
+    _, started = await waiting_handoff(edge.stack)
     ivr = await sipp(tmp_path, "ivr", scenarios.agent(200), "-p", str(edge.ivr_port))
-    started = await handoff(edge.stack, app_id, subject)
     caller = await customer_phone(tmp_path, edge.sip, started.access_number, "")
     assert await caller.finished() == 0, caller.trace()
     assert await ivr.finished() == 0, ivr.trace()

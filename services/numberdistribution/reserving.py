@@ -34,7 +34,7 @@ from services.numberdistribution.pools import (
 )
 from services.numberdistribution.reservations import EMPTY, read_reservation, release_ops
 from services.numberdistribution.resolving import Resolver, public_reservation
-from services.numberdistribution.view import NumberView, PoolState
+from services.numberdistribution.view import NumberView, PoolState, refused_at
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import (
     Aborted,
@@ -44,7 +44,7 @@ from services.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from services.runtime.store import Compare, KeyMeta, Op, Store, TxnResult, decode
+from services.runtime.store import Compare, KeyMeta, Op, Store, decode
 
 log = logging.getLogger("accessline.numberdistribution")
 
@@ -322,18 +322,9 @@ class Reservations:
                 replay = await self._replay(request.idempotency_key)
                 if replay is not None:
                     return replay
-            self._view.mark_taken(pool.pool_id, value, self._blocked_at(result, idem=bool(idem)))
+            compared = result.gets[1:] if idem else result.gets
+            self._view.mark_taken(pool.pool_id, value, refused_at(compared, self._view.revision))
         return None
-
-    def _blocked_at(self, result: TxnResult, *, idem: bool) -> int:
-        """The revision of the latest change among the keys whose compares a failed
-        reservation made (read in its failure branch): the change that refused it,
-        under NumberDistribution's keys, so this replica's view reaches it. (The
-        transaction's own revision may be another service's write, which the view
-        would only pass with NumberDistribution's next change.)"""
-        compared = result.gets[1:] if idem else result.gets
-        found = [kv.meta.mod_revision for keys_found in compared for kv in keys_found]
-        return max(found, default=self._view.revision)
 
     def _reservation_txn(
         self,
@@ -398,15 +389,12 @@ class Reservations:
         )
         if entry is None:
             return None
-        found = await self._find(entry.value.reservation_id)
+        found = await read_reservation(self._store, entry.value.reservation_id)
         if found is None:
             return None
         record, meta = found
-        code = (
-            self._codes.unseal(entry.value.sealed_access_code, record.reservation_id)
-            if entry.value.sealed_access_code
-            else ""
-        )
+        sealed = entry.value.sealed_access_code
+        code = self._codes.unseal(sealed, record.reservation_id) if sealed else ""
         return Reserved(
             public_reservation(record),
             code,
@@ -414,11 +402,6 @@ class Reservations:
             record,
             meta.create_revision,
         )
-
-    async def _find(
-        self, reservation_id: str
-    ) -> tuple[storage_pb2.StoredReservation, KeyMeta] | None:
-        return await read_reservation(self._store, reservation_id)
 
     def _reservation_not_found(self, reservation_id: str) -> NotFound:
         return NotFound(
@@ -433,7 +416,7 @@ class Reservations:
     ) -> tuple[storage_pb2.StoredReservation, KeyMeta, float]:
         """A reservation that has not expired yet, its key's meta and the time now."""
         await self._view.ready(READY_TIMEOUT)
-        found = await self._find(reservation_id)
+        found = await read_reservation(self._store, reservation_id)
         if found is None:
             raise self._reservation_not_found(reservation_id)
         record, meta = found

@@ -21,7 +21,14 @@ from accessline.numberdistribution.storage.v1 import storage_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.numberdistribution import keys
 from services.runtime.errors import AccesslineError, Unavailable
-from services.runtime.store import Entry, EventKind, Store, WatchCompacted, WatchEvent
+from services.runtime.store import (
+    Entry,
+    EventKind,
+    RawKV,
+    Store,
+    WatchCompacted,
+    WatchEvent,
+)
 
 log = logging.getLogger("accessline.numberdistribution.view")
 
@@ -29,6 +36,17 @@ M = TypeVar("M", bound=Message)
 
 LOAD_PAGE = 5000
 DEFAULT_MAX_SHARES = 10
+
+
+def refused_at(compared: list[list[RawKV]], known: int) -> int:
+    """The revision to give `NumberView.mark_taken` for a reservation refused by its
+    compares: the latest change among the compared keys as its failure branch read
+    them (the change that refused it, under NumberDistribution's keys, which the view's
+    watch delivers); the view's revision `known` when none is left. Not the
+    transaction's own revision: another service's write, maybe, which the view would
+    only pass with NumberDistribution's next change."""
+    found = [kv.meta.mod_revision for keys_found in compared for kv in keys_found]
+    return max(found, default=known)
 
 
 class RandomSet:

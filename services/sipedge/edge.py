@@ -4,6 +4,7 @@ configuration and the SIP adapter connected to its event socket."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parent.parent.parent / "sip" / "kamailio.cfg"
@@ -33,3 +34,11 @@ def kamailio_command(
         "-A",
         f'EVAPI_BIND="{evapi_bind}"',
     ]
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

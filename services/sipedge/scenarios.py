@@ -44,6 +44,31 @@ def _invite_branch(scenario: str) -> str:
     return f"[branch-{elements}]"
 
 
+def _request(
+    start: str,
+    caller_id: str,
+    cseq: str,
+    *,
+    in_dialog: bool,
+    via: str = "Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]",
+    headers: Sequence[str] = (),
+    body: tuple[str, str] | None = None,
+) -> str:
+    """One request of the caller's: its first line, Via, dialog headers (the peer's tag
+    once `in_dialog`), CSeq, `headers`, and a body (content type, text) if any."""
+    lines = [f"      {start}", f"      {via}", _dialog(caller_id, in_dialog), f"      CSeq: {cseq}"]
+    lines += [f"      {header}" for header in headers]
+    lines.append("      Max-Forwards: 70")
+    if body is None:
+        lines.append("      Content-Length: 0")
+    else:
+        lines += [f"      Content-Type: {body[0]}", "      Content-Length: [len]", body[1]]
+    return "\n".join(lines)
+
+
+_CONTACT = "Contact: <sip:caller@[local_ip]:[local_port]>"
+
+
 def caller(
     code: str,
     *,
@@ -57,150 +82,105 @@ def caller(
     """A customer's phone: INVITE to the number given with `-s`, each digit of `code`
     as one INFO in the early dialog of the 183, then either the agent's 200 (ACK, a
     moment of talk, BYE), the refusal `expect`, or a CANCEL after `hang_up_after_ms`."""
-    extra = [f"Privacy: {privacy}"] if privacy else []
-    privacy_header = "".join(f"\n      {line}" for line in [*extra, *headers])
+    extra = [_CONTACT, *([f"Privacy: {privacy}"] if privacy else []), *headers]
     out = _HEAD.format(name="accessline-caller")
+    invite = "INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0"
+    sdp = ("application/sdp", _SDP)
     out += _send(
-        f"""      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-{_dialog(caller_id, False)}
-      CSeq: 1 INVITE
-      Contact: <sip:caller@[local_ip]:[local_port]>{privacy_header}
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-{_SDP}""",
+        _request(invite, caller_id, "1 INVITE", in_dialog=False, headers=extra, body=sdp),
         retrans=True,
     )
     out += '  <recv response="100" optional="true"/>\n'
     # Without a code to key in, the 183 is not needed (Kamailio alone sends none).
     optional = "true" if code == "" else "false"
     out += f'  <recv response="183" rrs="true" optional="{optional}"/>\n'
+    in_dialog = ["[routes]", _CONTACT]
     for cseq, digit in enumerate(code, start=2):
-        body = f"Signal={digit}\n      Duration=160" if dtmf_type.endswith("relay") else digit
-        out += _send(
-            f"""      INFO [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-{_dialog(caller_id, True)}
-      CSeq: {cseq} INFO
-      [routes]
-      Contact: <sip:caller@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Type: {dtmf_type}
-      Content-Length: [len]
-
-      {body}"""
+        text = (
+            f"\n      Signal={digit}\n      Duration=160"
+            if dtmf_type.endswith("relay")
+            else f"\n      {digit}"
         )
+        info = _request(
+            "INFO [next_url] SIP/2.0",
+            caller_id,
+            f"{cseq} INFO",
+            in_dialog=True,
+            headers=in_dialog,
+            body=(dtmf_type, text),
+        )
+        out += _send(info)
         out += '  <recv response="200"/>\n'
     if hang_up_after_ms:
         out += f'  <pause milliseconds="{hang_up_after_ms}"/>\n'
-        out += _send(
-            f"""      CANCEL sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch={_invite_branch(out)}
-{_dialog(caller_id, False)}
-      CSeq: 1 CANCEL
-      Max-Forwards: 70
-      Content-Length: 0"""
-        )
+        via = f"Via: SIP/2.0/[transport] [local_ip]:[local_port];branch={_invite_branch(out)}"
+        cancel = "CANCEL sip:[service]@[remote_ip]:[remote_port] SIP/2.0"
+        out += _send(_request(cancel, caller_id, "1 CANCEL", in_dialog=False, via=via))
         # The INVITE's 487 and the CANCEL's 200 come in either order.
         out += '  <recv response="200" optional="true"/>\n'
         expect = 487
-    if expect == 200:
-        out += '  <recv response="180" optional="true"/>\n'
-        out += '  <recv response="183" optional="true"/>\n'
-        out += '  <recv response="200" rrs="true"/>\n'
-        out += _send(
-            f"""      ACK [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-{_dialog(caller_id, True)}
-      CSeq: 1 ACK
-      [routes]
-      Contact: <sip:caller@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0"""
-        )
-        out += '  <pause milliseconds="200"/>\n'
-        out += _send(
-            f"""      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-{_dialog(caller_id, True)}
-      CSeq: {len(code) + 2} BYE
-      [routes]
-      Contact: <sip:caller@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0"""
-        )
-        out += '  <recv response="200"/>\n'
-    else:
+    if expect != 200:
         out += f'  <recv response="{expect}"/>\n'
         # The ACK of a refusal is the INVITE's transaction's: its Via (as the refusal
         # carries it back), the peer's tag.
-        out += _send(
-            f"""      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      [last_Via:]
-{_dialog(caller_id, True)}
-      CSeq: 1 ACK
-      Max-Forwards: 70
-      Content-Length: 0"""
-        )
+        ack = "ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0"
+        out += _send(_request(ack, caller_id, "1 ACK", in_dialog=True, via="[last_Via:]"))
+        return out + "</scenario>\n"
+    out += '  <recv response="180" optional="true"/>\n'
+    out += '  <recv response="183" optional="true"/>\n'
+    out += '  <recv response="200" rrs="true"/>\n'
+    out += _send(
+        _request("ACK [next_url] SIP/2.0", caller_id, "1 ACK", in_dialog=True, headers=in_dialog)
+    )
+    out += '  <pause milliseconds="200"/>\n'
+    bye = _request(
+        "BYE [next_url] SIP/2.0",
+        caller_id,
+        f"{len(code) + 2} BYE",
+        in_dialog=True,
+        headers=in_dialog,
+    )
+    out += _send(bye)
+    out += '  <recv response="200"/>\n'
     return out + "</scenario>\n"
+
+
+def _reply(status: str, *, dialog: bool = True, sdp: bool = False) -> str:
+    """The agent phone's answer to the request it received last; `dialog`: it carries
+    the phone's tag, the route set and its Contact (a provisional or final INVITE answer
+    that sets up the dialog)."""
+    lines = [f"      SIP/2.0 {status}", "      [last_Via:]", "      [last_From:]"]
+    lines.append("      [last_To:];tag=[pid]agent[call_number]" if dialog else "      [last_To:]")
+    lines += ["      [last_Call-ID:]", "      [last_CSeq:]"]
+    if dialog:
+        lines.append("      [last_Record-Route:]")
+        lines.append("      Contact: <sip:agent@[local_ip]:[local_port]>")
+    if sdp:
+        lines += ["      Content-Type: application/sdp", "      Content-Length: [len]", _SDP]
+    else:
+        lines.append("      Content-Length: 0")
+    return _send("\n".join(lines), retrans=sdp)
+
+
+REFUSALS = {486: "486 Busy Here", 603: "603 Decline", 480: "480 Temporarily Unavailable"}
 
 
 def agent(answer: int = 200) -> str:
     """An agent's phone: rings, then answers (200: talk until the caller's BYE), refuses
-    with `answer` (486, 603), or never answers (0)."""
+    with `answer` (486, 603, 480), or never answers (0)."""
     out = _HEAD.format(name="accessline-agent-phone")
     out += '  <recv request="INVITE" crlf="true"/>\n'
-    ringing = """      SIP/2.0 180 Ringing
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]agent[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      [last_Record-Route:]
-      Contact: <sip:agent@[local_ip]:[local_port]>
-      Content-Length: 0"""
-    out += _send(ringing)
+    out += _reply("180 Ringing")
     if answer == 0:
         out += '  <recv request="CANCEL"/>\n'
-        return out + "</scenario>\n"
-    if answer != 200:
-        out += _send(
-            f"""      SIP/2.0 {answer} Busy Here
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]agent[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0"""
-        )
+    elif answer != 200:
+        out += _reply(REFUSALS[answer])
         out += '  <recv request="ACK"/>\n'
-        return out + "</scenario>\n"
-    out += _send(
-        f"""      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]agent[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      [last_Record-Route:]
-      Contact: <sip:agent@[local_ip]:[local_port]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-{_SDP}""",
-        retrans=True,
-    )
-    out += '  <recv request="ACK" crlf="true"/>\n'
-    out += '  <recv request="BYE"/>\n'
-    out += _send(
-        """      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0"""
-    )
+    else:
+        out += _reply("200 OK", sdp=True)
+        out += '  <recv request="ACK" crlf="true"/>\n'
+        out += '  <recv request="BYE"/>\n'
+        out += _reply("200 OK", dialog=False)
     return out + "</scenario>\n"
 
 
@@ -212,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     call.add_argument("--caller-id", default="+33612345678")
     call.add_argument("--privacy", default="", help="for example `id` to withhold the number")
     phone = sub.add_parser("agent", help="an agent's phone")
-    phone.add_argument("--answer", type=int, default=200, help="200, 486, 603 or 0 (never)")
+    phone.add_argument(
+        "--answer", type=int, default=200, help="200, 486, 603, 480 or 0 (never answers)"
+    )
     args = parser.parse_args(argv)
     if args.phone == "caller":
         print(caller(args.code, caller_id=args.caller_id, privacy=args.privacy), end="")

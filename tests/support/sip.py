@@ -15,15 +15,8 @@ from pathlib import Path
 from services.runtime import processes
 from services.runtime.embedded_etcd import free_port
 from services.sipedge import scenarios
-from services.sipedge.edge import kamailio_command
+from services.sipedge.edge import free_udp_port, kamailio_command
 from tests.conftest import ROOT, ServiceProcess, eventually, identity
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

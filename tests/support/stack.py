@@ -153,7 +153,10 @@ async def agent(
     *,
     available: bool = True,
     skill: str = "mortgage",
+    address: str = "",
 ) -> tuple[str, App]:
+    """An agent of `group` with a desk phone (at `address`, by default an extension of
+    their own), logged in (and available)."""
     agent_id = f"agent-{uuid.uuid4().hex[:6]}"
     await stack.pr.RegisterAgent(
         pr_pb2.RegisterAgentRequest(
@@ -165,7 +168,7 @@ async def agent(
                 channels=[
                     pr_pb2.ChannelConfig(
                         channel=C.CHANNEL_DESK_VOICE,
-                        address=f"ext-{agent_id}",
+                        address=address or f"ext-{agent_id}",
                         available_on_login=available,
                     )
                 ],
@@ -201,15 +204,17 @@ DECLINE = pr_pb2.OFFER_DECISION_DECLINE
 
 
 async def setup_numbers(
-    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True
+    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True, code_length: int = 0
 ) -> tuple[str, list[str]]:
+    """A pool of `count` numbers for `group` and an application matching by number (and
+    by an access code of `code_length` digits when given, the pool issuing them)."""
     pool_id = f"p-{uuid.uuid4().hex[:6]}"
     subject = f"mortgage-{pool_id}"
-    await stack.nd.CreatePool(
-        nd_pb2.CreatePoolRequest(
-            pool=nd_pb2.Pool(pool_id=pool_id, subjects=[subject], resource_group=group)
-        )
-    )
+    pool = nd_pb2.Pool(pool_id=pool_id, subjects=[subject], resource_group=group)
+    if code_length:
+        pool.access_code_policy.mode = nd_pb2.ACCESS_CODE_MODE_REQUIRED
+        pool.access_code_policy.length = code_length
+    await stack.nd.CreatePool(nd_pb2.CreatePoolRequest(pool=pool))
     numbers = [f"+3313{uuid.uuid4().int % 10**7:07d}" for _ in range(count)]
     await stack.nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=pool_id, numbers=numbers))
     app_id = f"app-{uuid.uuid4().hex[:6]}"
@@ -217,7 +222,7 @@ async def setup_numbers(
         cm_pb2.RegisterApplicationRequest(
             application=cm_pb2.Application(
                 application_id=app_id,
-                match_schema=C.MATCH_SCHEMA_NUMBER,
+                match_schema=C.MATCH_SCHEMA_NUMBER_CODE if code_length else C.MATCH_SCHEMA_NUMBER,
                 skip_ivr_on_match=skip_ivr,
             )
         )
