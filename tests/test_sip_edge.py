@@ -28,6 +28,7 @@ from tests.support.sip import (
     customer_phone,
     free_udp_port,
     sipp,
+    start_kamailio,
     start_sip_edge,
 )
 from tests.support.stack import (
@@ -275,3 +276,26 @@ async def test_keys_that_overtake_their_invite_are_kept_for_it() -> None:
     assert call.digits == "47"
     assert call.task is not None
     call.task.cancel()
+
+
+async def test_a_call_while_no_adapter_is_connected_is_refused_at_once(tmp_path: Path) -> None:
+    """Kamailio with nobody on its event socket (the adapter not started yet, or
+    restarting) answers 503 with Retry-After instead of holding the call for nobody."""
+    kamailio, sip_port, _ = await start_kamailio(tmp_path)
+    try:
+        caller = await sipp(
+            tmp_path,
+            "caller",
+            scenarios.caller("", expect=503),
+            "-s",
+            "+33130000001",
+            "-p",
+            str(free_udp_port()),
+            f"127.0.0.1:{sip_port}",
+        )
+        assert await caller.finished(timeout=20) == 0, caller.trace()
+        (refusal,) = caller.received("SIP/2.0 503")
+        assert "Retry-After: 5" in refusal.splitlines()
+    finally:
+        kamailio.process.terminate()
+        kamailio.process.wait(10)

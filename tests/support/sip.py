@@ -56,9 +56,9 @@ class SipEdge:
                 process.wait()
 
 
-async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge:
-    """Kamailio on a free UDP port with its event socket on a free TCP port, and the
-    adapter connected to it, routing through `routing_address` as a switch."""
+async def start_kamailio(tmp: Path) -> tuple[Lines, int, int]:
+    """Kamailio on a free UDP port with its event socket on a free TCP port: the
+    process, its SIP port and its event socket's port."""
     sip_port, evapi_port = free_udp_port(), free_port()
     run_dir = tmp / "kamailio"
     run_dir.mkdir(exist_ok=True)
@@ -72,6 +72,13 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
         )
     )
     await eventually(lambda: _accepts(evapi_port), timeout=20, what="Kamailio's event socket")
+    return kamailio, sip_port, evapi_port
+
+
+async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge:
+    """Kamailio and the adapter connected to it, routing through `routing_address` as
+    a switch."""
+    kamailio, sip_port, evapi_port = await start_kamailio(tmp)
     files = identity().files
     token = identity().token("sip-edge", "switch", switch="*")
     process = processes.spawn(
