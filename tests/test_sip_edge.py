@@ -75,11 +75,15 @@ async def edge(etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> 
     await stop_stack(stack)
 
 
-async def waiting_handoff(stack: Stack) -> tuple[str, Any]:
-    """A group of its own with one number whose reservations carry a 4-digit code, and
-    a handoff waiting for its call: the group and the handoff."""
+async def waiting_handoff(stack: Stack, *, ani: str = "") -> tuple[str, Any]:
+    """A group of its own with one number whose reservations carry a 4-digit code (or,
+    given the customer's phone number `ani`, matched by number and caller id), and a
+    handoff waiting for its call: the group and the handoff."""
     group = f"g-{uuid.uuid4().hex[:6]}"
-    app_id, _ = await setup_numbers(stack, group, code_length=4)
+    if ani:
+        app_id, _ = await setup_numbers(stack, group, schema=C.MATCH_SCHEMA_NUMBER_ANI)
+    else:
+        app_id, _ = await setup_numbers(stack, group, code_length=4)
     started = await stack.cm.StartHandoff(
         cm_pb2.StartHandoffRequest(
             application_id=app_id,
@@ -87,6 +91,7 @@ async def waiting_handoff(stack: Stack) -> tuple[str, Any]:
             context=C.ContextData(subject=await pool_subject(stack, group)),
             device_can_dial=True,
             device_can_send_dtmf=True,
+            ani_hint=ani,
         )
     )
     return group, started
@@ -219,6 +224,34 @@ async def test_a_caller_who_keys_nothing_in_is_routed_unmatched_after_the_time_o
     assert await caller.finished() == 0, caller.trace()
     assert await ivr.finished() == 0, ivr.trace()
     assert len(ivr.received("INVITE")) == 1
+
+
+@pytest.mark.parametrize("privacy", ["", "id"])
+async def test_a_caller_who_withholds_their_number_is_not_matched_by_it(
+    edge: Edge, tmp_path: Path, privacy: str
+) -> None:
+    """An application that matches by number and caller id: the customer's call with
+    their number shown reaches the agent; the same call with `Privacy: id` goes through
+    the IVR (Accessline never sees the number)."""
+    ani = f"+3361{uuid.uuid4().int % 10**7:07d}"
+    group, started = await waiting_handoff(edge.stack, ani=ani)
+    phone, port = await agent_phone(tmp_path, "agent")
+    ivr = await sipp(tmp_path, "ivr", scenarios.agent(200), "-p", str(edge.ivr_port))
+    _, app = await agent(edge.stack, group, address=f"sip:desk@127.0.0.1:{port}")
+    caller = await customer_phone(
+        tmp_path, edge.sip, started.access_number, "", caller_id=ani, privacy=privacy
+    )
+    reached = phone if not privacy else ivr
+    if not privacy:
+        await answer(app, ACCEPT)
+    assert await caller.finished() == 0, caller.trace()
+    assert await reached.finished() == 0, reached.trace()
+    (invite,) = reached.received("INVITE")
+    assert ("X-Accessline-Session: " + started.session_id in invite.splitlines()) != bool(privacy)
+    # The phone the call did not reach stops listening (the IVR's port is shared).
+    unused = ivr if not privacy else phone
+    unused.process.kill()
+    await unused.process.wait()
 
 
 @pytest.mark.parametrize(

@@ -204,10 +204,17 @@ DECLINE = pr_pb2.OFFER_DECISION_DECLINE
 
 
 async def setup_numbers(
-    stack: Stack, group: str, count: int = 1, *, skip_ivr: bool = True, code_length: int = 0
+    stack: Stack,
+    group: str,
+    count: int = 1,
+    *,
+    skip_ivr: bool = True,
+    code_length: int = 0,
+    schema: int = 0,
 ) -> tuple[str, list[str]]:
     """A pool of `count` numbers for `group` and an application matching by number (and
-    by an access code of `code_length` digits when given, the pool issuing them)."""
+    by an access code of `code_length` digits when given, the pool issuing them), or by
+    the match `schema` given."""
     pool_id = f"p-{uuid.uuid4().hex[:6]}"
     subject = f"mortgage-{pool_id}"
     pool = nd_pb2.Pool(pool_id=pool_id, subjects=[subject], resource_group=group)
@@ -222,7 +229,8 @@ async def setup_numbers(
         cm_pb2.RegisterApplicationRequest(
             application=cm_pb2.Application(
                 application_id=app_id,
-                match_schema=C.MATCH_SCHEMA_NUMBER_CODE if code_length else C.MATCH_SCHEMA_NUMBER,
+                match_schema=schema
+                or (C.MATCH_SCHEMA_NUMBER_CODE if code_length else C.MATCH_SCHEMA_NUMBER),
                 skip_ivr_on_match=skip_ivr,
             )
         )
