@@ -7,6 +7,7 @@ replicas) is shared by the routing test modules; every group is a fresh one."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -160,6 +161,47 @@ async def test_a_decline_and_a_timeout_move_on_to_the_next_agent(stack: Stack) -
     await answer(third_app, ACCEPT)
     assert (await call.until("connect")).connect.agent_id == third
     for app in (first_app, second_app, third_app):
+        app.call.cancel()
+
+
+async def test_a_connected_call_whose_phone_failed_goes_back_to_the_queue_once(
+    stack: Stack,
+) -> None:
+    """The switch could not reach the accepting agent's phone: RouteInboundCall with the
+    connect's redirect token (another replica, the same call id) ends that agent's
+    interaction and offers the call, with its match, to the next agent. The token is
+    good once, and for this call only."""
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    first, first_app = await agent(stack, group, 9)
+    second, second_app = await agent(stack, group, 3)
+    call = Call(stack.routers[0], numbers[0])
+    assert (await call.until("offered")).offered.agent_id == first
+    offer = await answer(first_app, ACCEPT)
+    connect = (await call.until("connect")).connect
+    assert connect.agent_id == first
+    assert connect.redirect_before.ToSeconds() > time.time()
+
+    async def redirected(call_id: str) -> Call:
+        return Call(stack.routers[1], "", call_id=call_id, resume_token=connect.redirect_token)
+
+    with pytest.raises(grpc.aio.AioRpcError) as stranger:
+        await (await redirected("another-call")).next()
+    assert stranger.value.code() == grpc.StatusCode.NOT_FOUND
+    again = await redirected(call.call_id)
+    assert (await again.next()).match_decided.resource_group == group
+    cancelled = await first_app.next_kind("offer_cancelled")
+    assert (cancelled.offer_id, cancelled.reason) == (
+        offer.offer_id,
+        pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE,
+    )
+    assert (await again.until("offered")).offered.agent_id == second
+    await answer(second_app, ACCEPT)
+    assert (await again.until("connect")).connect.agent_id == second
+    with pytest.raises(grpc.aio.AioRpcError) as used:
+        await (await redirected(call.call_id)).next()
+    assert used.value.code() == grpc.StatusCode.NOT_FOUND
+    for app in (first_app, second_app):
         app.call.cancel()
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2 as C
+from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.sipedge import scenarios
@@ -215,6 +216,36 @@ async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(
     assert len(ivr.received("INVITE")) == 1
 
 
+@pytest.mark.parametrize("refusal", [486, 603])
+async def test_an_agent_phone_that_refuses_the_call_sends_it_to_the_next_agent(
+    edge: Edge, tmp_path: Path, refusal: int
+) -> None:
+    """The first agent accepts in their app, but their phone refuses the call: Kamailio
+    holds the call again, the adapter sends it back to the queue with the connect's
+    redirect token, the first agent's interaction ends, and the next agent gets it."""
+    group, started = await waiting_handoff(edge.stack)
+    busy, busy_port = await agent_phone(tmp_path, "busy", answer=refusal)
+    phone, port = await agent_phone(tmp_path, "agent")
+    _, first = await agent(edge.stack, group, address=f"sip:desk@127.0.0.1:{busy_port}")
+    _, second = await agent(
+        edge.stack, group, address=f"sip:desk@127.0.0.1:{port}", available=False
+    )
+    caller = await customer_phone(tmp_path, edge.sip, started.access_number, started.access_code)
+    taken = await answer(first, ACCEPT)
+    assert await busy.finished() == 0, busy.trace()
+    ended = await first.next_kind("offer_cancelled")
+    assert (ended.offer_id, ended.reason) == (
+        taken.offer_id,
+        pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE,
+    )
+    await set_available(second, True)
+    await answer(second, ACCEPT)
+    assert await caller.finished() == 0, caller.trace()
+    assert await phone.finished() == 0, phone.trace()
+    (invite,) = phone.received("INVITE")
+    assert f"X-Accessline-Session: {started.session_id}" in invite.splitlines()
+
+
 async def test_a_caller_who_keys_nothing_in_is_routed_unmatched_after_the_time_out(
     edge: Edge, tmp_path: Path
 ) -> None:
@@ -332,3 +363,32 @@ async def test_a_call_while_no_adapter_is_connected_is_refused_at_once(tmp_path:
     finally:
         kamailio.process.terminate()
         kamailio.process.wait(10)
+
+
+async def test_an_ivr_that_does_not_take_the_call_gets_the_caller_480(
+    edge: Edge, tmp_path: Path
+) -> None:
+    """A forward with nowhere to send the call back to (the IVR route has no queue):
+    the caller is refused 480, not held."""
+    _, started = await waiting_handoff(edge.stack)
+    ivr = await sipp(tmp_path, "ivr", scenarios.agent(486), "-p", str(edge.ivr_port))
+    wrong = f"{(int(started.access_code) + 1) % 10000:04d}"
+    caller = await customer_phone(tmp_path, edge.sip, started.access_number, wrong, expect=480)
+    assert await caller.finished() == 0, caller.trace()
+    assert await ivr.finished() == 0, ivr.trace()
+
+
+async def test_a_phone_failure_for_a_call_the_adapter_does_not_know_is_refused() -> None:
+    """An adapter that restarted while a call was forwarded: Kamailio's report that the
+    phone did not take it is answered 480 at once (else the call stays held)."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    adapter = Adapter(SipEdgeSettings(), routing=None, send=send)
+    adapter.receive({"event": "forward_failed", "call_id": "gone", "index": 3, "label": 4})
+    await eventually(lambda: sent, timeout=5, what="the answer to Kamailio")
+    assert sent == [
+        {"index": 3, "label": 4, "action": "reject", "code": 480, "reason": "Not Answered"}
+    ]

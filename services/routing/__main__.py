@@ -53,6 +53,7 @@ def rules_from(settings: RoutingSettings) -> Rules:
         callback_dial_timeout=settings.routing_callback_dial_timeout_seconds,
         callback_retention=settings.routing_callback_retention_hours * 3600,
         resume_window=settings.routing_resume_seconds,
+        redirect_window=settings.routing_redirect_seconds,
         max_queue_length=settings.routing_max_queue_length,
     )
 

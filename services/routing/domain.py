@@ -66,6 +66,8 @@ class _Call:
     decided: rt_pb2.MatchDecided
     session_id: str
     handed_over: bool = False
+    # The secret of the connect's redirect token.
+    redirect_secret: str = ""
     # The queue entry as last seen on its watch, with its revision.
     seen: tuple[QI, int] | None = None
 
@@ -239,12 +241,15 @@ class Router:
     async def resume(
         self, request: rt_pb2.RouteInboundCallRequest
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
-        """Takes over a call a stopping replica handed over: no new match, the same
-        interaction with its place and age in the queue. The stream starts again with
-        the call's match decision."""
+        """Takes over a call a stopping replica handed over (its token from `failed`
+        SERVER_STOPPING), or one whose agent's phone did not take it (the token from
+        `connect`): no new match, the same interaction with its age in the queue (and
+        its place, when handed over). The stream starts again with the match decision."""
         group, interaction_id, secret = parse_resume_token(request.resume_token)
         key = keys.queued(group, interaction_id)
         entry = await self._store.get(key, QI)
+        if entry is None:
+            entry = await self._store.get(keys.redirect(interaction_id), QI)
         if (
             entry is None
             or not entry.value.resume_hash
@@ -268,16 +273,18 @@ class Router:
         decided.CopyFrom(item.match_decided)
         adopted = QI()
         adopted.CopyFrom(item)
-        adopted.ClearField("detached_until")
-        adopted.ClearField("resume_hash")
-        adopted.ClearField("sealed_context")
-        adopted.ClearField("match_decided")
-        lease = await self._entries.replica_lease()
-        taken = await self._store.txn(
-            [Compare.modified_at(key, entry.meta.mod_revision)],
-            [Op.put(key, adopted, lease), *self._entries.place_follows(item, lease)],
-        )
-        if not taken.succeeded:
+        for name in ("detached_until", "resume_hash", "sealed_context", "match_decided"):
+            adopted.ClearField(name)
+        if entry.key == key:
+            lease = await self._entries.replica_lease()
+            taken = await self._store.txn(
+                [Compare.modified_at(key, entry.meta.mod_revision)],
+                [Op.put(key, adopted, lease), *self._entries.place_follows(item, lease)],
+            )
+            revision = taken.revision if taken.succeeded else 0
+        else:
+            revision = await self._entries.rejoin(group, key, adopted, entry)
+        if not revision:
             raise Aborted(
                 "the call was resumed by another stream at the same moment",
                 reason="RESUME_RACE",
@@ -293,29 +300,50 @@ class Router:
             decided=decided,
             session_id=item.session_id,
         )
-        async for update in self._attend(call, adopted, taken.revision):
+        async for update in self._attend(call, adopted, revision):
             yield update
 
     async def _attend(
         self, call: _Call, item: QI, revision: int
     ) -> AsyncIterator[rt_pb2.RouteInboundCallResponse]:
         """The call's progress until it connects, fails, is handed over or hangs up; then
-        it leaves the queue (unless handed over)."""
+        it leaves the queue (unless handed over). A connected call leaves before the
+        switch hears `connect`, so its redirect record is there for the switch at once."""
         self._wake()
         self._measures.waiting(1)
-        connected = False
+        left = False
         try:
             async for update in self._follow(call, item, revision):
                 if update.WhichOneof("event") == "connect":
-                    connected = True
                     update.connect.context.CopyFrom(call.context)
                     update.connect.session_id = call.session_id
+                    redirect = await self._redirect(call)
+                    left = True
+                    await asyncio.shield(self._entries.leave(call.key, True, call.seen, redirect))
                 update.interaction_id = call.interaction_id
                 yield update
         finally:
             self._measures.waiting(-1)
-            if not call.handed_over:
-                await asyncio.shield(self._entries.leave(call.key, connected, call.seen))
+            if not call.handed_over and not left:
+                await asyncio.shield(self._entries.leave(call.key, False, call.seen))
+
+    async def _redirect(self, call: _Call) -> Op | None:
+        """The record the switch sends the connected call back to its queue with (its
+        agent's phone did not take it), under a lease that ends with the redirect time."""
+        if call.seen is None or not call.redirect_secret:
+            return None
+        record = QI()
+        record.CopyFrom(call.seen[0])
+        record.resume_hash = secret_hash(call.redirect_secret)
+        record.match_decided.CopyFrom(call.decided)
+        if call.context.ByteSize():
+            record.sealed_context = self._sealer.seal(
+                call.context.SerializeToString(), call.interaction_id
+            )
+        with contextlib.suppress(AccesslineError):
+            lease = await self._store.shared_lease(self._rules.redirect_window)
+            return Op.put(keys.redirect(call.interaction_id), record, lease)
+        return None
 
     async def _hand_over(
         self, call: _Call, current: QI, revision: int
@@ -435,13 +463,15 @@ class Router:
         """The switch's `connect` event for a call an agent accepted."""
         self._measures.accepted(call.arrived)
         target = current.connected
-        return rt_pb2.RouteInboundCallResponse(
-            connect=rt_pb2.Connect(
-                agent_id=target.agent_id,
-                channel=target.channel,
-                address=private.target_address(self._sealer, target),
-            )
+        call.redirect_secret = secrets.token_urlsafe(24)
+        connect = rt_pb2.Connect(
+            agent_id=target.agent_id,
+            channel=target.channel,
+            address=private.target_address(self._sealer, target),
+            redirect_token=resume_token(call.group, call.interaction_id, call.redirect_secret),
         )
+        connect.redirect_before.CopyFrom(timestamp(time.time() + self._rules.redirect_window))
+        return rt_pb2.RouteInboundCallResponse(connect=connect)
 
     async def _place(
         self, call: _Call, current: QI, shown: tuple[int, int] | None

@@ -164,12 +164,20 @@ class QueueEntries:
         """The call's place moves to the lease its entry moves to."""
         return [Op.relet(item.place_key, lease)] if item.place_key else []
 
-    async def leave(self, key: str, connected: bool, seen: tuple[QI, int] | None = None) -> None:
+    async def leave(
+        self,
+        key: str,
+        connected: bool,
+        seen: tuple[QI, int] | None = None,
+        redirect: Op | None = None,
+    ) -> None:
         """Takes the call out of the queue. Connected: the agent's interaction outlives
-        it from now on. Not connected (the caller hung up): an offer still open is
-        withdrawn, and an accept that came too late is undone, in the same transaction
-        that takes the call out (the agent is told the caller is gone). `seen` is the
-        entry as its watch last showed it (with its revision): tried first, unread."""
+        it from now on, and `redirect` (the record the switch may send the call back to
+        the queue with) is written in the same transaction. Not connected (the caller
+        hung up): an offer still open is withdrawn, and an accept that came too late is
+        undone, in the same transaction that takes the call out (the agent is told the
+        caller is gone). `seen` is the entry as its watch last showed it (with its
+        revision): tried first, unread."""
         with contextlib.suppress(AccesslineError):
             # The leader may change the entry meanwhile (an offer, an accept): read again.
             for attempt in range(LEAVE_ATTEMPTS):
@@ -186,7 +194,8 @@ class QueueEntries:
                         target.agent_id, item.interaction_id, target.interaction_lease
                     )
                     out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
-                    await self._store.txn([kept], [*out, relet], out)
+                    also = [redirect] if redirect is not None else []
+                    await self._store.txn([kept], [*out, relet, *also], out)
                     return
                 ops = [Op.delete(key)]
                 if item.place_key:
@@ -200,3 +209,27 @@ class QueueEntries:
                         await withdraw_offer(self._store, item)
                     return
             log.warning("the call %s could not be taken out of the queue", key)
+
+    async def rejoin(self, group: str, key: str, item: QI, redirect: Entry[QI]) -> int:
+        """A connected call the switch sends back (its agent's phone did not take it):
+        in its queue again, the agent's interaction ended, the redirect used up, in one
+        transaction; the revision, or 0 when the redirect was used meanwhile. The agent
+        is not offered the call again for an offer timeout."""
+        agent_id = redirect.value.connected.agent_id
+        item.state = rt_store.INTERACTION_STATE_QUEUED
+        for name in ("connected", "offer", "place_key"):
+            item.ClearField(name)
+        if agent_id and agent_id not in item.tried_agent_ids:
+            item.tried_agent_ids.append(agent_id)
+        item.retry_tried_after.CopyFrom(timestamp(time.time() + self._rules.offer_timeout))
+        ops = [Op.delete(redirect.key)]
+        if agent_id:
+            ops.append(pr_offers.interaction_abandoned(agent_id, item.interaction_id))
+        return await self.join(
+            group,
+            key,
+            item,
+            await self.replica_lease(),
+            [Compare.modified_at(redirect.key, redirect.meta.mod_revision)],
+            ops,
+        )

@@ -48,6 +48,12 @@ def queued(group: str, interaction_id: str) -> str:
     return f"{QUEUE}{group}/{interaction_id}"
 
 
+def redirect(interaction_id: str) -> str:
+    """A connected call the switch may still send back to its queue (its agent's phone
+    did not take it), until its lease ends."""
+    return f"{ROOT}redirects/{interaction_id}"
+
+
 def place(group: str, index: int) -> str:
     return f"rt/places/{group}/{index}"
 

@@ -122,6 +122,7 @@ class Rules:
     callback_dial_timeout: float = 600.0
     callback_retention: float = 24 * 3600.0
     resume_window: float = 30.0
+    redirect_window: float = 60.0
     max_queue_length: int = 1000
 
     def value_of(self, channel: int, segment: str, subject: str, kind: int) -> tuple[float, float]:

@@ -127,6 +127,13 @@ class RoutingSettings(ServiceSettings):
         description="How long a call handed over by a stopping replica keeps its place in the"
         " queue for the switch to resume it on another replica.",
     )
+    routing_redirect_seconds: float = Field(
+        default=60,
+        ge=5,
+        le=600,
+        description="How long after `connect` the switch may send a call whose agent's"
+        " phone did not take it back to the queue (the connect's redirect_token).",
+    )
     routing_leader_lease_seconds: int = Field(
         default=5,
         ge=2,

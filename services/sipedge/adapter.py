@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,10 @@ FAILURES: dict[int, tuple[int, str]] = {
     rt_pb2.FAILURE_REASON_UNAVAILABLE: (503, "Service Unavailable"),
 }
 TERMINATED: dict[str, Any] = {"action": "reject", "code": 487, "reason": "Request Terminated"}
+NOT_ANSWERED: dict[str, Any] = {"action": "reject", "code": 480, "reason": "Not Answered"}
+# A forwarded call is remembered this long (or until its redirect time), in case the
+# phone does not take it.
+KEEP_FORWARDED_SECONDS = 120.0
 
 
 def caller_number(from_user: str, pai_user: str, privacy: str) -> str:
@@ -92,6 +96,11 @@ class HeldCall:
     keyed: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False
     task: asyncio.Task[None] | None = None
+    # From the connect: how to send the call back to its queue if the phone fails.
+    redirect_token: str = ""
+    redirect_before: float = 0.0
+    # Once forwarded: until when the adapter remembers the call.
+    kept_until: float = 0.0
 
     def key(self, digit: str, wanted: int) -> None:
         if digit == "#" or len(self.digits) >= wanted:
@@ -109,12 +118,13 @@ class Adapter:
         self,
         settings: SipEdgeSettings,
         routing: Any,
-        send: Callable[[dict[str, Any]], Awaitable[None]],
+        send: Callable[[dict[str, Any]], Coroutine[Any, Any, None]],
     ) -> None:
         self._settings = settings
         self._routing = routing
         self._send = send
         self.calls: dict[str, HeldCall] = {}
+        self._answering: set[asyncio.Task[None]] = set()
         # Events of calls whose INVITE has not come yet: Kamailio's SIP workers relay
         # them side by side, so a caller's first key can overtake its INVITE.
         self._early: OrderedDict[str, tuple[float, list[dict[str, Any]]]] = OrderedDict()
@@ -129,6 +139,13 @@ class Adapter:
                 self.receive(early)
             return
         call = self.calls.get(call_id)
+        if call is None and event == "forward_failed":
+            # A call this adapter does not know (it restarted meanwhile): refused at once.
+            answer = {"index": message["index"], "label": message["label"], **NOT_ANSWERED}
+            task = asyncio.create_task(self._send(answer))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+            return
         if call is None:
             self._keep_early(call_id, message)
             return
@@ -136,13 +153,26 @@ class Adapter:
             call.key(str(message.get("digit", "")), self._settings.sipedge_code_digits)
         elif event == "hangup":
             call.gone = True
-            if call.task is not None:
+            if call.task is not None and not call.task.done():
                 call.task.cancel()
+            else:
+                self.calls.pop(call_id, None)
         elif event == "forward_failed":
-            log.info(
-                "agent phone did not take the call",
-                extra={"fields": {"call_id": call_id, "status": message.get("status")}},
-            )
+            self._forward_failed(call, message)
+
+    def _forward_failed(self, call: HeldCall, message: dict[str, Any]) -> None:
+        """The phone the call was forwarded to did not take it (busy, declined, not
+        answered): Kamailio holds the call again; back to its queue for the next agent
+        while the connect's redirect token is good, else refused."""
+        log.info(
+            "phone did not take the call",
+            extra={"fields": {"call_id": call.call_id, "status": message.get("status")}},
+        )
+        call.index, call.label = int(message["index"]), int(message["label"])
+        token, call.redirect_token = call.redirect_token, ""
+        if time.time() >= call.redirect_before:
+            token = ""
+        call.task = asyncio.create_task(self._handle(call, token), name=f"sip-call-{call.call_id}")
 
     def _keep_early(self, call_id: str, message: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -167,18 +197,28 @@ class Adapter:
                 str(message.get("privacy", "")),
             ),
         )
+        now = time.time()
+        for known in list(self.calls.values()):
+            past = known.kept_until and known.kept_until < now
+            if past and (known.task is None or known.task.done()):
+                self.calls.pop(known.call_id, None)
         self.calls[call.call_id] = call
         call.task = asyncio.create_task(self._handle(call), name=f"sip-call-{call.call_id}")
         log.info("call held", extra={"fields": {"call_id": call.call_id}})
 
-    async def _handle(self, call: HeldCall) -> None:
+    async def _handle(self, call: HeldCall, redirect: str | None = None) -> None:
+        """Routes the call (or sends it back to its queue with `redirect`; an empty one:
+        nowhere to send it) and gives Kamailio the answer."""
+        answer = TERMINATED
         try:
             try:
-                answer = await self._decide(call)
+                if redirect == "":
+                    answer = NOT_ANSWERED
+                else:
+                    answer = await self._decide(call, redirect or "")
             except asyncio.CancelledError:
                 if not call.gone:
                     raise
-                answer = TERMINATED
             if call.gone:
                 answer = TERMINATED
             await self._send({"index": call.index, "label": call.label, **answer})
@@ -193,11 +233,15 @@ class Adapter:
                 },
             )
         finally:
-            self.calls.pop(call.call_id, None)
+            # A forwarded call stays known a while: its phone may not take it.
+            if call.gone or answer["action"] != "forward":
+                self.calls.pop(call.call_id, None)
+            else:
+                call.kept_until = max(call.redirect_before, time.time() + KEEP_FORWARDED_SECONDS)
 
-    async def _decide(self, call: HeldCall) -> dict[str, Any]:
+    async def _decide(self, call: HeldCall, resume: str = "") -> dict[str, Any]:
         wanted = self._settings.sipedge_code_digits
-        if wanted:
+        if wanted and not resume:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     call.keyed.wait(), self._settings.sipedge_dtmf_timeout_seconds
@@ -206,7 +250,6 @@ class Adapter:
             "routing the call",
             extra={"fields": {"call_id": call.call_id, "digits": len(call.digits)}},
         )
-        resume = ""
         for _ in range(RESUMES + 1):
             answer, resume, delay = await self._route(call, resume)
             if answer is not None:
@@ -231,6 +274,9 @@ class Adapter:
         )
         try:
             async for event in stream:
+                if event.HasField("connect"):
+                    call.redirect_token = event.connect.redirect_token
+                    call.redirect_before = event.connect.redirect_before.ToNanoseconds() / 1e9
                 outcome = self._on_event(event)
                 if outcome is not None:
                     return outcome

@@ -120,6 +120,8 @@ def caller(
         out += '  <recv response="200" optional="true"/>\n'
         expect = 487
     if expect != 200:
+        # A phone may have rung before the refusal.
+        out += '  <recv response="180" optional="true"/>\n'
         out += f'  <recv response="{expect}"/>\n'
         # The ACK of a refusal is the INVITE's transaction's: its Via (as the refusal
         # carries it back), the peer's tag.

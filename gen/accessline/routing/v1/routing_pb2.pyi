@@ -188,8 +188,9 @@ class RouteInboundCallRequest(_message.Message):
     resume_token: _builtins.str
     """The `resume_token` of a `failed` event with reason SERVER_STOPPING: the call goes on
     where it was (no new match; its place and age in the queue are kept), on whichever
-    replica answers. `call_id` must be the same; the other fields are ignored. At most
-    512 characters.
+    replica answers; or the `redirect_token` of a `connect` whose agent's phone did not
+    take the call: the call goes back to its queue. `call_id` must be the same; the
+    other fields are ignored. At most 512 characters.
     """
     @_builtins.property
     def call_arrived_at(self) -> _timestamp_pb2.Timestamp:
@@ -318,6 +319,8 @@ class Connect(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    REDIRECT_TOKEN_FIELD_NUMBER: _builtins.int
+    REDIRECT_BEFORE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent who accepted."""
     channel: _common_pb2.Channel.ValueType
@@ -326,9 +329,20 @@ class Connect(_message.Message):
     """Where to connect: the agent's extension or number on that channel."""
     session_id: _builtins.str
     """The merged session id."""
+    redirect_token: _builtins.str
+    """If the agent's phone does not take the call (busy, declined, not answered), call
+    RouteInboundCall again before `redirect_before` with this token as `resume_token`
+    and the same `call_id`: the agent's interaction ends and the call goes back to its
+    queue with its age and match (the agent is not offered it again for an offer
+    timeout). Good once.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.ContextData:
         """The context to attach to the call (empty when not matched)."""
+
+    @_builtins.property
+    def redirect_before(self) -> _timestamp_pb2.Timestamp:
+        """Until when `redirect_token` is good (ACCESSLINE_ROUTING_REDIRECT_SECONDS)."""
 
     def __init__(
         self,
@@ -338,10 +352,12 @@ class Connect(_message.Message):
         address: _builtins.str = ...,
         context: _common_pb2.ContextData | None = ...,
         session_id: _builtins.str = ...,
+        redirect_token: _builtins.str = ...,
+        redirect_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "redirect_before", b"redirect_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel", "context", b"context", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "channel", b"channel", "context", b"context", "redirect_before", b"redirect_before", "redirect_token", b"redirect_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
