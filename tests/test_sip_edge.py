@@ -216,13 +216,14 @@ async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(
     assert len(ivr.received("INVITE")) == 1
 
 
-@pytest.mark.parametrize("refusal", [486, 603])
+@pytest.mark.parametrize("refusal", [486, 603, 0])
 async def test_an_agent_phone_that_refuses_the_call_sends_it_to_the_next_agent(
     edge: Edge, tmp_path: Path, refusal: int
 ) -> None:
-    """The first agent accepts in their app, but their phone refuses the call: Kamailio
-    holds the call again, the adapter sends it back to the queue with the connect's
-    redirect token, the first agent's interaction ends, and the next agent gets it."""
+    """The first agent accepts in their app, but their phone refuses the call (busy,
+    declined, or rings unanswered for AGENT_ANSWER_MS): Kamailio holds the call again,
+    the adapter sends it back to the queue with the connect's redirect token, the first
+    agent's interaction ends, and the next agent gets it."""
     group, started = await waiting_handoff(edge.stack)
     busy, busy_port = await agent_phone(tmp_path, "busy", answer=refusal)
     phone, port = await agent_phone(tmp_path, "agent")

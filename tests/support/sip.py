@@ -56,6 +56,10 @@ class SipEdge:
                 process.wait()
 
 
+# How long an agent's phone may ring in the tests' Kamailio (AGENT_ANSWER_MS).
+AGENT_ANSWER_MS = 3000
+
+
 async def start_kamailio(tmp: Path) -> tuple[Lines, int, int]:
     """Kamailio on a free UDP port with its event socket on a free TCP port: the
     process, its SIP port and its event socket's port."""
@@ -64,7 +68,11 @@ async def start_kamailio(tmp: Path) -> tuple[Lines, int, int]:
     run_dir.mkdir(exist_ok=True)
     kamailio = Lines(
         subprocess.Popen(
-            kamailio_command(f"udp:127.0.0.1:{sip_port}", f"127.0.0.1:{evapi_port}", run_dir),
+            [
+                *kamailio_command(f"udp:127.0.0.1:{sip_port}", f"127.0.0.1:{evapi_port}", run_dir),
+                "-A",
+                f"AGENT_ANSWER_MS={AGENT_ANSWER_MS}",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
