@@ -19,7 +19,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.sipedge import scenarios
-from services.sipedge.adapter import Adapter, caller_number
+from services.sipedge.adapter import Adapter, HeldCall, caller_number
 from services.sipedge.settings import SipEdgeSettings
 from tests.conftest import eventually
 from tests.support.presence import App
@@ -393,3 +393,14 @@ async def test_a_phone_failure_for_a_call_the_adapter_does_not_know_is_refused()
     assert sent == [
         {"index": 3, "label": 4, "action": "reject", "code": 480, "reason": "Not Answered"}
     ]
+
+
+def test_the_code_is_complete_at_its_length_or_at_the_hash_key() -> None:
+    full = HeldCall("c", 1, 2, "+33130000001", "")
+    for digit in "12345":
+        full.key(digit, 4)
+    assert (full.digits, full.keyed.is_set()) == ("1234", True)
+    short = HeldCall("c", 1, 2, "+33130000001", "")
+    for digit in "12#3":
+        short.key(digit, 4)
+    assert (short.digits, short.keyed.is_set()) == ("12", True)

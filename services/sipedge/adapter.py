@@ -103,6 +103,10 @@ class HeldCall:
     kept_until: float = 0.0
 
     def key(self, digit: str, wanted: int) -> None:
+        """One key of the caller's: the code is complete at `wanted` digits or at `#`
+        (keys after that are not part of it)."""
+        if self.keyed.is_set():
+            return
         if digit == "#" or len(self.digits) >= wanted:
             self.keyed.set()
             return
