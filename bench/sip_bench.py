@@ -217,6 +217,7 @@ async def edge_calls(
                     "ACCESSLINE_ROUTING_ADDRESS": rt,
                     "ACCESSLINE_SIPEDGE_EVAPI_ADDRESS": f"127.0.0.1:{evapi_port}",
                     "ACCESSLINE_SIPEDGE_CODE_DIGITS": "0",
+                    "ACCESSLINE_SIPEDGE_METRICS_PORT": "0",
                     "ACCESSLINE_SIPEDGE_AGENT_DOMAIN": f"127.0.0.1:{phone_port}",
                     "ACCESSLINE_LOG_LEVEL": "WARNING",
                 },

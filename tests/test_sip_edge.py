@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2 as C
@@ -181,11 +183,41 @@ async def test_a_caller_who_hangs_up_while_queued_leaves_the_queue(
 async def test_a_call_to_a_group_with_no_agent_is_refused_with_480(
     edge: Edge, tmp_path: Path
 ) -> None:
+    before = await answered(edge, "reject", 480)
     _, started = await waiting_handoff(edge.stack)
     caller = await customer_phone(
         tmp_path, edge.sip, started.access_number, started.access_code, expect=480
     )
     assert await caller.finished() == 0, caller.trace()
+    # The adapter counts its answers by what it did, and says it is connected.
+    assert await answered(edge, "reject", 480) == before + 1
+    assert scraped(await scrape(edge), "accessline_sipedge_connected") == [1.0]
+
+
+async def scrape(edge: Edge) -> str:
+    url = f"http://127.0.0.1:{edge.sip.metrics_port}/metrics"
+    async with httpx.AsyncClient() as client:
+        return (await client.get(url, timeout=5)).text
+
+
+def scraped(text: str, name: str, **labels: str) -> list[float]:
+    """The values of the metric `name` whose labels include `labels`."""
+    out = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                out.append(sample.value)
+    return out
+
+
+async def answered(edge: Edge, action: str, status: int) -> float:
+    values = scraped(
+        await scrape(edge),
+        "accessline_sipedge_answers_total",
+        accessline_sip_action=action,
+        accessline_sip_status=str(status),
+    )
+    return sum(values)
 
 
 async def test_two_callers_on_one_exclusive_number_at_once_make_one_match(

@@ -10,17 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import metrics
 from pydantic import ValidationError
 
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from services.runtime.backoff import Backoff
 from services.runtime.logs import setup_logging
 from services.runtime.peers import peer_target
+from services.runtime.server import accessline_version
+from services.runtime.telemetry import client_interceptors, setup_telemetry
 from services.sipedge.adapter import Adapter
 from services.sipedge.evapi import FramingError, encode, read_message
 from services.sipedge.settings import SipEdgeSettings
 
 log = logging.getLogger("accessline.sipedge")
+# Whether the event socket is connected (the gauge `accessline.sipedge.connected`).
+CONNECTED = [0]
 
 
 def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
@@ -29,8 +34,9 @@ def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
     token = settings.token()
     target = peer_target(settings.routing_address)
     options = [("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
+    traced = client_interceptors()
     if not settings.tls_ca_file:
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=traced)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(settings.tls_ca_file).read_bytes(),
         private_key=Path(settings.tls_key_file).read_bytes() if settings.tls_key_file else None,
@@ -43,7 +49,10 @@ def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
             credentials, grpc.access_token_call_credentials(token)
         )
     return grpc.aio.secure_channel(
-        target, credentials, options=[*options, ("grpc.ssl_target_name_override", "routing")]
+        target,
+        credentials,
+        options=[*options, ("grpc.ssl_target_name_override", "routing")],
+        interceptors=traced,
     )
 
 
@@ -59,12 +68,14 @@ async def serve_connection(settings: SipEdgeSettings, routing: Any) -> None:
             await writer.drain()
 
     adapter = Adapter(settings, routing, send)
+    CONNECTED[0] = 1
     where = {"address": f"{host}:{port}"}
     log.info("connected to Kamailio's event socket", extra={"fields": where})
     try:
         while (message := await read_message(reader)) is not None:
             adapter.receive(message)
     finally:
+        CONNECTED[0] = 0
         for call in list(adapter.calls.values()):
             if call.task is not None:
                 call.task.cancel()
@@ -77,6 +88,17 @@ async def main() -> None:
     except ValidationError as exc:
         raise SystemExit(f"bad settings: {exc}") from None
     setup_logging("sipedge", settings.log_level)
+    telemetry = setup_telemetry(
+        "sipedge",
+        accessline_version(),
+        metrics_host=settings.sipedge_metrics_host,
+        metrics_port=settings.sipedge_metrics_port,
+    )
+    metrics.get_meter("accessline.sipedge").create_observable_gauge(
+        "accessline.sipedge.connected",
+        [lambda _: [metrics.Observation(CONNECTED[0])]],
+        description="1 while the adapter is connected to Kamailio's event socket",
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,6 +123,7 @@ async def main() -> None:
                     extra={"fields": {"error": str(exc)}},
                 )
             await asyncio.sleep(backoff.next())
+    telemetry.shutdown()
 
 
 if __name__ == "__main__":

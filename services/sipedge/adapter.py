@@ -22,11 +22,21 @@ import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from opentelemetry import metrics
 
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from services.sipedge.settings import SipEdgeSettings
 
 log = logging.getLogger("accessline.sipedge")
+meter = metrics.get_meter("accessline.sipedge")
+# Calls answered to Kamailio, by what was done: forward (code 0) or the SIP refusal.
+ANSWERS = meter.create_counter(
+    "accessline.sipedge.answers", unit="{call}", description="Answers given to Kamailio"
+)
+# Calls sent back to their queue because the agent's phone did not take them.
+REDIRECTS = meter.create_counter(
+    "accessline.sipedge.redirects", unit="{call}", description="Calls whose phone failed"
+)
 
 # The caller's number is passed on only when it looks like one (never a name).
 _NUMBER = re.compile(r"^\+?[0-9]{3,20}$")
@@ -176,6 +186,7 @@ class Adapter:
         token, call.redirect_token = call.redirect_token, ""
         if time.time() >= call.redirect_before:
             token = ""
+        REDIRECTS.add(1, {"accessline.sip.redirected": bool(token)})
         call.task = asyncio.create_task(self._handle(call, token), name=f"sip-call-{call.call_id}")
 
     def _keep_early(self, call_id: str, message: dict[str, Any]) -> None:
@@ -226,6 +237,13 @@ class Adapter:
             if call.gone:
                 answer = TERMINATED
             await self._send({"index": call.index, "label": call.label, **answer})
+            ANSWERS.add(
+                1,
+                {
+                    "accessline.sip.action": answer["action"],
+                    "accessline.sip.status": int(answer.get("code", 0)),
+                },
+            )
             log.info(
                 "call answered",
                 extra={

@@ -58,6 +58,12 @@ class SipEdgeSettings(BaseSettings):
         description="The domain of agents' addresses that are not SIP URIs (an extension"
         " `1234` becomes sip:1234@domain); empty: such calls are refused with 480.",
     )
+    sipedge_metrics_host: str = Field(
+        default="127.0.0.1", description="Address the Prometheus scrape endpoint listens on."
+    )
+    sipedge_metrics_port: int = Field(
+        default=9460, ge=0, le=65535, description="Prometheus scrape port; 0 turns it off."
+    )
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
     def token(self) -> str:

@@ -40,6 +40,7 @@ class SipEdge:
     sip_port: int
     kamailio: Lines
     adapter: ServiceProcess
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
@@ -87,6 +88,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     """Kamailio and the adapter connected to it, routing through `routing_address` as
     a switch."""
     kamailio, sip_port, evapi_port = await start_kamailio(tmp)
+    metrics_port = free_port()
     files = identity().files
     token = identity().token("sip-edge", "switch", switch="*")
     process = processes.spawn(
@@ -99,6 +101,8 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
             "ACCESSLINE_TLS_CA_FILE": str(files.ca),
             "ACCESSLINE_TLS_CERT_FILE": str(files.client_cert("admin")),
             "ACCESSLINE_TLS_KEY_FILE": str(files.client_key("admin")),
+            "ACCESSLINE_SIPEDGE_METRICS_PORT": str(metrics_port),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "",
             **env,
         },
         stdout=subprocess.PIPE,
@@ -107,7 +111,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     adapter = ServiceProcess("services.sipedge", process, 0)
     threading.Thread(target=adapter._pump, daemon=True).start()
     await adapter.wait_for_log("connected to Kamailio's event socket", timeout=20)
-    return SipEdge(sip_port, kamailio, adapter)
+    return SipEdge(sip_port, kamailio, adapter, metrics_port)
 
 
 def _accepts(port: int) -> bool:
