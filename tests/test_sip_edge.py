@@ -5,6 +5,7 @@ agents' phones."""
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -436,3 +437,31 @@ def test_the_code_is_complete_at_its_length_or_at_the_hash_key() -> None:
     for digit in "12#3":
         short.key(digit, 4)
     assert (short.digits, short.keyed.is_set()) == ("12", True)
+
+
+async def test_a_stopping_adapter_refuses_the_calls_it_holds(edge: Edge, tmp_path: Path) -> None:
+    """An adapter told to stop (a rolling restart) answers the calls it still holds 503
+    with Retry-After instead of leaving them held, and they leave the queue."""
+    own = await start_sip_edge(edge.stack.processes[4].address, tmp_path)
+    try:
+        group, started = await waiting_handoff(edge.stack)
+        await agent(edge.stack, group, address="sip:desk@127.0.0.1:9", available=False)
+        caller = await customer_phone(
+            tmp_path, own, started.access_number, started.access_code, expect=503
+        )
+
+        async def queued(length: int) -> bool:
+            wait = await edge.stack.routers[0].EstimateWait(
+                rt_pb2.EstimateWaitRequest(resource_group=group)
+            )
+            return wait.queue_length == length
+
+        await eventually(lambda: queued(1), timeout=15, what="the call in the queue")
+        own.adapter.signal(signal.SIGTERM)
+        assert await caller.finished() == 0, caller.trace()
+        (refusal,) = caller.received("SIP/2.0 503")
+        assert "Retry-After: 5" in refusal.splitlines()
+        assert await own.adapter.wait_exit() == 0
+        await eventually(lambda: queued(0), timeout=15, what="the call out of the queue")
+    finally:
+        own.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -19,13 +20,15 @@ from services.runtime.logs import setup_logging
 from services.runtime.peers import peer_target
 from services.runtime.server import accessline_version
 from services.runtime.telemetry import client_interceptors, setup_telemetry
-from services.sipedge.adapter import Adapter
+from services.sipedge.adapter import Adapter, reject
 from services.sipedge.evapi import FramingError, encode, read_message
 from services.sipedge.settings import SipEdgeSettings
 
 log = logging.getLogger("accessline.sipedge")
 # Whether the event socket is connected (the gauge `accessline.sipedge.connected`).
 CONNECTED = [0]
+# The Retry-After of the calls a stopping adapter refuses.
+RESTART_RETRY_SECONDS = 5.0
 
 
 def routing_channel(settings: SipEdgeSettings) -> grpc.aio.Channel:
@@ -76,9 +79,17 @@ async def serve_connection(settings: SipEdgeSettings, routing: Any) -> None:
             adapter.receive(message)
     finally:
         CONNECTED[0] = 0
-        for call in list(adapter.calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+        held = [c for c in adapter.calls.values() if c.task is not None and not c.task.done()]
+        for call in held:
+            assert call.task is not None
+            call.task.cancel()
+        # Calls still held are refused rather than left waiting for an answer that will
+        # not come (when the connection itself broke, there is nobody to tell).
+        with contextlib.suppress(OSError, ConnectionError):
+            for call in held:
+                refusal = reject(503, "Service Unavailable", RESTART_RETRY_SECONDS)
+                writer.write(encode({"index": call.index, "label": call.label, **refusal}))
+            await writer.drain()
         writer.close()
 
 
@@ -112,6 +123,8 @@ async def main() -> None:
             await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
             if stopping.is_set():
                 connection.cancel()
+                # Its held calls are refused on the way out.
+                await asyncio.gather(connection, return_exceptions=True)
                 break
             stop.cancel()
             try:
