@@ -386,3 +386,41 @@ def test_a_production_service_refuses_the_development_ca() -> None:
     assert done.returncode == 2
     assert "ACCESSLINE_TLS_CA_FILE is the development CA" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "services.numberdistribution",
+        "services.callmatching",
+        "services.presence",
+        "services.routing",
+        "services.notification",
+    ],
+)
+async def test_a_service_started_while_etcd_is_down_waits_for_it_and_then_serves(
+    private_etcd: EmbeddedEtcd, service_factory: Factory, module: str
+) -> None:
+    """A service started before etcd can be reached (a cluster still electing, a node
+    booting) reports NOT_SERVING and serves once etcd is back, instead of exiting
+    (Notification's delivery worker asked etcd for its lease at start, and exited)."""
+    private_etcd.stop()
+    service = service_factory(
+        module,
+        etcd_endpoints=private_etcd.endpoint,
+        ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
+        ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
+    )
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def waiting() -> bool:
+        assert service.process.poll() is None, "\n".join(service.lines[-20:])
+        try:
+            return await health_status(service.address) == not_serving
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(waiting, timeout=30, what="NOT_SERVING while etcd is down")
+    private_etcd.start()
+    await private_etcd.wait_ready()
+    await wait_serving(service)

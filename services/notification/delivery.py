@@ -93,7 +93,8 @@ class Worker:
         )
 
     async def start(self) -> None:
-        await self.take_lease()
+        """Starts the worker; it takes its lease once etcd answers (a service started
+        before etcd can be reached waits for it instead of exiting)."""
         self._runner = asyncio.create_task(self._run(), name="notification-worker")
         log.info("delivery worker started", extra={"fields": {"worker_id": self.worker_id}})
 
@@ -144,6 +145,8 @@ class Worker:
     async def _run(self) -> None:
         while True:
             try:
+                if self._lease is None:
+                    await self.take_lease()
                 rows, revision = await self._store.get_prefix(OUTBOX, nt_store.Delivery)
                 for row in rows:
                     if row.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
