@@ -14,11 +14,9 @@ from typing import Any
 
 import grpc
 
-from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.numberdistribution import keys as nd_keys
-from services.runtime.store import Op, Store
+from services.runtime.store import Store
 from tests.conftest import (
     EtcdCluster,
     ServiceProcess,
@@ -28,6 +26,7 @@ from tests.conftest import (
     spawn_service,
     wait_serving,
 )
+from tests.support.holding import what_holds
 from tests.support.stack import ACCEPT, Call, agent, answer, setup_numbers, start_stack, stop_stack
 from tests.test_numberdistribution_race import (
     NUMBERS,
@@ -112,28 +111,12 @@ async def test_the_reservation_race_survives_losing_the_member_in_use_and_the_le
         try:
             await eventually(lambda: all_free(stubs), timeout=30, what="every number free again")
         except AssertionError as failed:
-            raise AssertionError(f"{failed}; {await what_holds(stubs, store)}") from None
+            raise AssertionError(f"{failed}; {await what_holds(stubs, store, 'race')}") from None
     finally:
         await store.close()
         for channel in channels:
             await channel.close()
         await asyncio.gather(*(r.stop_async() for r in replicas))
-
-
-async def what_holds(stubs: list[Any], store: Store) -> str:
-    """What keeps numbers from being free: each replica's counts, and the slots and
-    quarantine records etcd still has with their leases' time to live."""
-    counts = []
-    for stub in stubs:
-        stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id="race"))).stats
-        counts.append((stats.free, stats.reserved, stats.quarantined))
-    found = []
-    for prefix in (nd_keys.SLOTS, nd_keys.QUARANTINE):
-        result = await store.txn([], [Op.get_prefix(prefix)])
-        for kv in result.gets[0]:
-            ttl = await store.lease_ttl(kv.meta.lease) if kv.meta.lease else None
-            found.append(f"{kv.key} lease {kv.meta.lease:x} ttl {ttl}")
-    return f"replicas (free, reserved, quarantined): {counts}; in etcd: {found}"
 
 
 async def test_routing_serves_its_queue_through_losing_the_etcd_leader(

@@ -29,7 +29,9 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from services.presence import offers as pr_offers
 from services.routing import keys as rt_keys
 from services.runtime.embedded_etcd import EmbeddedEtcd
+from services.runtime.store import Store
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
+from tests.support.holding import what_holds
 from tests.support.presence import App
 from tests.support.stack import Call, agent, setup_numbers, start_stack, stop_stack
 
@@ -86,7 +88,7 @@ class MatchLoad:
 
 
 async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_nothing(
-    service_factory: Factory,
+    service_factory: Factory, etcd: EmbeddedEtcd, prefix: str
 ) -> None:
     numbers = [
         service_factory("services.numberdistribution", ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="1")
@@ -147,7 +149,12 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
             return stats.free == len(pool)
 
         # What the killed replica held comes back by its leases.
-        await eventually(all_back, timeout=45, what="every number free again")
+        try:
+            await eventually(all_back, timeout=45, what="every number free again")
+        except AssertionError as failed:
+            async with Store(etcd.endpoint, prefix) as store:
+                held = await what_holds([survivor], store, subject)
+            raise AssertionError(f"{failed}; {held}") from None
 
 
 @dataclass

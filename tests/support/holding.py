@@ -1,0 +1,25 @@
+"""What keeps a pool's numbers from being free, for a failing test to say."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from services.numberdistribution import keys as nd_keys
+from services.runtime.store import Op, Store
+
+
+async def what_holds(stubs: list[Any], store: Store, pool_id: str) -> str:
+    """Each replica's counts of the pool (free, reserved, quarantined), and the slots and
+    quarantine records etcd still has, with their leases' time to live."""
+    counts = []
+    for stub in stubs:
+        stats = (await stub.GetPoolStats(nd_pb2.GetPoolStatsRequest(pool_id=pool_id))).stats
+        counts.append((stats.free, stats.reserved, stats.quarantined))
+    found = []
+    for prefix in (nd_keys.SLOTS, nd_keys.QUARANTINE):
+        result = await store.txn([], [Op.get_prefix(prefix)])
+        for kv in result.gets[0]:
+            ttl = await store.lease_ttl(kv.meta.lease) if kv.meta.lease else None
+            found.append(f"{kv.key} lease {kv.meta.lease:x} ttl {ttl}")
+    return f"replicas (free, reserved, quarantined): {counts}; in etcd: {found}"
