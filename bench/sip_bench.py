@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
@@ -68,6 +69,21 @@ async def wait_port(port: int) -> None:
         except OSError:
             await asyncio.sleep(0.1)
     raise RuntimeError("Kamailio's event socket did not open")
+
+
+async def adapter_connected(metrics_port: int) -> None:
+    """Waits until the adapter reports itself on Kamailio's event socket (its gauge)."""
+    deadline = time.monotonic() + 20
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+                name = "accessline_sipedge_connected"
+                gauge = [line for line in text.splitlines() if line.startswith(name)]
+                if gauge and gauge[0].endswith(" 1.0"):
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the SIP adapter did not connect to Kamailio")
 
 
 @contextlib.asynccontextmanager
@@ -207,7 +223,7 @@ async def edge_calls(
             4000,
             pr,
         )
-        sip_port, evapi_port = free_udp_port(), free_port()
+        sip_port, evapi_port, metrics_port = free_udp_port(), free_port(), free_port()
         with kamailio(folder, sip_port, evapi_port):
             await wait_port(evapi_port)
             adapter = processes.spawn(
@@ -217,14 +233,14 @@ async def edge_calls(
                     "ACCESSLINE_ROUTING_ADDRESS": rt,
                     "ACCESSLINE_SIPEDGE_EVAPI_ADDRESS": f"127.0.0.1:{evapi_port}",
                     "ACCESSLINE_SIPEDGE_CODE_DIGITS": "0",
-                    "ACCESSLINE_SIPEDGE_METRICS_PORT": "0",
+                    "ACCESSLINE_SIPEDGE_METRICS_PORT": str(metrics_port),
                     "ACCESSLINE_SIPEDGE_AGENT_DOMAIN": f"127.0.0.1:{phone_port}",
                     "ACCESSLINE_LOG_LEVEL": "WARNING",
                 },
                 stdout=subprocess.DEVNULL,
             )
             try:
-                await asyncio.sleep(1.0)  # the adapter connects to the event socket
+                await adapter_connected(metrics_port)
                 result = await calls(folder, "through Accessline", sip_port, count, rate)
             finally:
                 processes.stop([adapter], timeout=10)
@@ -237,8 +253,9 @@ async def edge_calls(
 async def kamailio_alone(folder: Path, count: int, rate: int) -> Result:
     async with phone(folder) as phone_port:
         sip_port = free_udp_port()
-        with kamailio(folder, sip_port, free_port(), f'FORWARD_TO="sip:127.0.0.1:{phone_port}"'):
-            await asyncio.sleep(1.0)  # Kamailio binds its port
+        evapi_port = free_port()
+        with kamailio(folder, sip_port, evapi_port, f'FORWARD_TO="sip:127.0.0.1:{phone_port}"'):
+            await wait_port(evapi_port)  # Kamailio is up
             result = await calls(folder, "baseline", sip_port, count, rate)
     result.name = "Kamailio alone (INVITE forwarded)"
     return result
