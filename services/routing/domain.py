@@ -332,18 +332,24 @@ class Router:
         agent's phone did not take it), under a lease that ends with the redirect time."""
         if call.seen is None or not call.redirect_secret:
             return None
+        record = self._resumable(call, call.seen[0], call.redirect_secret)
+        with contextlib.suppress(AccesslineError):
+            lease = await self._store.shared_lease(self._rules.redirect_window)
+            return Op.put(keys.redirect(call.interaction_id), record, lease)
+        return None
+
+    def _resumable(self, call: _Call, current: QI, secret: str) -> QI:
+        """The call's entry as a switch takes it up again with a token (after a hand-over
+        or a redirect): the token's hash, the match decision and the context, sealed."""
         record = QI()
-        record.CopyFrom(call.seen[0])
-        record.resume_hash = secret_hash(call.redirect_secret)
+        record.CopyFrom(current)
+        record.resume_hash = secret_hash(secret)
         record.match_decided.CopyFrom(call.decided)
         if call.context.ByteSize():
             record.sealed_context = self._sealer.seal(
                 call.context.SerializeToString(), call.interaction_id
             )
-        with contextlib.suppress(AccesslineError):
-            lease = await self._store.shared_lease(self._rules.redirect_window)
-            return Op.put(keys.redirect(call.interaction_id), record, lease)
-        return None
+        return record
 
     async def _hand_over(
         self, call: _Call, current: QI, revision: int
@@ -353,15 +359,8 @@ class Router:
         None when the entry changed meanwhile (an offer went out: follow that first)."""
         secret = secrets.token_urlsafe(24)
         until = time.time() + self._rules.resume_window
-        updated = QI()
-        updated.CopyFrom(current)
+        updated = self._resumable(call, current, secret)
         updated.detached_until.CopyFrom(timestamp(until))
-        updated.resume_hash = secret_hash(secret)
-        updated.match_decided.CopyFrom(call.decided)
-        if call.context.ByteSize():
-            updated.sealed_context = self._sealer.seal(
-                call.context.SerializeToString(), call.interaction_id
-            )
         lease = await self._store.shared_lease(self._rules.resume_window)
         moved = await self._store.txn(
             [Compare.modified_at(call.key, revision)],
