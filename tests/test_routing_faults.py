@@ -335,7 +335,6 @@ async def test_a_dependency_failing_after_the_match_ends_the_stream_with_a_faile
         f"/test-{uuid.uuid4().hex[:12]}",
         ACCESSLINE_CALLMATCHING_ADDRESS=stack.processes[3].address,
         ACCESSLINE_PRESENCE_ADDRESS=f"127.0.0.1:{free_port()}",
-        ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
     ) as lonely:
         call = Call(lonely, numbers[0])
         failed = await call.until("failed")

@@ -27,7 +27,14 @@ from tests.conftest import (
     wait_serving,
 )
 from tests.support.holding import what_holds
-from tests.support.stack import ACCEPT, Call, agent, answer, setup_numbers, start_stack, stop_stack
+from tests.support.stack import (
+    Call,
+    WorkingAgent,
+    agent,
+    setup_numbers,
+    start_stack,
+    stop_stack,
+)
 from tests.test_numberdistribution_race import (
     NUMBERS,
     Hold,
@@ -131,16 +138,9 @@ async def test_routing_serves_its_queue_through_losing_the_etcd_leader(
     try:
         group = f"g-{uuid.uuid4().hex[:6]}"
         _, numbers = await setup_numbers(stack, group)
-        team = [await agent(stack, group) for _ in range(3)]
+        team = [WorkingAgent(*await agent(stack, group)) for _ in range(3)]
         connected: list[str] = []
-
-        async def take_calls(app: Any) -> None:
-            while True:
-                offer = await answer(app, ACCEPT)
-                await app.next_kind("offer_response_recorded")
-                await app.send(end_interaction={"interaction_id": offer.interaction_id})
-
-        agents = [asyncio.ensure_future(take_calls(app)) for _, app in team]
+        agents = [asyncio.ensure_future(member.work()) for member in team]
 
         refused: list[str] = []
 
@@ -175,13 +175,17 @@ async def test_routing_serves_its_queue_through_losing_the_etcd_leader(
         leader = await etcd_cluster.leader()
         leader.kill()
         rest = [asyncio.ensure_future(one_call(i)) for i in range(8, 16)]
-        await asyncio.wait_for(asyncio.gather(*first, *rest), 120)
+        try:
+            await asyncio.wait_for(asyncio.gather(*first, *rest), 120)
+        except (AssertionError, TimeoutError) as failed:
+            seen = "\n".join(f"{m.agent_id}:\n  " + "\n  ".join(m.log) for m in team)
+            raise AssertionError(f"{failed!r}; what the agents saw:\n{seen}") from failed
         leader.start()
         print(f"connected {len(connected)}; refused on the way {refused}")
         assert len(connected) == 16
         for task in agents:
             task.cancel()
-        for _, app in team:
-            app.call.cancel()
+        for member in team:
+            member.stop()
     finally:
         await stop_stack(stack)

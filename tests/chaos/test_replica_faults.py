@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -32,10 +31,17 @@ from services.runtime.embedded_etcd import EmbeddedEtcd
 from services.runtime.store import Store
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 from tests.support.holding import what_holds
-from tests.support.presence import App
-from tests.support.stack import Call, agent, setup_numbers, start_stack, stop_stack
+from tests.support.stack import (
+    Call,
+    WorkingAgent,
+    agent,
+    setup_numbers,
+    start_stack,
+    stop_stack,
+)
 
 CLEAN = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+SESSION_TTL = 20
 Factory = Callable[..., ServiceProcess]
 
 
@@ -49,6 +55,8 @@ class MatchLoad:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     seen: Counter[str] = field(default_factory=Counter)
     matched: Counter[str] = field(default_factory=Counter)
+    # What each customer went through, by the session the handoff got (for a failure).
+    story: dict[str, list[str]] = field(default_factory=dict)
 
     async def customer(self, worker: int) -> None:
         """Hands off and calls in a loop until stopped; every refusal must be a clean one."""
@@ -62,6 +70,7 @@ class MatchLoad:
                 context=common_pb2.ContextData(subject=self.subject),
                 idempotency_key=key,
             )
+            story = [key]
             try:
                 # A refused handoff is retried with the same key: never a second number.
                 for _ in range(20):
@@ -70,18 +79,24 @@ class MatchLoad:
                         break
                     except grpc.aio.AioRpcError as exc:
                         self.seen[exc.code().name] += 1
+                        story.append(f"StartHandoff {exc.code().name} {exc.details()}")
                         assert exc.code().name in CLEAN, exc.details()
                         await asyncio.sleep(0.05)
                 else:
+                    self.story[key] = story
                     continue
+                self.story[started.session_id] = story
+                story.append(f"StartHandoff {started.access_number}")
                 outcome = await self.cm.MatchCall(
                     cm_pb2.MatchCallRequest(call_id=key, dnis=started.access_number),
                     timeout=10,
                 )
             except grpc.aio.AioRpcError as exc:
                 self.seen[exc.code().name] += 1
+                story.append(f"{exc.code().name} {exc.details()}")
                 assert exc.code().name in CLEAN, exc.details()
                 continue
+            story.append(cm_pb2.MatchOutcome.Name(outcome.outcome))
             self.seen[cm_pb2.MatchOutcome.Name(outcome.outcome)] += 1
             if outcome.outcome == cm_pb2.MATCH_OUTCOME_MATCHED:
                 self.matched[outcome.session_id] += 1
@@ -116,13 +131,13 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
         quarantine.default_reservation_ttl.FromSeconds(10)
         await nd.CreatePool(nd_pb2.CreatePoolRequest(pool=quarantine))
         await nd.AddNumbers(nd_pb2.AddNumbersRequest(pool_id=subject, numbers=pool))
-        await cm.RegisterApplication(
-            cm_pb2.RegisterApplicationRequest(
-                application=cm_pb2.Application(
-                    application_id=subject, match_schema=common_pb2.MATCH_SCHEMA_NUMBER
-                )
-            )
+        # Sessions short enough that one a customer gave up on (a clean refusal of its
+        # call) gives its number back by its lease within the test.
+        application = cm_pb2.Application(
+            application_id=subject, match_schema=common_pb2.MATCH_SCHEMA_NUMBER
         )
+        application.default_session_ttl.FromSeconds(SESSION_TTL)
+        await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=application))
         traffic = MatchLoad(cm, subject)
         seen, matched = traffic.seen, traffic.matched
         load = [asyncio.ensure_future(traffic.customer(i)) for i in range(16)]
@@ -154,54 +169,8 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
         except AssertionError as failed:
             async with Store(etcd.endpoint, prefix) as store:
                 held = await what_holds([survivor], store, subject)
-            raise AssertionError(f"{failed}; {held}") from None
-
-
-@dataclass
-class Agent:
-    """A simulated agent app that accepts after a moment and ends the call soon after;
-    it keeps what it was offered, and when."""
-
-    agent_id: str
-    app: App
-    open_offers: dict[str, float] = field(default_factory=dict)
-    overlaps: int = 0
-    gone: int = 0
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def work(self) -> None:
-        while True:
-            reply = await self.app.next(timeout=120)
-            kind = reply.WhichOneof("message")
-            if kind == "offer":
-                if self.open_offers:
-                    self.overlaps += 1
-                self.open_offers[reply.offer.offer_id] = time.monotonic()
-                task = asyncio.ensure_future(self._take(reply.offer))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            elif kind in ("offer_cancelled", "offer_response_refused"):
-                offer_id = getattr(reply, kind).offer_id
-                self.open_offers.pop(offer_id, None)
-                if kind == "offer_cancelled" and reply.offer_cancelled.reason == (
-                    pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE
-                ):
-                    self.gone += 1
-            elif kind == "offer_response_recorded":
-                self.open_offers.pop(reply.offer_response_recorded.offer_id, None)
-
-    async def _take(self, offer: pr_pb2.Offer) -> None:
-        # Reading the preview (pacing, so a dispatcher ignoring claims would show here).
-        await asyncio.sleep(0.15)
-        await self.app.send(
-            offer_response=pr_pb2.OfferResponse(
-                offer_id=offer.offer_id, decision=pr_pb2.OFFER_DECISION_ACCEPT
-            )
-        )
-        await asyncio.sleep(0.3)
-        await self.app.send(
-            end_interaction=pr_pb2.EndInteraction(interaction_id=offer.interaction_id)
-        )
+            stories = {s: t for s, t in traffic.story.items() if s in held or len(t) > 3}
+            raise AssertionError(f"{failed}; {held}; customers: {stories}") from None
 
 
 async def test_killing_the_dispatch_leader_under_queue_load_breaks_no_guarantee(
@@ -214,7 +183,7 @@ async def test_killing_the_dispatch_leader_under_queue_load_breaks_no_guarantee(
         team = []
         for _ in range(4):
             agent_id, app = await agent(stack, group)
-            team.append(Agent(agent_id, app))
+            team.append(WorkingAgent(agent_id, app))
         workers = [asyncio.ensure_future(a.work()) for a in team]
         leader = await eventually(
             lambda: stack.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
@@ -263,6 +232,6 @@ async def test_killing_the_dispatch_leader_under_queue_load_breaks_no_guarantee(
         for task in workers:
             task.cancel()
         for member in team:
-            member.app.call.cancel()
+            member.stop()
     finally:
         await stop_stack(stack)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from accessline.numberdistribution.storage.v1 import storage_pb2 as nd_store
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from services.numberdistribution import keys as nd_keys
 from services.runtime.store import Op, Store
@@ -21,5 +22,9 @@ async def what_holds(stubs: list[Any], store: Store, pool_id: str) -> str:
         result = await store.txn([], [Op.get_prefix(prefix)])
         for kv in result.gets[0]:
             ttl = await store.lease_ttl(kv.meta.lease) if kv.meta.lease else None
-            found.append(f"{kv.key} lease {kv.meta.lease:x} ttl {ttl}")
+            held = f"{kv.key} lease {kv.meta.lease:x} ttl {ttl}"
+            if prefix == nd_keys.SLOTS:
+                record = nd_store.StoredReservation.FromString(kv.value)
+                held += f" session {record.session_id} revision {kv.meta.create_revision}"
+            found.append(held)
     return f"replicas (free, reserved, quarantined): {counts}; in etcd: {found}"
