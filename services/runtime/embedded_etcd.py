@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import signal
 import socket
 import subprocess
@@ -30,12 +31,41 @@ def etcd_binary() -> Path:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+# Where the kernel takes the source ports of outgoing connections from.
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Free ports are looked for from here up to the start of that range.
+LOWEST_FREE_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on `host` right now, for a server about to start: below the kernel's
+    range of ephemeral ports (an outgoing connection made between this pick and the
+    server's bind cannot be given it, as it could a port the OS picked) and never one
+    this process handed out already (its server may not have bound it yet). TCP unless
+    `kind` is `socket.SOCK_DGRAM`."""
+    low = _ephemeral_low()
+    if low - LOWEST_FREE_PORT < 1000:
+        raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it")
+    for _ in range(1000):
+        port = random.randrange(LOWEST_FREE_PORT, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port between {LOWEST_FREE_PORT} and {low} on {host}")
 
 
 @functools.cache

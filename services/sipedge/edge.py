@@ -7,6 +7,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from services.runtime.embedded_etcd import free_port
+
 CONFIG = Path(__file__).resolve().parent.parent.parent / "sip" / "kamailio.cfg"
 
 
@@ -37,8 +39,5 @@ def kamailio_command(
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A UDP port free on `host` right now, as `free_port` picks them."""
+    return free_port(host, socket.SOCK_DGRAM)
