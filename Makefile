@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen gen-check lint typecheck buflint test-deps test check up demo bench clean
+.PHONY: help setup gen client gen-check lint typecheck buflint test-deps test check up demo bench clean
 
 help:
 	@echo "make up        set up and run etcd + the five services on this machine"
@@ -15,6 +15,7 @@ help:
 	@echo "make check     set up and run every check and test (what CI runs)"
 	@echo "make demo      play the whole flow against a running \`make up\`"
 	@echo "make gen       regenerate gen/ from protos/"
+	@echo "make client    build accessline-api, the slim client package, into dist/"
 	@echo "make test      run the tests only"
 	@echo "make bench     run the benchmarks in bench/"
 
@@ -34,6 +35,10 @@ setup: $(BIN)/.installed node_modules/.installed
 
 gen: setup
 	$(BIN)/python tools/gen_protos.py
+
+# The slim client distribution (accessline-api): the generated stubs alone, in dist/.
+client: setup
+	$(BIN)/python tools/build_client.py
 
 gen-check: setup
 	$(BIN)/python tools/gen_protos.py --check

@@ -1,4 +1,4 @@
-"""The free ports the tests and `accessline up` start servers on: taken from below the
+"""The free ports the tests and the benchmarks start servers on: taken from below the
 kernel's range of ephemeral ports, so that no outgoing connection (the tests make
 thousands) can be given one between its pick and its server's bind; and never handed
 out twice by one process, however close together the picks."""

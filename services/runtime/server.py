@@ -20,9 +20,11 @@ import grpc
 import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from opentelemetry.metrics import Observation
 
+from services.runtime import web
 from services.runtime.access import Access, observers
 from services.runtime.audit import AuditTrail, observer
 from services.runtime.errors import AccesslineError
@@ -84,6 +86,10 @@ def accessline_version() -> str:
 # The context a servicer method is given (requests and responses are typed by the
 # method's own signature).
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
+
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,7 @@ class ServiceRuntime:
         self._stopping_started = False
         self._jwks: JwksKeys | None = None
         self._probes: grpc.aio.Server | None = None
+        self._web: web.WebServer | None = None
         self._authorizer = self._make_authorizer()
 
     @property
@@ -218,6 +225,8 @@ class ServiceRuntime:
         server = self._grpc_server(registrations)
         if settings.health_port:
             await self._start_probe_server()
+        if settings.web_port:
+            await self._start_web_server(registrations)
         # Not serving until etcd has answered once.
         await self._set_health(NOT_SERVING)
         await server.start()
@@ -309,6 +318,39 @@ class ServiceRuntime:
         await probes.start()
         self._probes = probes
 
+    async def _start_web_server(self, registrations: Sequence[Registration]) -> None:
+        """The same services, health and reflection over Connect and gRPC-Web (web.py),
+        through the same interceptor as the gRPC port."""
+        settings = self.settings
+        served: list[tuple[Any, Any, Any]] = [
+            (reg.servicer, reg.add_to_server, reg.descriptor) for reg in registrations
+        ]
+        served += [
+            (self._health, health_pb2_grpc.add_HealthServicer_to_server, HEALTH_SERVICE),
+            (
+                ReflectionServicer([*self._service_names, HEALTH_SERVICE.full_name]),
+                reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                REFLECTION_SERVICE,
+            ),
+        ]
+        app = web.Cors(
+            web.application(
+                await web.endpoints(served, self._errors.intercept_service),
+                MAX_RECEIVE_MESSAGE_BYTES,
+            ),
+            [o.strip() for o in settings.web_cors_origins.split(",") if o.strip()],
+        )
+        tls = None
+        if not settings.insecure:
+            tls = web.tls_files(
+                settings.web_tls_cert_file or settings.tls_cert_file,
+                settings.web_tls_key_file or settings.tls_key_file,
+            )
+        self._web = web.WebServer(
+            app, settings.host, settings.web_port, tls, settings.shutdown_grace_seconds
+        )
+        await self._web.start()
+
     async def _set_health(self, status: int) -> None:
         for name in ["", *self._service_names]:
             await self._health.set(name, status)
@@ -375,6 +417,8 @@ class ServiceRuntime:
             )
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if self._web is not None:
+            await self._web.stop()
         if self._probes is not None:
             await self._probes.stop(0)
         if self._jwks is not None:

@@ -157,6 +157,26 @@ class ServiceSettings(BaseSettings):
         description="A plain-text port serving only the health service, for probes that"
         " cannot do mutual TLS (Kubernetes'); 0: none.",
     )
+    web_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port serving the same RPCs over Connect and gRPC-Web (HTTP/1.1 and"
+        " HTTP/2), for browsers and HTTP clients; TLS with the service's certificate unless"
+        " insecure; 0: none.",
+    )
+    web_cors_origins: str = Field(
+        default="",
+        description="Origins (scheme://host[:port], separated by commas) whose pages may"
+        " call the web port from a browser; empty: none.",
+    )
+    web_tls_cert_file: str = Field(
+        default="",
+        description="Certificate (PEM) the web port presents; empty: the service's own.",
+    )
+    web_tls_key_file: str = Field(
+        default="", description="Its private key (PEM); empty: the service's own."
+    )
     audit_dsn: SecretStr = Field(
         default=SecretStr(""),
         description="SQLAlchemy URL of the database the audit trail is written to (the match"

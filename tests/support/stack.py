@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from services.runtime.store import Op, Store
 from tests.conftest import (
     ServiceProcess,
     connect,
+    free_port,
     identity,
     spawn_service,
     wait_serving,
@@ -83,16 +84,33 @@ class Stack:
     router_processes: list[ServiceProcess]
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     prefix: str = ""
+    # Each service's Connect and gRPC-Web address (the first Routing replica's for
+    # routing), when the stack was started with them.
+    web: dict[str, str] = field(default_factory=dict)
 
 
 async def start_stack(
-    etcd: EmbeddedEtcd | str, prefix: str, tmp: Path, **routing_env: str
+    etcd: EmbeddedEtcd | str,
+    prefix: str,
+    tmp: Path,
+    *,
+    web: Mapping[str, str] | None = None,
+    **routing_env: str,
 ) -> Stack:
-    """The five services (two Routing replicas) on an etcd, or on the endpoints given."""
+    """The five services (two Routing replicas) on an etcd, or on the endpoints given;
+    with `web` (settings of the web ports), each also serves Connect and gRPC-Web."""
     endpoints = etcd if isinstance(etcd, str) else etcd.endpoint
-    nd = spawn_service("services.numberdistribution", endpoints, prefix)
-    pr = spawn_service("services.presence", endpoints, prefix)
-    nt = spawn_service("services.notification", endpoints, prefix)
+    web_ports: dict[str, str] = {}
+
+    def web_env(name: str) -> dict[str, str]:
+        if web is None:
+            return {}
+        web_ports.setdefault(name, str(free_port()))
+        return {**web, "ACCESSLINE_WEB_PORT": web_ports[name]}
+
+    nd = spawn_service("services.numberdistribution", endpoints, prefix, **web_env("nd"))
+    pr = spawn_service("services.presence", endpoints, prefix, **web_env("presence"))
+    nt = spawn_service("services.notification", endpoints, prefix, **web_env("notification"))
     await wait_serving(nd)
     cm = spawn_service(
         "services.callmatching",
@@ -100,6 +118,7 @@ async def start_stack(
         prefix,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
+        **web_env("callmatching"),
     )
     for service in (pr, nt, cm):
         await wait_serving(service)
@@ -111,9 +130,9 @@ async def start_stack(
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
             ACCESSLINE_PRESENCE_ADDRESS=pr.address,
             ACCESSLINE_NOTIFICATION_ADDRESS=nt.address,
-            **{**ROUTING_ENV, **routing_env},
+            **{**ROUTING_ENV, **routing_env, **web_env(f"routing-{index}")},
         )
-        for _ in range(2)
+        for index in range(2)
     ]
     for router in routers:
         await wait_serving(router)
@@ -131,6 +150,7 @@ async def start_stack(
         routers,
         channels,
         prefix,
+        {name.removesuffix("-0"): f"127.0.0.1:{port}" for name, port in web_ports.items()},
     )
 
 
