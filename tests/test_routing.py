@@ -362,15 +362,21 @@ async def test_two_replicas_never_offer_one_agent_more_than_its_capacity(stack: 
 
     async def work(agent_id: str, app: App) -> None:
         busy_with: str | None = None
+        open_offer = ""
         while True:
             reply = await app.next(60)
             kind = reply.WhichOneof("message")
+            # An offer that ended without the call (it timed out before the accept, on a
+            # slow machine) leaves the agent free again.
+            ended = kind in ("offer_cancelled", "offer_response_refused")
+            if ended and getattr(reply, kind).offer_id == open_offer:
+                busy_with, open_offer = None, ""
             if kind == "offer":
                 if busy_with is not None:
                     violations.append(
                         f"{agent_id} offered {reply.offer.interaction_id} during {busy_with}"
                     )
-                busy_with = reply.offer.interaction_id
+                busy_with, open_offer = reply.offer.interaction_id, reply.offer.offer_id
                 # The agent reads the preview before accepting (think time, not a wait
                 # for anything): offers made meanwhile would show as overlaps.
                 await asyncio.sleep(0.15)
@@ -382,7 +388,7 @@ async def test_two_replicas_never_offer_one_agent_more_than_its_capacity(stack: 
             elif kind == "offer_response_recorded" and busy_with is not None:
                 handled[agent_id].append(busy_with)
                 await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=busy_with))
-                busy_with = None
+                busy_with, open_offer = None, ""
 
     workers = [asyncio.ensure_future(work(a, app)) for a, app in agents]
     calls = [Call(stack.routers[i % 2], numbers[0]) for i in range(12)]
