@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from accessline.callmatching.v1 import call_matching_pb2
@@ -60,6 +60,21 @@ async def test_health_is_serving_for_the_server_and_for_the_service(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("name", list(SERVICES))
+async def test_health_lists_every_name_it_answers_for(
+    running: dict[str, ServiceProcess], name: str
+) -> None:
+    async with connect(running[name].address, "") as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthListRequest()  # type: ignore[attr-defined]
+        listed = await stub.List(request, timeout=5)
+    statuses = {key: value.status for key, value in listed.statuses.items()}
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert statuses[""] == serving
+    assert statuses[SERVICES[name].full_name] == serving
+    assert statuses["liveness"] == serving
+
+
 async def reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
     async with connect(address) as channel:
         stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -91,3 +106,40 @@ async def test_reflection_lists_the_service_and_describes_every_method(
         m.name for f in files for s in f.service if s.name == SERVICES[name].name for m in s.method
     }
     assert methods == {m.name for m in SERVICES[name].methods}
+
+
+async def reflect_v1(address: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
+    """A reflection v1 call (its messages are v1alpha's, field for field)."""
+    async with connect(address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([request]))
+        async for reply in call:
+            return reply
+    raise AssertionError("no reflection reply")
+
+
+async def test_reflection_answers_v1_as_well_as_v1alpha(
+    running: dict[str, ServiceProcess],
+) -> None:
+    address = running["numberdistribution"].address
+    listed = await reflect_v1(address, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {
+        SERVICES["numberdistribution"].full_name,
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    described = await reflect_v1(
+        address,
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+    )
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    assert [f.package for f in files if f.service] == ["grpc.reflection.v1"]

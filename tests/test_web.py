@@ -4,6 +4,7 @@ by `buf curl` and by plain HTTP requests; browsers get in from the configured or
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -14,6 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 from google.rpc import error_details_pb2
@@ -109,8 +113,6 @@ async def test_buf_curl_calls_every_service(stack: Stack, protocol: str) -> None
 
 
 async def test_buf_curl_finds_the_contract_by_reflection_over_http(stack: Stack) -> None:
-    # buf asks for reflection v1 (not served: 404), then v1alpha on the same HTTP/2
-    # connection, which the 404 must leave open.
     method, body = READS["nd"]
     code, answer = buf_curl(
         "connect", f"https://{stack.web['nd']}/{method}", body, identity().superuser, reflect=True
@@ -231,3 +233,75 @@ async def test_browsers_are_let_in_from_the_configured_origins_only(stack: Stack
     assert called.status_code == 200
     assert called.headers["access-control-allow-origin"] == CONSOLE
     assert "grpc-status-details-bin" in called.headers["access-control-expose-headers"]
+
+
+class H2:
+    """One raw HTTP/2 connection over TLS, driven frame by frame."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.ended: dict[int, bool] = {}
+        self.status: dict[int, str] = {}
+
+    async def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+        await self.writer.drain()
+
+    async def until(self, stream: int, *, ended: bool) -> str:
+        """Reads frames until the stream has its response headers (and has ended)."""
+        while stream not in self.status or (ended and not self.ended.get(stream)):
+            data = await asyncio.wait_for(self.reader.read(65536), 10)
+            assert data, "the server closed the connection"
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.status[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended[event.stream_id] = True
+            await self.flush()
+        return self.status[stream]
+
+
+async def test_a_path_not_served_leaves_the_other_calls_of_its_connection_alone(
+    stack: Stack,
+) -> None:
+    host, port = stack.web["nd"].rsplit(":", 1)
+    tls = ssl.create_default_context(cafile=str(identity().files.ca))
+    tls.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=tls)
+    peer = H2(reader, writer)
+    try:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", stack.web["nd"]),
+            ("content-type", "application/connect+json"),
+            ("authorization", f"Bearer {identity().superuser}"),
+        ]
+        # A stream to a path the server does not serve, still sending once answered.
+        peer.conn.send_headers(1, [(":path", "/no.such.v1.Service/Call"), *headers])
+        peer.conn.send_data(1, envelope(b"{}"))
+        await peer.flush()
+        assert await peer.until(1, ended=False) == "404"
+        peer.conn.send_data(1, envelope(b"{}"), end_stream=True)
+        # Then a call on the same connection is answered.
+        method, _ = READS["nd"]
+        peer.conn.send_headers(
+            3,
+            [
+                (":path", f"/{method}"),
+                *headers[:3],
+                ("content-type", "application/json"),
+                ("authorization", f"Bearer {identity().superuser}"),
+            ],
+        )
+        peer.conn.send_data(3, b"{}", end_stream=True)
+        await peer.flush()
+        assert await peer.until(3, ended=True) == "200"
+    finally:
+        writer.close()

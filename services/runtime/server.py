@@ -20,11 +20,9 @@ import grpc
 import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 from opentelemetry.metrics import Observation
 
-from services.runtime import web
+from services.runtime import reflection, web
 from services.runtime.access import Access, observers
 from services.runtime.audit import AuditTrail, observer
 from services.runtime.errors import AccesslineError
@@ -89,7 +87,22 @@ ServicerContext = grpc.aio.ServicerContext[Any, Any]
 
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
-REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """The standard health service, with `List` (grpcio's answers UNIMPLEMENTED): every
+    name it answers for and its status, as `Check` would give them."""
+
+    async def List(self, request: Any, context: Any) -> Any:
+        # The health stubs predate List: its messages are looked up, untyped.
+        listed: Any = health_pb2.HealthListResponse  # type: ignore[attr-defined]
+        statuses = dict(self._server_status)  # type: ignore[attr-defined]
+        return listed(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ class ServiceRuntime:
         self.settings = settings
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._service_names: list[str] = []
         self._context: RuntimeContext | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -261,14 +274,10 @@ class ServiceRuntime:
             reg.add_to_server(reg.servicer, server)
             self._service_names.append(reg.descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [
-                *self._service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        for servicer, add, _ in reflection.registrations(
+            [*self._service_names, HEALTH_SERVICE.full_name]
+        ):
+            add(servicer, server)
         address = f"{settings.host}:{settings.port}"
         if settings.insecure:
             log.warning(
@@ -327,11 +336,7 @@ class ServiceRuntime:
         ]
         served += [
             (self._health, health_pb2_grpc.add_HealthServicer_to_server, HEALTH_SERVICE),
-            (
-                ReflectionServicer([*self._service_names, HEALTH_SERVICE.full_name]),
-                reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-                REFLECTION_SERVICE,
-            ),
+            *reflection.registrations([*self._service_names, HEALTH_SERVICE.full_name]),
         ]
         app = web.Cors(
             web.application(
