@@ -412,13 +412,20 @@ async def test_group_availability_counts_agents_per_channel(cluster: Cluster) ->
     )
     desk = next(c for c in reply.groups[0].channels if c.channel == C.CHANNEL_DESK_VOICE)
     assert (desk.available_agents, desk.logged_in_agents) == (1, 2)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await cluster.stubs[1].GetPresence(
-            pr_pb2.GetPresenceRequest(agent_ids=[agents[0], "ghost"])
-        )
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     for app in apps:
         app.call.cancel()
+
+
+async def test_presence_of_a_batch_answers_what_exists_and_names_what_does_not(
+    cluster: Cluster,
+) -> None:
+    # More agents than one etcd transaction may read (128 operations by default).
+    group = f"batch-{uuid.uuid4().hex[:6]}"
+    agents = [await register(cluster.stubs[0], group) for _ in range(100)]
+    asked = [agents[0], "ghost-1", *agents[1:], "ghost-2", agents[0]]
+    reply = await cluster.stubs[1].GetPresence(pr_pb2.GetPresenceRequest(agent_ids=asked))
+    assert [a.agent_id for a in reply.agents] == agents
+    assert list(reply.missing_agent_ids) == ["ghost-1", "ghost-2"]
 
 
 async def test_registering_a_bad_agent_names_every_bad_field(cluster: Cluster) -> None:

@@ -35,6 +35,10 @@ tracer = trace.get_tracer("accessline.presence")
 
 C = common_pb2
 
+# Agents read in one etcd transaction by GetPresence (two operations each; etcd takes
+# 128 in one transaction unless its --max-txn-ops says otherwise).
+PRESENCE_READ_BATCH = 60
+
 
 class Directory:
     """Registered agents and point queries of presence."""
@@ -121,25 +125,32 @@ class Directory:
             revision,
         )
 
-    async def presence(self, agent_ids: Iterable[str]) -> list[pr_pb2.AgentPresence]:
+    async def presence(
+        self, agent_ids: Iterable[str]
+    ) -> tuple[list[pr_pb2.AgentPresence], list[str]]:
+        """The presence of each registered agent of `agent_ids` (in order, once each) and
+        the ids that name no agent. Read in transactions of at most
+        `PRESENCE_READ_BATCH` agents (etcd takes 128 operations in one by default)."""
         ids = list(dict.fromkeys(agent_ids))
-        ops = [op for a in ids for op in (Op.get(keys.agent(a)), Op.get(keys.presence(a)))]
-        result = await self._store.txn([], ops)
-        out = []
-        for i, agent_id in enumerate(ids):
-            config_rows, presence_rows = result.gets[2 * i], result.gets[2 * i + 1]
-            if not config_rows:
-                raise NotFound(
-                    f"agent {agent_id} is not registered",
-                    reason="AGENT_NOT_FOUND",
-                    metadata={"agent_id": agent_id},
+        found: list[pr_pb2.AgentPresence] = []
+        missing: list[str] = []
+        for start in range(0, len(ids), PRESENCE_READ_BATCH):
+            batch = ids[start : start + PRESENCE_READ_BATCH]
+            ops = [op for a in batch for op in (Op.get(keys.agent(a)), Op.get(keys.presence(a)))]
+            result = await self._store.txn([], ops)
+            for i, agent_id in enumerate(batch):
+                config_rows, presence_rows = result.gets[2 * i], result.gets[2 * i + 1]
+                if not config_rows:
+                    missing.append(agent_id)
+                    continue
+                agent = pr_store.StoredAgent.FromString(config_rows[0][1]).agent
+                stored = (
+                    pr_store.StoredPresence.FromString(presence_rows[0][1])
+                    if presence_rows
+                    else None
                 )
-            agent = pr_store.StoredAgent.FromString(config_rows[0][1]).agent
-            stored = (
-                pr_store.StoredPresence.FromString(presence_rows[0][1]) if presence_rows else None
-            )
-            out.append(public_presence(agent, stored))
-        return out
+                found.append(public_presence(agent, stored))
+        return found, missing
 
     async def group_availability(self, groups: list[str]) -> list[pr_pb2.GroupAvailability]:
         agents, live, _ = await self.snapshot()

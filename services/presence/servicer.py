@@ -136,7 +136,8 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         for i, agent_id in enumerate(request.agent_ids[:1000]):
             v.id(f"agent_ids[{i}]", agent_id)
         v.raise_if_any()
-        return pr_pb2.GetPresenceResponse(agents=await self._directory.presence(request.agent_ids))
+        found, missing = await self._directory.presence(request.agent_ids)
+        return pr_pb2.GetPresenceResponse(agents=found, missing_agent_ids=missing)
 
     async def GetGroupAvailability(
         self, request: pr_pb2.GetGroupAvailabilityRequest, context: ServicerContext

@@ -1184,18 +1184,26 @@ class GetPresenceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
+    MISSING_AGENT_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentPresence]:
-        """Their presence; an unknown agent is NOT_FOUND."""
+        """The presence of each registered agent asked for, in the order asked, once each."""
+
+    @_builtins.property
+    def missing_agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents asked for that are not registered, in the order asked, once each (not an
+        error: the agents that exist are answered).
+        """
 
     def __init__(
         self,
         *,
         agents: _abc.Iterable[Global___AgentPresence] | None = ...,
+        missing_agent_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "missing_agent_ids", b"missing_agent_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
