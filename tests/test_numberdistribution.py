@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
@@ -47,6 +48,45 @@ async def test_a_pool_named_by_city_gets_coordinates_and_defaults(
     with pytest.raises(grpc.aio.AioRpcError) as again:
         await nd_stub.CreatePool(nd_pb2.CreatePoolRequest(pool=nd_pb2.Pool(pool_id=pool.pool_id)))
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_an_update_changes_the_fields_of_its_mask_of_the_version_read(
+    nd_stub: Any, subject: str
+) -> None:
+    pool, _ = await make_pool(nd_stub, subject, 0, city=common_pb2.City(name="Lyon"))
+    read = (await nd_stub.GetPool(nd_pb2.GetPoolRequest(pool_id=pool.pool_id))).pool
+    assert read.etag
+    change = nd_pb2.Pool(pool_id=pool.pool_id, display_name="Lyon desk", etag=read.etag)
+    change.quarantine.FromSeconds(5)
+    mask = field_mask_pb2.FieldMask(paths=["display_name", "quarantine"])
+    updated = (
+        await nd_stub.UpdatePool(nd_pb2.UpdatePoolRequest(pool=change, update_mask=mask))
+    ).pool
+    assert (updated.display_name, updated.quarantine.seconds) == ("Lyon desk", 5)
+    # What the mask leaves out keeps its stored value.
+    assert updated.city == read.city
+    assert list(updated.subjects) == list(read.subjects)
+    assert updated.etag != read.etag
+    # A second writer holding the old version is told, and changes nothing.
+    stale = nd_pb2.Pool(pool_id=pool.pool_id, display_name="other", etag=read.etag)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await nd_stub.UpdatePool(
+            nd_pb2.UpdatePoolRequest(
+                pool=stale, update_mask=field_mask_pb2.FieldMask(paths=["display_name"])
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.ABORTED
+    assert error_details(refused.value)["ErrorInfo"].reason == "ETAG_MISMATCH"
+    now = (await nd_stub.GetPool(nd_pb2.GetPoolRequest(pool_id=pool.pool_id))).pool
+    assert now == updated
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await nd_stub.UpdatePool(
+            nd_pb2.UpdatePoolRequest(
+                pool=nd_pb2.Pool(pool_id=pool.pool_id),
+                update_mask=field_mask_pb2.FieldMask(paths=["pool_id", "colour", "city.name"]),
+            )
+        )
+    assert violated_fields(bad.value) == {"update_mask.paths[0]", "update_mask.paths[1]"}
 
 
 async def test_numbers_are_normalised_and_a_number_belongs_to_one_pool(

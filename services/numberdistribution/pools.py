@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from google.protobuf.field_mask_pb2 import FieldMask
 from opentelemetry import metrics
 
 from accessline.numberdistribution.storage.v1 import storage_pb2
@@ -63,6 +64,24 @@ def code_length(pool: nd_pb2.Pool) -> int:
 
 def _chunks(items: Sequence[str], size: int = BATCH) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def etag(revision: int) -> str:
+    """A pool's version as answered: the etcd revision that last wrote it, opaque."""
+    return f"p{revision:x}"
+
+
+def with_etag(pool: nd_pb2.Pool, revision: int) -> nd_pb2.Pool:
+    answered = nd_pb2.Pool()
+    answered.CopyFrom(pool)
+    answered.etag = etag(revision)
+    return answered
+
+
+# The fields UpdatePool may be asked to change (paths of `update_mask`).
+UPDATABLE = frozenset(
+    name for name in nd_pb2.Pool.DESCRIPTOR.fields_by_name if name not in ("pool_id", "etag")
+)
 
 
 def pool_not_found(pool_id: str) -> NotFound:
@@ -171,6 +190,7 @@ class Pools:
     async def create_pool(self, pool: nd_pb2.Pool) -> nd_pb2.Pool:
         await self._view.ready(READY_TIMEOUT)
         stored = self._complete_pool(pool)
+        stored.ClearField("etag")
         revision = await self._store.create(keys.pool(stored.pool_id), stored)
         if revision is None:
             raise AlreadyExists(
@@ -179,14 +199,31 @@ class Pools:
                 metadata={"pool_id": stored.pool_id},
             )
         await self._view.wait_for(revision)
-        return stored
+        return with_etag(stored, revision)
 
-    async def update_pool(self, pool: nd_pb2.Pool) -> nd_pb2.Pool:
+    async def update_pool(self, pool: nd_pb2.Pool, mask: Sequence[str] = ()) -> nd_pb2.Pool:
+        """The pool with the fields of `mask` (all of them when empty or `*`) taken from
+        `pool`, if it is still the version of `pool.etag` (when given)."""
         await self._view.ready(READY_TIMEOUT)
         current = await self._store.get(keys.pool(pool.pool_id), nd_pb2.Pool)
         if current is None:
             raise pool_not_found(pool.pool_id)
-        stored = self._complete_pool(pool)
+        if pool.etag and pool.etag != etag(current.meta.mod_revision):
+            raise Aborted(
+                f"pool {pool.pool_id} changed since it was read; read it again",
+                reason="ETAG_MISMATCH",
+                metadata={"pool_id": pool.pool_id},
+            )
+        updated = nd_pb2.Pool()
+        if not mask or "*" in mask:
+            updated.CopyFrom(pool)
+        else:
+            updated.CopyFrom(current.value)
+            FieldMask(paths=list(mask)).MergeMessage(
+                pool, updated, replace_message_field=True, replace_repeated_field=True
+            )
+        stored = self._complete_pool(updated)
+        stored.ClearField("etag")
         result = await self._store.txn(
             [Compare.modified_at(keys.pool(pool.pool_id), current.meta.mod_revision)],
             [Op.put(keys.pool(pool.pool_id), stored)],
@@ -196,13 +233,13 @@ class Pools:
                 "the pool changed while it was being updated; retry", reason="CONCURRENT_UPDATE"
             )
         await self._view.wait_for(result.revision)
-        return stored
+        return with_etag(stored, result.revision)
 
     async def get_pool(self, pool_id: str) -> nd_pb2.Pool:
         entry = await self._store.get(keys.pool(pool_id), nd_pb2.Pool)
         if entry is None:
             raise pool_not_found(pool_id)
-        return entry.value
+        return with_etag(entry.value, entry.meta.mod_revision)
 
     async def list_pools(self, page_size: int, page_token: str) -> tuple[list[nd_pb2.Pool], str]:
         entries, _ = await self._store.get_prefix(
@@ -211,7 +248,7 @@ class Pools:
             limit=page_size + 1,
             start_after=keys.pool(page_token) if page_token else None,
         )
-        pools = [e.value for e in entries[:page_size]]
+        pools = [with_etag(e.value, e.meta.mod_revision) for e in entries[:page_size]]
         token = pools[-1].pool_id if len(entries) > page_size else ""
         return pools, token
 

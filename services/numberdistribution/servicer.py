@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.field_mask_pb2 import FieldMask
+
 from accessline.access.v1 import access_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from services.numberdistribution import pools
 from services.numberdistribution.codes import MAX_CODE_LENGTH, MIN_CODE_LENGTH
 from services.numberdistribution.pools import Pools
 from services.numberdistribution.reserving import Reservations, ReserveRequest
@@ -88,8 +91,19 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
     ) -> nd_pb2.UpdatePoolResponse:
         v = Violations()
         _check_pool(request.pool, v)
+        paths = list(request.update_mask.paths)
+        for i, path in enumerate(paths):
+            top = path.split(".", 1)[0]
+            if path != "*" and (
+                top not in pools.UPDATABLE
+                or not FieldMask(paths=[path]).IsValidForDescriptor(nd_pb2.Pool.DESCRIPTOR)
+            ):
+                v.add(
+                    f"update_mask.paths[{i}]",
+                    f"{path!r} is not a field of the pool that can be changed",
+                )
         v.raise_if_any()
-        return nd_pb2.UpdatePoolResponse(pool=await self._pools.update_pool(request.pool))
+        return nd_pb2.UpdatePoolResponse(pool=await self._pools.update_pool(request.pool, paths))
 
     async def GetPool(
         self, request: nd_pb2.GetPoolRequest, context: ServicerContext

@@ -8,6 +8,7 @@ from accessline.numberdistribution.storage.v1 import storage_pb2 as _storage_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -196,6 +197,7 @@ class Pool(_message.Message):
     ACCESS_CODE_POLICY_FIELD_NUMBER: _builtins.int
     DEFAULT_ORDER_FIELD_NUMBER: _builtins.int
     MAX_SHARES_PER_NUMBER_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     pool_id: _builtins.str
     """Id of the pool, 1 to 64 characters of [A-Za-z0-9_.-]."""
     display_name: _builtins.str
@@ -212,6 +214,10 @@ class Pool(_message.Message):
     """
     max_shares_per_number: _builtins.int
     """Most live reservations sharing one number in shared mode, 2 to 100. 0 means 10."""
+    etag: _builtins.str
+    """The version of the pool as answered (opaque; changes with every update). Ignored
+    by CreatePool; in UpdatePool, the version the update is for.
+    """
     @_builtins.property
     def city(self) -> _common_pb2.City:
         """The city the pool's numbers are local to. When only the name is given, the
@@ -265,10 +271,11 @@ class Pool(_message.Message):
         access_code_policy: Global___AccessCodePolicy | None = ...,
         default_order: _builtins.int = ...,
         max_shares_per_number: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_code_policy", b"access_code_policy", "city", b"city", "default_reservation_ttl", b"default_reservation_ttl", "max_reservation_ttl", b"max_reservation_ttl", "quarantine", b"quarantine"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_code_policy", b"access_code_policy", "city", b"city", "default_order", b"default_order", "default_reservation_ttl", b"default_reservation_ttl", "display_name", b"display_name", "max_reservation_ttl", b"max_reservation_ttl", "max_shares_per_number", b"max_shares_per_number", "mode", b"mode", "pool_id", b"pool_id", "quarantine", b"quarantine", "resource_group", b"resource_group", "segments", b"segments", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_code_policy", b"access_code_policy", "city", b"city", "default_order", b"default_order", "default_reservation_ttl", b"default_reservation_ttl", "display_name", b"display_name", "etag", b"etag", "max_reservation_ttl", b"max_reservation_ttl", "max_shares_per_number", b"max_shares_per_number", "mode", b"mode", "pool_id", b"pool_id", "quarantine", b"quarantine", "resource_group", b"resource_group", "segments", b"segments", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,18 +362,30 @@ class UpdatePoolRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POOL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def pool(self) -> Global___Pool:
-        """The pool's new attributes; `pool_id` names the pool."""
+        """The pool's new attributes; `pool_id` names the pool. With `etag` set (as read from
+        GetPool or ListPools), the update applies only to that version of the pool: ABORTED
+        `ETAG_MISMATCH` when it changed since.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields of `pool` to change (for example `display_name`, `quarantine`,
+        `access_code_policy.length`); the others keep their stored values. Unset, or `*`:
+        the whole pool is replaced by `pool`. `pool_id` and `etag` cannot be changed.
+        """
 
     def __init__(
         self,
         *,
         pool: Global___Pool | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
