@@ -15,7 +15,9 @@ counted failure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.runtime.store import Compare, Op, Store
 
@@ -63,9 +65,15 @@ async def count_ops(store: Store, buckets: tuple[Bucket, ...], window: float) ->
 async def full(store: Store, buckets: tuple[Bucket, ...]) -> bool:
     """Whether any bucket has reached its limit (one consistent read)."""
     result = await store.txn([], [Op.get(b.key) for b in buckets])
+    return full_in(buckets, result.gets)
+
+
+def full_in(buckets: tuple[Bucket, ...], gets: Sequence[Sequence[Any]]) -> bool:
+    """Whether any bucket has reached its limit, as a transaction's gets of the
+    buckets' keys (in order) found them."""
     return any(
         found and found[0][2].version >= bucket.limit
-        for bucket, found in zip(buckets, result.gets, strict=True)
+        for bucket, found in zip(buckets, gets, strict=True)
     )
 
 

@@ -4,6 +4,7 @@ cm/apps/{application_id}          Application
 cm/sessions/{session_id}          StoredSession       (the reservation's lease)
 cm/idempotency/{sha256}           HandoffIdempotency  (the reservation's lease)
 cm/outcomes/{session_id}          StoredOutcome       (retention lease)
+cm/calls/{sha256(call_id)}        MatchedCall         (kept 5 minutes)
 cm/failures/...                   failure buckets     (see failures.py)
 """
 
@@ -15,6 +16,7 @@ APPS = "cm/apps/"
 SESSIONS = "cm/sessions/"
 IDEMPOTENCY = "cm/idempotency/"
 OUTCOMES = "cm/outcomes/"
+CALLS = "cm/calls/"
 
 
 def app(application_id: str) -> str:
@@ -31,3 +33,7 @@ def idempotency(application_id: str, key: str) -> str:
 
 def outcome(session_id: str) -> str:
     return OUTCOMES + session_id
+
+
+def matched_call(call_id: str) -> str:
+    return CALLS + hashlib.sha256(call_id.encode()).hexdigest()

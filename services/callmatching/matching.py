@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from services.callmatching.sessions import NEEDS_ANI, NEEDS_CODE, Limits, Sessio
 from services.runtime.clock import seconds, timestamp
 from services.runtime.errors import FieldViolation, InvalidArgument
 from services.runtime.phone import NumberFormatError, normalize_number
-from services.runtime.store import Compare, Entry, Op, Store
+from services.runtime.store import Compare, Entry, Op, RawKV, Store
 from services.runtime.telemetry import span_context_from
 
 if TYPE_CHECKING:
@@ -49,6 +49,10 @@ HANDOFF_BUCKETS = [
 # A right call retries its final transaction while wrong codes keep changing the session;
 # they can do so at most max_code_attempts (at most 20) times before it locks.
 MAX_MATCH_ROUNDS = 24
+# How long a matched call's answer is kept for the switch asking again about the same
+# call (its first answer lost): long enough for its retries, short enough that a call id
+# a switch reuses later is not mistaken for it.
+CALL_ANSWER_KEPT_SECONDS = 300.0
 # Outcomes counted in the failure buckets (failures.py).
 FAILURES = {
     cm_pb2.MATCH_OUTCOME_NO_RESERVATION,
@@ -205,7 +209,13 @@ class Matcher:
         limits: a failure is answered only once counted, a match commits only while the
         buckets are below their limits (see failures.py)."""
         buckets = self._limits.failures.buckets(ani_hash, dnis)
-        if await failures.full(self._store, buckets):
+        found = await self._store.txn(
+            [], [*(Op.get(b.key) for b in buckets), Op.get(keys.matched_call(call.call_id))]
+        )
+        answered = self._answered_before(call.call_id, dnis, found.gets[-1], attempt)
+        if answered is not None:
+            return answered
+        if failures.full_in(buckets, found.gets[:-1]):
             # The number's group only (no digits: nothing is checked, nothing is told).
             resolved = await self._numbers.ResolveNumber(
                 nd_pb2.ResolveNumberRequest(dialled_number=dnis)
@@ -221,6 +231,33 @@ class Matcher:
         ):
             return _rate_limited(response.resource_group)
         return response
+
+    def _answered_before(
+        self,
+        call_id: str,
+        dnis: str,
+        rows: Sequence[RawKV],
+        attempt: cm_pb2.MatchAttempt,
+    ) -> cm_pb2.MatchCallResponse | None:
+        """The answer this call was matched with already, when the switch asks again
+        about the same call on the same number (its first answer lost)."""
+        if not rows:
+            return None
+        record = cm_store.MatchedCall.FromString(rows[0].value)
+        if record.dnis != dnis:
+            return None
+        answer = cm_pb2.MatchCallResponse.FromString(
+            self._crypto.unseal(record.sealed_answer, keys.matched_call(call_id))
+        )
+        attempt.session_id = answer.session_id
+        attempt.application_id = answer.application_id
+        attempt.match_schema = answer.match_schema
+        attempt.handoff_requested_at.CopyFrom(answer.handoff_requested_at)
+        log.info(
+            "call asked about again: its match answered again",
+            extra={"fields": {"call_id": call_id, "session_id": answer.session_id}},
+        )
+        return answer
 
     async def _judge(
         self,
@@ -258,13 +295,15 @@ class Matcher:
                 session, entry.meta.mod_revision, call.call_id, now, buckets
             )
             return unmatched, True
-        consumed, limited = await self._consume(entry, call, now, buckets)
+        consumed, limited = await self._consume(
+            entry, call, dnis, resolved.resource_group, now, buckets
+        )
         if limited:
             return _rate_limited(resolved.resource_group), True
         if consumed is None:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched, False
-        return self._matched(consumed, resolved.resource_group), False
+        return consumed, False
 
     @staticmethod
     def _note_session(
@@ -312,14 +351,24 @@ class Matcher:
         self,
         entry: Entry[cm_store.StoredSession],
         call: Call,
+        dnis: str,
+        resource_group: str,
         now: float,
         buckets: tuple[failures.Bucket, ...],
-    ) -> tuple[cm_store.StoredSession | None, bool]:
+    ) -> tuple[cm_pb2.MatchCallResponse | None, bool]:
         """Consumes the session for this call, with its reservation, in one
-        transaction: (the session consumed or None when another call had it, whether a
-        failure bucket filled meanwhile)."""
+        transaction that also keeps the answer for the call asked about again: (the
+        answer, or None when another call had the session; whether a failure bucket
+        filled meanwhile)."""
         session, revision = entry.value, entry.meta.mod_revision
+        key = keys.matched_call(call.call_id)
+        kept_for = await self._store.shared_lease(CALL_ANSWER_KEPT_SECONDS, window=10.0)
         for _ in range(MAX_MATCH_ROUNDS):
+            answer = self._matched(session, resource_group)
+            kept = cm_store.MatchedCall(
+                dnis=dnis,
+                sealed_answer=self._crypto.seal(answer.SerializeToString(), key),
+            )
             if await self._sessions.end(
                 session,
                 revision,
@@ -327,8 +376,9 @@ class Matcher:
                 call.call_id,
                 now,
                 failures.below(buckets),
+                [Op.put(key, kept, kept_for)],
             ):
-                return session, False
+                return answer, False
             # The session changed since it was read: consumed by another call (maybe on
             # another replica), or only a wrong code counted on it, which must not keep
             # the right caller out; or a failure bucket filled meanwhile. Decide again on

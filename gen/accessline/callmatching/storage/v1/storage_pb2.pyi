@@ -200,3 +200,34 @@ class HandoffIdempotency(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandoffIdempotency: _TypeAlias = HandoffIdempotency  # noqa: Y015
+
+@_typing.final
+class MatchedCall(_message.Message):
+    """The answer a call was matched with, for the switch asking again about the same call
+    (its first answer lost). Key: `cm/calls/{sha256 of the call id}`, kept 5 minutes;
+    written in the transaction that consumes the session.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DNIS_FIELD_NUMBER: _builtins.int
+    SEALED_ANSWER_FIELD_NUMBER: _builtins.int
+    dnis: _builtins.str
+    """The dialled number, normalised: the answer is given again only to the same call
+    on the same number.
+    """
+    sealed_answer: _builtins.bytes
+    """The MatchCallResponse, sealed (it holds the customer's context), bound to the key."""
+    def __init__(
+        self,
+        *,
+        dnis: _builtins.str = ...,
+        sealed_answer: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dnis", b"dnis", "sealed_answer", b"sealed_answer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatchedCall: _TypeAlias = MatchedCall  # noqa: Y015
