@@ -3,7 +3,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY services ./services
+COPY accessline_server ./accessline_server
 COPY gen ./gen
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -21,9 +21,9 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from services.demo import SimulatedAgent, Tally
-from services.runtime import devpki, processes
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.demo import SimulatedAgent, Tally
+from accessline_server.runtime import devpki, processes
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 
 # The benchmarks measure the services' own work: plain text and no token checks unless a
 # benchmark gives a Secured (bench/security_bench.py measures what security costs).

@@ -29,6 +29,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from bench.common import (
     SERVICE_PIDS,
     Result,
@@ -41,7 +42,6 @@ from bench.common import (
     service_process,
     simulated_team,
 )
-from services.runtime.embedded_etcd import EmbeddedEtcd
 
 C = common_pb2
 
@@ -66,11 +66,12 @@ async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Re
 
 async def main(handoffs: int, concurrency: int, agents: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="accessline-e2e-"))
+    nd = "accessline_server.numberdistribution"
     async with embedded_etcd() as etcd:
-        async with service_process("services.numberdistribution", etcd, "/e2e") as nd_address:  # noqa: SIM117 - each service needs the ones started before it
+        async with service_process(nd, etcd, "/e2e") as nd_address:  # noqa: SIM117 - each service needs the ones started before it
             async with (
                 service_process(
-                    "services.callmatching",
+                    "accessline_server.callmatching",
                     etcd,
                     "/e2e",
                     ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd_address,
@@ -78,11 +79,11 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
                     # Numbers are reused at once (no quarantine) to measure throughput.
                     ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",
                 ) as cm_address,
-                service_process("services.presence", etcd, "/e2e") as pr_address,
-                service_process("services.notification", etcd, "/e2e"),
+                service_process("accessline_server.presence", etcd, "/e2e") as pr_address,
+                service_process("accessline_server.notification", etcd, "/e2e"),
             ):
                 async with service_process(
-                    "services.routing",
+                    "accessline_server.routing",
                     etcd,
                     "/e2e",
                     ACCESSLINE_CALLMATCHING_ADDRESS=cm_address,

@@ -87,9 +87,11 @@ async def call_matching_round(
     results: list[Result] = []
     async with (
         embedded_etcd(security) as etcd,
-        service_process("services.numberdistribution", etcd, "/bench", security) as nd_address,
         service_process(
-            "services.callmatching",
+            "accessline_server.numberdistribution", etcd, "/bench", security
+        ) as nd_address,
+        service_process(
+            "accessline_server.callmatching",
             etcd,
             "/bench",
             security,

@@ -21,8 +21,8 @@ import httpx
 
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
+from accessline_server.runtime.embedded_etcd import free_port
 from bench.common import Result, embedded_etcd, print_table, service_process
-from services.runtime.embedded_etcd import free_port
 from tests.support.push_servers import PushServers, make_credentials
 
 
@@ -74,7 +74,9 @@ async def main(devices: int, publishes: int) -> None:
     servers.seen_tokens.clear()
     async with embedded_etcd() as etcd:  # noqa: SIM117 - the service needs the etcd first
         async with (
-            service_process("services.notification", etcd, "/bench", **settings) as address,
+            service_process(
+                "accessline_server.notification", etcd, "/bench", **settings
+            ) as address,
             grpc.aio.insecure_channel(address) as channel,
         ):
             stub: Any = nt_grpc.NotificationServiceStub(channel)

@@ -19,8 +19,8 @@ from google.protobuf import wrappers_pb2
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline_server.runtime.store import Store
 from bench.common import Result, embedded_etcd, print_table, service_process
-from services.runtime.store import Store
 
 C = common_pb2
 
@@ -178,8 +178,8 @@ async def main(agents: int, watchers: int, changes: int) -> None:
     settings = {"ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "3600"}
     async with (
         embedded_etcd() as etcd,
-        service_process("services.presence", etcd, "/bench", **settings) as first,
-        service_process("services.presence", etcd, "/bench", **settings) as second,
+        service_process("accessline_server.presence", etcd, "/bench", **settings) as first,
+        service_process("accessline_server.presence", etcd, "/bench", **settings) as second,
     ):
         options = [("grpc.max_concurrent_streams", 4000)]
         async with (

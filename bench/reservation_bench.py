@@ -103,15 +103,21 @@ def len_label(pool_id: str) -> str:
 async def main(sizes: list[int], count: int, concurrency: int) -> None:
     async with (
         embedded_etcd() as etcd,
-        service_process("services.numberdistribution", etcd, "/bench") as address,
+        service_process("accessline_server.numberdistribution", etcd, "/bench") as address,
         service_process(
-            "services.numberdistribution", etcd, "/bench-asyncio", ACCESSLINE_EVENT_LOOP="asyncio"
+            "accessline_server.numberdistribution",
+            etcd,
+            "/bench-asyncio",
+            ACCESSLINE_EVENT_LOOP="asyncio",
         ) as plain_address,
         service_process(
-            "services.numberdistribution", etcd, "/bench-logged", ACCESSLINE_LOG_LEVEL="INFO"
+            "accessline_server.numberdistribution",
+            etcd,
+            "/bench-logged",
+            ACCESSLINE_LOG_LEVEL="INFO",
         ) as logged_address,
         service_process(
-            "services.numberdistribution",
+            "accessline_server.numberdistribution",
             etcd,
             "/bench-unlogged",
             ACCESSLINE_LOG_LEVEL="INFO",

@@ -47,11 +47,11 @@ async def main(calls: int, concurrency: int, agents: int, replicas: int) -> None
     async with embedded_etcd() as etcd, AsyncExitStack() as stack:
         prefix = "/routing-bench"
         nd = await stack.enter_async_context(
-            service_process("services.numberdistribution", etcd, prefix)
+            service_process("accessline_server.numberdistribution", etcd, prefix)
         )
         cm = await stack.enter_async_context(
             service_process(
-                "services.callmatching",
+                "accessline_server.callmatching",
                 etcd,
                 prefix,
                 ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd,
@@ -60,11 +60,13 @@ async def main(calls: int, concurrency: int, agents: int, replicas: int) -> None
                 ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",
             )
         )
-        pr = await stack.enter_async_context(service_process("services.presence", etcd, prefix))
+        pr = await stack.enter_async_context(
+            service_process("accessline_server.presence", etcd, prefix)
+        )
         routers = [
             await stack.enter_async_context(
                 service_process(
-                    "services.routing",
+                    "accessline_server.routing",
                     etcd,
                     prefix,
                     ACCESSLINE_CALLMATCHING_ADDRESS=cm,

@@ -26,6 +26,10 @@ import httpx
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline_server.runtime import processes
+from accessline_server.runtime.embedded_etcd import free_port
+from accessline_server.sipedge import scenarios
+from accessline_server.sipedge.edge import free_udp_port, kamailio_command
 from bench.common import (
     PLAIN,
     Result,
@@ -35,10 +39,6 @@ from bench.common import (
     service_process,
     simulated_team,
 )
-from services.runtime import processes
-from services.runtime.embedded_etcd import free_port
-from services.sipedge import scenarios
-from services.sipedge.edge import free_udp_port, kamailio_command
 
 NUMBER = "+33140000001"
 
@@ -173,20 +173,20 @@ def answer_times(short_messages: str) -> list[float]:
 async def through_accessline(folder: Path, count: int, rate: int, agents: int) -> Result:
     # Each service needs the ones started before it.
     async with embedded_etcd() as etcd:  # noqa: SIM117
-        async with service_process("services.numberdistribution", etcd, "/sip") as nd:
+        async with service_process("accessline_server.numberdistribution", etcd, "/sip") as nd:
             async with (
                 service_process(
-                    "services.callmatching",
+                    "accessline_server.callmatching",
                     etcd,
                     "/sip",
                     ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd,
                     ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{folder / 'history.db'}",
                 ) as cm,
-                service_process("services.presence", etcd, "/sip") as pr,
-                service_process("services.notification", etcd, "/sip") as nt,
+                service_process("accessline_server.presence", etcd, "/sip") as pr,
+                service_process("accessline_server.notification", etcd, "/sip") as nt,
             ):
                 async with service_process(
-                    "services.routing",
+                    "accessline_server.routing",
                     etcd,
                     "/sip",
                     ACCESSLINE_CALLMATCHING_ADDRESS=cm,
@@ -227,7 +227,7 @@ async def edge_calls(
         with kamailio(folder, sip_port, evapi_port):
             await wait_port(evapi_port)
             adapter = processes.spawn(
-                "services.sipedge",
+                "accessline_server.sipedge",
                 {
                     **PLAIN,
                     "ACCESSLINE_ROUTING_ADDRESS": rt,

@@ -1,6 +1,6 @@
 """Cost of Accessline's etcd store against the raw etcd client, in the same run.
 
-Runs create-if-absent transactions under a lease through `services.runtime.store.Store`
+Runs create-if-absent transactions under a lease through `accessline_server.runtime.store.Store`
 and, as the baseline, the same compare-and-swap through aetcd's own client call, on one
 embedded etcd. Prints ops/s, p50/p99 and the ratio to the baseline.
 
@@ -15,8 +15,8 @@ import asyncio
 import aetcd
 from google.protobuf import wrappers_pb2
 
+from accessline_server.runtime.store import Store
 from bench.common import embedded_etcd, measure, print_table
-from services.runtime.store import Store
 
 
 async def main(count: int, concurrency: int) -> None:

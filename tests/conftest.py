@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from accessline.access.v1 import access_pb2
-from services.runtime import devpki, processes
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.identity import ROLE_NAMES, UNSCOPED_ROLES, method_policy
-from services.runtime.store import Store
+from accessline_server.runtime import devpki, processes
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.runtime.identity import ROLE_NAMES, UNSCOPED_ROLES, method_policy
+from accessline_server.runtime.store import Store
 from tests.support.cluster import EtcdCluster, new_cluster
 from tests.support.postgres import Postgres, postgres_bin_dir
 from tests.support.waiting import eventually
@@ -266,7 +266,7 @@ class ServiceProcess:
 
 
 def service_name(module: str) -> str:
-    """The identity a module's process runs as: `services.routing` is `routing`."""
+    """The identity a module's process runs as: `accessline_server.routing` is `routing`."""
     name = module.rsplit(".", 1)[-1]
     return "probe" if name == "probe_service" else name
 

@@ -28,9 +28,9 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.runtime import devpki
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.identity import ROLE_NAMES, method_policy
+from accessline_server.runtime import devpki
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.identity import ROLE_NAMES, method_policy
 from tests.conftest import (
     ROOT,
     error_details,

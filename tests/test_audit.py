@@ -28,7 +28,7 @@ from tests.support.stack import CallPath, call_path_services
 
 def audit_cli(dsn: str, *args: str) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "audit", "--dsn", dsn, "--json", *args],
+        [sys.executable, "-m", "accessline_server.cli", "audit", "--dsn", dsn, "--json", *args],
         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"},
         capture_output=True,
         text=True,

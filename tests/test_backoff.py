@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.runtime.backoff import Backoff, delay
+from accessline_server.runtime.backoff import Backoff, delay
 
 
 @given(

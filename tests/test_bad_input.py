@@ -23,8 +23,8 @@ from accessline.notification.v1 import notification_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.identity import method_policy
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.identity import method_policy
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -76,15 +76,15 @@ def message_class(desc: descriptor.Descriptor) -> type[Message]:
 @pytest.fixture(scope="module")
 async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[dict[str, ServiceProcess]]:
     prefix = "/bad-input"
-    nd = spawn_service("services.numberdistribution", etcd.endpoint, prefix)
-    pr = spawn_service("services.presence", etcd.endpoint, prefix)
-    nt = spawn_service("services.notification", etcd.endpoint, prefix)
+    nd = spawn_service("accessline_server.numberdistribution", etcd.endpoint, prefix)
+    pr = spawn_service("accessline_server.presence", etcd.endpoint, prefix)
+    nt = spawn_service("accessline_server.notification", etcd.endpoint, prefix)
     started = {"numberdistribution": nd, "presence": pr, "notification": nt}
     try:
         for service in started.values():
             await _serving(service)
         cm = spawn_service(
-            "services.callmatching",
+            "accessline_server.callmatching",
             etcd.endpoint,
             prefix,
             ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
@@ -93,7 +93,7 @@ async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[dict[str, ServiceProcess]]:
         started["callmatching"] = cm
         await _serving(cm)
         rt = spawn_service(
-            "services.routing",
+            "accessline_server.routing",
             etcd.endpoint,
             prefix,
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,

@@ -18,9 +18,9 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.callmatching.domain import guess_success_probability
-from services.runtime.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.callmatching.domain import guess_success_probability
+from accessline_server.runtime.contextdata import MAX_ATTRIBUTES, MAX_CONTEXT_BYTES, MAX_VALUE_BYTES
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     connect,
     error_details,
@@ -96,28 +96,6 @@ async def test_a_handoff_is_matched_exactly_once_with_each_schema(
     )
     again = await call(system.cm2, started.access_number, ani=ani, dtmf=started.access_code)
     assert again.outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-
-
-async def test_a_switch_asking_again_for_the_same_call_gets_the_same_match(
-    system: System,
-) -> None:
-    """The switch lost the answer (a replica stopped, its deadline passed after the match
-    was made) and asks again for the same call: the same match, on any replica; another
-    call, or the same call id on another number, gets nothing of it."""
-    subject, _ = await make_pool(system, 1, access_code_policy=CODE_POLICY)
-    app_id = await register(system, S.MATCH_SCHEMA_NUMBER_CODE)
-    started = await handoff(system, app_id, subject)
-    number, code = started.access_number, started.access_code
-    first = await call(system.cm, number, dtmf=code, call_id="call-retried")
-    assert first.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
-    again = await call(system.cm2, number, dtmf=code, call_id="call-retried")
-    assert again == first
-    other = await call(system.cm, number, dtmf=code, call_id="call-other")
-    assert other.outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-    elsewhere = await call(system.cm, fresh_numbers(1)[0], dtmf=code, call_id="call-retried")
-    assert elsewhere.outcome == cm_pb2.MATCH_OUTCOME_NO_RESERVATION
-    state = await system.cm.GetSession(cm_pb2.GetSessionRequest(session_id=started.session_id))
-    assert (state.state, state.call_id) == (cm_pb2.SESSION_STATE_MATCHED, "call-retried")
 
 
 async def test_calls_that_do_not_fit_the_schema_get_their_reason(system: System) -> None:
@@ -213,7 +191,7 @@ async def test_number_only_matching_gets_numbers_only_from_pools_resting_long_en
     short, _ = await make_pool(system, 1, quarantine=seconds(5))
     long, numbers = await make_pool(system, 1, quarantine=seconds(120))
     cm = spawn_service(
-        "services.callmatching",
+        "accessline_server.callmatching",
         etcd.endpoint,
         PREFIX,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,

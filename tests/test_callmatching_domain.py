@@ -8,17 +8,17 @@ from collections.abc import AsyncIterator
 import pytest
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.callmatching.applications import Applications
-from services.callmatching.crypto import SessionCrypto
-from services.callmatching.failures import FailureLimits
-from services.callmatching.handoffs import Handoffs
-from services.callmatching.sessions import Limits, Sessions
-from services.numberdistribution.codes import CodeBook
-from services.numberdistribution.pools import Pools
-from services.numberdistribution.reserving import Reservations
-from services.numberdistribution.view import NumberView
-from services.runtime.errors import Aborted
-from services.runtime.store import Store
+from accessline_server.callmatching.applications import Applications
+from accessline_server.callmatching.crypto import SessionCrypto
+from accessline_server.callmatching.failures import FailureLimits
+from accessline_server.callmatching.handoffs import Handoffs
+from accessline_server.callmatching.sessions import Limits, Sessions
+from accessline_server.numberdistribution.codes import CodeBook
+from accessline_server.numberdistribution.pools import Pools
+from accessline_server.numberdistribution.reserving import Reservations
+from accessline_server.numberdistribution.view import NumberView
+from accessline_server.runtime.errors import Aborted
+from accessline_server.runtime.store import Store
 from tests.support.numbers import request
 
 

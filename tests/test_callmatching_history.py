@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ROOT,
     connect,
@@ -116,7 +116,8 @@ async def test_history_on_postgresql_survives_an_outage_without_failing_matches(
         "ACCESSLINE_WITHHELD_FAILURE_LIMIT": WITHHELD_LIMIT,
     }
     replicas = [
-        spawn_service("services.callmatching", etcd.endpoint, PREFIX, **env) for _ in range(2)
+        spawn_service("accessline_server.callmatching", etcd.endpoint, PREFIX, **env)
+        for _ in range(2)
     ]
     channels = [connect(r.address, service="routing") for r in replicas]
     try:
@@ -178,7 +179,7 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
     await admin.close()
     dsn = postgres.dsn.rsplit("/", 1)[0] + f"/{database}"
     replica = spawn_service(
-        "services.callmatching",
+        "accessline_server.callmatching",
         etcd.endpoint,
         PREFIX,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,
@@ -208,7 +209,15 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
             for expected in ("audit_events, match_attempts", "nothing"):
                 done = await asyncio.to_thread(
                     subprocess.run,
-                    [sys.executable, "-m", "services.cli", "history", "migrate", "--dsn", dsn],
+                    [
+                        sys.executable,
+                        "-m",
+                        "accessline_server.cli",
+                        "history",
+                        "migrate",
+                        "--dsn",
+                        dsn,
+                    ],
                     capture_output=True,
                     text=True,
                     timeout=60,

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ROOT, identity, spawn_service, wait_serving
 
 CALL = textwrap.dedent(
@@ -33,7 +33,7 @@ CALL = textwrap.dedent(
         stats = stub.GetPoolStats(nd.GetPoolStatsRequest(pool_id="slim")).stats
     print(json.dumps({
         "free": stats.free,
-        "server_code": importlib.util.find_spec("services") is not None,
+        "server_code": importlib.util.find_spec("accessline_server") is not None,
     }))
     """
 )
@@ -66,7 +66,7 @@ async def test_the_client_package_installs_alone_and_calls_a_service(
     assert "accessline-api" in names
     assert names <= EXPECTED, names - EXPECTED
 
-    service = spawn_service("services.numberdistribution", etcd.endpoint, "/slim-client")
+    service = spawn_service("accessline_server.numberdistribution", etcd.endpoint, "/slim-client")
     try:
         await wait_serving(service)
         files = identity().files

@@ -34,9 +34,9 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.demo import Access, Addresses, play
-from services.routing.measures import MATCH_BUCKETS
-from services.runtime.embedded_etcd import free_port
+from accessline_server.demo import Access, Addresses, play
+from accessline_server.routing.measures import MATCH_BUCKETS
+from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import ROOT, ServiceProcess, connect, eventually, identity, wait_serving
 from tests.support.push_servers import PushServers, make_credentials
 from tests.support.stack import ROUTING_ENV
@@ -125,7 +125,9 @@ async def services_with_metrics(
     }
 
     def start(name: str, **env: str) -> ServiceProcess:
-        return service_factory(f"services.{name}", ACCESSLINE_METRICS_PORT=str(ports[name]), **env)
+        return service_factory(
+            f"accessline_server.{name}", ACCESSLINE_METRICS_PORT=str(ports[name]), **env
+        )
 
     nd, pr, nt = start("numberdistribution"), start("presence"), start("notification", **push_env)
     await wait_serving(nd)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.demo import Access, Addresses, play
+from accessline_server.demo import Access, Addresses, play
 from tests.conftest import ServiceProcess, identity
 from tests.support.stack import call_path_services
 

@@ -1,4 +1,4 @@
-"""The dispatch pass's decisions (services/routing/plan.py) on generated states, with no
+"""The dispatch pass's decisions (accessline_server/routing/plan.py) on generated states, with no
 etcd and no processes: no agent gets two offers in one pass, an offer goes only to an
 agent free on a voice channel and not waited for by another call, a call waiting for its
 preferred agent goes to nobody else, and a call left without an offer had no eligible
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
-from services.routing.plan import (
+from accessline_server.routing.plan import (
     GroupState,
     claims_per_channel,
     eligible,
@@ -22,8 +22,8 @@ from services.routing.plan import (
     plan_offers,
     reserved_agents,
 )
-from services.routing.queue import Rules, rank
-from services.runtime.clock import timestamp
+from accessline_server.routing.queue import Rules, rank
+from accessline_server.runtime.clock import timestamp
 
 C = common_pb2
 NOW = 1_000_000.0

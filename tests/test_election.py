@@ -9,9 +9,9 @@ import asyncio
 import pytest
 from google.protobuf import wrappers_pb2
 
-from services.runtime.election import Election, NotLeader
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.store import Compare, EventKind, Op, Store
+from accessline_server.runtime.election import Election, NotLeader
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.store import Compare, EventKind, Op, Store
 
 KEY = "app/leader"
 

@@ -14,15 +14,20 @@ from hypothesis import strategies as st
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.errors import (
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from services.runtime.server import Registration, RuntimeContext, ServiceRuntime, ServiceSpec
-from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from accessline_server.runtime.server import (
+    Registration,
+    RuntimeContext,
+    ServiceRuntime,
+    ServiceSpec,
+)
+from accessline_server.runtime.settings import ServiceSettings, SettingsError, load_settings
 from tests.conftest import connect, error_details, identity
 
 

@@ -22,7 +22,7 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -56,7 +56,7 @@ class System:
 
 
 async def start(etcd: EmbeddedEtcd, tmp: Path, prefix: str) -> System:
-    nd = spawn_service("services.numberdistribution", etcd.endpoint, prefix)
+    nd = spawn_service("accessline_server.numberdistribution", etcd.endpoint, prefix)
     await wait_serving(nd)
     limits = {
         "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd.address,
@@ -68,7 +68,7 @@ async def start(etcd: EmbeddedEtcd, tmp: Path, prefix: str) -> System:
     }
     replicas = [
         spawn_service(
-            "services.callmatching",
+            "accessline_server.callmatching",
             etcd.endpoint,
             prefix,
             ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h{n}.db",

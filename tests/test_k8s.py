@@ -14,10 +14,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.cli import SERVICES, default_port, settings_type
-from services.runtime.server import LIVENESS
-from services.runtime.settings import ENV_PREFIX
-from services.sipedge.settings import SipEdgeSettings
+from accessline_server.cli import SERVICES, default_port, settings_type
+from accessline_server.runtime.server import LIVENESS
+from accessline_server.runtime.settings import ENV_PREFIX
+from accessline_server.sipedge.settings import SipEdgeSettings
 from tests.conftest import ROOT
 from tests.support.kustomize import render_prod_with
 
@@ -288,7 +288,7 @@ def test_each_grpc_port_admits_exactly_the_callers_its_protos_name(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
     from accessline.access.v1 import access_pb2
-    from services.runtime.identity import ROLE_NAMES, method_policy
+    from accessline_server.runtime.identity import ROLE_NAMES, method_policy
     from tests.test_access import SERVICES as DESCRIPTORS
 
     docs = rendered[overlay]
@@ -394,7 +394,7 @@ def test_prod_shares_the_match_history_in_postgresql_migrated_once_per_deploy(
     assert migrate["args"] == ["history", "migrate"]
     assert {e["name"]: e for e in migrate["env"]}["ACCESSLINE_HISTORY_DSN"] == dsn
     # The command the Job runs exists, with what it is given.
-    from services.cli import main
+    from accessline_server.cli import main
 
     with pytest.raises(SystemExit) as shown:
         main([*migrate["args"], "--help"])

@@ -21,11 +21,11 @@ from cryptography import x509
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime import devpki
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.errors import AccesslineError
-from services.runtime.identity import ROLE_NAMES, JwksKeys, TokenVerifier
-from services.runtime.store import EtcdTls, Store
+from accessline_server.runtime import devpki
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.runtime.errors import AccesslineError
+from accessline_server.runtime.identity import ROLE_NAMES, JwksKeys, TokenVerifier
+from accessline_server.runtime.store import EtcdTls, Store
 from tests.conftest import (
     connect,
     eventually,
@@ -116,7 +116,9 @@ async def test_etcd_takes_only_clients_with_a_certificate_of_the_ca(tmp_path: Pa
             await store.close()
         # A service with its certificate runs on it, over TLS all the way.
         env = identity().files.service_env("numberdistribution", identity().jwks_url)
-        process = spawn_service("services.numberdistribution", server.endpoint, "/tls-probe", **env)
+        process = spawn_service(
+            "accessline_server.numberdistribution", server.endpoint, "/tls-probe", **env
+        )
         try:
             await wait_serving(process)
             async with connect(process.address) as channel:

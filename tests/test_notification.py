@@ -22,8 +22,8 @@ from google.protobuf import duration_pb2
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.store import Store
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -72,7 +72,7 @@ async def setup(
         "ACCESSLINE_DELIVERY_BACKOFF_SECONDS": "0.2",
         "ACCESSLINE_DELIVERY_WORKER_LEASE_SECONDS": "3",
     }
-    replicas = [service_factory("services.notification", **env) for _ in range(2)]
+    replicas = [service_factory("accessline_server.notification", **env) for _ in range(2)]
     for replica in replicas:
         await wait_serving(replica)
     channels = [connect(r.address) for r in replicas]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as N
-from services.notification.delivery import Worker
-from services.notification.domain import Notifications, Policy
-from services.notification.keys import OUTBOX
-from services.notification.providers import Apns
-from services.runtime.embedded_etcd import free_port
-from services.runtime.store import Store
+from accessline_server.notification.delivery import Worker
+from accessline_server.notification.domain import Notifications, Policy
+from accessline_server.notification.keys import OUTBOX
+from accessline_server.notification.providers import Apns
+from accessline_server.runtime.embedded_etcd import free_port
+from accessline_server.runtime.store import Store
 from tests.support.push_servers import PushServers, make_credentials
 
 

@@ -14,9 +14,9 @@ from google.protobuf import field_mask_pb2
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.numberdistribution import keys
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.store import Store
+from accessline_server.numberdistribution import keys
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     error_details,
     eventually,

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, ServiceProcess, identity, wait_serving
 def accessline(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"}
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "accessline_server.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -35,7 +35,7 @@ def printed_stats(output: str) -> dict[str, str]:
 async def test_the_cli_imports_100000_numbers_into_a_pool(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    service = service_factory("services.numberdistribution")
+    service = service_factory("accessline_server.numberdistribution")
     await wait_serving(service)
     # The test session's identity, as `make up`'s: its admin token is minted for the tool.
     address = ["--address", service.address, "--identity", str(identity().files.folder)]
@@ -64,7 +64,7 @@ async def test_the_cli_imports_100000_numbers_into_a_pool(
 async def test_the_cli_reports_bad_numbers_by_row(
     service_factory: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    service = service_factory("services.numberdistribution")
+    service = service_factory("accessline_server.numberdistribution")
     await wait_serving(service)
     # The test session's identity, as `make up`'s: its admin token is minted for the tool.
     address = ["--address", service.address, "--identity", str(identity().files.folder)]

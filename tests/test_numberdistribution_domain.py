@@ -17,12 +17,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.numberdistribution.codes import CodeBook
-from services.numberdistribution.pools import Pools
-from services.numberdistribution.reserving import Reservations
-from services.numberdistribution.view import NumberView
-from services.runtime.errors import NotFound, ResourceExhausted
-from services.runtime.store import Store
+from accessline_server.numberdistribution.codes import CodeBook
+from accessline_server.numberdistribution.pools import Pools
+from accessline_server.numberdistribution.reserving import Reservations
+from accessline_server.numberdistribution.view import NumberView
+from accessline_server.runtime.errors import NotFound, ResourceExhausted
+from accessline_server.runtime.store import Store
 from tests.support.numbers import request
 
 

@@ -20,9 +20,9 @@ from google.protobuf import duration_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.numberdistribution import keys
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.store import EventKind, Store, WatchEvent
+from accessline_server.numberdistribution import keys
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.store import EventKind, Store, WatchEvent
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 
 CLIENTS = 200
@@ -113,7 +113,7 @@ def slot_violations(events: list[WatchEvent]) -> list[str]:
 
 
 async def start_replicas(factory: Callable[..., ServiceProcess]) -> list[ServiceProcess]:
-    replicas = [factory("services.numberdistribution") for _ in range(3)]
+    replicas = [factory("accessline_server.numberdistribution") for _ in range(3)]
     for replica in replicas:
         await wait_serving(replica)
     return replicas

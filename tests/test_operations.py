@@ -14,7 +14,7 @@ import pytest
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.runtime.embedded_etcd import free_port
+from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
 from tests.support.presence import App, ending, register
 from tests.support.scraping import scrape_samples
@@ -35,7 +35,9 @@ async def test_every_call_is_counted_by_method_and_status_and_logged_without_its
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
     metrics_port = free_port()
-    nd = service_factory("services.numberdistribution", ACCESSLINE_METRICS_PORT=str(metrics_port))
+    nd = service_factory(
+        "accessline_server.numberdistribution", ACCESSLINE_METRICS_PORT=str(metrics_port)
+    )
     await wait_serving(nd)
     secret_number = "+33140001234"
     async with connect(nd.address, identity().token("olga", "admin")) as channel:
@@ -74,7 +76,7 @@ async def test_every_call_is_counted_by_method_and_status_and_logged_without_its
 async def test_the_access_log_can_be_turned_off(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
-    nd = service_factory("services.numberdistribution", ACCESSLINE_ACCESS_LOG="false")
+    nd = service_factory("accessline_server.numberdistribution", ACCESSLINE_ACCESS_LOG="false")
     await wait_serving(nd)
     async with connect(nd.address, identity().token("olga", "admin")) as channel:
         await nd_grpc.NumberDistributionServiceStub(channel).ListPools(nd_pb2.ListPoolsRequest())
@@ -88,7 +90,7 @@ async def test_the_access_log_can_be_turned_off(
 async def test_each_development_secret_in_use_is_warned_about_at_start(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
-    rt = service_factory("services.routing")  # its own and Presence's development secrets
+    rt = service_factory("accessline_server.routing")  # its own and Presence's development secrets
     line = await rt.wait_for_log("ACCESSLINE_ROUTING_SECRET")
     assert json.loads(line)["level"] == "WARNING"
     await rt.wait_for_log("ACCESSLINE_PRESENCE_SECRET")
@@ -99,7 +101,7 @@ async def test_agents_available_per_channel_is_zero_with_no_agent_logged_in(
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
     metrics_port = free_port()
-    pr = service_factory("services.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
+    pr = service_factory("accessline_server.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
     await wait_serving(pr)
     samples = scrape_samples(metrics_port, "accessline_presence_channels")
     available = {
@@ -116,7 +118,7 @@ async def test_an_agent_session_that_logs_out_is_closed_and_one_whose_stream_bre
     service_factory: Callable[..., ServiceProcess],
 ) -> None:
     metrics_port = free_port()
-    pr = service_factory("services.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
+    pr = service_factory("accessline_server.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
     await wait_serving(pr)
     async with connect(pr.address) as channel:
         stub: Any = pr_grpc.PresenceServiceStub(channel)

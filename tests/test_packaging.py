@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from services.cli import SERVICES
+from accessline_server.cli import SERVICES
 from tests.conftest import ROOT
 
 
@@ -33,10 +33,10 @@ def test_the_wheel_holds_every_service_the_contracts_and_the_command(tmp_path: P
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "accessline = services.cli:main" in archive.read(entry_points).decode()
+        assert "accessline = accessline_server.cli:main" in archive.read(entry_points).decode()
     for service in SERVICES:
-        assert f"services/{service}/__main__.py" in names
-    assert "services/runtime/server.py" in names
+        assert f"accessline_server/{service}/__main__.py" in names
+    assert "accessline_server/runtime/server.py" in names
     assert "accessline/py.typed" in names
     for area, module in (
         ("callmatching", "call_matching"),
@@ -45,6 +45,12 @@ def test_the_wheel_holds_every_service_the_contracts_and_the_command(tmp_path: P
         assert f"accessline/{area}/v1/{module}_pb2.py" in names
         assert f"accessline/{area}/v1/{module}_pb2.pyi" in names
     assert not any(n.startswith("tests/") for n in names)
+    # No top-level package a host application may have a module of its own by (such as
+    # `services`): the server's code is under `accessline_server` only.
+    assert {n.split("/")[0] for n in names if not n.startswith("accessline-")} == {
+        "accessline",
+        "accessline_server",
+    }
 
 
 def test_the_image_runs_the_command_as_a_non_root_user() -> None:

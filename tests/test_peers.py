@@ -20,7 +20,7 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.peers import PeerError, peer_channel, peer_target, service_config
+from accessline_server.runtime.peers import PeerError, peer_channel, peer_target, service_config
 from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
 
 ND = nd_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"]
@@ -90,11 +90,11 @@ async def test_calls_free_of_side_effects_are_retried_on_another_replica_and_oth
 async def test_callmatching_keeps_serving_when_one_numberdistribution_replica_dies(
     service_factory: Factory,
 ) -> None:
-    numbers = [service_factory("services.numberdistribution") for _ in range(2)]
+    numbers = [service_factory("accessline_server.numberdistribution") for _ in range(2)]
     for replica in numbers:
         await wait_serving(replica)
     matching = service_factory(
-        "services.callmatching",
+        "accessline_server.callmatching",
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=",".join(r.address for r in numbers),
         ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
     )

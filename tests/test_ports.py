@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from services.runtime.embedded_etcd import free_port
+from accessline_server.runtime.embedded_etcd import free_port
 
 
 def ephemeral_range() -> tuple[int, int]:

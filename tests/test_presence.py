@@ -17,9 +17,9 @@ import pytest
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.presence import offers
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.store import Store
+from accessline_server.presence import offers
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -47,7 +47,7 @@ from tests.support.presence import (
 async def cluster(
     service_factory: Callable[..., ServiceProcess], etcd: EmbeddedEtcd, prefix: str
 ) -> AsyncIterator[Cluster]:
-    replicas = [service_factory("services.presence", **SETTINGS) for _ in range(2)]
+    replicas = [service_factory("accessline_server.presence", **SETTINGS) for _ in range(2)]
     for replica in replicas:
         await wait_serving(replica)
     channels = [connect(r.address) for r in replicas]
@@ -280,7 +280,8 @@ async def test_an_app_that_dies_or_freezes_goes_offline_by_itself(
     cluster: Cluster, service_factory: Callable[..., ServiceProcess], how: int
 ) -> None:
     strict = service_factory(
-        "services.presence", **{**SETTINGS, "ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "2"}
+        "accessline_server.presence",
+        **{**SETTINGS, "ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS": "2"},
     )
     await wait_serving(strict)
     agent_id = await register(cluster.stubs[0])
@@ -452,7 +453,7 @@ async def test_presence_streams_have_limits(
     service_factory: Callable[..., ServiceProcess], cluster: Cluster
 ) -> None:
     replica = service_factory(
-        "services.presence",
+        "accessline_server.presence",
         ACCESSLINE_PRESENCE_MAX_WATCHERS="2",
         ACCESSLINE_PRESENCE_LOGIN_TIMEOUT_SECONDS="1",
         ACCESSLINE_PRESENCE_RESUME_REVISIONS="100",

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ServiceProcess, connect, wait_serving
 from tests.support.presence import App, C, register
 
@@ -20,7 +20,7 @@ async def test_an_agent_session_lives_through_an_etcd_outage_and_its_change_is_a
     a leader election that outlasts a request) is applied once etcd is back, and the
     session lives on: the app is not cut off for what is no fault of its own."""
     replica = service_factory(
-        "services.presence",
+        "accessline_server.presence",
         etcd_endpoints=private_etcd.endpoint,
         ACCESSLINE_PRESENCE_LEASE_SECONDS="15",
         ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS="60",

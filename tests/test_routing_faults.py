@@ -21,9 +21,9 @@ from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.presence import offers as pr_offers
-from services.routing import keys as rt_keys
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.presence import offers as pr_offers
+from accessline_server.routing import keys as rt_keys
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from tests.conftest import (
     eventually,
 )

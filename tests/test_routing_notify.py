@@ -18,7 +18,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.routing import keys as rt_keys
+from accessline_server.routing import keys as rt_keys
 from tests.conftest import (
     eventually,
 )

@@ -12,7 +12,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.runtime.store import Op
+from accessline_server.runtime.store import Op
 from tests.support.presence import App
 from tests.support.stack import (
     ACCEPT,

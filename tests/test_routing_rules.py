@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from accessline.common.v1 import common_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
-from services.routing.queue import Rules, estimate, order, parse_value_rules, priority
-from services.routing.settings import RoutingSettings
-from services.runtime.clock import timestamp
-from services.runtime.settings import SettingsError, load_settings
+from accessline_server.routing.queue import Rules, estimate, order, parse_value_rules, priority
+from accessline_server.routing.settings import RoutingSettings
+from accessline_server.runtime.clock import timestamp
+from accessline_server.runtime.settings import SettingsError, load_settings
 
 QI = rt_store.QueuedInteraction
 json_values = st.recursive(

@@ -21,8 +21,8 @@ from grpc_status import rpc_status
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.settings import ServiceSettings, SettingsError, load_settings
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.settings import ServiceSettings, SettingsError, load_settings
 from tests.conftest import (
     ROOT,
     ServiceProcess,
@@ -304,7 +304,7 @@ def test_a_service_with_bad_settings_exits_with_status_2_and_no_traceback() -> N
         "ACCESSLINE_SHUTDOWN_GRACE_SECONDS": "forever",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "services.routing"],
+        [sys.executable, "-m", "accessline_server.routing"],
         env=env,
         capture_output=True,
         text=True,
@@ -346,7 +346,7 @@ def production(**overrides: str) -> dict[str, str]:
 def test_production_settings_refuse_what_development_allows(
     monkeypatch: pytest.MonkeyPatch, overrides: dict[str, str], named: str
 ) -> None:
-    from services.numberdistribution.settings import NumberDistributionSettings
+    from accessline_server.numberdistribution.settings import NumberDistributionSettings
 
     for name in list(os.environ):
         if name.startswith("ACCESSLINE_"):
@@ -377,7 +377,7 @@ def test_a_production_service_refuses_the_development_ca() -> None:
         **production(),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "services.numberdistribution"],
+        [sys.executable, "-m", "accessline_server.numberdistribution"],
         env=env,
         capture_output=True,
         text=True,
@@ -391,11 +391,11 @@ def test_a_production_service_refuses_the_development_ca() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "services.numberdistribution",
-        "services.callmatching",
-        "services.presence",
-        "services.routing",
-        "services.notification",
+        "accessline_server.numberdistribution",
+        "accessline_server.callmatching",
+        "accessline_server.presence",
+        "accessline_server.routing",
+        "accessline_server.notification",
     ],
 )
 async def test_a_service_started_while_etcd_is_down_waits_for_it_and_then_serves(

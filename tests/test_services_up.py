@@ -17,7 +17,7 @@ from accessline.notification.v1 import notification_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2
 from accessline.routing.v1 import routing_pb2
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ServiceProcess, connect, health_status, spawn_service, wait_serving
 
 SERVICES = {
@@ -34,7 +34,8 @@ SERVICES = {
 @pytest.fixture(scope="module")
 async def running(etcd: EmbeddedEtcd) -> AsyncIterator[dict[str, ServiceProcess]]:
     started = {
-        name: spawn_service(f"services.{name}", etcd.endpoint, "/services-up") for name in SERVICES
+        name: spawn_service(f"accessline_server.{name}", etcd.endpoint, "/services-up")
+        for name in SERVICES
     }
     try:
         for service in started.values():

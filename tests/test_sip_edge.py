@@ -20,10 +20,10 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2 as C
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.sipedge import scenarios
-from services.sipedge.adapter import Adapter, HeldCall, caller_number
-from services.sipedge.settings import SipEdgeSettings
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.sipedge import scenarios
+from accessline_server.sipedge.adapter import Adapter, HeldCall, caller_number
+from accessline_server.sipedge.settings import SipEdgeSettings
 from tests.conftest import eventually
 from tests.support.presence import App
 from tests.support.sip import (

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import wrappers_pb2
 
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
-from services.runtime.store import (
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.runtime.store import (
     Compare,
     EventKind,
     Op,

@@ -11,30 +11,31 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent / "services"
+ROOT = Path(__file__).resolve().parent.parent / "accessline_server"
 SERVICES = ("callmatching", "numberdistribution", "presence", "routing", "notification")
 
 
 def published(service: str) -> set[str]:
-    package = importlib.import_module(f"services.{service}")
+    package = importlib.import_module(f"accessline_server.{service}")
     return set(package.PUBLISHED)
 
 
 def imported_modules(source: str) -> list[tuple[int, str]]:
-    """Every `services.x.y` module a source imports, with its line."""
+    """Every `accessline_server.x.y` module a source imports, with its line."""
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from services.presence import offers` imports services.presence.offers;
-            # `from services.presence.offers import X` imports the module named.
+            # `from accessline_server.presence import offers` imports the module
+            # accessline_server.presence.offers; `from accessline_server.presence.offers
+            # import X` imports the module named.
             parts = node.module.split(".")
-            if len(parts) == 2 and parts[0] == "services":
+            if len(parts) == 2 and parts[0] == "accessline_server":
                 found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
             else:
                 found.append((node.lineno, node.module))
-    return [(line, name) for line, name in found if name.startswith("services.")]
+    return [(line, name) for line, name in found if name.startswith("accessline_server.")]
 
 
 def trespasses(owner: str, source: str, allowed: dict[str, set[str]]) -> list[str]:
@@ -66,10 +67,10 @@ def test_services_import_only_what_other_services_publish() -> None:
 @pytest.mark.parametrize(
     ("owner", "source"),
     [
-        ("callmatching", "from services.numberdistribution import keys as nd_keys\n"),
-        ("routing", "from services.presence.session import AgentSession\n"),
-        ("routing", "import services.presence.keys\n"),
-        ("runtime", "from services.presence import roster\n"),
+        ("callmatching", "from accessline_server.numberdistribution import keys as nd_keys\n"),
+        ("routing", "from accessline_server.presence.session import AgentSession\n"),
+        ("routing", "import accessline_server.presence.keys\n"),
+        ("runtime", "from accessline_server.presence import roster\n"),
     ],
 )
 def test_the_contract_check_catches_a_private_import(owner: str, source: str) -> None:
@@ -80,13 +81,13 @@ def test_the_contract_check_catches_a_private_import(owner: str, source: str) ->
 def test_published_modules_exist_and_say_who_uses_them() -> None:
     for service in SERVICES:
         for module in published(service):
-            loaded = importlib.import_module(f"services.{service}.{module}")
+            loaded = importlib.import_module(f"accessline_server.{service}.{module}")
             assert "published module" in (loaded.__doc__ or ""), module
 
 
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
-CODE = ("services", "tests", "bench", "tools")
+CODE = ("accessline_server", "tests", "bench", "tools")
 
 
 def oversized(path: Path) -> list[str]:

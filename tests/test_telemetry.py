@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.embedded_etcd import free_port
+from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 
 

@@ -25,7 +25,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.runtime.embedded_etcd import free_port
+from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually
 from tests.support.presence import App
 from tests.support.stack import call_path_services

@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ROOT, error_details, identity
 from tests.support.stack import Stack, start_stack, stop_stack
 

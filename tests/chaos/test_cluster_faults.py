@@ -16,7 +16,7 @@ import grpc
 
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.runtime.store import Store
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     EtcdCluster,
     ServiceProcess,
@@ -63,7 +63,7 @@ async def test_the_reservation_race_survives_losing_the_member_in_use_and_the_le
     prefix = f"/chaos-{uuid.uuid4().hex[:8]}"
     replicas: list[ServiceProcess] = [
         spawn_service(
-            "services.numberdistribution",
+            "accessline_server.numberdistribution",
             etcd_cluster.endpoints,
             prefix,
             ACCESSLINE_ETCD_TIMEOUT_SECONDS="2",

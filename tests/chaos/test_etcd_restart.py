@@ -17,7 +17,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import eventually
 from tests.support.stack import (
     ACCEPT,

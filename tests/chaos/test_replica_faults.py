@@ -25,10 +25,10 @@ from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
-from services.presence import offers as pr_offers
-from services.routing import keys as rt_keys
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.store import Store
+from accessline_server.presence import offers as pr_offers
+from accessline_server.routing import keys as rt_keys
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.store import Store
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
 from tests.support.holding import what_holds
 from tests.support.stack import (
@@ -106,13 +106,15 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
     service_factory: Factory, etcd: EmbeddedEtcd, prefix: str
 ) -> None:
     numbers = [
-        service_factory("services.numberdistribution", ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="1")
+        service_factory(
+            "accessline_server.numberdistribution", ACCESSLINE_SHUTDOWN_DRAIN_DELAY_SECONDS="1"
+        )
         for _ in range(3)
     ]
     for replica in numbers:
         await wait_serving(replica)
     matching = service_factory(
-        "services.callmatching",
+        "accessline_server.callmatching",
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=",".join(r.address for r in numbers),
         ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
         ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",

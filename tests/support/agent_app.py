@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.runtime.devpki import DevIdentity
+from accessline_server.runtime.devpki import DevIdentity
 
 # Heartbeat pace of an agent app (well within the heartbeat time-out): not a wait on
 # anything in particular.

@@ -20,7 +20,7 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ServiceProcess, connect, spawn_service, wait_serving
 
 PREFIX = "/cm-functional"
@@ -58,7 +58,7 @@ class System:
 async def running_system(etcd: EmbeddedEtcd, tmp: Path) -> AsyncIterator[System]:
     """NumberDistribution and two CallMatching replicas on `PREFIX`, with stubs as
     Routing sees them (it alone may call MatchCall)."""
-    nd = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
+    nd = spawn_service("accessline_server.numberdistribution", etcd.endpoint, PREFIX)
     await wait_serving(nd)
     common = {
         "ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS": nd.address,
@@ -68,14 +68,14 @@ async def running_system(etcd: EmbeddedEtcd, tmp: Path) -> AsyncIterator[System]
         "ACCESSLINE_LATE_CALL_WINDOW_SECONDS": "0",
     }
     cm = spawn_service(
-        "services.callmatching",
+        "accessline_server.callmatching",
         etcd.endpoint,
         PREFIX,
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h1.db",
         **common,
     )
     cm2 = spawn_service(
-        "services.callmatching",
+        "accessline_server.callmatching",
         etcd.endpoint,
         PREFIX,
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h2.db",

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.runtime.embedded_etcd import EmbeddedEtcd, free_port
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 
 # Debian's etcd 3.4 for clusters whose members the tests kill (see tools/ensure-test-deps.sh).
 CLUSTER_ETCD = Path("/usr/bin/etcd")

@@ -6,8 +6,8 @@ from typing import Any
 
 from accessline.numberdistribution.storage.v1 import storage_pb2 as nd_store
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.numberdistribution import keys as nd_keys
-from services.runtime.store import Op, Store
+from accessline_server.numberdistribution import keys as nd_keys
+from accessline_server.runtime.store import Op, Store
 
 
 async def what_holds(stubs: list[Any], store: Store, pool_id: str) -> str:

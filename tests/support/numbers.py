@@ -13,8 +13,8 @@ from google.protobuf import duration_pb2
 
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from services.numberdistribution.reserving import ReserveRequest
-from services.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.numberdistribution.reserving import ReserveRequest
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import (
     ServiceProcess,
     spawn_service,
@@ -64,7 +64,7 @@ async def reserve(stub: Any, subject: str, **fields: Any) -> nd_pb2.ReserveNumbe
 
 @contextlib.asynccontextmanager
 async def running_numberdistribution(etcd: EmbeddedEtcd) -> AsyncIterator[ServiceProcess]:
-    process = spawn_service("services.numberdistribution", etcd.endpoint, PREFIX)
+    process = spawn_service("accessline_server.numberdistribution", etcd.endpoint, PREFIX)
     try:
         await wait_serving(process)
         yield process

@@ -17,8 +17,8 @@ import grpc
 from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
-from services.presence import roster
-from services.runtime.store import Store
+from accessline_server.presence import roster
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     ROOT,
     ServiceProcess,

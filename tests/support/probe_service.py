@@ -21,10 +21,10 @@ from accessline.numberdistribution.v1 import (
     number_distribution_pb2_grpc as nd_grpc,
 )
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
-from services.runtime.errors import Unavailable
-from services.runtime.server import Registration, RuntimeContext, ServiceSpec, run
-from services.runtime.settings import ServiceSettings
-from services.runtime.store import Store
+from accessline_server.runtime.errors import Unavailable
+from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+from accessline_server.runtime.settings import ServiceSettings
+from accessline_server.runtime.store import Store
 
 log = logging.getLogger("accessline.probe")
 

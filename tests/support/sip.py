@@ -12,10 +12,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.runtime import processes
-from services.runtime.embedded_etcd import free_port
-from services.sipedge import scenarios
-from services.sipedge.edge import free_udp_port, kamailio_command
+from accessline_server.runtime import processes
+from accessline_server.runtime.embedded_etcd import free_port
+from accessline_server.sipedge import scenarios
+from accessline_server.sipedge.edge import free_udp_port, kamailio_command
 from tests.conftest import ROOT, ServiceProcess, eventually, identity
 
 
@@ -92,7 +92,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     files = identity().files
     token = identity().token("sip-edge", "switch", switch="*")
     process = processes.spawn(
-        "services.sipedge",
+        "accessline_server.sipedge",
         {
             "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}",
             "ACCESSLINE_ROUTING_ADDRESS": routing_address,
@@ -108,7 +108,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
         stdout=subprocess.PIPE,
         text=True,
     )
-    adapter = ServiceProcess("services.sipedge", process, 0)
+    adapter = ServiceProcess("accessline_server.sipedge", process, 0)
     threading.Thread(target=adapter._pump, daemon=True).start()
     await adapter.wait_for_log("connected to Kamailio's event socket", timeout=20)
     return SipEdge(sip_port, kamailio, adapter, metrics_port)

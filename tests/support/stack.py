@@ -27,12 +27,12 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
-from services.routing import keys as rt_keys
-from services.routing.__main__ import SEAL_PURPOSE
-from services.routing.settings import DEVELOPMENT_SECRET
-from services.runtime.embedded_etcd import EmbeddedEtcd
-from services.runtime.sealing import Sealer
-from services.runtime.store import Op, Store
+from accessline_server.routing import keys as rt_keys
+from accessline_server.routing.__main__ import SEAL_PURPOSE
+from accessline_server.routing.settings import DEVELOPMENT_SECRET
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.sealing import Sealer
+from accessline_server.runtime.store import Op, Store
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -108,12 +108,14 @@ async def start_stack(
         web_ports.setdefault(name, str(free_port()))
         return {**web, "ACCESSLINE_WEB_PORT": web_ports[name]}
 
-    nd = spawn_service("services.numberdistribution", endpoints, prefix, **web_env("nd"))
-    pr = spawn_service("services.presence", endpoints, prefix, **web_env("presence"))
-    nt = spawn_service("services.notification", endpoints, prefix, **web_env("notification"))
+    nd = spawn_service("accessline_server.numberdistribution", endpoints, prefix, **web_env("nd"))
+    pr = spawn_service("accessline_server.presence", endpoints, prefix, **web_env("presence"))
+    nt = spawn_service(
+        "accessline_server.notification", endpoints, prefix, **web_env("notification")
+    )
     await wait_serving(nd)
     cm = spawn_service(
-        "services.callmatching",
+        "accessline_server.callmatching",
         endpoints,
         prefix,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
@@ -124,7 +126,7 @@ async def start_stack(
         await wait_serving(service)
     routers = [
         spawn_service(
-            "services.routing",
+            "accessline_server.routing",
             endpoints,
             prefix,
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
@@ -327,7 +329,7 @@ if TYPE_CHECKING:
 @contextlib.asynccontextmanager
 async def one_more_router(etcd: EmbeddedEtcd, prefix: str, **env: str) -> AsyncIterator[Any]:
     """A Routing process of its own settings, stopped on exit; yields its stub."""
-    process = spawn_service("services.routing", etcd.endpoint, prefix, **env)
+    process = spawn_service("accessline_server.routing", etcd.endpoint, prefix, **env)
     try:
         await wait_serving(process)
         async with connect(process.address) as channel:
@@ -380,11 +382,11 @@ async def call_path_services(
     `service_factory` fixture, which stops them after the test), each with `env`, and
     Routing with `routing_env` as well; returns once all serve."""
     env = env or {}
-    nd = start("services.numberdistribution", **env)
-    pr = start("services.presence", **env)
+    nd = start("accessline_server.numberdistribution", **env)
+    pr = start("accessline_server.presence", **env)
     await wait_serving(nd)
     cm = start(
-        "services.callmatching",
+        "accessline_server.callmatching",
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'h.db'}",
         **env,
@@ -392,7 +394,7 @@ async def call_path_services(
     await wait_serving(pr)
     await wait_serving(cm)
     rt = start(
-        "services.routing",
+        "accessline_server.routing",
         ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
         ACCESSLINE_PRESENCE_ADDRESS=pr.address,
         **env,

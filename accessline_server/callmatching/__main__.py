@@ -1,0 +1,86 @@
+"""Runs the CallMatching service: `python -m accessline_server.callmatching` or
+`accessline serve callmatching`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
+from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
+from accessline_server.callmatching.crypto import SessionCrypto
+from accessline_server.callmatching.domain import CallMatching, Limits
+from accessline_server.callmatching.failures import FailureLimits
+from accessline_server.callmatching.history import MatchHistory
+from accessline_server.callmatching.servicer import CallMatchingServicer
+from accessline_server.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
+from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
+
+log = logging.getLogger("accessline.callmatching")
+
+HISTORY_HEALTH = "accessline.callmatching.v1.MatchHistory"
+
+
+async def build(context: RuntimeContext) -> Sequence[Registration]:
+    settings = context.settings
+    assert isinstance(settings, CallMatchingSettings)
+    secret = settings.callmatching_secret.get_secret_value()
+    if secret == DEVELOPMENT_SECRET:
+        log.warning(
+            "ACCESSLINE_CALLMATCHING_SECRET is the development default; set a secret of your own"
+        )
+    meter = context.telemetry.meter("accessline.callmatching")
+
+    async def history_health(ok: bool) -> None:
+        await context.report_health(HISTORY_HEALTH, ok)
+
+    history = MatchHistory(
+        settings.history_dsn,
+        create_schema=settings.history_migrate,
+        on_health=history_health,
+        meter=meter,
+    )
+    await history.start()
+    context.on_stop(history.stop)
+    numbers = number_distribution_pb2_grpc.NumberDistributionServiceStub(
+        context.channel(
+            settings.numberdistribution_address,
+            number_distribution_pb2.DESCRIPTOR.services_by_name["NumberDistributionService"],
+        )
+    )
+    domain = CallMatching(
+        context.store,
+        numbers,
+        SessionCrypto(secret.encode()),
+        history,
+        Limits(
+            session_retention=settings.session_retention_seconds,
+            failures=FailureLimits(
+                caller=settings.ani_failure_limit,
+                withheld=settings.withheld_failure_limit,
+                number=settings.number_failure_limit,
+                window=settings.ani_failure_window_seconds,
+            ),
+            default_region=settings.default_region,
+            late_call_window=settings.late_call_window_seconds,
+        ),
+        meter=meter,
+    )
+    return [
+        Registration(
+            servicer=CallMatchingServicer(domain),
+            add_to_server=call_matching_pb2_grpc.add_CallMatchingServiceServicer_to_server,
+            descriptor=call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
+        )
+    ]
+
+
+SPEC = ServiceSpec(name="callmatching", build=build)
+
+
+def main() -> None:
+    run(SPEC, CallMatchingSettings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The handoff: a customer's app asks for a number to call, and a session waits for the
+call under the number's reservation lease, its context and code sealed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from opentelemetry import propagate
+
+from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.common.v1 import common_pb2
+from accessline.numberdistribution.storage.v1 import storage_pb2 as nd_store
+from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
+from accessline_server.callmatching import keys
+from accessline_server.callmatching.applications import Applications
+from accessline_server.callmatching.crypto import SessionCrypto
+from accessline_server.callmatching.sessions import (
+    DEFAULT_MAX_CODE_ATTEMPTS,
+    NEEDS_ANI,
+    NEEDS_CODE,
+    Limits,
+    Sessions,
+)
+from accessline_server.numberdistribution import reservations
+from accessline_server.runtime import identity
+from accessline_server.runtime.clock import seconds, timestamp
+from accessline_server.runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from accessline_server.runtime.phone import NumberFormatError, display_number, normalize_number
+from accessline_server.runtime.store import Compare, Op, Store
+
+if TYPE_CHECKING:
+    from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
+        NumberDistributionServiceAsyncStub,
+    )
+
+log = logging.getLogger("accessline.callmatching")
+
+
+@dataclass(frozen=True)
+class Handoff:
+    application_id: str
+    customer_id: str
+    context: common_pb2.ContextData
+    device_can_dial: bool
+    device_can_send_dtmf: bool
+    ani_hint: str
+    default_region: str
+    ttl: float | None
+    idempotency_key: str
+
+
+def _digests(request: Handoff) -> tuple[bytes, bytes]:
+    """(customer, whole request) digests that an idempotency key is bound to."""
+    customer = hashlib.sha256(request.customer_id.encode()).digest()
+    whole = hashlib.sha256()
+    for part in (
+        request.customer_id.encode(),
+        request.context.SerializeToString(deterministic=True),
+        request.ani_hint.encode(),
+        request.default_region.encode(),
+    ):
+        whole.update(len(part).to_bytes(4, "big") + part)
+    return customer, whole.digest()
+
+
+class Handoffs:
+    """Starting and cancelling handoffs."""
+
+    def __init__(
+        self,
+        store: Store,
+        numbers: NumberDistributionServiceAsyncStub,
+        crypto: SessionCrypto,
+        limits: Limits,
+        applications: Applications,
+        sessions: Sessions,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._numbers = numbers
+        self._crypto = crypto
+        self._limits = limits
+        self._applications = applications
+        self._sessions = sessions
+        self._clock = clock
+
+    async def start(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
+        """Checks the request against its application, reserves a number (through
+        NumberDistribution's contract) and stores the session, fenced by the reservation,
+        in one transaction; a repeated request with its idempotency key gets the first
+        answer."""
+        app = await self._applications.get(request.application_id)
+        ani_hash = self._checked_ani_hash(app, request)
+        idempotency_key = (
+            keys.idempotency(app.application_id, request.idempotency_key)
+            if request.idempotency_key
+            else ""
+        )
+        if idempotency_key:
+            replay = await self._replay(idempotency_key, request)
+            if replay is not None:
+                return replay
+        reserved = await self._reserve_for(app, request, idempotency_key)
+        # NumberDistribution may have answered an earlier attempt of this same request.
+        session_id = reserved.reservation.session_id
+        record, fence = await self._held(reserved)
+        session = self._new_session(app, request, session_id, record, fence, ani_hash, reserved)
+        replay = await self._store_session(session, fence, idempotency_key, request)
+        if replay is not None:
+            return replay
+        log.info(
+            "handoff started",
+            extra={
+                "fields": {
+                    "session_id": session_id,
+                    "application_id": app.application_id,
+                    "pool_id": record.pool_id,
+                }
+            },
+        )
+        return self._handoff_answer(session, reserved.access_code)
+
+    def _checked_ani_hash(self, app: cm_pb2.Application, request: Handoff) -> bytes:
+        """The keyed hash of the caller's number the application matches by (empty when
+        it does not); INVALID_ARGUMENT naming every field the application's rules miss."""
+        violations = [
+            FieldViolation(
+                f"context.attributes[{k}]", f"is required by application {app.application_id}"
+            )
+            for k in app.required_context_keys
+            if k not in request.context.attributes
+        ]
+        ani_hash = b""
+        if app.match_schema in NEEDS_ANI:
+            if not request.ani_hint:
+                violations.append(
+                    FieldViolation(
+                        "ani_hint", "is required: the application matches the caller's number"
+                    )
+                )
+            else:
+                try:
+                    ani = normalize_number(
+                        request.ani_hint, request.default_region or self._limits.default_region
+                    )
+                    ani_hash = self._crypto.ani_hash(ani)
+                except NumberFormatError as exc:
+                    violations.append(FieldViolation("ani_hint", str(exc)))
+        if violations:
+            raise InvalidArgument(violations)
+        return ani_hash
+
+    async def _reserve_for(
+        self, app: cm_pb2.Application, request: Handoff, idempotency_key: str
+    ) -> nd_pb2.ReserveNumberResponse:
+        """A number for a new session (with a code when the application matches by one),
+        reserved by NumberDistribution; a pool that issues no codes to an application
+        that needs them is FAILED_PRECONDITION, its number released at once."""
+        schema = app.match_schema
+        ttl = (
+            request.ttl
+            if request.ttl is not None
+            else app.default_session_ttl.ToNanoseconds() / 1e9
+        )
+        reserve = nd_pb2.ReserveNumberRequest(
+            subject=request.context.subject,
+            segment=request.context.customer_segment,
+            want_access_code=schema in NEEDS_CODE,
+            session_id="s" + secrets.token_urlsafe(15),
+            idempotency_key=f"cm:{idempotency_key}" if idempotency_key else "",
+        )
+        reserve.ttl.FromNanoseconds(int(ttl * 1e9))
+        if schema == common_pb2.MATCH_SCHEMA_NUMBER:
+            # Only the quarantine keeps a late caller from the number's next customer.
+            reserve.min_quarantine.FromNanoseconds(int(self._limits.late_call_window * 1e9))
+        if request.context.HasField("location"):
+            reserve.device_location.CopyFrom(request.context.location)
+        reserved = await self._numbers.ReserveNumber(reserve)
+        reservation = reserved.reservation
+        if schema in NEEDS_CODE and not reserved.access_code:
+            await self._numbers.ReleaseNumber(
+                nd_pb2.ReleaseNumberRequest(reservation_id=reservation.reservation_id)
+            )
+            raise FailedPrecondition(
+                f"pool {reservation.pool_id} issues no access codes, but application"
+                f" {app.application_id} matches calls by code",
+                reason="POOL_WITHOUT_CODES",
+                metadata={"pool_id": reservation.pool_id, "application_id": app.application_id},
+            )
+        return reserved
+
+    async def _held(
+        self, reserved: nd_pb2.ReserveNumberResponse
+    ) -> tuple[nd_store.StoredReservation, int]:
+        """The reservation as stored and its fencing token, as NumberDistribution's
+        answer gives them; read from etcd when the answer has none (a replica of an
+        earlier version, during a rolling upgrade). ABORTED when it ended already."""
+        if reserved.HasField("stored") and reserved.fencing_revision:
+            return reserved.stored, reserved.fencing_revision
+        found = await reservations.read_reservation(
+            self._store, reserved.reservation.reservation_id
+        )
+        if found is None:
+            raise Aborted(
+                "the reservation ended before the session was stored; retry",
+                reason="RESERVATION_GONE",
+            )
+        return found[0], found[1].create_revision
+
+    def _new_session(
+        self,
+        app: cm_pb2.Application,
+        request: Handoff,
+        session_id: str,
+        record: nd_store.StoredReservation,
+        fence: int,
+        ani_hash: bytes,
+        reserved: nd_pb2.ReserveNumberResponse,
+    ) -> cm_store.StoredSession:
+        """The session as stored: context and code sealed, the reservation it is fenced
+        by, the trace of the handoff to continue when the call arrives."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return cm_store.StoredSession(
+            session_id=session_id,
+            application_id=app.application_id,
+            customer_id=request.customer_id,
+            sealed_context=self._crypto.seal(request.context.SerializeToString(), session_id),
+            reservation=record,
+            reservation_revision=fence,
+            match_schema=app.match_schema,
+            skip_ivr=app.skip_ivr_on_match,
+            ani_hash=ani_hash,
+            sealed_access_code=self._crypto.seal(reserved.access_code.encode(), session_id)
+            if reserved.access_code
+            else b"",
+            handoff_requested_at=timestamp(self._clock()),
+            expires_at=record.expires_at,
+            handoff_trace=common_pb2.TraceContext(
+                traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
+            ),
+            max_code_attempts=app.max_code_attempts or DEFAULT_MAX_CODE_ATTEMPTS,
+            device_can_dial=request.device_can_dial,
+            device_can_send_dtmf=request.device_can_send_dtmf,
+        )
+
+    async def _store_session(
+        self,
+        session: cm_store.StoredSession,
+        fence: int,
+        idempotency_key: str,
+        request: Handoff,
+    ) -> cm_pb2.StartHandoffResponse | None:
+        """Writes the session (and its idempotency record) if the reservation still
+        holds; None when stored, the first answer when a concurrent repeat of the request
+        stored its own; ABORTED when the reservation ended meanwhile."""
+        record = session.reservation
+        compares = [reservations.still_held(record, fence)]
+        ops = [Op.put(keys.session(session.session_id), session, record.lease_id)]
+        failure: list[Op] = []
+        if idempotency_key:
+            customer_digest, request_digest = _digests(request)
+            compares.append(Compare.absent(idempotency_key))
+            ops.append(
+                Op.put(
+                    idempotency_key,
+                    cm_store.HandoffIdempotency(
+                        session_id=session.session_id,
+                        customer_digest=customer_digest,
+                        request_digest=request_digest,
+                    ),
+                    record.lease_id,
+                )
+            )
+            failure.append(Op.get(idempotency_key))
+        result = await self._store.txn(compares, ops, failure)
+        if result.succeeded:
+            return None
+        if idempotency_key and result.first() is not None:
+            replay = await self._replay(idempotency_key, request)
+            if replay is not None:
+                return replay
+        raise Aborted(
+            "the reservation ended before the session was stored; retry",
+            reason="RESERVATION_GONE",
+        )
+
+    def _handoff_answer(
+        self, session: cm_store.StoredSession, code: str
+    ) -> cm_pb2.StartHandoffResponse:
+        number = session.reservation.number
+        shown = display_number(number)
+        dial = number
+        if code and session.device_can_send_dtmf:
+            dial = f"{number},,{code}#"
+        text = f"Call {shown}"
+        if code:
+            text += f" and, when asked, key in {code} followed by #"
+        display = cm_pb2.DisplayInstructions(
+            number_display=shown, code_display=code, text=text + "."
+        )
+        return cm_pb2.StartHandoffResponse(
+            session_id=session.session_id,
+            access_number=number,
+            access_code=code,
+            expires_at=session.expires_at,
+            dial_string=dial if session.device_can_dial else "",
+            display=display,
+        )
+
+    async def _replay(
+        self, idempotency_key: str, request: Handoff
+    ) -> cm_pb2.StartHandoffResponse | None:
+        """The answer already given to this idempotency key, when this is the same
+        request again; a key reused by another customer or for another request is
+        refused, naming the key."""
+        entry = await self._store.get(idempotency_key, cm_store.HandoffIdempotency)
+        if entry is None:
+            return None
+        record = entry.value
+        customer, whole = _digests(request)
+        if record.customer_digest and not hmac.compare_digest(record.customer_digest, customer):
+            raise AlreadyExists(
+                f"idempotency key {request.idempotency_key!r} was used by another customer",
+                reason="IDEMPOTENCY_KEY_TAKEN",
+                metadata={"idempotency_key": request.idempotency_key},
+            )
+        if record.request_digest and not hmac.compare_digest(record.request_digest, whole):
+            raise FailedPrecondition(
+                f"idempotency key {request.idempotency_key!r} was used for another request",
+                reason="IDEMPOTENCY_KEY_REUSED",
+                metadata={"idempotency_key": request.idempotency_key},
+            )
+        stored = await self._store.get(keys.session(entry.value.session_id), cm_store.StoredSession)
+        if stored is None:
+            return None
+        session = stored.value
+        code = (
+            self._crypto.unseal(session.sealed_access_code, session.session_id).decode()
+            if session.sealed_access_code
+            else ""
+        )
+        return self._handoff_answer(session, code)
+
+    async def cancel(self, session_id: str) -> None:
+        entry = await self._store.get(keys.session(session_id), cm_store.StoredSession)
+        if entry is None:
+            raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
+        session = entry.value
+        identity.require_application(session.application_id, f"session {session_id}")
+        now = self._clock()
+        if seconds(session.expires_at) <= now:
+            raise FailedPrecondition(
+                f"session {session_id} already expired", reason="SESSION_EXPIRED"
+            )
+        ok = await self._sessions.end(
+            session, entry.meta.mod_revision, cm_pb2.SESSION_STATE_CANCELLED, "", now
+        )
+        if not ok:
+            raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")

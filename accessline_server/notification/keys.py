@@ -1,0 +1,54 @@
+"""Notification's key layout in etcd, private to this service.
+
+nt/devices/{device_id}                          StoredDevice (push token sealed)
+nt/owners/{customer|agent}:{id hash}/{device}   empty (index)
+nt/subscriptions/{topic hash}/{subscription}    StoredSubscription
+nt/subscription-ids/{subscription_id}           StoredSubscription
+nt/idempotency/{sha256}                         PublishRecord       (notification lease)
+nt/notifications/{notification_id}              StoredNotification  (notification lease)
+nt/outbox/{notification_id}/{device_id}         Delivery            (notification lease)
+nt/claims/{notification_id}/{device_id}         Claim               (worker lease)
+nt/inbox/{device_id}/{notification_id}          empty               (notification lease)
+nt/streams/{device_id}/{slot}                   empty               (the replica's lease)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline_server.runtime.sealing import derive_key
+
+DEVICES = "nt/devices/"
+OWNERS = "nt/owners/"
+SUBSCRIPTIONS = "nt/subscriptions/"
+SUBSCRIPTION_IDS = "nt/subscription-ids/"
+IDEMPOTENCY = "nt/idempotency/"
+NOTIFICATIONS = "nt/notifications/"
+OUTBOX = "nt/outbox/"
+CLAIMS = "nt/claims/"
+INBOX = "nt/inbox/"
+STREAMS = "nt/streams/"
+
+
+class Keys:
+    """Key names that need an id a client chose (a customer id, a topic): a keyed hash of
+    it, so ids match exactly (`victim/spy` is not under `victim`) and no customer id
+    appears in a key name."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = derive_key(secret, b"accessline notification key names v1")
+
+    def _hash(self, kind: str, value: str) -> str:
+        return hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+
+    def owner(self, kind: str, owner_id: str) -> str:
+        return f"{OWNERS}{kind}:{self._hash(kind, owner_id)}/"
+
+    def device_owner(self, device: nt_pb2.Device) -> str:
+        kind = device.WhichOneof("owner")
+        return self.owner(kind, getattr(device, kind)) if kind else ""
+
+    def topic(self, topic: str) -> str:
+        return f"{SUBSCRIPTIONS}{self._hash('topic', topic)}/"

@@ -1,0 +1,36 @@
+"""Settings of the NumberDistribution service (ACCESSLINE_* variables, see the README)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from accessline_server.runtime.settings import ServiceSettings
+
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_SECRET = "accessline-development-secret-do-not-use-in-production"  # noqa: S105
+
+
+class NumberDistributionSettings(ServiceSettings):
+    """NumberDistribution's settings: the shared ones, its ports and its own."""
+
+    default_ports = (50051, 9451)
+    numbers_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which access-code hashing and sealing keys are derived;"
+        " the same on every replica.",
+    )
+    numbers_code_memory_seconds: float = Field(
+        default=3600,
+        ge=0,
+        le=7 * 86400,
+        description="How long the access code of an ended reservation is remembered, so a"
+        " late caller keying it in is answered STALE_CODE and never counted against the"
+        " number's next customer; 0 turns this off.",
+    )
+    numbers_reserve_attempts: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Compare-and-swap attempts on one pool before it counts as exhausted.",
+    )

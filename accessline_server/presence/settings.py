@@ -1,0 +1,61 @@
+"""Settings of the Presence service (ACCESSLINE_* variables, see the README)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from accessline_server.presence.roster import DEVELOPMENT_SECRET
+from accessline_server.runtime.settings import ServiceSettings
+
+
+class PresenceSettings(ServiceSettings):
+    """Presence's settings: the shared ones, its ports and its own."""
+
+    default_ports = (50054, 9454)
+    presence_lease_seconds: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="TTL of an agent session's lease: how long a session outlives a crashed"
+        " Presence replica.",
+    )
+    presence_heartbeat_timeout_seconds: float = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="An agent app silent for this long (no message, not even a heartbeat)"
+        " is logged out.",
+    )
+    presence_max_interaction_hours: float = Field(
+        default=12,
+        gt=0,
+        le=168,
+        description="An accepted interaction the agent app never ends stops counting against"
+        " the agent's channel after this long.",
+    )
+    presence_login_timeout_seconds: float = Field(
+        default=10,
+        ge=1,
+        le=300,
+        description="A Connect stream that has not logged in within this time is closed.",
+    )
+    presence_max_watchers: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="WatchPresence streams one replica serves at most; more are refused"
+        " RESOURCE_EXHAUSTED.",
+    )
+    presence_resume_revisions: int = Field(
+        default=100_000,
+        ge=100,
+        le=100_000_000,
+        description="A WatchPresence resume token further back than this many etcd"
+        " revisions gets a fresh snapshot instead of a replay.",
+    )
+    presence_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_SECRET),
+        min_length=32,
+        description="Secret from which the key sealing agents' addresses and offers' previews"
+        " in etcd is derived; the same on every Presence and Routing replica.",
+    )
