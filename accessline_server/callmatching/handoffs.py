@@ -29,6 +29,7 @@ from accessline_server.callmatching.sessions import (
     Limits,
     Sessions,
 )
+from accessline_server.notification import events
 from accessline_server.numberdistribution import reservations
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
@@ -368,8 +369,20 @@ class Handoffs:
             raise FailedPrecondition(
                 f"session {session_id} already expired", reason="SESSION_EXPIRED"
             )
+        told = await events.event_op(
+            self._store,
+            events.HANDOFF_CANCELLED,
+            session.application_id,
+            {"session_id": session_id, "customer_id": session.customer_id},
+            now,
+        )
         ok = await self._sessions.end(
-            session, entry.meta.mod_revision, cm_pb2.SESSION_STATE_CANCELLED, "", now
+            session,
+            entry.meta.mod_revision,
+            cm_pb2.SESSION_STATE_CANCELLED,
+            "",
+            now,
+            also_do=[told],
         )
         if not ok:
             raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")

@@ -22,6 +22,7 @@ from accessline_server.callmatching import failures, keys
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.sessions import NEEDS_ANI, NEEDS_CODE, Limits, Sessions
+from accessline_server.notification import events
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import FieldViolation, InvalidArgument
 from accessline_server.runtime.phone import NumberFormatError, normalize_number
@@ -369,6 +370,17 @@ class Matcher:
                 dnis=dnis,
                 sealed_answer=self._crypto.seal(answer.SerializeToString(), key),
             )
+            told = await events.event_op(
+                self._store,
+                events.HANDOFF_MATCHED,
+                session.application_id,
+                {
+                    "session_id": session.session_id,
+                    "customer_id": session.customer_id,
+                    "call_id": call.call_id,
+                },
+                now,
+            )
             if await self._sessions.end(
                 session,
                 revision,
@@ -376,7 +388,7 @@ class Matcher:
                 call.call_id,
                 now,
                 failures.below(buckets),
-                [Op.put(key, kept, kept_for)],
+                [Op.put(key, kept, kept_for), told],
             ):
                 return answer, False
             # The session changed since it was read: consumed by another call (maybe on

@@ -1,5 +1,7 @@
-"""Notification: Devices, subscriptions and push delivery through a durable outbox.
+"""Notification: Devices, subscriptions and push delivery through a durable outbox;
+webhooks of the applications' backends.
 
-It publishes no module: other services reach it through its gRPC contract only."""
+It publishes `events` (the write of a webhook event in another service's transaction);
+otherwise other services reach it through its gRPC contract only."""
 
-PUBLISHED: tuple[str, ...] = ()
+PUBLISHED: tuple[str, ...] = ("events",)

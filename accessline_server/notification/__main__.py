@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline_server.notification.delivery import Provider, Worker
@@ -13,6 +14,12 @@ from accessline_server.notification.domain import Notifications, Policy
 from accessline_server.notification.providers import Apns, Fcm
 from accessline_server.notification.servicer import NotificationServicer
 from accessline_server.notification.settings import NotificationSettings
+from accessline_server.notification.webhook_delivery import (
+    WebhookPolicy,
+    WebhookSender,
+    WebhookWorker,
+)
+from accessline_server.notification.webhooks import Reach, Webhooks
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.notification")
@@ -21,6 +28,38 @@ log = logging.getLogger("accessline.notification")
 def present(path: str) -> bool:
     """A credential file is configured and there (read once, at start)."""
     return bool(path) and Path(path).is_file()
+
+
+def webhook_parts(
+    context: RuntimeContext, settings: NotificationSettings, secret: bytes, meter: Any
+) -> tuple[Webhooks, WebhookSender, WebhookWorker]:
+    """The webhook registry, the sender and the delivery worker, as the settings say."""
+    reach = Reach(
+        allow_http=settings.webhook_allow_http,
+        allow_private=settings.webhook_allow_private_networks,
+    )
+    if settings.environment == "production" and (reach.allow_http or reach.allow_private):
+        log.warning(
+            "webhooks may point to plain http or private networks in production",
+            extra={
+                "fields": {"allow_http": reach.allow_http, "allow_private": reach.allow_private}
+            },
+        )
+    webhooks = Webhooks(context.store, secret, reach)
+    sender = WebhookSender(reach, settings.webhook_timeout_seconds, settings.webhook_ca_file)
+    worker = WebhookWorker(
+        context.store,
+        webhooks,
+        sender,
+        WebhookPolicy(
+            max_attempts=settings.webhook_max_attempts,
+            backoff_first=settings.webhook_backoff_seconds,
+            retention=settings.webhook_retention_seconds,
+        ),
+        lease_seconds=settings.delivery_worker_lease_seconds,
+        meter=meter,
+    )
+    return webhooks, sender, worker
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
@@ -68,16 +107,20 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         meter=meter,
     )
     await worker.start()
+    webhooks, sender, webhook_worker = webhook_parts(context, settings, secret.encode(), meter)
+    await webhook_worker.start()
 
     async def stop() -> None:
         await worker.stop()
+        await webhook_worker.stop()
+        await sender.close()
         for provider in providers.values():
             await provider.close()
 
     context.on_stop(stop)
     return [
         Registration(
-            servicer=NotificationServicer(notifications, context.stopping),
+            servicer=NotificationServicer(notifications, webhooks, context.stopping),
             add_to_server=notification_pb2_grpc.add_NotificationServiceServicer_to_server,
             descriptor=notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import secrets
 import time
@@ -23,6 +22,7 @@ from accessline_server.notification.keys import (
     OUTBOX,
 )
 from accessline_server.notification.providers import Message, Outcome
+from accessline_server.notification.schedule import DueQueue
 from accessline_server.runtime.backoff import delay
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
@@ -35,7 +35,6 @@ from accessline_server.runtime.store import (
     KeptLease,
     Op,
     Store,
-    WatchCompacted,
 )
 
 log = logging.getLogger("accessline.notification")
@@ -69,11 +68,8 @@ class Worker:
         self._providers = providers
         self._policy = policy
         self._lease_seconds = lease_seconds
-        self._gate = asyncio.Semaphore(concurrency)
         self.worker_id = "w" + secrets.token_hex(6)
-        self._due: list[tuple[float, str]] = []
-        self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue = DueQueue(self._deliver, concurrency)
         self._lease: KeptLease | None = None
         self._runner: asyncio.Task[None] | None = None
         meter = meter or metrics.get_meter("accessline.notification")
@@ -82,8 +78,6 @@ class Worker:
             unit="{attempt}",
             description="Delivery attempts by platform and result",
         )
-        # Deliveries taken from the schedule, waiting for a free sender: when each was due.
-        self._waiting: dict[str, float] = {}
         meter.create_observable_gauge(
             "accessline.notifications.outbox.lag",
             callbacks=[lambda _: [metrics.Observation(self.lag(time.time()))]],
@@ -108,8 +102,7 @@ class Worker:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        for task in list(self._tasks):
-            task.cancel()
+        await self._queue.stop()
         if self._lease is not None:
             self._store.stop_keep_alive(self._lease)
             with contextlib.suppress(AccesslineError):
@@ -117,10 +110,7 @@ class Worker:
 
     def lag(self, now: float) -> float:
         """Seconds the most overdue delivery of this worker has been waiting."""
-        due = list(self._waiting.values())
-        if self._due:
-            due.append(self._due[0][0])
-        return max(0.0, now - min(due)) if due else 0.0
+        return self._queue.lag(now)
 
     def _count(self, key: str, platform: int, attempt: int, outcome: Outcome) -> None:
         """An attempt in the metrics and the log (ids only, never the push token)."""
@@ -139,26 +129,19 @@ class Worker:
         log.info("push attempt", extra={"fields": fields})
 
     def _schedule(self, key: str, at: float) -> None:
-        heapq.heappush(self._due, (at, key))
-        self._wake.set()
+        self._queue.schedule(key, at)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                if self._lease is None:
-                    await self.take_lease()
-                rows, revision = await self._store.get_prefix(OUTBOX, nt_store.Delivery)
-                for row in rows:
-                    if row.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
-                        self._schedule(row.key, seconds(row.value.next_attempt_at))
-                watcher = asyncio.create_task(self._follow(revision))
-                try:
-                    await self._dispatch()
-                finally:
-                    watcher.cancel()
-            except (AccesslineError, WatchCompacted) as exc:
-                log.warning("notification worker restarting", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(1.0)
+        await self._queue.run("notification worker", self._load, self._follow)
+
+    async def _load(self) -> int:
+        if self._lease is None:
+            await self.take_lease()
+        rows, revision = await self._store.get_prefix(OUTBOX, nt_store.Delivery)
+        for row in rows:
+            if row.value.status == nt_pb2.DELIVERY_STATUS_QUEUED:
+                self._schedule(row.key, seconds(row.value.next_attempt_at))
+        return revision
 
     async def _follow(self, revision: int) -> None:
         async for event in self._store.watch_prefix("nt/", revision + 1):
@@ -170,31 +153,15 @@ class Worker:
                 # A claim ended (maybe its worker died): look at the item again now.
                 self._schedule(OUTBOX + event.key[len(CLAIMS) :], time.time())
 
-    async def _dispatch(self) -> None:
-        while True:
-            now = time.time()
-            while self._due and self._due[0][0] <= now:
-                at, key = heapq.heappop(self._due)
-                self._waiting[key] = min(at, self._waiting.get(key, at))
-                task = asyncio.create_task(self._deliver(key))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            self._wake.clear()
-            timeout = min(1.0, self._due[0][0] - now) if self._due else 1.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
-
     async def _deliver(self, key: str) -> None:
-        async with self._gate:
-            self._waiting.pop(key, None)
-            try:
-                await self._attempt(key)
-            except AccesslineError as exc:
-                log.warning(
-                    "delivery attempt failed on etcd; retrying",
-                    extra={"fields": {"error": exc.message}},
-                )
-                self._schedule(key, time.time() + 1.0)
+        try:
+            await self._attempt(key)
+        except AccesslineError as exc:
+            log.warning(
+                "delivery attempt failed on etcd; retrying",
+                extra={"fields": {"error": exc.message}},
+            )
+            self._schedule(key, time.time() + 1.0)
 
     async def _attempt(self, key: str) -> None:
         entry = await self._store.get(key, nt_store.Delivery)

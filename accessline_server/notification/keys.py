@@ -10,6 +10,11 @@ nt/outbox/{notification_id}/{device_id}         Delivery            (notificatio
 nt/claims/{notification_id}/{device_id}         Claim               (worker lease)
 nt/inbox/{device_id}/{notification_id}          empty               (notification lease)
 nt/streams/{device_id}/{slot}                   empty               (the replica's lease)
+nt/webhooks/{webhook_id}                        StoredWebhook
+nt/app-webhooks/{app hash}/{slot}               WebhookSlot
+nt/events/{event_id}                            StoredWebhookEvent  (other services: events.py)
+nt/webhook-deliveries/{webhook_id}/{order}      StoredWebhookDelivery (retention lease)
+nt/webhook-claims/{webhook_id}/{order}          Claim               (worker lease)
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ OUTBOX = "nt/outbox/"
 CLAIMS = "nt/claims/"
 INBOX = "nt/inbox/"
 STREAMS = "nt/streams/"
+WEBHOOKS = "nt/webhooks/"
+APP_WEBHOOKS = "nt/app-webhooks/"
+EVENTS = "nt/events/"
+WEBHOOK_DELIVERIES = "nt/webhook-deliveries/"
+WEBHOOK_CLAIMS = "nt/webhook-claims/"
 
 
 class Keys:
@@ -49,6 +59,10 @@ class Keys:
     def device_owner(self, device: nt_pb2.Device) -> str:
         kind = device.WhichOneof("owner")
         return self.owner(kind, getattr(device, kind)) if kind else ""
+
+    def application(self, application_id: str) -> str:
+        """The prefix of an application's webhook slots."""
+        return f"{APP_WEBHOOKS}{self._hash('application', application_id)}/"
 
     def topic(self, topic: str) -> str:
         return f"{SUBSCRIPTIONS}{self._hash('topic', topic)}/"

@@ -10,6 +10,12 @@ from collections.abc import AsyncIterator
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline_server.notification.domain import Notifications
+from accessline_server.notification.webhook_delivery import EVENT_NAMES
+from accessline_server.notification.webhooks import (
+    DEFAULT_OVERLAP_SECONDS,
+    MAX_OVERLAP_SECONDS,
+    Webhooks,
+)
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -21,6 +27,7 @@ DATA_VALUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,256}$")
 # push travels through Apple's or Google's servers and shows on a locked screen.
 CODE_OR_NUMBER = re.compile(r"^[0-9][0-9 .\-]{3,}$")
 DEFAULT_TTL = 3600.0
+WEBHOOK_EVENTS = set(EVENT_NAMES)
 MAX_TTL = 28 * 86400.0
 
 
@@ -34,8 +41,11 @@ def _owner(v: Violations, customer_id: str, agent_id: str, prefix: str) -> None:
 class NotificationServicer(nt_grpc.NotificationServiceServicer):
     """The NotificationService contract on top of the domain."""
 
-    def __init__(self, notifications: Notifications, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, notifications: Notifications, webhooks: Webhooks, stopping: asyncio.Event
+    ) -> None:
         self._n = notifications
+        self._webhooks = webhooks
         self._stopping = stopping
 
     async def RegisterDevice(
@@ -156,3 +166,65 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         return nt_pb2.GetDeliveryResponse(
             deliveries=await self._n.deliveries(request.notification_id)
         )
+
+    # -- webhooks ---------------------------------------------------------------------
+
+    async def RegisterWebhook(
+        self, request: nt_pb2.RegisterWebhookRequest, context: ServicerContext
+    ) -> nt_pb2.RegisterWebhookResponse:
+        w = request.webhook
+        v = Violations()
+        v.id("webhook.webhook_id", w.webhook_id, required=False)
+        v.id("webhook.application_id", w.application_id)
+        v.items.extend(self._webhooks.reach.url_violations(w.url, "webhook.url"))
+        if not w.events or len(w.events) > len(WEBHOOK_EVENTS):
+            v.add("webhook.events", f"must name 1 to {len(WEBHOOK_EVENTS)} events")
+        for i, event in enumerate(w.events):
+            if event not in WEBHOOK_EVENTS:
+                v.add(f"webhook.events[{i}]", "unknown event")
+        v.raise_if_any()
+        shown, secret = await self._webhooks.register(w)
+        return nt_pb2.RegisterWebhookResponse(webhook=shown, secret=secret)
+
+    async def GetWebhook(
+        self, request: nt_pb2.GetWebhookRequest, context: ServicerContext
+    ) -> nt_pb2.GetWebhookResponse:
+        v = Violations()
+        v.id("webhook_id", request.webhook_id)
+        v.raise_if_any()
+        stored, _ = await self._webhooks.stored(request.webhook_id)
+        return nt_pb2.GetWebhookResponse(webhook=stored.webhook)
+
+    async def RotateWebhookSecret(
+        self, request: nt_pb2.RotateWebhookSecretRequest, context: ServicerContext
+    ) -> nt_pb2.RotateWebhookSecretResponse:
+        v = Violations()
+        v.id("webhook_id", request.webhook_id)
+        overlap = DEFAULT_OVERLAP_SECONDS
+        if request.HasField("previous_valid_for"):
+            overlap = v.duration(
+                "previous_valid_for", request.previous_valid_for, 0, MAX_OVERLAP_SECONDS
+            )
+        v.raise_if_any()
+        secret = await self._webhooks.rotate(request.webhook_id, overlap)
+        return nt_pb2.RotateWebhookSecretResponse(secret=secret)
+
+    async def DeleteWebhook(
+        self, request: nt_pb2.DeleteWebhookRequest, context: ServicerContext
+    ) -> nt_pb2.DeleteWebhookResponse:
+        v = Violations()
+        v.id("webhook_id", request.webhook_id)
+        v.raise_if_any()
+        await self._webhooks.delete(request.webhook_id)
+        return nt_pb2.DeleteWebhookResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: nt_pb2.ListWebhookDeliveriesRequest, context: ServicerContext
+    ) -> nt_pb2.ListWebhookDeliveriesResponse:
+        v = Violations()
+        v.id("webhook_id", request.webhook_id)
+        size = v.page("page_size", request.page_size, 500, 100)
+        v.text("page_token", request.page_token, 128)
+        v.raise_if_any()
+        found, token = await self._webhooks.deliveries(request.webhook_id, size, request.page_token)
+        return nt_pb2.ListWebhookDeliveriesResponse(deliveries=found, next_page_token=token)

@@ -56,6 +56,38 @@ class NotificationSettings(ServiceSettings):
         description="In-app streams one device may hold open at once, over all replicas;"
         " more are refused RESOURCE_EXHAUSTED.",
     )
+    webhook_allow_http: bool = Field(
+        default=False,
+        description="Webhook endpoints may be plain http:// (for a receiver on the same"
+        " host or network); otherwise https only.",
+    )
+    webhook_allow_private_networks: bool = Field(
+        default=False,
+        description="Webhook endpoints may resolve to loopback, private or link-local"
+        " addresses (otherwise refused: a webhook is not a way into the network).",
+    )
+    webhook_ca_file: str = Field(
+        default="", description="CA bundle for webhook endpoints' TLS; empty: the system's."
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Time an endpoint has to answer a delivery."
+    )
+    webhook_max_attempts: int = Field(
+        default=12, ge=1, le=100, description="Attempts per delivery before it fails."
+    )
+    webhook_backoff_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="First retry delay of a delivery; doubled per attempt, with jitter, up"
+        " to an hour (or the endpoint's Retry-After, when longer).",
+    )
+    webhook_retention_seconds: float = Field(
+        default=7 * 86400,
+        ge=3600,
+        le=90 * 86400,
+        description="How long a webhook's deliveries stay listed.",
+    )
     notification_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

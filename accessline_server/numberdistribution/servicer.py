@@ -56,6 +56,7 @@ def _check_pool(pool: nd_pb2.Pool, v: Violations) -> None:
         v.add("pool.max_shares_per_number", "must be 2 to 100")
     if pool.default_order < 0:
         v.add("pool.default_order", "must not be negative")
+    v.text("pool.etag", pool.etag, 64)
 
 
 def _check_numbers(request: Any, v: Violations) -> None:
@@ -92,7 +93,9 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_pool(request.pool, v)
         paths = list(request.update_mask.paths)
-        for i, path in enumerate(paths):
+        if len(paths) > len(pools.UPDATABLE) + 1:
+            v.add("update_mask.paths", f"must have at most {len(pools.UPDATABLE) + 1} entries")
+        for i, path in enumerate(paths[: len(pools.UPDATABLE) + 1]):
             top = path.split(".", 1)[0]
             if path != "*" and (
                 top not in pools.UPDATABLE

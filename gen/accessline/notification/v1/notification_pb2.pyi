@@ -21,6 +21,58 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _WebhookEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_EVENT_TYPE_UNSPECIFIED: _WebhookEventType.ValueType  # 0
+    """Not set; refused."""
+    WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED: _WebhookEventType.ValueType  # 1
+    """A call matched the customer's handoff (`handoff.matched`)."""
+    WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: _WebhookEventType.ValueType  # 2
+    """The application cancelled the handoff (`handoff.cancelled`)."""
+
+class WebhookEventType(_WebhookEventType, metaclass=_WebhookEventTypeEnumTypeWrapper):
+    """What happened, as a webhook is told."""
+
+WEBHOOK_EVENT_TYPE_UNSPECIFIED: WebhookEventType.ValueType  # 0
+"""Not set; refused."""
+WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED: WebhookEventType.ValueType  # 1
+"""A call matched the customer's handoff (`handoff.matched`)."""
+WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: WebhookEventType.ValueType  # 2
+"""The application cancelled the handoff (`handoff.cancelled`)."""
+Global___WebhookEventType: _TypeAlias = WebhookEventType  # noqa: Y015
+
+class _WebhookDeliveryStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATUS_UNSPECIFIED: _WebhookDeliveryStatus.ValueType  # 0
+    """Not set."""
+    WEBHOOK_DELIVERY_STATUS_PENDING: _WebhookDeliveryStatus.ValueType  # 1
+    """Waiting for its (next) attempt."""
+    WEBHOOK_DELIVERY_STATUS_DELIVERED: _WebhookDeliveryStatus.ValueType  # 2
+    """The endpoint answered 2xx."""
+    WEBHOOK_DELIVERY_STATUS_FAILED: _WebhookDeliveryStatus.ValueType  # 3
+    """Given up: a final refusal (4xx other than 408 and 429) or too many attempts."""
+
+class WebhookDeliveryStatus(_WebhookDeliveryStatus, metaclass=_WebhookDeliveryStatusEnumTypeWrapper):
+    """How far a webhook delivery went."""
+
+WEBHOOK_DELIVERY_STATUS_UNSPECIFIED: WebhookDeliveryStatus.ValueType  # 0
+"""Not set."""
+WEBHOOK_DELIVERY_STATUS_PENDING: WebhookDeliveryStatus.ValueType  # 1
+"""Waiting for its (next) attempt."""
+WEBHOOK_DELIVERY_STATUS_DELIVERED: WebhookDeliveryStatus.ValueType  # 2
+"""The endpoint answered 2xx."""
+WEBHOOK_DELIVERY_STATUS_FAILED: WebhookDeliveryStatus.ValueType  # 3
+"""Given up: a final refusal (4xx other than 408 and 429) or too many attempts."""
+Global___WebhookDeliveryStatus: _TypeAlias = WebhookDeliveryStatus  # noqa: Y015
+
 class _Platform:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -148,6 +200,357 @@ DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 3
 DELIVERY_STATUS_EXPIRED: DeliveryStatus.ValueType  # 4
 """Its TTL passed before it could be sent."""
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
+
+@_typing.final
+class Webhook(_message.Message):
+    """An endpoint of an application's backend that is told of events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """Id, assigned."""
+    application_id: _builtins.str
+    """The application whose events it receives."""
+    url: _builtins.str
+    """Where events are POSTed: https (plain http only where the deployment allows it), at
+    most 2,048 characters, no user info.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[Global___WebhookEventType.ValueType]:
+        """The events it wants; at least one."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        application_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        events: _abc.Iterable[Global___WebhookEventType.ValueType] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "created_at", b"created_at", "events", b"events", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Webhook: _TypeAlias = Webhook  # noqa: Y015
+
+@_typing.final
+class RegisterWebhookRequest(_message.Message):
+    """Request of RegisterWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """The webhook; `webhook_id` and `created_at` are assigned."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterWebhookRequest: _TypeAlias = RegisterWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RegisterWebhookResponse(_message.Message):
+    """Response of RegisterWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The signing secret (`whsec_` and base64 of 32 random bytes), shown this once."""
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """The webhook as stored."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterWebhookResponse: _TypeAlias = RegisterWebhookResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookRequest(_message.Message):
+    """Request of GetWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookRequest: _TypeAlias = GetWebhookRequest  # noqa: Y015
+
+@_typing.final
+class GetWebhookResponse(_message.Message):
+    """Response of GetWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook(self) -> Global___Webhook:
+        """The webhook."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___Webhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookResponse: _TypeAlias = GetWebhookResponse  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    """Request of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VALID_FOR_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    @_builtins.property
+    def previous_valid_for(self) -> _duration_pb2.Duration:
+        """How long the current secret keeps signing next to the new one (each delivery
+        carries both signatures meanwhile). Unset: 24 hours; at most 7 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        previous_valid_for: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previous_valid_for", b"previous_valid_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_valid_for", b"previous_valid_for", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    """Response of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The new secret, shown this once."""
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookRequest(_message.Message):
+    """Request of DeleteWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookRequest: _TypeAlias = DeleteWebhookRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookResponse(_message.Message):
+    """Response of DeleteWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookResponse: _TypeAlias = DeleteWebhookResponse  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event's delivery to one webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's id (the `webhook-id` header, the same on every attempt)."""
+    event_type: Global___WebhookEventType.ValueType
+    """The event."""
+    status: Global___WebhookDeliveryStatus.ValueType
+    """How far it went."""
+    attempts: _builtins.int
+    """Attempts made."""
+    last_http_status: _builtins.int
+    """The HTTP status of the last attempt; 0 when the endpoint could not be reached."""
+    failure_reason: _builtins.str
+    """Why the last attempt failed, if it did (never the endpoint's answer body)."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the event happened."""
+
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (pending deliveries)."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery last changed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event_type: Global___WebhookEventType.ValueType = ...,
+        status: Global___WebhookDeliveryStatus.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_http_status: _builtins.int = ...,
+        failure_reason: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_at", b"next_attempt_at", "occurred_at", b"occurred_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "event_id", b"event_id", "event_type", b"event_type", "failure_reason", b"failure_reason", "last_http_status", b"last_http_status", "next_attempt_at", b"next_attempt_at", "occurred_at", b"occurred_at", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """Request of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    page_size: _builtins.int
+    """Page size, 1 to 500; 0 means 100."""
+    page_token: _builtins.str
+    """From a previous answer."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """Response of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Newest event first."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
 
 @_typing.final
 class Device(_message.Message):

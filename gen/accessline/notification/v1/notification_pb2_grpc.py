@@ -82,6 +82,31 @@ class NotificationServiceStub:
                 request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryRequest.SerializeToString,
                 response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryResponse.FromString,
                 _registered_method=True)
+        self.RegisterWebhook = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/RegisterWebhook',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookResponse.FromString,
+                _registered_method=True)
+        self.GetWebhook = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/GetWebhook',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/RotateWebhookSecret',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/DeleteWebhook',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/ListWebhookDeliveries',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
@@ -151,6 +176,42 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterWebhook(self, request, context):
+        """Registers an endpoint of an application's backend for the events it names; the
+        answer holds the endpoint's signing secret, shown this once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhook(self, request, context):
+        """Returns a webhook (never its secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """A new signing secret; the previous one keeps signing too for the overlap asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes a webhook; nothing more is sent to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """The webhook's deliveries, newest event first: each event, its status and attempts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +254,31 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.GetDelivery,
                     request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryRequest.FromString,
                     response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryResponse.SerializeToString,
+            ),
+            'RegisterWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterWebhook,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookResponse.SerializeToString,
+            ),
+            'GetWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhook,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +505,141 @@ class NotificationService:
             '/accessline.notification.v1.NotificationService/GetDelivery',
             accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryRequest.SerializeToString,
             accessline_dot_notification_dot_v1_dot_notification__pb2.GetDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/RegisterWebhook',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.RegisterWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/GetWebhook',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.GetWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/RotateWebhookSecret',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/DeleteWebhook',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/ListWebhookDeliveries',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

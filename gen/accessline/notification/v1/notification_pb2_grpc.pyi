@@ -57,6 +57,18 @@ class NotificationServiceStub:
     """Acknowledges in-app notifications so they are not replayed."""
     GetDelivery: _grpc.UnaryUnaryMultiCallable[_notification_pb2.GetDeliveryRequest, _notification_pb2.GetDeliveryResponse]
     """Per-device delivery status of one notification."""
+    RegisterWebhook: _grpc.UnaryUnaryMultiCallable[_notification_pb2.RegisterWebhookRequest, _notification_pb2.RegisterWebhookResponse]
+    """Registers an endpoint of an application's backend for the events it names; the
+    answer holds the endpoint's signing secret, shown this once.
+    """
+    GetWebhook: _grpc.UnaryUnaryMultiCallable[_notification_pb2.GetWebhookRequest, _notification_pb2.GetWebhookResponse]
+    """Returns a webhook (never its secret)."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_notification_pb2.RotateWebhookSecretRequest, _notification_pb2.RotateWebhookSecretResponse]
+    """A new signing secret; the previous one keeps signing too for the overlap asked."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_notification_pb2.DeleteWebhookRequest, _notification_pb2.DeleteWebhookResponse]
+    """Removes a webhook; nothing more is sent to it."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_notification_pb2.ListWebhookDeliveriesRequest, _notification_pb2.ListWebhookDeliveriesResponse]
+    """The webhook's deliveries, newest event first: each event, its status and attempts."""
 
 @_typing.type_check_only
 class NotificationServiceAsyncStub(NotificationServiceStub):
@@ -87,6 +99,18 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     """Acknowledges in-app notifications so they are not replayed."""
     GetDelivery: _aio.UnaryUnaryMultiCallable[_notification_pb2.GetDeliveryRequest, _notification_pb2.GetDeliveryResponse]  # type: ignore[assignment]
     """Per-device delivery status of one notification."""
+    RegisterWebhook: _aio.UnaryUnaryMultiCallable[_notification_pb2.RegisterWebhookRequest, _notification_pb2.RegisterWebhookResponse]  # type: ignore[assignment]
+    """Registers an endpoint of an application's backend for the events it names; the
+    answer holds the endpoint's signing secret, shown this once.
+    """
+    GetWebhook: _aio.UnaryUnaryMultiCallable[_notification_pb2.GetWebhookRequest, _notification_pb2.GetWebhookResponse]  # type: ignore[assignment]
+    """Returns a webhook (never its secret)."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_notification_pb2.RotateWebhookSecretRequest, _notification_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """A new signing secret; the previous one keeps signing too for the overlap asked."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_notification_pb2.DeleteWebhookRequest, _notification_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Removes a webhook; nothing more is sent to it."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_notification_pb2.ListWebhookDeliveriesRequest, _notification_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """The webhook's deliveries, newest event first: each event, its status and attempts."""
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     """NotificationService tells customers and agents, on the device they use, that an agent
@@ -162,5 +186,47 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notification_pb2.GetDeliveryResponse, _abc.Awaitable[_notification_pb2.GetDeliveryResponse]]:
         """Per-device delivery status of one notification."""
+
+    @_abc_1.abstractmethod
+    def RegisterWebhook(
+        self,
+        request: _notification_pb2.RegisterWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.RegisterWebhookResponse, _abc.Awaitable[_notification_pb2.RegisterWebhookResponse]]:
+        """Registers an endpoint of an application's backend for the events it names; the
+        answer holds the endpoint's signing secret, shown this once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhook(
+        self,
+        request: _notification_pb2.GetWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.GetWebhookResponse, _abc.Awaitable[_notification_pb2.GetWebhookResponse]]:
+        """Returns a webhook (never its secret)."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _notification_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_notification_pb2.RotateWebhookSecretResponse]]:
+        """A new signing secret; the previous one keeps signing too for the overlap asked."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _notification_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.DeleteWebhookResponse, _abc.Awaitable[_notification_pb2.DeleteWebhookResponse]]:
+        """Removes a webhook; nothing more is sent to it."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _notification_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_notification_pb2.ListWebhookDeliveriesResponse]]:
+        """The webhook's deliveries, newest event first: each event, its status and attempts."""
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

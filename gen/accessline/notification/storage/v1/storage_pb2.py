@@ -26,13 +26,15 @@ from accessline.notification.v1 import notification_pb2 as accessline_dot_notifi
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0accessline/notification/storage/v1/storage.proto\x12\"accessline.notification.storage.v1\x1a-accessline/notification/v1/notification.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x12StoredSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"]\n\x0cStoredDevice\x12\x32\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\".accessline.notification.v1.Device\x12\x19\n\x11sealed_push_token\x18\x02 \x01(\x0c\"\xf9\x01\n\x12StoredNotification\x12>\n\x0cnotification\x18\x01 \x01(\x0b\x32(.accessline.notification.v1.Notification\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x08priority\x18\x03 \x01(\x0e\x32$.accessline.notification.v1.Priority\x12\x14\n\x0c\x63ollapse_key\x18\x04 \x01(\t\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12\x11\n\tpublisher\x18\x06 \x01(\t\"\x97\x02\n\x08\x44\x65livery\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.accessline.notification.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x33\n\x0fnext_attempt_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63knowledged\x18\x08 \x01(\x08\"P\n\rPublishRecord\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x02 \x01(\x05\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\x1a\n\x05\x43laim\x12\x11\n\tworker_id\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0accessline/notification/storage/v1/storage.proto\x12\"accessline.notification.storage.v1\x1a-accessline/notification/v1/notification.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x12StoredSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"]\n\x0cStoredDevice\x12\x32\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\".accessline.notification.v1.Device\x12\x19\n\x11sealed_push_token\x18\x02 \x01(\x0c\"\xf9\x01\n\x12StoredNotification\x12>\n\x0cnotification\x18\x01 \x01(\x0b\x32(.accessline.notification.v1.Notification\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x08priority\x18\x03 \x01(\x0e\x32$.accessline.notification.v1.Priority\x12\x14\n\x0c\x63ollapse_key\x18\x04 \x01(\t\x12\x12\n\ndevice_ids\x18\x05 \x03(\t\x12\x11\n\tpublisher\x18\x06 \x01(\t\"\x97\x02\n\x08\x44\x65livery\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12:\n\x06status\x18\x03 \x01(\x0e\x32*.accessline.notification.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x33\n\x0fnext_attempt_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63knowledged\x18\x08 \x01(\x08\"P\n\rPublishRecord\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x02 \x01(\x05\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"\x1a\n\x05\x43laim\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x97\x01\n\rStoredWebhook\x12\x34\n\x07webhook\x18\x01 \x01(\x0b\x32#.accessline.notification.v1.Webhook\x12\x42\n\x07secrets\x18\x02 \x03(\x0b\x32\x31.accessline.notification.storage.v1.WebhookSecret\x12\x0c\n\x04slot\x18\x03 \x01(\x05\"P\n\rWebhookSecret\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\x12/\n\x0bvalid_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x0bWebhookSlot\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\"\xa8\x02\n\x12StoredWebhookEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12:\n\x04type\x18\x02 \x01(\x0e\x32,.accessline.notification.v1.WebhookEventType\x12\x16\n\x0e\x61pplication_id\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12N\n\x04\x64\x61ta\x18\x05 \x03(\x0b\x32@.accessline.notification.storage.v1.StoredWebhookEvent.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x15StoredWebhookDelivery\x12=\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32+.accessline.notification.v1.WebhookDelivery\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.notification.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STOREDWEBHOOKEVENT_DATAENTRY']._loaded_options = None
+  _globals['_STOREDWEBHOOKEVENT_DATAENTRY']._serialized_options = b'8\001'
   _globals['_STOREDSUBSCRIPTION']._serialized_start=168
   _globals['_STOREDSUBSCRIPTION']._serialized_end=268
   _globals['_STOREDDEVICE']._serialized_start=270
@@ -45,4 +47,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHRECORD']._serialized_end=979
   _globals['_CLAIM']._serialized_start=981
   _globals['_CLAIM']._serialized_end=1007
+  _globals['_STOREDWEBHOOK']._serialized_start=1010
+  _globals['_STOREDWEBHOOK']._serialized_end=1161
+  _globals['_WEBHOOKSECRET']._serialized_start=1163
+  _globals['_WEBHOOKSECRET']._serialized_end=1243
+  _globals['_WEBHOOKSLOT']._serialized_start=1245
+  _globals['_WEBHOOKSLOT']._serialized_end=1278
+  _globals['_STOREDWEBHOOKEVENT']._serialized_start=1281
+  _globals['_STOREDWEBHOOKEVENT']._serialized_end=1577
+  _globals['_STOREDWEBHOOKEVENT_DATAENTRY']._serialized_start=1534
+  _globals['_STOREDWEBHOOKEVENT_DATAENTRY']._serialized_end=1577
+  _globals['_STOREDWEBHOOKDELIVERY']._serialized_start=1579
+  _globals['_STOREDWEBHOOKDELIVERY']._serialized_end=1679
 # @@protoc_insertion_point(module_scope)

@@ -253,3 +253,187 @@ class Claim(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Claim: _TypeAlias = Claim  # noqa: Y015
+
+@_typing.final
+class StoredWebhook(_message.Message):
+    """A webhook as stored. Key: `nt/webhooks/{webhook_id}`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    """Its slot among its application's webhooks (`nt/app-webhooks/{app hash}/{slot}`)."""
+    @_builtins.property
+    def webhook(self) -> _notification_pb2.Webhook:
+        """The webhook as shown."""
+
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookSecret]:
+        """Its signing secrets, newest first, each sealed; a previous one signs until its
+        `valid_until`.
+        """
+
+    def __init__(
+        self,
+        *,
+        webhook: _notification_pb2.Webhook | None = ...,
+        secrets: _abc.Iterable[Global___WebhookSecret] | None = ...,
+        slot: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secrets", b"secrets", "slot", b"slot", "webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredWebhook: _TypeAlias = StoredWebhook  # noqa: Y015
+
+@_typing.final
+class WebhookSecret(_message.Message):
+    """A webhook's signing secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEALED_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    sealed: _builtins.bytes
+    """The secret's bytes, sealed (bound to the webhook id)."""
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """When it stops signing; unset: the current secret."""
+
+    def __init__(
+        self,
+        *,
+        sealed: _builtins.bytes = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed", b"sealed", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookSecret: _TypeAlias = WebhookSecret  # noqa: Y015
+
+@_typing.final
+class WebhookSlot(_message.Message):
+    """One of an application's webhooks. Key: `nt/app-webhooks/{keyed hash of the
+    application id}/{slot}`, created only if absent: an application holds at most as many
+    webhooks as there are slots.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook."""
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookSlot: _TypeAlias = WebhookSlot  # noqa: Y015
+
+@_typing.final
+class StoredWebhookEvent(_message.Message):
+    """An event written by the service where it happened, in the same transaction as what
+    happened, for the webhooks of its application. Key: `nt/events/{event_id}` (under a
+    lease of a week at most), deleted when fanned out to the webhooks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Id of the event (the `webhook-id` of its deliveries)."""
+    type: _notification_pb2.WebhookEventType.ValueType
+    """What happened."""
+    application_id: _builtins.str
+    """The application."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    @_builtins.property
+    def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The event's data: ids and outcomes only (never context nor numbers)."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        type: _notification_pb2.WebhookEventType.ValueType = ...,
+        application_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "data", b"data", "event_id", b"event_id", "occurred_at", b"occurred_at", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredWebhookEvent: _TypeAlias = StoredWebhookEvent  # noqa: Y015
+
+@_typing.final
+class StoredWebhookDelivery(_message.Message):
+    """One event's delivery to one webhook. Key: `nt/webhook-deliveries/{webhook_id}/{order}`
+    (`order` sorts the newest event first), under the retention lease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """The body POSTed, the same bytes on every attempt."""
+    @_builtins.property
+    def delivery(self) -> _notification_pb2.WebhookDelivery:
+        """The delivery as shown."""
+
+    def __init__(
+        self,
+        *,
+        delivery: _notification_pb2.WebhookDelivery | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredWebhookDelivery: _TypeAlias = StoredWebhookDelivery  # noqa: Y015
