@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,9 +43,25 @@ from tests.support.callmatching import (
     make_pool,
     register,
 )
+from tests.support.stack import (
+    ACCEPT,
+    C,
+    Call,
+    Stack,
+    agent,
+    answer,
+    new_group,
+    pool_subject,
+    setup_numbers,
+    start_stack,
+    stop_stack,
+)
+from tests.support.stack import handoff as stack_handoff
 
 MATCHED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED
 CANCELLED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED
+CONNECTED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_CONNECTED
+ABANDONED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_ABANDONED
 MAX_ATTEMPTS = 4
 
 
@@ -339,3 +356,67 @@ async def test_a_bad_registration_names_every_bad_field(notification: Any) -> No
         "webhook.url",
         "webhook.events[0]",
     }
+
+
+ALLOWED_HERE = {
+    "ACCESSLINE_WEBHOOK_ALLOW_HTTP": "true",
+    "ACCESSLINE_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    "ACCESSLINE_WEBHOOK_BACKOFF_SECONDS": "0.2",
+}
+
+
+@pytest.fixture(scope="module")
+async def routed(
+    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    """The five services, Notification's endpoints allowed on this machine."""
+    stack = await start_stack(
+        etcd,
+        f"/hooks-{uuid.uuid4().hex[:8]}",
+        tmp_path_factory.mktemp("hooks"),
+        notification_env=ALLOWED_HERE,
+    )
+    yield stack
+    await stop_stack(stack)
+
+
+async def test_a_matched_call_is_told_connected_or_gone(routed: Stack) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(routed, group, 2)
+    subject = await pool_subject(routed, group)
+    _, agent_app = await agent(routed, group)
+    async with Receiver() as receiver:
+        webhook_id, secret = await webhook(
+            routed.nt, app_id, receiver.url, MATCHED, CONNECTED, ABANDONED
+        )
+        reached = await stack_handoff(routed, app_id, "customer-7", C.ContextData(subject=subject))
+        call = Call(routed.routers[0], reached.access_number)
+        await answer(agent_app, ACCEPT)
+        await call.until("connect")
+        # The agent is on that call: the next one waits, and its caller hangs up.
+        gone = await stack_handoff(routed, app_id, "customer-8", C.ContextData(subject=subject))
+        waiting = Call(routed.routers[1], gone.access_number)
+        await waiting.until("queued")
+        waiting.hang_up()
+        await settled(routed.nt, webhook_id, 4)
+        requests = list(receiver.requests)
+    told = sorted(
+        (event["type"], event["data"]["customer_id"])
+        for event in (Webhook(secret).verify(body, headers) for headers, body in requests)
+    )
+    assert told == [
+        ("call.abandoned", "customer-8"),
+        ("call.connected", "customer-7"),
+        ("handoff.matched", "customer-7"),
+        ("handoff.matched", "customer-8"),
+    ]
+    connected = next(json.loads(b) for _, b in requests if b"call.connected" in b)
+    assert set(connected["data"]) == {
+        "event_id",
+        "application_id",
+        "session_id",
+        "customer_id",
+        "call_id",
+        "interaction_id",
+    }
+    agent_app.call.cancel()

@@ -1,8 +1,9 @@
 """Notification's published module for the services where what a webhook tells happens
-(CallMatching's match, a cancelled handoff): the operation that writes the event in the
-service's own transaction, so an event exists exactly when what it tells happened, and
-is never lost nor told of something that did not happen. Notification fans each event
-out to the webhooks its application registered for it (webhook_delivery.py).
+(CallMatching's match and cancelled handoffs; Routing's matched calls, connected or gone):
+the operation that writes the event in that service's own transaction, so an event
+exists exactly when what it tells happened, and is never lost nor told of something
+that did not happen. Notification fans each event out to the webhooks its application
+registered for it (webhook_delivery.py).
 
 An event holds ids and outcomes only: never the handoff's context, never a number."""
 
@@ -22,6 +23,8 @@ EVENT_LEASE_SECONDS = 7 * 86400.0
 
 HANDOFF_MATCHED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED
 HANDOFF_CANCELLED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED
+CALL_CONNECTED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_CONNECTED
+CALL_ABANDONED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_ABANDONED
 
 
 async def event_op(

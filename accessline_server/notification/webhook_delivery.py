@@ -62,6 +62,8 @@ log = logging.getLogger("accessline.notification.webhooks")
 EVENT_NAMES = {
     nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED: "handoff.matched",
     nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: "handoff.cancelled",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALL_CONNECTED: "call.connected",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALL_ABANDONED: "call.abandoned",
 }
 PENDING = nt_pb2.WEBHOOK_DELIVERY_STATUS_PENDING
 RETRIED_STATUSES = {408, 429}

@@ -57,9 +57,12 @@ def _channel_name(channel: int) -> str:
 class SessionEnded(Exception):
     """Ends the Connect stream: `error` is the status to end it with, None for OK."""
 
-    def __init__(self, error: AccesslineError | None = None) -> None:
+    def __init__(self, error: AccesslineError | None = None, *, input_ended: bool = False) -> None:
         super().__init__(error.message if error else "session ended")
         self.error = error
+        # The app's stream ended (a logout, or a client's cancellation as grpc reports
+        # it to the reading task; see sessions.py).
+        self.input_ended = input_ended
 
 
 @dataclass

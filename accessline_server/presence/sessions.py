@@ -30,6 +30,9 @@ from accessline_server.runtime.store import (
 )
 
 log = logging.getLogger("accessline.presence")
+# How long an agent's stream that ended waits for grpc to say it was cancelled (a broken
+# connection) before it counts as a logout (the sessions-ended metric's `closed`).
+INPUT_END_SETTLE_SECONDS = 0.5
 tracer = trace.get_tracer("accessline.presence")
 
 C = common_pb2
@@ -92,6 +95,12 @@ class Sessions:
                     if item.error is not None:
                         how = item.error.reason or "error"
                         raise item.error
+                    if item.input_ended:
+                        # A client that cancels its stream (the connection broke) is seen
+                        # by the reading task as an end of input, and this task is
+                        # cancelled a moment later by grpc: a logout is one only if that
+                        # does not come (otherwise `how` stays "dropped").
+                        await asyncio.sleep(INPUT_END_SETTLE_SECONDS)
                     how = "closed"
                     return
                 yield item
@@ -110,7 +119,7 @@ class Sessions:
         try:
             async for message in iterator:
                 await self._handle(session, message)
-            session.send(SessionEnded())
+            session.send(SessionEnded(input_ended=True))
         except SessionEnded as ended:
             session.send(ended)
         except AccesslineError as error:

@@ -232,6 +232,7 @@ class Router:
         item.call_id = request.call_id
         item.session_id = matched.session_id
         item.customer_id = matched.customer_id
+        item.application_id = matched.application_id
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         item.trace.traceparent = carrier.get("traceparent", "")

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 from google.protobuf import empty_pb2
 
+from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import keys
 from accessline_server.routing.queue import Rules
@@ -195,6 +197,7 @@ class QueueEntries:
                     )
                     out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
                     also = [redirect] if redirect is not None else []
+                    also += await self._told(item, events.CALL_CONNECTED)
                     await self._store.txn([kept], [*out, relet, *also], out)
                     return
                 ops = [Op.delete(key)]
@@ -203,12 +206,27 @@ class QueueEntries:
                 agent_id = target.agent_id or item.offer.agent_id
                 if not connected and agent_id:
                     ops.append(pr_offers.interaction_abandoned(agent_id, item.interaction_id))
+                if not connected:
+                    ops += await self._told(item, events.CALL_ABANDONED)
                 left = await self._store.txn([Compare.modified_at(key, revision)], ops)
                 if left.succeeded:
                     if not connected:
                         await withdraw_offer(self._store, item)
                     return
             log.warning("the call %s could not be taken out of the queue", key)
+
+    async def _told(self, item: QI, event: nt_pb2.WebhookEventType.ValueType) -> list[Op]:
+        """The webhook event of a matched call (its application's backend is told), for
+        the transaction of what happened; none for a call that did not match."""
+        if not item.application_id:
+            return []
+        data = {
+            "session_id": item.session_id,
+            "customer_id": item.customer_id,
+            "call_id": item.call_id,
+            "interaction_id": item.interaction_id,
+        }
+        return [await events.event_op(self._store, event, item.application_id, data, time.time())]
 
     async def rejoin(self, group: str, key: str, item: QI, redirect: Entry[QI]) -> int:
         """A connected call the switch sends back (its agent's phone did not take it):

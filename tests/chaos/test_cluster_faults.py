@@ -26,10 +26,10 @@ from tests.conftest import (
     spawn_service,
     wait_serving,
 )
+from tests.support.agents import WorkingAgent
 from tests.support.holding import what_holds
 from tests.support.stack import (
     Call,
-    WorkingAgent,
     agent,
     setup_numbers,
     start_stack,

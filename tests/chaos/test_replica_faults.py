@@ -30,10 +30,10 @@ from accessline_server.routing import keys as rt_keys
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from accessline_server.runtime.store import Store
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
+from tests.support.agents import WorkingAgent
 from tests.support.holding import what_holds
 from tests.support.stack import (
     Call,
-    WorkingAgent,
     agent,
     setup_numbers,
     start_stack,

@@ -33,6 +33,12 @@ class _WebhookEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Webh
     """A call matched the customer's handoff (`handoff.matched`)."""
     WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: _WebhookEventType.ValueType  # 2
     """The application cancelled the handoff (`handoff.cancelled`)."""
+    WEBHOOK_EVENT_TYPE_CALL_CONNECTED: _WebhookEventType.ValueType  # 3
+    """The matched call reached an agent who accepted it (`call.connected`)."""
+    WEBHOOK_EVENT_TYPE_CALL_ABANDONED: _WebhookEventType.ValueType  # 4
+    """The matched call left the queue without reaching an agent: the caller hung up, its
+    wait passed the maximum, or it failed (`call.abandoned`).
+    """
 
 class WebhookEventType(_WebhookEventType, metaclass=_WebhookEventTypeEnumTypeWrapper):
     """What happened, as a webhook is told."""
@@ -43,6 +49,12 @@ WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED: WebhookEventType.ValueType  # 1
 """A call matched the customer's handoff (`handoff.matched`)."""
 WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: WebhookEventType.ValueType  # 2
 """The application cancelled the handoff (`handoff.cancelled`)."""
+WEBHOOK_EVENT_TYPE_CALL_CONNECTED: WebhookEventType.ValueType  # 3
+"""The matched call reached an agent who accepted it (`call.connected`)."""
+WEBHOOK_EVENT_TYPE_CALL_ABANDONED: WebhookEventType.ValueType  # 4
+"""The matched call left the queue without reaching an agent: the caller hung up, its
+wait passed the maximum, or it failed (`call.abandoned`).
+"""
 Global___WebhookEventType: _TypeAlias = WebhookEventType  # noqa: Y015
 
 class _WebhookDeliveryStatus:
