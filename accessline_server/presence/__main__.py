@@ -13,7 +13,7 @@ from accessline_server.presence.roster import DEVELOPMENT_SECRET, Sealing
 from accessline_server.presence.servicer import PresenceServicer
 from accessline_server.presence.session import Limits
 from accessline_server.presence.sessions import Sessions
-from accessline_server.presence.settings import PresenceSettings
+from accessline_server.presence.settings import PresenceSettings, reason_codes
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.presence")
@@ -47,6 +47,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             sealing=sealing,
             max_interaction=settings.presence_max_interaction_hours * 3600,
             login_timeout=settings.presence_login_timeout_seconds,
+            not_ready_reasons=reason_codes(settings.presence_not_ready_reasons),
         ),
         context.telemetry.meter("accessline.presence"),
     )

@@ -6,6 +6,7 @@ state through the published modules, `roster.py` (agents and their presence, rea
     pr/presence/{agent_id}            StoredPresence  (the agent session's lease)
     pr/offers/{agent_id}/{offer_id}   StoredOffer     (a lease ending at the deadline)
     pr/interactions/{agent_id}/{id}   StoredInteraction (the longest interaction allowed)
+    pr/resume/{agent_id}              StoredPresence  (an ended session, 120 s, to resume)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ AGENTS = "pr/agents/"
 PRESENCE = "pr/presence/"
 OFFERS = "pr/offers/"
 INTERACTIONS = "pr/interactions/"
+RESUME = "pr/resume/"
 
 
 def agent(agent_id: str) -> str:
@@ -39,3 +41,7 @@ def interactions(agent_id: str) -> str:
 
 def interaction(agent_id: str, interaction_id: str) -> str:
     return f"{INTERACTIONS}{agent_id}/{interaction_id}"
+
+
+def resume(agent_id: str) -> str:
+    return RESUME + agent_id

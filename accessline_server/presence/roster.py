@@ -129,6 +129,7 @@ def public_presence(
     else:
         out.overall = C.OVERALL_PRESENCE_NOT_READY
     out.do_not_disturb = stored.do_not_disturb
+    out.not_ready_reason = stored.not_ready_reason
     out.updated_at.CopyFrom(stored.updated_at)
     if stored.HasField("idle_since"):
         out.idle_since.CopyFrom(stored.idle_since)

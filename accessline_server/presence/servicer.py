@@ -10,7 +10,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline_server.presence.directory import Directory
-from accessline_server.presence.sessions import Sessions
+from accessline_server.presence.sessions import Sessions, check_login, check_message
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -102,6 +102,28 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
     ) -> AsyncIterator[pr_pb2.ConnectResponse]:
         async for message in self._sessions.connect(request_iterator, self._stopping):
             yield message
+
+    async def OpenSession(
+        self, request: pr_pb2.OpenSessionRequest, context: ServicerContext
+    ) -> AsyncIterator[pr_pb2.OpenSessionResponse]:
+        v = Violations()
+        check_login(request.login, v)
+        v.raise_if_any()
+        async for message in self._sessions.open_session(request.login, self._stopping):
+            yield pr_pb2.OpenSessionResponse(message=message)
+
+    async def SendSessionMessage(
+        self, request: pr_pb2.SendSessionMessageRequest, context: ServicerContext
+    ) -> pr_pb2.SendSessionMessageResponse:
+        v = Violations()
+        v.id("agent_session_id", request.agent_session_id)
+        kind = request.message.WhichOneof("message")
+        if kind is None or kind == "login":
+            v.add("message", "must be one of the ConnectRequest messages after the login")
+        check_message(request.message, v, "message")
+        v.raise_if_any()
+        await self._sessions.send(request.agent_session_id, request.message)
+        return pr_pb2.SendSessionMessageResponse()
 
     async def WatchPresence(
         self, request: pr_pb2.WatchPresenceRequest, context: ServicerContext

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -17,9 +17,9 @@ from opentelemetry import trace
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from accessline_server.presence import keys, offers
+from accessline_server.presence import keys
 from accessline_server.presence import state as presence_state
-from accessline_server.presence.answers import accept_ops, already_answered, refusal_of
+from accessline_server.presence.answering import OfferAnswering
 from accessline_server.presence.hub import Hub
 from accessline_server.presence.roster import Sealing, public_presence
 from accessline_server.runtime.clock import now_timestamp
@@ -72,10 +72,13 @@ class Limits:
     sealing: Sealing
     max_interaction: float = 12 * 3600.0
     login_timeout: float = 10.0
+    not_ready_reasons: tuple[str, ...] = ()
+    # How long an ended session can be resumed by the agent's next login.
+    resume_seconds: float = 120.0
 
 
 @dataclass
-class AgentSession:
+class AgentSession(OfferAnswering):
     """One agent app's live session on this replica."""
 
     store: Store
@@ -96,6 +99,10 @@ class AgentSession:
     resync_needed: asyncio.Event = field(default_factory=asyncio.Event)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    resume_token: str = ""
+    resumed: bool = False
+    # Told the reason each time the agent says why they are not ready (a metric).
+    count_not_ready: Callable[[str], None] = lambda _: None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -109,9 +116,13 @@ class AgentSession:
         self.state = presence_state.logged_in(
             self.agent, self.session_id, self.device, (e.value for e in ongoing)
         )
-        previous = self.hub.sessions.get(self.agent.agent_id)
+        previous = await self._to_resume()
         if previous is not None:
-            previous.replace(self.device)
+            presence_state.resumed(self.state, previous)
+            self.resumed = True
+        replaced = self.hub.sessions.get(self.agent.agent_id)
+        if replaced is not None:
+            replaced.replace(self.device)
         self.hub.sessions[self.agent.agent_id] = self
         # Overwrites a session of another replica too; that replica sees it and steps down.
         self.revision = await self.store.put(
@@ -120,7 +131,11 @@ class AgentSession:
         self.send(
             pr_pb2.ConnectResponse(
                 snapshot=pr_pb2.Snapshot(
-                    agent=self.agent, presence=self.public(), agent_session_id=self.session_id
+                    agent=self.agent,
+                    presence=self.public(),
+                    agent_session_id=self.session_id,
+                    resumed=self.resumed,
+                    not_ready_reasons=self.limits.not_ready_reasons,
                 )
             )
         )
@@ -131,6 +146,18 @@ class AgentSession:
                 "fields": {"agent_id": self.agent.agent_id, "agent_session_id": self.session_id}
             },
         )
+
+    async def _to_resume(self) -> pr_store.StoredPresence | None:
+        """The session the login resumes: the agent's presence while still that session's
+        (its replica died, or the network dropped it and it has not ended yet), else what
+        it left when it ended, for `resume_seconds`."""
+        if not self.resume_token:
+            return None
+        for key in (keys.presence(self.agent.agent_id), keys.resume(self.agent.agent_id)):
+            entry = await self.store.get(key, pr_store.StoredPresence)
+            if entry is not None and entry.value.agent_session_id == self.resume_token:
+                return entry.value
+        return None
 
     async def _deliver_open_offers(self) -> None:
         entries, _ = await self.store.get_prefix(
@@ -161,9 +188,14 @@ class AgentSession:
             self.store.stop_keep_alive(self.lease)
         with contextlib.suppress(AccesslineError):
             if not self.replaced:
+                # What the session leaves for the agent's next login to resume.
+                kept = await self.store.shared_lease(self.limits.resume_seconds, window=10.0)
                 await self.store.txn(
                     [Compare.modified_at(keys.presence(self.agent.agent_id), self.revision)],
-                    [Op.delete(keys.presence(self.agent.agent_id))],
+                    [
+                        Op.delete(keys.presence(self.agent.agent_id)),
+                        Op.put(keys.resume(self.agent.agent_id), self.state, kept),
+                    ],
                 )
             if self.lease is not None:
                 await self.store.revoke_lease(self.lease.id)
@@ -357,10 +389,13 @@ class AgentSession:
         elif kind == "set_channel_presence":
             change = message.set_channel_presence
             channel = self._channel(change.channel, "set_channel_presence.channel")
-            presence_state.set_available(self.state, channel, change.available)
+            self._check_reason("set_channel_presence", change.reason_code, not change.available)
+            presence_state.set_available(self.state, channel, change.available, change.reason_code)
             await self._write()
         elif kind == "set_do_not_disturb":
-            presence_state.set_do_not_disturb(self.state, message.set_do_not_disturb.enabled)
+            dnd = message.set_do_not_disturb
+            self._check_reason("set_do_not_disturb", dnd.reason_code, dnd.enabled)
+            presence_state.set_do_not_disturb(self.state, dnd.enabled, dnd.reason_code)
             await self._write()
         elif kind == "offer_response":
             await self._answer(message.offer_response)
@@ -385,106 +420,18 @@ class AgentSession:
                 [FieldViolation("message", "must be one of the ConnectRequest messages")]
             )
 
-    async def _answer(self, response: pr_pb2.OfferResponse) -> None:
-        if response.decision not in (pr_pb2.OFFER_DECISION_ACCEPT, pr_pb2.OFFER_DECISION_DECLINE):
-            raise InvalidArgument(
-                [FieldViolation("offer_response.decision", "must be ACCEPT or DECLINE")]
-            )
-        if not response.offer_id or len(response.offer_id) > 64:
-            raise InvalidArgument(
-                [FieldViolation("offer_response.offer_id", "must be 1 to 64 characters")]
-            )
-        entry = await self.store.get(
-            keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
-        )
-        parent = (
-            context_from(entry.value.trace.traceparent, entry.value.trace.tracestate)
-            if entry
-            else None
-        )
-        # The agent's answer joins the trace of the call that made the offer.
-        with tracer.start_as_current_span(
-            "accessline.offer.answer",
-            context=parent,
-            attributes={
-                "accessline.agent": self.agent.agent_id,
-                "accessline.offer.decision": pr_pb2.OfferDecision.Name(response.decision)
-                if response.decision in pr_pb2.OfferDecision.values()
-                else "UNKNOWN",
-            },
-        ):
-            await self._answer_offer(response, entry)
-
-    def _recorded(self, response: pr_pb2.OfferResponse) -> None:
-        self.send(
-            pr_pb2.ConnectResponse(
-                offer_response_recorded=pr_pb2.OfferResponseRecorded(
-                    offer_id=response.offer_id, decision=response.decision
-                )
-            )
-        )
-
-    async def _answer_offer(
-        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
-    ) -> None:
-        """Records the agent's accept or decline of an offer in one transaction (an
-        accept with the agent busy and the interaction started), or tells the agent why
-        not."""
-
-        def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
-            self.send(
-                pr_pb2.ConnectResponse(
-                    offer_response_refused=pr_pb2.OfferResponseRefused(
-                        offer_id=response.offer_id, reason=reason
-                    )
-                )
-            )
-
-        if entry is not None and already_answered(response, entry.value):
-            self._recorded(response)
+    def _check_reason(self, message: str, code: str, not_ready: bool) -> None:
+        """A not-ready reason is one of the configured ones, given only when the agent
+        becomes not ready; counted."""
+        if not code:
             return
-        refusal = refusal_of(response, entry, self._channel, self.state.do_not_disturb)
-        if refusal is not None or entry is None:
-            refuse(refusal or pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
-            return
-        stored = entry.value
-        accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
-        channel_id = response.accept_channel or stored.offer.channel
-        async with self.write_lock:
-            also: tuple[list[Compare], list[Op]] = ([], [])
-            lasts = 0
-            busy: pr_store.StoredPresence | None = None
-            if accept:
-                assert self.lease is not None
-                lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
-                compares, ops, busy = accept_ops(
-                    self.state,
-                    stored,
-                    channel_id,
-                    agent_id=self.agent.agent_id,
-                    presence=(self.lease.id, self.revision),
-                    lasts=lasts,
-                )
-                also = (compares, ops)
-            written = await offers.set_offer_state(
-                self.store,
-                entry,
-                pr_store.OFFER_STATE_ACCEPTED if accept else pr_store.OFFER_STATE_DECLINED,
-                accepted_channel=channel_id if accept else C.CHANNEL_UNSPECIFIED,
-                interaction_lease=lasts if accept else 0,
-                also=also,
+        if not not_ready:
+            raise InvalidArgument(
+                [FieldViolation(f"{message}.reason_code", "is given only when not ready")]
             )
-            if not written:
-                refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
-                return
-            self.delivered.discard(response.offer_id)
-            self._recorded(response)
-            if busy is not None:
-                # The accept's transaction wrote the presence as read (its compare): it is
-                # `busy` now, at the transaction's revision.
-                self.state, self.revision = busy, written
-                self.send(
-                    pr_pb2.ConnectResponse(
-                        presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
-                    )
-                )
+        if code not in self.limits.not_ready_reasons:
+            allowed = ", ".join(self.limits.not_ready_reasons) or "none configured"
+            raise InvalidArgument(
+                [FieldViolation(f"{message}.reason_code", f"must be one of: {allowed}")]
+            )
+        self.count_not_ready(code)

@@ -22,12 +22,12 @@ from accessline_server.runtime.errors import (
     DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     Unavailable,
 )
-from accessline_server.runtime.store import (
-    Store,
-)
+from accessline_server.runtime.store import Store
+from accessline_server.runtime.validation import Violations
 
 log = logging.getLogger("accessline.presence")
 # How long an agent's stream that ended waits for grpc to say it was cancelled (a broken
@@ -36,6 +36,25 @@ INPUT_END_SETTLE_SECONDS = 0.5
 tracer = trace.get_tracer("accessline.presence")
 
 C = common_pb2
+
+
+def check_login(login: pr_pb2.Login, v: Violations, field: str = "login") -> None:
+    v.text(f"{field}.agent_id", login.agent_id, 64, required=True)
+    v.text(f"{field}.device.device_id", login.device.device_id, 128)
+    v.text(f"{field}.device.platform", login.device.platform, 64)
+    v.text(f"{field}.device.app_version", login.device.app_version, 64)
+    v.text(f"{field}.resume_token", login.resume_token, 64)
+
+
+def check_message(message: pr_pb2.ConnectRequest, v: Violations, field: str) -> None:
+    """The sizes of a session's message (what it means is the session's to check)."""
+    presence, dnd = message.set_channel_presence, message.set_do_not_disturb
+    v.text(f"{field}.set_channel_presence.reason_code", presence.reason_code, 32)
+    v.text(f"{field}.set_do_not_disturb.reason_code", dnd.reason_code, 32)
+    if message.HasField("login"):
+        check_login(message.login, v, f"{field}.login")
+    v.text(f"{field}.offer_response.offer_id", message.offer_response.offer_id, 64)
+    v.text(f"{field}.end_interaction.interaction_id", message.end_interaction.interaction_id, 64)
 
 
 class Sessions:
@@ -53,7 +72,16 @@ class Sessions:
         self._hub = hub
         self._directory = directory
         self._limits = limits
-        self._ended = (meter or metrics.get_meter("accessline.presence")).create_counter(
+        meter = meter or metrics.get_meter("accessline.presence")
+        # The sessions open on this replica, by id (for SendSessionMessage).
+        self._open: dict[str, AgentSession] = {}
+        self._not_ready = meter.create_counter(
+            "accessline.presence.not_ready",
+            unit="{change}",
+            description="Agents becoming not ready (a channel made unavailable, or"
+            " do-not-disturb) with a reason, by reason code",
+        )
+        self._ended = meter.create_counter(
             "accessline.presence.sessions.ended",
             unit="{session}",
             description="Agent sessions ended, by how: closed (the app logged out or ended"
@@ -74,19 +102,31 @@ class Sessions:
         if first.WhichOneof("message") != "login":
             raise InvalidArgument([FieldViolation("login", "the first message must be a login")])
         login = first.login
-        if not login.agent_id or len(login.agent_id) > 64:
-            raise InvalidArgument([FieldViolation("login.agent_id", "must be 1 to 64 characters")])
+        v = Violations()
+        check_login(login, v)
+        v.raise_if_any()
         caller = identity.current()
         if not caller.unchecked and caller.subject != login.agent_id:
             # An agent logs in as themselves only: the token's subject.
             raise PermissionDenied("the token is not this agent's", reason="NOT_THIS_AGENT")
         agent = await self._directory.get(login.agent_id)
-        session = AgentSession(self._store, self._hub, self._limits, agent, login.device)
+        session = AgentSession(
+            self._store,
+            self._hub,
+            self._limits,
+            agent,
+            login.device,
+            resume_token=login.resume_token,
+            count_not_ready=lambda code: self._not_ready.add(
+                1, {"accessline.not_ready.reason": code}
+            ),
+        )
         reader: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
         how = "dropped"  # unless the session says how it ended: the stream broke
         try:
             await session.open()
+            self._open[session.session_id] = session
             reader = asyncio.create_task(self._read(iterator, session))
             watchdog = asyncio.create_task(self._watch(session, stopping))
             while True:
@@ -105,6 +145,7 @@ class Sessions:
                     return
                 yield item
         finally:
+            self._open.pop(session.session_id, None)
             self._ended.add(1, {"accessline.session.end": how})
             for task in (reader, watchdog):
                 if task is not None:
@@ -112,6 +153,37 @@ class Sessions:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await session.close()
+
+    async def open_session(
+        self, login: pr_pb2.Login, stopping: asyncio.Event
+    ) -> AsyncIterator[pr_pb2.ConnectResponse]:
+        """A session whose app cannot send a stream: the login opens it, its messages
+        come by `send`."""
+
+        async def login_only() -> AsyncIterator[pr_pb2.ConnectRequest]:
+            yield pr_pb2.ConnectRequest(login=login)
+            await asyncio.Event().wait()  # until the session ends
+
+        async for message in self.connect(login_only(), stopping):
+            yield message
+
+    async def send(self, session_id: str, message: pr_pb2.ConnectRequest) -> None:
+        """One message of a session open on this replica, from its own agent. A message
+        it cannot take is refused to the caller and the session goes on; one that ends
+        the session (it was replaced or lost) ends it."""
+        session = self._open.get(session_id)
+        caller = identity.current()
+        if session is None or (not caller.unchecked and caller.subject != session.agent.agent_id):
+            raise NotFound(
+                "no open session of this agent with this id on this server; open one"
+                " (OpenSession) resuming this one",
+                reason="SESSION_NOT_FOUND",
+            )
+        try:
+            await self._handle(session, message)
+        except SessionEnded as ended:
+            session.send(ended)
+            raise ended.error or Unavailable("the session ended", reason="SESSION_LOST") from None
 
     async def _read(
         self, iterator: AsyncIterator[pr_pb2.ConnectRequest], session: AgentSession

@@ -53,9 +53,21 @@ class PresenceSettings(ServiceSettings):
         description="A WatchPresence resume token further back than this many etcd"
         " revisions gets a fresh snapshot instead of a replay.",
     )
+    presence_not_ready_reasons: str = Field(
+        default="break,lunch,meeting,training,after-call-work",
+        pattern=r"^\s*[a-z0-9][a-z0-9_-]{0,31}(\s*,\s*[a-z0-9][a-z0-9_-]{0,31})*\s*$",
+        description="The not-ready reason codes an agent may give (separated by commas,"
+        " each 1 to 32 of [a-z0-9_-]); `no-answer` is Presence's own, given when it sets an"
+        " agent not ready after unanswered offers.",
+    )
     presence_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,
         description="Secret from which the key sealing agents' addresses and offers' previews"
         " in etcd is derived; the same on every Presence and Routing replica.",
     )
+
+
+def reason_codes(setting: str) -> tuple[str, ...]:
+    """The configured not-ready reasons, in order, once each."""
+    return tuple(dict.fromkeys(code.strip() for code in setting.split(",") if code.strip()))

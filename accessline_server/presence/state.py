@@ -45,20 +45,44 @@ def logged_in(
     return state
 
 
+def resumed(state: pr_store.StoredPresence, previous: pr_store.StoredPresence) -> None:
+    """A new session takes on a previous one's choices: each channel's availability
+    (channels configured since keep their login default), do-not-disturb and the
+    not-ready reason."""
+    before = {c.channel: c for c in previous.channels}
+    for channel in state.channels:
+        if channel.channel in before:
+            channel.available = before[channel.channel].available
+            channel.available_before_dnd = before[channel.channel].available_before_dnd
+    state.do_not_disturb = previous.do_not_disturb
+    state.not_ready_reason = previous.not_ready_reason
+
+
 def set_available(
-    state: pr_store.StoredPresence, channel: pr_store.StoredChannel, available: bool
+    state: pr_store.StoredPresence,
+    channel: pr_store.StoredChannel,
+    available: bool,
+    reason: str = "",
 ) -> None:
-    """The agent makes a channel available or not; under do-not-disturb the choice is
-    kept for when it ends."""
+    """The agent makes a channel available (the not-ready reason cleared) or not (with
+    its reason, if given); under do-not-disturb the choice is kept for when it ends."""
     if state.do_not_disturb:
         channel.available_before_dnd = available
     else:
         channel.available = available
+    if available:
+        state.not_ready_reason = ""
+    elif reason:
+        state.not_ready_reason = reason
 
 
-def set_do_not_disturb(state: pr_store.StoredPresence, enabled: bool) -> None:
-    """Do-not-disturb on: every channel unavailable, each one's choice kept; off: the
-    choices back."""
+def set_do_not_disturb(state: pr_store.StoredPresence, enabled: bool, reason: str = "") -> None:
+    """Do-not-disturb on (with its reason, if given): every channel unavailable, each
+    one's choice kept; off: the choices back and the reason cleared."""
+    if enabled and reason:
+        state.not_ready_reason = reason
+    elif not enabled:
+        state.not_ready_reason = ""
     if enabled == state.do_not_disturb:
         return
     for channel in state.channels:
@@ -69,10 +93,15 @@ def set_do_not_disturb(state: pr_store.StoredPresence, enabled: bool) -> None:
     state.do_not_disturb = enabled
 
 
+# The not-ready reason Presence gives when it sets an agent not ready itself.
+NO_ANSWER_REASON = "no-answer"
+
+
 def not_ready(state: pr_store.StoredPresence) -> None:
-    """Every channel not ready until the agent makes it available again."""
+    """Every channel not ready (reason `no-answer`) until the agent makes it available
+    again."""
     for channel in state.channels:
-        set_available(state, channel, False)
+        set_available(state, channel, False, NO_ANSWER_REASON)
 
 
 def interaction_ended(state: pr_store.StoredPresence, interaction_id: str) -> bool:

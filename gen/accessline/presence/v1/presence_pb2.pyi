@@ -284,12 +284,18 @@ class AgentPresence(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     RESOURCE_GROUPS_FIELD_NUMBER: _builtins.int
     IDLE_SINCE_FIELD_NUMBER: _builtins.int
+    NOT_READY_REASON_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Id of the agent."""
     overall: _common_pb2.OverallPresence.ValueType
     """Derived from the channels."""
     do_not_disturb: _builtins.bool
     """True while do-not-disturb is on."""
+    not_ready_reason: _builtins.str
+    """Why the agent is not ready, as the agent said when making a channel unavailable or
+    turning do-not-disturb on; cleared when a channel is made available or
+    do-not-disturb is turned off.
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelState]:
         """Per-channel presence."""
@@ -316,10 +322,11 @@ class AgentPresence(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         resource_groups: _abc.Iterable[_builtins.str] | None = ...,
         idle_since: _timestamp_pb2.Timestamp | None = ...,
+        not_ready_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["idle_since", b"idle_since", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channels", b"channels", "do_not_disturb", b"do_not_disturb", "idle_since", b"idle_since", "overall", b"overall", "resource_groups", b"resource_groups", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "channels", b"channels", "do_not_disturb", b"do_not_disturb", "idle_since", b"idle_since", "not_ready_reason", b"not_ready_reason", "overall", b"overall", "resource_groups", b"resource_groups", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,8 +563,16 @@ class Login(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent logging in: the subject of the stream's token."""
+    resume_token: _builtins.str
+    """The `agent_session_id` of the agent's previous session, to resume it: when that
+    session is still open (a replica died, a network dropped it) or ended at most
+    120 seconds ago, the new one takes on its channels' availability, do-not-disturb and
+    not-ready reason instead of the login defaults (Snapshot.resumed). At most 64
+    characters.
+    """
     @_builtins.property
     def device(self) -> Global___Device:
         """The device."""
@@ -567,10 +582,11 @@ class Login(_message.Message):
         *,
         agent_id: _builtins.str = ...,
         device: Global___Device | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "device", b"device"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "device", b"device", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -584,19 +600,25 @@ class SetChannelPresence(_message.Message):
 
     CHANNEL_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
     channel: _common_pb2.Channel.ValueType
     """The channel; must be configured for the agent."""
     available: _builtins.bool
     """True for available, false for unavailable."""
+    reason_code: _builtins.str
+    """With `available` false: why the agent is not ready, one of the configured reasons
+    (Snapshot.not_ready_reasons); empty for none. Must be empty with `available` true.
+    """
     def __init__(
         self,
         *,
         channel: _common_pb2.Channel.ValueType = ...,
         available: _builtins.bool = ...,
+        reason_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "channel", b"channel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "channel", b"channel", "reason_code", b"reason_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,16 +631,20 @@ class SetDoNotDisturb(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENABLED_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """True sets every channel unavailable; false restores the channels as they were."""
+    reason_code: _builtins.str
+    """With `enabled`: why, one of the configured not-ready reasons; empty for none."""
     def __init__(
         self,
         *,
         enabled: _builtins.bool = ...,
+        reason_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "reason_code", b"reason_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -868,8 +894,14 @@ class Snapshot(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     AGENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    NOT_READY_REASONS_FIELD_NUMBER: _builtins.int
     agent_session_id: _builtins.str
-    """Id of this session of the agent."""
+    """Id of this session of the agent; also its resume token (Login.resume_token)."""
+    resumed: _builtins.bool
+    """True when the login resumed a previous session (its channels, do-not-disturb and
+    not-ready reason taken on).
+    """
     @_builtins.property
     def agent(self) -> Global___Agent:
         """The agent's configuration."""
@@ -878,16 +910,22 @@ class Snapshot(_message.Message):
     def presence(self) -> Global___AgentPresence:
         """The agent's presence after login."""
 
+    @_builtins.property
+    def not_ready_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The not-ready reason codes the agent may give (ACCESSLINE_PRESENCE_NOT_READY_REASONS)."""
+
     def __init__(
         self,
         *,
         agent: Global___Agent | None = ...,
         presence: Global___AgentPresence | None = ...,
         agent_session_id: _builtins.str = ...,
+        resumed: _builtins.bool = ...,
+        not_ready_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "presence", b"presence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_session_id", b"agent_session_id", "presence", b"presence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_session_id", b"agent_session_id", "not_ready_reasons", b"not_ready_reasons", "presence", b"presence", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1086,6 +1124,101 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class OpenSessionRequest(_message.Message):
+    """Request of OpenSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOGIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def login(self) -> Global___Login:
+        """The login, as the first message of a Connect stream."""
+
+    def __init__(
+        self,
+        *,
+        login: Global___Login | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["login", b"login"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["login", b"login"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSessionRequest: _TypeAlias = OpenSessionRequest  # noqa: Y015
+
+@_typing.final
+class OpenSessionResponse(_message.Message):
+    """A message of the OpenSession stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___ConnectResponse:
+        """What the server says, as on a Connect stream."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___ConnectResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSessionResponse: _TypeAlias = OpenSessionResponse  # noqa: Y015
+
+@_typing.final
+class SendSessionMessageRequest(_message.Message):
+    """Request of SendSessionMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    agent_session_id: _builtins.str
+    """The session (Snapshot.agent_session_id), open on this server."""
+    @_builtins.property
+    def message(self) -> Global___ConnectRequest:
+        """The message: anything a Connect stream takes after its login."""
+
+    def __init__(
+        self,
+        *,
+        agent_session_id: _builtins.str = ...,
+        message: Global___ConnectRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendSessionMessageRequest: _TypeAlias = SendSessionMessageRequest  # noqa: Y015
+
+@_typing.final
+class SendSessionMessageResponse(_message.Message):
+    """Response of SendSessionMessage: the message was taken; what it changed comes down the
+    session's stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendSessionMessageResponse: _TypeAlias = SendSessionMessageResponse  # noqa: Y015
 
 @_typing.final
 class WatchPresenceRequest(_message.Message):

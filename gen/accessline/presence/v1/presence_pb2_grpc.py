@@ -66,6 +66,16 @@ class PresenceServiceStub:
                 request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/accessline.presence.v1.PresenceService/OpenSession',
+                request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.SendSessionMessage = channel.unary_unary(
+                '/accessline.presence.v1.PresenceService/SendSessionMessage',
+                request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageRequest.SerializeToString,
+                response_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageResponse.FromString,
+                _registered_method=True)
         self.WatchPresence = channel.unary_stream(
                 '/accessline.presence.v1.PresenceService/WatchPresence',
                 request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.WatchPresenceRequest.SerializeToString,
@@ -128,6 +138,27 @@ class PresenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """The agent's session for an app that cannot send a stream (a browser): the same
+        session as Connect's, opened by the login given; its events come down this stream,
+        the app's messages go up by SendSessionMessage (to the same server: the one holding
+        the stream). The app sends a heartbeat at least every
+        ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendSessionMessage(self, request, context):
+        """One message of an OpenSession session (anything but a login). Its answer comes down
+        the session's stream, as on Connect; a message the session cannot take is refused
+        here (INVALID_ARGUMENT) and the session goes on. NOT_FOUND (`SESSION_NOT_FOUND`)
+        when this server holds no such session of the caller: open one again, resuming.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchPresence(self, request, context):
         """A snapshot of presence, then every change, filtered, resumable.
         """
@@ -176,6 +207,16 @@ def add_PresenceServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectRequest.FromString,
                     response_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionRequest.FromString,
+                    response_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'SendSessionMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendSessionMessage,
+                    request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageRequest.FromString,
+                    response_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageResponse.SerializeToString,
             ),
             'WatchPresence': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchPresence,
@@ -335,6 +376,60 @@ class PresenceService:
             '/accessline.presence.v1.PresenceService/Connect',
             accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectRequest.SerializeToString,
             accessline_dot_presence_dot_v1_dot_presence__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/accessline.presence.v1.PresenceService/OpenSession',
+            accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionRequest.SerializeToString,
+            accessline_dot_presence_dot_v1_dot_presence__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendSessionMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.presence.v1.PresenceService/SendSessionMessage',
+            accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageRequest.SerializeToString,
+            accessline_dot_presence_dot_v1_dot_presence__pb2.SendSessionMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

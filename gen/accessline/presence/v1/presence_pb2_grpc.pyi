@@ -50,6 +50,19 @@ class PresenceServiceStub:
     """Removes an agent; a live session is closed."""
     Connect: _grpc.StreamStreamMultiCallable[_presence_pb2.ConnectRequest, _presence_pb2.ConnectResponse]
     """The agent app's stream. The first message must be a login."""
+    OpenSession: _grpc.UnaryStreamMultiCallable[_presence_pb2.OpenSessionRequest, _presence_pb2.OpenSessionResponse]
+    """The agent's session for an app that cannot send a stream (a browser): the same
+    session as Connect's, opened by the login given; its events come down this stream,
+    the app's messages go up by SendSessionMessage (to the same server: the one holding
+    the stream). The app sends a heartbeat at least every
+    ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS.
+    """
+    SendSessionMessage: _grpc.UnaryUnaryMultiCallable[_presence_pb2.SendSessionMessageRequest, _presence_pb2.SendSessionMessageResponse]
+    """One message of an OpenSession session (anything but a login). Its answer comes down
+    the session's stream, as on Connect; a message the session cannot take is refused
+    here (INVALID_ARGUMENT) and the session goes on. NOT_FOUND (`SESSION_NOT_FOUND`)
+    when this server holds no such session of the caller: open one again, resuming.
+    """
     WatchPresence: _grpc.UnaryStreamMultiCallable[_presence_pb2.WatchPresenceRequest, _presence_pb2.WatchPresenceResponse]
     """A snapshot of presence, then every change, filtered, resumable."""
     GetPresence: _grpc.UnaryUnaryMultiCallable[_presence_pb2.GetPresenceRequest, _presence_pb2.GetPresenceResponse]
@@ -79,6 +92,19 @@ class PresenceServiceAsyncStub(PresenceServiceStub):
     """Removes an agent; a live session is closed."""
     Connect: _aio.StreamStreamMultiCallable[_presence_pb2.ConnectRequest, _presence_pb2.ConnectResponse]  # type: ignore[assignment]
     """The agent app's stream. The first message must be a login."""
+    OpenSession: _aio.UnaryStreamMultiCallable[_presence_pb2.OpenSessionRequest, _presence_pb2.OpenSessionResponse]  # type: ignore[assignment]
+    """The agent's session for an app that cannot send a stream (a browser): the same
+    session as Connect's, opened by the login given; its events come down this stream,
+    the app's messages go up by SendSessionMessage (to the same server: the one holding
+    the stream). The app sends a heartbeat at least every
+    ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS.
+    """
+    SendSessionMessage: _aio.UnaryUnaryMultiCallable[_presence_pb2.SendSessionMessageRequest, _presence_pb2.SendSessionMessageResponse]  # type: ignore[assignment]
+    """One message of an OpenSession session (anything but a login). Its answer comes down
+    the session's stream, as on Connect; a message the session cannot take is refused
+    here (INVALID_ARGUMENT) and the session goes on. NOT_FOUND (`SESSION_NOT_FOUND`)
+    when this server holds no such session of the caller: open one again, resuming.
+    """
     WatchPresence: _aio.UnaryStreamMultiCallable[_presence_pb2.WatchPresenceRequest, _presence_pb2.WatchPresenceResponse]  # type: ignore[assignment]
     """A snapshot of presence, then every change, filtered, resumable."""
     GetPresence: _aio.UnaryUnaryMultiCallable[_presence_pb2.GetPresenceRequest, _presence_pb2.GetPresenceResponse]  # type: ignore[assignment]
@@ -135,6 +161,31 @@ class PresenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_presence_pb2.ConnectResponse], _abc.AsyncIterator[_presence_pb2.ConnectResponse]]:
         """The agent app's stream. The first message must be a login."""
+
+    @_abc_1.abstractmethod
+    def OpenSession(
+        self,
+        request: _presence_pb2.OpenSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_presence_pb2.OpenSessionResponse], _abc.AsyncIterator[_presence_pb2.OpenSessionResponse]]:
+        """The agent's session for an app that cannot send a stream (a browser): the same
+        session as Connect's, opened by the login given; its events come down this stream,
+        the app's messages go up by SendSessionMessage (to the same server: the one holding
+        the stream). The app sends a heartbeat at least every
+        ACCESSLINE_PRESENCE_HEARTBEAT_TIMEOUT_SECONDS.
+        """
+
+    @_abc_1.abstractmethod
+    def SendSessionMessage(
+        self,
+        request: _presence_pb2.SendSessionMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_presence_pb2.SendSessionMessageResponse, _abc.Awaitable[_presence_pb2.SendSessionMessageResponse]]:
+        """One message of an OpenSession session (anything but a login). Its answer comes down
+        the session's stream, as on Connect; a message the session cannot take is refused
+        here (INVALID_ARGUMENT) and the session goes on. NOT_FOUND (`SESSION_NOT_FOUND`)
+        when this server holds no such session of the caller: open one again, resuming.
+        """
 
     @_abc_1.abstractmethod
     def WatchPresence(

@@ -173,7 +173,9 @@ Global___StoredChannel: _TypeAlias = StoredChannel  # noqa: Y015
 @_typing.final
 class StoredPresence(_message.Message):
     """A live agent session. Key: `pr/presence/{agent_id}`, bound to the session's lease,
-    kept alive while the agent app's stream is open and heartbeating.
+    kept alive while the agent app's stream is open and heartbeating. The same message is
+    kept under `pr/resume/{agent_id}` for 120 seconds after the session ended (a shared
+    lease), for the agent's next login to resume it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -207,12 +209,15 @@ class StoredPresence(_message.Message):
     RESOURCE_GROUPS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     INTERACTIONS_FIELD_NUMBER: _builtins.int
+    NOT_READY_REASON_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     agent_session_id: _builtins.str
     """Id of this session (a second login replaces it)."""
     do_not_disturb: _builtins.bool
     """True while do-not-disturb is on."""
+    not_ready_reason: _builtins.str
+    """Why the agent is not ready (a configured reason code), empty for none."""
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredChannel]:
         """Per channel."""
@@ -249,10 +254,11 @@ class StoredPresence(_message.Message):
         resource_groups: _abc.Iterable[_builtins.str] | None = ...,
         device: _presence_pb2.Device | None = ...,
         interactions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        not_ready_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "idle_since", b"idle_since", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_session_id", b"agent_session_id", "channels", b"channels", "device", b"device", "do_not_disturb", b"do_not_disturb", "idle_since", b"idle_since", "interactions", b"interactions", "resource_groups", b"resource_groups", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_session_id", b"agent_session_id", "channels", b"channels", "device", b"device", "do_not_disturb", b"do_not_disturb", "idle_since", b"idle_since", "interactions", b"interactions", "not_ready_reason", b"not_ready_reason", "resource_groups", b"resource_groups", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
