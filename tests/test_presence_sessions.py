@@ -207,7 +207,8 @@ async def test_a_dropped_session_is_resumed_with_the_agents_choices_on_any_serve
     # A login without the token, or with another, starts from the login defaults.
     fresh = BrowserSession(cluster.addresses[0], agent_id)
     snapshot = await fresh.open(resume_token="as-someone-else")
-    assert not snapshot.resumed and not snapshot.presence.do_not_disturb
+    assert not snapshot.resumed
+    assert not snapshot.presence.do_not_disturb
     assert snapshot.presence.overall == C.OVERALL_PRESENCE_PARTIALLY_READY
     await fresh.close()
 

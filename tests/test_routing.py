@@ -57,7 +57,10 @@ async def test_a_matched_call_skips_the_ivr_and_reaches_the_best_agent_with_its_
         subject=subject,
         language="fr-FR",
         service_request_id="SR-7",
-        attributes={"display_name": "Ms Martin"},
+        customer_segment="gold",
+        location=C.GeoPoint(latitude=48.85, longitude=2.35),
+        auth_token_ref="tok-ref-1",
+        attributes={"display_name": "Ms Martin", "policy": "P-12"},
     )
     started = await handoff(stack, app_id, "c1", context)
     call = Call(stack.routers[0], started.access_number)
@@ -66,10 +69,18 @@ async def test_a_matched_call_skips_the_ivr_and_reaches_the_best_agent_with_its_
     assert decided.match_decided.resource_group == group
     assert (await call.until("offered")).offered.agent_id == expert
     preview = await answer(expert_app, ACCEPT)
-    assert (preview.summary.customer_display_name, preview.summary.service_request_id) == (
+    shown = preview.summary
+    assert (shown.customer_display_name, shown.service_request_id, shown.customer_segment) == (
         "Ms Martin",
         "SR-7",
+        "gold",
     )
+    assert (shown.location.latitude, shown.location.longitude) == (48.85, 2.35)
+    assert shown.match_outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+    assert shown.waiting_since.seconds > 0
+    # The agent who accepts gets the whole context the app sent, not only the preview.
+    recorded = await expert_app.next_kind("offer_response_recorded")
+    assert recorded.context == context
     connect = (await call.until("connect")).connect
     assert (connect.agent_id, connect.address, connect.session_id) == (
         expert,
@@ -223,6 +234,7 @@ async def test_an_agent_who_lets_offers_time_out_in_a_row_is_set_not_ready(
     assert cancelled.reason == pr_pb2.OFFER_CANCEL_REASON_NO_ANSWER_LIMIT
     confirmed = await app.next_kind("presence_confirmed")
     assert confirmed.presence.channels[0].presence == C.CHANNEL_PRESENCE_UNAVAILABLE
+    assert confirmed.presence.not_ready_reason == "no-answer"
     shown = await stack.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[sleepy]))
     assert shown.agents[0].channels[0].presence == C.CHANNEL_PRESENCE_UNAVAILABLE
     # The call waits in the queue instead of ringing the absent agent.

@@ -77,14 +77,16 @@ class OfferAnswering:
         ):
             await self._answer_offer(response, entry)
 
-    def _recorded(self, response: pr_pb2.OfferResponse) -> None:
-        self.send(
-            pr_pb2.ConnectResponse(
-                offer_response_recorded=pr_pb2.OfferResponseRecorded(
-                    offer_id=response.offer_id, decision=response.decision
-                )
-            )
+    def _recorded(self, response: pr_pb2.OfferResponse, stored: pr_store.StoredOffer) -> None:
+        recorded = pr_pb2.OfferResponseRecorded(
+            offer_id=response.offer_id, decision=response.decision
         )
+        if response.decision == pr_pb2.OFFER_DECISION_ACCEPT:
+            # The agent who takes the interaction gets its whole context.
+            context = self.limits.sealing.context(stored)
+            if context is not None:
+                recorded.context.CopyFrom(context)
+        self.send(pr_pb2.ConnectResponse(offer_response_recorded=recorded))
 
     async def _answer_offer(
         self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
@@ -103,7 +105,7 @@ class OfferAnswering:
             )
 
         if entry is not None and already_answered(response, entry.value):
-            self._recorded(response)
+            self._recorded(response, entry.value)
             return
         refusal = refusal_of(response, entry, self._channel, self.state.do_not_disturb)
         if refusal is not None or entry is None:
@@ -140,7 +142,7 @@ class OfferAnswering:
                 refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
                 return
             self.delivered.discard(response.offer_id)
-            self._recorded(response)
+            self._recorded(response, stored)
             if busy is not None:
                 # The accept's transaction wrote the presence as read (its compare): it is
                 # `busy` now, at the transaction's revision.

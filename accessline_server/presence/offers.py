@@ -54,8 +54,10 @@ def new_offer(
     timeout: float,
     sealing: Sealing,
     call: CallBinding | None = None,
+    context: common_pb2.ContextData | None = None,
 ) -> pr_store.StoredOffer:
-    """An open offer due `timeout` seconds from now, its preview's personal part sealed,
+    """An open offer due `timeout` seconds from now, its preview's personal part and the
+    interaction's whole `context` (for the agent who accepts) sealed,
     carrying the current trace context (write it under a lease of at least
     `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
@@ -81,6 +83,8 @@ def new_offer(
         stored.call_create_revision = call.create_revision
         stored.call_lease = call.lease
     sealing.seal_summary(stored)
+    if context is not None:
+        sealing.seal_context(stored, context)
     return stored
 
 

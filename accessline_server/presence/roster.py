@@ -68,6 +68,20 @@ class Sealing:
         summary = offer.offer.summary
         offer.sealed_summary = self._sealer.seal(summary.SerializeToString(), offer.offer.offer_id)
         summary.customer_display_name = ""
+        summary.ClearField("location")
+
+    def seal_context(self, offer: pr_store.StoredOffer, context: C.ContextData) -> None:
+        offer.sealed_context = self._sealer.seal(
+            context.SerializeToString(), "context:" + offer.offer.offer_id
+        )
+
+    def context(self, offer: pr_store.StoredOffer) -> C.ContextData | None:
+        """The interaction's whole context (None when the offer carries none)."""
+        if not offer.sealed_context:
+            return None
+        return C.ContextData.FromString(
+            self._sealer.unseal(offer.sealed_context, "context:" + offer.offer.offer_id)
+        )
 
     def shown_offer(self, offer: pr_store.StoredOffer) -> presence_pb2.Offer:
         """The offer as the agent's app is shown it, preview whole."""

@@ -354,15 +354,17 @@ class Dispatcher:
             else None,
             attributes={"accessline.agent": agent.agent_id},
         ):
+            what = private.interaction(self._sealer, item)
             stored = pr_offers.new_offer(
                 agent.agent_id,
                 item.interaction_id,
                 candidate.channel,
-                private.summary(self._sealer, item),
+                what.summary,
                 self._rules.offer_timeout,
                 self._presence_sealing,
                 # An accept holds only while the caller still has this place in the queue.
                 pr_offers.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
+                context=what.context if what.HasField("context") else None,
             )
         # The claim is deleted once the offer is answered; should the leader die and the
         # call with it (nobody left to answer for), it ends with the offer's own lease.

@@ -227,6 +227,7 @@ class Router:
             rules=self._rules,
             now=arrived,
             sealer=self._sealer,
+            match_outcome=matched.outcome,
         )
         item.not_before.CopyFrom(timestamp(0))
         item.call_id = request.call_id

@@ -244,6 +244,7 @@ def interaction_for(
     rules: Rules,
     now: float,
     sealer: Sealer,
+    match_outcome: int = 0,
 ) -> QI:
     """A new queue entry: value and SLA from the rules, agent-selection fields from the
     context, the customer's location and the summary shown to the agent sealed, the
@@ -268,10 +269,15 @@ def interaction_for(
             subject=context.subject,
             language=context.language,
             service_request_id=context.service_request_id,
+            customer_segment=context.customer_segment,
+            waiting_since=timestamp(now),
+            match_outcome=match_outcome,  # type: ignore[arg-type]
         ),
+        context=context,
     )
     if context.HasField("location"):
         private.location.CopyFrom(context.location)
+        private.summary.location.CopyFrom(context.location)
     seal_interaction(sealer, item, private)
     item.created_at.CopyFrom(timestamp(now))
     item.not_before.CopyFrom(timestamp(now))

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from accessline.callmatching.v1 import call_matching_pb2 as _call_matching_pb2
 from accessline.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -788,6 +789,10 @@ class ContextSummary(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     SERVICE_REQUEST_ID_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    CUSTOMER_SEGMENT_FIELD_NUMBER: _builtins.int
+    WAITING_SINCE_FIELD_NUMBER: _builtins.int
+    MATCH_OUTCOME_FIELD_NUMBER: _builtins.int
     customer_display_name: _builtins.str
     """How to address the customer, for example "Ms Martin"."""
     subject: _builtins.str
@@ -796,9 +801,26 @@ class ContextSummary(_message.Message):
     """The customer's language."""
     service_request_id: _builtins.str
     """The service request concerned, if any."""
+    customer_segment: _builtins.str
+    """The customer's segment."""
+    match_outcome: _call_matching_pb2.MatchOutcome.ValueType
+    """How the call matched the customer's handoff from the app: MATCHED (the customer is
+    the app's, authenticated there, with its context), or why not (no context then).
+    UNSPECIFIED for a callback.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A few lines to display."""
+
+    @_builtins.property
+    def location(self) -> _common_pb2.GeoPoint:
+        """Where the customer's device was when the handoff was asked for, for a map. Unset
+        when the app does not share it.
+        """
+
+    @_builtins.property
+    def waiting_since(self) -> _timestamp_pb2.Timestamp:
+        """Since when the customer has been waiting (the call or callback entered the queue)."""
 
     def __init__(
         self,
@@ -808,10 +830,14 @@ class ContextSummary(_message.Message):
         language: _builtins.str = ...,
         service_request_id: _builtins.str = ...,
         lines: _abc.Iterable[_builtins.str] | None = ...,
+        location: _common_pb2.GeoPoint | None = ...,
+        customer_segment: _builtins.str = ...,
+        waiting_since: _timestamp_pb2.Timestamp | None = ...,
+        match_outcome: _call_matching_pb2.MatchOutcome.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "waiting_since", b"waiting_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_display_name", b"customer_display_name", "language", b"language", "lines", b"lines", "service_request_id", b"service_request_id", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_display_name", b"customer_display_name", "customer_segment", b"customer_segment", "language", b"language", "lines", b"lines", "location", b"location", "match_outcome", b"match_outcome", "service_request_id", b"service_request_id", "subject", b"subject", "waiting_since", b"waiting_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1013,19 +1039,27 @@ class OfferResponseRecorded(_message.Message):
 
     OFFER_ID_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     """The offer."""
     decision: Global___OfferDecision.ValueType
     """The recorded decision."""
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """On accept: the interaction's whole context as the customer's app sent it (the
+        preview shows only part of it); unset on decline and for a call that did not match.
+        """
+
     def __init__(
         self,
         *,
         offer_id: _builtins.str = ...,
         decision: Global___OfferDecision.ValueType = ...,
+        context: _common_pb2.ContextData | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "offer_id", b"offer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "decision", b"decision", "offer_id", b"offer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -326,6 +326,7 @@ class StoredOffer(_message.Message):
     CALL_LEASE_FIELD_NUMBER: _builtins.int
     INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
     SEALED_SUMMARY_FIELD_NUMBER: _builtins.int
+    SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     state: Global___OfferState.ValueType
@@ -353,6 +354,10 @@ class StoredOffer(_message.Message):
     """The preview shown to the agent (a serialized ContextSummary, with the customer's
     name), sealed with Presence's secret and bound to the offer id; `offer.summary` keeps
     only what is not personal.
+    """
+    sealed_context: _builtins.bytes
+    """The interaction's whole context (a serialized ContextData), sealed like
+    `sealed_summary`; given to the agent on accept only.
     """
     @_builtins.property
     def offer(self) -> _presence_pb2.Offer:
@@ -383,10 +388,11 @@ class StoredOffer(_message.Message):
         call_lease: _builtins.int = ...,
         interaction_lease: _builtins.int = ...,
         sealed_summary: _builtins.bytes = ...,
+        sealed_context: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "offer", b"offer", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "sealed_context", b"sealed_context", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -237,6 +237,7 @@ class InteractionPrivate(_message.Message):
 
     LOCATION_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def location(self) -> _common_pb2.GeoPoint:
         """The customer's location, for proximity."""
@@ -245,15 +246,20 @@ class InteractionPrivate(_message.Message):
     def summary(self) -> _presence_pb2.ContextSummary:
         """What the agent's app shows with the offer (it names the customer)."""
 
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """The whole context, given to the agent who accepts."""
+
     def __init__(
         self,
         *,
         location: _common_pb2.GeoPoint | None = ...,
         summary: _presence_pb2.ContextSummary | None = ...,
+        context: _common_pb2.ContextData | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "location", b"location", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "location", b"location", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
