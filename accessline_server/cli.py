@@ -58,6 +58,12 @@ def serve(service: str) -> None:
 SIP_EVAPI_PORT = 8448
 
 
+def web_port(service: str) -> int:
+    """A service's Connect and gRPC-Web port in the embedded run: 8451 to 8455, beside its
+    gRPC port 50051 to 50055 (Presence's, 8454, also serves the agent console)."""
+    return default_port(service) - 50051 + 8451
+
+
 @dataclass
 class Child:
     service: str
@@ -174,6 +180,7 @@ def _spawn_services(
             "ACCESSLINE_HOST": host,
             "ACCESSLINE_PORT": str(port),
             "ACCESSLINE_METRICS_PORT": str(metrics_port),
+            "ACCESSLINE_WEB_PORT": str(web_port(service)),
             "ACCESSLINE_HISTORY_DSN": os.environ.get(
                 "ACCESSLINE_HISTORY_DSN",
                 f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",
@@ -231,14 +238,21 @@ def _print_up(
     jwks_url: str,
 ) -> None:
     print("\nAccessline is up:\n")
-    print(f"  {'service':<20}{'gRPC':<22}{'metrics':<30}log")
+    print(f"  {'service':<20}{'gRPC':<22}{'Connect, gRPC-Web':<24}{'metrics':<30}log")
     for c in children:
         where = f"{host}:{c.port}" if c.port else ""
+        web = f"https://{host}:{web_port(c.service)}" if c.service in SERVICES else ""
         if c.service == "kamailio":
             where = f"sip:{host}:{c.port}"
         metrics = f"http://{host}:{c.metrics_port}/metrics" if c.metrics_port else ""
-        print(f"  {c.service:<20}{where:<22}{metrics:<30}{data_dir / (c.service + '.log')}")
-    print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<30}{etcd.log_file}")
+        log = data_dir / (c.service + ".log")
+        print(f"  {c.service:<20}{where:<22}{web:<24}{metrics:<30}{log}")
+    print(f"  {'etcd':<20}{etcd.endpoint:<22}{'':<24}{'':<30}{etcd.log_file}")
+    print(
+        f"\nAgent console: https://{host}:{web_port('presence')}/console/ (certificate of the"
+        f" development CA {folder}/ca.pem);\nsign in with an agent's token:"
+        " .venv/bin/accessline token --role agent --subject <agent id>"
+    )
     print(
         f"\nTLS and tokens are on (development identity in {folder}; tokens from"
         f" {jwks_url}).\nMint a token, then call a service with buf curl:\n"
