@@ -11,6 +11,7 @@ from typing import Any
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline_server.notification.delivery import Provider, Worker
 from accessline_server.notification.domain import Notifications, Policy
+from accessline_server.notification.links import Links
 from accessline_server.notification.providers import Apns, Fcm
 from accessline_server.notification.servicer import NotificationServicer
 from accessline_server.notification.settings import NotificationSettings
@@ -120,7 +121,17 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     context.on_stop(stop)
     return [
         Registration(
-            servicer=NotificationServicer(notifications, webhooks, context.stopping),
+            servicer=NotificationServicer(
+                notifications,
+                webhooks,
+                context.stopping,
+                Links(
+                    context.store,
+                    notifications,
+                    tuple(o.strip() for o in settings.notification_link_origins.split(",") if o),
+                    settings.notification_links_per_interaction,
+                ),
+            ),
             add_to_server=notification_pb2_grpc.add_NotificationServiceServicer_to_server,
             descriptor=notification_pb2.DESCRIPTOR.services_by_name["NotificationService"],
         )

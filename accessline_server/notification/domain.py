@@ -235,9 +235,11 @@ class Notifications:
         rows, _ = await self._store.get_prefix(self.keys.owner(kind, owner), empty_pb2.Empty)
         return [row.key.rsplit("/", 1)[1] for row in rows]
 
-    async def _targets(self, topic: str, customer_id: str) -> list[nt_pb2.Device]:
+    async def _targets(
+        self, topic: str, customer_id: str, application_id: str = ""
+    ) -> list[nt_pb2.Device]:
         """The active devices a publish reaches; an app backend reaches only the devices
-        of its own applications."""
+        of its own applications; given `application_id`, only that application's."""
         ids: list[str] = []
         if customer_id:
             ids += await self._owned("customer_id", customer_id)
@@ -256,16 +258,27 @@ class Notifications:
             found = await self._load(device_id)
             if found is None or not found[0].active:
                 continue
-            if caller.trusted or caller.owns_application(found[0].application_id):
+            if application_id:
+                if found[0].application_id == application_id:
+                    devices.append(found[0])
+            elif caller.trusted or caller.owns_application(found[0].application_id):
                 devices.append(found[0])
         return devices
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish(self, request: nt_pb2.PublishRequest, ttl: float) -> nt_pb2.PublishResponse:
+    async def publish(
+        self,
+        request: nt_pb2.PublishRequest,
+        ttl: float,
+        *,
+        link_url: str = "",
+        application_id: str = "",
+    ) -> nt_pb2.PublishResponse:
         """Stores the notification and its outbox items (one per target device) before
         anything is sent; a repeat with the same idempotency key is answered as a
-        duplicate, or finishes the fan-out the first one left half done."""
+        duplicate, or finishes the fan-out the first one left half done. With
+        `application_id`, only that application's devices are reached."""
         now = time.time()
         record_key = ""
         record: nt_store.PublishRecord | None = None
@@ -294,7 +307,7 @@ class Notifications:
                 d for d in [await self.maybe_device(i) for i in stored.device_ids] if d is not None
             ]
         else:
-            devices = await self._targets(request.topic, request.customer_id)
+            devices = await self._targets(request.topic, request.customer_id, application_id)
             lease = await self._store.grant_lease(max(1, math.ceil(ttl + self._policy.retention)))
             stored = nt_store.StoredNotification(
                 notification=nt_pb2.Notification(
@@ -304,6 +317,7 @@ class Notifications:
                     body=request.body,
                     data=request.data,
                     published_at=timestamp(now),
+                    link_url=link_url,
                 ),
                 expires_at=timestamp(now + ttl),
                 priority=request.priority,

@@ -15,6 +15,7 @@ nt/app-webhooks/{app hash}/{slot}               WebhookSlot
 nt/events/{event_id}                            StoredWebhookEvent  (other services: events.py)
 nt/webhook-deliveries/{webhook_id}/{order}      StoredWebhookDelivery (retention lease)
 nt/webhook-claims/{webhook_id}/{order}          Claim               (worker lease)
+nt/links/{agent_id}/{interaction_id}            LinkTally           (longest interaction)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ APP_WEBHOOKS = "nt/app-webhooks/"
 EVENTS = "nt/events/"
 WEBHOOK_DELIVERIES = "nt/webhook-deliveries/"
 WEBHOOK_CLAIMS = "nt/webhook-claims/"
+LINKS = "nt/links/"
 
 
 class Keys:

@@ -120,6 +120,8 @@ class Apns:
     async def send(self, message: Message) -> Outcome:
         n = message.notification
         body = {"aps": {"alert": {"title": n.title, "body": n.body}}, **dict(n.data)}
+        if n.link_url:
+            body["link_url"] = n.link_url
         headers = {
             "authorization": f"bearer {self._bearer()}",
             "apns-topic": self._topic,
@@ -204,6 +206,7 @@ class Fcm:
                     **dict(n.data),
                     "notification_id": n.notification_id,
                     "event_type": nt_pb2.EventType.Name(n.event_type),
+                    **({"link_url": n.link_url} if n.link_url else {}),
                 },
                 "android": android,
             }

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline_server.notification.domain import Notifications
+from accessline_server.notification.links import Links
 from accessline_server.notification.webhook_delivery import EVENT_NAMES
 from accessline_server.notification.webhooks import (
     DEFAULT_OVERLAP_SECONDS,
     MAX_OVERLAP_SECONDS,
     Webhooks,
 )
+from accessline_server.runtime import identity
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -42,11 +44,30 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
     """The NotificationService contract on top of the domain."""
 
     def __init__(
-        self, notifications: Notifications, webhooks: Webhooks, stopping: asyncio.Event
+        self,
+        notifications: Notifications,
+        webhooks: Webhooks,
+        stopping: asyncio.Event,
+        links: Links,
     ) -> None:
         self._n = notifications
         self._webhooks = webhooks
         self._stopping = stopping
+        self._links = links
+
+    async def SendLink(
+        self, request: nt_pb2.SendLinkRequest, context: ServicerContext
+    ) -> nt_pb2.SendLinkResponse:
+        v = Violations()
+        v.id("interaction_id", request.interaction_id)
+        for violation in self._links.url_violations(request.url, "url"):
+            v.add(violation.field, violation.description)
+        v.text("title", request.title, 256)
+        v.raise_if_any()
+        caller = identity.current()
+        return await self._links.send(
+            caller.subject, request.interaction_id, request.url, request.title
+        )
 
     async def RegisterDevice(
         self, request: nt_pb2.RegisterDeviceRequest, context: ServicerContext

@@ -88,6 +88,14 @@ class NotificationSettings(ServiceSettings):
         le=90 * 86400,
         description="How long a webhook's deliveries stay listed.",
     )
+    notification_link_origins: str = Field(
+        default="",
+        description="Origins (https://host[:port], separated by commas) of the links agents"
+        " may send customers (SendLink); empty: none, every link is refused.",
+    )
+    notification_links_per_interaction: int = Field(
+        default=10, ge=1, le=1000, description="Links an agent may send per interaction."
+    )
     notification_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

@@ -94,6 +94,8 @@ def accept_ops(
         channel=channel_id,
         offer_id=stored.offer.offer_id,
         accepted_at=now_timestamp(),
+        customer_id=stored.customer_id,
+        application_id=stored.application_id,
     )
     compares = [Compare.modified_at(presence_key, presence_revision)]
     if stored.call_key:

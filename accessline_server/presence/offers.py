@@ -55,9 +55,11 @@ def new_offer(
     sealing: Sealing,
     call: CallBinding | None = None,
     context: common_pb2.ContextData | None = None,
+    customer: tuple[str, str] = ("", ""),
 ) -> pr_store.StoredOffer:
     """An open offer due `timeout` seconds from now, its preview's personal part and the
-    interaction's whole `context` (for the agent who accepts) sealed,
+    interaction's whole `context` (for the agent who accepts) sealed, naming the
+    `customer` (customer id, application id) the agent may send links to,
     carrying the current trace context (write it under a lease of at least
     `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
@@ -82,6 +84,7 @@ def new_offer(
         stored.call_key = call.key
         stored.call_create_revision = call.create_revision
         stored.call_lease = call.lease
+    stored.customer_id, stored.application_id = customer
     sealing.seal_summary(stored)
     if context is not None:
         sealing.seal_context(stored, context)
@@ -160,3 +163,12 @@ async def _set_state(
 
 
 set_offer_state = _set_state
+
+
+async def working_on(
+    store: Store, agent_id: str, interaction_id: str
+) -> pr_store.StoredInteraction | None:
+    """The interaction while the agent is on it (accepted, not ended), else None: for
+    Notification, sending a link only to the customer of an agent's own interaction."""
+    entry = await store.get(interaction(agent_id, interaction_id), pr_store.StoredInteraction)
+    return entry.value if entry is not None else None

@@ -365,6 +365,7 @@ class Dispatcher:
                 # An accept holds only while the caller still has this place in the queue.
                 pr_offers.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
                 context=what.context if what.HasField("context") else None,
+                customer=(item.customer_id, item.application_id),
             )
         # The claim is deleted once the offer is answered; should the leader die and the
         # call with it (nobody left to answer for), it ends with the offer's own lease.

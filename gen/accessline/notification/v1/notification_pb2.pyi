@@ -135,6 +135,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A reply to the customer's e-mail arrived."""
     EVENT_TYPE_GENERIC: _EventType.ValueType  # 7
     """Any other message."""
+    EVENT_TYPE_LINK: _EventType.ValueType  # 8
+    """An agent sent the customer a link to open (Notification.link_url)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What a notification is about."""
@@ -155,6 +157,8 @@ EVENT_TYPE_EMAIL_REPLY: EventType.ValueType  # 6
 """A reply to the customer's e-mail arrived."""
 EVENT_TYPE_GENERIC: EventType.ValueType  # 7
 """Any other message."""
+EVENT_TYPE_LINK: EventType.ValueType  # 8
+"""An agent sent the customer a link to open (Notification.link_url)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _Priority:
@@ -212,6 +216,68 @@ DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 3
 DELIVERY_STATUS_EXPIRED: DeliveryStatus.ValueType  # 4
 """Its TTL passed before it could be sent."""
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
+
+@_typing.final
+class SendLinkRequest(_message.Message):
+    """Request of SendLink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    interaction_id: _builtins.str
+    """The interaction the agent is working (as offered)."""
+    url: _builtins.str
+    """The link: https, of an allowed origin, at most 1,024 characters."""
+    title: _builtins.str
+    """What the customer is shown, at most 256 characters. Empty: "A link from your
+    advisor".
+    """
+    def __init__(
+        self,
+        *,
+        interaction_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        title: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interaction_id", b"interaction_id", "title", b"title", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendLinkRequest: _TypeAlias = SendLinkRequest  # noqa: Y015
+
+@_typing.final
+class SendLinkResponse(_message.Message):
+    """Response of SendLink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_COUNT_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    notification_id: _builtins.str
+    """The notification that carries the link."""
+    device_count: _builtins.int
+    """The customer's devices it is queued for."""
+    duplicate: _builtins.bool
+    """True when this URL was sent for this interaction before (nothing new was sent)."""
+    def __init__(
+        self,
+        *,
+        notification_id: _builtins.str = ...,
+        device_count: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_count", b"device_count", "duplicate", b"duplicate", "notification_id", b"notification_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendLinkResponse: _TypeAlias = SendLinkResponse  # noqa: Y015
 
 @_typing.final
 class Webhook(_message.Message):
@@ -944,6 +1010,7 @@ class Notification(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     PUBLISHED_AT_FIELD_NUMBER: _builtins.int
+    LINK_URL_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """Id of the notification."""
     event_type: Global___EventType.ValueType
@@ -952,6 +1019,8 @@ class Notification(_message.Message):
     """Title."""
     body: _builtins.str
     """Body."""
+    link_url: _builtins.str
+    """On EVENT_TYPE_LINK: the page to open (https, of an allowed origin)."""
     @_builtins.property
     def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Ids for the app."""
@@ -969,10 +1038,11 @@ class Notification(_message.Message):
         body: _builtins.str = ...,
         data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         published_at: _timestamp_pb2.Timestamp | None = ...,
+        link_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["published_at", b"published_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "data", b"data", "event_type", b"event_type", "notification_id", b"notification_id", "published_at", b"published_at", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "data", b"data", "event_type", b"event_type", "link_url", b"link_url", "notification_id", b"notification_id", "published_at", b"published_at", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,6 +107,11 @@ class NotificationServiceStub:
                 request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.SerializeToString,
                 response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.SendLink = channel.unary_unary(
+                '/accessline.notification.v1.NotificationService/SendLink',
+                request_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkRequest.SerializeToString,
+                response_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
@@ -212,6 +217,20 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendLink(self, request, context):
+        """An agent sends the customer of the interaction they are working a link (a form, a
+        document to sign): in-app and by push to every device of the customer. Caller: the
+        agent (token subject) who accepted the interaction and has not ended it. Abuse kept
+        out: only https URLs of the configured origins (ACCESSLINE_NOTIFICATION_LINK_ORIGINS),
+        only to the customer of an interaction the agent is on now (NOT_FOUND otherwise,
+        FAILED_PRECONDITION when the call did not match an app's customer), at most
+        ACCESSLINE_NOTIFICATION_LINKS_PER_INTERACTION links per interaction
+        (RESOURCE_EXHAUSTED); the same URL twice is sent once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +298,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.ListWebhookDeliveries,
                     request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.FromString,
                     response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'SendLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendLink,
+                    request_deserializer=accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkRequest.FromString,
+                    response_serializer=accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -640,6 +664,33 @@ class NotificationService:
             '/accessline.notification.v1.NotificationService/ListWebhookDeliveries',
             accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesRequest.SerializeToString,
             accessline_dot_notification_dot_v1_dot_notification__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.notification.v1.NotificationService/SendLink',
+            accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkRequest.SerializeToString,
+            accessline_dot_notification_dot_v1_dot_notification__pb2.SendLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

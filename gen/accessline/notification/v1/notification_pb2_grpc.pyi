@@ -69,6 +69,16 @@ class NotificationServiceStub:
     """Removes a webhook; nothing more is sent to it."""
     ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_notification_pb2.ListWebhookDeliveriesRequest, _notification_pb2.ListWebhookDeliveriesResponse]
     """The webhook's deliveries, newest event first: each event, its status and attempts."""
+    SendLink: _grpc.UnaryUnaryMultiCallable[_notification_pb2.SendLinkRequest, _notification_pb2.SendLinkResponse]
+    """An agent sends the customer of the interaction they are working a link (a form, a
+    document to sign): in-app and by push to every device of the customer. Caller: the
+    agent (token subject) who accepted the interaction and has not ended it. Abuse kept
+    out: only https URLs of the configured origins (ACCESSLINE_NOTIFICATION_LINK_ORIGINS),
+    only to the customer of an interaction the agent is on now (NOT_FOUND otherwise,
+    FAILED_PRECONDITION when the call did not match an app's customer), at most
+    ACCESSLINE_NOTIFICATION_LINKS_PER_INTERACTION links per interaction
+    (RESOURCE_EXHAUSTED); the same URL twice is sent once.
+    """
 
 @_typing.type_check_only
 class NotificationServiceAsyncStub(NotificationServiceStub):
@@ -111,6 +121,16 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     """Removes a webhook; nothing more is sent to it."""
     ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_notification_pb2.ListWebhookDeliveriesRequest, _notification_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
     """The webhook's deliveries, newest event first: each event, its status and attempts."""
+    SendLink: _aio.UnaryUnaryMultiCallable[_notification_pb2.SendLinkRequest, _notification_pb2.SendLinkResponse]  # type: ignore[assignment]
+    """An agent sends the customer of the interaction they are working a link (a form, a
+    document to sign): in-app and by push to every device of the customer. Caller: the
+    agent (token subject) who accepted the interaction and has not ended it. Abuse kept
+    out: only https URLs of the configured origins (ACCESSLINE_NOTIFICATION_LINK_ORIGINS),
+    only to the customer of an interaction the agent is on now (NOT_FOUND otherwise,
+    FAILED_PRECONDITION when the call did not match an app's customer), at most
+    ACCESSLINE_NOTIFICATION_LINKS_PER_INTERACTION links per interaction
+    (RESOURCE_EXHAUSTED); the same URL twice is sent once.
+    """
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     """NotificationService tells customers and agents, on the device they use, that an agent
@@ -228,5 +248,21 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notification_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_notification_pb2.ListWebhookDeliveriesResponse]]:
         """The webhook's deliveries, newest event first: each event, its status and attempts."""
+
+    @_abc_1.abstractmethod
+    def SendLink(
+        self,
+        request: _notification_pb2.SendLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.SendLinkResponse, _abc.Awaitable[_notification_pb2.SendLinkResponse]]:
+        """An agent sends the customer of the interaction they are working a link (a form, a
+        document to sign): in-app and by push to every device of the customer. Caller: the
+        agent (token subject) who accepted the interaction and has not ended it. Abuse kept
+        out: only https URLs of the configured origins (ACCESSLINE_NOTIFICATION_LINK_ORIGINS),
+        only to the customer of an interaction the agent is on now (NOT_FOUND otherwise,
+        FAILED_PRECONDITION when the call did not match an app's customer), at most
+        ACCESSLINE_NOTIFICATION_LINKS_PER_INTERACTION links per interaction
+        (RESOURCE_EXHAUSTED); the same URL twice is sent once.
+        """
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -437,3 +437,29 @@ class StoredWebhookDelivery(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredWebhookDelivery: _TypeAlias = StoredWebhookDelivery  # noqa: Y015
+
+@_typing.final
+class LinkTally(_message.Message):
+    """The links an agent sent the customer of one interaction. Key:
+    `nt/links/{agent_id}/{interaction_id}`, under a lease of the longest interaction.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_DIGESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def url_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SHA-256 of each URL sent (hex), in order; at most the configured number."""
+
+    def __init__(
+        self,
+        *,
+        url_digests: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["url_digests", b"url_digests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkTally: _TypeAlias = LinkTally  # noqa: Y015

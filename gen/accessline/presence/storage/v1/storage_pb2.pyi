@@ -279,12 +279,20 @@ class StoredInteraction(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     OFFER_ID_FIELD_NUMBER: _builtins.int
     ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """The interaction, as offered."""
     channel: _common_pb2.Channel.ValueType
     """The channel it was accepted on."""
     offer_id: _builtins.str
     """The offer accepted."""
+    customer_id: _builtins.str
+    """The customer (of the app's handoff the call matched; empty when it did not match)
+    and their application, from the offer: whom the agent may send a link to.
+    """
+    application_id: _builtins.str
+    """See `customer_id`."""
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent accepted."""
@@ -296,10 +304,12 @@ class StoredInteraction(_message.Message):
         channel: _common_pb2.Channel.ValueType = ...,
         offer_id: _builtins.str = ...,
         accepted_at: _timestamp_pb2.Timestamp | None = ...,
+        customer_id: _builtins.str = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "channel", b"channel", "interaction_id", b"interaction_id", "offer_id", b"offer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "application_id", b"application_id", "channel", b"channel", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "offer_id", b"offer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,6 +337,8 @@ class StoredOffer(_message.Message):
     INTERACTION_LEASE_FIELD_NUMBER: _builtins.int
     SEALED_SUMMARY_FIELD_NUMBER: _builtins.int
     SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     state: Global___OfferState.ValueType
@@ -359,6 +371,12 @@ class StoredOffer(_message.Message):
     """The interaction's whole context (a serialized ContextData), sealed like
     `sealed_summary`; given to the agent on accept only.
     """
+    customer_id: _builtins.str
+    """The customer of the interaction (empty for a call that did not match) and their
+    application, kept with the interaction the agent accepts.
+    """
+    application_id: _builtins.str
+    """See `customer_id`."""
     @_builtins.property
     def offer(self) -> _presence_pb2.Offer:
         """The offer shown to the agent."""
@@ -389,10 +407,12 @@ class StoredOffer(_message.Message):
         interaction_lease: _builtins.int = ...,
         sealed_summary: _builtins.bytes = ...,
         sealed_context: _builtins.bytes = ...,
+        customer_id: _builtins.str = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "offer", b"offer", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "interaction_lease", b"interaction_lease", "offer", b"offer", "sealed_context", b"sealed_context", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "application_id", b"application_id", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "customer_id", b"customer_id", "interaction_lease", b"interaction_lease", "offer", b"offer", "sealed_context", b"sealed_context", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
