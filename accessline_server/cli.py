@@ -168,6 +168,16 @@ async def up(
         print("stopped.", flush=True)
 
 
+def _console_env(service: str, host: str) -> dict[str, str]:
+    """The agent console (on Presence's web port) sends links through Notification's."""
+    console, notification = (f"https://{host}:{web_port(s)}" for s in ("presence", "notification"))
+    if service == "presence":
+        return {"ACCESSLINE_PRESENCE_CONSOLE_NOTIFICATION_URL": notification}
+    if service == "notification":
+        return {"ACCESSLINE_WEB_CORS_ORIGINS": console}
+    return {}
+
+
 def _spawn_services(
     data_dir: Path, host: str, etcd_endpoint: str, identity: devpki.DevIdentity, jwks_url: str
 ) -> list[Child]:
@@ -181,6 +191,7 @@ def _spawn_services(
             "ACCESSLINE_PORT": str(port),
             "ACCESSLINE_METRICS_PORT": str(metrics_port),
             "ACCESSLINE_WEB_PORT": str(web_port(service)),
+            **_console_env(service, host),
             "ACCESSLINE_HISTORY_DSN": os.environ.get(
                 "ACCESSLINE_HISTORY_DSN",
                 f"sqlite+aiosqlite:///{(data_dir / 'match-history.db').resolve()}",

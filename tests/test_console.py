@@ -6,6 +6,7 @@ session, wrap up. Screenshots go to build/test-artifacts/console/."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import uuid
@@ -16,9 +17,11 @@ from typing import Any
 import pytest
 from playwright import async_api as playwright_api
 
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ROOT, identity
+from tests.conftest import ROOT, connect, free_port, identity
 from tests.support.proxy import Proxy
 from tests.support.stack import (
     C,
@@ -39,18 +42,38 @@ ARTIFACTS = ROOT / "build" / "test-artifacts" / "console"
 SHOWN = 30_000
 
 
+FORMS = "https://forms.example.test"
+
+
+@pytest.fixture(scope="module")
+async def network() -> AsyncIterator[Proxy]:
+    """The agent's network to Presence's web port (the test can cut it)."""
+    proxy = Proxy("")
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
 @pytest.fixture(scope="module")
 async def stack(
-    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
+    etcd: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory, network: Proxy
 ) -> AsyncIterator[Stack]:
+    notification_port = free_port()
     started = await start_stack(
         etcd,
         f"/console-{uuid.uuid4().hex[:8]}",
         tmp_path_factory.mktemp("console"),
-        web={},
+        # The console (on the proxy's origin) calls Notification's web port to send links.
+        web={"ACCESSLINE_WEB_CORS_ORIGINS": f"https://{network.address}"},
+        web_ports={"notification": notification_port},
+        presence_env={
+            "ACCESSLINE_PRESENCE_CONSOLE_NOTIFICATION_URL": f"https://127.0.0.1:{notification_port}"
+        },
+        notification_env={"ACCESSLINE_NOTIFICATION_LINK_ORIGINS": FORMS},
         # The agent in the browser takes their time.
         ACCESSLINE_ROUTING_OFFER_TIMEOUT_SECONDS="60",
     )
+    network.upstream = started.web["presence"]
     yield started
     await stop_stack(started)
 
@@ -97,8 +120,25 @@ async def register_agent(stack: Stack, group: str, subject: str) -> str:
     return agent_id
 
 
+async def customer_inbox(stack: Stack, customer: str, app_id: str) -> Any:
+    """The in-app stream of the customer's app (a device of theirs)."""
+    stub = nt_grpc.NotificationServiceStub(
+        connect(stack.processes[2].address, identity().token(customer, "customer"))
+    )
+    device = await stub.RegisterDevice(
+        nt_pb2.RegisterDeviceRequest(
+            device=nt_pb2.Device(
+                customer_id=customer, application_id=app_id, platform=nt_pb2.PLATFORM_IN_APP
+            )
+        )
+    )
+    return stub.StreamNotifications(
+        nt_pb2.StreamNotificationsRequest(device_id=device.device.device_id)
+    )
+
+
 async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_network_drop(
-    stack: Stack, browser: Any
+    stack: Stack, browser: Any, network: Proxy
 ) -> None:
     expect = playwright_api.expect
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
@@ -107,9 +147,8 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
     app_id, numbers = await setup_numbers(stack, group)
     subject = await pool_subject(stack, group)
     agent_id = await register_agent(stack, group, subject)
-    # The agent's browser reaches Presence's web port through a network the test can cut.
-    network = Proxy(stack.web["presence"])
-    await network.start()
+    # The customer's app listens in-app (for the link the agent sends).
+    inbox = await customer_inbox(stack, "customer-1", app_id)
     context = await browser.new_context(
         ignore_https_errors=True,  # the development CA of the test identity
         viewport={"width": 1200, "height": 900},
@@ -172,6 +211,18 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
         await expect(work.get_by_test_id("attribute-policy")).to_have_text("P-12", timeout=SHOWN)
         await expect(work.get_by_test_id("context-auth")).to_have_text("session-4711")
         await expect(work.get_by_test_id("context-app-screen")).to_have_text("claims/new")
+        # A link to the customer: refused from an origin not allowed, sent from one that is.
+        await work.get_by_test_id("link-url").fill("https://elsewhere.example.test/form")
+        await work.get_by_test_id("send-link").click()
+        await expect(work.get_by_test_id("link-status")).to_contain_text("not sent")
+        await work.get_by_test_id("link-url").fill(f"{FORMS}/claims/17")
+        await work.get_by_test_id("link-title").fill("Your claim form")
+        await work.get_by_test_id("send-link").click()
+        await expect(work.get_by_test_id("link-status")).to_have_text(
+            "sent to 1 device", timeout=SHOWN
+        )
+        received = (await asyncio.wait_for(inbox.read(), 15)).notification
+        assert (received.link_url, received.title) == (f"{FORMS}/claims/17", "Your claim form")
         await page.screenshot(path=ARTIFACTS / "interaction.png")
 
         # The network drops: the console says it is offline, then comes back by itself
@@ -201,7 +252,7 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
         call.hang_up()
     finally:
         await context.close()
-        await network.close()
+        inbox.cancel()
 
 
 async def test_the_console_is_served_with_a_policy_that_keeps_it_to_its_origin(

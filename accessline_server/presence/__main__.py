@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from accessline_server.presence.servicer import PresenceServicer
 from accessline_server.presence.session import Limits
 from accessline_server.presence.sessions import Sessions
 from accessline_server.presence.settings import PresenceSettings, reason_codes
+from accessline_server.runtime.pages import Site
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.presence")
@@ -31,7 +33,12 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         )
     sealing = Sealing(secret.encode())
     # The agent console (console/, built by npm) on the web port, when one is open.
-    context.web_pages["/console/"] = CONSOLE
+    settings_for_page = {"notificationUrl": settings.presence_console_notification_url}
+    context.web_pages["/console/"] = Site(
+        CONSOLE,
+        {"config.json": json.dumps(settings_for_page).encode()},
+        tuple(filter(None, [settings.presence_console_notification_url])),
+    )
     if settings.web_port and not CONSOLE.is_dir():
         log.warning("the agent console is not built (make console): /console/ answers 404")
     hub = Hub(context.store, context.telemetry.meter("accessline.presence"))

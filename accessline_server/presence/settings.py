@@ -60,6 +60,14 @@ class PresenceSettings(ServiceSettings):
         " each 1 to 32 of [a-z0-9_-]); `no-answer` is Presence's own, given when it sets an"
         " agent not ready after unanswered offers.",
     )
+    presence_console_notification_url: str = Field(
+        default="",
+        pattern=r"^(https?://[^/\s]+)?$",
+        description="Where the agent console reaches Notification's web port (to send"
+        " links), as scheme://host[:port]; empty: the console's own origin (a gateway that"
+        " routes by service path). Notification's ACCESSLINE_WEB_CORS_ORIGINS must then"
+        " allow the console's origin.",
+    )
     presence_secret: SecretStr = Field(
         default=SecretStr(DEVELOPMENT_SECRET),
         min_length=32,

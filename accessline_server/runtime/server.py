@@ -29,7 +29,7 @@ from accessline_server.runtime.errors import AccesslineError
 from accessline_server.runtime.identity import Authorizer, JwksKeys, TokenVerifier, acting_as
 from accessline_server.runtime.interceptor import ErrorInterceptor, InFlight
 from accessline_server.runtime.logs import setup_logging
-from accessline_server.runtime.pages import Pages
+from accessline_server.runtime.pages import Pages, Site
 from accessline_server.runtime.peers import peer_channel
 from accessline_server.runtime.settings import ServiceSettings, SettingsError, load_settings
 from accessline_server.runtime.store import EtcdTls, Store
@@ -131,8 +131,8 @@ class RuntimeContext:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # The process's health service, for components with a health of their own.
     health: Any = None
-    # Static pages the web port serves: path prefix (ending with "/") to folder.
-    web_pages: dict[str, Path] = field(default_factory=dict)
+    # Static pages the web port serves: path prefix (ending with "/") to site.
+    web_pages: dict[str, Site] = field(default_factory=dict)
     # This service's certificate for its peers (mutual TLS); None when insecure.
     credentials: grpc.ChannelCredentials | None = None
     # The audit trail (set by the runtime before the services are built).
@@ -345,8 +345,8 @@ class ServiceRuntime:
             await web.endpoints(served, self._errors.intercept_service),
             MAX_RECEIVE_MESSAGE_BYTES,
         )
-        for prefix, folder in self.context.web_pages.items():
-            app = Pages(app, prefix, folder)
+        for prefix, site in self.context.web_pages.items():
+            app = Pages(app, prefix, site)
         app = web.Cors(app, [o.strip() for o in settings.web_cors_origins.split(",") if o.strip()])
         tls = None
         if not settings.insecure:

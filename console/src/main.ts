@@ -4,7 +4,7 @@
 // its whole context. Everything goes through Presence's session (session.ts).
 
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { ConnectError } from "@connectrpc/connect";
+import { ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { MatchOutcome } from "./gen/accessline/callmatching/v1/call_matching_pb";
 import {
   Channel,
@@ -20,8 +20,9 @@ import {
   type AgentPresence,
   type Offer,
 } from "./gen/accessline/presence/v1/presence_pb";
+import { NotificationService } from "./gen/accessline/notification/v1/notification_pb";
 import { drawMap } from "./map";
-import { AgentSession, type Message } from "./session";
+import { AgentSession, transport, type Message } from "./session";
 
 const TOKEN_KEY = "accessline.token";
 
@@ -85,8 +86,20 @@ interface Working {
   context: ContextData | undefined;
 }
 
+/** What the server tells the page (config.json): where Notification's web port is. */
+async function notificationUrl(): Promise<string> {
+  try {
+    const answer = await fetch("config.json", { cache: "no-store" });
+    const config = (await answer.json()) as { notificationUrl?: string };
+    return config.notificationUrl || window.location.origin;
+  } catch {
+    return window.location.origin;
+  }
+}
+
 class Console {
   private session: AgentSession | null = null;
+  private notifications: Client<typeof NotificationService> | null = null;
   private agent: Agent | undefined;
   private presence: AgentPresence | undefined;
   private readonly offers = new Map<string, Offer>();
@@ -130,6 +143,9 @@ class Console {
     }
     window.sessionStorage.setItem(TOKEN_KEY, token);
     $("sign-in-error").textContent = "";
+    void notificationUrl().then((url) => {
+      this.notifications = createClient(NotificationService, transport(url, token));
+    });
     this.session = new AgentSession(agentId, token, {
       message: (message) => this.on(message),
       online: (online) => this.online(online),
@@ -408,9 +424,55 @@ class Console {
           this.showWork();
         }
       });
-      item.append(title, details, done);
+      item.append(title, details, this.linkForm(interactionId), done);
       list.append(item);
     }
+  }
+
+  /** "Send a link to the customer": a URL (of an allowed origin) and what to call it. */
+  private linkForm(interactionId: string): HTMLFormElement {
+    const form = document.createElement("form");
+    form.className = "link";
+    const url = document.createElement("input");
+    url.type = "url";
+    url.required = true;
+    url.placeholder = "https://… (a form, a document to sign)";
+    url.setAttribute("aria-label", "Link to send");
+    url.dataset.testid = "link-url";
+    const title = document.createElement("input");
+    title.type = "text";
+    title.maxLength = 256;
+    title.placeholder = "What it is";
+    title.setAttribute("aria-label", "Link title");
+    title.dataset.testid = "link-title";
+    const send = document.createElement("button");
+    send.type = "submit";
+    send.textContent = "Send link to the customer";
+    send.dataset.testid = "send-link";
+    const status = document.createElement("p");
+    status.dataset.testid = "link-status";
+    form.append(url, title, send, status);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      if (this.notifications === null) {
+        status.textContent = "not sent: not connected yet";
+        return;
+      }
+      try {
+        const sent = await this.notifications.sendLink({
+          interactionId,
+          url: url.value,
+          title: title.value,
+        });
+        status.textContent = sent.duplicate
+          ? "already sent"
+          : `sent to ${sent.deviceCount} device${sent.deviceCount === 1 ? "" : "s"}`;
+        this.log(`link sent: ${url.value}`);
+      } catch (error) {
+        status.textContent = `not sent: ${ConnectError.from(error).rawMessage}`;
+      }
+    });
+    return form;
   }
 
   private log(text: string): void {

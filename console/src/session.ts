@@ -5,7 +5,14 @@
 // is offline.
 
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  createClient,
+  type Client,
+  type Interceptor,
+  type Transport,
+} from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-web";
 import {
   ConnectRequestSchema,
@@ -37,6 +44,11 @@ function bearer(token: string): Interceptor {
   };
 }
 
+/** Connect over HTTP to a service's web port, every call with the agent's token. */
+export function transport(baseUrl: string, token: string): Transport {
+  return createConnectTransport({ baseUrl, useBinaryFormat: true, interceptors: [bearer(token)] });
+}
+
 export class AgentSession {
   private readonly client: Client<typeof PresenceService>;
   private running = false;
@@ -55,12 +67,7 @@ export class AgentSession {
     private readonly events: SessionEvents,
     baseUrl: string = window.location.origin,
   ) {
-    const transport = createConnectTransport({
-      baseUrl,
-      useBinaryFormat: true,
-      interceptors: [bearer(token)],
-    });
-    this.client = createClient(PresenceService, transport);
+    this.client = createClient(PresenceService, transport(baseUrl, token));
   }
 
   start(): void {

@@ -96,22 +96,31 @@ async def start_stack(
     *,
     web: Mapping[str, str] | None = None,
     notification_env: Mapping[str, str] | None = None,
+    presence_env: Mapping[str, str] | None = None,
+    web_ports: Mapping[str, int] | None = None,
     **routing_env: str,
 ) -> Stack:
     """The five services (two Routing replicas) on an etcd, or on the endpoints given;
-    with `web` (settings of the web ports), each also serves Connect and gRPC-Web;
-    Notification with `notification_env` besides."""
+    with `web` (settings of the web ports, on the `web_ports` given or free ones), each
+    also serves Connect and gRPC-Web; Notification and Presence with `notification_env`
+    and `presence_env` besides."""
     endpoints = etcd if isinstance(etcd, str) else etcd.endpoint
-    web_ports: dict[str, str] = {}
+    ports = {name: str(port) for name, port in (web_ports or {}).items()}
 
     def web_env(name: str) -> dict[str, str]:
         if web is None:
             return {}
-        web_ports.setdefault(name, str(free_port()))
-        return {**web, "ACCESSLINE_WEB_PORT": web_ports[name]}
+        ports.setdefault(name, str(free_port()))
+        return {**web, "ACCESSLINE_WEB_PORT": ports[name]}
 
     nd = spawn_service("accessline_server.numberdistribution", endpoints, prefix, **web_env("nd"))
-    pr = spawn_service("accessline_server.presence", endpoints, prefix, **web_env("presence"))
+    pr = spawn_service(
+        "accessline_server.presence",
+        endpoints,
+        prefix,
+        **web_env("presence"),
+        **(presence_env or {}),
+    )
     nt = spawn_service(
         "accessline_server.notification",
         endpoints,
@@ -158,7 +167,7 @@ async def start_stack(
         routers,
         channels,
         prefix,
-        {name.removesuffix("-0"): f"127.0.0.1:{port}" for name, port in web_ports.items()},
+        {name.removesuffix("-0"): f"127.0.0.1:{port}" for name, port in ports.items()},
     )
 
 
