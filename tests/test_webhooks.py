@@ -14,13 +14,17 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline_server.callmatching.expiry import ExpiryWatcher
 from accessline_server.notification.webhooks import Reach
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from tests.conftest import (
@@ -52,9 +56,11 @@ from tests.support.stack import (
     answer,
     new_group,
     pool_subject,
+    set_available,
     setup_numbers,
     start_stack,
     stop_stack,
+    window,
 )
 from tests.support.stack import handoff as stack_handoff
 
@@ -420,3 +426,153 @@ async def test_a_matched_call_is_told_connected_or_gone(routed: Stack) -> None:
         "interaction_id",
     }
     agent_app.call.cancel()
+
+
+def told_types(receiver: Receiver, secret: str, key: str) -> list[tuple[str, str]]:
+    """(type, data[key]) of each verified delivery, in the order received."""
+    return [
+        (event["type"], event["data"].get(key, ""))
+        for event in (Webhook(secret).verify(body, headers) for headers, body in receiver.requests)
+    ]
+
+
+async def test_a_matched_call_is_told_queued_and_offered(routed: Stack) -> None:
+    group = new_group()
+    app_id, numbers = await setup_numbers(routed, group)
+    subject = await pool_subject(routed, group)
+    _, agent_app = await agent(routed, group)
+    queued, offered = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_QUEUED, nt_pb2.WEBHOOK_EVENT_TYPE_CALL_OFFERED
+    async with Receiver() as receiver:
+        webhook_id, secret = await webhook(
+            routed.nt, app_id, receiver.url, queued, offered, CONNECTED
+        )
+        await stack_handoff(routed, app_id, "customer-q", C.ContextData(subject=subject))
+        call = Call(routed.routers[0], numbers[0])
+        await answer(agent_app, ACCEPT)
+        await call.until("connect")
+        await settled(routed.nt, webhook_id, 3)
+        assert sorted(told_types(receiver, secret, "customer_id")) == [
+            ("call.connected", "customer-q"),
+            ("call.offered", "customer-q"),
+            ("call.queued", "customer-q"),
+        ]
+    call.hang_up()
+    agent_app.call.cancel()
+
+
+async def test_a_callback_is_told_scheduled_attempted_and_completed_or_failed(
+    routed: Stack,
+) -> None:
+    group = new_group()
+    _, agent_app = await agent(routed, group)
+    app_id = f"app-{uuid.uuid4().hex[:6]}"
+    kinds = [
+        nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_SCHEDULED,
+        nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_ATTEMPTED,
+        nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_COMPLETED,
+        nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_FAILED,
+    ]
+    dials = routed.routers[1].StreamCallbackDials(
+        rt_pb2.StreamCallbackDialsRequest(switch_id="sw-hooks")
+    )
+
+    def asked(customer: str) -> rt_pb2.RequestCallbackRequest:
+        return rt_pb2.RequestCallbackRequest(
+            application_id=app_id,
+            customer_id=customer,
+            phone_number="+33612345678",
+            latest=window(3600),
+            resource_group=group,
+        )
+
+    async with Receiver() as receiver:
+        webhook_id, secret = await webhook(routed.nt, app_id, receiver.url, *kinds)
+        reached = (await routed.routers[0].RequestCallback(asked("customer-r"))).callback
+        await answer(agent_app, ACCEPT)
+        while (await asyncio.wait_for(dials.read(), 20)).callback_id != reached.callback_id:
+            pass
+        await routed.routers[0].ReportCallbackAttempt(
+            rt_pb2.ReportCallbackAttemptRequest(
+                callback_id=reached.callback_id,
+                outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED,
+            )
+        )
+        dropped = (await routed.routers[1].RequestCallback(asked("customer-s"))).callback
+        await routed.routers[1].CancelCallback(
+            rt_pb2.CancelCallbackRequest(callback_id=dropped.callback_id)
+        )
+        await settled(routed.nt, webhook_id, 5)
+        by_callback = sorted(told_types(receiver, secret, "callback_id"))
+        assert by_callback == sorted(
+            [
+                ("callback.scheduled", reached.callback_id),
+                ("callback.attempted", reached.callback_id),
+                ("callback.completed", reached.callback_id),
+                ("callback.scheduled", dropped.callback_id),
+                ("callback.failed", dropped.callback_id),
+            ]
+        )
+        details = {t: d for t, d in told_types(receiver, secret, "outcome") if d}
+        assert details == {"callback.attempted": "connected"}
+        reasons = {t: d for t, d in told_types(receiver, secret, "reason") if d}
+        assert reasons == {"callback.failed": "cancelled"}
+    dials.cancel()
+    agent_app.call.cancel()
+
+
+async def test_a_customer_told_an_agent_is_available_is_told_to_the_backend(
+    routed: Stack,
+) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(routed, group)
+    subject = await pool_subject(routed, group)
+    _, held_app = await agent(routed, group, available=False)
+    async with Receiver() as receiver:
+        webhook_id, secret = await webhook(
+            routed.nt, app_id, receiver.url, nt_pb2.WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED
+        )
+        asked = await routed.routers[0].RequestNotifyWhenAvailable(
+            rt_pb2.RequestNotifyWhenAvailableRequest(
+                customer_id="customer-n",
+                resource_group=group,
+                handoff=cm_pb2.StartHandoffRequest(
+                    application_id=app_id, context=C.ContextData(subject=subject)
+                ),
+            )
+        )
+        await set_available(held_app, True)
+        await settled(routed.nt, webhook_id, 1)
+        assert told_types(receiver, secret, "request_id") == [
+            ("availability.notified", asked.request_id)
+        ]
+    held_app.call.cancel()
+
+
+async def test_a_handoff_no_call_matched_is_told_expired_once(routed: Stack) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(routed, group, 2)
+    subject = await pool_subject(routed, group)
+    expired = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED
+    async with Receiver() as receiver:
+        webhook_id, secret = await webhook(routed.nt, app_id, receiver.url, expired, CANCELLED)
+        short = duration_pb2.Duration(seconds=2)
+        lapsed = await stack_handoff(
+            routed, app_id, "customer-x", C.ContextData(subject=subject), ttl=short
+        )
+        dropped = await stack_handoff(
+            routed, app_id, "customer-y", C.ContextData(subject=subject), ttl=short
+        )
+        await routed.cm.CancelHandoff(cm_pb2.CancelHandoffRequest(session_id=dropped.session_id))
+        await settled(routed.nt, webhook_id, 2)
+        assert sorted(told_types(receiver, secret, "session_id")) == [
+            ("handoff.cancelled", dropped.session_id),
+            ("handoff.expired", lapsed.session_id),
+        ]
+        # Its application can read that it expired.
+        state = await routed.cm.GetSession(cm_pb2.GetSessionRequest(session_id=lapsed.session_id))
+        assert state.state == cm_pb2.SESSION_STATE_EXPIRED
+        # Another replica that saw it vanish too tells nothing more: the outcome is kept.
+        again = ExpiryWatcher(routed.store, 60.0)
+        seen = cm_store.StoredSession(session_id=lapsed.session_id, application_id=app_id)
+        assert not await again.expired(seen)
+        assert len(await deliveries(routed.nt, webhook_id)) == 2

@@ -10,6 +10,7 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.domain import CallMatching, Limits
+from accessline_server.callmatching.expiry import ExpiryWatcher
 from accessline_server.callmatching.failures import FailureLimits
 from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.servicer import CallMatchingServicer
@@ -66,6 +67,9 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         ),
         meter=meter,
     )
+    expiry = ExpiryWatcher(context.store, settings.session_retention_seconds)
+    expiry.start()
+    context.on_stop(expiry.stop)
     return [
         Registration(
             servicer=CallMatchingServicer(domain),

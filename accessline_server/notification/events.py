@@ -1,5 +1,6 @@
 """Notification's published module for the services where what a webhook tells happens
-(CallMatching's match and cancelled handoffs; Routing's matched calls, connected or gone):
+(CallMatching's matched, cancelled and expired handoffs; Routing's matched calls queued, offered,
+connected or gone, its callbacks and its notify-when-available):
 the operation that writes the event in that service's own transaction, so an event
 exists exactly when what it tells happened, and is never lost nor told of something
 that did not happen. Notification fans each event out to the webhooks its application
@@ -25,6 +26,14 @@ HANDOFF_MATCHED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED
 HANDOFF_CANCELLED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED
 CALL_CONNECTED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_CONNECTED
 CALL_ABANDONED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_ABANDONED
+CALL_QUEUED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_QUEUED
+CALL_OFFERED = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_OFFERED
+CALLBACK_SCHEDULED = nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_SCHEDULED
+CALLBACK_ATTEMPTED = nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_ATTEMPTED
+CALLBACK_COMPLETED = nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_COMPLETED
+CALLBACK_FAILED = nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_FAILED
+AVAILABILITY_NOTIFIED = nt_pb2.WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED
+HANDOFF_EXPIRED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED
 
 
 async def event_op(

@@ -64,6 +64,14 @@ EVENT_NAMES = {
     nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_CANCELLED: "handoff.cancelled",
     nt_pb2.WEBHOOK_EVENT_TYPE_CALL_CONNECTED: "call.connected",
     nt_pb2.WEBHOOK_EVENT_TYPE_CALL_ABANDONED: "call.abandoned",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALL_QUEUED: "call.queued",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALL_OFFERED: "call.offered",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_SCHEDULED: "callback.scheduled",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_ATTEMPTED: "callback.attempted",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_COMPLETED: "callback.completed",
+    nt_pb2.WEBHOOK_EVENT_TYPE_CALLBACK_FAILED: "callback.failed",
+    nt_pb2.WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED: "availability.notified",
+    nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED: "handoff.expired",
 }
 PENDING = nt_pb2.WEBHOOK_DELIVERY_STATUS_PENDING
 RETRIED_STATUSES = {408, 429}

@@ -21,6 +21,7 @@ from accessline.access.v1 import access_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline_server.notification import events
 from accessline_server.routing import keys, private
 from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
@@ -110,6 +111,7 @@ class Callbacks:
         item.deadline.CopyFrom(request.latest)
         item.session_id = request.session_id
         item.customer_id = request.customer_id
+        item.application_id = request.application_id
         if item.preferred_agent_id:
             item.preferred_until.CopyFrom(timestamp(max(earliest, now) + self._rules.owner_wait))
         owner_key = keys.callback_owner(self._sealer, request.resource_group, request.customer_id)
@@ -119,6 +121,7 @@ class Callbacks:
                 Op.put(owner_key, rt_store.CallbackOwner(callback_id=callback_id)),
                 Op.put(keys.callback(callback_id), stored),
                 Op.put(keys.queued(request.resource_group, callback_id), item),
+                *await self._told(stored, events.CALLBACK_SCHEDULED),
             ],
             [Op.get(owner_key)],
         )
@@ -158,10 +161,40 @@ class Callbacks:
     async def get(self, callback_id: str) -> rt_pb2.Callback:
         return (await self._yours(callback_id)).value.callback
 
-    async def _finish_ops(
-        self, entry: Entry[rt_store.StoredCallback], state: rt_pb2.CallbackState.ValueType
+    async def _told(
+        self,
+        stored: rt_store.StoredCallback,
+        event: nt_pb2.WebhookEventType.ValueType,
+        **more: str,
     ) -> list[Op]:
-        """Ends a callback: kept for the retention period, its customer free to ask again."""
+        """The webhook event of a callback (its application's backend is told), for the
+        transaction of what happened."""
+        if not stored.application_id:
+            return []
+        data = {
+            "callback_id": stored.callback.callback_id,
+            "session_id": stored.session_id,
+            "customer_id": stored.customer_id,
+            **more,
+        }
+        return [
+            await events.event_op(
+                self._store,
+                event,
+                stored.application_id,
+                data,
+                time.time(),
+            )
+        ]
+
+    async def _finish_ops(
+        self,
+        entry: Entry[rt_store.StoredCallback],
+        state: rt_pb2.CallbackState.ValueType,
+        reason: str = "",
+    ) -> list[Op]:
+        """Ends a callback: kept for the retention period, its customer free to ask again;
+        its backend told it completed, or failed and why."""
         done = rt_store.StoredCallback()
         done.CopyFrom(entry.value)
         done.callback.state = state
@@ -172,6 +205,11 @@ class Callbacks:
             Op.delete(keys.callback_owner(self._sealer, cb.resource_group, done.customer_id)),
             Op.delete(keys.queued(cb.resource_group, cb.callback_id)),
             Op.delete(keys.dial(cb.callback_id)),
+            *(
+                await self._told(done, events.CALLBACK_COMPLETED)
+                if state == rt_pb2.CALLBACK_STATE_COMPLETED
+                else await self._told(done, events.CALLBACK_FAILED, reason=reason)
+            ),
         ]
 
     async def cancel(self, callback_id: str) -> None:
@@ -193,7 +231,7 @@ class Callbacks:
             compares = [Compare.modified_at(entry.key, entry.meta.mod_revision)]
             if queued is not None:
                 compares.append(Compare.modified_at(queued_key, queued.meta.mod_revision))
-            ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED)
+            ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED, "cancelled")
             if (await self._store.txn(compares, ops)).succeeded:
                 if queued is not None:
                     await withdraw_offer(self._store, queued.value)
@@ -273,7 +311,7 @@ class Callbacks:
                         [Op.delete(item.key)],
                     )
                     continue
-                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED)
+                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED, "window_closed")
                 if (
                     await self._store.txn(
                         [
@@ -396,6 +434,7 @@ class Callbacks:
                 item.deadline.CopyFrom(cb.latest)
                 item.customer_id = entry.value.customer_id
                 item.session_id = entry.value.session_id
+                item.application_id = entry.value.application_id
                 ops = [
                     Op.put(entry.key, again),
                     Op.put(keys.queued(cb.resource_group, callback_id), item),
@@ -403,8 +442,14 @@ class Callbacks:
                 ]
                 final_state = rt_pb2.CALLBACK_STATE_QUEUED
             else:
-                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED)
+                ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED, "not_reached")
                 final_state = rt_pb2.CALLBACK_STATE_FAILED
+            attempted = rt_pb2.CallbackAttemptOutcome.Name(outcome).removeprefix(
+                "CALLBACK_ATTEMPT_OUTCOME_"
+            )
+            ops += await self._told(
+                entry.value, events.CALLBACK_ATTEMPTED, outcome=attempted.lower()
+            )
             if (await self._store.txn(compares, ops)).succeeded:
                 after = rt_pb2.Callback()
                 after.CopyFrom(cb)

@@ -23,9 +23,11 @@ from opentelemetry import metrics, trace
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.presence import roster as pr_roster
 from accessline_server.routing import keys, private
+from accessline_server.routing.entries import told
 from accessline_server.routing.holds import Holds
 from accessline_server.routing.plan import (
     GroupState,
@@ -373,6 +375,7 @@ class Dispatcher:
             self._rules.offer_timeout + pr_offers.OFFER_MARGIN_SECONDS
         )
         record = rt_store.AgentClaim(interaction_id=item.interaction_id, call_id=item.call_id)
+        offered = await told(self._store, item, events.CALL_OFFERED)
         for slot in range(capacity):
             claim_key = keys.claim(agent.agent_id, candidate.channel, slot)
             updated = QI()
@@ -402,6 +405,7 @@ class Dispatcher:
                         stored,
                         offer_lease,
                     ),
+                    *offered,
                 ],
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )

@@ -94,6 +94,7 @@ class QueueEntries:
         The agent held for this customer waits for this call alone: the hold's claim is
         dropped in the same transaction so the dispatcher can offer them."""
         lease = await self.replica_lease()
+        queued = await told(self._store, item, events.CALL_QUEUED)
         if hold is not None:
             item.preferred_agent_id = hold.value.agent_id
             item.preferred_until.CopyFrom(
@@ -107,13 +108,13 @@ class QueueEntries:
                 item,
                 lease,
                 [Compare.modified_at(hold.key, hold.meta.mod_revision)],
-                [Op.delete(hold.key), Op.delete(hold.value.claim_key)],
+                [Op.delete(hold.key), Op.delete(hold.value.claim_key), *queued],
             )
             if revision:
                 return revision
             item.ClearField("preferred_agent_id")
             item.ClearField("preferred_until")
-        return await self.join(group, key, item, lease)
+        return await self.join(group, key, item, lease, (), queued)
 
     async def join(
         self,
@@ -216,17 +217,7 @@ class QueueEntries:
             log.warning("the call %s could not be taken out of the queue", key)
 
     async def _told(self, item: QI, event: nt_pb2.WebhookEventType.ValueType) -> list[Op]:
-        """The webhook event of a matched call (its application's backend is told), for
-        the transaction of what happened; none for a call that did not match."""
-        if not item.application_id:
-            return []
-        data = {
-            "session_id": item.session_id,
-            "customer_id": item.customer_id,
-            "call_id": item.call_id,
-            "interaction_id": item.interaction_id,
-        }
-        return [await events.event_op(self._store, event, item.application_id, data, time.time())]
+        return await told(self._store, item, event)
 
     async def rejoin(self, group: str, key: str, item: QI, redirect: Entry[QI]) -> int:
         """A connected call the switch sends back (its agent's phone did not take it):
@@ -251,3 +242,18 @@ class QueueEntries:
             [Compare.modified_at(redirect.key, redirect.meta.mod_revision)],
             ops,
         )
+
+
+async def told(store: Store, item: QI, event: nt_pb2.WebhookEventType.ValueType) -> list[Op]:
+    """The webhook event of a matched call (its application's backend is told), for the
+    transaction of what happened; none for a call that did not match, nor a callback
+    (told as a callback, callbacks.py)."""
+    if not item.application_id or item.kind != rt_store.INTERACTION_KIND_CALL:
+        return []
+    data = {
+        "session_id": item.session_id,
+        "customer_id": item.customer_id,
+        "call_id": item.call_id,
+        "interaction_id": item.interaction_id,
+    }
+    return [await events.event_op(store, event, item.application_id, data, time.time())]

@@ -18,6 +18,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline_server.notification import events
 from accessline_server.routing import keys
 from accessline_server.routing.plan import GroupState, eligible, reserved_agents
 from accessline_server.routing.queue import Candidate, Rules, rank
@@ -148,9 +149,26 @@ class Holds:
                 resource_group=request.resource_group,
             )
             hold.until.FromNanoseconds(int((time.time() + self._rules.hold) * 1e9))
+            told = (
+                [
+                    await events.event_op(
+                        self._store,
+                        events.AVAILABILITY_NOTIFIED,
+                        ask.value.application_id,
+                        {
+                            "request_id": ask.value.request_id,
+                            "session_id": started.session_id,
+                            "customer_id": request.customer_id,
+                        },
+                        time.time(),
+                    )
+                ]
+                if ask.value.application_id
+                else []
+            )
             ok = await self._fenced(
                 [Compare.modified_at(ask.key, ask.meta.mod_revision), Compare.absent(hold_key)],
-                [Op.put(hold_key, hold, lease), Op.delete(ask.key)],
+                [Op.put(hold_key, hold, lease), Op.delete(ask.key), *told],
             )
         except PeerError as exc:
             await self._store.revoke_lease(lease)

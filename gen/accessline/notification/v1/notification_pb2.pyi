@@ -39,6 +39,26 @@ class _WebhookEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Webh
     """The matched call left the queue without reaching an agent: the caller hung up, its
     wait passed the maximum, or it failed (`call.abandoned`).
     """
+    WEBHOOK_EVENT_TYPE_CALL_QUEUED: _WebhookEventType.ValueType  # 5
+    """The matched call entered its group's queue (`call.queued`)."""
+    WEBHOOK_EVENT_TYPE_CALL_OFFERED: _WebhookEventType.ValueType  # 6
+    """The matched call was offered to an agent (`call.offered`; again at each offer)."""
+    WEBHOOK_EVENT_TYPE_CALLBACK_SCHEDULED: _WebhookEventType.ValueType  # 7
+    """A callback was asked for and waits for an agent (`callback.scheduled`)."""
+    WEBHOOK_EVENT_TYPE_CALLBACK_ATTEMPTED: _WebhookEventType.ValueType  # 8
+    """An agent's dial of a callback ended, with its outcome (`callback.attempted`)."""
+    WEBHOOK_EVENT_TYPE_CALLBACK_COMPLETED: _WebhookEventType.ValueType  # 9
+    """A callback reached the customer (`callback.completed`)."""
+    WEBHOOK_EVENT_TYPE_CALLBACK_FAILED: _WebhookEventType.ValueType  # 10
+    """A callback ended without reaching the customer: attempts or time used up, or
+    cancelled (`callback.failed`, with its reason).
+    """
+    WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED: _WebhookEventType.ValueType  # 11
+    """An agent was held for a customer who asked to be told, and the customer was told
+    (`availability.notified`).
+    """
+    WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED: _WebhookEventType.ValueType  # 12
+    """The handoff's session expired with no call matching it (`handoff.expired`)."""
 
 class WebhookEventType(_WebhookEventType, metaclass=_WebhookEventTypeEnumTypeWrapper):
     """What happened, as a webhook is told."""
@@ -55,6 +75,26 @@ WEBHOOK_EVENT_TYPE_CALL_ABANDONED: WebhookEventType.ValueType  # 4
 """The matched call left the queue without reaching an agent: the caller hung up, its
 wait passed the maximum, or it failed (`call.abandoned`).
 """
+WEBHOOK_EVENT_TYPE_CALL_QUEUED: WebhookEventType.ValueType  # 5
+"""The matched call entered its group's queue (`call.queued`)."""
+WEBHOOK_EVENT_TYPE_CALL_OFFERED: WebhookEventType.ValueType  # 6
+"""The matched call was offered to an agent (`call.offered`; again at each offer)."""
+WEBHOOK_EVENT_TYPE_CALLBACK_SCHEDULED: WebhookEventType.ValueType  # 7
+"""A callback was asked for and waits for an agent (`callback.scheduled`)."""
+WEBHOOK_EVENT_TYPE_CALLBACK_ATTEMPTED: WebhookEventType.ValueType  # 8
+"""An agent's dial of a callback ended, with its outcome (`callback.attempted`)."""
+WEBHOOK_EVENT_TYPE_CALLBACK_COMPLETED: WebhookEventType.ValueType  # 9
+"""A callback reached the customer (`callback.completed`)."""
+WEBHOOK_EVENT_TYPE_CALLBACK_FAILED: WebhookEventType.ValueType  # 10
+"""A callback ended without reaching the customer: attempts or time used up, or
+cancelled (`callback.failed`, with its reason).
+"""
+WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED: WebhookEventType.ValueType  # 11
+"""An agent was held for a customer who asked to be told, and the customer was told
+(`availability.notified`).
+"""
+WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED: WebhookEventType.ValueType  # 12
+"""The handoff's session expired with no call matching it (`handoff.expired`)."""
 Global___WebhookEventType: _TypeAlias = WebhookEventType  # noqa: Y015
 
 class _WebhookDeliveryStatus:
