@@ -137,10 +137,94 @@ async def customer_inbox(stack: Stack, customer: str, app_id: str) -> Any:
     )
 
 
+expect = playwright_api.expect
+CUSTOMER = C.ContextData(
+    language="fr-FR",
+    customer_segment="gold",
+    service_request_id="SR-7",
+    auth_token_ref="session-4711",
+    app_screen="claims/new",
+    location=C.GeoPoint(latitude=45.76, longitude=4.84),
+    attributes={"display_name": "Ms Martin", "policy": "P-12"},
+)
+
+
+async def sign_in_and_set_presence(page: Any, stack: Stack, agent_id: str) -> None:
+    """Signs in with the agent's token; mobile on (ready), then the desk phone off for
+    a break (partly ready, with the reason, as supervisors see it too)."""
+    await page.get_by_label("Your access token").fill(identity().token(agent_id, "agent"))
+    await page.get_by_test_id("sign-in-button").click()
+    await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
+    await expect(page.get_by_test_id("agent-name")).to_have_text("Camille Durand")
+    overall = page.get_by_test_id("overall")
+    await expect(overall).to_have_text("Partly ready", timeout=SHOWN)
+    await page.get_by_test_id("channel-MOBILE_VOICE").check()
+    await expect(overall).to_have_text("Ready", timeout=SHOWN)
+    await page.get_by_test_id("reason").select_option("break")
+    await page.get_by_test_id("channel-DESK_VOICE").uncheck()
+    await expect(page.get_by_test_id("reason-shown")).to_have_text(
+        "Not ready: break", timeout=SHOWN
+    )
+    await expect(overall).to_have_text("Partly ready")
+    shown = await stack.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[agent_id]))
+    assert shown.agents[0].not_ready_reason == "break"
+
+
+async def see_the_offer(page: Any, subject: str) -> None:
+    """The offer shows who, why, where and how long, with its countdown."""
+    await expect(page.get_by_test_id("offer")).to_be_visible(timeout=SHOWN)
+    await expect(page.get_by_test_id("customer")).to_have_text("Ms Martin")
+    await expect(page.get_by_test_id("subject")).to_have_text(subject)
+    await expect(page.get_by_test_id("service-request")).to_have_text("SR-7")
+    await expect(page.get_by_test_id("match")).to_have_text("matched")
+    await expect(page.get_by_test_id("waiting")).to_have_text(re.compile(r"^\d+:\d\d$"))
+    await expect(page.get_by_test_id("customer-marker")).to_be_attached()
+    await expect(page.get_by_test_id("offer-countdown")).not_to_have_text("0")
+    await page.screenshot(path=ARTIFACTS / "offer.png")
+
+
+async def work_and_send_a_link(page: Any, inbox: Any) -> Any:
+    """The whole context of the accepted call, and a link to the customer: refused from
+    an origin not allowed, sent from one that is. The interaction's element."""
+    await expect(page.get_by_test_id("offer")).to_be_hidden(timeout=SHOWN)
+    work = page.get_by_test_id("interaction")
+    await expect(work.get_by_test_id("attribute-policy")).to_have_text("P-12", timeout=SHOWN)
+    await expect(work.get_by_test_id("context-auth")).to_have_text("session-4711")
+    await expect(work.get_by_test_id("context-app-screen")).to_have_text("claims/new")
+    await work.get_by_test_id("link-url").fill("https://elsewhere.example.test/form")
+    await work.get_by_test_id("send-link").click()
+    await expect(work.get_by_test_id("link-status")).to_contain_text("not sent")
+    await work.get_by_test_id("link-url").fill(f"{FORMS}/claims/17")
+    await work.get_by_test_id("link-title").fill("Your claim form")
+    await work.get_by_test_id("send-link").click()
+    await expect(work.get_by_test_id("link-status")).to_have_text("sent to 1 device", timeout=SHOWN)
+    received = (await asyncio.wait_for(inbox.read(), 15)).notification
+    assert (received.link_url, received.title) == (f"{FORMS}/claims/17", "Your claim form")
+    await page.screenshot(path=ARTIFACTS / "interaction.png")
+    return work
+
+
+async def drop_and_come_back(page: Any, network: Proxy) -> None:
+    """The network drops: the console says it is offline, then comes back by itself to
+    the same session (the desk phone still off for its reason)."""
+    network.cut()
+    await expect(page.get_by_test_id("connection")).to_have_text(
+        "Offline — reconnecting…", timeout=SHOWN
+    )
+    await page.screenshot(path=ARTIFACTS / "offline.png")
+    network.restore()
+    await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
+    await expect(page.get_by_test_id("events")).to_contain_text(
+        "reconnected; session resumed", timeout=SHOWN
+    )
+    await expect(page.get_by_test_id("reason-shown")).to_have_text("Not ready: break")
+    await expect(page.get_by_test_id("channel-MOBILE_VOICE")).to_be_checked()
+    await expect(page.get_by_test_id("channel-DESK_VOICE")).not_to_be_checked()
+
+
 async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_network_drop(
     stack: Stack, browser: Any, network: Proxy
 ) -> None:
-    expect = playwright_api.expect
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     group = new_group()
@@ -156,91 +240,21 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
     page = await context.new_page()
     try:
         await page.goto(f"https://{network.address}/console/")
-        await page.get_by_label("Your access token").fill(identity().token(agent_id, "agent"))
-        await page.get_by_test_id("sign-in-button").click()
-        await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
-        await expect(page.get_by_test_id("agent-name")).to_have_text("Camille Durand")
-        overall = page.get_by_test_id("overall")
-        await expect(overall).to_have_text("Partly ready", timeout=SHOWN)
-
-        # Mobile on: ready. Desk phone off for a reason: partly ready, with the reason.
-        await page.get_by_test_id("channel-MOBILE_VOICE").check()
-        await expect(overall).to_have_text("Ready", timeout=SHOWN)
-        await page.get_by_test_id("reason").select_option("break")
-        await page.get_by_test_id("channel-DESK_VOICE").uncheck()
-        await expect(page.get_by_test_id("reason-shown")).to_have_text(
-            "Not ready: break", timeout=SHOWN
-        )
-        await expect(overall).to_have_text("Partly ready")
-        shown = await stack.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[agent_id]))
-        assert shown.agents[0].not_ready_reason == "break"
-
-        # A customer of the app calls: the offer shows who, why, where and how long.
-        customer = C.ContextData(
-            subject=subject,
-            language="fr-FR",
-            customer_segment="gold",
-            service_request_id="SR-7",
-            auth_token_ref="session-4711",
-            app_screen="claims/new",
-            location=C.GeoPoint(latitude=45.76, longitude=4.84),
-            attributes={"display_name": "Ms Martin", "policy": "P-12"},
-        )
+        await sign_in_and_set_presence(page, stack, agent_id)
+        customer = C.ContextData()
+        customer.CopyFrom(CUSTOMER)
+        customer.subject = subject
         started = await handoff(stack, app_id, "customer-1", customer)
         call = Call(stack.routers[0], numbers[0])
-        offer = page.get_by_test_id("offer")
-        await expect(offer).to_be_visible(timeout=SHOWN)
-        await expect(page.get_by_test_id("customer")).to_have_text("Ms Martin")
-        await expect(page.get_by_test_id("subject")).to_have_text(subject)
-        await expect(page.get_by_test_id("service-request")).to_have_text("SR-7")
-        await expect(page.get_by_test_id("match")).to_have_text("matched")
-        await expect(page.get_by_test_id("waiting")).to_have_text(re.compile(r"^\d+:\d\d$"))
-        await expect(page.get_by_test_id("customer-marker")).to_be_attached()
-        await expect(page.get_by_test_id("offer-countdown")).not_to_have_text("0")
-        await page.screenshot(path=ARTIFACTS / "offer.png")
-
-        # Accepted on the mobile phone: the call is connected there, and the agent sees
-        # the whole context the app sent.
+        await see_the_offer(page, subject)
+        # Accepted on the mobile phone: the call is connected there.
         await page.get_by_test_id("accept-channel").select_option(label="Mobile phone")
         await page.get_by_test_id("accept").click()
         connect = (await call.until("connect")).connect
         assert (connect.agent_id, connect.address) == (agent_id, "+33612345678")
         assert connect.session_id == started.session_id
-        await expect(offer).to_be_hidden(timeout=SHOWN)
-        work = page.get_by_test_id("interaction")
-        await expect(work.get_by_test_id("attribute-policy")).to_have_text("P-12", timeout=SHOWN)
-        await expect(work.get_by_test_id("context-auth")).to_have_text("session-4711")
-        await expect(work.get_by_test_id("context-app-screen")).to_have_text("claims/new")
-        # A link to the customer: refused from an origin not allowed, sent from one that is.
-        await work.get_by_test_id("link-url").fill("https://elsewhere.example.test/form")
-        await work.get_by_test_id("send-link").click()
-        await expect(work.get_by_test_id("link-status")).to_contain_text("not sent")
-        await work.get_by_test_id("link-url").fill(f"{FORMS}/claims/17")
-        await work.get_by_test_id("link-title").fill("Your claim form")
-        await work.get_by_test_id("send-link").click()
-        await expect(work.get_by_test_id("link-status")).to_have_text(
-            "sent to 1 device", timeout=SHOWN
-        )
-        received = (await asyncio.wait_for(inbox.read(), 15)).notification
-        assert (received.link_url, received.title) == (f"{FORMS}/claims/17", "Your claim form")
-        await page.screenshot(path=ARTIFACTS / "interaction.png")
-
-        # The network drops: the console says it is offline, then comes back by itself
-        # to the same session (the desk phone still off for its reason).
-        network.cut()
-        await expect(page.get_by_test_id("connection")).to_have_text(
-            "Offline — reconnecting…", timeout=SHOWN
-        )
-        await page.screenshot(path=ARTIFACTS / "offline.png")
-        network.restore()
-        await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
-        await expect(page.get_by_test_id("events")).to_contain_text(
-            "reconnected; session resumed", timeout=SHOWN
-        )
-        await expect(page.get_by_test_id("reason-shown")).to_have_text("Not ready: break")
-        await expect(page.get_by_test_id("channel-MOBILE_VOICE")).to_be_checked()
-        await expect(page.get_by_test_id("channel-DESK_VOICE")).not_to_be_checked()
-
+        work = await work_and_send_a_link(page, inbox)
+        await drop_and_come_back(page, network)
         # Wrap-up done: the mobile channel has room again.
         await work.get_by_test_id("wrap-up").click()
         await expect(work).to_have_count(0, timeout=SHOWN)
@@ -272,5 +286,5 @@ async def test_the_console_is_served_with_a_policy_that_keeps_it_to_its_origin(
     await page.goto(f"https://{stack.web['presence']}/console/")
     await page.get_by_label("Your access token").fill("not-a-token")
     await page.get_by_test_id("sign-in-button").click()
-    await playwright_api.expect(page.get_by_test_id("sign-in-error")).to_contain_text("JWT")
+    await expect(page.get_by_test_id("sign-in-error")).to_contain_text("JWT")
     await context.close()

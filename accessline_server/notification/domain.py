@@ -35,6 +35,7 @@ from accessline_server.notification.keys import (
     SUBSCRIPTION_IDS,
     Keys,
 )
+from accessline_server.notification.records import stored_notification
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
@@ -309,22 +310,7 @@ class Notifications:
         else:
             devices = await self._targets(request.topic, request.customer_id, application_id)
             lease = await self._store.grant_lease(max(1, math.ceil(ttl + self._policy.retention)))
-            stored = nt_store.StoredNotification(
-                notification=nt_pb2.Notification(
-                    notification_id=notification_id,
-                    event_type=request.event_type,
-                    title=request.title,
-                    body=request.body,
-                    data=request.data,
-                    published_at=timestamp(now),
-                    link_url=link_url,
-                ),
-                expires_at=timestamp(now + ttl),
-                priority=request.priority,
-                collapse_key=request.collapse_key,
-                device_ids=[d.device_id for d in devices],
-                publisher=identity.current().subject,
-            )
+            stored = stored_notification(request, notification_id, now, ttl, link_url, devices)
             ops = [Op.put(NOTIFICATIONS + notification_id, stored, lease)]
             compares: list[Compare] = [Compare.absent(NOTIFICATIONS + notification_id)]
             if record_key and record is None:

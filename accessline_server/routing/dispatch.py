@@ -341,14 +341,10 @@ class Dispatcher:
             if isinstance(result, BaseException):
                 log.warning("offer failed: %s", result)
 
-    async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:
-        """Claims a slot of the agent's channel and offers them the interaction, in one
-        fenced transaction; True when the offer is out."""
+    def _new_offer(self, entry: Entry[QI], candidate: Candidate) -> pr_store.StoredOffer:
+        """The offer of the interaction to the candidate, in the trace of its call."""
         item = entry.value
         agent = candidate.agent
-        capacity = next(
-            (c.capacity or 1 for c in agent.channels if c.channel == candidate.channel), 1
-        )
         with tracer.start_as_current_span(
             "accessline.agent.claim",
             context=context_from(item.trace.traceparent, item.trace.tracestate)
@@ -357,7 +353,7 @@ class Dispatcher:
             attributes={"accessline.agent": agent.agent_id},
         ):
             what = private.interaction(self._sealer, item)
-            stored = pr_offers.new_offer(
+            return pr_offers.new_offer(
                 agent.agent_id,
                 item.interaction_id,
                 candidate.channel,
@@ -369,6 +365,16 @@ class Dispatcher:
                 context=what.context if what.HasField("context") else None,
                 customer=(item.customer_id, item.application_id),
             )
+
+    async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:
+        """Claims a slot of the agent's channel and offers them the interaction, in one
+        fenced transaction; True when the offer is out."""
+        item = entry.value
+        agent = candidate.agent
+        capacity = next(
+            (c.capacity or 1 for c in agent.channels if c.channel == candidate.channel), 1
+        )
+        stored = self._new_offer(entry, candidate)
         # The claim is deleted once the offer is answered; should the leader die and the
         # call with it (nobody left to answer for), it ends with the offer's own lease.
         offer_lease = await self._store.shared_lease(

@@ -106,6 +106,20 @@ class Holds:
         await self._store.revoke_lease(lease)
         return None
 
+    async def _told(self, ask: rt_store.NotifyRequest, session_id: str) -> list[Op]:
+        """The `availability.notified` webhook event, for the hold's transaction."""
+        if not ask.application_id:
+            return []
+        data = {
+            "request_id": ask.request_id,
+            "session_id": session_id,
+            "customer_id": ask.request.customer_id,
+        }
+        notified = events.AVAILABILITY_NOTIFIED
+        return [
+            await events.event_op(self._store, notified, ask.application_id, data, time.time())
+        ]
+
     async def _hold(self, ask: Entry[rt_store.NotifyRequest], candidate: Candidate) -> bool:
         """Holds a free agent for a customer who asked to be told, starts their handoff
         (number and code for the time of the hold) and pushes "an agent is available"."""
@@ -149,23 +163,7 @@ class Holds:
                 resource_group=request.resource_group,
             )
             hold.until.FromNanoseconds(int((time.time() + self._rules.hold) * 1e9))
-            told = (
-                [
-                    await events.event_op(
-                        self._store,
-                        events.AVAILABILITY_NOTIFIED,
-                        ask.value.application_id,
-                        {
-                            "request_id": ask.value.request_id,
-                            "session_id": started.session_id,
-                            "customer_id": request.customer_id,
-                        },
-                        time.time(),
-                    )
-                ]
-                if ask.value.application_id
-                else []
-            )
+            told = await self._told(ask.value, started.session_id)
             ok = await self._fenced(
                 [Compare.modified_at(ask.key, ask.meta.mod_revision), Compare.absent(hold_key)],
                 [Op.put(hold_key, hold, lease), Op.delete(ask.key), *told],
