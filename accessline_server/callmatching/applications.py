@@ -3,11 +3,15 @@ for the context its sessions carry."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline_server.callmatching import keys
 from accessline_server.callmatching.sessions import DEFAULT_MAX_CODE_ATTEMPTS, DEFAULT_SESSION_TTL
-from accessline_server.runtime.errors import NotFound
-from accessline_server.runtime.store import Store
+from accessline_server.runtime.errors import Aborted, NotFound
+from accessline_server.runtime.masks import check_etag, check_whole, merged, with_etag
+from accessline_server.runtime.store import Compare, Entry, Op, Store
+from accessline_server.runtime.validation import Violations
 
 
 class Applications:
@@ -17,16 +21,39 @@ class Applications:
         self._store = store
 
     async def register(self, app: cm_pb2.Application) -> cm_pb2.Application:
-        stored = cm_pb2.Application()
-        stored.CopyFrom(app)
-        if not stored.HasField("default_session_ttl"):
-            stored.default_session_ttl.FromSeconds(int(DEFAULT_SESSION_TTL))
-        if not stored.max_code_attempts:
-            stored.max_code_attempts = DEFAULT_MAX_CODE_ATTEMPTS
-        await self._store.put(keys.app(app.application_id), stored)
-        return stored
+        stored = _completed(app)
+        revision = await self._store.put(keys.app(app.application_id), stored)
+        return with_etag(stored, revision)
 
-    async def get(self, application_id: str) -> cm_pb2.Application:
+    async def update(
+        self,
+        app: cm_pb2.Application,
+        mask: Sequence[str],
+        check: Callable[[cm_pb2.Application, Violations], None],
+    ) -> cm_pb2.Application:
+        """The application with the fields of `mask` taken from `app`, if it is still the
+        version of `app.etag` (when given) and valid as a whole."""
+        current = await self._entry(app.application_id)
+        revision = current.meta.mod_revision
+        check_etag(
+            app.etag,
+            revision,
+            f"application {app.application_id}",
+            {"application_id": app.application_id},
+        )
+        updated = merged(current.value, app, mask)
+        check_whole(check, updated)
+        stored = _completed(updated)
+        key = keys.app(app.application_id)
+        result = await self._store.txn([Compare.modified_at(key, revision)], [Op.put(key, stored)])
+        if not result.succeeded:
+            raise Aborted(
+                "the application changed while it was being updated; retry",
+                reason="CONCURRENT_UPDATE",
+            )
+        return with_etag(stored, result.revision)
+
+    async def _entry(self, application_id: str) -> Entry[cm_pb2.Application]:
         entry = await self._store.get(keys.app(application_id), cm_pb2.Application)
         if entry is None:
             raise NotFound(
@@ -34,7 +61,15 @@ class Applications:
                 reason="APPLICATION_NOT_FOUND",
                 metadata={"application_id": application_id},
             )
-        return entry.value
+        return entry
+
+    async def get(self, application_id: str) -> cm_pb2.Application:
+        return (await self._entry(application_id)).value
+
+    async def answered(self, application_id: str) -> cm_pb2.Application:
+        """The application with its version, as GetApplication answers it."""
+        entry = await self._entry(application_id)
+        return with_etag(entry.value, entry.meta.mod_revision)
 
     async def page(self, page_size: int, page_token: str) -> tuple[list[cm_pb2.Application], str]:
         entries, _ = await self._store.get_prefix(
@@ -43,5 +78,17 @@ class Applications:
             limit=page_size + 1,
             start_after=keys.app(page_token) if page_token else None,
         )
-        apps = [e.value for e in entries[:page_size]]
+        apps = [with_etag(e.value, e.meta.mod_revision) for e in entries[:page_size]]
         return apps, apps[-1].application_id if len(entries) > page_size else ""
+
+
+def _completed(app: cm_pb2.Application) -> cm_pb2.Application:
+    """The application as stored: its defaults filled in, no etag."""
+    stored = cm_pb2.Application()
+    stored.CopyFrom(app)
+    stored.ClearField("etag")
+    if not stored.HasField("default_session_ttl"):
+        stored.default_session_ttl.FromSeconds(int(DEFAULT_SESSION_TTL))
+    if not stored.max_code_attempts:
+        stored.max_code_attempts = DEFAULT_MAX_CODE_ATTEMPTS
+    return stored

@@ -11,6 +11,7 @@ from accessline.common.v1 import common_pb2
 from accessline_server.callmatching.domain import Call, CallMatching, Handoff
 from accessline_server.callmatching.history import AttemptFilter
 from accessline_server.runtime.contextdata import KEY, check_context
+from accessline_server.runtime.masks import check_given, check_mask, updatable
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -19,6 +20,29 @@ MAX_DAY = 24 * 3600.0
 
 def _us(ts: Any, present: bool) -> int | None:
     return int(ts.ToNanoseconds() // 1000) if present else None
+
+
+def _check_application(app: cm_pb2.Application, v: Violations) -> None:
+    v.id("application.application_id", app.application_id)
+    v.text("application.display_name", app.display_name, 128)
+    v.text("application.etag", app.etag, 64)
+    if app.match_schema not in common_pb2.MatchSchema.values() or not app.match_schema:
+        v.add("application.match_schema", "must be one of the MATCH_SCHEMA_ values")
+    if app.HasField("default_session_ttl"):
+        v.duration("application.default_session_ttl", app.default_session_ttl, 1, MAX_DAY)
+    if len(app.required_context_keys) > 32:
+        v.add("application.required_context_keys", "must have at most 32 entries")
+    for i, key in enumerate(app.required_context_keys):
+        if not KEY.match(key):
+            v.add(
+                f"application.required_context_keys[{i}]",
+                "must be 1 to 64 characters of [A-Za-z0-9_.-]",
+            )
+    if not 0 <= app.max_code_attempts <= 20:
+        v.add("application.max_code_attempts", "must be between 0 (default 3) and 20")
+
+
+APPLICATION_UPDATABLE = updatable(cm_pb2.Application.DESCRIPTOR, ("application_id", "etag"))
 
 
 class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
@@ -30,28 +54,32 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
     async def RegisterApplication(
         self, request: cm_pb2.RegisterApplicationRequest, context: ServicerContext
     ) -> cm_pb2.RegisterApplicationResponse:
-        app = request.application
         v = Violations()
-        v.id("application.application_id", app.application_id)
-        v.text("application.display_name", app.display_name, 128)
-        if app.match_schema not in common_pb2.MatchSchema.values() or not app.match_schema:
-            v.add("application.match_schema", "must be one of the MATCH_SCHEMA_ values")
-        if app.HasField("default_session_ttl"):
-            v.duration("application.default_session_ttl", app.default_session_ttl, 1, MAX_DAY)
-        if len(app.required_context_keys) > 32:
-            v.add("application.required_context_keys", "must have at most 32 entries")
-        for i, key in enumerate(app.required_context_keys):
-            if not KEY.match(key):
-                v.add(
-                    f"application.required_context_keys[{i}]",
-                    "must be 1 to 64 characters of [A-Za-z0-9_.-]",
-                )
-        if not 0 <= app.max_code_attempts <= 20:
-            v.add("application.max_code_attempts", "must be between 0 (default 3) and 20")
+        _check_application(request.application, v)
         v.raise_if_any()
         return cm_pb2.RegisterApplicationResponse(
-            application=await self._domain.applications.register(app)
+            application=await self._domain.applications.register(request.application)
         )
+
+    async def UpdateApplication(
+        self, request: cm_pb2.UpdateApplicationRequest, context: ServicerContext
+    ) -> cm_pb2.UpdateApplicationResponse:
+        v = Violations()
+        paths = list(request.update_mask.paths)
+        check_mask(paths, cm_pb2.Application.DESCRIPTOR, APPLICATION_UPDATABLE, v)
+        check_given(
+            _check_application,
+            request.application,
+            paths,
+            "application",
+            v,
+            ("application_id", "etag"),
+        )
+        v.raise_if_any()
+        updated = await self._domain.applications.update(
+            request.application, paths, _check_application
+        )
+        return cm_pb2.UpdateApplicationResponse(application=updated)
 
     async def GetApplication(
         self, request: cm_pb2.GetApplicationRequest, context: ServicerContext
@@ -60,7 +88,7 @@ class CallMatchingServicer(cm_grpc.CallMatchingServiceServicer):
         v.id("application_id", request.application_id)
         v.raise_if_any()
         return cm_pb2.GetApplicationResponse(
-            application=await self._domain.applications.get(request.application_id)
+            application=await self._domain.applications.answered(request.application_id)
         )
 
     async def ListApplications(

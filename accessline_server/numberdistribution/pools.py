@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from google.protobuf.field_mask_pb2 import FieldMask
 from opentelemetry import metrics
 
 from accessline.numberdistribution.storage.v1 import storage_pb2
@@ -28,6 +27,7 @@ from accessline_server.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from accessline_server.runtime.masks import check_etag, merged, updatable, with_etag
 from accessline_server.runtime.phone import NumberFormatError, normalize_number
 from accessline_server.runtime.store import Compare, Op, Store
 
@@ -66,22 +66,8 @@ def _chunks(items: Sequence[str], size: int = BATCH) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def etag(revision: int) -> str:
-    """A pool's version as answered: the etcd revision that last wrote it, opaque."""
-    return f"p{revision:x}"
-
-
-def with_etag(pool: nd_pb2.Pool, revision: int) -> nd_pb2.Pool:
-    answered = nd_pb2.Pool()
-    answered.CopyFrom(pool)
-    answered.etag = etag(revision)
-    return answered
-
-
 # The fields UpdatePool may be asked to change (paths of `update_mask`).
-UPDATABLE = frozenset(
-    name for name in nd_pb2.Pool.DESCRIPTOR.fields_by_name if name not in ("pool_id", "etag")
-)
+UPDATABLE = updatable(nd_pb2.Pool.DESCRIPTOR, ("pool_id", "etag"))
 
 
 def pool_not_found(pool_id: str) -> NotFound:
@@ -208,21 +194,10 @@ class Pools:
         current = await self._store.get(keys.pool(pool.pool_id), nd_pb2.Pool)
         if current is None:
             raise pool_not_found(pool.pool_id)
-        if pool.etag and pool.etag != etag(current.meta.mod_revision):
-            raise Aborted(
-                f"pool {pool.pool_id} changed since it was read; read it again",
-                reason="ETAG_MISMATCH",
-                metadata={"pool_id": pool.pool_id},
-            )
-        updated = nd_pb2.Pool()
-        if not mask or "*" in mask:
-            updated.CopyFrom(pool)
-        else:
-            updated.CopyFrom(current.value)
-            FieldMask(paths=list(mask)).MergeMessage(
-                pool, updated, replace_message_field=True, replace_repeated_field=True
-            )
-        stored = self._complete_pool(updated)
+        check_etag(
+            pool.etag, current.meta.mod_revision, f"pool {pool.pool_id}", {"pool_id": pool.pool_id}
+        )
+        stored = self._complete_pool(merged(current.value, pool, mask))
         stored.ClearField("etag")
         result = await self._store.txn(
             [Compare.modified_at(keys.pool(pool.pool_id), current.meta.mod_revision)],

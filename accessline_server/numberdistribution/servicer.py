@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.field_mask_pb2 import FieldMask
-
 from accessline.access.v1 import access_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
@@ -16,6 +14,7 @@ from accessline_server.numberdistribution.pools import Pools
 from accessline_server.numberdistribution.reserving import Reservations, ReserveRequest
 from accessline_server.runtime import identity
 from accessline_server.runtime.errors import PermissionDenied
+from accessline_server.runtime.masks import check_mask
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -93,18 +92,7 @@ class NumberDistributionServicer(nd_grpc.NumberDistributionServiceServicer):
         v = Violations()
         _check_pool(request.pool, v)
         paths = list(request.update_mask.paths)
-        if len(paths) > len(pools.UPDATABLE) + 1:
-            v.add("update_mask.paths", f"must have at most {len(pools.UPDATABLE) + 1} entries")
-        for i, path in enumerate(paths[: len(pools.UPDATABLE) + 1]):
-            top = path.split(".", 1)[0]
-            if path != "*" and (
-                top not in pools.UPDATABLE
-                or not FieldMask(paths=[path]).IsValidForDescriptor(nd_pb2.Pool.DESCRIPTOR)
-            ):
-                v.add(
-                    f"update_mask.paths[{i}]",
-                    f"{path!r} is not a field of the pool that can be changed",
-                )
+        check_mask(paths, nd_pb2.Pool.DESCRIPTOR, pools.UPDATABLE, v)
         v.raise_if_any()
         return nd_pb2.UpdatePoolResponse(pool=await self._pools.update_pool(request.pool, paths))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from opentelemetry import trace
 
@@ -16,12 +16,15 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import keys
 from accessline_server.presence.roster import Sealing, public_presence
 from accessline_server.runtime.errors import (
+    Aborted,
     FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
+from accessline_server.runtime.masks import check_etag, check_whole, merged, with_etag
 from accessline_server.runtime.store import (
+    Compare,
     EventKind,
     Op,
     Store,
@@ -29,6 +32,7 @@ from accessline_server.runtime.store import (
     WatchEvent,
 )
 from accessline_server.runtime.streams import until
+from accessline_server.runtime.validation import Violations
 
 log = logging.getLogger("accessline.presence")
 tracer = trace.get_tracer("accessline.presence")
@@ -60,20 +64,46 @@ class Directory:
     async def register(self, agent: pr_pb2.Agent) -> pr_pb2.Agent:
         stored = pr_pb2.Agent()
         stored.CopyFrom(agent)
+        stored.ClearField("etag")
         for config in stored.channels:
             config.capacity = config.capacity or 1
-        await self._store.put(keys.agent(agent.agent_id), self._sealing.stored_agent(stored))
-        return stored
+        revision = await self._store.put(
+            keys.agent(agent.agent_id), self._sealing.stored_agent(stored)
+        )
+        return with_etag(stored, revision)
+
+    async def update(
+        self,
+        agent: pr_pb2.Agent,
+        mask: Sequence[str],
+        check: Callable[[pr_pb2.Agent, Violations], None],
+    ) -> pr_pb2.Agent:
+        """The agent with the fields of `mask` taken from `agent`, if it is still the
+        version of `agent.etag` (when given) and valid as a whole."""
+        key = keys.agent(agent.agent_id)
+        entry = await self._store.get(key, pr_store.StoredAgent)
+        if entry is None:
+            raise _not_found(agent.agent_id)
+        revision = entry.meta.mod_revision
+        check_etag(agent.etag, revision, f"agent {agent.agent_id}", {"agent_id": agent.agent_id})
+        updated = merged(self._sealing.agent(entry.value), agent, mask)
+        check_whole(check, updated)
+        for config in updated.channels:
+            config.capacity = config.capacity or 1
+        result = await self._store.txn(
+            [Compare.modified_at(key, revision)], [Op.put(key, self._sealing.stored_agent(updated))]
+        )
+        if not result.succeeded:
+            raise Aborted(
+                "the agent changed while it was being updated; retry", reason="CONCURRENT_UPDATE"
+            )
+        return with_etag(updated, result.revision)
 
     async def get(self, agent_id: str) -> pr_pb2.Agent:
         entry = await self._store.get(keys.agent(agent_id), pr_store.StoredAgent)
         if entry is None:
-            raise NotFound(
-                f"agent {agent_id} is not registered",
-                reason="AGENT_NOT_FOUND",
-                metadata={"agent_id": agent_id},
-            )
-        return self._sealing.agent(entry.value)
+            raise _not_found(agent_id)
+        return with_etag(self._sealing.agent(entry.value), entry.meta.mod_revision)
 
     async def list_agents(
         self, group: str, page_size: int, page_token: str
@@ -86,7 +116,7 @@ class Directory:
                 keys.AGENTS, pr_store.StoredAgent, limit=500, start_after=after
             )
             found += [
-                self._sealing.agent(e.value)
+                with_etag(self._sealing.agent(e.value), e.meta.mod_revision)
                 for e in page
                 if not group or group in e.value.agent.resource_groups
             ]
@@ -289,3 +319,11 @@ class Directory:
             agent = agents.get(agent_id)
             return public_presence(agent, live.get(agent_id)) if agent is not None else None
         return None
+
+
+def _not_found(agent_id: str) -> NotFound:
+    return NotFound(
+        f"agent {agent_id} is not registered",
+        reason="AGENT_NOT_FOUND",
+        metadata={"agent_id": agent_id},
+    )

@@ -11,6 +11,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline_server.presence.directory import Directory
 from accessline_server.presence.sessions import Sessions, check_login, check_message
+from accessline_server.runtime.masks import check_given, check_mask, updatable
 from accessline_server.runtime.server import ServicerContext
 from accessline_server.runtime.validation import Violations
 
@@ -18,6 +19,7 @@ from accessline_server.runtime.validation import Violations
 def _check_agent(agent: pr_pb2.Agent, v: Violations) -> None:
     v.id("agent.agent_id", agent.agent_id)
     v.text("agent.display_name", agent.display_name, 128)
+    v.text("agent.etag", agent.etag, 64)
     if len(agent.skills) > 32:
         v.add("agent.skills", "must have at most 32 entries")
     for i, skill in enumerate(agent.skills):
@@ -51,6 +53,9 @@ def _check_agent(agent: pr_pb2.Agent, v: Violations) -> None:
             v.add(f"agent.channels[{i}].capacity", "must be 0 (one) to 100")
 
 
+AGENT_UPDATABLE = updatable(pr_pb2.Agent.DESCRIPTOR, ("agent_id", "etag"))
+
+
 class PresenceServicer(pr_grpc.PresenceServiceServicer):
     """The PresenceService contract on top of the domain."""
 
@@ -66,6 +71,17 @@ class PresenceServicer(pr_grpc.PresenceServiceServicer):
         _check_agent(request.agent, v)
         v.raise_if_any()
         return pr_pb2.RegisterAgentResponse(agent=await self._directory.register(request.agent))
+
+    async def UpdateAgent(
+        self, request: pr_pb2.UpdateAgentRequest, context: ServicerContext
+    ) -> pr_pb2.UpdateAgentResponse:
+        v = Violations()
+        paths = list(request.update_mask.paths)
+        check_mask(paths, pr_pb2.Agent.DESCRIPTOR, AGENT_UPDATABLE, v)
+        check_given(_check_agent, request.agent, paths, "agent", v, ("agent_id", "etag"))
+        v.raise_if_any()
+        updated = await self._directory.update(request.agent, paths, _check_agent)
+        return pr_pb2.UpdateAgentResponse(agent=updated)
 
     async def GetAgent(
         self, request: pr_pb2.GetAgentRequest, context: ServicerContext

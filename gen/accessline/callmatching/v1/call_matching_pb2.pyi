@@ -7,6 +7,7 @@ from accessline.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -127,6 +128,7 @@ class Application(_message.Message):
     REQUIRED_CONTEXT_KEYS_FIELD_NUMBER: _builtins.int
     SKIP_IVR_ON_MATCH_FIELD_NUMBER: _builtins.int
     MAX_CODE_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     application_id: _builtins.str
     """Id of the application."""
     display_name: _builtins.str
@@ -137,6 +139,10 @@ class Application(_message.Message):
     """Whether a matched call skips the IVR's authentication."""
     max_code_attempts: _builtins.int
     """Wrong access codes allowed on one reservation before it is locked. 0 means 3."""
+    etag: _builtins.str
+    """The version of the application as stored (set on answers): pass it back to
+    UpdateApplication to change only that version. At most 64 characters.
+    """
     @_builtins.property
     def default_session_ttl(self) -> _duration_pb2.Duration:
         """TTL of a session (and of its number reservation) when the request sets none."""
@@ -155,14 +161,74 @@ class Application(_message.Message):
         required_context_keys: _abc.Iterable[_builtins.str] | None = ...,
         skip_ivr_on_match: _builtins.bool = ...,
         max_code_attempts: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_session_ttl", b"default_session_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "default_session_ttl", b"default_session_ttl", "display_name", b"display_name", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "required_context_keys", b"required_context_keys", "skip_ivr_on_match", b"skip_ivr_on_match"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "default_session_ttl", b"default_session_ttl", "display_name", b"display_name", "etag", b"etag", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "required_context_keys", b"required_context_keys", "skip_ivr_on_match", b"skip_ivr_on_match"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Application: _TypeAlias = Application  # noqa: Y015
+
+@_typing.final
+class UpdateApplicationRequest(_message.Message):
+    """Request of UpdateApplication."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def application(self) -> Global___Application:
+        """The application's new settings; `application_id` names it, `etag` (optional) the
+        version they apply to.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change (for example `skip_ivr_on_match`, `default_session_ttl`); the
+        others keep their stored values. Unset, or `*`: all of them. `application_id` and
+        `etag` cannot be changed.
+        """
+
+    def __init__(
+        self,
+        *,
+        application: Global___Application | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateApplicationRequest: _TypeAlias = UpdateApplicationRequest  # noqa: Y015
+
+@_typing.final
+class UpdateApplicationResponse(_message.Message):
+    """Response of UpdateApplication."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def application(self) -> Global___Application:
+        """The application as stored."""
+
+    def __init__(
+        self,
+        *,
+        application: Global___Application | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["application", b"application"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateApplicationResponse: _TypeAlias = UpdateApplicationResponse  # noqa: Y015
 
 @_typing.final
 class RegisterApplicationRequest(_message.Message):

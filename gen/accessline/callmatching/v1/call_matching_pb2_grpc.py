@@ -46,6 +46,11 @@ class CallMatchingServiceStub:
                 request_serializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationRequest.SerializeToString,
                 response_deserializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationResponse.FromString,
                 _registered_method=True)
+        self.UpdateApplication = channel.unary_unary(
+                '/accessline.callmatching.v1.CallMatchingService/UpdateApplication',
+                request_serializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationRequest.SerializeToString,
+                response_deserializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationResponse.FromString,
+                _registered_method=True)
         self.GetApplication = channel.unary_unary(
                 '/accessline.callmatching.v1.CallMatchingService/GetApplication',
                 request_serializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.GetApplicationRequest.SerializeToString,
@@ -100,6 +105,15 @@ class CallMatchingServiceServicer:
 
     def RegisterApplication(self, request, context):
         """Registers an application or replaces its settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateApplication(self, request, context):
+        """Changes the fields of an application named by `update_mask` (all when unset), only
+        if it is still the version of `application.etag` when given (ABORTED
+        `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +184,11 @@ def add_CallMatchingServiceServicer_to_server(servicer, server):
                     servicer.RegisterApplication,
                     request_deserializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationRequest.FromString,
                     response_serializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationResponse.SerializeToString,
+            ),
+            'UpdateApplication': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApplication,
+                    request_deserializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationRequest.FromString,
+                    response_serializer=accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationResponse.SerializeToString,
             ),
             'GetApplication': grpc.unary_unary_rpc_method_handler(
                     servicer.GetApplication,
@@ -246,6 +265,33 @@ class CallMatchingService:
             '/accessline.callmatching.v1.CallMatchingService/RegisterApplication',
             accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationRequest.SerializeToString,
             accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.RegisterApplicationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApplication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.callmatching.v1.CallMatchingService/UpdateApplication',
+            accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationRequest.SerializeToString,
+            accessline_dot_callmatching_dot_v1_dot_call__matching__pb2.UpdateApplicationResponse.FromString,
             options,
             channel_credentials,
             insecure,

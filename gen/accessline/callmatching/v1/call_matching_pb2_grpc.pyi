@@ -42,6 +42,11 @@ class CallMatchingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CallMatchingServiceAsyncStub: ...
     RegisterApplication: _grpc.UnaryUnaryMultiCallable[_call_matching_pb2.RegisterApplicationRequest, _call_matching_pb2.RegisterApplicationResponse]
     """Registers an application or replaces its settings."""
+    UpdateApplication: _grpc.UnaryUnaryMultiCallable[_call_matching_pb2.UpdateApplicationRequest, _call_matching_pb2.UpdateApplicationResponse]
+    """Changes the fields of an application named by `update_mask` (all when unset), only
+    if it is still the version of `application.etag` when given (ABORTED
+    `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+    """
     GetApplication: _grpc.UnaryUnaryMultiCallable[_call_matching_pb2.GetApplicationRequest, _call_matching_pb2.GetApplicationResponse]
     """Returns one application. NOT_FOUND when unknown."""
     ListApplications: _grpc.UnaryUnaryMultiCallable[_call_matching_pb2.ListApplicationsRequest, _call_matching_pb2.ListApplicationsResponse]
@@ -76,6 +81,11 @@ class CallMatchingServiceAsyncStub(CallMatchingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterApplication: _aio.UnaryUnaryMultiCallable[_call_matching_pb2.RegisterApplicationRequest, _call_matching_pb2.RegisterApplicationResponse]  # type: ignore[assignment]
     """Registers an application or replaces its settings."""
+    UpdateApplication: _aio.UnaryUnaryMultiCallable[_call_matching_pb2.UpdateApplicationRequest, _call_matching_pb2.UpdateApplicationResponse]  # type: ignore[assignment]
+    """Changes the fields of an application named by `update_mask` (all when unset), only
+    if it is still the version of `application.etag` when given (ABORTED
+    `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+    """
     GetApplication: _aio.UnaryUnaryMultiCallable[_call_matching_pb2.GetApplicationRequest, _call_matching_pb2.GetApplicationResponse]  # type: ignore[assignment]
     """Returns one application. NOT_FOUND when unknown."""
     ListApplications: _aio.UnaryUnaryMultiCallable[_call_matching_pb2.ListApplicationsRequest, _call_matching_pb2.ListApplicationsResponse]  # type: ignore[assignment]
@@ -113,6 +123,17 @@ class CallMatchingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_call_matching_pb2.RegisterApplicationResponse, _abc.Awaitable[_call_matching_pb2.RegisterApplicationResponse]]:
         """Registers an application or replaces its settings."""
+
+    @_abc_1.abstractmethod
+    def UpdateApplication(
+        self,
+        request: _call_matching_pb2.UpdateApplicationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_call_matching_pb2.UpdateApplicationResponse, _abc.Awaitable[_call_matching_pb2.UpdateApplicationResponse]]:
+        """Changes the fields of an application named by `update_mask` (all when unset), only
+        if it is still the version of `application.etag` when given (ABORTED
+        `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+        """
 
     @_abc_1.abstractmethod
     def GetApplication(

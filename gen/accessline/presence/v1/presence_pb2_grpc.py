@@ -46,6 +46,11 @@ class PresenceServiceStub:
                 request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentRequest.SerializeToString,
                 response_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentResponse.FromString,
                 _registered_method=True)
+        self.UpdateAgent = channel.unary_unary(
+                '/accessline.presence.v1.PresenceService/UpdateAgent',
+                request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentRequest.SerializeToString,
+                response_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentResponse.FromString,
+                _registered_method=True)
         self.GetAgent = channel.unary_unary(
                 '/accessline.presence.v1.PresenceService/GetAgent',
                 request_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.GetAgentRequest.SerializeToString,
@@ -105,6 +110,15 @@ class PresenceServiceServicer:
 
     def RegisterAgent(self, request, context):
         """Registers an agent or replaces its configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAgent(self, request, context):
+        """Changes the fields of an agent's configuration named by `update_mask` (all when
+        unset), only if it is still the version of `agent.etag` when given (ABORTED
+        `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +202,11 @@ def add_PresenceServiceServicer_to_server(servicer, server):
                     request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentRequest.FromString,
                     response_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentResponse.SerializeToString,
             ),
+            'UpdateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAgent,
+                    request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentRequest.FromString,
+                    response_serializer=accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentResponse.SerializeToString,
+            ),
             'GetAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgent,
                     request_deserializer=accessline_dot_presence_dot_v1_dot_presence__pb2.GetAgentRequest.FromString,
@@ -268,6 +287,33 @@ class PresenceService:
             '/accessline.presence.v1.PresenceService/RegisterAgent',
             accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentRequest.SerializeToString,
             accessline_dot_presence_dot_v1_dot_presence__pb2.RegisterAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.presence.v1.PresenceService/UpdateAgent',
+            accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentRequest.SerializeToString,
+            accessline_dot_presence_dot_v1_dot_presence__pb2.UpdateAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,11 @@ class PresenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PresenceServiceAsyncStub: ...
     RegisterAgent: _grpc.UnaryUnaryMultiCallable[_presence_pb2.RegisterAgentRequest, _presence_pb2.RegisterAgentResponse]
     """Registers an agent or replaces its configuration."""
+    UpdateAgent: _grpc.UnaryUnaryMultiCallable[_presence_pb2.UpdateAgentRequest, _presence_pb2.UpdateAgentResponse]
+    """Changes the fields of an agent's configuration named by `update_mask` (all when
+    unset), only if it is still the version of `agent.etag` when given (ABORTED
+    `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+    """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_presence_pb2.GetAgentRequest, _presence_pb2.GetAgentResponse]
     """Returns one agent's configuration."""
     ListAgents: _grpc.UnaryUnaryMultiCallable[_presence_pb2.ListAgentsRequest, _presence_pb2.ListAgentsResponse]
@@ -84,6 +89,11 @@ class PresenceServiceAsyncStub(PresenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterAgent: _aio.UnaryUnaryMultiCallable[_presence_pb2.RegisterAgentRequest, _presence_pb2.RegisterAgentResponse]  # type: ignore[assignment]
     """Registers an agent or replaces its configuration."""
+    UpdateAgent: _aio.UnaryUnaryMultiCallable[_presence_pb2.UpdateAgentRequest, _presence_pb2.UpdateAgentResponse]  # type: ignore[assignment]
+    """Changes the fields of an agent's configuration named by `update_mask` (all when
+    unset), only if it is still the version of `agent.etag` when given (ABORTED
+    `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+    """
     GetAgent: _aio.UnaryUnaryMultiCallable[_presence_pb2.GetAgentRequest, _presence_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Returns one agent's configuration."""
     ListAgents: _aio.UnaryUnaryMultiCallable[_presence_pb2.ListAgentsRequest, _presence_pb2.ListAgentsResponse]  # type: ignore[assignment]
@@ -129,6 +139,17 @@ class PresenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_presence_pb2.RegisterAgentResponse, _abc.Awaitable[_presence_pb2.RegisterAgentResponse]]:
         """Registers an agent or replaces its configuration."""
+
+    @_abc_1.abstractmethod
+    def UpdateAgent(
+        self,
+        request: _presence_pb2.UpdateAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_presence_pb2.UpdateAgentResponse, _abc.Awaitable[_presence_pb2.UpdateAgentResponse]]:
+        """Changes the fields of an agent's configuration named by `update_mask` (all when
+        unset), only if it is still the version of `agent.etag` when given (ABORTED
+        `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+        """
 
     @_abc_1.abstractmethod
     def GetAgent(

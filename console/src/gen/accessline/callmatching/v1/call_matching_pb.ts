@@ -7,15 +7,15 @@ import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf
 import { file_accessline_access_v1_access } from "../../access/v1/access_pb";
 import type { ContextData, MatchSchema, TraceContext } from "../../common/v1/common_pb";
 import { file_accessline_common_v1_common } from "../../common/v1/common_pb";
-import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file accessline/callmatching/v1/call_matching.proto.
  */
 export const file_accessline_callmatching_v1_call_matching: GenFile = /*@__PURE__*/
-  fileDesc("Ci5hY2Nlc3NsaW5lL2NhbGxtYXRjaGluZy92MS9jYWxsX21hdGNoaW5nLnByb3RvEhphY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MSKBAgoLQXBwbGljYXRpb24SFgoOYXBwbGljYXRpb25faWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEjcKDG1hdGNoX3NjaGVtYRgDIAEoDjIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLk1hdGNoU2NoZW1hEjYKE2RlZmF1bHRfc2Vzc2lvbl90dGwYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHQoVcmVxdWlyZWRfY29udGV4dF9rZXlzGAUgAygJEhkKEXNraXBfaXZyX29uX21hdGNoGAYgASgIEhkKEW1heF9jb2RlX2F0dGVtcHRzGAcgASgFIloKGlJlZ2lzdGVyQXBwbGljYXRpb25SZXF1ZXN0EjwKC2FwcGxpY2F0aW9uGAEgASgLMicuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQXBwbGljYXRpb24iWwobUmVnaXN0ZXJBcHBsaWNhdGlvblJlc3BvbnNlEjwKC2FwcGxpY2F0aW9uGAEgASgLMicuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQXBwbGljYXRpb24iLwoVR2V0QXBwbGljYXRpb25SZXF1ZXN0EhYKDmFwcGxpY2F0aW9uX2lkGAEgASgJIlYKFkdldEFwcGxpY2F0aW9uUmVzcG9uc2USPAoLYXBwbGljYXRpb24YASABKAsyJy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5BcHBsaWNhdGlvbiJAChdMaXN0QXBwbGljYXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJyChhMaXN0QXBwbGljYXRpb25zUmVzcG9uc2USPQoMYXBwbGljYXRpb25zGAEgAygLMicuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQXBwbGljYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpgCChNTdGFydEhhbmRvZmZSZXF1ZXN0EhYKDmFwcGxpY2F0aW9uX2lkGAEgASgJEhMKC2N1c3RvbWVyX2lkGAIgASgJEjIKB2NvbnRleHQYAyABKAsyIS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5Db250ZXh0RGF0YRIXCg9kZXZpY2VfY2FuX2RpYWwYBCABKAgSHAoUZGV2aWNlX2Nhbl9zZW5kX2R0bWYYBSABKAgSEAoIYW5pX2hpbnQYBiABKAkSJgoDdHRsGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhcKD2lkZW1wb3RlbmN5X2tleRgIIAEoCRIWCg5kZWZhdWx0X3JlZ2lvbhgJIAEoCSJRChNEaXNwbGF5SW5zdHJ1Y3Rpb25zEhYKDm51bWJlcl9kaXNwbGF5GAEgASgJEhQKDGNvZGVfZGlzcGxheRgCIAEoCRIMCgR0ZXh0GAMgASgJIt0BChRTdGFydEhhbmRvZmZSZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEhUKDWFjY2Vzc19udW1iZXIYAiABKAkSEwoLYWNjZXNzX2NvZGUYAyABKAkSLgoKZXhwaXJlc19hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLZGlhbF9zdHJpbmcYBSABKAkSQAoHZGlzcGxheRgGIAEoCzIvLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkRpc3BsYXlJbnN0cnVjdGlvbnMiKgoUQ2FuY2VsSGFuZG9mZlJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSIXChVDYW5jZWxIYW5kb2ZmUmVzcG9uc2UioAEKEE1hdGNoQ2FsbFJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIMCgRkbmlzGAIgASgJEgsKA2FuaRgDIAEoCRITCgtkdG1mX2RpZ2l0cxgEIAEoCRIzCg9jYWxsX2Fycml2ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmRlZmF1bHRfcmVnaW9uGAYgASgJIpsDChFNYXRjaENhbGxSZXNwb25zZRI5CgdvdXRjb21lGAEgASgOMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTWF0Y2hPdXRjb21lEhIKCnNlc3Npb25faWQYAiABKAkSFgoOYXBwbGljYXRpb25faWQYAyABKAkSEwoLY3VzdG9tZXJfaWQYBCABKAkSMgoHY29udGV4dBgFIAEoCzIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNvbnRleHREYXRhEhAKCHNraXBfaXZyGAYgASgIEjcKDG1hdGNoX3NjaGVtYRgHIAEoDjIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLk1hdGNoU2NoZW1hEhYKDnJlc291cmNlX2dyb3VwGAggASgJEjkKDWhhbmRvZmZfdHJhY2UYCSABKAsyIi5hY2Nlc3NsaW5lLmNvbW1vbi52MS5UcmFjZUNvbnRleHQSOAoUaGFuZG9mZl9yZXF1ZXN0ZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAki1QEKEkdldFNlc3Npb25SZXNwb25zZRISCgpzZXNzaW9uX2lkGAEgASgJEjcKBXN0YXRlGAIgASgOMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuU2Vzc2lvblN0YXRlEhkKEW1lcmdlZF9zZXNzaW9uX2lkGAMgASgJEg8KB2NhbGxfaWQYBCABKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOYXBwbGljYXRpb25faWQYBiABKAkirAMKDE1hdGNoQXR0ZW1wdBISCgphdHRlbXB0X2lkGAEgASgJEg8KB2NhbGxfaWQYAiABKAkSEgoKc2Vzc2lvbl9pZBgDIAEoCRIWCg5hcHBsaWNhdGlvbl9pZBgEIAEoCRIVCg1hY2Nlc3NfbnVtYmVyGAUgASgJEg8KB3Bvb2xfaWQYBiABKAkSNwoMbWF0Y2hfc2NoZW1hGAcgASgOMiEuYWNjZXNzbGluZS5jb21tb24udjEuTWF0Y2hTY2hlbWESOQoHb3V0Y29tZRgIIAEoDjIoLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoT3V0Y29tZRIQCghhbmlfaGFzaBgJIAEoCRI4ChRoYW5kb2ZmX3JlcXVlc3RlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY2FsbF9hcnJpdmVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpkZWNpZGVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKJAgoYTGlzdE1hdGNoQXR0ZW1wdHNSZXF1ZXN0Ei4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5hcHBsaWNhdGlvbl9pZBgDIAEoCRIVCg1hY2Nlc3NfbnVtYmVyGAQgASgJEjkKB291dGNvbWUYBSABKA4yKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaE91dGNvbWUSEQoJcGFnZV9zaXplGAYgASgFEhIKCnBhZ2VfdG9rZW4YByABKAkicAoZTGlzdE1hdGNoQXR0ZW1wdHNSZXNwb25zZRI6CghhdHRlbXB0cxgBIAMoCzIoLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoQXR0ZW1wdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoMT3V0Y29tZUNvdW50EjkKB291dGNvbWUYASABKA4yKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaE91dGNvbWUSDQoFY291bnQYAiABKAMijAEKFEdldE1hdGNoU3RhdHNSZXF1ZXN0EhYKDmFwcGxpY2F0aW9uX2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKUAgoVR2V0TWF0Y2hTdGF0c1Jlc3BvbnNlEhYKDmFwcGxpY2F0aW9uX2lkGAEgASgJEhAKCGF0dGVtcHRzGAIgASgDEg8KB21hdGNoZWQYAyABKAMSFAoMc3VjY2Vzc19yYXRlGAQgASgBEjoKCG91dGNvbWVzGAUgAygLMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuT3V0Y29tZUNvdW50EjYKE2hhbmRvZmZfdG9fY2FsbF9wNTAYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SNgoTaGFuZG9mZl90b19jYWxsX3A5NRgHIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbirCAgoMTWF0Y2hPdXRjb21lEh0KGU1BVENIX09VVENPTUVfVU5TUEVDSUZJRUQQABIZChVNQVRDSF9PVVRDT01FX01BVENIRUQQARIgChxNQVRDSF9PVVRDT01FX05PX1JFU0VSVkFUSU9OEAISHgoaTUFUQ0hfT1VUQ09NRV9BTklfTUlTTUFUQ0gQAxIfChtNQVRDSF9PVVRDT01FX0NPREVfTUlTTUFUQ0gQBBIeChpNQVRDSF9PVVRDT01FX0FOSV9XSVRISEVMRBAFEhkKFU1BVENIX09VVENPTUVfRVhQSVJFRBAGEhwKGE1BVENIX09VVENPTUVfTE9DS0VEX09VVBAHEh4KGk1BVENIX09VVENPTUVfUkFURV9MSU1JVEVEEAgSHAoYTUFUQ0hfT1VUQ09NRV9TVEFMRV9DT0RFEAkqvgEKDFNlc3Npb25TdGF0ZRIdChlTRVNTSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASIgoeU0VTU0lPTl9TVEFURV9XQUlUSU5HX0ZPUl9DQUxMEAESGQoVU0VTU0lPTl9TVEFURV9NQVRDSEVEEAISGQoVU0VTU0lPTl9TVEFURV9FWFBJUkVEEAMSGAoUU0VTU0lPTl9TVEFURV9MT0NLRUQQBBIbChdTRVNTSU9OX1NUQVRFX0NBTkNFTExFRBAFMscKChNDYWxsTWF0Y2hpbmdTZXJ2aWNlEsYBChNSZWdpc3RlckFwcGxpY2F0aW9uEjYuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuUmVnaXN0ZXJBcHBsaWNhdGlvblJlcXVlc3QaNy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5SZWdpc3RlckFwcGxpY2F0aW9uUmVzcG9uc2UiPpACAqK7GDcKAQUiMgoUYXBwbGljYXRpb24ucmVnaXN0ZXISGmFwcGxpY2F0aW9uLmFwcGxpY2F0aW9uX2lkEpkBCg5HZXRBcHBsaWNhdGlvbhIxLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldEFwcGxpY2F0aW9uUmVxdWVzdBoyLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldEFwcGxpY2F0aW9uUmVzcG9uc2UiIJACAaK7GBkKAwUEARoSCAESDmFwcGxpY2F0aW9uX2lkEooBChBMaXN0QXBwbGljYXRpb25zEjMuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTGlzdEFwcGxpY2F0aW9uc1JlcXVlc3QaNC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0QXBwbGljYXRpb25zUmVzcG9uc2UiC5ACAaK7GAQKAgUEEpEBCgxTdGFydEhhbmRvZmYSLy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5TdGFydEhhbmRvZmZSZXF1ZXN0GjAuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuU3RhcnRIYW5kb2ZmUmVzcG9uc2UiHqK7GBoKAQESAQMaEggBEg5hcHBsaWNhdGlvbl9pZBJ+Cg1DYW5jZWxIYW5kb2ZmEjAuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQ2FuY2VsSGFuZG9mZlJlcXVlc3QaMS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5DYW5jZWxIYW5kb2ZmUmVzcG9uc2UiCKK7GAQKAgUBEnEKCU1hdGNoQ2FsbBIsLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoQ2FsbFJlcXVlc3QaLS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaENhbGxSZXNwb25zZSIHorsYAxIBAxJ5CgpHZXRTZXNzaW9uEi0uYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuR2V0U2Vzc2lvblJlcXVlc3QaLi5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5HZXRTZXNzaW9uUmVzcG9uc2UiDJACAaK7GAUKAwUEARKiAQoRTGlzdE1hdGNoQXR0ZW1wdHMSNC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0TWF0Y2hBdHRlbXB0c1JlcXVlc3QaNS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0TWF0Y2hBdHRlbXB0c1Jlc3BvbnNlIiCQAgGiuxgZCgMFBAEaEggBEg5hcHBsaWNhdGlvbl9pZBKWAQoNR2V0TWF0Y2hTdGF0cxIwLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldE1hdGNoU3RhdHNSZXF1ZXN0GjEuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuR2V0TWF0Y2hTdGF0c1Jlc3BvbnNlIiCQAgGiuxgZCgMFBAEaEggBEg5hcHBsaWNhdGlvbl9pZGIGcHJvdG8z", [file_accessline_access_v1_access, file_accessline_common_v1_common, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ci5hY2Nlc3NsaW5lL2NhbGxtYXRjaGluZy92MS9jYWxsX21hdGNoaW5nLnByb3RvEhphY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MSKPAgoLQXBwbGljYXRpb24SFgoOYXBwbGljYXRpb25faWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEjcKDG1hdGNoX3NjaGVtYRgDIAEoDjIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLk1hdGNoU2NoZW1hEjYKE2RlZmF1bHRfc2Vzc2lvbl90dGwYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHQoVcmVxdWlyZWRfY29udGV4dF9rZXlzGAUgAygJEhkKEXNraXBfaXZyX29uX21hdGNoGAYgASgIEhkKEW1heF9jb2RlX2F0dGVtcHRzGAcgASgFEgwKBGV0YWcYCCABKAkiiQEKGFVwZGF0ZUFwcGxpY2F0aW9uUmVxdWVzdBI8CgthcHBsaWNhdGlvbhgBIAEoCzInLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkFwcGxpY2F0aW9uEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJZChlVcGRhdGVBcHBsaWNhdGlvblJlc3BvbnNlEjwKC2FwcGxpY2F0aW9uGAEgASgLMicuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQXBwbGljYXRpb24iWgoaUmVnaXN0ZXJBcHBsaWNhdGlvblJlcXVlc3QSPAoLYXBwbGljYXRpb24YASABKAsyJy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5BcHBsaWNhdGlvbiJbChtSZWdpc3RlckFwcGxpY2F0aW9uUmVzcG9uc2USPAoLYXBwbGljYXRpb24YASABKAsyJy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5BcHBsaWNhdGlvbiIvChVHZXRBcHBsaWNhdGlvblJlcXVlc3QSFgoOYXBwbGljYXRpb25faWQYASABKAkiVgoWR2V0QXBwbGljYXRpb25SZXNwb25zZRI8CgthcHBsaWNhdGlvbhgBIAEoCzInLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkFwcGxpY2F0aW9uIkAKF0xpc3RBcHBsaWNhdGlvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJInIKGExpc3RBcHBsaWNhdGlvbnNSZXNwb25zZRI9CgxhcHBsaWNhdGlvbnMYASADKAsyJy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5BcHBsaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkimAIKE1N0YXJ0SGFuZG9mZlJlcXVlc3QSFgoOYXBwbGljYXRpb25faWQYASABKAkSEwoLY3VzdG9tZXJfaWQYAiABKAkSMgoHY29udGV4dBgDIAEoCzIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNvbnRleHREYXRhEhcKD2RldmljZV9jYW5fZGlhbBgEIAEoCBIcChRkZXZpY2VfY2FuX3NlbmRfZHRtZhgFIAEoCBIQCghhbmlfaGludBgGIAEoCRImCgN0dGwYByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFwoPaWRlbXBvdGVuY3lfa2V5GAggASgJEhYKDmRlZmF1bHRfcmVnaW9uGAkgASgJIlEKE0Rpc3BsYXlJbnN0cnVjdGlvbnMSFgoObnVtYmVyX2Rpc3BsYXkYASABKAkSFAoMY29kZV9kaXNwbGF5GAIgASgJEgwKBHRleHQYAyABKAki3QEKFFN0YXJ0SGFuZG9mZlJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSFQoNYWNjZXNzX251bWJlchgCIAEoCRITCgthY2Nlc3NfY29kZRgDIAEoCRIuCgpleHBpcmVzX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtkaWFsX3N0cmluZxgFIAEoCRJACgdkaXNwbGF5GAYgASgLMi8uYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuRGlzcGxheUluc3RydWN0aW9ucyIqChRDYW5jZWxIYW5kb2ZmUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIhcKFUNhbmNlbEhhbmRvZmZSZXNwb25zZSKgAQoQTWF0Y2hDYWxsUmVxdWVzdBIPCgdjYWxsX2lkGAEgASgJEgwKBGRuaXMYAiABKAkSCwoDYW5pGAMgASgJEhMKC2R0bWZfZGlnaXRzGAQgASgJEjMKD2NhbGxfYXJyaXZlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOZGVmYXVsdF9yZWdpb24YBiABKAkimwMKEU1hdGNoQ2FsbFJlc3BvbnNlEjkKB291dGNvbWUYASABKA4yKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaE91dGNvbWUSEgoKc2Vzc2lvbl9pZBgCIAEoCRIWCg5hcHBsaWNhdGlvbl9pZBgDIAEoCRITCgtjdXN0b21lcl9pZBgEIAEoCRIyCgdjb250ZXh0GAUgASgLMiEuYWNjZXNzbGluZS5jb21tb24udjEuQ29udGV4dERhdGESEAoIc2tpcF9pdnIYBiABKAgSNwoMbWF0Y2hfc2NoZW1hGAcgASgOMiEuYWNjZXNzbGluZS5jb21tb24udjEuTWF0Y2hTY2hlbWESFgoOcmVzb3VyY2VfZ3JvdXAYCCABKAkSOQoNaGFuZG9mZl90cmFjZRgJIAEoCzIiLmFjY2Vzc2xpbmUuY29tbW9uLnYxLlRyYWNlQ29udGV4dBI4ChRoYW5kb2ZmX3JlcXVlc3RlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJwoRR2V0U2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSLVAQoSR2V0U2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSNwoFc3RhdGUYAiABKA4yKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5TZXNzaW9uU3RhdGUSGQoRbWVyZ2VkX3Nlc3Npb25faWQYAyABKAkSDwoHY2FsbF9pZBgEIAEoCRIuCgpleHBpcmVzX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5hcHBsaWNhdGlvbl9pZBgGIAEoCSKsAwoMTWF0Y2hBdHRlbXB0EhIKCmF0dGVtcHRfaWQYASABKAkSDwoHY2FsbF9pZBgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEhYKDmFwcGxpY2F0aW9uX2lkGAQgASgJEhUKDWFjY2Vzc19udW1iZXIYBSABKAkSDwoHcG9vbF9pZBgGIAEoCRI3CgxtYXRjaF9zY2hlbWEYByABKA4yIS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5NYXRjaFNjaGVtYRI5CgdvdXRjb21lGAggASgOMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTWF0Y2hPdXRjb21lEhAKCGFuaV9oYXNoGAkgASgJEjgKFGhhbmRvZmZfcmVxdWVzdGVkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jYWxsX2Fycml2ZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmRlY2lkZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIokCChhMaXN0TWF0Y2hBdHRlbXB0c1JlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmFwcGxpY2F0aW9uX2lkGAMgASgJEhUKDWFjY2Vzc19udW1iZXIYBCABKAkSOQoHb3V0Y29tZRgFIAEoDjIoLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoT3V0Y29tZRIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCSJwChlMaXN0TWF0Y2hBdHRlbXB0c1Jlc3BvbnNlEjoKCGF0dGVtcHRzGAEgAygLMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTWF0Y2hBdHRlbXB0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJYCgxPdXRjb21lQ291bnQSOQoHb3V0Y29tZRgBIAEoDjIoLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoT3V0Y29tZRINCgVjb3VudBgCIAEoAyKMAQoUR2V0TWF0Y2hTdGF0c1JlcXVlc3QSFgoOYXBwbGljYXRpb25faWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpQCChVHZXRNYXRjaFN0YXRzUmVzcG9uc2USFgoOYXBwbGljYXRpb25faWQYASABKAkSEAoIYXR0ZW1wdHMYAiABKAMSDwoHbWF0Y2hlZBgDIAEoAxIUCgxzdWNjZXNzX3JhdGUYBCABKAESOgoIb3V0Y29tZXMYBSADKAsyKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5PdXRjb21lQ291bnQSNgoTaGFuZG9mZl90b19jYWxsX3A1MBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2ChNoYW5kb2ZmX3RvX2NhbGxfcDk1GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uKsICCgxNYXRjaE91dGNvbWUSHQoZTUFUQ0hfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhkKFU1BVENIX09VVENPTUVfTUFUQ0hFRBABEiAKHE1BVENIX09VVENPTUVfTk9fUkVTRVJWQVRJT04QAhIeChpNQVRDSF9PVVRDT01FX0FOSV9NSVNNQVRDSBADEh8KG01BVENIX09VVENPTUVfQ09ERV9NSVNNQVRDSBAEEh4KGk1BVENIX09VVENPTUVfQU5JX1dJVEhIRUxEEAUSGQoVTUFUQ0hfT1VUQ09NRV9FWFBJUkVEEAYSHAoYTUFUQ0hfT1VUQ09NRV9MT0NLRURfT1VUEAcSHgoaTUFUQ0hfT1VUQ09NRV9SQVRFX0xJTUlURUQQCBIcChhNQVRDSF9PVVRDT01FX1NUQUxFX0NPREUQCSq+AQoMU2Vzc2lvblN0YXRlEh0KGVNFU1NJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIiCh5TRVNTSU9OX1NUQVRFX1dBSVRJTkdfRk9SX0NBTEwQARIZChVTRVNTSU9OX1NUQVRFX01BVENIRUQQAhIZChVTRVNTSU9OX1NUQVRFX0VYUElSRUQQAxIYChRTRVNTSU9OX1NUQVRFX0xPQ0tFRBAEEhsKF1NFU1NJT05fU1RBVEVfQ0FOQ0VMTEVEEAUyhQwKE0NhbGxNYXRjaGluZ1NlcnZpY2USxgEKE1JlZ2lzdGVyQXBwbGljYXRpb24SNi5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5SZWdpc3RlckFwcGxpY2F0aW9uUmVxdWVzdBo3LmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLlJlZ2lzdGVyQXBwbGljYXRpb25SZXNwb25zZSI+kAICorsYNwoBBSIyChRhcHBsaWNhdGlvbi5yZWdpc3RlchIaYXBwbGljYXRpb24uYXBwbGljYXRpb25faWQSuwEKEVVwZGF0ZUFwcGxpY2F0aW9uEjQuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuVXBkYXRlQXBwbGljYXRpb25SZXF1ZXN0GjUuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuVXBkYXRlQXBwbGljYXRpb25SZXNwb25zZSI5orsYNQoBBSIwChJhcHBsaWNhdGlvbi51cGRhdGUSGmFwcGxpY2F0aW9uLmFwcGxpY2F0aW9uX2lkEpkBCg5HZXRBcHBsaWNhdGlvbhIxLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldEFwcGxpY2F0aW9uUmVxdWVzdBoyLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldEFwcGxpY2F0aW9uUmVzcG9uc2UiIJACAaK7GBkKAwUEARoSCAESDmFwcGxpY2F0aW9uX2lkEooBChBMaXN0QXBwbGljYXRpb25zEjMuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTGlzdEFwcGxpY2F0aW9uc1JlcXVlc3QaNC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0QXBwbGljYXRpb25zUmVzcG9uc2UiC5ACAaK7GAQKAgUEEpEBCgxTdGFydEhhbmRvZmYSLy5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5TdGFydEhhbmRvZmZSZXF1ZXN0GjAuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuU3RhcnRIYW5kb2ZmUmVzcG9uc2UiHqK7GBoKAQESAQMaEggBEg5hcHBsaWNhdGlvbl9pZBJ+Cg1DYW5jZWxIYW5kb2ZmEjAuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuQ2FuY2VsSGFuZG9mZlJlcXVlc3QaMS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5DYW5jZWxIYW5kb2ZmUmVzcG9uc2UiCKK7GAQKAgUBEnEKCU1hdGNoQ2FsbBIsLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLk1hdGNoQ2FsbFJlcXVlc3QaLS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaENhbGxSZXNwb25zZSIHorsYAxIBAxJ5CgpHZXRTZXNzaW9uEi0uYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuR2V0U2Vzc2lvblJlcXVlc3QaLi5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5HZXRTZXNzaW9uUmVzcG9uc2UiDJACAaK7GAUKAwUEARKiAQoRTGlzdE1hdGNoQXR0ZW1wdHMSNC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0TWF0Y2hBdHRlbXB0c1JlcXVlc3QaNS5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5MaXN0TWF0Y2hBdHRlbXB0c1Jlc3BvbnNlIiCQAgGiuxgZCgMFBAEaEggBEg5hcHBsaWNhdGlvbl9pZBKWAQoNR2V0TWF0Y2hTdGF0cxIwLmFjY2Vzc2xpbmUuY2FsbG1hdGNoaW5nLnYxLkdldE1hdGNoU3RhdHNSZXF1ZXN0GjEuYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuR2V0TWF0Y2hTdGF0c1Jlc3BvbnNlIiCQAgGiuxgZCgMFBAEaEggBEg5hcHBsaWNhdGlvbl9pZGIGcHJvdG8z", [file_accessline_access_v1_access, file_accessline_common_v1_common, file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * An application that hands customers over to voice (a bank app, a help-desk app).
@@ -71,6 +71,14 @@ export type Application = Message<"accessline.callmatching.v1.Application"> & {
    * @generated from field: int32 max_code_attempts = 7;
    */
   maxCodeAttempts: number;
+
+  /**
+   * The version of the application as stored (set on answers): pass it back to
+   * UpdateApplication to change only that version. At most 64 characters.
+   *
+   * @generated from field: string etag = 8;
+   */
+  etag: string;
 };
 
 /**
@@ -79,6 +87,58 @@ export type Application = Message<"accessline.callmatching.v1.Application"> & {
  */
 export const ApplicationSchema: GenMessage<Application> = /*@__PURE__*/
   messageDesc(file_accessline_callmatching_v1_call_matching, 0);
+
+/**
+ * Request of UpdateApplication.
+ *
+ * @generated from message accessline.callmatching.v1.UpdateApplicationRequest
+ */
+export type UpdateApplicationRequest = Message<"accessline.callmatching.v1.UpdateApplicationRequest"> & {
+  /**
+   * The application's new settings; `application_id` names it, `etag` (optional) the
+   * version they apply to.
+   *
+   * @generated from field: accessline.callmatching.v1.Application application = 1;
+   */
+  application?: Application | undefined;
+
+  /**
+   * The fields to change (for example `skip_ivr_on_match`, `default_session_ttl`); the
+   * others keep their stored values. Unset, or `*`: all of them. `application_id` and
+   * `etag` cannot be changed.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 2;
+   */
+  updateMask?: FieldMask | undefined;
+};
+
+/**
+ * Describes the message accessline.callmatching.v1.UpdateApplicationRequest.
+ * Use `create(UpdateApplicationRequestSchema)` to create a new message.
+ */
+export const UpdateApplicationRequestSchema: GenMessage<UpdateApplicationRequest> = /*@__PURE__*/
+  messageDesc(file_accessline_callmatching_v1_call_matching, 1);
+
+/**
+ * Response of UpdateApplication.
+ *
+ * @generated from message accessline.callmatching.v1.UpdateApplicationResponse
+ */
+export type UpdateApplicationResponse = Message<"accessline.callmatching.v1.UpdateApplicationResponse"> & {
+  /**
+   * The application as stored.
+   *
+   * @generated from field: accessline.callmatching.v1.Application application = 1;
+   */
+  application?: Application | undefined;
+};
+
+/**
+ * Describes the message accessline.callmatching.v1.UpdateApplicationResponse.
+ * Use `create(UpdateApplicationResponseSchema)` to create a new message.
+ */
+export const UpdateApplicationResponseSchema: GenMessage<UpdateApplicationResponse> = /*@__PURE__*/
+  messageDesc(file_accessline_callmatching_v1_call_matching, 2);
 
 /**
  * Request of RegisterApplication.
@@ -99,7 +159,7 @@ export type RegisterApplicationRequest = Message<"accessline.callmatching.v1.Reg
  * Use `create(RegisterApplicationRequestSchema)` to create a new message.
  */
 export const RegisterApplicationRequestSchema: GenMessage<RegisterApplicationRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 1);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 3);
 
 /**
  * Response of RegisterApplication.
@@ -120,7 +180,7 @@ export type RegisterApplicationResponse = Message<"accessline.callmatching.v1.Re
  * Use `create(RegisterApplicationResponseSchema)` to create a new message.
  */
 export const RegisterApplicationResponseSchema: GenMessage<RegisterApplicationResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 2);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 4);
 
 /**
  * Request of GetApplication.
@@ -141,7 +201,7 @@ export type GetApplicationRequest = Message<"accessline.callmatching.v1.GetAppli
  * Use `create(GetApplicationRequestSchema)` to create a new message.
  */
 export const GetApplicationRequestSchema: GenMessage<GetApplicationRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 3);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 5);
 
 /**
  * Response of GetApplication.
@@ -162,7 +222,7 @@ export type GetApplicationResponse = Message<"accessline.callmatching.v1.GetAppl
  * Use `create(GetApplicationResponseSchema)` to create a new message.
  */
 export const GetApplicationResponseSchema: GenMessage<GetApplicationResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 4);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 6);
 
 /**
  * Request of ListApplications.
@@ -190,7 +250,7 @@ export type ListApplicationsRequest = Message<"accessline.callmatching.v1.ListAp
  * Use `create(ListApplicationsRequestSchema)` to create a new message.
  */
 export const ListApplicationsRequestSchema: GenMessage<ListApplicationsRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 5);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 7);
 
 /**
  * Response of ListApplications.
@@ -218,7 +278,7 @@ export type ListApplicationsResponse = Message<"accessline.callmatching.v1.ListA
  * Use `create(ListApplicationsResponseSchema)` to create a new message.
  */
 export const ListApplicationsResponseSchema: GenMessage<ListApplicationsResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 6);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 8);
 
 /**
  * Request of StartHandoff.
@@ -296,7 +356,7 @@ export type StartHandoffRequest = Message<"accessline.callmatching.v1.StartHando
  * Use `create(StartHandoffRequestSchema)` to create a new message.
  */
 export const StartHandoffRequestSchema: GenMessage<StartHandoffRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 7);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 9);
 
 /**
  * What a device that cannot dial shows its user.
@@ -331,7 +391,7 @@ export type DisplayInstructions = Message<"accessline.callmatching.v1.DisplayIns
  * Use `create(DisplayInstructionsSchema)` to create a new message.
  */
 export const DisplayInstructionsSchema: GenMessage<DisplayInstructions> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 8);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 10);
 
 /**
  * Response of StartHandoff.
@@ -388,7 +448,7 @@ export type StartHandoffResponse = Message<"accessline.callmatching.v1.StartHand
  * Use `create(StartHandoffResponseSchema)` to create a new message.
  */
 export const StartHandoffResponseSchema: GenMessage<StartHandoffResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 9);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 11);
 
 /**
  * Request of CancelHandoff.
@@ -409,7 +469,7 @@ export type CancelHandoffRequest = Message<"accessline.callmatching.v1.CancelHan
  * Use `create(CancelHandoffRequestSchema)` to create a new message.
  */
 export const CancelHandoffRequestSchema: GenMessage<CancelHandoffRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 10);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 12);
 
 /**
  * Response of CancelHandoff.
@@ -424,7 +484,7 @@ export type CancelHandoffResponse = Message<"accessline.callmatching.v1.CancelHa
  * Use `create(CancelHandoffResponseSchema)` to create a new message.
  */
 export const CancelHandoffResponseSchema: GenMessage<CancelHandoffResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 11);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 13);
 
 /**
  * Request of MatchCall.
@@ -480,7 +540,7 @@ export type MatchCallRequest = Message<"accessline.callmatching.v1.MatchCallRequ
  * Use `create(MatchCallRequestSchema)` to create a new message.
  */
 export const MatchCallRequestSchema: GenMessage<MatchCallRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 12);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 14);
 
 /**
  * Response of MatchCall.
@@ -565,7 +625,7 @@ export type MatchCallResponse = Message<"accessline.callmatching.v1.MatchCallRes
  * Use `create(MatchCallResponseSchema)` to create a new message.
  */
 export const MatchCallResponseSchema: GenMessage<MatchCallResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 13);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 15);
 
 /**
  * Request of GetSession.
@@ -586,7 +646,7 @@ export type GetSessionRequest = Message<"accessline.callmatching.v1.GetSessionRe
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 14);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 16);
 
 /**
  * Response of GetSession.
@@ -642,7 +702,7 @@ export type GetSessionResponse = Message<"accessline.callmatching.v1.GetSessionR
  * Use `create(GetSessionResponseSchema)` to create a new message.
  */
 export const GetSessionResponseSchema: GenMessage<GetSessionResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 15);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 17);
 
 /**
  * One recorded match attempt. Holds no personal data: the caller's number is kept
@@ -741,7 +801,7 @@ export type MatchAttempt = Message<"accessline.callmatching.v1.MatchAttempt"> & 
  * Use `create(MatchAttemptSchema)` to create a new message.
  */
 export const MatchAttemptSchema: GenMessage<MatchAttempt> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 16);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 18);
 
 /**
  * Request of ListMatchAttempts.
@@ -804,7 +864,7 @@ export type ListMatchAttemptsRequest = Message<"accessline.callmatching.v1.ListM
  * Use `create(ListMatchAttemptsRequestSchema)` to create a new message.
  */
 export const ListMatchAttemptsRequestSchema: GenMessage<ListMatchAttemptsRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 17);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 19);
 
 /**
  * Response of ListMatchAttempts.
@@ -832,7 +892,7 @@ export type ListMatchAttemptsResponse = Message<"accessline.callmatching.v1.List
  * Use `create(ListMatchAttemptsResponseSchema)` to create a new message.
  */
 export const ListMatchAttemptsResponseSchema: GenMessage<ListMatchAttemptsResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 18);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 20);
 
 /**
  * Count of attempts with one outcome.
@@ -860,7 +920,7 @@ export type OutcomeCount = Message<"accessline.callmatching.v1.OutcomeCount"> & 
  * Use `create(OutcomeCountSchema)` to create a new message.
  */
 export const OutcomeCountSchema: GenMessage<OutcomeCount> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 19);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 21);
 
 /**
  * Request of GetMatchStats.
@@ -895,7 +955,7 @@ export type GetMatchStatsRequest = Message<"accessline.callmatching.v1.GetMatchS
  * Use `create(GetMatchStatsRequestSchema)` to create a new message.
  */
 export const GetMatchStatsRequestSchema: GenMessage<GetMatchStatsRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 20);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 22);
 
 /**
  * Response of GetMatchStats.
@@ -958,7 +1018,7 @@ export type GetMatchStatsResponse = Message<"accessline.callmatching.v1.GetMatch
  * Use `create(GetMatchStatsResponseSchema)` to create a new message.
  */
 export const GetMatchStatsResponseSchema: GenMessage<GetMatchStatsResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_callmatching_v1_call_matching, 21);
+  messageDesc(file_accessline_callmatching_v1_call_matching, 23);
 
 /**
  * The outcome of a match attempt.
@@ -1120,6 +1180,18 @@ export const CallMatchingService: GenService<{
     methodKind: "unary";
     input: typeof RegisterApplicationRequestSchema;
     output: typeof RegisterApplicationResponseSchema;
+  },
+  /**
+   * Changes the fields of an application named by `update_mask` (all when unset), only
+   * if it is still the version of `application.etag` when given (ABORTED
+   * `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+   *
+   * @generated from rpc accessline.callmatching.v1.CallMatchingService.UpdateApplication
+   */
+  updateApplication: {
+    methodKind: "unary";
+    input: typeof UpdateApplicationRequestSchema;
+    output: typeof UpdateApplicationResponseSchema;
   },
   /**
    * Returns one application. NOT_FOUND when unknown.

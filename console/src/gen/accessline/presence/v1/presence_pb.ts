@@ -9,15 +9,15 @@ import type { MatchOutcome } from "../../callmatching/v1/call_matching_pb";
 import { file_accessline_callmatching_v1_call_matching } from "../../callmatching/v1/call_matching_pb";
 import type { Channel, ChannelPresence, City, ContextData, GeoPoint, OverallPresence } from "../../common/v1/common_pb";
 import { file_accessline_common_v1_common } from "../../common/v1/common_pb";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file accessline/presence/v1/presence.proto.
  */
 export const file_accessline_presence_v1_presence: GenFile = /*@__PURE__*/
-  fileDesc("CiVhY2Nlc3NsaW5lL3ByZXNlbmNlL3YxL3ByZXNlbmNlLnByb3RvEhZhY2Nlc3NsaW5lLnByZXNlbmNlLnYxIiQKBVNraWxsEgwKBG5hbWUYASABKAkSDQoFbGV2ZWwYAiABKAUifgoNQ2hhbm5lbENvbmZpZxIuCgdjaGFubmVsGAEgASgOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbBIPCgdhZGRyZXNzGAIgASgJEhAKCGNhcGFjaXR5GAMgASgFEhoKEmF2YWlsYWJsZV9vbl9sb2dpbhgEIAEoCCLtAQoFQWdlbnQSEAoIYWdlbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEi0KBnNraWxscxgDIAMoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2tpbGwSEQoJbGFuZ3VhZ2VzGAQgAygJEigKBHNpdGUYBSABKAsyGi5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaXR5EhcKD3Jlc291cmNlX2dyb3VwcxgGIAMoCRI3CghjaGFubmVscxgHIAMoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ2hhbm5lbENvbmZpZyKmAQoMQ2hhbm5lbFN0YXRlEi4KB2NoYW5uZWwYASABKA4yHS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaGFubmVsEjcKCHByZXNlbmNlGAIgASgOMiUuYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbFByZXNlbmNlEhsKE2FjdGl2ZV9pbnRlcmFjdGlvbnMYAyABKAUSEAoIY2FwYWNpdHkYBCABKAUivAIKDUFnZW50UHJlc2VuY2USEAoIYWdlbnRfaWQYASABKAkSNgoHb3ZlcmFsbBgCIAEoDjIlLmFjY2Vzc2xpbmUuY29tbW9uLnYxLk92ZXJhbGxQcmVzZW5jZRI2CghjaGFubmVscxgDIAMoCzIkLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ2hhbm5lbFN0YXRlEhYKDmRvX25vdF9kaXN0dXJiGAQgASgIEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD3Jlc291cmNlX2dyb3VwcxgGIAMoCRIuCgppZGxlX3NpbmNlGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBub3RfcmVhZHlfcmVhc29uGAggASgJIkQKFFJlZ2lzdGVyQWdlbnRSZXF1ZXN0EiwKBWFnZW50GAEgASgLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudCJFChVSZWdpc3RlckFnZW50UmVzcG9uc2USLAoFYWdlbnQYASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50IiMKD0dldEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSJAChBHZXRBZ2VudFJlc3BvbnNlEiwKBWFnZW50GAEgASgLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudCJSChFMaXN0QWdlbnRzUmVxdWVzdBIWCg5yZXNvdXJjZV9ncm91cBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJcChJMaXN0QWdlbnRzUmVzcG9uc2USLQoGYWdlbnRzGAEgAygLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoWVW5yZWdpc3RlckFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCSIZChdVbnJlZ2lzdGVyQWdlbnRSZXNwb25zZSJCCgZEZXZpY2USEQoJZGV2aWNlX2lkGAEgASgJEhAKCHBsYXRmb3JtGAIgASgJEhMKC2FwcF92ZXJzaW9uGAMgASgJInEKBUxvZ2luEhAKCGFnZW50X2lkGAEgASgJEi4KBmRldmljZRgDIAEoCzIeLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuRGV2aWNlEhQKDHJlc3VtZV90b2tlbhgEIAEoCUoECAIQA1IKYXV0aF90b2tlbiJsChJTZXRDaGFubmVsUHJlc2VuY2USLgoHY2hhbm5lbBgBIAEoDjIdLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNoYW5uZWwSEQoJYXZhaWxhYmxlGAIgASgIEhMKC3JlYXNvbl9jb2RlGAMgASgJIjcKD1NldERvTm90RGlzdHVyYhIPCgdlbmFibGVkGAEgASgIEhMKC3JlYXNvbl9jb2RlGAIgASgJIgsKCUhlYXJ0YmVhdCKRAQoNT2ZmZXJSZXNwb25zZRIQCghvZmZlcl9pZBgBIAEoCRI3CghkZWNpc2lvbhgCIAEoDjIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJEZWNpc2lvbhI1Cg5hY2NlcHRfY2hhbm5lbBgDIAEoDjIdLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNoYW5uZWwiKAoORW5kSW50ZXJhY3Rpb24SFgoOaW50ZXJhY3Rpb25faWQYASABKAkimgMKDkNvbm5lY3RSZXF1ZXN0Ei4KBWxvZ2luGAEgASgLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Mb2dpbkgAEkoKFHNldF9jaGFubmVsX3ByZXNlbmNlGAIgASgLMiouYWNjZXNzbGluZS5wcmVzZW5jZS52MS5TZXRDaGFubmVsUHJlc2VuY2VIABJFChJzZXRfZG9fbm90X2Rpc3R1cmIYAyABKAsyJy5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlNldERvTm90RGlzdHVyYkgAEjYKCWhlYXJ0YmVhdBgEIAEoCzIhLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuSGVhcnRiZWF0SAASPwoOb2ZmZXJfcmVzcG9uc2UYBSABKAsyJS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyUmVzcG9uc2VIABJBCg9lbmRfaW50ZXJhY3Rpb24YBiABKAsyJi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkVuZEludGVyYWN0aW9uSABCCQoHbWVzc2FnZSK9AgoOQ29udGV4dFN1bW1hcnkSHQoVY3VzdG9tZXJfZGlzcGxheV9uYW1lGAEgASgJEg8KB3N1YmplY3QYAiABKAkSEAoIbGFuZ3VhZ2UYAyABKAkSGgoSc2VydmljZV9yZXF1ZXN0X2lkGAQgASgJEg0KBWxpbmVzGAUgAygJEjAKCGxvY2F0aW9uGAYgASgLMh4uYWNjZXNzbGluZS5jb21tb24udjEuR2VvUG9pbnQSGAoQY3VzdG9tZXJfc2VnbWVudBgHIAEoCRIxCg13YWl0aW5nX3NpbmNlGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI/Cg1tYXRjaF9vdXRjb21lGAkgASgOMiguYWNjZXNzbGluZS5jYWxsbWF0Y2hpbmcudjEuTWF0Y2hPdXRjb21lIsgBCgVPZmZlchIQCghvZmZlcl9pZBgBIAEoCRIWCg5pbnRlcmFjdGlvbl9pZBgCIAEoCRI3CgdzdW1tYXJ5GAMgASgLMiYuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Db250ZXh0U3VtbWFyeRIuCgdjaGFubmVsGAQgASgOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbBIsCghkZWFkbGluZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXQoOT2ZmZXJDYW5jZWxsZWQSEAoIb2ZmZXJfaWQYASABKAkSOQoGcmVhc29uGAIgASgOMikuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5PZmZlckNhbmNlbFJlYXNvbiK3AQoIU25hcHNob3QSLAoFYWdlbnQYASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50EjcKCHByZXNlbmNlGAIgASgLMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudFByZXNlbmNlEhgKEGFnZW50X3Nlc3Npb25faWQYAyABKAkSDwoHcmVzdW1lZBgEIAEoCBIZChFub3RfcmVhZHlfcmVhc29ucxgFIAMoCSJMChFQcmVzZW5jZUNvbmZpcm1lZBI3CghwcmVzZW5jZRgBIAEoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnRQcmVzZW5jZSJECg9TZXNzaW9uUmVwbGFjZWQSMQoJYnlfZGV2aWNlGAEgASgLMh4uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5EZXZpY2UiPwoMSGVhcnRiZWF0QWNrEi8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKWAQoVT2ZmZXJSZXNwb25zZVJlY29yZGVkEhAKCG9mZmVyX2lkGAEgASgJEjcKCGRlY2lzaW9uGAIgASgOMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5PZmZlckRlY2lzaW9uEjIKB2NvbnRleHQYAyABKAsyIS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5Db250ZXh0RGF0YSJeChRPZmZlclJlc3BvbnNlUmVmdXNlZBIQCghvZmZlcl9pZBgBIAEoCRI0CgZyZWFzb24YAiABKA4yJC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyUmVmdXNhbCK0BAoPQ29ubmVjdFJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiAuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5TbmFwc2hvdEgAEkcKEnByZXNlbmNlX2NvbmZpcm1lZBgCIAEoCzIpLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuUHJlc2VuY2VDb25maXJtZWRIABIuCgVvZmZlchgDIAEoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJIABJBCg9vZmZlcl9jYW5jZWxsZWQYBCABKAsyJi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyQ2FuY2VsbGVkSAASQwoQc2Vzc2lvbl9yZXBsYWNlZBgFIAEoCzInLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2Vzc2lvblJlcGxhY2VkSAASPQoNaGVhcnRiZWF0X2FjaxgGIAEoCzIkLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuSGVhcnRiZWF0QWNrSAASUAoXb2ZmZXJfcmVzcG9uc2VfcmVjb3JkZWQYByABKAsyLS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyUmVzcG9uc2VSZWNvcmRlZEgAEk4KFm9mZmVyX3Jlc3BvbnNlX3JlZnVzZWQYCCABKAsyLC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyUmVzcG9uc2VSZWZ1c2VkSABCCQoHbWVzc2FnZSJCChJPcGVuU2Vzc2lvblJlcXVlc3QSLAoFbG9naW4YASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkxvZ2luIk8KE09wZW5TZXNzaW9uUmVzcG9uc2USOAoHbWVzc2FnZRgBIAEoCzInLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ29ubmVjdFJlc3BvbnNlIm4KGVNlbmRTZXNzaW9uTWVzc2FnZVJlcXVlc3QSGAoQYWdlbnRfc2Vzc2lvbl9pZBgBIAEoCRI3CgdtZXNzYWdlGAIgASgLMiYuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Db25uZWN0UmVxdWVzdCIcChpTZW5kU2Vzc2lvbk1lc3NhZ2VSZXNwb25zZSKJAQoUV2F0Y2hQcmVzZW5jZVJlcXVlc3QSEQoJYWdlbnRfaWRzGAEgAygJEhcKD3Jlc291cmNlX2dyb3VwcxgCIAMoCRIvCghjaGFubmVscxgDIAMoDjIdLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNoYW5uZWwSFAoMcmVzdW1lX3Rva2VuGAQgASgJIkkKEFByZXNlbmNlU25hcHNob3QSNQoGYWdlbnRzGAEgAygLMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudFByZXNlbmNlIicKEkdldFByZXNlbmNlUmVxdWVzdBIRCglhZ2VudF9pZHMYASADKAkiZwoTR2V0UHJlc2VuY2VSZXNwb25zZRI1CgZhZ2VudHMYASADKAsyJS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50UHJlc2VuY2USGQoRbWlzc2luZ19hZ2VudF9pZHMYAiADKAkirQEKFVdhdGNoUHJlc2VuY2VSZXNwb25zZRI8CghzbmFwc2hvdBgBIAEoCzIoLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuUHJlc2VuY2VTbmFwc2hvdEgAEjcKBmNoYW5nZRgCIAEoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnRQcmVzZW5jZUgAEhQKDHJlc3VtZV90b2tlbhgDIAEoCUIHCgVldmVudCJ5ChNDaGFubmVsQXZhaWxhYmlsaXR5Ei4KB2NoYW5uZWwYASABKA4yHS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaGFubmVsEhgKEGF2YWlsYWJsZV9hZ2VudHMYAiABKAUSGAoQbG9nZ2VkX2luX2FnZW50cxgDIAEoBSJqChFHcm91cEF2YWlsYWJpbGl0eRIWCg5yZXNvdXJjZV9ncm91cBgBIAEoCRI9CghjaGFubmVscxgCIAMoCzIrLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ2hhbm5lbEF2YWlsYWJpbGl0eSI2ChtHZXRHcm91cEF2YWlsYWJpbGl0eVJlcXVlc3QSFwoPcmVzb3VyY2VfZ3JvdXBzGAEgAygJIlkKHEdldEdyb3VwQXZhaWxhYmlsaXR5UmVzcG9uc2USOQoGZ3JvdXBzGAEgAygLMikuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Hcm91cEF2YWlsYWJpbGl0eSpmCg1PZmZlckRlY2lzaW9uEh4KGk9GRkVSX0RFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASGQoVT0ZGRVJfREVDSVNJT05fQUNDRVBUEAESGgoWT0ZGRVJfREVDSVNJT05fREVDTElORRACKvMBChFPZmZlckNhbmNlbFJlYXNvbhIjCh9PRkZFUl9DQU5DRUxfUkVBU09OX1VOU1BFQ0lGSUVEEAASIQodT0ZGRVJfQ0FOQ0VMX1JFQVNPTl9USU1FRF9PVVQQARIhCh1PRkZFUl9DQU5DRUxfUkVBU09OX1dJVEhEUkFXThACEiUKIU9GRkVSX0NBTkNFTF9SRUFTT05fU0VTU0lPTl9FTkRFRBADEicKI09GRkVSX0NBTkNFTF9SRUFTT05fTk9fQU5TV0VSX0xJTUlUEAQSIwofT0ZGRVJfQ0FOQ0VMX1JFQVNPTl9DQUxMRVJfR09ORRAFKpcBCgxPZmZlclJlZnVzYWwSHQoZT0ZGRVJfUkVGVVNBTF9VTlNQRUNJRklFRBAAEh8KG09GRkVSX1JFRlVTQUxfVU5LTk9XTl9PRkZFUhABEiAKHE9GRkVSX1JFRlVTQUxfTk9fTE9OR0VSX09QRU4QAhIlCiFPRkZFUl9SRUZVU0FMX0NIQU5ORUxfVU5BVkFJTEFCTEUQAzKeCgoPUHJlc2VuY2VTZXJ2aWNlEpoBCg1SZWdpc3RlckFnZW50EiwuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5SZWdpc3RlckFnZW50UmVxdWVzdBotLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuUmVnaXN0ZXJBZ2VudFJlc3BvbnNlIiyQAgKiuxglCgEFIiAKDmFnZW50LnJlZ2lzdGVyEg5hZ2VudC5hZ2VudF9pZBJ5CghHZXRBZ2VudBInLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuR2V0QWdlbnRSZXF1ZXN0GiguYWNjZXNzbGluZS5wcmVzZW5jZS52MS5HZXRBZ2VudFJlc3BvbnNlIhqQAgGiuxgTCgMFBAMaDAgDEghhZ2VudF9pZBJwCgpMaXN0QWdlbnRzEikuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5MaXN0QWdlbnRzUmVxdWVzdBoqLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuTGlzdEFnZW50c1Jlc3BvbnNlIguQAgGiuxgECgIFBBKZAQoPVW5yZWdpc3RlckFnZW50Ei4uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5VbnJlZ2lzdGVyQWdlbnRSZXF1ZXN0Gi8uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5VbnJlZ2lzdGVyQWdlbnRSZXNwb25zZSIlorsYIQoBBSIcChBhZ2VudC51bnJlZ2lzdGVyEghhZ2VudF9pZBJnCgdDb25uZWN0EiYuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Db25uZWN0UmVxdWVzdBonLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ29ubmVjdFJlc3BvbnNlIgeiuxgDCgEDKAEwARJxCgtPcGVuU2Vzc2lvbhIqLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT3BlblNlc3Npb25SZXF1ZXN0GisuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5PcGVuU2Vzc2lvblJlc3BvbnNlIgeiuxgDCgEDMAEShAEKElNlbmRTZXNzaW9uTWVzc2FnZRIxLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2VuZFNlc3Npb25NZXNzYWdlUmVxdWVzdBoyLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2VuZFNlc3Npb25NZXNzYWdlUmVzcG9uc2UiB6K7GAMKAQMSeAoNV2F0Y2hQcmVzZW5jZRIsLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuV2F0Y2hQcmVzZW5jZVJlcXVlc3QaLS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLldhdGNoUHJlc2VuY2VSZXNwb25zZSIIorsYBAoCBAUwARJzCgtHZXRQcmVzZW5jZRIqLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuR2V0UHJlc2VuY2VSZXF1ZXN0GisuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5HZXRQcmVzZW5jZVJlc3BvbnNlIguQAgGiuxgECgIEBRKSAQoUR2V0R3JvdXBBdmFpbGFiaWxpdHkSMy5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkdldEdyb3VwQXZhaWxhYmlsaXR5UmVxdWVzdBo0LmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuR2V0R3JvdXBBdmFpbGFiaWxpdHlSZXNwb25zZSIPkAIBorsYCAoDBAUBEgEDYgZwcm90bzM", [file_accessline_access_v1_access, file_accessline_callmatching_v1_call_matching, file_accessline_common_v1_common, file_google_protobuf_timestamp]);
+  fileDesc("CiVhY2Nlc3NsaW5lL3ByZXNlbmNlL3YxL3ByZXNlbmNlLnByb3RvEhZhY2Nlc3NsaW5lLnByZXNlbmNlLnYxIiQKBVNraWxsEgwKBG5hbWUYASABKAkSDQoFbGV2ZWwYAiABKAUifgoNQ2hhbm5lbENvbmZpZxIuCgdjaGFubmVsGAEgASgOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbBIPCgdhZGRyZXNzGAIgASgJEhAKCGNhcGFjaXR5GAMgASgFEhoKEmF2YWlsYWJsZV9vbl9sb2dpbhgEIAEoCCL7AQoFQWdlbnQSEAoIYWdlbnRfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEi0KBnNraWxscxgDIAMoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2tpbGwSEQoJbGFuZ3VhZ2VzGAQgAygJEigKBHNpdGUYBSABKAsyGi5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaXR5EhcKD3Jlc291cmNlX2dyb3VwcxgGIAMoCRI3CghjaGFubmVscxgHIAMoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ2hhbm5lbENvbmZpZxIMCgRldGFnGAggASgJIqYBCgxDaGFubmVsU3RhdGUSLgoHY2hhbm5lbBgBIAEoDjIdLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNoYW5uZWwSNwoIcHJlc2VuY2UYAiABKA4yJS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaGFubmVsUHJlc2VuY2USGwoTYWN0aXZlX2ludGVyYWN0aW9ucxgDIAEoBRIQCghjYXBhY2l0eRgEIAEoBSK8AgoNQWdlbnRQcmVzZW5jZRIQCghhZ2VudF9pZBgBIAEoCRI2CgdvdmVyYWxsGAIgASgOMiUuYWNjZXNzbGluZS5jb21tb24udjEuT3ZlcmFsbFByZXNlbmNlEjYKCGNoYW5uZWxzGAMgAygLMiQuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5DaGFubmVsU3RhdGUSFgoOZG9fbm90X2Rpc3R1cmIYBCABKAgSLgoKdXBkYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPcmVzb3VyY2VfZ3JvdXBzGAYgAygJEi4KCmlkbGVfc2luY2UYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEG5vdF9yZWFkeV9yZWFzb24YCCABKAkiRAoUUmVnaXN0ZXJBZ2VudFJlcXVlc3QSLAoFYWdlbnQYASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50IkUKFVJlZ2lzdGVyQWdlbnRSZXNwb25zZRIsCgVhZ2VudBgBIAEoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnQicwoSVXBkYXRlQWdlbnRSZXF1ZXN0EiwKBWFnZW50GAEgASgLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudBIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQwoTVXBkYXRlQWdlbnRSZXNwb25zZRIsCgVhZ2VudBgBIAEoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnQiIwoPR2V0QWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIkAKEEdldEFnZW50UmVzcG9uc2USLAoFYWdlbnQYASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50IlIKEUxpc3RBZ2VudHNSZXF1ZXN0EhYKDnJlc291cmNlX2dyb3VwGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlwKEkxpc3RBZ2VudHNSZXNwb25zZRItCgZhZ2VudHMYASADKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChZVbnJlZ2lzdGVyQWdlbnRSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgJIhkKF1VucmVnaXN0ZXJBZ2VudFJlc3BvbnNlIkIKBkRldmljZRIRCglkZXZpY2VfaWQYASABKAkSEAoIcGxhdGZvcm0YAiABKAkSEwoLYXBwX3ZlcnNpb24YAyABKAkicQoFTG9naW4SEAoIYWdlbnRfaWQYASABKAkSLgoGZGV2aWNlGAMgASgLMh4uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5EZXZpY2USFAoMcmVzdW1lX3Rva2VuGAQgASgJSgQIAhADUgphdXRoX3Rva2VuImwKElNldENoYW5uZWxQcmVzZW5jZRIuCgdjaGFubmVsGAEgASgOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbBIRCglhdmFpbGFibGUYAiABKAgSEwoLcmVhc29uX2NvZGUYAyABKAkiNwoPU2V0RG9Ob3REaXN0dXJiEg8KB2VuYWJsZWQYASABKAgSEwoLcmVhc29uX2NvZGUYAiABKAkiCwoJSGVhcnRiZWF0IpEBCg1PZmZlclJlc3BvbnNlEhAKCG9mZmVyX2lkGAEgASgJEjcKCGRlY2lzaW9uGAIgASgOMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5PZmZlckRlY2lzaW9uEjUKDmFjY2VwdF9jaGFubmVsGAMgASgOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbCIoCg5FbmRJbnRlcmFjdGlvbhIWCg5pbnRlcmFjdGlvbl9pZBgBIAEoCSKaAwoOQ29ubmVjdFJlcXVlc3QSLgoFbG9naW4YASABKAsyHS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkxvZ2luSAASSgoUc2V0X2NoYW5uZWxfcHJlc2VuY2UYAiABKAsyKi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlNldENoYW5uZWxQcmVzZW5jZUgAEkUKEnNldF9kb19ub3RfZGlzdHVyYhgDIAEoCzInLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuU2V0RG9Ob3REaXN0dXJiSAASNgoJaGVhcnRiZWF0GAQgASgLMiEuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5IZWFydGJlYXRIABI/Cg5vZmZlcl9yZXNwb25zZRgFIAEoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJSZXNwb25zZUgAEkEKD2VuZF9pbnRlcmFjdGlvbhgGIAEoCzImLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuRW5kSW50ZXJhY3Rpb25IAEIJCgdtZXNzYWdlIr0CCg5Db250ZXh0U3VtbWFyeRIdChVjdXN0b21lcl9kaXNwbGF5X25hbWUYASABKAkSDwoHc3ViamVjdBgCIAEoCRIQCghsYW5ndWFnZRgDIAEoCRIaChJzZXJ2aWNlX3JlcXVlc3RfaWQYBCABKAkSDQoFbGluZXMYBSADKAkSMAoIbG9jYXRpb24YBiABKAsyHi5hY2Nlc3NsaW5lLmNvbW1vbi52MS5HZW9Qb2ludBIYChBjdXN0b21lcl9zZWdtZW50GAcgASgJEjEKDXdhaXRpbmdfc2luY2UYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj8KDW1hdGNoX291dGNvbWUYCSABKA4yKC5hY2Nlc3NsaW5lLmNhbGxtYXRjaGluZy52MS5NYXRjaE91dGNvbWUiyAEKBU9mZmVyEhAKCG9mZmVyX2lkGAEgASgJEhYKDmludGVyYWN0aW9uX2lkGAIgASgJEjcKB3N1bW1hcnkYAyABKAsyJi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkNvbnRleHRTdW1tYXJ5Ei4KB2NoYW5uZWwYBCABKA4yHS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5DaGFubmVsEiwKCGRlYWRsaW5lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJdCg5PZmZlckNhbmNlbGxlZBIQCghvZmZlcl9pZBgBIAEoCRI5CgZyZWFzb24YAiABKA4yKS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyQ2FuY2VsUmVhc29uIrcBCghTbmFwc2hvdBIsCgVhZ2VudBgBIAEoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnQSNwoIcHJlc2VuY2UYAiABKAsyJS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50UHJlc2VuY2USGAoQYWdlbnRfc2Vzc2lvbl9pZBgDIAEoCRIPCgdyZXN1bWVkGAQgASgIEhkKEW5vdF9yZWFkeV9yZWFzb25zGAUgAygJIkwKEVByZXNlbmNlQ29uZmlybWVkEjcKCHByZXNlbmNlGAEgASgLMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudFByZXNlbmNlIkQKD1Nlc3Npb25SZXBsYWNlZBIxCglieV9kZXZpY2UYASABKAsyHi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkRldmljZSI/CgxIZWFydGJlYXRBY2sSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpYBChVPZmZlclJlc3BvbnNlUmVjb3JkZWQSEAoIb2ZmZXJfaWQYASABKAkSNwoIZGVjaXNpb24YAiABKA4yJS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9mZmVyRGVjaXNpb24SMgoHY29udGV4dBgDIAEoCzIhLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNvbnRleHREYXRhIl4KFE9mZmVyUmVzcG9uc2VSZWZ1c2VkEhAKCG9mZmVyX2lkGAEgASgJEjQKBnJlYXNvbhgCIAEoDjIkLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJSZWZ1c2FsIrQECg9Db25uZWN0UmVzcG9uc2USNAoIc25hcHNob3QYASABKAsyIC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlNuYXBzaG90SAASRwoScHJlc2VuY2VfY29uZmlybWVkGAIgASgLMikuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5QcmVzZW5jZUNvbmZpcm1lZEgAEi4KBW9mZmVyGAMgASgLMh0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5PZmZlckgAEkEKD29mZmVyX2NhbmNlbGxlZBgEIAEoCzImLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJDYW5jZWxsZWRIABJDChBzZXNzaW9uX3JlcGxhY2VkGAUgASgLMicuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5TZXNzaW9uUmVwbGFjZWRIABI9Cg1oZWFydGJlYXRfYWNrGAYgASgLMiQuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5IZWFydGJlYXRBY2tIABJQChdvZmZlcl9yZXNwb25zZV9yZWNvcmRlZBgHIAEoCzItLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJSZXNwb25zZVJlY29yZGVkSAASTgoWb2ZmZXJfcmVzcG9uc2VfcmVmdXNlZBgIIAEoCzIsLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT2ZmZXJSZXNwb25zZVJlZnVzZWRIAEIJCgdtZXNzYWdlIkIKEk9wZW5TZXNzaW9uUmVxdWVzdBIsCgVsb2dpbhgBIAEoCzIdLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuTG9naW4iTwoTT3BlblNlc3Npb25SZXNwb25zZRI4CgdtZXNzYWdlGAEgASgLMicuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5Db25uZWN0UmVzcG9uc2UibgoZU2VuZFNlc3Npb25NZXNzYWdlUmVxdWVzdBIYChBhZ2VudF9zZXNzaW9uX2lkGAEgASgJEjcKB21lc3NhZ2UYAiABKAsyJi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkNvbm5lY3RSZXF1ZXN0IhwKGlNlbmRTZXNzaW9uTWVzc2FnZVJlc3BvbnNlIokBChRXYXRjaFByZXNlbmNlUmVxdWVzdBIRCglhZ2VudF9pZHMYASADKAkSFwoPcmVzb3VyY2VfZ3JvdXBzGAIgAygJEi8KCGNoYW5uZWxzGAMgAygOMh0uYWNjZXNzbGluZS5jb21tb24udjEuQ2hhbm5lbBIUCgxyZXN1bWVfdG9rZW4YBCABKAkiSQoQUHJlc2VuY2VTbmFwc2hvdBI1CgZhZ2VudHMYASADKAsyJS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkFnZW50UHJlc2VuY2UiJwoSR2V0UHJlc2VuY2VSZXF1ZXN0EhEKCWFnZW50X2lkcxgBIAMoCSJnChNHZXRQcmVzZW5jZVJlc3BvbnNlEjUKBmFnZW50cxgBIAMoCzIlLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQWdlbnRQcmVzZW5jZRIZChFtaXNzaW5nX2FnZW50X2lkcxgCIAMoCSKtAQoVV2F0Y2hQcmVzZW5jZVJlc3BvbnNlEjwKCHNuYXBzaG90GAEgASgLMiguYWNjZXNzbGluZS5wcmVzZW5jZS52MS5QcmVzZW5jZVNuYXBzaG90SAASNwoGY2hhbmdlGAIgASgLMiUuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5BZ2VudFByZXNlbmNlSAASFAoMcmVzdW1lX3Rva2VuGAMgASgJQgcKBWV2ZW50InkKE0NoYW5uZWxBdmFpbGFiaWxpdHkSLgoHY2hhbm5lbBgBIAEoDjIdLmFjY2Vzc2xpbmUuY29tbW9uLnYxLkNoYW5uZWwSGAoQYXZhaWxhYmxlX2FnZW50cxgCIAEoBRIYChBsb2dnZWRfaW5fYWdlbnRzGAMgASgFImoKEUdyb3VwQXZhaWxhYmlsaXR5EhYKDnJlc291cmNlX2dyb3VwGAEgASgJEj0KCGNoYW5uZWxzGAIgAygLMisuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5DaGFubmVsQXZhaWxhYmlsaXR5IjYKG0dldEdyb3VwQXZhaWxhYmlsaXR5UmVxdWVzdBIXCg9yZXNvdXJjZV9ncm91cHMYASADKAkiWQocR2V0R3JvdXBBdmFpbGFiaWxpdHlSZXNwb25zZRI5CgZncm91cHMYASADKAsyKS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkdyb3VwQXZhaWxhYmlsaXR5KmYKDU9mZmVyRGVjaXNpb24SHgoaT0ZGRVJfREVDSVNJT05fVU5TUEVDSUZJRUQQABIZChVPRkZFUl9ERUNJU0lPTl9BQ0NFUFQQARIaChZPRkZFUl9ERUNJU0lPTl9ERUNMSU5FEAIq8wEKEU9mZmVyQ2FuY2VsUmVhc29uEiMKH09GRkVSX0NBTkNFTF9SRUFTT05fVU5TUEVDSUZJRUQQABIhCh1PRkZFUl9DQU5DRUxfUkVBU09OX1RJTUVEX09VVBABEiEKHU9GRkVSX0NBTkNFTF9SRUFTT05fV0lUSERSQVdOEAISJQohT0ZGRVJfQ0FOQ0VMX1JFQVNPTl9TRVNTSU9OX0VOREVEEAMSJwojT0ZGRVJfQ0FOQ0VMX1JFQVNPTl9OT19BTlNXRVJfTElNSVQQBBIjCh9PRkZFUl9DQU5DRUxfUkVBU09OX0NBTExFUl9HT05FEAUqlwEKDE9mZmVyUmVmdXNhbBIdChlPRkZFUl9SRUZVU0FMX1VOU1BFQ0lGSUVEEAASHwobT0ZGRVJfUkVGVVNBTF9VTktOT1dOX09GRkVSEAESIAocT0ZGRVJfUkVGVVNBTF9OT19MT05HRVJfT1BFThACEiUKIU9GRkVSX1JFRlVTQUxfQ0hBTk5FTF9VTkFWQUlMQUJMRRADMrALCg9QcmVzZW5jZVNlcnZpY2USmgEKDVJlZ2lzdGVyQWdlbnQSLC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlJlZ2lzdGVyQWdlbnRSZXF1ZXN0Gi0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5SZWdpc3RlckFnZW50UmVzcG9uc2UiLJACAqK7GCUKAQUiIAoOYWdlbnQucmVnaXN0ZXISDmFnZW50LmFnZW50X2lkEo8BCgtVcGRhdGVBZ2VudBIqLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuVXBkYXRlQWdlbnRSZXF1ZXN0GisuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5VcGRhdGVBZ2VudFJlc3BvbnNlIieiuxgjCgEFIh4KDGFnZW50LnVwZGF0ZRIOYWdlbnQuYWdlbnRfaWQSeQoIR2V0QWdlbnQSJy5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkdldEFnZW50UmVxdWVzdBooLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuR2V0QWdlbnRSZXNwb25zZSIakAIBorsYEwoDBQQDGgwIAxIIYWdlbnRfaWQScAoKTGlzdEFnZW50cxIpLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuTGlzdEFnZW50c1JlcXVlc3QaKi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkxpc3RBZ2VudHNSZXNwb25zZSILkAIBorsYBAoCBQQSmQEKD1VucmVnaXN0ZXJBZ2VudBIuLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuVW5yZWdpc3RlckFnZW50UmVxdWVzdBovLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuVW5yZWdpc3RlckFnZW50UmVzcG9uc2UiJaK7GCEKAQUiHAoQYWdlbnQudW5yZWdpc3RlchIIYWdlbnRfaWQSZwoHQ29ubmVjdBImLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuQ29ubmVjdFJlcXVlc3QaJy5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkNvbm5lY3RSZXNwb25zZSIHorsYAwoBAygBMAEScQoLT3BlblNlc3Npb24SKi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLk9wZW5TZXNzaW9uUmVxdWVzdBorLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuT3BlblNlc3Npb25SZXNwb25zZSIHorsYAwoBAzABEoQBChJTZW5kU2Vzc2lvbk1lc3NhZ2USMS5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlNlbmRTZXNzaW9uTWVzc2FnZVJlcXVlc3QaMi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLlNlbmRTZXNzaW9uTWVzc2FnZVJlc3BvbnNlIgeiuxgDCgEDEngKDVdhdGNoUHJlc2VuY2USLC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLldhdGNoUHJlc2VuY2VSZXF1ZXN0Gi0uYWNjZXNzbGluZS5wcmVzZW5jZS52MS5XYXRjaFByZXNlbmNlUmVzcG9uc2UiCKK7GAQKAgQFMAEScwoLR2V0UHJlc2VuY2USKi5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkdldFByZXNlbmNlUmVxdWVzdBorLmFjY2Vzc2xpbmUucHJlc2VuY2UudjEuR2V0UHJlc2VuY2VSZXNwb25zZSILkAIBorsYBAoCBAUSkgEKFEdldEdyb3VwQXZhaWxhYmlsaXR5EjMuYWNjZXNzbGluZS5wcmVzZW5jZS52MS5HZXRHcm91cEF2YWlsYWJpbGl0eVJlcXVlc3QaNC5hY2Nlc3NsaW5lLnByZXNlbmNlLnYxLkdldEdyb3VwQXZhaWxhYmlsaXR5UmVzcG9uc2UiD5ACAaK7GAgKAwQFARIBA2IGcHJvdG8z", [file_accessline_access_v1_access, file_accessline_callmatching_v1_call_matching, file_accessline_common_v1_common, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * A skill of an agent.
@@ -145,6 +145,14 @@ export type Agent = Message<"accessline.presence.v1.Agent"> & {
    * @generated from field: repeated accessline.presence.v1.ChannelConfig channels = 7;
    */
   channels: ChannelConfig[];
+
+  /**
+   * The version of the agent's configuration as stored (set on answers): pass it back
+   * to UpdateAgent to change only that version. At most 64 characters.
+   *
+   * @generated from field: string etag = 8;
+   */
+  etag: string;
 };
 
 /**
@@ -311,6 +319,58 @@ export const RegisterAgentResponseSchema: GenMessage<RegisterAgentResponse> = /*
   messageDesc(file_accessline_presence_v1_presence, 6);
 
 /**
+ * Request of UpdateAgent.
+ *
+ * @generated from message accessline.presence.v1.UpdateAgentRequest
+ */
+export type UpdateAgentRequest = Message<"accessline.presence.v1.UpdateAgentRequest"> & {
+  /**
+   * The agent's new configuration; `agent_id` names it, `etag` (optional) the version it
+   * applies to.
+   *
+   * @generated from field: accessline.presence.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+
+  /**
+   * The fields to change (for example `skills`, `channels`, `site.name`); the others keep
+   * their stored values. Unset, or `*`: all of them. `agent_id` and `etag` cannot be
+   * changed.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 2;
+   */
+  updateMask?: FieldMask | undefined;
+};
+
+/**
+ * Describes the message accessline.presence.v1.UpdateAgentRequest.
+ * Use `create(UpdateAgentRequestSchema)` to create a new message.
+ */
+export const UpdateAgentRequestSchema: GenMessage<UpdateAgentRequest> = /*@__PURE__*/
+  messageDesc(file_accessline_presence_v1_presence, 7);
+
+/**
+ * Response of UpdateAgent.
+ *
+ * @generated from message accessline.presence.v1.UpdateAgentResponse
+ */
+export type UpdateAgentResponse = Message<"accessline.presence.v1.UpdateAgentResponse"> & {
+  /**
+   * The agent as stored.
+   *
+   * @generated from field: accessline.presence.v1.Agent agent = 1;
+   */
+  agent?: Agent | undefined;
+};
+
+/**
+ * Describes the message accessline.presence.v1.UpdateAgentResponse.
+ * Use `create(UpdateAgentResponseSchema)` to create a new message.
+ */
+export const UpdateAgentResponseSchema: GenMessage<UpdateAgentResponse> = /*@__PURE__*/
+  messageDesc(file_accessline_presence_v1_presence, 8);
+
+/**
  * Request of GetAgent.
  *
  * @generated from message accessline.presence.v1.GetAgentRequest
@@ -329,7 +389,7 @@ export type GetAgentRequest = Message<"accessline.presence.v1.GetAgentRequest"> 
  * Use `create(GetAgentRequestSchema)` to create a new message.
  */
 export const GetAgentRequestSchema: GenMessage<GetAgentRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 7);
+  messageDesc(file_accessline_presence_v1_presence, 9);
 
 /**
  * Response of GetAgent.
@@ -350,7 +410,7 @@ export type GetAgentResponse = Message<"accessline.presence.v1.GetAgentResponse"
  * Use `create(GetAgentResponseSchema)` to create a new message.
  */
 export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 8);
+  messageDesc(file_accessline_presence_v1_presence, 10);
 
 /**
  * Request of ListAgents.
@@ -385,7 +445,7 @@ export type ListAgentsRequest = Message<"accessline.presence.v1.ListAgentsReques
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 9);
+  messageDesc(file_accessline_presence_v1_presence, 11);
 
 /**
  * Response of ListAgents.
@@ -413,7 +473,7 @@ export type ListAgentsResponse = Message<"accessline.presence.v1.ListAgentsRespo
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 10);
+  messageDesc(file_accessline_presence_v1_presence, 12);
 
 /**
  * Request of UnregisterAgent.
@@ -434,7 +494,7 @@ export type UnregisterAgentRequest = Message<"accessline.presence.v1.UnregisterA
  * Use `create(UnregisterAgentRequestSchema)` to create a new message.
  */
 export const UnregisterAgentRequestSchema: GenMessage<UnregisterAgentRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 11);
+  messageDesc(file_accessline_presence_v1_presence, 13);
 
 /**
  * Response of UnregisterAgent.
@@ -449,7 +509,7 @@ export type UnregisterAgentResponse = Message<"accessline.presence.v1.Unregister
  * Use `create(UnregisterAgentResponseSchema)` to create a new message.
  */
 export const UnregisterAgentResponseSchema: GenMessage<UnregisterAgentResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 12);
+  messageDesc(file_accessline_presence_v1_presence, 14);
 
 /**
  * The device an agent app runs on.
@@ -484,7 +544,7 @@ export type Device = Message<"accessline.presence.v1.Device"> & {
  * Use `create(DeviceSchema)` to create a new message.
  */
 export const DeviceSchema: GenMessage<Device> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 13);
+  messageDesc(file_accessline_presence_v1_presence, 15);
 
 /**
  * The first message of a Connect stream. The stream's bearer token (role agent) is the
@@ -524,7 +584,7 @@ export type Login = Message<"accessline.presence.v1.Login"> & {
  * Use `create(LoginSchema)` to create a new message.
  */
 export const LoginSchema: GenMessage<Login> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 14);
+  messageDesc(file_accessline_presence_v1_presence, 16);
 
 /**
  * Sets one channel's presence.
@@ -560,7 +620,7 @@ export type SetChannelPresence = Message<"accessline.presence.v1.SetChannelPrese
  * Use `create(SetChannelPresenceSchema)` to create a new message.
  */
 export const SetChannelPresenceSchema: GenMessage<SetChannelPresence> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 15);
+  messageDesc(file_accessline_presence_v1_presence, 17);
 
 /**
  * Turns do-not-disturb on or off.
@@ -588,7 +648,7 @@ export type SetDoNotDisturb = Message<"accessline.presence.v1.SetDoNotDisturb"> 
  * Use `create(SetDoNotDisturbSchema)` to create a new message.
  */
 export const SetDoNotDisturbSchema: GenMessage<SetDoNotDisturb> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 16);
+  messageDesc(file_accessline_presence_v1_presence, 18);
 
 /**
  * Keeps the session alive on networks that drop idle streams.
@@ -603,7 +663,7 @@ export type Heartbeat = Message<"accessline.presence.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 17);
+  messageDesc(file_accessline_presence_v1_presence, 19);
 
 /**
  * The agent's answer to an offer.
@@ -639,7 +699,7 @@ export type OfferResponse = Message<"accessline.presence.v1.OfferResponse"> & {
  * Use `create(OfferResponseSchema)` to create a new message.
  */
 export const OfferResponseSchema: GenMessage<OfferResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 18);
+  messageDesc(file_accessline_presence_v1_presence, 20);
 
 /**
  * The agent finished an interaction (wrap-up done): its channel has room again.
@@ -660,7 +720,7 @@ export type EndInteraction = Message<"accessline.presence.v1.EndInteraction"> & 
  * Use `create(EndInteractionSchema)` to create a new message.
  */
 export const EndInteractionSchema: GenMessage<EndInteraction> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 19);
+  messageDesc(file_accessline_presence_v1_presence, 21);
 
 /**
  * A message from the agent app.
@@ -729,7 +789,7 @@ export type ConnectRequest = Message<"accessline.presence.v1.ConnectRequest"> & 
  * Use `create(ConnectRequestSchema)` to create a new message.
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 20);
+  messageDesc(file_accessline_presence_v1_presence, 22);
 
 /**
  * What an agent sees of the interaction before accepting it. Holds display text only.
@@ -809,7 +869,7 @@ export type ContextSummary = Message<"accessline.presence.v1.ContextSummary"> & 
  * Use `create(ContextSummarySchema)` to create a new message.
  */
 export const ContextSummarySchema: GenMessage<ContextSummary> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 21);
+  messageDesc(file_accessline_presence_v1_presence, 23);
 
 /**
  * A preview of an interaction offered to the agent.
@@ -858,7 +918,7 @@ export type Offer = Message<"accessline.presence.v1.Offer"> & {
  * Use `create(OfferSchema)` to create a new message.
  */
 export const OfferSchema: GenMessage<Offer> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 22);
+  messageDesc(file_accessline_presence_v1_presence, 24);
 
 /**
  * An offer that is no longer open.
@@ -886,7 +946,7 @@ export type OfferCancelled = Message<"accessline.presence.v1.OfferCancelled"> & 
  * Use `create(OfferCancelledSchema)` to create a new message.
  */
 export const OfferCancelledSchema: GenMessage<OfferCancelled> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 23);
+  messageDesc(file_accessline_presence_v1_presence, 25);
 
 /**
  * The agent's configuration and presence, sent after login.
@@ -936,7 +996,7 @@ export type Snapshot = Message<"accessline.presence.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 24);
+  messageDesc(file_accessline_presence_v1_presence, 26);
 
 /**
  * Confirms a change the app asked for.
@@ -957,7 +1017,7 @@ export type PresenceConfirmed = Message<"accessline.presence.v1.PresenceConfirme
  * Use `create(PresenceConfirmedSchema)` to create a new message.
  */
 export const PresenceConfirmedSchema: GenMessage<PresenceConfirmed> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 25);
+  messageDesc(file_accessline_presence_v1_presence, 27);
 
 /**
  * Tells the app that another login of the same agent replaced this session; the stream
@@ -979,7 +1039,7 @@ export type SessionReplaced = Message<"accessline.presence.v1.SessionReplaced"> 
  * Use `create(SessionReplacedSchema)` to create a new message.
  */
 export const SessionReplacedSchema: GenMessage<SessionReplaced> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 26);
+  messageDesc(file_accessline_presence_v1_presence, 28);
 
 /**
  * Answers a heartbeat.
@@ -1000,7 +1060,7 @@ export type HeartbeatAck = Message<"accessline.presence.v1.HeartbeatAck"> & {
  * Use `create(HeartbeatAckSchema)` to create a new message.
  */
 export const HeartbeatAckSchema: GenMessage<HeartbeatAck> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 27);
+  messageDesc(file_accessline_presence_v1_presence, 29);
 
 /**
  * Confirms the server recorded the agent's answer to an offer.
@@ -1036,7 +1096,7 @@ export type OfferResponseRecorded = Message<"accessline.presence.v1.OfferRespons
  * Use `create(OfferResponseRecordedSchema)` to create a new message.
  */
 export const OfferResponseRecordedSchema: GenMessage<OfferResponseRecorded> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 28);
+  messageDesc(file_accessline_presence_v1_presence, 30);
 
 /**
  * The server refused the agent's answer to an offer; the stream stays open.
@@ -1064,7 +1124,7 @@ export type OfferResponseRefused = Message<"accessline.presence.v1.OfferResponse
  * Use `create(OfferResponseRefusedSchema)` to create a new message.
  */
 export const OfferResponseRefusedSchema: GenMessage<OfferResponseRefused> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 29);
+  messageDesc(file_accessline_presence_v1_presence, 31);
 
 /**
  * A message to the agent app.
@@ -1149,7 +1209,7 @@ export type ConnectResponse = Message<"accessline.presence.v1.ConnectResponse"> 
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 30);
+  messageDesc(file_accessline_presence_v1_presence, 32);
 
 /**
  * Request of OpenSession.
@@ -1170,7 +1230,7 @@ export type OpenSessionRequest = Message<"accessline.presence.v1.OpenSessionRequ
  * Use `create(OpenSessionRequestSchema)` to create a new message.
  */
 export const OpenSessionRequestSchema: GenMessage<OpenSessionRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 31);
+  messageDesc(file_accessline_presence_v1_presence, 33);
 
 /**
  * A message of the OpenSession stream.
@@ -1191,7 +1251,7 @@ export type OpenSessionResponse = Message<"accessline.presence.v1.OpenSessionRes
  * Use `create(OpenSessionResponseSchema)` to create a new message.
  */
 export const OpenSessionResponseSchema: GenMessage<OpenSessionResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 32);
+  messageDesc(file_accessline_presence_v1_presence, 34);
 
 /**
  * Request of SendSessionMessage.
@@ -1219,7 +1279,7 @@ export type SendSessionMessageRequest = Message<"accessline.presence.v1.SendSess
  * Use `create(SendSessionMessageRequestSchema)` to create a new message.
  */
 export const SendSessionMessageRequestSchema: GenMessage<SendSessionMessageRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 33);
+  messageDesc(file_accessline_presence_v1_presence, 35);
 
 /**
  * Response of SendSessionMessage: the message was taken; what it changed comes down the
@@ -1235,7 +1295,7 @@ export type SendSessionMessageResponse = Message<"accessline.presence.v1.SendSes
  * Use `create(SendSessionMessageResponseSchema)` to create a new message.
  */
 export const SendSessionMessageResponseSchema: GenMessage<SendSessionMessageResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 34);
+  messageDesc(file_accessline_presence_v1_presence, 36);
 
 /**
  * Request of WatchPresence.
@@ -1278,7 +1338,7 @@ export type WatchPresenceRequest = Message<"accessline.presence.v1.WatchPresence
  * Use `create(WatchPresenceRequestSchema)` to create a new message.
  */
 export const WatchPresenceRequestSchema: GenMessage<WatchPresenceRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 35);
+  messageDesc(file_accessline_presence_v1_presence, 37);
 
 /**
  * A full picture of the watched agents.
@@ -1299,7 +1359,7 @@ export type PresenceSnapshot = Message<"accessline.presence.v1.PresenceSnapshot"
  * Use `create(PresenceSnapshotSchema)` to create a new message.
  */
 export const PresenceSnapshotSchema: GenMessage<PresenceSnapshot> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 36);
+  messageDesc(file_accessline_presence_v1_presence, 38);
 
 /**
  * Request of GetPresence.
@@ -1320,7 +1380,7 @@ export type GetPresenceRequest = Message<"accessline.presence.v1.GetPresenceRequ
  * Use `create(GetPresenceRequestSchema)` to create a new message.
  */
 export const GetPresenceRequestSchema: GenMessage<GetPresenceRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 37);
+  messageDesc(file_accessline_presence_v1_presence, 39);
 
 /**
  * Response of GetPresence.
@@ -1349,7 +1409,7 @@ export type GetPresenceResponse = Message<"accessline.presence.v1.GetPresenceRes
  * Use `create(GetPresenceResponseSchema)` to create a new message.
  */
 export const GetPresenceResponseSchema: GenMessage<GetPresenceResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 38);
+  messageDesc(file_accessline_presence_v1_presence, 40);
 
 /**
  * A message of the WatchPresence stream.
@@ -1393,7 +1453,7 @@ export type WatchPresenceResponse = Message<"accessline.presence.v1.WatchPresenc
  * Use `create(WatchPresenceResponseSchema)` to create a new message.
  */
 export const WatchPresenceResponseSchema: GenMessage<WatchPresenceResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 39);
+  messageDesc(file_accessline_presence_v1_presence, 41);
 
 /**
  * Available agents of one channel.
@@ -1428,7 +1488,7 @@ export type ChannelAvailability = Message<"accessline.presence.v1.ChannelAvailab
  * Use `create(ChannelAvailabilitySchema)` to create a new message.
  */
 export const ChannelAvailabilitySchema: GenMessage<ChannelAvailability> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 40);
+  messageDesc(file_accessline_presence_v1_presence, 42);
 
 /**
  * Availability of one resource group.
@@ -1456,7 +1516,7 @@ export type GroupAvailability = Message<"accessline.presence.v1.GroupAvailabilit
  * Use `create(GroupAvailabilitySchema)` to create a new message.
  */
 export const GroupAvailabilitySchema: GenMessage<GroupAvailability> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 41);
+  messageDesc(file_accessline_presence_v1_presence, 43);
 
 /**
  * Request of GetGroupAvailability.
@@ -1477,7 +1537,7 @@ export type GetGroupAvailabilityRequest = Message<"accessline.presence.v1.GetGro
  * Use `create(GetGroupAvailabilityRequestSchema)` to create a new message.
  */
 export const GetGroupAvailabilityRequestSchema: GenMessage<GetGroupAvailabilityRequest> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 42);
+  messageDesc(file_accessline_presence_v1_presence, 44);
 
 /**
  * Response of GetGroupAvailability.
@@ -1498,7 +1558,7 @@ export type GetGroupAvailabilityResponse = Message<"accessline.presence.v1.GetGr
  * Use `create(GetGroupAvailabilityResponseSchema)` to create a new message.
  */
 export const GetGroupAvailabilityResponseSchema: GenMessage<GetGroupAvailabilityResponse> = /*@__PURE__*/
-  messageDesc(file_accessline_presence_v1_presence, 43);
+  messageDesc(file_accessline_presence_v1_presence, 45);
 
 /**
  * The agent's decision on an offer.
@@ -1653,6 +1713,18 @@ export const PresenceService: GenService<{
     methodKind: "unary";
     input: typeof RegisterAgentRequestSchema;
     output: typeof RegisterAgentResponseSchema;
+  },
+  /**
+   * Changes the fields of an agent's configuration named by `update_mask` (all when
+   * unset), only if it is still the version of `agent.etag` when given (ABORTED
+   * `ETAG_MISMATCH` otherwise). NOT_FOUND when unknown.
+   *
+   * @generated from rpc accessline.presence.v1.PresenceService.UpdateAgent
+   */
+  updateAgent: {
+    methodKind: "unary";
+    input: typeof UpdateAgentRequestSchema;
+    output: typeof UpdateAgentResponseSchema;
   },
   /**
    * Returns one agent's configuration.
