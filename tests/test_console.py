@@ -21,7 +21,7 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ROOT, connect, free_port, identity
+from tests.conftest import ROOT, connect, free_port, identity, spawn_service, wait_serving
 from tests.support.proxy import Proxy
 from tests.support.stack import (
     C,
@@ -288,3 +288,46 @@ async def test_the_console_is_served_with_a_policy_that_keeps_it_to_its_origin(
     await page.get_by_test_id("sign-in-button").click()
     await expect(page.get_by_test_id("sign-in-error")).to_contain_text("JWT")
     await context.close()
+
+
+async def test_the_console_comes_back_to_another_replica_when_its_replica_stops(
+    stack: Stack, browser: Any, etcd: EmbeddedEtcd
+) -> None:
+    group = new_group()
+    agent_id = await register_agent(stack, group, "mortgage")
+    # A Presence replica of its own, which the test stops; the agent's load balancer
+    # (the proxy) then sends the console to the stack's replica.
+    web_port = free_port()
+    replica = spawn_service(
+        "accessline_server.presence", etcd.endpoint, stack.prefix, ACCESSLINE_WEB_PORT=str(web_port)
+    )
+    await wait_serving(replica)
+    balancer = Proxy(f"127.0.0.1:{web_port}")
+    await balancer.start()
+    context = await browser.new_context(ignore_https_errors=True)
+    page = await context.new_page()
+    try:
+        await page.goto(f"https://{balancer.address}/console/")
+        await page.get_by_label("Your access token").fill(identity().token(agent_id, "agent"))
+        await page.get_by_test_id("sign-in-button").click()
+        await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
+        await page.get_by_test_id("reason").select_option("lunch")
+        await page.get_by_test_id("dnd").check()
+        await expect(page.get_by_test_id("overall")).to_have_text("Do not disturb", timeout=SHOWN)
+
+        await replica.stop_async()  # a rolling restart takes this replica away
+        balancer.upstream = stack.web["presence"]
+        balancer.cut()
+        balancer.restore()
+        await expect(page.get_by_test_id("events")).to_contain_text(
+            "reconnected; session resumed", timeout=SHOWN
+        )
+        await expect(page.get_by_test_id("connection")).to_have_text("Online")
+        await expect(page.get_by_test_id("overall")).to_have_text("Do not disturb")
+        await expect(page.get_by_test_id("reason-shown")).to_have_text("Not ready: lunch")
+        shown = await stack.pr.GetPresence(pr_pb2.GetPresenceRequest(agent_ids=[agent_id]))
+        assert shown.agents[0].overall == C.OVERALL_PRESENCE_DO_NOT_DISTURB
+    finally:
+        await context.close()
+        await balancer.close()
+        await replica.stop_async()
