@@ -13,10 +13,11 @@ import pytest
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import ServiceProcess, connect, eventually, identity, wait_serving
-from tests.support.presence import App, ending, register
+from tests.support.presence import App, C, ending, register
 from tests.support.scraping import scrape_samples
 
 LIST_POOLS = "accessline.numberdistribution.v1.NumberDistributionService/ListPools"
@@ -136,3 +137,36 @@ async def test_an_agent_session_that_logs_out_is_closed_and_one_whose_stream_bre
         return found if sum(found.values()) >= 2 else None
 
     assert await eventually(ended, what="both sessions ended") == {"closed": 1, "dropped": 1}
+
+
+async def test_not_ready_reasons_are_counted_by_reason(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    metrics_port = free_port()
+    pr = service_factory("accessline_server.presence", ACCESSLINE_METRICS_PORT=str(metrics_port))
+    await wait_serving(pr)
+    async with connect(pr.address) as channel:
+        agent_id = await register(pr_grpc.PresenceServiceStub(channel))
+    app = App(pr.address)
+    await app.login(agent_id)
+    for enabled in (True, False, True):
+        await app.send(
+            set_do_not_disturb=pr_pb2.SetDoNotDisturb(
+                enabled=enabled, reason_code="lunch" if enabled else ""
+            )
+        )
+        await app.next_kind("presence_confirmed")
+    await app.send(
+        set_channel_presence=pr_pb2.SetChannelPresence(
+            channel=C.CHANNEL_CHAT, available=False, reason_code="training"
+        )
+    )
+    await app.next_kind("presence_confirmed")
+
+    def counted() -> dict[str, float] | None:
+        samples = scrape_samples(metrics_port, "accessline_presence_not_ready_total")
+        found = {s["accessline_not_ready_reason"]: v for s, v in samples}
+        return found if sum(found.values()) >= 3 else None
+
+    assert await eventually(counted, what="reasons counted") == {"lunch": 2, "training": 1}
+    app.call.cancel()
