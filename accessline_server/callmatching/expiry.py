@@ -6,8 +6,8 @@ a match or a cancel, which delete them) and, at a session's expiry, keeps its ou
 has no outcome: told once whichever replicas try, never for a session that matched or
 was cancelled (those write their outcome in the transaction that ends them).
 
-An expiry while no CallMatching replica runs is told when one starts again (it reads
-the sessions still waiting)."""
+An expiry while no CallMatching replica runs is told when one starts again, if the
+session is still in etcd then (it stays for its number's quarantine after its expiry)."""
 
 from __future__ import annotations
 
