@@ -72,7 +72,7 @@ async def test_a_matched_call_is_told_connected_or_gone(routed: Stack) -> None:
     _, agent_app = await agent(routed, group)
     async with Receiver() as receiver:
         webhook_id, secret = await webhook(
-            routed.nt, app_id, receiver.url, MATCHED, CONNECTED, ABANDONED
+            routed.nt, app_id, receiver.url, MATCHED, CONNECTED, ABANDONED, writers=routed.processes
         )
         reached = await stack_handoff(routed, app_id, "customer-7", C.ContextData(subject=subject))
         call = Call(routed.routers[0], reached.access_number)
@@ -115,7 +115,7 @@ async def test_a_matched_call_is_told_queued_and_offered(routed: Stack) -> None:
     queued, offered = nt_pb2.WEBHOOK_EVENT_TYPE_CALL_QUEUED, nt_pb2.WEBHOOK_EVENT_TYPE_CALL_OFFERED
     async with Receiver() as receiver:
         webhook_id, secret = await webhook(
-            routed.nt, app_id, receiver.url, queued, offered, CONNECTED
+            routed.nt, app_id, receiver.url, queued, offered, CONNECTED, writers=routed.processes
         )
         await stack_handoff(routed, app_id, "customer-q", C.ContextData(subject=subject))
         call = Call(routed.routers[0], numbers[0])
@@ -157,7 +157,9 @@ async def test_a_callback_is_told_scheduled_attempted_and_completed_or_failed(
         )
 
     async with Receiver() as receiver:
-        webhook_id, secret = await webhook(routed.nt, app_id, receiver.url, *kinds)
+        webhook_id, secret = await webhook(
+            routed.nt, app_id, receiver.url, *kinds, writers=routed.processes
+        )
         reached = (await routed.routers[0].RequestCallback(asked("customer-r"))).callback
         await answer(agent_app, ACCEPT)
         while (await asyncio.wait_for(dials.read(), 20)).callback_id != reached.callback_id:
@@ -200,7 +202,11 @@ async def test_a_customer_told_an_agent_is_available_is_told_to_the_backend(
     _, held_app = await agent(routed, group, available=False)
     async with Receiver() as receiver:
         webhook_id, secret = await webhook(
-            routed.nt, app_id, receiver.url, nt_pb2.WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED
+            routed.nt,
+            app_id,
+            receiver.url,
+            nt_pb2.WEBHOOK_EVENT_TYPE_AVAILABILITY_NOTIFIED,
+            writers=routed.processes,
         )
         asked = await routed.routers[0].RequestNotifyWhenAvailable(
             rt_pb2.RequestNotifyWhenAvailableRequest(
@@ -225,7 +231,9 @@ async def test_a_handoff_no_call_matched_is_told_expired_once(routed: Stack) -> 
     subject = await pool_subject(routed, group)
     expired = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_EXPIRED
     async with Receiver() as receiver:
-        webhook_id, secret = await webhook(routed.nt, app_id, receiver.url, expired, CANCELLED)
+        webhook_id, secret = await webhook(
+            routed.nt, app_id, receiver.url, expired, CANCELLED, writers=routed.processes
+        )
         short = duration_pb2.Duration(seconds=2)
         lapsed = await stack_handoff(
             routed, app_id, "customer-x", C.ContextData(subject=subject), ttl=short

@@ -89,7 +89,9 @@ async def test_a_match_reaches_the_endpoint_signed_through_500_and_429(
     subject, _ = await make_pool(system, 1)
     app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
     async with Receiver((500, {}), (429, {"retry-after": "1"})) as receiver:
-        webhook_id, secret = await webhook(notification, app_id, receiver.url, MATCHED)
+        webhook_id, secret = await webhook(
+            notification, app_id, receiver.url, MATCHED, writers=system.processes
+        )
         assert secret.startswith("whsec_")
         started = await handoff(system, app_id, subject)
         matched = await call(system.cm, started.access_number, call_id="call-hooked")
@@ -128,8 +130,17 @@ async def test_a_webhook_gets_the_events_it_asked_for_only(
     subject, _ = await make_pool(system, 2)
     app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
     async with Receiver() as both, Receiver() as matches_only:
-        both_id, _ = await webhook(notification, app_id, both.url, MATCHED, CANCELLED)
-        only_id, _ = await webhook(notification, app_id, matches_only.url, MATCHED)
+        both_id, _ = await webhook(
+            notification, app_id, both.url, MATCHED, CANCELLED, writers=system.processes
+        )
+        only_id, _ = await webhook(
+            notification,
+            app_id,
+            matches_only.url,
+            MATCHED,
+            writers=system.processes,
+            wanted=(MATCHED, CANCELLED),
+        )
         cancelled = await handoff(system, app_id, subject)
         await system.cm.CancelHandoff(cm_pb2.CancelHandoffRequest(session_id=cancelled.session_id))
         started = await handoff(system, app_id, subject)
@@ -149,7 +160,9 @@ async def test_during_a_rotation_both_secrets_sign(
     subject, _ = await make_pool(system, 1)
     app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
     async with Receiver() as receiver:
-        webhook_id, old = await webhook(notification, app_id, receiver.url)
+        webhook_id, old = await webhook(
+            notification, app_id, receiver.url, writers=system.processes
+        )
         rotated = await notification.RotateWebhookSecret(
             nt_pb2.RotateWebhookSecretRequest(webhook_id=webhook_id)
         )
@@ -169,7 +182,7 @@ async def test_an_endpoint_gone_or_refusing_ends_failed_in_the_log(
     app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
     gone_id, _ = await webhook(notification, app_id, f"http://127.0.0.1:{free_port()}/gone")
     async with Receiver((400, {})) as refusing:
-        refusing_id, _ = await webhook(notification, app_id, refusing.url)
+        refusing_id, _ = await webhook(notification, app_id, refusing.url, writers=system.processes)
         started = await handoff(system, app_id, subject)
         await call(system.cm, started.access_number)
         [refused] = await settled(notification, refusing_id)

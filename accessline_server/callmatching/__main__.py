@@ -15,6 +15,7 @@ from accessline_server.callmatching.failures import FailureLimits
 from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.servicer import CallMatchingServicer
 from accessline_server.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
+from accessline_server.notification import events
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.callmatching")
@@ -70,6 +71,8 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     expiry = ExpiryWatcher(context.store, settings.session_retention_seconds)
     expiry.start()
     context.on_stop(expiry.stop)
+    # Webhook events only for the applications whose webhooks want them.
+    context.on_stop(events.follow(context.store).stop)
     return [
         Registration(
             servicer=CallMatchingServicer(domain),

@@ -115,7 +115,7 @@ class ExpiryWatcher:
             application_id=session.application_id,
         )
         retention = await self._store.shared_lease(self._retention, window=10.0)
-        told = await events.event_op(
+        told = await events.event_ops(
             self._store,
             events.HANDOFF_EXPIRED,
             session.application_id,
@@ -124,6 +124,6 @@ class ExpiryWatcher:
         )
         key = keys.outcome(session.session_id)
         result = await self._store.txn(
-            [Compare.absent(key)], [Op.put(key, outcome, retention), told]
+            [Compare.absent(key)], [Op.put(key, outcome, retention), *told]
         )
         return result.succeeded

@@ -369,7 +369,7 @@ class Handoffs:
             raise FailedPrecondition(
                 f"session {session_id} already expired", reason="SESSION_EXPIRED"
             )
-        told = await events.event_op(
+        told = await events.event_ops(
             self._store,
             events.HANDOFF_CANCELLED,
             session.application_id,
@@ -382,7 +382,7 @@ class Handoffs:
             cm_pb2.SESSION_STATE_CANCELLED,
             "",
             now,
-            also_do=[told],
+            also_do=told,
         )
         if not ok:
             raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")

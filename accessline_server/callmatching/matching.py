@@ -370,7 +370,7 @@ class Matcher:
                 dnis=dnis,
                 sealed_answer=self._crypto.seal(answer.SerializeToString(), key),
             )
-            told = await events.event_op(
+            told = await events.event_ops(
                 self._store,
                 events.HANDOFF_MATCHED,
                 session.application_id,
@@ -388,7 +388,7 @@ class Matcher:
                 call.call_id,
                 now,
                 failures.below(buckets),
-                [Op.put(key, kept, kept_for), told],
+                [Op.put(key, kept, kept_for), *told],
             ):
                 return answer, False
             # The session changed since it was read: consumed by another call (maybe on

@@ -13,6 +13,7 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
+from accessline_server.notification import events
 from accessline_server.presence.roster import Sealing
 from accessline_server.routing.callbacks import Callbacks
 from accessline_server.routing.dispatch import Dispatcher
@@ -125,6 +126,8 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     )
     dispatcher.start()
     context.on_stop(dispatcher.stop)
+    # Webhook events only for the applications whose webhooks want them.
+    context.on_stop(events.follow(context.store).stop)
     return [
         Registration(
             servicer=RoutingServicer(

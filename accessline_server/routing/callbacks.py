@@ -177,15 +177,13 @@ class Callbacks:
             "customer_id": stored.customer_id,
             **more,
         }
-        return [
-            await events.event_op(
-                self._store,
-                event,
-                stored.application_id,
-                data,
-                time.time(),
-            )
-        ]
+        return await events.event_ops(
+            self._store,
+            event,
+            stored.application_id,
+            data,
+            time.time(),
+        )
 
     async def _finish_ops(
         self,

@@ -256,4 +256,4 @@ async def told(store: Store, item: QI, event: nt_pb2.WebhookEventType.ValueType)
         "call_id": item.call_id,
         "interaction_id": item.interaction_id,
     }
-    return [await events.event_op(store, event, item.application_id, data, time.time())]
+    return await events.event_ops(store, event, item.application_id, data, time.time())

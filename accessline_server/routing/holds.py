@@ -116,7 +116,7 @@ class Holds:
             "customer_id": ask.request.customer_id,
         }
         notified = events.AVAILABILITY_NOTIFIED
-        return [await events.event_op(self._store, notified, ask.application_id, data, time.time())]
+        return await events.event_ops(self._store, notified, ask.application_id, data, time.time())
 
     async def _hold(self, ask: Entry[rt_store.NotifyRequest], candidate: Candidate) -> bool:
         """Holds a free agent for a customer who asked to be told, starts their handoff

@@ -5,6 +5,7 @@ delivery log."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from hypercorn.asyncio import serve
@@ -13,7 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline_server.runtime.embedded_etcd import free_port
-from tests.conftest import eventually
+from tests.conftest import ServiceProcess, eventually
 
 MATCHED = nt_pb2.WEBHOOK_EVENT_TYPE_HANDOFF_MATCHED
 
@@ -79,12 +80,27 @@ class Receiver:
             await self._task
 
 
-async def webhook(stub: Any, app_id: str, url: str, *events: int) -> tuple[str, str]:
+async def webhook(
+    stub: Any,
+    app_id: str,
+    url: str,
+    *events: int,
+    writers: Sequence[ServiceProcess] = (),
+    wanted: Sequence[int] = (),
+) -> tuple[str, str]:
+    """Registers a webhook, then waits until each of the `writers` (the processes where
+    events happen) follows that the application's webhooks want `wanted` (its events,
+    unless said): from then on, its events are told."""
     reply = await stub.RegisterWebhook(
         nt_pb2.RegisterWebhookRequest(
             webhook=nt_pb2.Webhook(application_id=app_id, url=url, events=events or [MATCHED])
         )
     )
+    kinds = wanted or events or [MATCHED]
+    names = ",".join(sorted({nt_pb2.WebhookEventType.Name(e) for e in kinds}))  # type: ignore[arg-type]
+    for process in writers:
+        if process.name.endswith((".callmatching", ".routing")):
+            await process.wait_for_log(f'"application_id": "{app_id}", "events": "{names}"')
     return reply.webhook.webhook_id, reply.secret
 
 
