@@ -126,8 +126,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     )
     dispatcher.start()
     context.on_stop(dispatcher.stop)
-    # Webhook events only for the applications whose webhooks want them.
-    context.on_stop(events.follow(context.store).stop)
+    context.on_stop(events.follow(context.store).stop)  # events only for webhooks that want them
     return [
         Registration(
             servicer=RoutingServicer(
