@@ -25,9 +25,11 @@ from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from bench.common import (
+    SERVICE_PIDS,
     Result,
     Secured,
     channel,
+    cpu_seconds,
     embedded_etcd,
     measure,
     print_table,
@@ -78,17 +80,25 @@ async def provision(nd: Any, cm: Any, size: int) -> None:
 
 
 async def call_matching_round(
-    count: int, concurrency: int, security: Secured | None = None, *, baseline: bool = False
+    count: int,
+    concurrency: int,
+    security: Secured | None = None,
+    *,
+    baseline: bool = False,
+    settings: dict[str, str] | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> list[Result]:
     """StartHandoff then MatchCall `count` times on a fresh etcd and fresh processes (over
-    mutual TLS with tokens when `security` is given); with `baseline`, the raw etcd
-    transaction first, on the same etcd."""
+    mutual TLS with tokens when `security` is given), both services with `settings`;
+    with `baseline`, the raw etcd transaction first, on the same etcd. `cpu`, when given,
+    receives the CPU seconds each service spent in the timed part."""
+    settings = settings or {}
     history = Path(tempfile.mkdtemp(prefix="accessline-bench-")) / "history.db"
     results: list[Result] = []
     async with (
         embedded_etcd(security) as etcd,
         service_process(
-            "accessline_server.numberdistribution", etcd, "/bench", security
+            "accessline_server.numberdistribution", etcd, "/bench", security, **settings
         ) as nd_address,
         service_process(
             "accessline_server.callmatching",
@@ -97,6 +107,7 @@ async def call_matching_round(
             security,
             ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd_address,
             ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{history}",
+            **settings,
         ) as cm_address,
     ):
         if baseline:
@@ -146,8 +157,13 @@ async def call_matching_round(
             await measure("warm-up", match, 200, concurrency)
             started.clear()
             how = "TLS + JWT" if security else "plain"
+            services = ("numberdistribution", "callmatching")
+            before = {name: cpu_seconds(SERVICE_PIDS[name]) for name in services}
             results.append(await measure(f"StartHandoff, {how}", start, count, concurrency))
             results.append(await measure(f"MatchCall, {how}", match, count, concurrency))
+            if cpu is not None:
+                for name in services:
+                    cpu[name] = cpu_seconds(SERVICE_PIDS[name]) - before[name]
     shutil.rmtree(history.parent, ignore_errors=True)
     return results
 

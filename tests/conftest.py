@@ -281,6 +281,8 @@ def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> 
         "ACCESSLINE_ETCD_ENDPOINTS": etcd_endpoints,
         "ACCESSLINE_ETCD_PREFIX": prefix,
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        # Every trace recorded: the tracing tests follow one call across the services.
+        "ACCESSLINE_TRACE_SAMPLE_RATIO": "1",
         **identity().env(service_name(module)),
         **env,
     }

@@ -86,3 +86,38 @@ async def test_spans_are_exported_over_otlp_and_logs_carry_the_trace_id(
 
     probe.signal(signal.SIGTERM)
     assert await probe.wait_exit() == 0
+
+
+async def test_traces_are_sampled_at_their_start_and_a_callers_sampled_trace_continued(
+    receiver: tuple[Receiver, int], service_factory: Callable[..., ServiceProcess]
+) -> None:
+    sink, port = receiver
+    probe = service_factory(
+        "tests.support.probe_service",
+        PROBE_WORK_SECONDS="0",
+        ACCESSLINE_TRACE_SAMPLE_RATIO="0",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRICS_EXPORTER="none",
+    )
+    await wait_serving(probe)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with connect(probe.address) as channel:
+        stub: Any = nd_grpc.NumberDistributionServiceStub(channel)
+        # A trace that starts here, at a ratio of 0: not recorded.
+        await stub.GetPool(nd_pb2.GetPoolRequest(pool_id="root"), timeout=10)
+        # The caller's sampled trace: continued, whatever the ratio.
+        await stub.GetPool(
+            nd_pb2.GetPoolRequest(pool_id="child"),
+            timeout=10,
+            metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+        )
+    method = "/accessline.numberdistribution.v1.NumberDistributionService/GetPool"
+
+    def exported() -> list[Any]:
+        return [s for _, s in sink.spans() if s.name == method]
+
+    # Spans leave in the order they ended: the root call's would have gone first.
+    [span] = await eventually(exported, what="the continued call's span exported")
+    assert span.trace_id.hex() == trace_id

@@ -207,6 +207,7 @@ class ServiceRuntime:
             accessline_version(),
             metrics_host=settings.host,
             metrics_port=settings.metrics_port,
+            sample_ratio=settings.trace_sample_ratio,
         )
         check_production(settings)
         store = open_store(settings)

@@ -197,6 +197,14 @@ class ServiceSettings(BaseSettings):
         default=True,
         description="One log line per call (method, status, duration, caller, trace id).",
     )
+    trace_sample_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Share of the traces that start here (a call with no sampled parent) that"
+        " are recorded; a call whose caller's trace is sampled is always recorded (parent"
+        "-based). Ignored when OTEL_TRACES_SAMPLER is set.",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
         description="The event loop the service runs on: uvloop (libuv, faster) or the"

@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 log = logging.getLogger("accessline.telemetry")
 
@@ -57,9 +58,17 @@ _process_telemetry: Telemetry | None = None
 
 
 def setup_telemetry(
-    service: str, version: str, *, metrics_host: str = "127.0.0.1", metrics_port: int = 0
+    service: str,
+    version: str,
+    *,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int = 0,
+    sample_ratio: float = 1.0,
 ) -> Telemetry:
-    """Creates this process's providers and installs them globally (once per process)."""
+    """Creates this process's providers and installs them globally (once per process).
+    Traces are sampled parent-based: a caller's sampled trace is always continued, and
+    `sample_ratio` of the traces that start here are recorded (OTEL_TRACES_SAMPLER, when
+    set, decides instead)."""
     global _process_telemetry
     if _process_telemetry is not None:
         return _process_telemetry
@@ -73,7 +82,12 @@ def setup_telemetry(
         attributes["service.name"] = f"{SERVICE_NAMESPACE}-{service}"
     resource = Resource.create(attributes)
 
-    tracer_provider = TracerProvider(resource=resource)
+    sampler = (
+        None
+        if os.environ.get("OTEL_TRACES_SAMPLER")
+        else ParentBased(TraceIdRatioBased(sample_ratio))
+    )
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     if _otlp_configured("TRACES"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

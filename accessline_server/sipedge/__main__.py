@@ -104,6 +104,7 @@ async def main() -> None:
         accessline_version(),
         metrics_host=settings.sipedge_metrics_host,
         metrics_port=settings.sipedge_metrics_port,
+        sample_ratio=settings.trace_sample_ratio,
     )
     metrics.get_meter("accessline.sipedge").create_observable_gauge(
         "accessline.sipedge.connected",

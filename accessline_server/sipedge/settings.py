@@ -29,6 +29,12 @@ class SipEdgeSettings(BaseSettings):
     sipedge_token_file: str = Field(
         default="", description="A file holding that token instead (read at start)."
     )
+    trace_sample_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Share of the calls whose trace is recorded (the trace starts here).",
+    )
     tls_ca_file: str = Field(default="", description="The CA that signs Routing's certificate.")
     tls_cert_file: str = Field(default="", description="The adapter's client certificate.")
     tls_key_file: str = Field(default="", description="Its private key.")
