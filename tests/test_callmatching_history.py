@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.tables import engine_for
 from tests.conftest import (
     ROOT,
     connect,
@@ -242,3 +243,13 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
 
 async def _status(address: str, service: str, want: int) -> bool:
     return await health_status(address, service) == want
+
+
+async def test_a_sqlite_history_is_written_in_wal_mode(tmp_path: Path) -> None:
+    engine = engine_for(f"sqlite+aiosqlite:///{tmp_path / 'history.db'}")
+    try:
+        async with engine.connect() as conn:
+            mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+    finally:
+        await engine.dispose()
+    assert mode == "wal"

@@ -11,9 +11,10 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import metrics
-from sqlalchemy import MetaData, Table, func, inspect, select
+from sqlalchemy import MetaData, Table, event, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -29,10 +30,21 @@ class SchemaMissing(SQLAlchemyError):
 
 
 def engine_for(dsn: str) -> AsyncEngine:
+    """The engine of a DSN. A SQLite file is written in WAL mode: a batch of rows is one
+    append to the log, and readers (the history's listing) never wait for the writer."""
     url = make_url(dsn)
+    engine = create_async_engine(url, pool_pre_ping=True)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    return create_async_engine(url, pool_pre_ping=True)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _wal(connection: Any, _: Any) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    return engine
 
 
 async def migrate(dsn: str, schemas: Iterable[MetaData]) -> list[str]:
