@@ -77,6 +77,7 @@ bench: setup
 	$(BIN)/python -m bench.reservation_bench
 	$(BIN)/python -m bench.match_bench
 	$(BIN)/python -m bench.security_bench
+	$(BIN)/python -m bench.tracing_bench
 	$(BIN)/python -m bench.presence_bench
 	$(BIN)/python -m bench.notification_bench
 	$(BIN)/python -m bench.routing_bench

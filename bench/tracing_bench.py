@@ -6,13 +6,14 @@ are neither recorded nor exported; metrics as usual), at the default sampling
 both exporting over OTLP to a receiver in this process; all three in this run, on fresh
 processes, the first as the baseline.
 
-    python -m bench.tracing_bench [--count N] [--concurrency C]
+    python -m bench.tracing_bench [--count N] [--concurrency C] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 from typing import Any
 
 import grpc
@@ -35,7 +36,7 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def main(count: int, concurrency: int) -> None:
+async def main(count: int, concurrency: int, rounds: int) -> None:
     server = grpc.aio.server()
     sink = Sink()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
@@ -51,20 +52,28 @@ async def main(count: int, concurrency: int) -> None:
         ("default sampling (0.1)", {**exporting, "ACCESSLINE_TRACE_SAMPLE_RATIO": "0.1"}),
         ("every trace (1.0)", {**exporting, "ACCESSLINE_TRACE_SAMPLE_RATIO": "1"}),
     ]
-    print(f"\ntracing cost, {count} handoffs (StartHandoff + MatchCall), {concurrency} at once")
+    print(
+        f"\ntracing cost, {count} handoffs (StartHandoff + MatchCall), {concurrency} at once,"
+        f" {rounds} rounds interleaved (medians)"
+    )
     print(f"{'tracing':<30}{'CPU ms/handoff':>16}{'vs off':>8}{'MatchCall p50 ms':>18}{'spans':>8}")
-    off = 0.0
-    for name, settings in runs:
-        cpu: dict[str, float] = {}
-        before = sink.spans
-        results = await call_matching_round(count, concurrency, settings=settings, cpu=cpu)
-        per = sum(cpu.values()) * 1000 / count
-        off = off or per
-        await asyncio.sleep(1.0)  # the last batch of spans leaves within its schedule delay
-        print(
-            f"{name:<30}{per:>16.2f}{per / off:>8.2f}{results[1].p50_ms:>18.2f}"
-            f"{sink.spans - before:>8}"
-        )
+    cpu_ms: dict[str, list[float]] = {name: [] for name, _ in runs}
+    p50s: dict[str, list[float]] = {name: [] for name, _ in runs}
+    spans: dict[str, int] = dict.fromkeys(cpu_ms, 0)
+    for _ in range(rounds):
+        for name, settings in runs:
+            cpu: dict[str, float] = {}
+            before = sink.spans
+            results = await call_matching_round(count, concurrency, settings=settings, cpu=cpu)
+            cpu_ms[name].append(sum(cpu.values()) * 1000 / count)
+            p50s[name].append(results[1].p50_ms)
+            await asyncio.sleep(1.0)  # the last batch of spans leaves within its delay
+            spans[name] += sink.spans - before
+    off = statistics.median(cpu_ms[runs[0][0]])
+    for name, _ in runs:
+        per = statistics.median(cpu_ms[name])
+        p50 = statistics.median(p50s[name])
+        print(f"{name:<30}{per:>16.2f}{per / off:>8.2f}{p50:>18.2f}{spans[name] // rounds:>8}")
     await server.stop(None)
 
 
@@ -72,5 +81,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.count, args.concurrency))
+    asyncio.run(main(args.count, args.concurrency, args.rounds))
