@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
+from accessline_server.notification.webhook_delivery import WebhookSender
 from accessline_server.notification.webhooks import Reach
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from tests.conftest import (
@@ -263,3 +265,37 @@ async def test_a_bad_registration_names_every_bad_field(notification: Any) -> No
         "webhook.url",
         "webhook.events[0]",
     }
+
+
+class Resolving(WebhookSender):
+    """The sender, with a name server that answers what the test says once, then nothing:
+    a name that points elsewhere by the time the request would resolve it again."""
+
+    def __init__(self, reach: Reach, answer: str) -> None:
+        super().__init__(reach, timeout=5)
+        self.answers = [answer]
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        return [self.answers.pop()] if self.answers else []
+
+
+async def test_a_delivery_goes_to_the_address_checked_never_resolved_again() -> None:
+    async with Receiver() as receiver:
+        # `.invalid` never resolves (RFC 2606): the request reaches the receiver only by
+        # the address the check was given.
+        url = f"http://hooks.invalid:{receiver.port}/hooks/accessline"
+        sender = Resolving(Reach(allow_http=True, allow_private=True), "127.0.0.1")
+        sent = await sender.send(url, b"{}", "evt_checked", [b"k" * 32], time.time())
+        await sender.close()
+        assert sent.delivered, sent
+        [(headers, _)] = receiver.requests
+        assert headers["host"] == f"hooks.invalid:{receiver.port}"
+        # Where private networks are not allowed, a name that answers one is not sent to.
+        closed = Resolving(Reach(allow_http=True), "10.0.0.7")
+        refused = await closed.send(url, b"{}", "evt_private", [b"k" * 32], time.time())
+        await closed.close()
+        assert (refused.delivered, refused.reason) == (
+            False,
+            "host unresolved or in a private network",
+        )
+        assert len(receiver.requests) == 1

@@ -15,7 +15,8 @@ per secret signing now: two during a rotation's overlap). A 2xx answer delivers 
 408, 429, 5xx, a time-out or no connection retries it after a backoff (or the endpoint's
 Retry-After, if longer); another answer, or the last attempt, fails it. The endpoint's
 host is resolved at each attempt and every address checked against the deployment's
-reach (webhooks.py) before anything is sent."""
+reach (webhooks.py) before anything is sent, to the address checked (not resolved again:
+no DNS rebinding between the check and the connection)."""
 
 from __future__ import annotations
 
@@ -137,32 +138,50 @@ class WebhookSender:
             timeout=timeout, verify=ca_file or True, follow_redirects=False
         )
 
-    async def _reachable(self, url: str) -> bool:
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses of the endpoint's host, as the system resolves them now."""
+        found = await asyncio.get_running_loop().getaddrinfo(host, port)
+        return [str(info[4][0]) for info in found]
+
+    async def _vetted(self, url: str) -> str | None:
+        """The address to send to: the host resolved once, every address it has allowed
+        (the request then goes to that address, never resolved again: a name cannot
+        point elsewhere between the check and the connection); None when not allowed."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            found = await asyncio.get_running_loop().getaddrinfo(host, port)
-        except OSError:
-            return False
-        addresses = {ipaddress.ip_address(info[4][0]) for info in found}
-        return bool(addresses) and all(self._reach.address_allowed(a) for a in addresses)
+            found = [ipaddress.ip_address(a) for a in await self.resolve(host, port)]
+        except (OSError, ValueError):
+            return None
+        if not found or not all(self._reach.address_allowed(a) for a in found):
+            return None
+        return str(found[0])
 
     async def send(
         self, url: str, body: bytes, event_id: str, signing: list[bytes], now: float
     ) -> Attempt:
-        if not await self._reachable(url):
+        address = await self._vetted(url)
+        if address is None:
             return Attempt(0, False, True, "host unresolved or in a private network")
+        parts = urlsplit(url)
         sent_at = int(now)
         headers = {
+            "host": parts.netloc,
             "content-type": "application/json",
             "user-agent": "Accessline-Webhooks/1",
             "webhook-id": event_id,
             "webhook-timestamp": str(sent_at),
             "webhook-signature": " ".join(signature(s, event_id, sent_at, body) for s in signing),
         }
+        at = f"[{address}]" if ":" in address else address
+        target = parts._replace(netloc=f"{at}:{parts.port}" if parts.port else at).geturl()
+        # TLS still checks the endpoint's certificate against its name (SNI).
+        extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
         try:
-            answer = await self._client.post(url, content=body, headers=headers)
+            answer = await self._client.post(
+                target, content=body, headers=headers, extensions=extensions
+            )
         except httpx.HTTPError as exc:
             return Attempt(0, False, True, f"no answer: {type(exc).__name__}")
         status = answer.status_code

@@ -72,6 +72,16 @@ class Receiver:
         config.bind = [f"127.0.0.1:{self.port}"]
         config.accesslog = None
         self._task = asyncio.create_task(serve(self, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
+
+        async def listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        await eventually(listening, what="the receiver listening")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
