@@ -114,7 +114,10 @@ def test_ports_and_probes_match_the_services_defaults(
             "grpc": default_port(name),
             "metrics": default_port(name, "metrics_port"),
             "health": int(env["ACCESSLINE_HEALTH_PORT"]),
+            # Connect and gRPC-Web where browsers come (the console, its links).
+            **({"web": int(env["ACCESSLINE_WEB_PORT"])} if "ACCESSLINE_WEB_PORT" in env else {}),
         }
+        assert ("web" in ports) == (name in ("presence", "notification"))
         assert int(env["ACCESSLINE_PORT"]) == ports["grpc"]
         assert int(env["ACCESSLINE_METRICS_PORT"]) == ports["metrics"]
         # The kubelet has no client certificate: it asks the plain-text health port.
@@ -441,3 +444,21 @@ def test_the_sip_edge_component_renders_valid_and_agrees_with_the_adapter(
         == {"app.kubernetes.io/name": "routing"}
         for rule in egress
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_web_ports_admit_only_the_gateway(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    policies = list(of_kind(rendered[overlay], "NetworkPolicy").values())
+    web_rules = [
+        rule
+        for policy in policies
+        for rule in policy["spec"].get("ingress", [])
+        if "web" in {p.get("port") for p in rule.get("ports", [])}
+    ]
+    assert web_rules, "no policy opens the web ports"
+    for rule in web_rules:
+        assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [
+            {"accessline.io/web-gateway": "true"}
+        ]
