@@ -153,7 +153,10 @@ async def sign_in_and_set_presence(page: Any, stack: Stack, agent_id: str) -> No
     """Signs in with the agent's token; mobile on (ready), then the desk phone off for
     a break (partly ready, with the reason, as supervisors see it too)."""
     await page.get_by_label("Your access token").fill(identity().token(agent_id, "agent"))
-    await page.get_by_test_id("sign-in-button").click()
+    async with page.expect_request(lambda r: "PresenceService/OpenSession" in r.url) as opened:
+        await page.get_by_test_id("sign-in-button").click()
+    # The agent is named on every call, for a gateway that keeps an agent on one replica.
+    assert (await opened.value).headers["accessline-agent"] == agent_id
     await expect(page.get_by_test_id("connection")).to_have_text("Online", timeout=SHOWN)
     await expect(page.get_by_test_id("agent-name")).to_have_text("Camille Durand")
     overall = page.get_by_test_id("overall")

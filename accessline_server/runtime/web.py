@@ -50,7 +50,7 @@ PREFLIGHT_MAX_AGE_SECONDS = 7200
 ALLOWED_HEADERS = (
     "authorization, content-type, connect-protocol-version, connect-timeout-ms,"
     " connect-accept-encoding, connect-content-encoding, grpc-timeout, x-grpc-web,"
-    " x-user-agent, traceparent, tracestate"
+    " x-user-agent, traceparent, tracestate, accessline-agent"
 )
 EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, connect-content-encoding"
 

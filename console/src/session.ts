@@ -44,9 +44,19 @@ function bearer(token: string): Interceptor {
   };
 }
 
+/** Names the agent on every call, for a gateway that keeps one agent's calls on one
+ * Presence replica (the one holding the session) by hashing this header. */
+function agentHeader(agentId: string): Interceptor {
+  return (next) => async (request) => {
+    request.header.set("accessline-agent", agentId);
+    return next(request);
+  };
+}
+
 /** Connect over HTTP to a service's web port, every call with the agent's token. */
-export function transport(baseUrl: string, token: string): Transport {
-  return createConnectTransport({ baseUrl, useBinaryFormat: true, interceptors: [bearer(token)] });
+export function transport(baseUrl: string, token: string, agentId = ""): Transport {
+  const interceptors = agentId ? [bearer(token), agentHeader(agentId)] : [bearer(token)];
+  return createConnectTransport({ baseUrl, useBinaryFormat: true, interceptors });
 }
 
 export class AgentSession {
@@ -67,7 +77,7 @@ export class AgentSession {
     private readonly events: SessionEvents,
     baseUrl: string = window.location.origin,
   ) {
-    this.client = createClient(PresenceService, transport(baseUrl, token));
+    this.client = createClient(PresenceService, transport(baseUrl, token, agentId));
   }
 
   start(): void {
