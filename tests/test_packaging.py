@@ -37,6 +37,9 @@ def test_the_wheel_holds_every_service_the_contracts_and_the_command(tmp_path: P
     for service in SERVICES:
         assert f"accessline_server/{service}/__main__.py" in names
     assert "accessline_server/runtime/server.py" in names
+    # The agent console, built by `make setup` (and by the image's console stage).
+    for page in ("index.html", "app.js", "console.css"):
+        assert f"accessline_server/presence/console/{page}" in names
     assert "accessline/py.typed" in names
     for area, module in (
         ("callmatching", "call_matching"),
@@ -51,6 +54,13 @@ def test_the_wheel_holds_every_service_the_contracts_and_the_command(tmp_path: P
         "accessline",
         "accessline_server",
     }
+
+
+def test_the_image_builds_the_console_into_the_wheel() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    built = dockerfile.index("RUN node console/build.mjs")
+    copied = dockerfile.index("COPY --from=console /src/accessline_server/presence/console")
+    assert built < copied < dockerfile.index("RUN pip wheel")
 
 
 def test_the_image_runs_the_command_as_a_non_root_user() -> None:
