@@ -79,6 +79,52 @@ async def provision(nd: Any, cm: Any, size: int) -> None:
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
 
 
+async def handoffs_and_matches(
+    cm: Any, matcher: Any, count: int, concurrency: int, how: str, cpu: dict[str, float] | None
+) -> list[Result]:
+    """`count` StartHandoffs, then a MatchCall of each, after a warm-up; `cpu`, when given,
+    receives the CPU seconds each service spent in the timed part."""
+    started: list[cm_pb2.StartHandoffResponse] = []
+
+    async def start(_: int) -> float:
+        t = time.perf_counter()
+        reply = await cm.StartHandoff(
+            cm_pb2.StartHandoffRequest(
+                application_id="bench",
+                customer_id="c",
+                context=common_pb2.ContextData(subject="bench", attributes={"k": "v" * 200}),
+            )
+        )
+        elapsed = time.perf_counter() - t
+        started.append(reply)
+        return elapsed
+
+    async def match(i: int) -> object:
+        session = started[i]
+        reply = await matcher.MatchCall(
+            cm_pb2.MatchCallRequest(
+                call_id=f"c{i}", dnis=session.access_number, dtmf_digits=session.access_code
+            )
+        )
+        if reply.outcome != cm_pb2.MATCH_OUTCOME_MATCHED:
+            raise RuntimeError(f"unexpected outcome {reply.outcome}")
+        return reply
+
+    await measure("warm-up", start, 200, concurrency)
+    await measure("warm-up", match, 200, concurrency)
+    started.clear()
+    services = ("numberdistribution", "callmatching")
+    before = {name: cpu_seconds(SERVICE_PIDS[name]) for name in services}
+    results = [
+        await measure(f"StartHandoff, {how}", start, count, concurrency),
+        await measure(f"MatchCall, {how}", match, count, concurrency),
+    ]
+    if cpu is not None:
+        for name in services:
+            cpu[name] = cpu_seconds(SERVICE_PIDS[name]) - before[name]
+    return results
+
+
 async def call_matching_round(
     count: int,
     concurrency: int,
@@ -125,45 +171,8 @@ async def call_matching_round(
             cm: Any = cm_grpc.CallMatchingServiceStub(cm_channel)
             matcher: Any = cm_grpc.CallMatchingServiceStub(switch_channel)
             await provision(nd, cm, count + 400)
-            started: list[cm_pb2.StartHandoffResponse] = []
-
-            async def start(_: int) -> float:
-                t = time.perf_counter()
-                reply = await cm.StartHandoff(
-                    cm_pb2.StartHandoffRequest(
-                        application_id="bench",
-                        customer_id="c",
-                        context=common_pb2.ContextData(
-                            subject="bench", attributes={"k": "v" * 200}
-                        ),
-                    )
-                )
-                elapsed = time.perf_counter() - t
-                started.append(reply)
-                return elapsed
-
-            async def match(i: int) -> object:
-                session = started[i]
-                reply = await matcher.MatchCall(
-                    cm_pb2.MatchCallRequest(
-                        call_id=f"c{i}", dnis=session.access_number, dtmf_digits=session.access_code
-                    )
-                )
-                if reply.outcome != cm_pb2.MATCH_OUTCOME_MATCHED:
-                    raise RuntimeError(f"unexpected outcome {reply.outcome}")
-                return reply
-
-            await measure("warm-up", start, 200, concurrency)
-            await measure("warm-up", match, 200, concurrency)
-            started.clear()
             how = "TLS + JWT" if security else "plain"
-            services = ("numberdistribution", "callmatching")
-            before = {name: cpu_seconds(SERVICE_PIDS[name]) for name in services}
-            results.append(await measure(f"StartHandoff, {how}", start, count, concurrency))
-            results.append(await measure(f"MatchCall, {how}", match, count, concurrency))
-            if cpu is not None:
-                for name in services:
-                    cpu[name] = cpu_seconds(SERVICE_PIDS[name]) - before[name]
+            results += await handoffs_and_matches(cm, matcher, count, concurrency, how, cpu)
     shutil.rmtree(history.parent, ignore_errors=True)
     return results
 
