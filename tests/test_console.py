@@ -258,6 +258,13 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
         assert connect.session_id == started.session_id
         work = await work_and_send_a_link(page, inbox)
         await drop_and_come_back(page, network)
+        # A reload during the call: signed in again from the tab, the call shown again.
+        await page.reload()
+        await expect(page.get_by_test_id("events")).to_contain_text(
+            "reconnected; session resumed", timeout=SHOWN
+        )
+        await expect(work.get_by_test_id("attribute-policy")).to_have_text("P-12", timeout=SHOWN)
+        await expect(work.locator("h3")).to_have_text(f"Ms Martin — {subject}")
         # Wrap-up done: the mobile channel has room again.
         await work.get_by_test_id("wrap-up").click()
         await expect(work).to_have_count(0, timeout=SHOWN)

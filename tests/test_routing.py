@@ -89,7 +89,15 @@ async def test_a_matched_call_skips_the_ivr_and_reaches_the_best_agent_with_its_
     )
     assert connect.context == context
     assert await call.call.read() is grpc.aio.EOF
-    for app in (junior_app, expert_app):
+    # An app that reconnects during the call is shown it again, its whole context too.
+    again = App(stack.processes[1].address)
+    [ongoing] = (await again.login(expert)).interactions
+    assert (ongoing.interaction_id, ongoing.channel, ongoing.context) == (
+        preview.interaction_id,
+        C.CHANNEL_DESK_VOICE,
+        context,
+    )
+    for app in (junior_app, expert_app, again):
         app.call.cancel()
 
 

@@ -96,6 +96,7 @@ def accept_ops(
         accepted_at=now_timestamp(),
         customer_id=stored.customer_id,
         application_id=stored.application_id,
+        sealed_context=stored.sealed_context,
     )
     compares = [Compare.modified_at(presence_key, presence_revision)]
     if stored.call_key:

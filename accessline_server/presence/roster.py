@@ -77,11 +77,25 @@ class Sealing:
 
     def context(self, offer: pr_store.StoredOffer) -> C.ContextData | None:
         """The interaction's whole context (None when the offer carries none)."""
-        if not offer.sealed_context:
-            return None
-        return C.ContextData.FromString(
-            self._sealer.unseal(offer.sealed_context, "context:" + offer.offer.offer_id)
+        return self._context(offer.sealed_context, offer.offer.offer_id)
+
+    def ongoing(self, interaction: pr_store.StoredInteraction) -> presence_pb2.OngoingInteraction:
+        """An interaction the agent is on, with its whole context, as the app is shown it."""
+        shown = presence_pb2.OngoingInteraction(
+            interaction_id=interaction.interaction_id,
+            channel=interaction.channel,
+            offer_id=interaction.offer_id,
+            accepted_at=interaction.accepted_at,
         )
+        context = self._context(interaction.sealed_context, interaction.offer_id)
+        if context is not None:
+            shown.context.CopyFrom(context)
+        return shown
+
+    def _context(self, sealed: bytes, offer_id: str) -> C.ContextData | None:
+        if not sealed:
+            return None
+        return C.ContextData.FromString(self._sealer.unseal(sealed, "context:" + offer_id))
 
     def shown_offer(self, offer: pr_store.StoredOffer) -> presence_pb2.Offer:
         """The offer as the agent's app is shown it, preview whole."""

@@ -116,6 +116,7 @@ class AgentSession(OfferAnswering):
         self.state = presence_state.logged_in(
             self.agent, self.session_id, self.device, (e.value for e in ongoing)
         )
+        working = [self.limits.sealing.ongoing(e.value) for e in ongoing]
         previous = await self._to_resume()
         if previous is not None:
             presence_state.resumed(self.state, previous)
@@ -136,6 +137,7 @@ class AgentSession(OfferAnswering):
                     agent_session_id=self.session_id,
                     resumed=self.resumed,
                     not_ready_reasons=self.limits.not_ready_reasons,
+                    interactions=working,
                 )
             )
         )

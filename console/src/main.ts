@@ -82,7 +82,9 @@ function subjectOf(token: string): string {
 }
 
 interface Working {
-  offer: Offer;
+  offerId: string;
+  // The offer as shown, when this page saw it (not after a reload).
+  offer: Offer | undefined;
   context: ContextData | undefined;
 }
 
@@ -159,6 +161,7 @@ class Console {
     this.session?.stop();
     this.session = null;
     window.sessionStorage.removeItem(TOKEN_KEY);
+    window.sessionStorage.removeItem("accessline.session");
     $("work").hidden = true;
     $("sign-in").hidden = false;
     $("sign-out").hidden = true;
@@ -210,6 +213,16 @@ class Console {
         $("sign-out").hidden = false;
         this.log(snapshot.resumed ? "reconnected; session resumed" : "signed in");
         this.showPresence(snapshot.presence);
+        // The interactions the agent is on, as Presence knows them (after a reload too).
+        for (const ongoing of snapshot.interactions) {
+          const known = this.working.get(ongoing.interactionId);
+          this.working.set(ongoing.interactionId, {
+            offerId: ongoing.offerId,
+            offer: known?.offer,
+            context: ongoing.context ?? known?.context,
+          });
+        }
+        this.showWork();
         break;
       }
       case "presenceConfirmed":
@@ -224,7 +237,7 @@ class Console {
         const { offerId, reason } = message.value;
         this.offers.delete(offerId);
         for (const [id, work] of this.working) {
-          if (work.offer.offerId === offerId) {
+          if (work.offerId === offerId) {
             this.working.delete(id);
           }
         }
@@ -238,7 +251,7 @@ class Console {
         const offer = this.offers.get(offerId) ?? this.answered.get(offerId);
         this.offers.delete(offerId);
         if (decision === OfferDecision.ACCEPT && offer !== undefined) {
-          this.working.set(offer.interactionId, { offer, context });
+          this.working.set(offer.interactionId, { offerId, offer, context });
         }
         this.log(`${decision === OfferDecision.ACCEPT ? "accepted" : "declined"}`);
         this.showOffer();
@@ -398,8 +411,10 @@ class Console {
       const item = document.createElement("li");
       item.dataset.testid = "interaction";
       const title = document.createElement("h3");
-      const summary = work.offer.summary;
-      title.textContent = `${summary?.customerDisplayName || "Customer"} — ${summary?.subject ?? ""}`;
+      const summary = work.offer?.summary;
+      const name = summary?.customerDisplayName || work.context?.attributes["display_name"];
+      const subject = summary?.subject || work.context?.subject || "";
+      title.textContent = `${name || "Customer"} — ${subject}`;
       const details = document.createElement("dl");
       const context = work.context;
       const rows: [string, string, string][] = [

@@ -25,6 +25,7 @@ const HEARTBEAT_MS = 10_000;
 // No answer to two heartbeats in a row: the stream is taken for dead and opened again.
 const SILENCE_MS = 2 * HEARTBEAT_MS + 5_000;
 const RETRY_FIRST_MS = 500;
+const SESSION_KEY = "accessline.session";
 const RETRY_MAX_MS = 10_000;
 
 export type Message = ConnectResponse["message"];
@@ -68,8 +69,9 @@ export class AgentSession {
   private retryMs = RETRY_FIRST_MS;
   private wake: (() => void) | null = null;
   private live = false;
-  // The last session's id: the live one, or the one to resume.
-  sessionId = "";
+  // The last session's id: the live one, or the one to resume (kept in the tab, so a
+  // reload resumes it too).
+  sessionId = window.sessionStorage.getItem(SESSION_KEY) ?? "";
 
   constructor(
     readonly agentId: string,
@@ -162,6 +164,7 @@ export class AgentSession {
       this.lastHeard = Date.now();
       if (message.case === "snapshot") {
         this.sessionId = message.value.agentSessionId;
+        window.sessionStorage.setItem(SESSION_KEY, this.sessionId);
         this.live = true;
         this.retryMs = RETRY_FIRST_MS;
         this.events.online(true);

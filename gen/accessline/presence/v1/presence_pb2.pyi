@@ -988,6 +988,7 @@ class Snapshot(_message.Message):
     AGENT_SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     NOT_READY_REASONS_FIELD_NUMBER: _builtins.int
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
     agent_session_id: _builtins.str
     """Id of this session of the agent; also its resume token (Login.resume_token)."""
     resumed: _builtins.bool
@@ -1006,6 +1007,12 @@ class Snapshot(_message.Message):
     def not_ready_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The not-ready reason codes the agent may give (ACCESSLINE_PRESENCE_NOT_READY_REASONS)."""
 
+    @_builtins.property
+    def interactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OngoingInteraction]:
+        """The interactions the agent is on (accepted, not ended), with their whole context: an
+        app that reconnects or reloads during a call shows it again.
+        """
+
     def __init__(
         self,
         *,
@@ -1014,14 +1021,57 @@ class Snapshot(_message.Message):
         agent_session_id: _builtins.str = ...,
         resumed: _builtins.bool = ...,
         not_ready_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        interactions: _abc.Iterable[Global___OngoingInteraction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "presence", b"presence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_session_id", b"agent_session_id", "not_ready_reasons", b"not_ready_reasons", "presence", b"presence", "resumed", b"resumed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_session_id", b"agent_session_id", "interactions", b"interactions", "not_ready_reasons", b"not_ready_reasons", "presence", b"presence", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Snapshot: _TypeAlias = Snapshot  # noqa: Y015
+
+@_typing.final
+class OngoingInteraction(_message.Message):
+    """An interaction the agent accepted and has not ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    interaction_id: _builtins.str
+    """The interaction, as offered."""
+    channel: _common_pb2.Channel.ValueType
+    """The channel it was accepted on."""
+    offer_id: _builtins.str
+    """The offer accepted."""
+    @_builtins.property
+    def context(self) -> _common_pb2.ContextData:
+        """Its whole context, as the accept gave it (unset for a call that did not match)."""
+
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent accepted."""
+
+    def __init__(
+        self,
+        *,
+        interaction_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        offer_id: _builtins.str = ...,
+        context: _common_pb2.ContextData | None = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "channel", b"channel", "context", b"context", "interaction_id", b"interaction_id", "offer_id", b"offer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OngoingInteraction: _TypeAlias = OngoingInteraction  # noqa: Y015
 
 @_typing.final
 class PresenceConfirmed(_message.Message):

@@ -281,6 +281,7 @@ class StoredInteraction(_message.Message):
     ACCEPTED_AT_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """The interaction, as offered."""
     channel: _common_pb2.Channel.ValueType
@@ -293,6 +294,10 @@ class StoredInteraction(_message.Message):
     """
     application_id: _builtins.str
     """See `customer_id`."""
+    sealed_context: _builtins.bytes
+    """The interaction's whole context, sealed as the offer's `sealed_context` (bound to
+    the offer id), for an app that reconnects during the interaction.
+    """
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent accepted."""
@@ -306,10 +311,11 @@ class StoredInteraction(_message.Message):
         accepted_at: _timestamp_pb2.Timestamp | None = ...,
         customer_id: _builtins.str = ...,
         application_id: _builtins.str = ...,
+        sealed_context: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "application_id", b"application_id", "channel", b"channel", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "offer_id", b"offer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "application_id", b"application_id", "channel", b"channel", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "offer_id", b"offer_id", "sealed_context", b"sealed_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
