@@ -26,6 +26,7 @@ from tests.support.stack import (
     agent,
     answer,
     handoff,
+    in_app,
     new_group,
     pool_subject,
     setup_numbers,
@@ -78,20 +79,7 @@ async def test_a_link_reaches_the_customer_of_the_agents_interaction_only(stack:
     subject = await pool_subject(stack, group)
     agent_id, app = await agent(stack, group, skill=subject)
     customer = f"customer-{uuid.uuid4().hex[:6]}"
-    # The customer's app listens in-app.
-    customer_stub = nt_grpc.NotificationServiceStub(
-        connect(stack.processes[2].address, identity().token(customer, "customer"))
-    )
-    device = await customer_stub.RegisterDevice(
-        nt_pb2.RegisterDeviceRequest(
-            device=nt_pb2.Device(
-                customer_id=customer, application_id=app_id, platform=nt_pb2.PLATFORM_IN_APP
-            )
-        )
-    )
-    inbox = customer_stub.StreamNotifications(
-        nt_pb2.StreamNotificationsRequest(device_id=device.device.device_id)
-    )
+    inbox = await in_app(stack, customer, app_id)  # the customer's app listens in-app
 
     await handoff(stack, app_id, customer, C.ContextData(subject=subject))
     call = Call(stack.routers[0], numbers[0])

@@ -17,17 +17,16 @@ from typing import Any
 import pytest
 from playwright import async_api as playwright_api
 
-from accessline.notification.v1 import notification_pb2 as nt_pb2
-from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ROOT, connect, free_port, identity, spawn_service, wait_serving
+from tests.conftest import ROOT, free_port, identity, spawn_service, wait_serving
 from tests.support.proxy import Proxy
 from tests.support.stack import (
     C,
     Call,
     Stack,
     handoff,
+    in_app,
     new_group,
     pool_subject,
     setup_numbers,
@@ -118,23 +117,6 @@ async def register_agent(stack: Stack, group: str, subject: str) -> str:
         )
     )
     return agent_id
-
-
-async def customer_inbox(stack: Stack, customer: str, app_id: str) -> Any:
-    """The in-app stream of the customer's app (a device of theirs)."""
-    stub = nt_grpc.NotificationServiceStub(
-        connect(stack.processes[2].address, identity().token(customer, "customer"))
-    )
-    device = await stub.RegisterDevice(
-        nt_pb2.RegisterDeviceRequest(
-            device=nt_pb2.Device(
-                customer_id=customer, application_id=app_id, platform=nt_pb2.PLATFORM_IN_APP
-            )
-        )
-    )
-    return stub.StreamNotifications(
-        nt_pb2.StreamNotificationsRequest(device_id=device.device.device_id)
-    )
 
 
 expect = playwright_api.expect
@@ -235,7 +217,7 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
     subject = await pool_subject(stack, group)
     agent_id = await register_agent(stack, group, subject)
     # The customer's app listens in-app (for the link the agent sends).
-    inbox = await customer_inbox(stack, "customer-1", app_id)
+    inbox = await in_app(stack, "customer-1", app_id)
     context = await browser.new_context(
         ignore_https_errors=True,  # the development CA of the test identity
         viewport={"width": 1200, "height": 900},

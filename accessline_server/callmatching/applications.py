@@ -8,9 +8,15 @@ from collections.abc import Callable, Sequence
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline_server.callmatching import keys
 from accessline_server.callmatching.sessions import DEFAULT_MAX_CODE_ATTEMPTS, DEFAULT_SESSION_TTL
-from accessline_server.runtime.errors import Aborted, NotFound
-from accessline_server.runtime.masks import check_etag, check_whole, merged, with_etag
-from accessline_server.runtime.store import Compare, Entry, Op, Store
+from accessline_server.runtime.errors import NotFound
+from accessline_server.runtime.masks import (
+    check_etag,
+    check_whole,
+    merged,
+    put_if_unchanged,
+    with_etag,
+)
+from accessline_server.runtime.store import Entry, Store
 from accessline_server.runtime.validation import Violations
 
 
@@ -44,14 +50,10 @@ class Applications:
         updated = merged(current.value, app, mask)
         check_whole(check, updated)
         stored = _completed(updated)
-        key = keys.app(app.application_id)
-        result = await self._store.txn([Compare.modified_at(key, revision)], [Op.put(key, stored)])
-        if not result.succeeded:
-            raise Aborted(
-                "the application changed while it was being updated; retry",
-                reason="CONCURRENT_UPDATE",
-            )
-        return with_etag(stored, result.revision)
+        written = await put_if_unchanged(
+            self._store, keys.app(app.application_id), revision, stored, "the application"
+        )
+        return with_etag(stored, written)
 
     async def _entry(self, application_id: str) -> Entry[cm_pb2.Application]:
         entry = await self._store.get(keys.app(application_id), cm_pb2.Application)

@@ -27,7 +27,13 @@ from accessline_server.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
-from accessline_server.runtime.masks import check_etag, merged, updatable, with_etag
+from accessline_server.runtime.masks import (
+    check_etag,
+    merged,
+    put_if_unchanged,
+    updatable,
+    with_etag,
+)
 from accessline_server.runtime.phone import NumberFormatError, normalize_number
 from accessline_server.runtime.store import Compare, Op, Store
 
@@ -198,17 +204,11 @@ class Pools:
             pool.etag, current.meta.mod_revision, f"pool {pool.pool_id}", {"pool_id": pool.pool_id}
         )
         stored = self._complete_pool(merged(current.value, pool, mask))
-        stored.ClearField("etag")
-        result = await self._store.txn(
-            [Compare.modified_at(keys.pool(pool.pool_id), current.meta.mod_revision)],
-            [Op.put(keys.pool(pool.pool_id), stored)],
+        revision = await put_if_unchanged(
+            self._store, keys.pool(pool.pool_id), current.meta.mod_revision, stored, "the pool"
         )
-        if not result.succeeded:
-            raise Aborted(
-                "the pool changed while it was being updated; retry", reason="CONCURRENT_UPDATE"
-            )
-        await self._view.wait_for(result.revision)
-        return with_etag(stored, result.revision)
+        await self._view.wait_for(revision)
+        return with_etag(stored, revision)
 
     async def get_pool(self, pool_id: str) -> nd_pb2.Pool:
         entry = await self._store.get(keys.pool(pool_id), nd_pb2.Pool)

@@ -16,15 +16,19 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import keys
 from accessline_server.presence.roster import Sealing, public_presence
 from accessline_server.runtime.errors import (
-    Aborted,
     FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from accessline_server.runtime.masks import check_etag, check_whole, merged, with_etag
+from accessline_server.runtime.masks import (
+    check_etag,
+    check_whole,
+    merged,
+    put_if_unchanged,
+    with_etag,
+)
 from accessline_server.runtime.store import (
-    Compare,
     EventKind,
     Op,
     Store,
@@ -90,14 +94,9 @@ class Directory:
         check_whole(check, updated)
         for config in updated.channels:
             config.capacity = config.capacity or 1
-        result = await self._store.txn(
-            [Compare.modified_at(key, revision)], [Op.put(key, self._sealing.stored_agent(updated))]
-        )
-        if not result.succeeded:
-            raise Aborted(
-                "the agent changed while it was being updated; retry", reason="CONCURRENT_UPDATE"
-            )
-        return with_etag(updated, result.revision)
+        stored = self._sealing.stored_agent(updated)
+        written = await put_if_unchanged(self._store, key, revision, stored, "the agent")
+        return with_etag(updated, written)
 
     async def get(self, agent_id: str) -> pr_pb2.Agent:
         entry = await self._store.get(keys.agent(agent_id), pr_store.StoredAgent)

@@ -13,6 +13,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
 from accessline_server.runtime.errors import Aborted
+from accessline_server.runtime.store import Compare, Op, Store
 from accessline_server.runtime.validation import Violations
 
 M = TypeVar("M", bound=Message)
@@ -101,3 +102,14 @@ def check_whole(check: Callable[[M, Violations], None], resource: M) -> None:
     v = Violations()
     check(resource, v)
     v.raise_if_any()
+
+
+async def put_if_unchanged(store: Store, key: str, revision: int, value: Message, what: str) -> int:
+    """Writes `value` at `key` if it is still at `revision` (as read); its new revision.
+    ABORTED `CONCURRENT_UPDATE` when another writer came first."""
+    result = await store.txn([Compare.modified_at(key, revision)], [Op.put(key, value)])
+    if not result.succeeded:
+        raise Aborted(
+            f"{what} changed while it was being updated; retry", reason="CONCURRENT_UPDATE"
+        )
+    return result.revision

@@ -359,14 +359,15 @@ async def stored_anywhere(stack: Stack, *needles: bytes) -> bool:
     return any(n in value for _, value, _ in found.gets[0] for n in needles)
 
 
-async def in_app(stack: Stack, customer: str) -> Any:
+async def in_app(stack: Stack, customer: str, application_id: str = "customer-app") -> Any:
+    """The in-app stream of a device of the customer's app (of `application_id`)."""
     device = f"d-{uuid.uuid4().hex[:6]}"
     await stack.nt.RegisterDevice(
         nt_pb2.RegisterDeviceRequest(
             device=nt_pb2.Device(
                 device_id=device,
                 customer_id=customer,
-                application_id="customer-app",
+                application_id=application_id,
                 platform=nt_pb2.PLATFORM_IN_APP,
             )
         )
