@@ -283,6 +283,9 @@ def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> 
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         # Every trace recorded: the tracing tests follow one call across the services.
         "ACCESSLINE_TRACE_SAMPLE_RATIO": "1",
+        # The history in the process's memory unless a test shares a file (or PostgreSQL)
+        # between the services that write it.
+        "ACCESSLINE_HISTORY_DSN": "sqlite+aiosqlite:///:memory:",
         **identity().env(service_name(module)),
         **env,
     }

@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
+from accessline.journey.v1 import journey_pb2 as jn
+from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from accessline_server.runtime.tables import engine_for
 from tests.conftest import (
@@ -207,7 +209,11 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
             )
             await replica.wait_for_log("accessline history migrate")
             # The deploy's migration, run twice (a repeated Job changes nothing).
-            for expected in ("audit_events, match_attempts", "nothing"):
+            everything = (
+                "audit_events, journey_alembic_version, journey_identifiers,"
+                " journey_interactions, journey_transactions, match_attempts"
+            )
+            for expected in (everything, "nothing"):
                 done = await asyncio.to_thread(
                     subprocess.run,
                     [
@@ -237,6 +243,7 @@ async def test_a_replica_that_does_not_migrate_waits_for_the_migration_of_the_de
             assert await health_status(replica.address, history) == (
                 health_pb2.HealthCheckResponse.SERVING
             )
+            await _journey_on_postgresql(replica.address, app_id, started.session_id)
     finally:
         replica.stop()
 
@@ -253,3 +260,39 @@ async def test_a_sqlite_history_is_written_in_wal_mode(tmp_path: Path) -> None:
     finally:
         await engine.dispose()
     assert mode == "wal"
+
+
+async def _journey_on_postgresql(address: str, app_id: str, session_id: str) -> None:
+    """The customer's journey in the migrated PostgreSQL database: the matched call (its
+    handoff started on another replica), an outside e-mail of the same customer, newest
+    first."""
+    async with connect(address) as channel:
+        await _journey_checked(jn_grpc.JourneyServiceStub(channel), app_id, session_id)
+
+
+async def _journey_checked(stub: Any, app_id: str, session_id: str) -> None:
+    customer = "customer-1"
+
+    async def listed() -> list[Any]:
+        reply = await stub.ListInteractions(
+            jn.ListInteractionsRequest(application_id=app_id, customer_id=customer)
+        )
+        return list(reply.interactions)
+
+    async def matched() -> bool:
+        found = await listed()
+        return bool(found) and found[0].outcome == "MATCHED"
+
+    await eventually(matched, timeout=30, what="the matched handoff in the journey")
+    await stub.RecordInteraction(
+        jn.RecordInteractionRequest(
+            interaction=jn.Interaction(
+                interaction_id="mail-1",
+                application_id=app_id,
+                channel=jn.INTERACTION_CHANNEL_EMAIL,
+                status=jn.INTERACTION_STATUS_RECEIVED,
+            ),
+            correlation=jn.Correlation(customer_id=customer),
+        )
+    )
+    assert [r.interaction_id for r in await listed()] == ["mail-1", session_id]

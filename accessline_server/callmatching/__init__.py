@@ -1,6 +1,7 @@
 """CallMatching: Stores the app's context for a handoff and matches the voice call to it
 exactly once.
 
-It publishes no module: other services reach it through its gRPC contract only."""
+Other services reach it through its gRPC contracts, and record what they do in the
+customers' journey through its published `journey.records` module."""
 
-PUBLISHED: tuple[str, ...] = ()
+PUBLISHED: tuple[str, ...] = ("journey.records",)

@@ -7,12 +7,16 @@ import logging
 from collections.abc import Sequence
 
 from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
+from accessline.journey.v1 import journey_pb2, journey_pb2_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2, number_distribution_pb2_grpc
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.domain import CallMatching, Limits
 from accessline_server.callmatching.expiry import ExpiryWatcher
 from accessline_server.callmatching.failures import FailureLimits
 from accessline_server.callmatching.history import MatchHistory
+from accessline_server.callmatching.journey.reads import Journey
+from accessline_server.callmatching.journey.records import writer_for
+from accessline_server.callmatching.journey.servicer import JourneyServicer
 from accessline_server.callmatching.servicer import CallMatchingServicer
 from accessline_server.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
 from accessline_server.notification import events
@@ -36,6 +40,9 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     async def history_health(ok: bool) -> None:
         await context.report_health(HISTORY_HEALTH, ok)
 
+    journey = Journey(writer_for(settings, meter), settings.history_retention_days)
+    await journey.start(settings.history_purge_interval_seconds)
+    context.on_stop(journey.stop)
     history = MatchHistory(
         settings.history_dsn,
         create_schema=settings.history_migrate,
@@ -67,8 +74,9 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             late_call_window=settings.late_call_window_seconds,
         ),
         meter=meter,
+        journey=journey,
     )
-    expiry = ExpiryWatcher(context.store, settings.session_retention_seconds)
+    expiry = ExpiryWatcher(context.store, settings.session_retention_seconds, journey)
     expiry.start()
     context.on_stop(expiry.stop)
     # Webhook events only for the applications whose webhooks want them.
@@ -78,7 +86,12 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             servicer=CallMatchingServicer(domain),
             add_to_server=call_matching_pb2_grpc.add_CallMatchingServiceServicer_to_server,
             descriptor=call_matching_pb2.DESCRIPTOR.services_by_name["CallMatchingService"],
-        )
+        ),
+        Registration(
+            servicer=JourneyServicer(journey),
+            add_to_server=journey_pb2_grpc.add_JourneyServiceServicer_to_server,
+            descriptor=journey_pb2.DESCRIPTOR.services_by_name["JourneyService"],
+        ),
     ]
 
 

@@ -17,6 +17,7 @@ from accessline_server.callmatching.applications import Applications
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.handoffs import Handoff, Handoffs
 from accessline_server.callmatching.history import MatchHistory
+from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.callmatching.matching import Call, Matcher
 from accessline_server.callmatching.sessions import Limits, Sessions
 from accessline_server.runtime.store import Store
@@ -46,14 +47,23 @@ class CallMatching:
         *,
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
+        journey: Journey | None = None,
     ) -> None:
         self.applications = Applications(store)
         self.sessions = Sessions(store, limits, clock)
         self.handoffs = Handoffs(
-            store, numbers, crypto, limits, self.applications, self.sessions, clock
+            store, numbers, crypto, limits, self.applications, self.sessions, clock, journey
         )
         self.matcher = Matcher(
-            store, numbers, crypto, history, limits, self.sessions, meter=meter, clock=clock
+            store,
+            numbers,
+            crypto,
+            history,
+            limits,
+            self.sessions,
+            meter=meter,
+            clock=clock,
+            journey=journey,
         )
         self.history = history
 

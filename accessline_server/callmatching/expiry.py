@@ -20,6 +20,7 @@ import time
 from accessline.callmatching.storage.v1 import storage_pb2 as cm_store
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline_server.callmatching import keys
+from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.notification import events
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import AccesslineError
@@ -29,7 +30,8 @@ log = logging.getLogger("accessline.callmatching")
 
 
 class ExpiryWatcher:
-    def __init__(self, store: Store, retention: float) -> None:
+    def __init__(self, store: Store, retention: float, journey: Journey | None = None) -> None:
+        self._journey = journey
         self._store = store
         self._retention = retention
         self._task: asyncio.Task[None] | None = None
@@ -126,4 +128,8 @@ class ExpiryWatcher:
         result = await self._store.txn(
             [Compare.absent(key)], [Op.put(key, outcome, retention), *told]
         )
+        if result.succeeded and self._journey is not None:
+            self._journey.record_session_end(
+                session.application_id, session.session_id, "EXPIRED", now
+            )
         return result.succeeded

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
         NumberDistributionServiceAsyncStub,
     )
+    from accessline_server.callmatching.journey.reads import Journey
 
 log = logging.getLogger("accessline.callmatching")
 
@@ -91,7 +92,9 @@ class Handoffs:
         applications: Applications,
         sessions: Sessions,
         clock: Callable[[], float] = time.time,
+        journey: Journey | None = None,
     ) -> None:
+        self._journey = journey
         self._store = store
         self._numbers = numbers
         self._crypto = crypto
@@ -120,10 +123,15 @@ class Handoffs:
         # NumberDistribution may have answered an earlier attempt of this same request.
         session_id = reserved.reservation.session_id
         record, fence = await self._held(reserved)
-        session = self._new_session(app, request, session_id, record, fence, ani_hash, reserved)
+        context = await self._with_open_transactions(request)
+        session = self._new_session(
+            app, request, context, session_id, record, fence, ani_hash, reserved
+        )
         replay = await self._store_session(session, fence, idempotency_key, request)
         if replay is not None:
             return replay
+        if self._journey is not None:
+            self._journey.record_handoff(request.application_id, session_id, request)
         log.info(
             "handoff started",
             extra={
@@ -223,10 +231,26 @@ class Handoffs:
             )
         return found[0], found[1].create_revision
 
+    async def _with_open_transactions(self, request: Handoff) -> common_pb2.ContextData:
+        """The context to seal: the app's, with the customer's open transactions from
+        their journey (none when the history database does not answer at once: a handoff
+        never waits on it)."""
+        context = common_pb2.ContextData()
+        context.CopyFrom(request.context)
+        del context.open_transactions[:]
+        if self._journey is not None:
+            context.open_transactions.extend(
+                await self._journey.open_transactions_now(
+                    request.application_id, request.customer_id
+                )
+            )
+        return context
+
     def _new_session(
         self,
         app: cm_pb2.Application,
         request: Handoff,
+        context: common_pb2.ContextData,
         session_id: str,
         record: nd_store.StoredReservation,
         fence: int,
@@ -241,7 +265,7 @@ class Handoffs:
             session_id=session_id,
             application_id=app.application_id,
             customer_id=request.customer_id,
-            sealed_context=self._crypto.seal(request.context.SerializeToString(), session_id),
+            sealed_context=self._crypto.seal(context.SerializeToString(), session_id),
             reservation=record,
             reservation_revision=fence,
             match_schema=app.match_schema,
@@ -386,3 +410,5 @@ class Handoffs:
         )
         if not ok:
             raise NotFound(f"session {session_id} is not waiting", reason="SESSION_NOT_FOUND")
+        if self._journey is not None:
+            self._journey.record_session_end(session.application_id, session_id, "CANCELLED", now)

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline_server.callmatching.journey import migrate as journey_migrate
 from accessline_server.runtime import audit, tables
 from accessline_server.runtime.errors import FieldViolation, InvalidArgument, Unavailable
 
@@ -129,7 +130,8 @@ async def migrate(dsn: str) -> list[str]:
     """Creates what the history and the audit trail need in the database that is missing
     (run once per deploy: `accessline history migrate`); safe to run again and
     concurrently. Returns the tables created."""
-    return await tables.migrate(dsn, [metadata, audit.metadata])
+    created = await tables.migrate(dsn, [metadata, audit.metadata])
+    return sorted(created + await journey_migrate.upgrade_database(dsn))
 
 
 class MatchHistory:

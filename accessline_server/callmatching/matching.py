@@ -21,6 +21,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline_server.callmatching import failures, keys
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.history import MatchHistory
+from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.callmatching.sessions import NEEDS_ANI, NEEDS_CODE, Limits, Sessions
 from accessline_server.notification import events
 from accessline_server.runtime.clock import seconds, timestamp
@@ -120,11 +121,13 @@ class Matcher:
         *,
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
+        journey: Journey | None = None,
     ) -> None:
         self._store = store
         self._numbers = numbers
         self._crypto = crypto
         self._history = history
+        self._journey = journey
         self._limits = limits
         self._sessions = sessions
         self._clock = clock
@@ -171,6 +174,8 @@ class Matcher:
         attempt.outcome = response.outcome
         attempt.decided_at.CopyFrom(timestamp(now))
         self._history.record(attempt)
+        if self._journey is not None:
+            self._journey.record_match(attempt, response, now)
         outcome = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
         labels = outcome
         if attempt.application_id:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from accessline_server.runtime.settings import PeerAddress, ServiceSettings
+from accessline_server.runtime.settings import HistorySettings, PeerAddress
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-callmatching-secret-not-for-production"  # noqa: S105
 
 
-class CallMatchingSettings(ServiceSettings):
+class CallMatchingSettings(HistorySettings):
     """CallMatching's settings: the shared ones, its ports and its own."""
 
     default_ports = (50052, 9452)
@@ -22,17 +22,6 @@ class CallMatchingSettings(ServiceSettings):
     )
     numberdistribution_address: PeerAddress = Field(
         default="127.0.0.1:50051", min_length=3, description="NumberDistribution's host:port."
-    )
-    history_dsn: str = Field(
-        default="sqlite+aiosqlite:///.accessline/match-history.db",
-        min_length=1,
-        description="SQLAlchemy URL of the match history database: SQLite (default) or"
-        " postgresql+asyncpg://user:password@host/db shared by every replica.",
-    )
-    history_migrate: bool = Field(
-        default=True,
-        description="Create the match history's tables at start when missing (the embedded"
-        " run); false where `accessline history migrate` runs once per deploy.",
     )
     session_retention_seconds: float = Field(
         default=3600,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
+from accessline_server.callmatching.journey import records
 from accessline_server.notification.delivery import Provider, Worker
 from accessline_server.notification.domain import Notifications, Policy
 from accessline_server.notification.links import Links
@@ -119,6 +120,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
             await provider.close()
 
     context.on_stop(stop)
+    context.on_stop((await records.open_for_process(settings, meter)).stop)
     return [
         Registration(
             servicer=NotificationServicer(

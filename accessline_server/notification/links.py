@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline_server.notification import journal
 from accessline_server.notification.domain import Notifications
 from accessline_server.notification.keys import LINKS
 from accessline_server.presence import offers as presence_offers
@@ -90,6 +91,10 @@ class Links:
         published = await self._notifications.publish(
             request, LINK_TTL_SECONDS, link_url=url, application_id=working.application_id
         )
+        if not published.duplicate:
+            journal.link(
+                working.application_id, working.customer_id, agent_id, published.notification_id
+            )
         return nt_pb2.SendLinkResponse(
             notification_id=published.notification_id,
             device_count=published.device_count,

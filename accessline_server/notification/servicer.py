@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
+from accessline_server.notification import journal
 from accessline_server.notification.domain import Notifications
 from accessline_server.notification.links import Links
 from accessline_server.notification.webhook_delivery import EVENT_NAMES
@@ -153,8 +154,16 @@ class NotificationServicer(nt_grpc.NotificationServiceServicer):
         if request.priority not in nt_pb2.Priority.values():
             v.add("priority", "unknown priority")
         v.text("collapse_key", request.collapse_key, 64)
+        v.id("application_id", request.application_id, required=False)
+        if request.application_id and target != "customer_id":
+            v.add("application_id", "names the application of a customer_id target only")
         v.raise_if_any()
-        return await self._n.publish(request, ttl)
+        if request.application_id:
+            identity.require_application(request.application_id, "the customer told")
+        published = await self._n.publish(request, ttl, application_id=request.application_id)
+        if not published.duplicate:
+            journal.notification(request, published.notification_id)
+        return published
 
     async def StreamNotifications(
         self, request: nt_pb2.StreamNotificationsRequest, context: ServicerContext

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from accessline_server.runtime.settings import ServiceSettings
+from accessline_server.runtime.settings import HistorySettings
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-notification-secret-not-for-production"  # noqa: S105
 
 
-class NotificationSettings(ServiceSettings):
+class NotificationSettings(HistorySettings):
     """Notification's settings: the shared ones, its ports, its providers and delivery policy."""
 
     default_ports = (50055, 9455)

@@ -13,6 +13,7 @@ from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
+from accessline_server.callmatching.journey import records
 from accessline_server.notification import events
 from accessline_server.presence.roster import Sealing
 from accessline_server.routing.callbacks import Callbacks
@@ -59,6 +60,21 @@ def rules_from(settings: RoutingSettings) -> Rules:
     )
 
 
+def audit_rules(context: RuntimeContext, settings: RoutingSettings, rules: Rules) -> None:
+    """The value rules come from a setting, so they change with a deploy: each replica's
+    start records the rules in force (their digest) in the audit trail."""
+    digest = hashlib.sha256(settings.routing_value_rules.encode()).hexdigest()
+    context.audit.record(
+        AuditEvent(
+            action="value_rules.load",
+            method="",
+            target=f"sha256:{digest[:16]} ({len(rules.value_rules)} rules)",
+            outcome="OK",
+            service="routing",
+        )
+    )
+
+
 async def build(context: RuntimeContext) -> Sequence[Registration]:
     settings = context.settings
     assert isinstance(settings, RoutingSettings)
@@ -81,18 +97,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         )
     )
     rules = rules_from(settings)
-    # The value rules come from a setting, so they change with a deploy: each replica's
-    # start records the rules in force (their digest) in the audit trail.
-    digest = hashlib.sha256(settings.routing_value_rules.encode()).hexdigest()
-    context.audit.record(
-        AuditEvent(
-            action="value_rules.load",
-            method="",
-            target=f"sha256:{digest[:16]} ({len(rules.value_rules)} rules)",
-            outcome="OK",
-            service="routing",
-        )
-    )
+    audit_rules(context, settings, rules)
     meter = context.telemetry.meter("accessline.routing")
     replica = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     # Everything that makes work for the dispatch leader rings this doorbell; the
@@ -127,6 +132,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     dispatcher.start()
     context.on_stop(dispatcher.stop)
     context.on_stop(events.follow(context.store).stop)  # events only for webhooks that want them
+    context.on_stop((await records.open_for_process(settings, meter)).stop)
     return [
         Registration(
             servicer=RoutingServicer(

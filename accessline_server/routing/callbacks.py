@@ -22,7 +22,7 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.notification import events
-from accessline_server.routing import keys, private
+from accessline_server.routing import journal, keys, private
 from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime import identity
@@ -126,6 +126,12 @@ class Callbacks:
             [Op.get(owner_key)],
         )
         if result.succeeded:
+            journal.callback(
+                stored,
+                journal.PENDING,
+                topic=request.context.subject,
+                transaction_id=request.context.service_request_id,
+            )
             self._wake()
             return public
         found = result.first()
@@ -231,6 +237,7 @@ class Callbacks:
                 compares.append(Compare.modified_at(queued_key, queued.meta.mod_revision))
             ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED, "cancelled")
             if (await self._store.txn(compares, ops)).succeeded:
+                journal.callback(entry.value, journal.CLOSED, outcome="CANCELLED")
                 if queued is not None:
                     await withdraw_offer(self._store, queued.value)
                 return
@@ -319,6 +326,7 @@ class Callbacks:
                         ops,
                     )
                 ).succeeded:
+                    journal.callback(entry.value, journal.CLOSED, outcome="WINDOW_CLOSED")
                     await self._tell_customer(entry.value, final=True)
 
     async def stream_dials(
@@ -449,6 +457,7 @@ class Callbacks:
                 entry.value, events.CALLBACK_ATTEMPTED, outcome=attempted.lower()
             )
             if (await self._store.txn(compares, ops)).succeeded:
+                self._journal_attempt(entry.value, final_state)
                 after = rt_pb2.Callback()
                 after.CopyFrom(cb)
                 after.state = final_state
@@ -462,6 +471,15 @@ class Callbacks:
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
 
+    @staticmethod
+    def _journal_attempt(stored: rt_store.StoredCallback, state: int) -> None:
+        if state == rt_pb2.CALLBACK_STATE_COMPLETED:
+            journal.callback(stored, journal.ANSWERED, outcome="COMPLETED")
+        elif state == rt_pb2.CALLBACK_STATE_FAILED:
+            journal.callback(stored, journal.CLOSED, outcome="NOT_REACHED")
+        else:
+            journal.callback(stored, journal.PENDING, outcome="NOT_REACHED_YET")
+
     async def _tell_customer(self, stored: rt_store.StoredCallback, *, final: bool) -> None:
         """Tells the customer the agent tried to call (only ids in the payload)."""
         cb = stored.callback
@@ -474,6 +492,7 @@ class Callbacks:
             idempotency_key=f"callback-{cb.callback_id}-{cb.attempts}",
             priority=nt_pb2.PRIORITY_HIGH,
             collapse_key=f"callback-{cb.callback_id}",
+            application_id=stored.application_id,
         )
         try:
             await self._notification.Publish(publish)

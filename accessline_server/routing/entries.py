@@ -21,7 +21,7 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
-from accessline_server.routing import keys
+from accessline_server.routing import journal, keys
 from accessline_server.routing.queue import Rules
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime.clock import timestamp
@@ -199,7 +199,8 @@ class QueueEntries:
                     out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
                     also = [redirect] if redirect is not None else []
                     also += await self._told(item, events.CALL_CONNECTED)
-                    await self._store.txn([kept], [*out, relet, *also], out)
+                    if (await self._store.txn([kept], [*out, relet, *also], out)).succeeded:
+                        journal.call(item, connected=True, agent_id=target.agent_id)
                     return
                 ops = [Op.delete(key)]
                 if item.place_key:
@@ -212,6 +213,7 @@ class QueueEntries:
                 left = await self._store.txn([Compare.modified_at(key, revision)], ops)
                 if left.succeeded:
                     if not connected:
+                        journal.call(item, connected=False, agent_id=agent_id)
                         await withdraw_offer(self._store, item)
                     return
             log.warning("the call %s could not be taken out of the queue", key)

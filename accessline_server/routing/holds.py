@@ -19,7 +19,7 @@ from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.notification import events
-from accessline_server.routing import keys
+from accessline_server.routing import journal, keys
 from accessline_server.routing.plan import GroupState, eligible, reserved_agents
 from accessline_server.routing.queue import Candidate, Rules, rank
 from accessline_server.routing.settle import Fenced
@@ -150,6 +150,7 @@ class Holds:
                 idempotency_key=f"agent-available-{ask.value.request_id}",
                 priority=nt_pb2.PRIORITY_HIGH,
                 collapse_key="agent-available",
+                application_id=ask.value.application_id,
             )
             publish.ttl.FromNanoseconds(int(self._rules.hold * 1e9))
             await self._notification.Publish(publish)
@@ -184,4 +185,10 @@ class Holds:
             await self._store.revoke_lease(lease)
             return False
         self._holds.add(1)
+        journal.notify_request(
+            ask.value.application_id,
+            ask.value.request_id,
+            journal.ANSWERED,
+            outcome="AGENT_HELD",
+        )
         return True

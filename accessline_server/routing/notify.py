@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from accessline.common.v1 import common_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from accessline_server.routing import keys
+from accessline_server.routing import journal, keys
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
@@ -62,6 +62,14 @@ class NotifyRequests:
         record.expires_at.CopyFrom(timestamp(expires))
         lease = await self._store.shared_lease(self._rules.notify_max, window=10.0)
         await self._store.put(keys.notify(request_id), record, lease)
+        journal.notify_request(
+            record.application_id,
+            request_id,
+            journal.PENDING,
+            customer_id=request.customer_id,
+            resource_group=request.resource_group,
+            topic=request.handoff.context.subject,
+        )
         self._wake()
         return rt_pb2.RequestNotifyWhenAvailableResponse(
             request_id=request_id, expires_at=record.expires_at
@@ -101,6 +109,10 @@ class NotifyRequests:
 
     async def cancel(self, request_id: str) -> None:
         entry = await self._get(request_id)
-        await self._store.txn(
+        result = await self._store.txn(
             [Compare.modified_at(entry.key, entry.meta.mod_revision)], [Op.delete(entry.key)]
         )
+        if result.succeeded:
+            journal.notify_request(
+                entry.value.application_id, request_id, journal.CLOSED, outcome="CANCELLED"
+            )

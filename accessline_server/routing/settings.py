@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from accessline_server.presence.roster import DEVELOPMENT_SECRET as PRESENCE_DEVELOPMENT_SECRET
-from accessline_server.runtime.settings import PeerAddress, ServiceSettings
+from accessline_server.runtime.settings import HistorySettings, PeerAddress
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-routing-secret-not-for-production"  # noqa: S105
 
 
-class RoutingSettings(ServiceSettings):
+class RoutingSettings(HistorySettings):
     """Routing's settings: the shared ones, its ports, its peers and its routing rules."""
 
     default_ports = (50053, 9453)

@@ -27,6 +27,10 @@ TYPED_FIELDS = (
 )
 
 
+MAX_OPEN_TRANSACTIONS = 3
+MAX_JOURNEY_TEXT = 128
+
+
 def check_context(context: common_pb2.ContextData, v: Violations, field: str = "context") -> None:
     """Adds a violation to `v` for each limit `context` (at `field`) breaks."""
     if context.HasField("location"):
@@ -48,5 +52,15 @@ def check_context(context: common_pb2.ContextData, v: Violations, field: str = "
             )
         elif len(context.attributes[key].encode()) > MAX_VALUE_BYTES:
             v.add(f"{field}.attributes[{key}]", f"must be at most {MAX_VALUE_BYTES} bytes")
+    # Set by CallMatching from the journey; what a client sends is replaced, within limits.
+    if len(context.open_transactions) > MAX_OPEN_TRANSACTIONS:
+        v.add(f"{field}.open_transactions", f"must have at most {MAX_OPEN_TRANSACTIONS} entries")
+    for i, found in enumerate(context.open_transactions[:MAX_OPEN_TRANSACTIONS]):
+        for name in ("transaction_id", "topic"):
+            if len(getattr(found, name)) > MAX_JOURNEY_TEXT:
+                v.add(
+                    f"{field}.open_transactions[{i}].{name}",
+                    f"must be at most {MAX_JOURNEY_TEXT} characters",
+                )
     if context.ByteSize() > MAX_CONTEXT_BYTES:
         v.add(field, f"must be at most {MAX_CONTEXT_BYTES} bytes serialized")

@@ -332,3 +332,44 @@ def load_settings(cls: type[S]) -> S:
             shown = f" (got {given!r})" if isinstance(given, str | int | float) else ""
             lines.append(f"{name}: {message}{shown}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+# Only for the embedded run on one machine: a deployment sets its own secret.
+DEVELOPMENT_HISTORY_SECRET = "accessline-development-history-secret-not-for-production"  # noqa: S105
+
+
+class HistorySettings(ServiceSettings):
+    """Settings of the services that write the history database: CallMatching (which
+    owns it and serves the customer's journey from it), Routing and Notification (which
+    record what they do in the journey through CallMatching's published module)."""
+
+    history_dsn: str = Field(
+        default="sqlite+aiosqlite:///.accessline/match-history.db",
+        min_length=1,
+        description="SQLAlchemy URL of the history database (match attempts, the customers'"
+        " journeys): SQLite (default) or postgresql+asyncpg://user:password@host/db shared"
+        " by every replica; the same in CallMatching, Routing and Notification.",
+    )
+    history_migrate: bool = Field(
+        default=True,
+        description="Create or upgrade the history's tables at start (the embedded run);"
+        " false where `accessline history migrate` runs once per deploy.",
+    )
+    history_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_HISTORY_SECRET),
+        min_length=32,
+        description="Secret of the keyed hashes that stand for customer ids, phone numbers"
+        " and e-mail addresses in the journey; the same in every service writing it.",
+    )
+    history_retention_days: float = Field(
+        default=400,
+        gt=0,
+        le=10 * 366,
+        description="Age after which a journey's records are purged.",
+    )
+    history_purge_interval_seconds: float = Field(
+        default=3600,
+        ge=0.1,
+        le=24 * 3600,
+        description="How often CallMatching purges the journey's records older than the retention.",
+    )

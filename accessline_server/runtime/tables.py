@@ -17,7 +17,7 @@ from opentelemetry import metrics
 from sqlalchemy import MetaData, Table, event, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 BUFFER_LIMIT = 100_000
 BATCH = 500
@@ -65,9 +65,13 @@ async def migrate(dsn: str, schemas: Iterable[MetaData]) -> list[str]:
         await engine.dispose()
 
 
+Rows = list[dict[str, object]]
+
+
 class BufferedWriter:
-    """Buffered, batched inserts into one table; `name` words the logs and metrics
-    (`accessline.{name}.written` and the like)."""
+    """Buffered, batched inserts into one table (or, with `write`, whatever that does
+    with a batch in one transaction; with `schema`, whatever makes or checks the tables);
+    `name` words the logs and metrics (`accessline.{name}.written` and the like)."""
 
     def __init__(
         self,
@@ -79,9 +83,13 @@ class BufferedWriter:
         create_schema: bool,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         meter: metrics.Meter | None = None,
+        write: Callable[[AsyncConnection, Rows], Awaitable[None]] | None = None,
+        schema: Callable[[AsyncConnection, bool], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self._table = table
+        self._write = write or self._insert
+        self._schema = schema or self._tables
         self._name = name
         self._create_schema = create_schema
         self._buffer: asyncio.Queue[dict[str, object]] = asyncio.Queue(BUFFER_LIMIT)
@@ -164,16 +172,22 @@ class BufferedWriter:
         if self._on_health is not None:
             await self._on_health(ok)
 
+    async def _insert(self, conn: AsyncConnection, batch: Rows) -> None:
+        await conn.execute(self._table.insert(), batch)
+
+    async def _tables(self, conn: AsyncConnection, create: bool) -> None:
+        if create:
+            await conn.run_sync(self._table.metadata.create_all)
+        elif not await conn.run_sync(lambda c: inspect(c).has_table(self._table.name)):
+            raise SchemaMissing(
+                f"the {self._what} tables are missing; run `accessline history migrate`"
+            )
+
     async def ensure_schema(self) -> None:
         if self._ready:
             return
         async with self.engine.begin() as conn:
-            if self._create_schema:
-                await conn.run_sync(self._table.metadata.create_all)
-            elif not await conn.run_sync(lambda c: inspect(c).has_table(self._table.name)):
-                raise SchemaMissing(
-                    f"the {self._what} tables are missing; run `accessline history migrate`"
-                )
+            await self._schema(conn, self._create_schema)
         self._ready = True
 
     async def _run(self) -> None:
@@ -190,7 +204,7 @@ class BufferedWriter:
                     while len(batch) < BATCH and not self._buffer.empty():
                         batch.append(self._buffer.get_nowait())
                 async with self.engine.begin() as conn:
-                    await conn.execute(self._table.insert(), batch)
+                    await self._write(conn, batch)
                 self._written.add(len(batch))
                 batch = []
                 backoff = 0.1

@@ -87,6 +87,8 @@ class Stack:
     # Each service's Connect and gRPC-Web address (the first Routing replica's for
     # routing), when the stack was started with them.
     web: dict[str, str] = field(default_factory=dict)
+    # The history database's file (match attempts, the customers' journeys).
+    history: Path | None = None
 
 
 async def start_stack(
@@ -113,6 +115,8 @@ async def start_stack(
         ports.setdefault(name, str(free_port()))
         return {**web, "ACCESSLINE_WEB_PORT": ports[name]}
 
+    # One history database for the services that write the customers' journeys.
+    history = {"ACCESSLINE_HISTORY_DSN": f"sqlite+aiosqlite:///{tmp / 'history.db'}"}
     nd = spawn_service("accessline_server.numberdistribution", endpoints, prefix, **web_env("nd"))
     pr = spawn_service(
         "accessline_server.presence",
@@ -125,8 +129,7 @@ async def start_stack(
         "accessline_server.notification",
         endpoints,
         prefix,
-        **web_env("notification"),
-        **(notification_env or {}),
+        **{**web_env("notification"), **history, **(notification_env or {})},
     )
     await wait_serving(nd)
     cm = spawn_service(
@@ -134,8 +137,7 @@ async def start_stack(
         endpoints,
         prefix,
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'history.db'}",
-        **web_env("callmatching"),
+        **{**history, **web_env("callmatching")},
     )
     for service in (pr, nt, cm):
         await wait_serving(service)
@@ -147,12 +149,24 @@ async def start_stack(
             ACCESSLINE_CALLMATCHING_ADDRESS=cm.address,
             ACCESSLINE_PRESENCE_ADDRESS=pr.address,
             ACCESSLINE_NOTIFICATION_ADDRESS=nt.address,
-            **{**ROUTING_ENV, **routing_env, **web_env(f"routing-{index}")},
+            **{**history, **ROUTING_ENV, **routing_env, **web_env(f"routing-{index}")},
         )
         for index in range(2)
     ]
     for router in routers:
         await wait_serving(router)
+    return await _assembled(endpoints, prefix, [nd, pr, nt, cm, *routers], ports, tmp)
+
+
+async def _assembled(
+    endpoints: str,
+    prefix: str,
+    processes: list[ServiceProcess],
+    ports: Mapping[str, str],
+    tmp: Path,
+) -> Stack:
+    """The stack of started processes (nd, pr, nt, cm, routers): a stub of each."""
+    nd, pr, nt, cm, *routers = processes
     channels = [connect(p.address) for p in (nd, cm, pr, nt, *routers)]
     store = Store(endpoints, prefix)
     await store.connect()
@@ -168,6 +182,7 @@ async def start_stack(
         channels,
         prefix,
         {name.removesuffix("-0"): f"127.0.0.1:{port}" for name, port in ports.items()},
+        tmp / "history.db",
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!accessline/common/v1/common.proto\x12\x14\x61\x63\x63\x65ssline.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"\\\n\x04\x43ity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x02 \x01(\t\x12\x30\n\x08location\x18\x03 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\"\xdd\x02\n\x0b\x43ontextData\x12\x30\n\x08location\x18\x01 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x04 \x01(\t\x12\x1a\n\x12service_request_id\x18\x05 \x01(\t\x12\x16\n\x0e\x61uth_token_ref\x18\x06 \x01(\t\x12\x12\n\napp_screen\x18\x07 \x01(\t\x12\x45\n\nattributes\x18\x08 \x03(\x0b\x32\x31.accessline.common.v1.ContextData.AttributesEntry\x12\x1d\n\x15service_request_owner\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xba\x01\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\raccess_number\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shared\x18\x06 \x01(\x08\x12\x17\n\x0fhas_access_code\x18\x07 \x01(\x08\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t*\x95\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANNEL_DESK_VOICE\x10\x01\x12\x18\n\x14\x43HANNEL_MOBILE_VOICE\x10\x02\x12\x1a\n\x16\x43HANNEL_EXTERNAL_PHONE\x10\x03\x12\x10\n\x0c\x43HANNEL_CHAT\x10\x04\x12\x11\n\rCHANNEL_EMAIL\x10\x05*\x90\x01\n\x0f\x43hannelPresence\x12 \n\x1c\x43HANNEL_PRESENCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HANNEL_PRESENCE_AVAILABLE\x10\x01\x12 \n\x1c\x43HANNEL_PRESENCE_UNAVAILABLE\x10\x02\x12\x19\n\x15\x43HANNEL_PRESENCE_BUSY\x10\x03*\xd8\x01\n\x0fOverallPresence\x12 \n\x1cOVERALL_PRESENCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OVERALL_PRESENCE_READY\x10\x01\x12$\n OVERALL_PRESENCE_PARTIALLY_READY\x10\x02\x12\x1e\n\x1aOVERALL_PRESENCE_NOT_READY\x10\x03\x12#\n\x1fOVERALL_PRESENCE_DO_NOT_DISTURB\x10\x04\x12\x1c\n\x18OVERALL_PRESENCE_OFFLINE\x10\x05*\xa1\x01\n\x0bMatchSchema\x12\x1c\n\x18MATCH_SCHEMA_UNSPECIFIED\x10\x00\x12\x17\n\x13MATCH_SCHEMA_NUMBER\x10\x01\x12\x1b\n\x17MATCH_SCHEMA_NUMBER_ANI\x10\x02\x12\x1c\n\x18MATCH_SCHEMA_NUMBER_CODE\x10\x03\x12 \n\x1cMATCH_SCHEMA_NUMBER_ANI_CODE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!accessline/common/v1/common.proto\x12\x14\x61\x63\x63\x65ssline.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\"\\\n\x04\x43ity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x02 \x01(\t\x12\x30\n\x08location\x18\x03 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\"\x9f\x03\n\x0b\x43ontextData\x12\x30\n\x08location\x18\x01 \x01(\x0b\x32\x1e.accessline.common.v1.GeoPoint\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x18\n\x10\x63ustomer_segment\x18\x04 \x01(\t\x12\x1a\n\x12service_request_id\x18\x05 \x01(\t\x12\x16\n\x0e\x61uth_token_ref\x18\x06 \x01(\t\x12\x12\n\napp_screen\x18\x07 \x01(\t\x12\x45\n\nattributes\x18\x08 \x03(\x0b\x32\x31.accessline.common.v1.ContextData.AttributesEntry\x12\x1d\n\x15service_request_owner\x18\t \x01(\t\x12@\n\x11open_transactions\x18\n \x03(\x0b\x32%.accessline.common.v1.OpenTransaction\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\x0fOpenTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\raccess_number\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06shared\x18\x06 \x01(\x08\x12\x17\n\x0fhas_access_code\x18\x07 \x01(\x08\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t*\x95\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANNEL_DESK_VOICE\x10\x01\x12\x18\n\x14\x43HANNEL_MOBILE_VOICE\x10\x02\x12\x1a\n\x16\x43HANNEL_EXTERNAL_PHONE\x10\x03\x12\x10\n\x0c\x43HANNEL_CHAT\x10\x04\x12\x11\n\rCHANNEL_EMAIL\x10\x05*\x90\x01\n\x0f\x43hannelPresence\x12 \n\x1c\x43HANNEL_PRESENCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43HANNEL_PRESENCE_AVAILABLE\x10\x01\x12 \n\x1c\x43HANNEL_PRESENCE_UNAVAILABLE\x10\x02\x12\x19\n\x15\x43HANNEL_PRESENCE_BUSY\x10\x03*\xd8\x01\n\x0fOverallPresence\x12 \n\x1cOVERALL_PRESENCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OVERALL_PRESENCE_READY\x10\x01\x12$\n OVERALL_PRESENCE_PARTIALLY_READY\x10\x02\x12\x1e\n\x1aOVERALL_PRESENCE_NOT_READY\x10\x03\x12#\n\x1fOVERALL_PRESENCE_DO_NOT_DISTURB\x10\x04\x12\x1c\n\x18OVERALL_PRESENCE_OFFLINE\x10\x05*\xa1\x01\n\x0bMatchSchema\x12\x1c\n\x18MATCH_SCHEMA_UNSPECIFIED\x10\x00\x12\x17\n\x13MATCH_SCHEMA_NUMBER\x10\x01\x12\x1b\n\x17MATCH_SCHEMA_NUMBER_ANI\x10\x02\x12\x1c\n\x18MATCH_SCHEMA_NUMBER_CODE\x10\x03\x12 \n\x1cMATCH_SCHEMA_NUMBER_ANI_CODE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNEL']._serialized_start=834
-  _globals['_CHANNEL']._serialized_end=983
-  _globals['_CHANNELPRESENCE']._serialized_start=986
-  _globals['_CHANNELPRESENCE']._serialized_end=1130
-  _globals['_OVERALLPRESENCE']._serialized_start=1133
-  _globals['_OVERALLPRESENCE']._serialized_end=1349
-  _globals['_MATCHSCHEMA']._serialized_start=1352
-  _globals['_MATCHSCHEMA']._serialized_end=1513
+  _globals['_CHANNEL']._serialized_start=1006
+  _globals['_CHANNEL']._serialized_end=1155
+  _globals['_CHANNELPRESENCE']._serialized_start=1158
+  _globals['_CHANNELPRESENCE']._serialized_end=1302
+  _globals['_OVERALLPRESENCE']._serialized_start=1305
+  _globals['_OVERALLPRESENCE']._serialized_end=1521
+  _globals['_MATCHSCHEMA']._serialized_start=1524
+  _globals['_MATCHSCHEMA']._serialized_end=1685
   _globals['_GEOPOINT']._serialized_start=92
   _globals['_GEOPOINT']._serialized_end=139
   _globals['_CITY']._serialized_start=141
   _globals['_CITY']._serialized_end=233
   _globals['_CONTEXTDATA']._serialized_start=236
-  _globals['_CONTEXTDATA']._serialized_end=585
-  _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._serialized_start=536
-  _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._serialized_end=585
-  _globals['_RESERVATION']._serialized_start=588
-  _globals['_RESERVATION']._serialized_end=774
-  _globals['_TRACECONTEXT']._serialized_start=776
-  _globals['_TRACECONTEXT']._serialized_end=831
+  _globals['_CONTEXTDATA']._serialized_end=651
+  _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._serialized_start=602
+  _globals['_CONTEXTDATA_ATTRIBUTESENTRY']._serialized_end=651
+  _globals['_OPENTRANSACTION']._serialized_start=653
+  _globals['_OPENTRANSACTION']._serialized_end=757
+  _globals['_RESERVATION']._serialized_start=760
+  _globals['_RESERVATION']._serialized_end=946
+  _globals['_TRACECONTEXT']._serialized_start=948
+  _globals['_TRACECONTEXT']._serialized_end=1003
 # @@protoc_insertion_point(module_scope)

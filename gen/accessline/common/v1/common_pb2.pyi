@@ -262,6 +262,7 @@ class ContextData(_message.Message):
     APP_SCREEN_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     SERVICE_REQUEST_OWNER_FIELD_NUMBER: _builtins.int
+    OPEN_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Why the customer calls, in the operator's vocabulary (for example "mortgage").
     Drives the choice of number pool and of agent skills.
@@ -295,6 +296,14 @@ class ContextData(_message.Message):
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form key/value pairs the application sends along (see the limits above)."""
 
+    @_builtins.property
+    def open_transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpenTransaction]:
+        """The customer's open transactions (a claim left half-filled, a service request
+        awaiting a reply), newest first, at most 3: set by CallMatching from the customer's
+        journey when the handoff starts, so the switch's IVR or the agent can offer to
+        resume one. What an app sends here is replaced.
+        """
+
     def __init__(
         self,
         *,
@@ -307,14 +316,47 @@ class ContextData(_message.Message):
         app_screen: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         service_request_owner: _builtins.str = ...,
+        open_transactions: _abc.Iterable[Global___OpenTransaction] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_screen", b"app_screen", "attributes", b"attributes", "auth_token_ref", b"auth_token_ref", "customer_segment", b"customer_segment", "language", b"language", "location", b"location", "service_request_id", b"service_request_id", "service_request_owner", b"service_request_owner", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_screen", b"app_screen", "attributes", b"attributes", "auth_token_ref", b"auth_token_ref", "customer_segment", b"customer_segment", "language", b"language", "location", b"location", "open_transactions", b"open_transactions", "service_request_id", b"service_request_id", "service_request_owner", b"service_request_owner", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContextData: _TypeAlias = ContextData  # noqa: Y015
+
+@_typing.final
+class OpenTransaction(_message.Message):
+    """A transaction of the customer still open in their journey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The transaction (a claim number, a service request)."""
+    topic: _builtins.str
+    """What it is about."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its last interaction happened."""
+
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        topic: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic", b"topic", "transaction_id", b"transaction_id", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenTransaction: _TypeAlias = OpenTransaction  # noqa: Y015
 
 @_typing.final
 class Reservation(_message.Message):

@@ -940,6 +940,7 @@ class PublishRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     COLLAPSE_KEY_FIELD_NUMBER: _builtins.int
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """Every subscriber of a topic."""
     customer_id: _builtins.str
@@ -956,6 +957,10 @@ class PublishRequest(_message.Message):
     """Delivery priority."""
     collapse_key: _builtins.str
     """Notifications with the same key replace each other on the device."""
+    application_id: _builtins.str
+    """The application of the customer told: a notification to a customer that names it is
+    recorded in the customer's journey (JourneyService). Optional.
+    """
     @_builtins.property
     def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Ids for the app (for example "session_id"); no personal data."""
@@ -977,10 +982,11 @@ class PublishRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         priority: Global___Priority.ValueType = ...,
         collapse_key: _builtins.str = ...,
+        application_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "target", b"target", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "collapse_key", b"collapse_key", "customer_id", b"customer_id", "data", b"data", "event_type", b"event_type", "idempotency_key", b"idempotency_key", "priority", b"priority", "target", b"target", "title", b"title", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "body", b"body", "collapse_key", b"collapse_key", "customer_id", b"customer_id", "data", b"data", "event_type", b"event_type", "idempotency_key", b"idempotency_key", "priority", b"priority", "target", b"target", "title", b"title", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["topic", "customer_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file accessline/common/v1/common.proto.
  */
 export const file_accessline_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("CiFhY2Nlc3NsaW5lL2NvbW1vbi92MS9jb21tb24ucHJvdG8SFGFjY2Vzc2xpbmUuY29tbW9uLnYxIi8KCEdlb1BvaW50EhAKCGxhdGl0dWRlGAEgASgBEhEKCWxvbmdpdHVkZRgCIAEoASJcCgRDaXR5EgwKBG5hbWUYASABKAkSFAoMY291bnRyeV9jb2RlGAIgASgJEjAKCGxvY2F0aW9uGAMgASgLMh4uYWNjZXNzbGluZS5jb21tb24udjEuR2VvUG9pbnQi3QIKC0NvbnRleHREYXRhEjAKCGxvY2F0aW9uGAEgASgLMh4uYWNjZXNzbGluZS5jb21tb24udjEuR2VvUG9pbnQSDwoHc3ViamVjdBgCIAEoCRIQCghsYW5ndWFnZRgDIAEoCRIYChBjdXN0b21lcl9zZWdtZW50GAQgASgJEhoKEnNlcnZpY2VfcmVxdWVzdF9pZBgFIAEoCRIWCg5hdXRoX3Rva2VuX3JlZhgGIAEoCRISCgphcHBfc2NyZWVuGAcgASgJEkUKCmF0dHJpYnV0ZXMYCCADKAsyMS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5Db250ZXh0RGF0YS5BdHRyaWJ1dGVzRW50cnkSHQoVc2VydmljZV9yZXF1ZXN0X293bmVyGAkgASgJGjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIroBCgtSZXNlcnZhdGlvbhIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIVCg1hY2Nlc3NfbnVtYmVyGAIgASgJEg8KB3Bvb2xfaWQYAyABKAkSEgoKc2Vzc2lvbl9pZBgEIAEoCRIuCgpleHBpcmVzX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZzaGFyZWQYBiABKAgSFwoPaGFzX2FjY2Vzc19jb2RlGAcgASgIIjcKDFRyYWNlQ29udGV4dBITCgt0cmFjZXBhcmVudBgBIAEoCRISCgp0cmFjZXN0YXRlGAIgASgJKpUBCgdDaGFubmVsEhcKE0NIQU5ORUxfVU5TUEVDSUZJRUQQABIWChJDSEFOTkVMX0RFU0tfVk9JQ0UQARIYChRDSEFOTkVMX01PQklMRV9WT0lDRRACEhoKFkNIQU5ORUxfRVhURVJOQUxfUEhPTkUQAxIQCgxDSEFOTkVMX0NIQVQQBBIRCg1DSEFOTkVMX0VNQUlMEAUqkAEKD0NoYW5uZWxQcmVzZW5jZRIgChxDSEFOTkVMX1BSRVNFTkNFX1VOU1BFQ0lGSUVEEAASHgoaQ0hBTk5FTF9QUkVTRU5DRV9BVkFJTEFCTEUQARIgChxDSEFOTkVMX1BSRVNFTkNFX1VOQVZBSUxBQkxFEAISGQoVQ0hBTk5FTF9QUkVTRU5DRV9CVVNZEAMq2AEKD092ZXJhbGxQcmVzZW5jZRIgChxPVkVSQUxMX1BSRVNFTkNFX1VOU1BFQ0lGSUVEEAASGgoWT1ZFUkFMTF9QUkVTRU5DRV9SRUFEWRABEiQKIE9WRVJBTExfUFJFU0VOQ0VfUEFSVElBTExZX1JFQURZEAISHgoaT1ZFUkFMTF9QUkVTRU5DRV9OT1RfUkVBRFkQAxIjCh9PVkVSQUxMX1BSRVNFTkNFX0RPX05PVF9ESVNUVVJCEAQSHAoYT1ZFUkFMTF9QUkVTRU5DRV9PRkZMSU5FEAUqoQEKC01hdGNoU2NoZW1hEhwKGE1BVENIX1NDSEVNQV9VTlNQRUNJRklFRBAAEhcKE01BVENIX1NDSEVNQV9OVU1CRVIQARIbChdNQVRDSF9TQ0hFTUFfTlVNQkVSX0FOSRACEhwKGE1BVENIX1NDSEVNQV9OVU1CRVJfQ09ERRADEiAKHE1BVENIX1NDSEVNQV9OVU1CRVJfQU5JX0NPREUQBGIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiFhY2Nlc3NsaW5lL2NvbW1vbi92MS9jb21tb24ucHJvdG8SFGFjY2Vzc2xpbmUuY29tbW9uLnYxIi8KCEdlb1BvaW50EhAKCGxhdGl0dWRlGAEgASgBEhEKCWxvbmdpdHVkZRgCIAEoASJcCgRDaXR5EgwKBG5hbWUYASABKAkSFAoMY291bnRyeV9jb2RlGAIgASgJEjAKCGxvY2F0aW9uGAMgASgLMh4uYWNjZXNzbGluZS5jb21tb24udjEuR2VvUG9pbnQinwMKC0NvbnRleHREYXRhEjAKCGxvY2F0aW9uGAEgASgLMh4uYWNjZXNzbGluZS5jb21tb24udjEuR2VvUG9pbnQSDwoHc3ViamVjdBgCIAEoCRIQCghsYW5ndWFnZRgDIAEoCRIYChBjdXN0b21lcl9zZWdtZW50GAQgASgJEhoKEnNlcnZpY2VfcmVxdWVzdF9pZBgFIAEoCRIWCg5hdXRoX3Rva2VuX3JlZhgGIAEoCRISCgphcHBfc2NyZWVuGAcgASgJEkUKCmF0dHJpYnV0ZXMYCCADKAsyMS5hY2Nlc3NsaW5lLmNvbW1vbi52MS5Db250ZXh0RGF0YS5BdHRyaWJ1dGVzRW50cnkSHQoVc2VydmljZV9yZXF1ZXN0X293bmVyGAkgASgJEkAKEW9wZW5fdHJhbnNhY3Rpb25zGAogAygLMiUuYWNjZXNzbGluZS5jb21tb24udjEuT3BlblRyYW5zYWN0aW9uGjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImgKD09wZW5UcmFuc2FjdGlvbhIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRINCgV0b3BpYxgCIAEoCRIuCgp1cGRhdGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCK6AQoLUmVzZXJ2YXRpb24SFgoOcmVzZXJ2YXRpb25faWQYASABKAkSFQoNYWNjZXNzX251bWJlchgCIAEoCRIPCgdwb29sX2lkGAMgASgJEhIKCnNlc3Npb25faWQYBCABKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGc2hhcmVkGAYgASgIEhcKD2hhc19hY2Nlc3NfY29kZRgHIAEoCCI3CgxUcmFjZUNvbnRleHQSEwoLdHJhY2VwYXJlbnQYASABKAkSEgoKdHJhY2VzdGF0ZRgCIAEoCSqVAQoHQ2hhbm5lbBIXChNDSEFOTkVMX1VOU1BFQ0lGSUVEEAASFgoSQ0hBTk5FTF9ERVNLX1ZPSUNFEAESGAoUQ0hBTk5FTF9NT0JJTEVfVk9JQ0UQAhIaChZDSEFOTkVMX0VYVEVSTkFMX1BIT05FEAMSEAoMQ0hBTk5FTF9DSEFUEAQSEQoNQ0hBTk5FTF9FTUFJTBAFKpABCg9DaGFubmVsUHJlc2VuY2USIAocQ0hBTk5FTF9QUkVTRU5DRV9VTlNQRUNJRklFRBAAEh4KGkNIQU5ORUxfUFJFU0VOQ0VfQVZBSUxBQkxFEAESIAocQ0hBTk5FTF9QUkVTRU5DRV9VTkFWQUlMQUJMRRACEhkKFUNIQU5ORUxfUFJFU0VOQ0VfQlVTWRADKtgBCg9PdmVyYWxsUHJlc2VuY2USIAocT1ZFUkFMTF9QUkVTRU5DRV9VTlNQRUNJRklFRBAAEhoKFk9WRVJBTExfUFJFU0VOQ0VfUkVBRFkQARIkCiBPVkVSQUxMX1BSRVNFTkNFX1BBUlRJQUxMWV9SRUFEWRACEh4KGk9WRVJBTExfUFJFU0VOQ0VfTk9UX1JFQURZEAMSIwofT1ZFUkFMTF9QUkVTRU5DRV9ET19OT1RfRElTVFVSQhAEEhwKGE9WRVJBTExfUFJFU0VOQ0VfT0ZGTElORRAFKqEBCgtNYXRjaFNjaGVtYRIcChhNQVRDSF9TQ0hFTUFfVU5TUEVDSUZJRUQQABIXChNNQVRDSF9TQ0hFTUFfTlVNQkVSEAESGwoXTUFUQ0hfU0NIRU1BX05VTUJFUl9BTkkQAhIcChhNQVRDSF9TQ0hFTUFfTlVNQkVSX0NPREUQAxIgChxNQVRDSF9TQ0hFTUFfTlVNQkVSX0FOSV9DT0RFEARiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A point on the earth in WGS 84 degrees.
@@ -158,6 +158,16 @@ export type ContextData = Message<"accessline.common.v1.ContextData"> & {
    * @generated from field: string service_request_owner = 9;
    */
   serviceRequestOwner: string;
+
+  /**
+   * The customer's open transactions (a claim left half-filled, a service request
+   * awaiting a reply), newest first, at most 3: set by CallMatching from the customer's
+   * journey when the handoff starts, so the switch's IVR or the agent can offer to
+   * resume one. What an app sends here is replaced.
+   *
+   * @generated from field: repeated accessline.common.v1.OpenTransaction open_transactions = 10;
+   */
+  openTransactions: OpenTransaction[];
 };
 
 /**
@@ -166,6 +176,41 @@ export type ContextData = Message<"accessline.common.v1.ContextData"> & {
  */
 export const ContextDataSchema: GenMessage<ContextData> = /*@__PURE__*/
   messageDesc(file_accessline_common_v1_common, 2);
+
+/**
+ * A transaction of the customer still open in their journey.
+ *
+ * @generated from message accessline.common.v1.OpenTransaction
+ */
+export type OpenTransaction = Message<"accessline.common.v1.OpenTransaction"> & {
+  /**
+   * The transaction (a claim number, a service request).
+   *
+   * @generated from field: string transaction_id = 1;
+   */
+  transactionId: string;
+
+  /**
+   * What it is about.
+   *
+   * @generated from field: string topic = 2;
+   */
+  topic: string;
+
+  /**
+   * When its last interaction happened.
+   *
+   * @generated from field: google.protobuf.Timestamp updated_at = 3;
+   */
+  updatedAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message accessline.common.v1.OpenTransaction.
+ * Use `create(OpenTransactionSchema)` to create a new message.
+ */
+export const OpenTransactionSchema: GenMessage<OpenTransaction> = /*@__PURE__*/
+  messageDesc(file_accessline_common_v1_common, 3);
 
 /**
  * A reservation of an access number for one handoff session.
@@ -229,7 +274,7 @@ export type Reservation = Message<"accessline.common.v1.Reservation"> & {
  * Use `create(ReservationSchema)` to create a new message.
  */
 export const ReservationSchema: GenMessage<Reservation> = /*@__PURE__*/
-  messageDesc(file_accessline_common_v1_common, 3);
+  messageDesc(file_accessline_common_v1_common, 4);
 
 /**
  * A W3C trace context, stored with a session so that the voice call's trace can link
@@ -258,7 +303,7 @@ export type TraceContext = Message<"accessline.common.v1.TraceContext"> & {
  * Use `create(TraceContextSchema)` to create a new message.
  */
 export const TraceContextSchema: GenMessage<TraceContext> = /*@__PURE__*/
-  messageDesc(file_accessline_common_v1_common, 4);
+  messageDesc(file_accessline_common_v1_common, 5);
 
 /**
  * A media channel on which an agent can take an interaction.

@@ -1,0 +1,352 @@
+"""Reading the journey (a customer's records, a transaction's, a customer's open
+transactions), the writes answered at once (a record posted from outside, a status
+changed) and the purge of records past the retention."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.common.v1 import common_pb2
+from accessline.journey.v1 import journey_pb2 as jn_pb2
+from accessline_server.callmatching.journey import records, schema
+from accessline_server.runtime import tables
+from accessline_server.runtime.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+log = logging.getLogger("accessline.journey")
+
+OPEN_ON_CALL = 3
+# How long a handoff waits for the customer's open transactions.
+ON_CALL_WAIT = 0.5
+t = schema.interactions
+
+
+@dataclass(frozen=True)
+class Query:
+    """Whose records, and which."""
+
+    application_id: str
+    customer_key: str | None
+    transaction_id: str
+    channels: Sequence[int]
+    statuses: Sequence[int]
+    start_us: int | None
+    end_us: int | None
+
+
+def _token(occurred_us: int, interaction_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{occurred_us}:{interaction_id}".encode()).decode()
+
+
+def _untoken(token: str) -> tuple[int, str]:
+    try:
+        occurred, interaction_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return int(occurred), interaction_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            [FieldViolation("page_token", "is not a token this service gave")]
+        ) from None
+
+
+def interaction(row: Any) -> jn_pb2.Interaction:
+    r = row._mapping
+    out = jn_pb2.Interaction(
+        interaction_id=r["interaction_id"],
+        application_id=r["application_id"],
+        transaction_id=r["transaction_id"] or "",
+        channel=r["channel"],
+        topic=r["topic"] or "",
+        status=r["status"],
+        agent_id=r["agent_id"] or "",
+        resource_group=r["resource_group"] or "",
+        outcome=r["outcome"] or "",
+        source=r["source"],
+    )
+    out.occurred_at.FromMicroseconds(r["occurred_us"])
+    out.updated_at.FromMicroseconds(r["updated_us"])
+    return out
+
+
+def customer_condition(application_id: str, customer_key: str) -> Any:
+    """The records of one customer: named by their id, by an identifier tied to them, or
+    by a transaction that is theirs."""
+    ids, txs = schema.identifiers, schema.transactions
+    tied = select(ids.c.identifier_key).where(
+        ids.c.application_id == application_id, ids.c.customer_key == customer_key
+    )
+    theirs = select(txs.c.transaction_id).where(
+        txs.c.application_id == application_id, txs.c.customer_key == customer_key
+    )
+    return or_(
+        t.c.customer_key == customer_key,
+        t.c.phone_key.in_(tied),
+        t.c.email_key.in_(tied),
+        t.c.transaction_id.in_(theirs),
+    )
+
+
+class Journey:
+    """The journey in the history database, as CallMatching serves it."""
+
+    def __init__(self, writer: records.JourneyWriter, retention_days: float) -> None:
+        self._writer = writer
+        self._engine: Any = writer.engine
+        self._retention = retention_days * 86400.0
+        self._purging: asyncio.Task[None] | None = None
+
+    @property
+    def correlator(self) -> schema.Correlator:
+        return self._writer.correlator
+
+    def record(self, record: records.Record) -> None:
+        """Queues a record of CallMatching's own; never blocks and never raises."""
+        self._writer.record(record)
+
+    def record_match(
+        self, attempt: cm_pb2.MatchAttempt, response: cm_pb2.MatchCallResponse, now: float
+    ) -> None:
+        """The handoff's record gets its call's outcome (a matched call waits for its
+        agent: still pending)."""
+        if attempt.session_id and attempt.application_id:
+            self.record(
+                records.Record(
+                    application_id=attempt.application_id,
+                    interaction_id=attempt.session_id,
+                    channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
+                    status=jn_pb2.INTERACTION_STATUS_PENDING,
+                    customer_id=response.customer_id or None,
+                    outcome=cm_pb2.MatchOutcome.Name(response.outcome).removeprefix(
+                        "MATCH_OUTCOME_"
+                    ),
+                    at=now,
+                )
+            )
+
+    def record_handoff(self, application_id: str, session_id: str, handoff: Any) -> None:
+        """A handoff started: pending until its call."""
+        self.record(
+            records.Record(
+                application_id=application_id,
+                interaction_id=session_id,
+                channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
+                status=jn_pb2.INTERACTION_STATUS_PENDING,
+                customer_id=handoff.customer_id,
+                transaction_id=handoff.context.service_request_id,
+                topic=handoff.context.subject,
+            )
+        )
+
+    async def open_transactions_now(
+        self, application_id: str, customer_id: str
+    ) -> list[common_pb2.OpenTransaction]:
+        """The customer's open transactions if the database answers within
+        ON_CALL_WAIT; none otherwise (logged)."""
+        try:
+            return await asyncio.wait_for(
+                self.open_transactions(application_id, customer_id), ON_CALL_WAIT
+            )
+        except (TimeoutError, Unavailable) as exc:
+            log.warning(
+                "open transactions not read; the handoff goes without them",
+                extra={"fields": {"error": type(exc).__name__}},
+            )
+            return []
+
+    def record_session_end(
+        self, application_id: str, session_id: str, outcome: str, now: float
+    ) -> None:
+        """A handoff cancelled or expired before its call: closed."""
+        self.record(
+            records.Record(
+                application_id=application_id,
+                interaction_id=session_id,
+                channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
+                status=jn_pb2.INTERACTION_STATUS_CLOSED,
+                outcome=outcome,
+                at=now,
+            )
+        )
+
+    async def _run(self, work: Any) -> Any:
+        try:
+            await self._writer.ensure_schema()
+            async with self._engine.begin() as conn:
+                return await work(conn)
+        except tables.SchemaMissing as exc:
+            raise Unavailable(str(exc), reason="HISTORY_SCHEMA_MISSING", retry_after=5.0) from exc
+        except (SQLAlchemyError, OSError) as exc:
+            raise Unavailable(
+                "the history database is unreachable", reason="HISTORY_UNAVAILABLE", retry_after=2.0
+            ) from exc
+
+    async def _get(self, conn: Any, application_id: str, interaction_id: str) -> Any:
+        found = (
+            await conn.execute(
+                select(t).where(
+                    t.c.application_id == application_id, t.c.interaction_id == interaction_id
+                )
+            )
+        ).first()
+        if found is None:
+            raise NotFound(
+                f"interaction {interaction_id} is not in the journey",
+                reason="INTERACTION_NOT_FOUND",
+            )
+        return found
+
+    async def record_now(self, record: records.Record) -> jn_pb2.Interaction:
+        """Writes one record at once and answers it as it now stands."""
+        row = self._writer.row(record)
+
+        async def work(conn: Any) -> Any:
+            await records.write(conn, [row])
+            return await self._get(conn, record.application_id, record.interaction_id)
+
+        return interaction(await self._run(work))
+
+    async def set_status(
+        self, application_id: str, interaction_id: str, status: int
+    ) -> jn_pb2.Interaction:
+        now = int(time.time() * 1_000_000)
+
+        async def work(conn: Any) -> Any:
+            found = await self._get(conn, application_id, interaction_id)
+            await conn.execute(
+                update(t)
+                .where(t.c.application_id == application_id, t.c.interaction_id == interaction_id)
+                .values(status=status, updated_us=now)
+            )
+            if found.transaction_id:
+                txs = schema.transactions
+                await conn.execute(
+                    update(txs)
+                    .where(
+                        txs.c.application_id == application_id,
+                        txs.c.transaction_id == found.transaction_id,
+                        txs.c.updated_us <= now,
+                    )
+                    .values(open=status != jn_pb2.INTERACTION_STATUS_CLOSED, updated_us=now)
+                )
+            return await self._get(conn, application_id, interaction_id)
+
+        return interaction(await self._run(work))
+
+    async def listing(
+        self, query: Query, page_size: int, page_token: str
+    ) -> tuple[list[jn_pb2.Interaction], str]:
+        conditions: list[Any] = [t.c.application_id == query.application_id]
+        if query.customer_key:
+            conditions.append(customer_condition(query.application_id, query.customer_key))
+        if query.transaction_id:
+            conditions.append(t.c.transaction_id == query.transaction_id)
+        if query.channels:
+            conditions.append(t.c.channel.in_(list(query.channels)))
+        if query.statuses:
+            conditions.append(t.c.status.in_(list(query.statuses)))
+        if query.start_us is not None:
+            conditions.append(t.c.occurred_us >= query.start_us)
+        if query.end_us is not None:
+            conditions.append(t.c.occurred_us < query.end_us)
+        if page_token:
+            occurred, interaction_id = _untoken(page_token)
+            conditions.append(
+                or_(
+                    t.c.occurred_us < occurred,
+                    and_(t.c.occurred_us == occurred, t.c.interaction_id < interaction_id),
+                )
+            )
+        statement = (
+            select(t)
+            .where(and_(*conditions))
+            .order_by(t.c.occurred_us.desc(), t.c.interaction_id.desc())
+            .limit(page_size + 1)
+        )
+
+        async def work(conn: Any) -> Any:
+            return (await conn.execute(statement)).fetchall()
+
+        rows = await self._run(work)
+        found = [interaction(r) for r in rows[:page_size]]
+        token = ""
+        if len(rows) > page_size:
+            last = rows[page_size - 1]
+            token = _token(last.occurred_us, last.interaction_id)
+        return found, token
+
+    async def open_transactions(
+        self, application_id: str, customer_id: str
+    ) -> list[common_pb2.OpenTransaction]:
+        """The customer's open transactions, newest first (at most 3)."""
+        key = self.correlator.customer(application_id, customer_id)
+        if key is None:
+            return []
+        txs = schema.transactions
+        statement = (
+            select(txs)
+            .where(txs.c.application_id == application_id, txs.c.customer_key == key, txs.c.open)
+            .order_by(txs.c.updated_us.desc())
+            .limit(OPEN_ON_CALL)
+        )
+
+        async def work(conn: Any) -> Any:
+            return (await conn.execute(statement)).fetchall()
+
+        out = []
+        for row in await self._run(work):
+            found = common_pb2.OpenTransaction(
+                transaction_id=row.transaction_id, topic=row.topic or ""
+            )
+            found.updated_at.FromMicroseconds(row.updated_us)
+            out.append(found)
+        return out
+
+    async def purge(self) -> int:
+        """Deletes what is older than the retention; returns the records deleted."""
+        cutoff = int((time.time() - self._retention) * 1_000_000)
+
+        async def work(conn: Any) -> int:
+            deleted = await conn.execute(delete(t).where(t.c.occurred_us < cutoff))
+            for table in (schema.transactions, schema.identifiers):
+                await conn.execute(delete(table).where(table.c.updated_us < cutoff))
+            return int(deleted.rowcount or 0)
+
+        return int(await self._run(work))
+
+    async def start(self, purge_interval: float) -> None:
+        await self._writer.start()
+        self._start_purging(purge_interval)
+
+    def _start_purging(self, interval: float) -> None:
+        async def loop() -> None:
+            while True:
+                try:
+                    purged = await self.purge()
+                    if purged:
+                        log.info("journey purged", extra={"fields": {"records": purged}})
+                except Unavailable:
+                    log.warning("journey purge failed; retrying at the next interval")
+                await asyncio.sleep(interval)
+
+        self._purging = asyncio.create_task(loop(), name="journey-purge")
+
+    async def stop(self) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purging
+        await self._writer.stop()

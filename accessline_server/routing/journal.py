@@ -1,0 +1,88 @@
+"""What Routing records in the customer's journey, through CallMatching's published
+`records` module: a matched call connected to its agent or abandoned in its queue, a
+callback scheduled and how it ended, a notify-when-available request and how it ended.
+Records are queued off the call path (never slowing or failing it)."""
+
+from __future__ import annotations
+
+from accessline.journey.v1 import journey_pb2 as jn_pb2
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline_server.callmatching.journey import records
+
+ANSWERED = jn_pb2.INTERACTION_STATUS_ANSWERED
+CLOSED = jn_pb2.INTERACTION_STATUS_CLOSED
+PENDING = jn_pb2.INTERACTION_STATUS_PENDING
+
+
+def call(item: rt_store.QueuedInteraction, *, connected: bool, agent_id: str = "") -> None:
+    """A matched call connected to its agent (answered), or gone before (closed)."""
+    if not item.application_id or item.kind != rt_store.INTERACTION_KIND_CALL:
+        return
+    records.record(
+        records.Record(
+            application_id=item.application_id,
+            interaction_id=item.session_id or item.interaction_id,
+            channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
+            status=ANSWERED if connected else CLOSED,
+            customer_id=item.customer_id or None,
+            agent_id=agent_id or None,
+            resource_group=item.resource_group,
+            outcome=None if connected else "ABANDONED",
+        )
+    )
+
+
+def callback(
+    stored: rt_store.StoredCallback,
+    status: int,
+    *,
+    outcome: str = "",
+    agent_id: str = "",
+    topic: str = "",
+    transaction_id: str = "",
+) -> None:
+    """A callback scheduled (pending), made (answered) or given up (closed)."""
+    if not stored.application_id:
+        return
+    records.record(
+        records.Record(
+            application_id=stored.application_id,
+            interaction_id=stored.callback.callback_id,
+            channel=jn_pb2.INTERACTION_CHANNEL_CALLBACK,
+            status=status,
+            customer_id=stored.customer_id or None,
+            agent_id=agent_id or None,
+            resource_group=stored.callback.resource_group,
+            outcome=outcome or None,
+            topic=topic or None,
+            transaction_id=transaction_id or None,
+        )
+    )
+
+
+def notify_request(
+    application_id: str,
+    request_id: str,
+    status: int,
+    *,
+    customer_id: str = "",
+    resource_group: str = "",
+    outcome: str = "",
+    topic: str = "",
+) -> None:
+    """A notify-when-available request made (pending), answered by an agent held for the
+    customer (answered), or cancelled (closed)."""
+    if not application_id:
+        return
+    records.record(
+        records.Record(
+            application_id=application_id,
+            interaction_id=request_id,
+            channel=jn_pb2.INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE,
+            status=status,
+            customer_id=customer_id or None,
+            resource_group=resource_group or None,
+            outcome=outcome or None,
+            topic=topic or None,
+        )
+    )
