@@ -13,11 +13,13 @@ from typing import Any
 import grpc
 import pytest
 
+from accessline.journey.v1 import journey_pb2 as jn
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import connect, identity, violated_fields
+from tests.support.journey import until_listed
 from tests.support.stack import (
     ACCEPT,
     C,
@@ -35,6 +37,7 @@ from tests.support.stack import (
 )
 
 FORMS = "https://forms.example.test"
+ANSWERED = jn.INTERACTION_STATUS_ANSWERED
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,14 @@ async def test_a_link_reaches_the_customer_of_the_agents_interaction_only(stack:
     await app.next_kind("presence_confirmed")
     ended = await refused(stub, offer.interaction_id, f"{FORMS}/b")
     assert ended.code() == grpc.StatusCode.NOT_FOUND
+    # Each link sent is in the customer's journey, pending, with its agent.
+    found = await until_listed(
+        stack, app_id, customer, lambda f: len(f) == 4 and f[-1].status == ANSWERED
+    )
+    links = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_LINK]
+    assert len(links) == 3
+    assert {(r.status, r.agent_id) for r in links} == {(jn.INTERACTION_STATUS_PENDING, agent_id)}
+    assert sent.notification_id in {r.interaction_id for r in links}
     inbox.cancel()
     call.hang_up()
     app.call.cancel()

@@ -6,17 +6,34 @@ identifier in clear in the tables."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from accessline.common.v1 import common_pb2 as C
 from accessline.journey.v1 import journey_pb2 as jn
 from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
-from tests.conftest import connect, eventually, identity
+from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline_server.runtime.embedded_etcd import free_port
+from tests.conftest import (
+    ServiceProcess,
+    connect,
+    error_details,
+    eventually,
+    identity,
+    violated_fields,
+    wait_serving,
+)
+from tests.support.journey import journey, listed, until_listed
 from tests.support.stack import (
     ACCEPT,
     Call,
@@ -24,41 +41,16 @@ from tests.support.stack import (
     agent,
     answer,
     handoff,
+    in_app,
     new_group,
     pool_subject,
     setup_numbers,
+    window,
 )
 
 EMAIL = jn.INTERACTION_CHANNEL_EMAIL
 TEXT = jn.INTERACTION_CHANNEL_TEXT
 VOICE = jn.INTERACTION_CHANNEL_APP_VOICE
-
-
-def journey(stack: Stack, token: str | None = None) -> Any:
-    """JourneyService on the stack's CallMatching (the superuser's unless a token)."""
-    channel = stack.channels[1] if token is None else connect(stack.processes[3].address, token)
-    return jn_grpc.JourneyServiceStub(channel)
-
-
-async def listed(stub: Any, app_id: str, customer: str = "", **more: Any) -> list[jn.Interaction]:
-    reply = await stub.ListInteractions(
-        jn.ListInteractionsRequest(application_id=app_id, customer_id=customer, **more)
-    )
-    return list(reply.interactions)
-
-
-async def until_listed(stack: Stack, app_id: str, customer: str, check: Any) -> list[Any]:
-    """The customer's records once `check` holds of them (services write off the call
-    path: a record lands a moment after what it records)."""
-    found: list[Any] = []
-
-    async def holds() -> bool:
-        nonlocal found
-        found = await listed(journey(stack), app_id, customer)
-        return bool(check(found))
-
-    await eventually(holds, timeout=20, what="the journey to show it")
-    return found
 
 
 async def outside(
@@ -239,3 +231,112 @@ async def test_the_tables_hold_no_identifier_in_clear(stack: Stack) -> None:
     assert any("mail-raw" in c for c in cells)  # the records are there...
     for clear in (customer, email, phone, phone.removeprefix("+")):
         assert not any(clear in c for c in cells), clear  # ...not who they are about
+
+
+async def test_a_record_posted_again_is_one_record_and_own_channels_are_refused(
+    stack: Stack,
+) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group)
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    await outside(stack, app_id, "chat-1", jn.INTERACTION_CHANNEL_CHAT, customer_id=customer)
+    again = await journey(stack).RecordInteraction(
+        jn.RecordInteractionRequest(
+            interaction=jn.Interaction(
+                interaction_id="chat-1",
+                application_id=app_id,
+                channel=jn.INTERACTION_CHANNEL_CHAT,
+                status=jn.INTERACTION_STATUS_ANSWERED,
+                agent_id="agent-9",
+            ),
+            correlation=jn.Correlation(customer_id=customer),
+        )
+    )
+    assert (again.interaction.status, again.interaction.agent_id) == (
+        jn.INTERACTION_STATUS_ANSWERED,
+        "agent-9",
+    )
+    assert again.interaction.topic == "claim"  # kept: not given again
+    assert len(await listed(journey(stack), app_id, customer)) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await outside(stack, app_id, "voice-1", VOICE, customer_id=customer)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {"interaction.channel"}
+
+
+async def test_a_callback_that_could_not_be_made_is_told_and_recorded(stack: Stack) -> None:
+    group = new_group()  # no agent: the callback's window closes unserved
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    pushes = await in_app(stack, customer, "bank")
+    requested = await stack.routers[0].RequestCallback(
+        rt_pb2.RequestCallbackRequest(
+            application_id="bank",
+            customer_id=customer,
+            phone_number="+33612345681",
+            latest=window(1),
+            resource_group=group,
+            context=C.ContextData(subject="claims", service_request_id="claim-cb"),
+        )
+    )
+    told = (await asyncio.wait_for(pushes.read(), 20)).notification
+    assert told.event_type == nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED
+    found = await until_listed(stack, "bank", customer, lambda f: len(f) == 2)
+    [callback] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_CALLBACK]
+    assert (callback.interaction_id, callback.status, callback.outcome) == (
+        requested.callback.callback_id,
+        jn.INTERACTION_STATUS_CLOSED,
+        "WINDOW_CLOSED",
+    )
+    assert (callback.transaction_id, callback.topic) == ("claim-cb", "claims")
+    [notice] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_NOTIFICATION]
+    assert notice.topic == "callback_attempt_failed"
+    pushes.cancel()
+
+
+async def test_records_past_the_retention_are_purged(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    cm = service_factory(
+        "accessline_server.callmatching",
+        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp_path / 'h.db'}",
+        ACCESSLINE_HISTORY_RETENTION_DAYS="30",
+        ACCESSLINE_HISTORY_PURGE_INTERVAL_SECONDS="0.2",
+    )
+    await wait_serving(cm)
+    async with connect(cm.address) as channel:
+        stub = jn_grpc.JourneyServiceStub(channel)
+        for interaction_id, age_days in (("old", 31), ("recent", 29)):
+            occurred = timestamp_pb2.Timestamp()
+            occurred.FromSeconds(int(time.time() - age_days * 86400))
+            await stub.RecordInteraction(
+                jn.RecordInteractionRequest(
+                    interaction=jn.Interaction(
+                        interaction_id=interaction_id,
+                        application_id="bank",
+                        channel=EMAIL,
+                        status=jn.INTERACTION_STATUS_RECEIVED,
+                        occurred_at=occurred,
+                    ),
+                    correlation=jn.Correlation(customer_id="cust-1"),
+                )
+            )
+
+        async def purged() -> bool:
+            return [r.interaction_id for r in await listed(stub, "bank", "cust-1")] == ["recent"]
+
+        await eventually(purged, what="the record past the retention purged")
+
+
+async def test_an_unreachable_history_database_is_unavailable(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    cm = service_factory(
+        "accessline_server.callmatching",
+        ACCESSLINE_HISTORY_DSN=f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none",
+    )
+    await wait_serving(cm)
+    async with connect(cm.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await listed(jn_grpc.JourneyServiceStub(channel), "bank", "cust-1")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_details(caught.value)["ErrorInfo"].reason == "HISTORY_UNAVAILABLE"

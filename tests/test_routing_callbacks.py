@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from accessline.journey.v1 import journey_pb2 as jn
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
@@ -19,6 +20,7 @@ from tests.conftest import (
     error_details,
     eventually,
 )
+from tests.support.journey import by_channel, until_listed
 from tests.support.stack import (
     ACCEPT,
     C,
@@ -75,7 +77,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
     group = new_group()
     member, app = await agent(stack, group)
     customer = f"c-{uuid.uuid4().hex[:6]}"
-    pushes = await in_app(stack, customer)
+    pushes = await in_app(stack, customer, "bank")
     dials = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="sw1"))
     context = C.ContextData(
         subject="mortgage", attributes={"display_name": "Ms Petit", "iban": "FR7630001007941"}
@@ -144,6 +146,14 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
         rt_pb2.GetCallbackRequest(callback_id=fresh.callback.callback_id)
     )
     assert cancelled.callback.state == rt_pb2.CALLBACK_STATE_CANCELLED
+    # The customer's journey: both callbacks and the notice of the failed attempt.
+    found = await until_listed(stack, "bank", customer, lambda f: len(f) == 3)
+    assert by_channel(found, jn.INTERACTION_CHANNEL_CALLBACK) == [
+        (jn.INTERACTION_STATUS_CLOSED, "CANCELLED"),
+        (jn.INTERACTION_STATUS_ANSWERED, "COMPLETED"),
+    ]
+    [notice] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_NOTIFICATION]
+    assert notice.topic == "callback_attempt_failed"
     dials.cancel()
     pushes.cancel()
     app.call.cancel()
@@ -182,7 +192,7 @@ async def test_a_dial_no_switch_reports_counts_as_a_failed_attempt(stack: Stack)
     group = new_group()
     _, app = await agent(stack, group)
     customer = f"c-{uuid.uuid4().hex[:6]}"
-    pushes = await in_app(stack, customer)
+    pushes = await in_app(stack, customer, "bank")
     silent = stack.routers[1].StreamCallbackDials(
         rt_pb2.StreamCallbackDialsRequest(switch_id="silent")
     )

@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.journey.v1 import journey_pb2 as jn
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
@@ -22,6 +23,7 @@ from accessline_server.routing import keys as rt_keys
 from tests.conftest import (
     eventually,
 )
+from tests.support.journey import by_channel, until_listed
 from tests.support.stack import (
     ACCEPT,
     ROUTING_SEALER,
@@ -48,7 +50,7 @@ async def test_notify_when_available_holds_the_agent_for_the_customers_call(stac
     subject = await pool_subject(stack, group)
     held, held_app = await agent(stack, group, 1, available=False)
     customer = f"c-{uuid.uuid4().hex[:6]}"
-    pushes = await in_app(stack, customer)
+    pushes = await in_app(stack, customer, app_id)
     context = C.ContextData(
         subject=subject, attributes={"display_name": "Mr Bernard", "policy": "P-99-SECRET"}
     )
@@ -75,6 +77,21 @@ async def test_notify_when_available_holds_the_agent_for_the_customers_call(stac
     assert (await call.until("offered")).offered.agent_id == held
     await answer(held_app, ACCEPT)
     assert (await call.until("connect")).connect.context == context
+    # The customer's journey: the request answered, the push, the call answered.
+    found = await until_listed(
+        stack,
+        app_id,
+        customer,
+        lambda f: len(f) == 3 and any(r.outcome == "MATCHED" and r.agent_id for r in f),
+    )
+    assert by_channel(found, jn.INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE) == [
+        (jn.INTERACTION_STATUS_ANSWERED, "AGENT_HELD")
+    ]
+    assert [r.topic for r in found if r.channel == jn.INTERACTION_CHANNEL_NOTIFICATION] == [
+        "agent_available"
+    ]
+    [voice] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_APP_VOICE]
+    assert (voice.interaction_id, voice.agent_id) == (started.session_id, held)
     with contextlib.suppress(asyncio.CancelledError):
         pushes.cancel()
     for app in (held_app, other_app):
