@@ -21,6 +21,7 @@ from accessline.access.v1 import access_pb2
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
+from accessline.journey.v1 import journey_pb2 as jn_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.notification.v1 import notification_pb2_grpc as nt_grpc
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
@@ -54,7 +55,9 @@ PROCESS_INDEX = {
     "callmatching": 3,
     "routing": 4,
 }
-METHODS = [(name, m) for name, s in SERVICES.items() for m in s.methods]
+# Every gRPC service each process serves: CallMatching hosts JourneyService besides.
+HOSTED = [*SERVICES.items(), ("callmatching", jn_pb2.DESCRIPTOR.services_by_name["JourneyService"])]
+METHODS = [(name, m) for name, s in HOSTED for m in s.methods]
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
@@ -450,7 +453,7 @@ def access_table() -> list[str]:
         " | audited as |",
         "|---|---|---|---|---|",
     ]
-    for service in SERVICES.values():
+    for _, service in HOSTED:
         for method in service.methods:
             policy = method_policy(method)
             roles = ", ".join(sorted(ROLE_NAMES[r] for r in policy.roles)) or "—"

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
 from accessline.callmatching.v1 import call_matching_pb2
+from accessline.journey.v1 import journey_pb2
 from accessline.notification.v1 import notification_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
@@ -65,7 +66,12 @@ class Rpc:
         return f"{self.service}.{self.method.name}"
 
 
-RPCS = [Rpc(name, m) for name, service in SERVICES.items() for m in service.methods]
+# Every gRPC service each process serves: CallMatching hosts JourneyService besides.
+HOSTED = [
+    *SERVICES.items(),
+    ("callmatching", journey_pb2.DESCRIPTOR.services_by_name["JourneyService"]),
+]
+RPCS = [Rpc(name, m) for name, service in HOSTED for m in service.methods]
 UNARY_REQUEST = [r for r in RPCS if not r.method.client_streaming]
 
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from accessline.callmatching.v1 import call_matching_pb2
+from accessline.journey.v1 import journey_pb2
 from accessline.notification.v1 import notification_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2
 from accessline.presence.v1 import presence_pb2
@@ -107,6 +108,16 @@ async def test_reflection_lists_the_service_and_describes_every_method(
         m.name for f in files for s in f.service if s.name == SERVICES[name].name for m in s.method
     }
     assert methods == {m.name for m in SERVICES[name].methods}
+
+
+async def test_callmatching_serves_the_journey_too(running: dict[str, ServiceProcess]) -> None:
+    """JourneyService is served by CallMatching: listed by reflection, in health."""
+    address = running["callmatching"].address
+    journey = journey_pb2.DESCRIPTOR.services_by_name["JourneyService"].full_name
+    listed = await reflect(address, reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert journey in {s.name for s in listed.list_services_response.service}
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert await health_status(address, journey) == serving
 
 
 async def reflect_v1(address: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
