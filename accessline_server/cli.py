@@ -39,7 +39,7 @@ def settings_type(service: str) -> type[ServiceSettings]:
         if name.endswith("Settings")
         and isinstance(value, type)
         and issubclass(value, ServiceSettings)
-        and value is not ServiceSettings
+        and value.__module__ == module.__name__  # its own, not a base it imports
     )
     return found
 
