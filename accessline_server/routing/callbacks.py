@@ -22,7 +22,7 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.notification import events
-from accessline_server.routing import journal, keys, private
+from accessline_server.routing import hours, journal, keys, private
 from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime import identity
@@ -77,14 +77,17 @@ class Callbacks:
     async def request(self, request: rt_pb2.RequestCallbackRequest) -> rt_pb2.Callback:
         now = time.time()
         earliest = seconds(request.earliest) if request.HasField("earliest") else now
+        earliest, latest = await self._within_hours(
+            request.resource_group, max(earliest, now), seconds(request.latest)
+        )
         callback_id = "cb" + secrets.token_urlsafe(12)
         public = rt_pb2.Callback(
             callback_id=callback_id,
             state=rt_pb2.CALLBACK_STATE_QUEUED,
             resource_group=request.resource_group,
-            latest=request.latest,
+            latest=timestamp(latest),
         )
-        public.earliest.CopyFrom(timestamp(max(earliest, now)))
+        public.earliest.CopyFrom(timestamp(earliest))
         stored = rt_store.StoredCallback(
             callback=public,
             session_id=request.session_id,
@@ -108,7 +111,7 @@ class Callbacks:
             sealer=self._sealer,
         )
         item.not_before.CopyFrom(public.earliest)
-        item.deadline.CopyFrom(request.latest)
+        item.deadline.CopyFrom(public.latest)
         item.session_id = request.session_id
         item.customer_id = request.customer_id
         item.application_id = request.application_id
@@ -148,6 +151,22 @@ class Callbacks:
             reason="CALLBACK_EXISTS",
             metadata={"callback_id": existing_id},
         )
+
+    async def _within_hours(
+        self, group: str, earliest: float, latest: float
+    ) -> tuple[float, float]:
+        """The callback's window narrowed to the group's first opening within it: an
+        agent never calls outside the group's business hours."""
+        calendar = await hours.calendar(self._store, group)
+        if calendar is None:
+            return earliest, latest
+        found = calendar.first_open(earliest, latest)
+        if found is None:
+            raise FailedPrecondition(
+                f"group {group} is closed for the whole window asked",
+                reason="OUTSIDE_BUSINESS_HOURS",
+            )
+        return found
 
     async def _get(self, callback_id: str) -> Entry[rt_store.StoredCallback]:
         entry = await self._store.get(keys.callback(callback_id), rt_store.StoredCallback)

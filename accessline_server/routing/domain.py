@@ -90,7 +90,7 @@ class Router:
         wake: Callable[[], None] = lambda: None,
         meter: metrics.Meter | None = None,
     ) -> None:
-        self._store = store
+        self._store = self.store = store
         self._matching = matching
         self._presence = presence
         self._rules = rules

@@ -10,6 +10,7 @@
     rt/callback-owners/{group}/{customer}       CallbackOwner
     rt/dials/{callback_id}                      PendingDial
     rt/no-answer/{agent_id}                     NoAnswerCount
+    rt/hours/{group}                            BusinessHours      (set by operators)
     rt/places/{group}/{n}                       empty              (the call's lease)
 
 {customer} is a keyed hash of the customer id (Sealer.keyed_name): no customer id
@@ -84,3 +85,8 @@ def dial(callback_id: str) -> str:
 
 def no_answer(agent_id: str) -> str:
     return f"rt/no-answer/{agent_id}"
+
+
+def hours(group: str) -> str:
+    """A group's business hours (BusinessHours), set by operators."""
+    return f"{ROOT}hours/{group}"

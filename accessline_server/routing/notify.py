@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from accessline.common.v1 import common_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from accessline_server.routing import journal, keys
+from accessline_server.routing import hours, journal, keys
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
@@ -91,7 +91,9 @@ class NotifyRequests:
         entry = await self._get(request_id)
         updated = rt_store.NotifyRequest()
         updated.CopyFrom(entry.value)
-        updated.active_at.CopyFrom(timestamp(time.time() + snooze))
+        updated.active_at.CopyFrom(
+            timestamp(await self._next_open(entry.value.request.resource_group, snooze))
+        )
         if seconds(updated.active_at) >= seconds(updated.expires_at):
             raise FailedPrecondition(
                 "the request expires before the snooze ends", reason="SNOOZE_PAST_EXPIRY"
@@ -106,6 +108,23 @@ class NotifyRequests:
                 reason="NOTIFY_REQUEST_ANSWERED",
             )
         return rt_pb2.SnoozeNotifyWhenAvailableResponse(active_again_at=updated.active_at)
+
+    async def _next_open(self, group: str, snooze: float) -> float:
+        """When a snooze ends: after `snooze`, at the group's next opening if it is
+        closed then (past the request's expiry when none is near)."""
+        wakes = time.time() + snooze
+        calendar = await hours.calendar(self._store, group)
+        if calendar is None:
+            return wakes
+        open_then, opens, _ = calendar.state(wakes)
+        if open_then:
+            return wakes
+        if opens is None:
+            raise FailedPrecondition(
+                f"group {group} does not open again before the request expires",
+                reason="SNOOZE_PAST_EXPIRY",
+            )
+        return opens
 
     async def cancel(self, request_id: str) -> None:
         entry = await self._get(request_id)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from accessline.common.v1 import common_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from accessline_server.routing import contact, hours
 from accessline_server.routing.callbacks import Callbacks
 from accessline_server.routing.domain import Router
 from accessline_server.routing.notify import NotifyRequests
@@ -177,4 +178,36 @@ class RoutingServicer(rt_grpc.RoutingServiceServicer):
         v.raise_if_any()
         return rt_pb2.ReportCallbackAttemptResponse(
             callback=await self._callbacks.report(request.callback_id, request.outcome)
+        )
+
+    async def SetBusinessHours(
+        self, request: rt_pb2.SetBusinessHoursRequest, context: ServicerContext
+    ) -> rt_pb2.SetBusinessHoursResponse:
+        v = Violations()
+        v.id("resource_group", request.resource_group)
+        if request.HasField("hours"):
+            hours.check_hours(v, "hours", request.hours)
+        v.raise_if_any()
+        given = request.hours if request.HasField("hours") else None
+        await hours.put(self._router.store, request.resource_group, given)
+        return rt_pb2.SetBusinessHoursResponse()
+
+    async def GetBusinessHours(
+        self, request: rt_pb2.GetBusinessHoursRequest, context: ServicerContext
+    ) -> rt_pb2.GetBusinessHoursResponse:
+        v = Violations()
+        v.id("resource_group", request.resource_group)
+        v.raise_if_any()
+        return await contact.business_hours(self._router.store, request.resource_group)
+
+    async def GetContactOptions(
+        self, request: rt_pb2.GetContactOptionsRequest, context: ServicerContext
+    ) -> rt_pb2.GetContactOptionsResponse:
+        v = Violations()
+        v.id("application_id", request.application_id)
+        v.text("customer_id", request.customer_id, 128, required=True)
+        v.id("resource_group", request.resource_group)
+        v.raise_if_any()
+        return await contact.contact_options(
+            self._router.store, self._router.estimates, request.resource_group
         )

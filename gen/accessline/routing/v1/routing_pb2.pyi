@@ -5,10 +5,13 @@ isort:skip_file
 
 from accessline.callmatching.v1 import call_matching_pb2 as _call_matching_pb2
 from accessline.common.v1 import common_pb2 as _common_pb2
+from accessline.routing.v1 import hours_pb2 as _hours_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -164,6 +167,185 @@ CALLBACK_ATTEMPT_OUTCOME_BUSY: CallbackAttemptOutcome.ValueType  # 3
 CALLBACK_ATTEMPT_OUTCOME_FAILED: CallbackAttemptOutcome.ValueType  # 4
 """The dial failed."""
 Global___CallbackAttemptOutcome: _TypeAlias = CallbackAttemptOutcome  # noqa: Y015
+
+@_typing.final
+class SetBusinessHoursRequest(_message.Message):
+    """Request of SetBusinessHours."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
+    HOURS_FIELD_NUMBER: _builtins.int
+    resource_group: _builtins.str
+    """The group. Required."""
+    @_builtins.property
+    def hours(self) -> _hours_pb2.BusinessHours:
+        """Its hours; unset removes them (always open)."""
+
+    def __init__(
+        self,
+        *,
+        resource_group: _builtins.str = ...,
+        hours: _hours_pb2.BusinessHours | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hours", b"hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hours", b"hours", "resource_group", b"resource_group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBusinessHoursRequest: _TypeAlias = SetBusinessHoursRequest  # noqa: Y015
+
+@_typing.final
+class SetBusinessHoursResponse(_message.Message):
+    """Response of SetBusinessHours."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBusinessHoursResponse: _TypeAlias = SetBusinessHoursResponse  # noqa: Y015
+
+@_typing.final
+class GetBusinessHoursRequest(_message.Message):
+    """Request of GetBusinessHours."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
+    resource_group: _builtins.str
+    """The group. Required."""
+    def __init__(
+        self,
+        *,
+        resource_group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource_group", b"resource_group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBusinessHoursRequest: _TypeAlias = GetBusinessHoursRequest  # noqa: Y015
+
+@_typing.final
+class GetBusinessHoursResponse(_message.Message):
+    """Response of GetBusinessHours."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOURS_FIELD_NUMBER: _builtins.int
+    OPEN_NOW_FIELD_NUMBER: _builtins.int
+    OPENS_AT_FIELD_NUMBER: _builtins.int
+    CLOSES_AT_FIELD_NUMBER: _builtins.int
+    open_now: _builtins.bool
+    """Open at this moment."""
+    @_builtins.property
+    def hours(self) -> _hours_pb2.BusinessHours:
+        """Its hours; unset when it has none (always open)."""
+
+    @_builtins.property
+    def opens_at(self) -> _timestamp_pb2.Timestamp:
+        """When it opens next (unset while open or without hours)."""
+
+    @_builtins.property
+    def closes_at(self) -> _timestamp_pb2.Timestamp:
+        """When it closes next (unset while closed or without hours)."""
+
+    def __init__(
+        self,
+        *,
+        hours: _hours_pb2.BusinessHours | None = ...,
+        open_now: _builtins.bool = ...,
+        opens_at: _timestamp_pb2.Timestamp | None = ...,
+        closes_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closes_at", b"closes_at", "hours", b"hours", "opens_at", b"opens_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closes_at", b"closes_at", "hours", b"hours", "open_now", b"open_now", "opens_at", b"opens_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBusinessHoursResponse: _TypeAlias = GetBusinessHoursResponse  # noqa: Y015
+
+@_typing.final
+class GetContactOptionsRequest(_message.Message):
+    """Request of GetContactOptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
+    application_id: _builtins.str
+    """The application. Required."""
+    customer_id: _builtins.str
+    """The customer. Required."""
+    resource_group: _builtins.str
+    """The group the app would hand the customer to (the one its subject and the
+    customer's segment lead to, as for RequestCallback). Required.
+    """
+    def __init__(
+        self,
+        *,
+        application_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        resource_group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "customer_id", b"customer_id", "resource_group", b"resource_group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContactOptionsRequest: _TypeAlias = GetContactOptionsRequest  # noqa: Y015
+
+@_typing.final
+class GetContactOptionsResponse(_message.Message):
+    """Response of GetContactOptions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_NOW_FIELD_NUMBER: _builtins.int
+    OPENS_AT_FIELD_NUMBER: _builtins.int
+    CLOSES_AT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    open_now: _builtins.bool
+    """The group is open at this moment."""
+    @_builtins.property
+    def opens_at(self) -> _timestamp_pb2.Timestamp:
+        """When it opens next (unset while open or without hours)."""
+
+    @_builtins.property
+    def closes_at(self) -> _timestamp_pb2.Timestamp:
+        """When it closes next (unset while closed or without hours)."""
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[_hours_pb2.ContactOption]:
+        """Each way to reach an agent: voice now, callback, notify when available, chat."""
+
+    def __init__(
+        self,
+        *,
+        open_now: _builtins.bool = ...,
+        opens_at: _timestamp_pb2.Timestamp | None = ...,
+        closes_at: _timestamp_pb2.Timestamp | None = ...,
+        options: _abc.Iterable[_hours_pb2.ContactOption] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closes_at", b"closes_at", "opens_at", b"opens_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closes_at", b"closes_at", "open_now", b"open_now", "opens_at", b"opens_at", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContactOptionsResponse: _TypeAlias = GetContactOptionsResponse  # noqa: Y015
 
 @_typing.final
 class RouteInboundCallRequest(_message.Message):

@@ -91,6 +91,21 @@ class RoutingServiceStub:
                 request_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptRequest.SerializeToString,
                 response_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptResponse.FromString,
                 _registered_method=True)
+        self.SetBusinessHours = channel.unary_unary(
+                '/accessline.routing.v1.RoutingService/SetBusinessHours',
+                request_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursRequest.SerializeToString,
+                response_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursResponse.FromString,
+                _registered_method=True)
+        self.GetBusinessHours = channel.unary_unary(
+                '/accessline.routing.v1.RoutingService/GetBusinessHours',
+                request_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursRequest.SerializeToString,
+                response_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursResponse.FromString,
+                _registered_method=True)
+        self.GetContactOptions = channel.unary_unary(
+                '/accessline.routing.v1.RoutingService/GetContactOptions',
+                request_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsRequest.SerializeToString,
+                response_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsResponse.FromString,
+                _registered_method=True)
 
 
 class RoutingServiceServicer:
@@ -174,6 +189,32 @@ class RoutingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBusinessHours(self, request, context):
+        """Sets (or, with none, removes) a group's business hours. Caller: an admin. Abuse:
+        closing a group, which the audit trail records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBusinessHours(self, request, context):
+        """A group's business hours. Caller: an admin, a supervisor, an app backend.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContactOptions(self, request, context):
+        """What the app may offer the customer now, before showing "talk to an agent": each way
+        to reach an agent of the group, offered or not (and why), with its estimated wait,
+        from the group's business hours and live availability. Caller: the application's
+        backend, or the customer's own app for themselves. Abuse: probing a contact center's
+        staffing, which is what the answer tells anyway, in coarse figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoutingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +267,21 @@ def add_RoutingServiceServicer_to_server(servicer, server):
                     servicer.ReportCallbackAttempt,
                     request_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptRequest.FromString,
                     response_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptResponse.SerializeToString,
+            ),
+            'SetBusinessHours': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBusinessHours,
+                    request_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursRequest.FromString,
+                    response_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursResponse.SerializeToString,
+            ),
+            'GetBusinessHours': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBusinessHours,
+                    request_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursRequest.FromString,
+                    response_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursResponse.SerializeToString,
+            ),
+            'GetContactOptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContactOptions,
+                    request_deserializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsRequest.FromString,
+                    response_serializer=accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -505,6 +561,87 @@ class RoutingService:
             '/accessline.routing.v1.RoutingService/ReportCallbackAttempt',
             accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptRequest.SerializeToString,
             accessline_dot_routing_dot_v1_dot_routing__pb2.ReportCallbackAttemptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBusinessHours(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.routing.v1.RoutingService/SetBusinessHours',
+            accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursRequest.SerializeToString,
+            accessline_dot_routing_dot_v1_dot_routing__pb2.SetBusinessHoursResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBusinessHours(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.routing.v1.RoutingService/GetBusinessHours',
+            accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursRequest.SerializeToString,
+            accessline_dot_routing_dot_v1_dot_routing__pb2.GetBusinessHoursResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContactOptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.routing.v1.RoutingService/GetContactOptions',
+            accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsRequest.SerializeToString,
+            accessline_dot_routing_dot_v1_dot_routing__pb2.GetContactOptionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

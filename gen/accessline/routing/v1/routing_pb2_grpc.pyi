@@ -62,6 +62,19 @@ class RoutingServiceStub:
     """The switch's stream of outbound dials for callbacks an agent accepted."""
     ReportCallbackAttempt: _grpc.UnaryUnaryMultiCallable[_routing_pb2.ReportCallbackAttemptRequest, _routing_pb2.ReportCallbackAttemptResponse]
     """The switch reports how a callback dial went."""
+    SetBusinessHours: _grpc.UnaryUnaryMultiCallable[_routing_pb2.SetBusinessHoursRequest, _routing_pb2.SetBusinessHoursResponse]
+    """Sets (or, with none, removes) a group's business hours. Caller: an admin. Abuse:
+    closing a group, which the audit trail records.
+    """
+    GetBusinessHours: _grpc.UnaryUnaryMultiCallable[_routing_pb2.GetBusinessHoursRequest, _routing_pb2.GetBusinessHoursResponse]
+    """A group's business hours. Caller: an admin, a supervisor, an app backend."""
+    GetContactOptions: _grpc.UnaryUnaryMultiCallable[_routing_pb2.GetContactOptionsRequest, _routing_pb2.GetContactOptionsResponse]
+    """What the app may offer the customer now, before showing "talk to an agent": each way
+    to reach an agent of the group, offered or not (and why), with its estimated wait,
+    from the group's business hours and live availability. Caller: the application's
+    backend, or the customer's own app for themselves. Abuse: probing a contact center's
+    staffing, which is what the answer tells anyway, in coarse figures.
+    """
 
 @_typing.type_check_only
 class RoutingServiceAsyncStub(RoutingServiceStub):
@@ -97,6 +110,19 @@ class RoutingServiceAsyncStub(RoutingServiceStub):
     """The switch's stream of outbound dials for callbacks an agent accepted."""
     ReportCallbackAttempt: _aio.UnaryUnaryMultiCallable[_routing_pb2.ReportCallbackAttemptRequest, _routing_pb2.ReportCallbackAttemptResponse]  # type: ignore[assignment]
     """The switch reports how a callback dial went."""
+    SetBusinessHours: _aio.UnaryUnaryMultiCallable[_routing_pb2.SetBusinessHoursRequest, _routing_pb2.SetBusinessHoursResponse]  # type: ignore[assignment]
+    """Sets (or, with none, removes) a group's business hours. Caller: an admin. Abuse:
+    closing a group, which the audit trail records.
+    """
+    GetBusinessHours: _aio.UnaryUnaryMultiCallable[_routing_pb2.GetBusinessHoursRequest, _routing_pb2.GetBusinessHoursResponse]  # type: ignore[assignment]
+    """A group's business hours. Caller: an admin, a supervisor, an app backend."""
+    GetContactOptions: _aio.UnaryUnaryMultiCallable[_routing_pb2.GetContactOptionsRequest, _routing_pb2.GetContactOptionsResponse]  # type: ignore[assignment]
+    """What the app may offer the customer now, before showing "talk to an agent": each way
+    to reach an agent of the group, offered or not (and why), with its estimated wait,
+    from the group's business hours and live availability. Caller: the application's
+    backend, or the customer's own app for themselves. Abuse: probing a contact center's
+    staffing, which is what the answer tells anyway, in coarse figures.
+    """
 
 class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     """RoutingService takes an inbound call from the switch, has it matched to the app's
@@ -189,5 +215,36 @@ class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_routing_pb2.ReportCallbackAttemptResponse, _abc.Awaitable[_routing_pb2.ReportCallbackAttemptResponse]]:
         """The switch reports how a callback dial went."""
+
+    @_abc_1.abstractmethod
+    def SetBusinessHours(
+        self,
+        request: _routing_pb2.SetBusinessHoursRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.SetBusinessHoursResponse, _abc.Awaitable[_routing_pb2.SetBusinessHoursResponse]]:
+        """Sets (or, with none, removes) a group's business hours. Caller: an admin. Abuse:
+        closing a group, which the audit trail records.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBusinessHours(
+        self,
+        request: _routing_pb2.GetBusinessHoursRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.GetBusinessHoursResponse, _abc.Awaitable[_routing_pb2.GetBusinessHoursResponse]]:
+        """A group's business hours. Caller: an admin, a supervisor, an app backend."""
+
+    @_abc_1.abstractmethod
+    def GetContactOptions(
+        self,
+        request: _routing_pb2.GetContactOptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.GetContactOptionsResponse, _abc.Awaitable[_routing_pb2.GetContactOptionsResponse]]:
+        """What the app may offer the customer now, before showing "talk to an agent": each way
+        to reach an agent of the group, offered or not (and why), with its estimated wait,
+        from the group's business hours and live availability. Caller: the application's
+        backend, or the customer's own app for themselves. Abuse: probing a contact center's
+        staffing, which is what the answer tells anyway, in coarse figures.
+        """
 
 def add_RoutingServiceServicer_to_server(servicer: RoutingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
