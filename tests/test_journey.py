@@ -22,6 +22,7 @@ from accessline.common.v1 import common_pb2 as C
 from accessline.journey.v1 import journey_pb2 as jn
 from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
 from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import (
@@ -51,6 +52,7 @@ from tests.support.stack import (
 EMAIL = jn.INTERACTION_CHANNEL_EMAIL
 TEXT = jn.INTERACTION_CHANNEL_TEXT
 VOICE = jn.INTERACTION_CHANNEL_APP_VOICE
+CLOSED = jn.INTERACTION_STATUS_CLOSED
 
 
 async def outside(
@@ -340,3 +342,57 @@ async def test_an_unreachable_history_database_is_unavailable(
             await listed(jn_grpc.JourneyServiceStub(channel), "bank", "cust-1")
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(caught.value)["ErrorInfo"].reason == "HISTORY_UNAVAILABLE"
+
+
+async def test_a_survey_follows_the_end_of_the_interaction_and_is_answered_once(
+    stack: Stack,
+) -> None:
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group, 2)
+    subject = await pool_subject(stack, group)
+    agent_id, agent_app = await agent(stack, group)
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    inbox = await in_app(stack, customer, app_id)
+    reached = await handoff(stack, app_id, customer, C.ContextData(subject=subject))
+    call = Call(stack.routers[0], reached.access_number)
+    offer = await answer(agent_app, ACCEPT)
+    await call.until("connect")
+    # The agent ends the interaction: the customer is asked to rate it.
+    await agent_app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=offer.interaction_id))
+    asked = (await asyncio.wait_for(inbox.read(), 20)).notification
+    assert asked.event_type == nt_pb2.EVENT_TYPE_SURVEY
+    assert dict(asked.data) == {"interaction_id": reached.session_id}
+    await until_listed(stack, app_id, customer, lambda f: any(r.status == CLOSED for r in f))
+    own = journey(stack, identity().token(customer, "customer", applications=[app_id]))
+    rate = jn.SubmitSurveyRequest(
+        application_id=app_id, customer_id=customer, interaction_id=reached.session_id, rating=4
+    )
+    rated = await own.SubmitSurvey(rate)
+    assert (rated.interaction.rating, rated.interaction.agent_id) == (4, agent_id)
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await own.SubmitSurvey(rate)
+    assert error_details(twice.value)["ErrorInfo"].reason == "SURVEY_ANSWERED"
+    # Another customer cannot rate it: not in their journey.
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await journey(stack).SubmitSurvey(
+            jn.SubmitSurveyRequest(
+                application_id=app_id,
+                customer_id="someone-else",
+                interaction_id=reached.session_id,
+                rating=1,
+            )
+        )
+    assert other.value.code() == grpc.StatusCode.NOT_FOUND
+    by_agent = await journey(stack).GetSurveySummary(
+        jn.GetSurveySummaryRequest(application_id=app_id, group_by=jn.SURVEY_GROUPING_AGENT)
+    )
+    assert [(r.key, r.count, r.mean_rating) for r in by_agent.rows] == [(agent_id, 1, 4.0)]
+    by_group = await journey(stack).GetSurveySummary(
+        jn.GetSurveySummaryRequest(
+            application_id=app_id, group_by=jn.SURVEY_GROUPING_RESOURCE_GROUP
+        )
+    )
+    assert [(r.key, r.count) for r in by_group.rows] == [(group, 1)]
+    inbox.cancel()
+    call.hang_up()
+    agent_app.call.cancel()

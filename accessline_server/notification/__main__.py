@@ -16,6 +16,7 @@ from accessline_server.notification.links import Links
 from accessline_server.notification.providers import Apns, Fcm
 from accessline_server.notification.servicer import NotificationServicer
 from accessline_server.notification.settings import NotificationSettings
+from accessline_server.notification.survey_worker import SurveyWorker
 from accessline_server.notification.webhook_delivery import (
     WebhookPolicy,
     WebhookSender,
@@ -121,6 +122,9 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
 
     context.on_stop(stop)
     context.on_stop((await records.open_for_process(settings, meter)).stop)
+    survey_worker = SurveyWorker(context.store, notifications)
+    survey_worker.start()
+    context.on_stop(survey_worker.stop)
     return [
         Registration(
             servicer=NotificationServicer(

@@ -16,6 +16,7 @@ nt/events/{event_id}                            StoredWebhookEvent  (other servi
 nt/webhook-deliveries/{webhook_id}/{order}      StoredWebhookDelivery (retention lease)
 nt/webhook-claims/{webhook_id}/{order}          Claim               (worker lease)
 nt/links/{agent_id}/{interaction_id}            LinkTally           (longest interaction)
+nt/surveys/{application_id}/{interaction_id}    SurveyInvitation    (other services: surveys.py)
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ def accept_ops(
         customer_id=stored.customer_id,
         application_id=stored.application_id,
         sealed_context=stored.sealed_context,
+        journey_interaction_id=stored.journey_interaction_id,
     )
     compares = [Compare.modified_at(presence_key, presence_revision)]
     if stored.call_key:

@@ -56,10 +56,12 @@ def new_offer(
     call: CallBinding | None = None,
     context: common_pb2.ContextData | None = None,
     customer: tuple[str, str] = ("", ""),
+    journey_id: str = "",
 ) -> pr_store.StoredOffer:
     """An open offer due `timeout` seconds from now, its preview's personal part and the
     interaction's whole `context` (for the agent who accepts) sealed, naming the
-    `customer` (customer id, application id) the agent may send links to,
+    `customer` (customer id, application id) the agent may send links to and the
+    interaction's id in their journey (`journey_id`, which the survey after it names),
     carrying the current trace context (write it under a lease of at least
     `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
@@ -85,6 +87,7 @@ def new_offer(
         stored.call_create_revision = call.create_revision
         stored.call_lease = call.lease
     stored.customer_id, stored.application_id = customer
+    stored.journey_interaction_id = journey_id
     sealing.seal_summary(stored)
     if context is not None:
         sealing.seal_context(stored, context)

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline_server.notification import surveys
 from accessline_server.presence import keys
 from accessline_server.presence import state as presence_state
 from accessline_server.presence.answering import OfferAnswering
@@ -148,6 +149,24 @@ class AgentSession(OfferAnswering):
                 "fields": {"agent_id": self.agent.agent_id, "agent_session_id": self.session_id}
             },
         )
+
+    async def _ended(self, interaction_id: str) -> list[Op]:
+        """The end of an interaction: its record gone and, for a customer of an app, the
+        survey invitation Notification sends (its published `surveys` module)."""
+        key = keys.interaction(self.agent.agent_id, interaction_id)
+        ops = [Op.delete(key)]
+        found = await self.store.get(key, pr_store.StoredInteraction)
+        if found is not None and found.value.customer_id and found.value.journey_interaction_id:
+            ongoing = found.value
+            ops.append(
+                surveys.invitation_op(
+                    ongoing.application_id,
+                    ongoing.customer_id,
+                    ongoing.journey_interaction_id,
+                    self.agent.agent_id,
+                )
+            )
+        return ops
 
     async def _to_resume(self) -> pr_store.StoredPresence | None:
         """The session the login resumes: the agent's presence while still that session's
@@ -416,7 +435,7 @@ class AgentSession(OfferAnswering):
                     )
                 )
                 return
-            await self._write([Op.delete(keys.interaction(self.agent.agent_id, interaction))])
+            await self._write(await self._ended(interaction))
         else:
             raise InvalidArgument(
                 [FieldViolation("message", "must be one of the ConnectRequest messages")]

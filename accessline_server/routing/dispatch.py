@@ -26,7 +26,7 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.presence import roster as pr_roster
-from accessline_server.routing import keys, private
+from accessline_server.routing import journal, keys, private
 from accessline_server.routing.entries import told
 from accessline_server.routing.holds import Holds
 from accessline_server.routing.plan import (
@@ -364,6 +364,7 @@ class Dispatcher:
                 pr_offers.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
                 context=what.context if what.HasField("context") else None,
                 customer=(item.customer_id, item.application_id),
+                journey_id=journal.interaction_id(item),
             )
 
     async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:

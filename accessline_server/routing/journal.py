@@ -14,6 +14,14 @@ CLOSED = jn_pb2.INTERACTION_STATUS_CLOSED
 PENDING = jn_pb2.INTERACTION_STATUS_PENDING
 
 
+def interaction_id(item: rt_store.QueuedInteraction) -> str:
+    """The id of a queued interaction's record in the journey: a call's handoff session,
+    a callback's own id."""
+    if item.kind == rt_store.INTERACTION_KIND_CALL:
+        return item.session_id or item.interaction_id
+    return item.interaction_id
+
+
 def call(item: rt_store.QueuedInteraction, *, connected: bool, agent_id: str = "") -> None:
     """A matched call connected to its agent (answered), or gone before (closed)."""
     if not item.application_id or item.kind != rt_store.INTERACTION_KIND_CALL:
@@ -21,7 +29,7 @@ def call(item: rt_store.QueuedInteraction, *, connected: bool, agent_id: str = "
     records.record(
         records.Record(
             application_id=item.application_id,
-            interaction_id=item.session_id or item.interaction_id,
+            interaction_id=interaction_id(item),
             channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
             status=ANSWERED if connected else CLOSED,
             customer_id=item.customer_id or None,

@@ -76,6 +76,7 @@ def interaction(row: Any) -> jn_pb2.Interaction:
         resource_group=r["resource_group"] or "",
         outcome=r["outcome"] or "",
         source=r["source"],
+        rating=r["rating"] or 0,
     )
     out.occurred_at.FromMicroseconds(r["occurred_us"])
     out.updated_at.FromMicroseconds(r["updated_us"])
@@ -182,7 +183,8 @@ class Journey:
             )
         )
 
-    async def _run(self, work: Any) -> Any:
+    async def run(self, work: Any) -> Any:
+        """`work(conn)` in one transaction; the database unreachable is UNAVAILABLE."""
         try:
             await self._writer.ensure_schema()
             async with self._engine.begin() as conn:
@@ -217,7 +219,7 @@ class Journey:
             await records.write(conn, [row])
             return await self._get(conn, record.application_id, record.interaction_id)
 
-        return interaction(await self._run(work))
+        return interaction(await self.run(work))
 
     async def set_status(
         self, application_id: str, interaction_id: str, status: int
@@ -244,7 +246,7 @@ class Journey:
                 )
             return await self._get(conn, application_id, interaction_id)
 
-        return interaction(await self._run(work))
+        return interaction(await self.run(work))
 
     async def listing(
         self, query: Query, page_size: int, page_token: str
@@ -280,7 +282,7 @@ class Journey:
         async def work(conn: Any) -> Any:
             return (await conn.execute(statement)).fetchall()
 
-        rows = await self._run(work)
+        rows = await self.run(work)
         found = [interaction(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
@@ -307,7 +309,7 @@ class Journey:
             return (await conn.execute(statement)).fetchall()
 
         out = []
-        for row in await self._run(work):
+        for row in await self.run(work):
             found = common_pb2.OpenTransaction(
                 transaction_id=row.transaction_id, topic=row.topic or ""
             )
@@ -325,7 +327,7 @@ class Journey:
                 await conn.execute(delete(table).where(table.c.updated_us < cutoff))
             return int(deleted.rowcount or 0)
 
-        return int(await self._run(work))
+        return int(await self.run(work))
 
     async def start(self, purge_interval: float) -> None:
         await self._writer.start()

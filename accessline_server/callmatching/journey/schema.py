@@ -32,7 +32,11 @@ interactions = Table(
     Column("source", Integer, nullable=False),
     Column("occurred_us", BigInteger, nullable=False),
     Column("updated_us", BigInteger, nullable=False),
+    # Revision 0002: the customer's rating (1 to 5) and when it was given.
+    Column("rating", Integer, nullable=True),
+    Column("rated_us", BigInteger, nullable=True),
 )
+Index("ix_journey_rated", interactions.c.application_id, interactions.c.rated_us)
 Index(
     "ix_journey_customer",
     interactions.c.application_id,

@@ -8,7 +8,7 @@ import phonenumbers
 from accessline.access.v1 import access_pb2
 from accessline.journey.v1 import journey_pb2 as jn_pb2
 from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
-from accessline_server.callmatching.journey import records
+from accessline_server.callmatching.journey import records, surveys
 from accessline_server.callmatching.journey.reads import Journey, Query
 from accessline_server.runtime import identity
 from accessline_server.runtime.errors import PermissionDenied
@@ -50,6 +50,19 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
 
     def __init__(self, journey: Journey) -> None:
         self._journey = journey
+
+    @staticmethod
+    def _only_own_application(application_id: str) -> None:
+        """A customer's token must name the application (`accessline_applications`): a
+        customer id is an application's own."""
+        caller = identity.current()
+        customer = caller.has(access_pb2.ROLE_CUSTOMER) and not caller.trusted
+        if customer and not caller.owns_application(application_id):
+            raise PermissionDenied(
+                "a customer reaches only their own application's journey",
+                reason="OUT_OF_SCOPE",
+                metadata={"scope": "application"},
+            )
 
     def _keys(
         self, c: jn_pb2.Correlation, application_id: str, v: Violations
@@ -138,14 +151,7 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
         size = v.page("page_size", request.page_size, 100, 20)
         v.text("page_token", request.page_token, 512)
         v.raise_if_any()
-        caller = identity.current()
-        customer = caller.has(access_pb2.ROLE_CUSTOMER) and not caller.trusted
-        if customer and not caller.owns_application(request.application_id):
-            raise PermissionDenied(
-                "a customer reads only their own application's journey",
-                reason="OUT_OF_SCOPE",
-                metadata={"scope": "application"},
-            )
+        self._only_own_application(request.application_id)
         # The customer's own records only, a transaction's included: the scope holds
         # customer_id to the token's subject.
         key = self._journey.correlator.customer(request.application_id, request.customer_id)
@@ -163,3 +169,42 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
             request.page_token,
         )
         return jn_pb2.ListInteractionsResponse(interactions=found, next_page_token=token)
+
+    async def SubmitSurvey(
+        self, request: jn_pb2.SubmitSurveyRequest, context: ServicerContext
+    ) -> jn_pb2.SubmitSurveyResponse:
+        v = Violations()
+        v.id("application_id", request.application_id)
+        v.text("customer_id", request.customer_id, 128, required=True)
+        v.id("interaction_id", request.interaction_id, long=True)
+        if not 1 <= request.rating <= 5:
+            v.add("rating", "must be 1 to 5")
+        v.raise_if_any()
+        self._only_own_application(request.application_id)
+        rated = await surveys.submit(
+            self._journey,
+            request.application_id,
+            request.customer_id,
+            request.interaction_id,
+            request.rating,
+        )
+        return jn_pb2.SubmitSurveyResponse(interaction=rated)
+
+    async def GetSurveySummary(
+        self, request: jn_pb2.GetSurveySummaryRequest, context: ServicerContext
+    ) -> jn_pb2.GetSurveySummaryResponse:
+        v = Violations()
+        for violation in invalid_times(request):
+            v.add(violation.field, violation.description)
+        v.id("application_id", request.application_id)
+        if request.group_by not in surveys.GROUPED_BY:
+            v.add("group_by", "must be AGENT, RESOURCE_GROUP or TOPIC")
+        v.raise_if_any()
+        rows = await surveys.summary(
+            self._journey,
+            request.application_id,
+            request.group_by,
+            _us(request.start_time) if request.HasField("start_time") else None,
+            _us(request.end_time) if request.HasField("end_time") else None,
+        )
+        return jn_pb2.GetSurveySummaryResponse(rows=rows)

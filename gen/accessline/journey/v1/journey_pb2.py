@@ -26,7 +26,7 @@ from accessline.access.v1 import access_pb2 as accessline_dot_access_dot_v1_dot_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#accessline/journey/v1/journey.proto\x12\x15\x61\x63\x63\x65ssline.journey.v1\x1a!accessline/access/v1/access.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x03\n\x0bInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12:\n\x07\x63hannel\x18\x04 \x01(\x0e\x32).accessline.journey.v1.InteractionChannel\x12\r\n\x05topic\x18\x05 \x01(\t\x12\x38\n\x06status\x18\x06 \x01(\x0e\x32(.accessline.journey.v1.InteractionStatus\x12\x10\n\x08\x61gent_id\x18\x07 \x01(\t\x12\x16\n\x0eresource_group\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x38\n\x06source\x18\n \x01(\x0e\x32(.accessline.journey.v1.InteractionSource\x12/\n\x0boccurred_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x0b\x43orrelation\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\x04 \x01(\t\"\x8c\x01\n\x18RecordInteractionRequest\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\x12\x37\n\x0b\x63orrelation\x18\x02 \x01(\x0b\x32\".accessline.journey.v1.Correlation\"T\n\x19RecordInteractionResponse\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\"\x8a\x01\n\x1eUpdateInteractionStatusRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x16\n\x0einteraction_id\x18\x02 \x01(\t\x12\x38\n\x06status\x18\x03 \x01(\x0e\x32(.accessline.journey.v1.InteractionStatus\"Z\n\x1fUpdateInteractionStatusResponse\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\"\xdc\x02\n\x17ListInteractionsRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12;\n\x08\x63hannels\x18\x04 \x03(\x0e\x32).accessline.journey.v1.InteractionChannel\x12:\n\x08statuses\x18\x05 \x03(\x0e\x32(.accessline.journey.v1.InteractionStatus\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"m\n\x18ListInteractionsResponse\x12\x38\n\x0cinteractions\x18\x01 \x03(\x0b\x32\".accessline.journey.v1.Interaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xeb\x02\n\x12InteractionChannel\x12#\n\x1fINTERACTION_CHANNEL_UNSPECIFIED\x10\x00\x12!\n\x1dINTERACTION_CHANNEL_APP_VOICE\x10\x01\x12 \n\x1cINTERACTION_CHANNEL_CALLBACK\x10\x02\x12-\n)INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE\x10\x03\x12$\n INTERACTION_CHANNEL_NOTIFICATION\x10\x04\x12\x1c\n\x18INTERACTION_CHANNEL_LINK\x10\x05\x12\x1d\n\x19INTERACTION_CHANNEL_VOICE\x10\x06\x12\x1d\n\x19INTERACTION_CHANNEL_EMAIL\x10\x07\x12\x1c\n\x18INTERACTION_CHANNEL_TEXT\x10\x08\x12\x1c\n\x18INTERACTION_CHANNEL_CHAT\x10\t*\xd5\x01\n\x11InteractionStatus\x12\"\n\x1eINTERACTION_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINTERACTION_STATUS_RECEIVED\x10\x01\x12\x1b\n\x17INTERACTION_STATUS_READ\x10\x02\x12\x1f\n\x1bINTERACTION_STATUS_ANSWERED\x10\x03\x12\x1e\n\x1aINTERACTION_STATUS_PENDING\x10\x04\x12\x1d\n\x19INTERACTION_STATUS_CLOSED\x10\x05*z\n\x11InteractionSource\x12\"\n\x1eINTERACTION_SOURCE_UNSPECIFIED\x10\x00\x12!\n\x1dINTERACTION_SOURCE_ACCESSLINE\x10\x01\x12\x1e\n\x1aINTERACTION_SOURCE_OUTSIDE\x10\x02\x32\x8d\x04\n\x0eJourneyService\x12\xa3\x01\n\x11RecordInteraction\x12/.accessline.journey.v1.RecordInteractionRequest\x1a\x30.accessline.journey.v1.RecordInteractionResponse\"+\x90\x02\x02\xa2\xbb\x18$\n\x02\x05\x01\x1a\x1e\x08\x01\x12\x1ainteraction.application_id\x12\xaa\x01\n\x17UpdateInteractionStatus\x12\x35.accessline.journey.v1.UpdateInteractionStatusRequest\x1a\x36.accessline.journey.v1.UpdateInteractionStatusResponse\" \x90\x02\x02\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x12\xa7\x01\n\x10ListInteractions\x12..accessline.journey.v1.ListInteractionsRequest\x1a/.accessline.journey.v1.ListInteractionsResponse\"2\x90\x02\x01\xa2\xbb\x18+\n\x04\x05\x04\x01\x06\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x1a\x0f\x08\x04\x12\x0b\x63ustomer_idb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#accessline/journey/v1/journey.proto\x12\x15\x61\x63\x63\x65ssline.journey.v1\x1a!accessline/access/v1/access.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x03\n\x0bInteraction\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12:\n\x07\x63hannel\x18\x04 \x01(\x0e\x32).accessline.journey.v1.InteractionChannel\x12\r\n\x05topic\x18\x05 \x01(\t\x12\x38\n\x06status\x18\x06 \x01(\x0e\x32(.accessline.journey.v1.InteractionStatus\x12\x10\n\x08\x61gent_id\x18\x07 \x01(\t\x12\x16\n\x0eresource_group\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x38\n\x06source\x18\n \x01(\x0e\x32(.accessline.journey.v1.InteractionSource\x12/\n\x0boccurred_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06rating\x18\r \x01(\x05\"_\n\x0b\x43orrelation\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\x04 \x01(\t\"\x8c\x01\n\x18RecordInteractionRequest\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\x12\x37\n\x0b\x63orrelation\x18\x02 \x01(\x0b\x32\".accessline.journey.v1.Correlation\"T\n\x19RecordInteractionResponse\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\"\x8a\x01\n\x1eUpdateInteractionStatusRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x16\n\x0einteraction_id\x18\x02 \x01(\t\x12\x38\n\x06status\x18\x03 \x01(\x0e\x32(.accessline.journey.v1.InteractionStatus\"Z\n\x1fUpdateInteractionStatusResponse\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\"\xdc\x02\n\x17ListInteractionsRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12;\n\x08\x63hannels\x18\x04 \x03(\x0e\x32).accessline.journey.v1.InteractionChannel\x12:\n\x08statuses\x18\x05 \x03(\x0e\x32(.accessline.journey.v1.InteractionStatus\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"m\n\x18ListInteractionsResponse\x12\x38\n\x0cinteractions\x18\x01 \x03(\x0b\x32\".accessline.journey.v1.Interaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x13SubmitSurveyRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x16\n\x0einteraction_id\x18\x03 \x01(\t\x12\x0e\n\x06rating\x18\x04 \x01(\x05\"O\n\x14SubmitSurveyResponse\x12\x37\n\x0binteraction\x18\x01 \x01(\x0b\x32\".accessline.journey.v1.Interaction\"\xc8\x01\n\x17GetSurveySummaryRequest\x12\x16\n\x0e\x61pplication_id\x18\x01 \x01(\t\x12\x37\n\x08group_by\x18\x02 \x01(\x0e\x32%.accessline.journey.v1.SurveyGrouping\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\tSurveyRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x13\n\x0bmean_rating\x18\x03 \x01(\x01\"J\n\x18GetSurveySummaryResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .accessline.journey.v1.SurveyRow*\xeb\x02\n\x12InteractionChannel\x12#\n\x1fINTERACTION_CHANNEL_UNSPECIFIED\x10\x00\x12!\n\x1dINTERACTION_CHANNEL_APP_VOICE\x10\x01\x12 \n\x1cINTERACTION_CHANNEL_CALLBACK\x10\x02\x12-\n)INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE\x10\x03\x12$\n INTERACTION_CHANNEL_NOTIFICATION\x10\x04\x12\x1c\n\x18INTERACTION_CHANNEL_LINK\x10\x05\x12\x1d\n\x19INTERACTION_CHANNEL_VOICE\x10\x06\x12\x1d\n\x19INTERACTION_CHANNEL_EMAIL\x10\x07\x12\x1c\n\x18INTERACTION_CHANNEL_TEXT\x10\x08\x12\x1c\n\x18INTERACTION_CHANNEL_CHAT\x10\t*\xd5\x01\n\x11InteractionStatus\x12\"\n\x1eINTERACTION_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINTERACTION_STATUS_RECEIVED\x10\x01\x12\x1b\n\x17INTERACTION_STATUS_READ\x10\x02\x12\x1f\n\x1bINTERACTION_STATUS_ANSWERED\x10\x03\x12\x1e\n\x1aINTERACTION_STATUS_PENDING\x10\x04\x12\x1d\n\x19INTERACTION_STATUS_CLOSED\x10\x05*z\n\x11InteractionSource\x12\"\n\x1eINTERACTION_SOURCE_UNSPECIFIED\x10\x00\x12!\n\x1dINTERACTION_SOURCE_ACCESSLINE\x10\x01\x12\x1e\n\x1aINTERACTION_SOURCE_OUTSIDE\x10\x02*\x8b\x01\n\x0eSurveyGrouping\x12\x1f\n\x1bSURVEY_GROUPING_UNSPECIFIED\x10\x00\x12\x19\n\x15SURVEY_GROUPING_AGENT\x10\x01\x12\"\n\x1eSURVEY_GROUPING_RESOURCE_GROUP\x10\x02\x12\x19\n\x15SURVEY_GROUPING_TOPIC\x10\x03\x32\xbe\x06\n\x0eJourneyService\x12\xa3\x01\n\x11RecordInteraction\x12/.accessline.journey.v1.RecordInteractionRequest\x1a\x30.accessline.journey.v1.RecordInteractionResponse\"+\x90\x02\x02\xa2\xbb\x18$\n\x02\x05\x01\x1a\x1e\x08\x01\x12\x1ainteraction.application_id\x12\xaa\x01\n\x17UpdateInteractionStatus\x12\x35.accessline.journey.v1.UpdateInteractionStatusRequest\x1a\x36.accessline.journey.v1.UpdateInteractionStatusResponse\" \x90\x02\x02\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x12\xa7\x01\n\x10ListInteractions\x12..accessline.journey.v1.ListInteractionsRequest\x1a/.accessline.journey.v1.ListInteractionsResponse\"2\x90\x02\x01\xa2\xbb\x18+\n\x04\x05\x04\x01\x06\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x1a\x0f\x08\x04\x12\x0b\x63ustomer_id\x12\x96\x01\n\x0cSubmitSurvey\x12*.accessline.journey.v1.SubmitSurveyRequest\x1a+.accessline.journey.v1.SubmitSurveyResponse\"-\xa2\xbb\x18)\n\x02\x01\x06\x1a\x12\x08\x01\x12\x0e\x61pplication_id\x1a\x0f\x08\x04\x12\x0b\x63ustomer_id\x12\x95\x01\n\x10GetSurveySummary\x12..accessline.journey.v1.GetSurveySummaryRequest\x1a/.accessline.journey.v1.GetSurveySummaryResponse\" \x90\x02\x01\xa2\xbb\x18\x19\n\x03\x05\x04\x01\x1a\x12\x08\x01\x12\x0e\x61pplication_idb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOURNEYSERVICE'].methods_by_name['UpdateInteractionStatus']._serialized_options = b'\220\002\002\242\273\030\031\n\003\005\004\001\032\022\010\001\022\016application_id'
   _globals['_JOURNEYSERVICE'].methods_by_name['ListInteractions']._loaded_options = None
   _globals['_JOURNEYSERVICE'].methods_by_name['ListInteractions']._serialized_options = b'\220\002\001\242\273\030+\n\004\005\004\001\006\032\022\010\001\022\016application_id\032\017\010\004\022\013customer_id'
-  _globals['_INTERACTIONCHANNEL']._serialized_start=1587
-  _globals['_INTERACTIONCHANNEL']._serialized_end=1950
-  _globals['_INTERACTIONSTATUS']._serialized_start=1953
-  _globals['_INTERACTIONSTATUS']._serialized_end=2166
-  _globals['_INTERACTIONSOURCE']._serialized_start=2168
-  _globals['_INTERACTIONSOURCE']._serialized_end=2290
+  _globals['_JOURNEYSERVICE'].methods_by_name['SubmitSurvey']._loaded_options = None
+  _globals['_JOURNEYSERVICE'].methods_by_name['SubmitSurvey']._serialized_options = b'\242\273\030)\n\002\001\006\032\022\010\001\022\016application_id\032\017\010\004\022\013customer_id'
+  _globals['_JOURNEYSERVICE'].methods_by_name['GetSurveySummary']._loaded_options = None
+  _globals['_JOURNEYSERVICE'].methods_by_name['GetSurveySummary']._serialized_options = b'\220\002\001\242\273\030\031\n\003\005\004\001\032\022\010\001\022\016application_id'
+  _globals['_INTERACTIONCHANNEL']._serialized_start=2133
+  _globals['_INTERACTIONCHANNEL']._serialized_end=2496
+  _globals['_INTERACTIONSTATUS']._serialized_start=2499
+  _globals['_INTERACTIONSTATUS']._serialized_end=2712
+  _globals['_INTERACTIONSOURCE']._serialized_start=2714
+  _globals['_INTERACTIONSOURCE']._serialized_end=2836
+  _globals['_SURVEYGROUPING']._serialized_start=2839
+  _globals['_SURVEYGROUPING']._serialized_end=2978
   _globals['_INTERACTION']._serialized_start=131
-  _globals['_INTERACTION']._serialized_end=563
-  _globals['_CORRELATION']._serialized_start=565
-  _globals['_CORRELATION']._serialized_end=660
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=663
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=803
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=805
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=889
-  _globals['_UPDATEINTERACTIONSTATUSREQUEST']._serialized_start=892
-  _globals['_UPDATEINTERACTIONSTATUSREQUEST']._serialized_end=1030
-  _globals['_UPDATEINTERACTIONSTATUSRESPONSE']._serialized_start=1032
-  _globals['_UPDATEINTERACTIONSTATUSRESPONSE']._serialized_end=1122
-  _globals['_LISTINTERACTIONSREQUEST']._serialized_start=1125
-  _globals['_LISTINTERACTIONSREQUEST']._serialized_end=1473
-  _globals['_LISTINTERACTIONSRESPONSE']._serialized_start=1475
-  _globals['_LISTINTERACTIONSRESPONSE']._serialized_end=1584
-  _globals['_JOURNEYSERVICE']._serialized_start=2293
-  _globals['_JOURNEYSERVICE']._serialized_end=2818
+  _globals['_INTERACTION']._serialized_end=579
+  _globals['_CORRELATION']._serialized_start=581
+  _globals['_CORRELATION']._serialized_end=676
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=679
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=819
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=821
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=905
+  _globals['_UPDATEINTERACTIONSTATUSREQUEST']._serialized_start=908
+  _globals['_UPDATEINTERACTIONSTATUSREQUEST']._serialized_end=1046
+  _globals['_UPDATEINTERACTIONSTATUSRESPONSE']._serialized_start=1048
+  _globals['_UPDATEINTERACTIONSTATUSRESPONSE']._serialized_end=1138
+  _globals['_LISTINTERACTIONSREQUEST']._serialized_start=1141
+  _globals['_LISTINTERACTIONSREQUEST']._serialized_end=1489
+  _globals['_LISTINTERACTIONSRESPONSE']._serialized_start=1491
+  _globals['_LISTINTERACTIONSRESPONSE']._serialized_end=1600
+  _globals['_SUBMITSURVEYREQUEST']._serialized_start=1602
+  _globals['_SUBMITSURVEYREQUEST']._serialized_end=1708
+  _globals['_SUBMITSURVEYRESPONSE']._serialized_start=1710
+  _globals['_SUBMITSURVEYRESPONSE']._serialized_end=1789
+  _globals['_GETSURVEYSUMMARYREQUEST']._serialized_start=1792
+  _globals['_GETSURVEYSUMMARYREQUEST']._serialized_end=1992
+  _globals['_SURVEYROW']._serialized_start=1994
+  _globals['_SURVEYROW']._serialized_end=2054
+  _globals['_GETSURVEYSUMMARYRESPONSE']._serialized_start=2056
+  _globals['_GETSURVEYSUMMARYRESPONSE']._serialized_end=2130
+  _globals['_JOURNEYSERVICE']._serialized_start=2981
+  _globals['_JOURNEYSERVICE']._serialized_end=3811
 # @@protoc_insertion_point(module_scope)

@@ -132,6 +132,34 @@ INTERACTION_SOURCE_OUTSIDE: InteractionSource.ValueType  # 2
 """Another system, through RecordInteraction."""
 Global___InteractionSource: _TypeAlias = InteractionSource  # noqa: Y015
 
+class _SurveyGrouping:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SurveyGroupingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SurveyGrouping.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SURVEY_GROUPING_UNSPECIFIED: _SurveyGrouping.ValueType  # 0
+    """Not set; refused."""
+    SURVEY_GROUPING_AGENT: _SurveyGrouping.ValueType  # 1
+    """By the agent who handled the interaction."""
+    SURVEY_GROUPING_RESOURCE_GROUP: _SurveyGrouping.ValueType  # 2
+    """By the resource group."""
+    SURVEY_GROUPING_TOPIC: _SurveyGrouping.ValueType  # 3
+    """By topic."""
+
+class SurveyGrouping(_SurveyGrouping, metaclass=_SurveyGroupingEnumTypeWrapper):
+    """What ratings are grouped by."""
+
+SURVEY_GROUPING_UNSPECIFIED: SurveyGrouping.ValueType  # 0
+"""Not set; refused."""
+SURVEY_GROUPING_AGENT: SurveyGrouping.ValueType  # 1
+"""By the agent who handled the interaction."""
+SURVEY_GROUPING_RESOURCE_GROUP: SurveyGrouping.ValueType  # 2
+"""By the resource group."""
+SURVEY_GROUPING_TOPIC: SurveyGrouping.ValueType  # 3
+"""By topic."""
+Global___SurveyGrouping: _TypeAlias = SurveyGrouping  # noqa: Y015
+
 @_typing.final
 class Interaction(_message.Message):
     """One interaction of a customer with the contact center."""
@@ -150,6 +178,7 @@ class Interaction(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Id, unique within the application. Accessline's records use the id of what they
     record (a handoff's session id, a callback id, a notification id); an outside
@@ -173,6 +202,8 @@ class Interaction(_message.Message):
     """How it ended, in a word (MATCHED, ABANDONED, EXPIRED, CANCELLED, NO_ANSWER...)."""
     source: Global___InteractionSource.ValueType
     """Who recorded it; set by the service."""
+    rating: _builtins.int
+    """The customer's rating, 1 to 5; 0 when not rated."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
         """When it happened. Unset on RecordInteraction: now."""
@@ -196,10 +227,11 @@ class Interaction(_message.Message):
         source: Global___InteractionSource.ValueType = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        rating: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "application_id", b"application_id", "channel", b"channel", "interaction_id", b"interaction_id", "occurred_at", b"occurred_at", "outcome", b"outcome", "resource_group", b"resource_group", "source", b"source", "status", b"status", "topic", b"topic", "transaction_id", b"transaction_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "application_id", b"application_id", "channel", b"channel", "interaction_id", b"interaction_id", "occurred_at", b"occurred_at", "outcome", b"outcome", "rating", b"rating", "resource_group", b"resource_group", "source", b"source", "status", b"status", "topic", b"topic", "transaction_id", b"transaction_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,3 +470,153 @@ class ListInteractionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInteractionsResponse: _TypeAlias = ListInteractionsResponse  # noqa: Y015
+
+@_typing.final
+class SubmitSurveyRequest(_message.Message):
+    """Request of SubmitSurvey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    RATING_FIELD_NUMBER: _builtins.int
+    application_id: _builtins.str
+    """The application. Required."""
+    customer_id: _builtins.str
+    """The customer. Required."""
+    interaction_id: _builtins.str
+    """The interaction rated (the survey invitation's `interaction_id`). Required."""
+    rating: _builtins.int
+    """1 (poor) to 5 (excellent). Required."""
+    def __init__(
+        self,
+        *,
+        application_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        interaction_id: _builtins.str = ...,
+        rating: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "rating", b"rating"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSurveyRequest: _TypeAlias = SubmitSurveyRequest  # noqa: Y015
+
+@_typing.final
+class SubmitSurveyResponse(_message.Message):
+    """Response of SubmitSurvey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interaction(self) -> Global___Interaction:
+        """The interaction with its rating."""
+
+    def __init__(
+        self,
+        *,
+        interaction: Global___Interaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interaction", b"interaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interaction", b"interaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSurveyResponse: _TypeAlias = SubmitSurveyResponse  # noqa: Y015
+
+@_typing.final
+class GetSurveySummaryRequest(_message.Message):
+    """Request of GetSurveySummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    application_id: _builtins.str
+    """The application. Required."""
+    group_by: Global___SurveyGrouping.ValueType
+    """What to group by. Required."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only interactions that happened at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only interactions that happened before this time."""
+
+    def __init__(
+        self,
+        *,
+        application_id: _builtins.str = ...,
+        group_by: Global___SurveyGrouping.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "end_time", b"end_time", "group_by", b"group_by", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSurveySummaryRequest: _TypeAlias = GetSurveySummaryRequest  # noqa: Y015
+
+@_typing.final
+class SurveyRow(_message.Message):
+    """The ratings of one agent, group or topic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_RATING_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The agent, group or topic ("" for interactions without one)."""
+    count: _builtins.int
+    """Ratings given."""
+    mean_rating: _builtins.float
+    """Their mean, 1 to 5."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        count: _builtins.int = ...,
+        mean_rating: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "key", b"key", "mean_rating", b"mean_rating"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SurveyRow: _TypeAlias = SurveyRow  # noqa: Y015
+
+@_typing.final
+class GetSurveySummaryResponse(_message.Message):
+    """Response of GetSurveySummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SurveyRow]:
+        """One row per agent, group or topic, most ratings first (at most 1,000)."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___SurveyRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSurveySummaryResponse: _TypeAlias = GetSurveySummaryResponse  # noqa: Y015

@@ -67,6 +67,16 @@ class JourneyServiceStub:
                 request_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsRequest.SerializeToString,
                 response_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsResponse.FromString,
                 _registered_method=True)
+        self.SubmitSurvey = channel.unary_unary(
+                '/accessline.journey.v1.JourneyService/SubmitSurvey',
+                request_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyRequest.SerializeToString,
+                response_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyResponse.FromString,
+                _registered_method=True)
+        self.GetSurveySummary = channel.unary_unary(
+                '/accessline.journey.v1.JourneyService/GetSurveySummary',
+                request_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryRequest.SerializeToString,
+                response_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryResponse.FromString,
+                _registered_method=True)
 
 
 class JourneyServiceServicer:
@@ -119,6 +129,24 @@ class JourneyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSurvey(self, request, context):
+        """The customer's rating of an interaction an agent handled (after the survey
+        invitation, EVENT_TYPE_SURVEY), once. Caller: the customer's own app (their own
+        interaction) or the application's backend. Abuse: rating another customer's
+        interaction (refused as not found), rating twice (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSurveySummary(self, request, context):
+        """Ratings summarised per agent, group or topic over a time range. Caller: a
+        supervisor, an admin, an application's backend for its application.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JourneyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +164,16 @@ def add_JourneyServiceServicer_to_server(servicer, server):
                     servicer.ListInteractions,
                     request_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsRequest.FromString,
                     response_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsResponse.SerializeToString,
+            ),
+            'SubmitSurvey': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSurvey,
+                    request_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyRequest.FromString,
+                    response_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyResponse.SerializeToString,
+            ),
+            'GetSurveySummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSurveySummary,
+                    request_deserializer=accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryRequest.FromString,
+                    response_serializer=accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +275,60 @@ class JourneyService:
             '/accessline.journey.v1.JourneyService/ListInteractions',
             accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsRequest.SerializeToString,
             accessline_dot_journey_dot_v1_dot_journey__pb2.ListInteractionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSurvey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.journey.v1.JourneyService/SubmitSurvey',
+            accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyRequest.SerializeToString,
+            accessline_dot_journey_dot_v1_dot_journey__pb2.SubmitSurveyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSurveySummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/accessline.journey.v1.JourneyService/GetSurveySummary',
+            accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryRequest.SerializeToString,
+            accessline_dot_journey_dot_v1_dot_journey__pb2.GetSurveySummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,16 @@ class JourneyServiceStub:
     backend, a supervisor, an admin. Abuse: reading another customer's history, refused
     by the scopes; a transaction is listed to a customer only when it is theirs.
     """
+    SubmitSurvey: _grpc.UnaryUnaryMultiCallable[_journey_pb2.SubmitSurveyRequest, _journey_pb2.SubmitSurveyResponse]
+    """The customer's rating of an interaction an agent handled (after the survey
+    invitation, EVENT_TYPE_SURVEY), once. Caller: the customer's own app (their own
+    interaction) or the application's backend. Abuse: rating another customer's
+    interaction (refused as not found), rating twice (FAILED_PRECONDITION).
+    """
+    GetSurveySummary: _grpc.UnaryUnaryMultiCallable[_journey_pb2.GetSurveySummaryRequest, _journey_pb2.GetSurveySummaryResponse]
+    """Ratings summarised per agent, group or topic over a time range. Caller: a
+    supervisor, an admin, an application's backend for its application.
+    """
 
 @_typing.type_check_only
 class JourneyServiceAsyncStub(JourneyServiceStub):
@@ -108,6 +118,16 @@ class JourneyServiceAsyncStub(JourneyServiceStub):
     and its `accessline_applications` names the application), the application's
     backend, a supervisor, an admin. Abuse: reading another customer's history, refused
     by the scopes; a transaction is listed to a customer only when it is theirs.
+    """
+    SubmitSurvey: _aio.UnaryUnaryMultiCallable[_journey_pb2.SubmitSurveyRequest, _journey_pb2.SubmitSurveyResponse]  # type: ignore[assignment]
+    """The customer's rating of an interaction an agent handled (after the survey
+    invitation, EVENT_TYPE_SURVEY), once. Caller: the customer's own app (their own
+    interaction) or the application's backend. Abuse: rating another customer's
+    interaction (refused as not found), rating twice (FAILED_PRECONDITION).
+    """
+    GetSurveySummary: _aio.UnaryUnaryMultiCallable[_journey_pb2.GetSurveySummaryRequest, _journey_pb2.GetSurveySummaryResponse]  # type: ignore[assignment]
+    """Ratings summarised per agent, group or topic over a time range. Caller: a
+    supervisor, an admin, an application's backend for its application.
     """
 
 class JourneyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +184,28 @@ class JourneyServiceServicer(metaclass=_abc_1.ABCMeta):
         and its `accessline_applications` names the application), the application's
         backend, a supervisor, an admin. Abuse: reading another customer's history, refused
         by the scopes; a transaction is listed to a customer only when it is theirs.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitSurvey(
+        self,
+        request: _journey_pb2.SubmitSurveyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_journey_pb2.SubmitSurveyResponse, _abc.Awaitable[_journey_pb2.SubmitSurveyResponse]]:
+        """The customer's rating of an interaction an agent handled (after the survey
+        invitation, EVENT_TYPE_SURVEY), once. Caller: the customer's own app (their own
+        interaction) or the application's backend. Abuse: rating another customer's
+        interaction (refused as not found), rating twice (FAILED_PRECONDITION).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSurveySummary(
+        self,
+        request: _journey_pb2.GetSurveySummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_journey_pb2.GetSurveySummaryResponse, _abc.Awaitable[_journey_pb2.GetSurveySummaryResponse]]:
+        """Ratings summarised per agent, group or topic over a time range. Caller: a
+        supervisor, an admin, an application's backend for its application.
         """
 
 def add_JourneyServiceServicer_to_server(servicer: JourneyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

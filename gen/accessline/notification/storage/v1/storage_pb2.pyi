@@ -463,3 +463,41 @@ class LinkTally(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LinkTally: _TypeAlias = LinkTally  # noqa: Y015
+
+@_typing.final
+class SurveyInvitation(_message.Message):
+    """A survey to send: the customer of an interaction an agent ended, told to rate it.
+    Key: `nt/surveys/{application_id}/{interaction_id}`, written by Presence (through
+    Notification's published `surveys` module) in the transaction that ends the agent's
+    interaction; Notification sends the invitation once and deletes the key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    application_id: _builtins.str
+    """The customer's application."""
+    customer_id: _builtins.str
+    """The customer."""
+    interaction_id: _builtins.str
+    """The interaction's id in the customer's journey."""
+    agent_id: _builtins.str
+    """The agent who handled it."""
+    def __init__(
+        self,
+        *,
+        application_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        interaction_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "application_id", b"application_id", "customer_id", b"customer_id", "interaction_id", b"interaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SurveyInvitation: _TypeAlias = SurveyInvitation  # noqa: Y015
