@@ -31,7 +31,7 @@ from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from accessline_server.runtime.identity import ROLE_NAMES, UNSCOPED_ROLES, method_policy
 from accessline_server.runtime.store import Store
 from tests.support.cluster import EtcdCluster, new_cluster
-from tests.support.postgres import Postgres, postgres_bin_dir
+from tests.support.postgres import Postgres, running_postgres
 from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,23 +332,9 @@ async def service_factory(
 
 @pytest.fixture(scope="session")
 async def postgres() -> AsyncIterator[Postgres]:
-    """One PostgreSQL for the session. Its folder is made directly under the system temp
-    folder: pytest's own is private to root, and PostgreSQL runs as its own user."""
-    root = Path(tempfile.mkdtemp(prefix="accessline-postgres-"))
-    server = Postgres(free_port(), root / "data", postgres_bin_dir())
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    initdb = [str(server.bin_dir / "initdb"), "-D", str(server.data_dir), "-U", "postgres"]
-    subprocess.run(  # noqa: ASYNC221 - once per session, before anything else runs
-        server.as_owner(*initdb, "--auth=trust"), check=True, capture_output=True
-    )
-    server.start()
-    try:
-        await server.wait_ready()
+    """One PostgreSQL for the session."""
+    async with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

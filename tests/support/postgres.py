@@ -6,11 +6,15 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from accessline_server.runtime.embedded_etcd import free_port
 from tests.support.waiting import eventually
 
 
@@ -88,3 +92,25 @@ def postgres_bin_dir() -> Path:
             "PostgreSQL server binaries not found; `make check` installs Debian's postgresql"
         )
     return Path(found).resolve().parent
+
+
+@asynccontextmanager
+async def running_postgres() -> AsyncIterator[Postgres]:
+    """A PostgreSQL server of its own, stopped and removed after. Its folder is made
+    directly under the system temp folder: pytest's own is private to root, and
+    PostgreSQL runs as its own user."""
+    root = Path(tempfile.mkdtemp(prefix="accessline-postgres-"))
+    server = Postgres(free_port(), root / "data", postgres_bin_dir())
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    initdb = [str(server.bin_dir / "initdb"), "-D", str(server.data_dir), "-U", "postgres"]
+    subprocess.run(  # noqa: ASYNC221 - once, before anything else runs
+        server.as_owner(*initdb, "--auth=trust"), check=True, capture_output=True
+    )
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
