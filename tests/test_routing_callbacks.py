@@ -73,6 +73,18 @@ async def report_attempt(
     return reply
 
 
+async def journey_has_both_callbacks_and_the_notice(stack: Stack, customer: str) -> None:
+    """The customer's journey: the callback completed, the one cancelled, and the notice
+    of the failed attempt."""
+    found = await until_listed(stack, "bank", customer, lambda f: len(f) == 3)
+    assert by_channel(found, jn.INTERACTION_CHANNEL_CALLBACK) == [
+        (jn.INTERACTION_STATUS_CLOSED, "CANCELLED"),
+        (jn.INTERACTION_STATUS_ANSWERED, "COMPLETED"),
+    ]
+    [notice] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_NOTIFICATION]
+    assert notice.topic == "callback_attempt_failed"
+
+
 async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None:
     group = new_group()
     member, app = await agent(stack, group)
@@ -146,14 +158,7 @@ async def test_a_callback_is_dialled_retried_and_completed(stack: Stack) -> None
         rt_pb2.GetCallbackRequest(callback_id=fresh.callback.callback_id)
     )
     assert cancelled.callback.state == rt_pb2.CALLBACK_STATE_CANCELLED
-    # The customer's journey: both callbacks and the notice of the failed attempt.
-    found = await until_listed(stack, "bank", customer, lambda f: len(f) == 3)
-    assert by_channel(found, jn.INTERACTION_CHANNEL_CALLBACK) == [
-        (jn.INTERACTION_STATUS_CLOSED, "CANCELLED"),
-        (jn.INTERACTION_STATUS_ANSWERED, "COMPLETED"),
-    ]
-    [notice] = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_NOTIFICATION]
-    assert notice.topic == "callback_attempt_failed"
+    await journey_has_both_callbacks_and_the_notice(stack, customer)
     dials.cancel()
     pushes.cancel()
     app.call.cancel()

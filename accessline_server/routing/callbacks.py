@@ -77,8 +77,8 @@ class Callbacks:
     async def request(self, request: rt_pb2.RequestCallbackRequest) -> rt_pb2.Callback:
         now = time.time()
         earliest = seconds(request.earliest) if request.HasField("earliest") else now
-        earliest, latest = await self._within_hours(
-            request.resource_group, max(earliest, now), seconds(request.latest)
+        earliest, latest = await hours.callback_window(
+            self._store, request.resource_group, max(earliest, now), seconds(request.latest)
         )
         callback_id = "cb" + secrets.token_urlsafe(12)
         public = rt_pb2.Callback(
@@ -151,22 +151,6 @@ class Callbacks:
             reason="CALLBACK_EXISTS",
             metadata={"callback_id": existing_id},
         )
-
-    async def _within_hours(
-        self, group: str, earliest: float, latest: float
-    ) -> tuple[float, float]:
-        """The callback's window narrowed to the group's first opening within it: an
-        agent never calls outside the group's business hours."""
-        calendar = await hours.calendar(self._store, group)
-        if calendar is None:
-            return earliest, latest
-        found = calendar.first_open(earliest, latest)
-        if found is None:
-            raise FailedPrecondition(
-                f"group {group} is closed for the whole window asked",
-                reason="OUTSIDE_BUSINESS_HOURS",
-            )
-        return found
 
     async def _get(self, callback_id: str) -> Entry[rt_store.StoredCallback]:
         entry = await self._store.get(keys.callback(callback_id), rt_store.StoredCallback)
@@ -476,7 +460,7 @@ class Callbacks:
                 entry.value, events.CALLBACK_ATTEMPTED, outcome=attempted.lower()
             )
             if (await self._store.txn(compares, ops)).succeeded:
-                self._journal_attempt(entry.value, final_state)
+                journal.callback_attempt(entry.value, final_state)
                 after = rt_pb2.Callback()
                 after.CopyFrom(cb)
                 after.state = final_state
@@ -489,15 +473,6 @@ class Callbacks:
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
-
-    @staticmethod
-    def _journal_attempt(stored: rt_store.StoredCallback, state: int) -> None:
-        if state == rt_pb2.CALLBACK_STATE_COMPLETED:
-            journal.callback(stored, journal.ANSWERED, outcome="COMPLETED")
-        elif state == rt_pb2.CALLBACK_STATE_FAILED:
-            journal.callback(stored, journal.CLOSED, outcome="NOT_REACHED")
-        else:
-            journal.callback(stored, journal.PENDING, outcome="NOT_REACHED_YET")
 
     async def _tell_customer(self, stored: rt_store.StoredCallback, *, final: bool) -> None:
         """Tells the customer the agent tried to call (only ids in the payload)."""

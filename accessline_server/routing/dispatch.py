@@ -364,7 +364,7 @@ class Dispatcher:
                 pr_offers.CallBinding(entry.key, entry.meta.create_revision, entry.meta.lease),
                 context=what.context if what.HasField("context") else None,
                 customer=(item.customer_id, item.application_id),
-                journey_id=journal.interaction_id(item),
+                journey_id=journal.surveyed_id(item),
             )
 
     async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from accessline.routing.v1 import hours_pb2
 from accessline_server.routing import keys
+from accessline_server.runtime.errors import FailedPrecondition
 from accessline_server.runtime.store import Store
 from accessline_server.runtime.validation import Violations
 
@@ -143,3 +144,20 @@ async def put(store: Store, group: str, hours: hours_pb2.BusinessHours | None) -
         await store.delete(keys.hours(group))
     else:
         await store.put(keys.hours(group), hours)
+
+
+async def callback_window(
+    store: Store, group: str, earliest: float, latest: float
+) -> tuple[float, float]:
+    """A callback's window narrowed to the group's first opening within it: an agent
+    never calls outside the group's business hours."""
+    found = await calendar(store, group)
+    if found is None:
+        return earliest, latest
+    window = found.first_open(earliest, latest)
+    if window is None:
+        raise FailedPrecondition(
+            f"group {group} is closed for the whole window asked",
+            reason="OUTSIDE_BUSINESS_HOURS",
+        )
+    return window

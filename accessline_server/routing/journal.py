@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from accessline.journey.v1 import journey_pb2 as jn_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.callmatching.journey import records
 
 ANSWERED = jn_pb2.INTERACTION_STATUS_ANSWERED
@@ -20,6 +21,15 @@ def interaction_id(item: rt_store.QueuedInteraction) -> str:
     if item.kind == rt_store.INTERACTION_KIND_CALL:
         return item.session_id or item.interaction_id
     return item.interaction_id
+
+
+def surveyed_id(item: rt_store.QueuedInteraction) -> str:
+    """The journey id an offer carries so that the survey after it can name it: a call
+    of an app's customer only (a callback's dial may not have reached the customer when
+    its agent ends it)."""
+    if item.kind != rt_store.INTERACTION_KIND_CALL or not item.application_id:
+        return ""
+    return interaction_id(item)
 
 
 def call(item: rt_store.QueuedInteraction, *, connected: bool, agent_id: str = "") -> None:
@@ -66,6 +76,16 @@ def callback(
             transaction_id=transaction_id or None,
         )
     )
+
+
+def callback_attempt(stored: rt_store.StoredCallback, state: int) -> None:
+    """How a dial of the callback went: completed, given up, or to be tried again."""
+    if state == rt_pb2.CALLBACK_STATE_COMPLETED:
+        callback(stored, ANSWERED, outcome="COMPLETED")
+    elif state == rt_pb2.CALLBACK_STATE_FAILED:
+        callback(stored, CLOSED, outcome="NOT_REACHED")
+    else:
+        callback(stored, PENDING, outcome="NOT_REACHED_YET")
 
 
 def notify_request(
