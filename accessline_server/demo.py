@@ -39,6 +39,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
+from accessline_server.demo_journey import JourneyShown, show_journey
 from accessline_server.runtime.devpki import DevIdentity
 
 C = common_pb2
@@ -74,6 +75,8 @@ class Tally:
     to_match: list[float] = field(default_factory=list)
     to_connect: list[float] = field(default_factory=list)
     agents: dict[str, str] = field(default_factory=dict)
+    connected_customers: list[str] = field(default_factory=list)
+    journey: JourneyShown | None = None
 
 
 @dataclass
@@ -347,9 +350,9 @@ class Customers:
                     dtmf_digits=digits,
                 )
             )
-            await self._follow(call, arrived)
+            await self._follow(call, arrived, f"customer-{n}")
 
-    async def _follow(self, call: Any, arrived: float) -> None:
+    async def _follow(self, call: Any, arrived: float, customer: str) -> None:
         """Counts the call's events until it ends."""
         tally = self.tally
         queued = counted = False
@@ -374,6 +377,7 @@ class Customers:
                     tally.to_match.append(time.perf_counter() - arrived)
                 elif kind == "connect":
                     tally.connected += 1
+                    tally.connected_customers.append(customer)
                     tally.to_connect.append(time.perf_counter() - arrived)
                 elif kind == "failed":
                     tally.failed += 1
@@ -444,6 +448,10 @@ async def play(
             view.update(render(tally, calls))
     for member in team:
         member.stop()
+    if tally.connected_customers:
+        tally.journey = await show_journey(
+            channels[1], f"demo-bank-{run}", tally.connected_customers[0], console
+        )
     for channel in channels:
         await channel.close()
     to_connect = tally.to_connect

@@ -45,3 +45,10 @@ async def test_the_demo_plays_the_whole_flow(
     assert 0 <= tally.queued_calls <= 20
     assert "waiting in the queue now" in output.getvalue()
     assert f"summary: 20 handoffs, {tally.connected} calls connected" in output.getvalue()
+    # The demo ends on one connected customer's journey and their rating of the call.
+    shown = tally.journey
+    assert shown is not None
+    assert any(r.agent_id and r.outcome == "MATCHED" for r in shown.records)
+    assert f"journey of {shown.customer}" in output.getvalue()
+    assert shown.rated in output.getvalue()
+    assert [r.count for r in shown.ratings] == [1]

@@ -199,8 +199,10 @@ class QueueEntries:
                     out = [Op.delete(key)] + ([Op.delete(item.place_key)] if item.place_key else [])
                     also = [redirect] if redirect is not None else []
                     also += await self._told(item, events.CALL_CONNECTED)
-                    if (await self._store.txn([kept], [*out, relet, *also], out)).succeeded:
-                        journal.call(item, connected=True, agent_id=target.agent_id)
+                    await self._store.txn([kept], [*out, relet, *also], out)
+                    # Connected whether or not the agent's interaction is still there (an
+                    # agent may end it at once).
+                    journal.call(item, connected=True, agent_id=target.agent_id)
                     return
                 ops = [Op.delete(key)]
                 if item.place_key:

@@ -412,15 +412,13 @@ async def call_path_services(
     """NumberDistribution, CallMatching, Presence and Routing started with `start` (the
     `service_factory` fixture, which stops them after the test), each with `env`, and
     Routing with `routing_env` as well; returns once all serve."""
-    env = env or {}
+    # CallMatching and Routing share the history (the journey is written by both).
+    env = {"ACCESSLINE_HISTORY_DSN": f"sqlite+aiosqlite:///{tmp / 'h.db'}", **(env or {})}
     nd = start("accessline_server.numberdistribution", **env)
     pr = start("accessline_server.presence", **env)
     await wait_serving(nd)
     cm = start(
-        "accessline_server.callmatching",
-        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-        ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp / 'h.db'}",
-        **env,
+        "accessline_server.callmatching", ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address, **env
     )
     await wait_serving(pr)
     await wait_serving(cm)
