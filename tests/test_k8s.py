@@ -292,14 +292,15 @@ def test_each_grpc_port_admits_exactly_the_callers_its_protos_name(
 ) -> None:
     from accessline.access.v1 import access_pb2
     from accessline_server.runtime.identity import ROLE_NAMES, method_policy
-    from tests.test_access import SERVICES as DESCRIPTORS
+    from tests.test_access import HOSTED
 
     docs = rendered[overlay]
     policies = list(of_kind(docs, "NetworkPolicy").values())
     for name, deployment in service_deployments(docs).items():
         target = deployment["spec"]["template"]["metadata"]["labels"]
         declared: set[str] = set()
-        for method in DESCRIPTORS[name].methods:
+        methods = [m for host, s in HOSTED if host == name for m in s.methods]
+        for method in methods:
             policy = method_policy(method)
             declared |= {f"role:{ROLE_NAMES[r]}" for r in policy.roles}
             declared |= {
