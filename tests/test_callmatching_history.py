@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -19,11 +20,12 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.journey.v1 import journey_pb2 as jn
 from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
-from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 from accessline_server.runtime.tables import engine_for
 from tests.conftest import (
     ROOT,
     connect,
+    error_details,
     eventually,
     health_status,
     spawn_service,
@@ -35,6 +37,7 @@ from tests.support.callmatching import (
     S,
     System,
     call,
+    context,
     fresh_ani,
     handoff,
     make_pool,
@@ -296,3 +299,42 @@ async def _journey_checked(stub: Any, app_id: str, session_id: str) -> None:
         )
     )
     assert [r.interaction_id for r in await listed()] == ["mail-1", session_id]
+
+
+async def test_a_handoff_goes_on_when_the_history_database_does_not_answer(
+    system: System, etcd: EmbeddedEtcd
+) -> None:
+    """The customer's open transactions are looked up as a handoff starts: with the
+    database unreachable, the handoff goes without them and its call still matches; the
+    journey's reads say UNAVAILABLE."""
+    replica = spawn_service(
+        "accessline_server.callmatching",
+        etcd.endpoint,
+        PREFIX,
+        ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=system.processes[0].address,
+        ACCESSLINE_HISTORY_DSN=f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none",
+        ACCESSLINE_WITHHELD_FAILURE_LIMIT=WITHHELD_LIMIT,
+    )
+    try:
+        await wait_serving(replica)
+        async with connect(replica.address, service="routing") as channel:
+            stub = cm_grpc.CallMatchingServiceStub(channel)
+            subject, _ = await make_pool(system, 1)
+            app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+            started = await stub.StartHandoff(
+                cm_pb2.StartHandoffRequest(
+                    application_id=app_id, customer_id="customer-1", context=context(subject)
+                )
+            )
+            matched = await call(stub, started.access_number)
+            assert matched.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+            assert list(matched.context.open_transactions) == []
+        async with connect(replica.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await jn_grpc.JourneyServiceStub(channel).ListInteractions(
+                    jn.ListInteractionsRequest(application_id=app_id, customer_id="customer-1")
+                )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_details(caught.value)["ErrorInfo"].reason == "HISTORY_UNAVAILABLE"
+    finally:
+        replica.stop()

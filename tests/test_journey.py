@@ -24,7 +24,6 @@ from accessline.journey.v1 import journey_pb2_grpc as jn_grpc
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from accessline_server.runtime.embedded_etcd import free_port
 from tests.conftest import (
     ServiceProcess,
     connect,
@@ -327,21 +326,6 @@ async def test_records_past_the_retention_are_purged(
             return [r.interaction_id for r in await listed(stub, "bank", "cust-1")] == ["recent"]
 
         await eventually(purged, what="the record past the retention purged")
-
-
-async def test_an_unreachable_history_database_is_unavailable(
-    service_factory: Callable[..., ServiceProcess],
-) -> None:
-    cm = service_factory(
-        "accessline_server.callmatching",
-        ACCESSLINE_HISTORY_DSN=f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none",
-    )
-    await wait_serving(cm)
-    async with connect(cm.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await listed(jn_grpc.JourneyServiceStub(channel), "bank", "cust-1")
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert error_details(caught.value)["ErrorInfo"].reason == "HISTORY_UNAVAILABLE"
 
 
 async def test_a_survey_follows_the_end_of_the_interaction_and_is_answered_once(
