@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alembic.util import CommandError
 from opentelemetry import metrics
 from sqlalchemy import case, func
 from sqlalchemy.dialects import postgresql, sqlite
@@ -185,10 +184,7 @@ async def write(conn: AsyncConnection, batch: list[Row]) -> None:
 
 async def ensure_schema(conn: AsyncConnection, create: bool) -> None:
     if create:
-        try:
-            await migrate.upgrade(conn)
-        except CommandError as exc:  # a database newer than this release, say
-            raise tables.SchemaMissing(f"the journey's tables cannot be upgraded: {exc}") from exc
+        await migrate.upgrade(conn)
     elif not await migrate.is_current(conn):
         raise tables.SchemaMissing(
             "the journey's tables are missing or older than this release;"
