@@ -6,6 +6,7 @@ hours, a snooze that would end in closed hours."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -13,6 +14,7 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.routing.v1 import hours_pb2 as hr
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc
@@ -220,3 +222,36 @@ async def test_bad_hours_are_refused_with_their_fields(stack: Stack) -> None:
 def rt_pb2_stub(stack: Stack, token: str) -> Any:
     """Routing (its first replica) called with `token`."""
     return routing_pb2_grpc.RoutingServiceStub(connect(stack.processes[4].address, token))
+
+
+async def test_a_snooze_ending_in_closed_hours_waits_for_the_opening(stack: Stack) -> None:
+    group = new_group()
+    hours, _ = closed_around_today()
+    await stack.routers[0].SetBusinessHours(
+        rt_pb2.SetBusinessHoursRequest(resource_group=group, hours=hours)
+    )
+    asked = await stack.routers[0].RequestNotifyWhenAvailable(
+        rt_pb2.RequestNotifyWhenAvailableRequest(
+            customer_id=f"cust-{uuid.uuid4().hex[:6]}",
+            resource_group=group,
+            handoff=cm_pb2.StartHandoffRequest(application_id="bank"),
+        )
+    )
+    snooze = rt_pb2.SnoozeNotifyWhenAvailableRequest(request_id=asked.request_id)
+    snooze.snooze.FromSeconds(60)
+    # The group opens again only after the request's expiry (4 hours): refused.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.routers[1].SnoozeNotifyWhenAvailable(snooze)
+    assert error_details(caught.value)["ErrorInfo"].reason == "SNOOZE_PAST_EXPIRY"
+    # Open all day, every day: the snooze ends when asked.
+    await stack.routers[0].SetBusinessHours(
+        rt_pb2.SetBusinessHoursRequest(
+            resource_group=group,
+            hours=hr.BusinessHours(time_zone="UTC", weekly=weekdays("00:00", "24:00")),
+        )
+    )
+    snoozed = await stack.routers[1].SnoozeNotifyWhenAvailable(snooze)
+    assert snoozed.active_again_at.seconds == pytest.approx(time.time() + 60, abs=30)
+    await stack.routers[0].CancelNotifyWhenAvailable(
+        rt_pb2.CancelNotifyWhenAvailableRequest(request_id=asked.request_id)
+    )

@@ -55,20 +55,28 @@ CLOSED = jn.INTERACTION_STATUS_CLOSED
 
 
 async def outside(
-    stack: Stack, app_id: str, interaction_id: str, channel: int, **correlation: str
+    stack: Stack,
+    app_id: str,
+    interaction_id: str,
+    channel: int,
+    ago: float = 0.0,
+    **correlation: str,
 ) -> jn.Interaction:
+    """An interaction another system posts (`ago` seconds ago: now unless given)."""
     transaction = correlation.pop("transaction_id", "")
+    interaction = jn.Interaction(
+        interaction_id=interaction_id,
+        application_id=app_id,
+        transaction_id=transaction,
+        channel=channel,
+        topic="claim",
+        status=jn.INTERACTION_STATUS_RECEIVED,
+    )
+    if ago:
+        interaction.occurred_at.FromSeconds(int(time.time() - ago))
     reply = await journey(stack).RecordInteraction(
         jn.RecordInteractionRequest(
-            interaction=jn.Interaction(
-                interaction_id=interaction_id,
-                application_id=app_id,
-                transaction_id=transaction,
-                channel=channel,
-                topic="claim",
-                status=jn.INTERACTION_STATUS_RECEIVED,
-            ),
-            correlation=jn.Correlation(**correlation),
+            interaction=interaction, correlation=jn.Correlation(**correlation)
         )
     )
     return reply.interaction
@@ -138,9 +146,13 @@ async def test_a_text_joins_the_customer_by_a_phone_number_tied_to_them(stack: S
     app_id, _ = await setup_numbers(stack, group)
     customer = f"cust-{uuid.uuid4().hex[:6]}"
     # One record names the customer and their phone: the number is tied to them...
-    await outside(stack, app_id, "text-1", TEXT, customer_id=customer, phone_number="+33612345678")
+    await outside(
+        stack, app_id, "text-1", TEXT, 600, customer_id=customer, phone_number="+33612345678"
+    )
     # ...so a later text from that number, in national form, is theirs too.
-    await outside(stack, app_id, "text-2", TEXT, phone_number="06 12 34 56 78", default_region="FR")
+    await outside(
+        stack, app_id, "text-2", TEXT, 60, phone_number="06 12 34 56 78", default_region="FR"
+    )
     await outside(stack, app_id, "text-3", TEXT, phone_number="+33699999999")
     mine = await listed(journey(stack), app_id, customer)
     assert sorted(r.interaction_id for r in mine) == ["text-1", "text-2"]
@@ -160,6 +172,11 @@ async def test_a_text_joins_the_customer_by_a_phone_number_tied_to_them(stack: S
         r.interaction_id for r in mine
     ]
     assert second.next_page_token == ""
+    # Only what happened within a time range.
+    since = timestamp_pb2.Timestamp()
+    since.FromSeconds(int(time.time() - 300))
+    recent = await listed(journey(stack), app_id, customer, start_time=since)
+    assert [r.interaction_id for r in recent] == ["text-2"]
 
 
 async def test_a_customer_reads_only_their_own_journey(stack: Stack) -> None:
