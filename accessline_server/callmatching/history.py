@@ -7,7 +7,6 @@ keyed hash."""
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline_server.callmatching.journey import migrate as journey_migrate
 from accessline_server.runtime import audit, tables
-from accessline_server.runtime.errors import FieldViolation, InvalidArgument, Unavailable
+from accessline_server.runtime.errors import Unavailable
 
 log = logging.getLogger("accessline.callmatching.history")
 
@@ -110,20 +109,6 @@ class AttemptFilter:
     application_id: str
     access_number: str
     outcome: int
-
-
-def _token(decided_us: int, attempt_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{decided_us}:{attempt_id}".encode()).decode()
-
-
-def _untoken(token: str) -> tuple[int, str]:
-    try:
-        decided, attempt_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return int(decided), attempt_id
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            [FieldViolation("page_token", "is not a token this service gave")]
-        ) from None
 
 
 async def migrate(dsn: str) -> list[str]:
@@ -206,7 +191,7 @@ class MatchHistory:
     ) -> tuple[list[cm_pb2.MatchAttempt], str]:
         conditions = self._where(f)
         if page_token:
-            decided, attempt_id = _untoken(page_token)
+            decided, attempt_id = tables.read_page_token(page_token)
             conditions.append(
                 or_(
                     attempts.c.decided_us < decided,
@@ -224,7 +209,7 @@ class MatchHistory:
         token = ""
         if len(rows) > page_size:
             last = found[-1]
-            token = _token(_us(last.decided_at), last.attempt_id)
+            token = tables.page_token(_us(last.decided_at), last.attempt_id)
         return found, token
 
     async def stats(

@@ -7,6 +7,7 @@ and metrics, a full buffer drops rows and counts them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -19,10 +20,29 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from accessline_server.runtime.errors import FieldViolation, InvalidArgument
+
 BUFFER_LIMIT = 100_000
 BATCH = 500
 # Taken while migrating, so two migrations run at once on PostgreSQL wait for each other.
 MIGRATION_LOCK = 7_301_991
+
+
+def page_token(at_us: int, row_id: str) -> str:
+    """The token of the page after a row of a listing ordered by (time, id), newest
+    first."""
+    return base64.urlsafe_b64encode(f"{at_us}:{row_id}".encode()).decode()
+
+
+def read_page_token(token: str) -> tuple[int, str]:
+    """(time, id) of a `page_token`; INVALID_ARGUMENT naming `page_token` otherwise."""
+    try:
+        at_us, row_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return int(at_us), row_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            [FieldViolation("page_token", "is not a token this service gave")]
+        ) from None
 
 
 class SchemaMissing(SQLAlchemyError):

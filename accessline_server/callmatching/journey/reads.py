@@ -5,7 +5,6 @@ changed) and the purge of records past the retention."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -22,8 +21,6 @@ from accessline.journey.v1 import journey_pb2 as jn_pb2
 from accessline_server.callmatching.journey import records, schema
 from accessline_server.runtime import tables
 from accessline_server.runtime.errors import (
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     Unavailable,
 )
@@ -48,20 +45,6 @@ class Query:
     statuses: Sequence[int]
     start_us: int | None
     end_us: int | None
-
-
-def _token(occurred_us: int, interaction_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{occurred_us}:{interaction_id}".encode()).decode()
-
-
-def _untoken(token: str) -> tuple[int, str]:
-    try:
-        occurred, interaction_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return int(occurred), interaction_id
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            [FieldViolation("page_token", "is not a token this service gave")]
-        ) from None
 
 
 def interaction(row: Any) -> jn_pb2.Interaction:
@@ -297,7 +280,7 @@ class Journey:
         if query.end_us is not None:
             conditions.append(t.c.occurred_us < query.end_us)
         if page_token:
-            occurred, interaction_id = _untoken(page_token)
+            occurred, interaction_id = tables.read_page_token(page_token)
             conditions.append(
                 or_(
                     t.c.occurred_us < occurred,
@@ -314,7 +297,7 @@ class Journey:
         token = ""
         if len(rows) > page_size:
             last = rows[page_size - 1]
-            token = _token(last.occurred_us, last.interaction_id)
+            token = tables.page_token(last.occurred_us, last.interaction_id)
         return found, token
 
     async def open_transactions(

@@ -13,7 +13,7 @@ from accessline_server.callmatching.journey.reads import Journey, Query
 from accessline_server.runtime import identity
 from accessline_server.runtime.errors import PermissionDenied
 from accessline_server.runtime.server import ServicerContext
-from accessline_server.runtime.validation import Violations, invalid_times
+from accessline_server.runtime.validation import Violations
 
 OUTSIDE_CHANNELS = {
     jn_pb2.INTERACTION_CHANNEL_VOICE,
@@ -89,8 +89,6 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
         self, request: jn_pb2.RecordInteractionRequest, context: ServicerContext
     ) -> jn_pb2.RecordInteractionResponse:
         v = Violations()
-        for violation in invalid_times(request):
-            v.add(violation.field, violation.description)
         i = request.interaction
         _check_interaction(i, v)
         phone, email = self._keys(request.correlation, i.application_id, v)
@@ -137,8 +135,6 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
         self, request: jn_pb2.ListInteractionsRequest, context: ServicerContext
     ) -> jn_pb2.ListInteractionsResponse:
         v = Violations()
-        for violation in invalid_times(request):
-            v.add(violation.field, violation.description)
         v.id("application_id", request.application_id)
         v.text("customer_id", request.customer_id, 128)
         v.id("transaction_id", request.transaction_id, required=False, long=True)
@@ -194,8 +190,6 @@ class JourneyServicer(jn_grpc.JourneyServiceServicer):
         self, request: jn_pb2.GetSurveySummaryRequest, context: ServicerContext
     ) -> jn_pb2.GetSurveySummaryResponse:
         v = Violations()
-        for violation in invalid_times(request):
-            v.add(violation.field, violation.description)
         v.id("application_id", request.application_id)
         if request.group_by not in surveys.GROUPED_BY:
             v.add("group_by", "must be AGENT, RESOURCE_GROUP or TOPIC")
