@@ -1,20 +1,27 @@
-"""The journey's schema two ways: a fresh database made whole from the schema module and
-stamped, and the same database brought up through every Alembic revision, give the same
-tables, columns and indexes (SQLite and PostgreSQL); a database an older release made is
-upgraded through Alembic."""
+"""The journey's tables: a fresh database made whole from the schema module and stamped,
+and the same database brought up through every Alembic revision, give the same tables,
+columns and indexes (SQLite and PostgreSQL); a database an older release made is upgraded
+through Alembic; two writes of one interaction fold the same whichever lands first."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
-from accessline_server.callmatching.journey import migrate
+from accessline.journey.v1 import journey_pb2 as jn
+from accessline_server.callmatching.journey import migrate, schema
+from accessline_server.callmatching.journey.records import JourneyWriter, Record, write
+from accessline_server.callmatching.journey.schema import Correlator
 from accessline_server.runtime import tables
 from tests.support.postgres import Postgres
+
+APP_VOICE = jn.INTERACTION_CHANNEL_APP_VOICE
+ANSWERED, PENDING = jn.INTERACTION_STATUS_ANSWERED, jn.INTERACTION_STATUS_PENDING
 
 
 def test_the_stamped_revision_is_alembics_newest() -> None:
@@ -91,3 +98,29 @@ async def test_an_older_database_is_upgraded_through_alembic(tmp_path: Path) -> 
     finally:
         await engine.dispose()
     assert "rating" in {c[0] for c in (await made(dsn))["journey_interactions"]["columns"]}
+
+
+async def test_the_later_write_sets_the_status_whichever_lands_first(tmp_path: Path) -> None:
+    """Two services write one interaction: Routing's "answered" (later) may land before
+    CallMatching's "pending, matched" (earlier), in one batch or in two."""
+    writer = JourneyWriter(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", Correlator(b"s" * 32))
+    base = time.time()
+    later = writer.row(
+        Record("bank", "call-1", APP_VOICE, ANSWERED, customer_id="c1", agent_id="a1", at=base + 5)
+    )
+    earlier = writer.row(
+        Record("bank", "call-1", APP_VOICE, PENDING, customer_id="c1", outcome="MATCHED", at=base)
+    )
+    engine: Any = writer.engine
+    try:
+        async with engine.begin() as conn:
+            await migrate.upgrade(conn)
+            await write(conn, [later, earlier])  # one batch: folded
+            await write(conn, [{**later, "interaction_id": "call-2"}])  # two batches
+            await write(conn, [{**earlier, "interaction_id": "call-2"}])
+            rows = (await conn.execute(select(schema.interactions))).fetchall()
+    finally:
+        await engine.dispose()
+    for row in rows:
+        assert (row.status, row.agent_id, row.outcome) == (ANSWERED, "a1", "MATCHED")
+        assert (row.occurred_us, row.updated_us) == (earlier["occurred_us"], later["updated_us"])
