@@ -83,6 +83,7 @@ bench: setup
 	$(BIN)/python -m bench.routing_bench
 	$(BIN)/python -m bench.e2e_bench
 	$(BIN)/python -m bench.sip_bench
+	$(BIN)/python -m bench.journey_bench
 
 # `make up SIP=1` also runs the SIP edge (Kamailio on UDP 5060 and the SIP adapter).
 up: setup
