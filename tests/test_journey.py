@@ -83,7 +83,7 @@ async def outside(
 
 
 async def connected_call(
-    stack: Stack, context: C.ContextData, customer: str, app_id: str = ""
+    stack: Stack, context: C.ContextData, customer: str, app_id: str = "", ani: str = ""
 ) -> tuple[Any, ...]:
     """A customer's handoff (of a new application unless given) and their call connected
     to an agent: (app, session, agent, group, the switch's Connect)."""
@@ -93,7 +93,7 @@ async def connected_call(
     context.subject = await pool_subject(stack, group)
     agent_id, agent_app = await agent(stack, group)
     reached = await handoff(stack, app_id, customer, context)
-    call = Call(stack.routers[0], reached.access_number)
+    call = Call(stack.routers[0], reached.access_number, ani=ani)
     await answer(agent_app, ACCEPT)
     connect_event = (await call.until("connect")).connect
     agent_app.call.cancel()
@@ -177,6 +177,17 @@ async def test_a_text_joins_the_customer_by_a_phone_number_tied_to_them(stack: S
     since.FromSeconds(int(time.time() - 300))
     recent = await listed(journey(stack), app_id, customer, start_time=since)
     assert [r.interaction_id for r in recent] == ["text-2"]
+
+
+async def test_a_matched_call_ties_its_callers_number_to_the_customer(stack: Stack) -> None:
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    number = f"+3361{uuid.uuid4().int % 10**7:07d}"
+    app_id, session_id, *_ = await connected_call(stack, C.ContextData(), customer, ani=number)
+    await until_listed(stack, app_id, customer, lambda f: f and f[0].outcome == "MATCHED")
+    # The IVR's system posts a later call from that number, without the customer's id.
+    await outside(stack, app_id, "ivr-call-1", jn.INTERACTION_CHANNEL_VOICE, phone_number=number)
+    mine = await listed(journey(stack), app_id, customer)
+    assert [r.interaction_id for r in mine] == ["ivr-call-1", session_id]
 
 
 async def test_a_customer_reads_only_their_own_journey(stack: Stack) -> None:

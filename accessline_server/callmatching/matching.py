@@ -175,7 +175,7 @@ class Matcher:
         attempt.decided_at.CopyFrom(timestamp(now))
         self._history.record(attempt)
         if self._journey is not None:
-            self._journey.record_match(attempt, response, now)
+            self._journey.record_match(attempt, response, now, ani)
         outcome = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
         labels = outcome
         if attempt.application_id:

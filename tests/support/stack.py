@@ -299,12 +299,17 @@ class Call:
     """The switch's side of one RouteInboundCall stream."""
 
     def __init__(
-        self, router: Any, dnis: str, call_id: str | None = None, resume_token: str = ""
+        self,
+        router: Any,
+        dnis: str,
+        call_id: str | None = None,
+        resume_token: str = "",
+        ani: str = "",
     ) -> None:
         self.call_id = call_id or f"call-{uuid.uuid4().hex[:8]}"
         self.call = router.RouteInboundCall(
             rt_pb2.RouteInboundCallRequest(
-                call_id=self.call_id, dnis=dnis, resume_token=resume_token
+                call_id=self.call_id, dnis=dnis, resume_token=resume_token, ani=ani
             )
         )
         self.events: list[rt_pb2.RouteInboundCallResponse] = []

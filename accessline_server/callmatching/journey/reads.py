@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import phonenumbers
 from sqlalchemy import and_, delete, or_, select, union, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -136,10 +137,21 @@ class Journey:
         self._writer.record(record)
 
     def record_match(
-        self, attempt: cm_pb2.MatchAttempt, response: cm_pb2.MatchCallResponse, now: float
+        self,
+        attempt: cm_pb2.MatchAttempt,
+        response: cm_pb2.MatchCallResponse,
+        now: float,
+        ani: str = "",
     ) -> None:
         """The handoff's record gets its call's outcome (a matched call waits for its
-        agent: still pending)."""
+        agent: still pending); a matched call ties its caller's number (`ani`, E.164) to
+        the customer, so a later call from that number posted by another system joins
+        their journey."""
+        matched = response.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
+        phone = None
+        if matched and ani and response.customer_id:
+            with contextlib.suppress(phonenumbers.NumberParseException):
+                phone = self.correlator.phone(ani)
         if attempt.session_id and attempt.application_id:
             self.record(
                 records.Record(
@@ -148,6 +160,7 @@ class Journey:
                     channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
                     status=jn_pb2.INTERACTION_STATUS_PENDING,
                     customer_id=response.customer_id or None,
+                    phone_key=phone,
                     outcome=cm_pb2.MatchOutcome.Name(response.outcome).removeprefix(
                         "MATCH_OUTCOME_"
                     ),
