@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 from playwright import async_api as playwright_api
 
+from accessline.journey.v1 import journey_pb2 as jn
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from tests.conftest import ROOT, free_port, identity, spawn_service, wait_serving
+from tests.support.journey import journey
 from tests.support.proxy import Proxy
 from tests.support.stack import (
     C,
@@ -168,6 +170,23 @@ async def see_the_offer(page: Any, subject: str) -> None:
     await page.screenshot(path=ARTIFACTS / "offer.png")
 
 
+async def left_a_claim_half_filled(stack: Stack, app_id: str, customer: str) -> None:
+    """The claims system posts the customer's unfinished claim to their journey."""
+    await journey(stack).RecordInteraction(
+        jn.RecordInteractionRequest(
+            interaction=jn.Interaction(
+                interaction_id="claim-form-9",
+                application_id=app_id,
+                transaction_id="CLAIM-9",
+                channel=jn.INTERACTION_CHANNEL_CHAT,
+                topic="claim form",
+                status=jn.INTERACTION_STATUS_PENDING,
+            ),
+            correlation=jn.Correlation(customer_id=customer),
+        )
+    )
+
+
 async def work_and_send_a_link(page: Any, inbox: Any) -> Any:
     """The whole context of the accepted call, and a link to the customer: refused from
     an origin not allowed, sent from one that is. The interaction's element."""
@@ -176,6 +195,10 @@ async def work_and_send_a_link(page: Any, inbox: Any) -> Any:
     await expect(work.get_by_test_id("attribute-policy")).to_have_text("P-12", timeout=SHOWN)
     await expect(work.get_by_test_id("context-auth")).to_have_text("session-4711")
     await expect(work.get_by_test_id("context-app-screen")).to_have_text("claims/new")
+    # The claim the customer left half-filled, open in their journey.
+    await expect(work.get_by_test_id("context-open-transactions")).to_have_text(
+        "CLAIM-9 (claim form)"
+    )
     await work.get_by_test_id("link-url").fill("https://elsewhere.example.test/form")
     await work.get_by_test_id("send-link").click()
     await expect(work.get_by_test_id("link-status")).to_contain_text("not sent")
@@ -229,6 +252,7 @@ async def test_an_agent_works_a_matched_call_in_the_console_and_survives_a_netwo
         customer = C.ContextData()
         customer.CopyFrom(CUSTOMER)
         customer.subject = subject
+        await left_a_claim_half_filled(stack, app_id, "customer-1")
         started = await handoff(stack, app_id, "customer-1", customer)
         call = Call(stack.routers[0], numbers[0])
         await see_the_offer(page, subject)

@@ -421,6 +421,14 @@ class Console {
         ["Language", context?.language ?? summary?.language ?? "", "context-language"],
         ["Segment", context?.customerSegment ?? "", "context-segment"],
         ["Service request", context?.serviceRequestId ?? "", "context-service-request"],
+        // Open in the customer's journey: the agent may offer to resume one.
+        [
+          "Open transactions",
+          (context?.openTransactions ?? [])
+            .map((t) => (t.topic ? `${t.transactionId} (${t.topic})` : t.transactionId))
+            .join(", "),
+          "context-open-transactions",
+        ],
         ["App screen", context?.appScreen ?? "", "context-app-screen"],
         ["Signed in as", context?.authTokenRef ?? "", "context-auth"],
         ...Object.entries(context?.attributes ?? {})
