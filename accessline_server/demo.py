@@ -75,6 +75,8 @@ class Tally:
     to_match: list[float] = field(default_factory=list)
     to_connect: list[float] = field(default_factory=list)
     agents: dict[str, str] = field(default_factory=dict)
+    # Customers whose call matched their handoff and reached an agent (a call with a
+    # wrong code may reach one too, as a caller unknown).
     connected_customers: list[str] = field(default_factory=list)
     journey: JourneyShown | None = None
 
@@ -355,7 +357,7 @@ class Customers:
     async def _follow(self, call: Any, arrived: float, customer: str) -> None:
         """Counts the call's events until it ends."""
         tally = self.tally
-        queued = counted = False
+        queued = counted = matched = False
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
@@ -374,10 +376,12 @@ class Customers:
                     tally.waiting -= 1
                 if kind == "match_decided":
                     tally.outcomes[cm_pb2.MatchOutcome.Name(event.match_decided.outcome)] += 1
+                    matched = event.match_decided.outcome == cm_pb2.MATCH_OUTCOME_MATCHED
                     tally.to_match.append(time.perf_counter() - arrived)
                 elif kind == "connect":
                     tally.connected += 1
-                    tally.connected_customers.append(customer)
+                    if matched:
+                        tally.connected_customers.append(customer)
                     tally.to_connect.append(time.perf_counter() - arrived)
                 elif kind == "failed":
                     tally.failed += 1

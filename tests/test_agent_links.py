@@ -37,7 +37,6 @@ from tests.support.stack import (
 )
 
 FORMS = "https://forms.example.test"
-ANSWERED = jn.INTERACTION_STATUS_ANSWERED
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +125,19 @@ async def test_a_link_reaches_the_customer_of_the_agents_interaction_only(stack:
     await app.next_kind("presence_confirmed")
     ended = await refused(stub, offer.interaction_id, f"{FORMS}/b")
     assert ended.code() == grpc.StatusCode.NOT_FOUND
-    # Each link sent is in the customer's journey, pending, with its agent.
-    found = await until_listed(
-        stack, app_id, customer, lambda f: len(f) == 4 and f[-1].status == ANSWERED
-    )
+
+    # Each link sent is in the customer's journey, pending, with its agent; the call,
+    # ended, is closed and followed by the survey's invitation.
+    def complete(found: list[Any]) -> bool:
+        kinds = [r.channel for r in found]
+        return (
+            kinds.count(jn.INTERACTION_CHANNEL_LINK) == 3
+            and found[-1].status == jn.INTERACTION_STATUS_CLOSED
+            and any(r.topic == "survey" for r in found)
+        )
+
+    found = await until_listed(stack, app_id, customer, complete)
+    assert found[-1].agent_id == agent_id
     links = [r for r in found if r.channel == jn.INTERACTION_CHANNEL_LINK]
     assert len(links) == 3
     assert {(r.status, r.agent_id) for r in links} == {(jn.INTERACTION_STATUS_PENDING, agent_id)}

@@ -24,7 +24,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from accessline_server.routing import keys, private
+from accessline_server.routing import journal, keys, private
 from accessline_server.routing.entries import (
     QueueEntries,
     QueueFull,
@@ -464,6 +464,9 @@ class Router:
         """The switch's `connect` event for a call an agent accepted."""
         self._measures.accepted(call.arrived)
         target = current.connected
+        # In the customer's journey the moment the switch is told (the queue entry may be
+        # gone by the time the call leaves it: an agent who ends the interaction at once).
+        journal.call(current, connected=True, agent_id=target.agent_id)
         call.redirect_secret = secrets.token_urlsafe(24)
         connect = rt_pb2.Connect(
             agent_id=target.agent_id,

@@ -200,9 +200,6 @@ class QueueEntries:
                     also = [redirect] if redirect is not None else []
                     also += await self._told(item, events.CALL_CONNECTED)
                     await self._store.txn([kept], [*out, relet, *also], out)
-                    # Connected whether or not the agent's interaction is still there (an
-                    # agent may end it at once).
-                    journal.call(item, connected=True, agent_id=target.agent_id)
                     return
                 ops = [Op.delete(key)]
                 if item.place_key:
