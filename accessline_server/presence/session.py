@@ -231,7 +231,10 @@ class AgentSession(OfferAnswering):
 
     def on_presence(self, event: WatchEvent) -> None:
         if event.kind == EventKind.DELETE:
-            if event.revision > self.revision and not self.replaced:
+            # Before this session's first write is answered (revision 0), a deletion is of
+            # the key of the session it replaces (that session's lease released as it
+            # ends), not this session's loss.
+            if self.revision and event.revision > self.revision and not self.replaced:
                 self.send(
                     SessionEnded(
                         Unavailable(
