@@ -134,6 +134,10 @@ async def test_an_outside_email_joins_the_customer_by_its_transaction(stack: Sta
     assert email.source == jn.INTERACTION_SOURCE_OUTSIDE
     mine = await listed(journey(stack), app_id, customer)
     assert [r.interaction_id for r in mine] == [email.interaction_id, session_id]
+    # Another system does not rewrite what Accessline recorded.
+    with pytest.raises(grpc.aio.AioRpcError) as taken:
+        await outside(stack, app_id, session_id, EMAIL, customer_id=customer)
+    assert error_details(taken.value)["ErrorInfo"].reason == "INTERACTION_RECORDED_BY_ACCESSLINE"
     assert await listed(journey(stack), app_id, other) == []
     by_claim = await listed(journey(stack), app_id, transaction_id=claim)
     assert {r.interaction_id for r in by_claim} == {email.interaction_id, session_id}

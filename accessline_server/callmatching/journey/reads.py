@@ -22,6 +22,7 @@ from accessline.journey.v1 import journey_pb2 as jn_pb2
 from accessline_server.callmatching.journey import records, schema
 from accessline_server.runtime import tables
 from accessline_server.runtime.errors import (
+    FailedPrecondition,
     NotFound,
     Unavailable,
 )
@@ -242,10 +243,22 @@ class Journey:
         return found
 
     async def record_now(self, record: records.Record) -> jn_pb2.Interaction:
-        """Writes one record at once and answers it as it now stands."""
+        """Writes one record posted from outside at once and answers it as it now
+        stands; an id of Accessline's own records is refused (another system does not
+        rewrite what Accessline recorded)."""
         row = self._writer.row(record)
+        same = and_(
+            t.c.application_id == record.application_id,
+            t.c.interaction_id == record.interaction_id,
+            t.c.source == jn_pb2.INTERACTION_SOURCE_ACCESSLINE,
+        )
 
         async def work(conn: Any) -> Any:
+            if (await conn.execute(select(t.c.interaction_id).where(same))).first():
+                raise FailedPrecondition(
+                    f"interaction {record.interaction_id} is one Accessline recorded",
+                    reason="INTERACTION_RECORDED_BY_ACCESSLINE",
+                )
             await records.write(conn, [row])
             return await self._get(conn, record.application_id, record.interaction_id)
 
