@@ -486,24 +486,3 @@ async def test_presence_streams_have_limits(
         with pytest.raises(grpc.aio.AioRpcError) as future:
             await Watcher(stub, resume_token=str(10**12)).next()
         assert future.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_a_login_on_the_same_replica_survives_the_end_of_the_session_it_replaces(
-    cluster: Cluster,
-) -> None:
-    """The replaced session ends and releases its lease while the new one is writing its
-    presence: the old key's deletion is not the new session's loss, however they
-    interleave (tried over a chain of logins of one agent on one replica)."""
-    agent_id = await register(cluster.stubs[0])
-    previous = App(cluster.addresses[0])
-    await previous.login(agent_id)
-    for _ in range(15):
-        current = App(cluster.addresses[0])
-        await current.login(agent_id)
-        await current.send(
-            set_channel_presence=pr_pb2.SetChannelPresence(channel=C.CHANNEL_CHAT, available=True)
-        )
-        await current.next_kind("presence_confirmed")
-        previous.call.cancel()
-        previous = current
-    previous.call.cancel()

@@ -243,3 +243,24 @@ async def test_a_reason_is_refused_when_becoming_ready(cluster: Cluster) -> None
         await app.next_kind("presence_confirmed")
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(ended.value) == {"set_channel_presence.reason_code"}
+
+
+async def test_a_login_on_the_same_replica_survives_the_end_of_the_session_it_replaces(
+    cluster: Cluster,
+) -> None:
+    """The replaced session ends and releases its lease while the new one is writing its
+    presence: the old key's deletion is not the new session's loss, however they
+    interleave (tried over a chain of logins of one agent on one replica)."""
+    agent_id = await register(cluster.stubs[0])
+    previous = App(cluster.addresses[0])
+    await previous.login(agent_id)
+    for _ in range(15):
+        current = App(cluster.addresses[0])
+        await current.login(agent_id)
+        await current.send(
+            set_channel_presence=pr_pb2.SetChannelPresence(channel=C.CHANNEL_CHAT, available=True)
+        )
+        await current.next_kind("presence_confirmed")
+        previous.call.cancel()
+        previous = current
+    previous.call.cancel()

@@ -19,6 +19,14 @@ import httpx
 from tests.conftest import ROOT, free_port
 
 
+def logs_of(data: Path) -> str:
+    """The last lines of each service's log in the data folder (why one exited)."""
+    return "".join(
+        f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        for log in sorted(data.glob("*.log"))
+    )
+
+
 async def test_up_serves_the_agent_console_at_the_url_it_prints(tmp_path: Path) -> None:
     data = tmp_path / "up"
     process = subprocess.Popen(
@@ -47,7 +55,7 @@ async def test_up_serves_the_agent_console_at_the_url_it_prints(tmp_path: Path) 
         async with asyncio.timeout(90):
             while not line.startswith("Agent console:"):
                 line = await asyncio.to_thread(process.stdout.readline)
-                assert line or process.poll() is None, "".join(lines)
+                assert line or process.poll() is None, "".join(lines) + logs_of(data)
                 lines.append(line)
         url = re.search(r"https://\S+/console/", line)
         assert url is not None, line

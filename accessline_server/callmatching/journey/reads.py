@@ -128,6 +128,8 @@ class Journey:
         self._engine: Any = writer.engine
         self._retention = retention_days * 86400.0
         self._purging: asyncio.Task[None] | None = None
+        # Reads of open transactions that outlasted their handoff's wait.
+        self._late: set[asyncio.Future[Any]] = set()
 
     @property
     def correlator(self) -> schema.Correlator:
@@ -187,17 +189,29 @@ class Journey:
         self, application_id: str, customer_id: str
     ) -> list[common_pb2.OpenTransaction]:
         """The customer's open transactions if the database answers within
-        ON_CALL_WAIT; none otherwise (logged)."""
+        ON_CALL_WAIT; none otherwise (logged): a handoff never fails on the journey. A
+        read that takes longer finishes on its own, uncancelled (a database call cancelled
+        half way can leave its connection unusable), its answer dropped."""
+        read = asyncio.ensure_future(self.open_transactions(application_id, customer_id))
+        done, _ = await asyncio.wait({read}, timeout=ON_CALL_WAIT)
+        if not done:
+            self._late.add(read)
+            read.add_done_callback(self._dropped)
+            log.warning("open transactions not read in time; the handoff goes without them")
+            return []
         try:
-            return await asyncio.wait_for(
-                self.open_transactions(application_id, customer_id), ON_CALL_WAIT
-            )
-        except (TimeoutError, Unavailable) as exc:
+            return read.result()
+        except Exception as exc:  # noqa: BLE001 - whatever the database said, go on
             log.warning(
                 "open transactions not read; the handoff goes without them",
                 extra={"fields": {"error": type(exc).__name__}},
             )
             return []
+
+    def _dropped(self, read: asyncio.Future[Any]) -> None:
+        self._late.discard(read)
+        if not read.cancelled():
+            read.exception()  # retrieved: a late failure is not an unhandled one
 
     def record_session_end(
         self, application_id: str, session_id: str, outcome: str, now: float
