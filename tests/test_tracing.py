@@ -1,8 +1,9 @@
 """One trace across the call-matching path, exported over OTLP to a real in-process
-receiver: the switch's RouteInboundCall, CallMatching's MatchCall, NumberDistribution's
-ResolveNumber, the agent claim, the offer through etcd to the agent's stream and the
-agent's answer share one trace id, and the call's trace links to the trace of the
-StartHandoff that prepared it. No attribute carries the caller's number or context."""
+receiver: the switch's RouteInboundCall, CallMatching's MatchCall (which reads the
+dialled number's reservations itself, no hop to NumberDistribution), the agent claim, the
+offer through etcd to the agent's stream and the agent's answer share one trace id, and
+the call's trace links to the trace of the StartHandoff that prepared it, whose
+ReserveNumber in NumberDistribution is in the handoff's trace. No attribute carries the caller's number or context."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
         wanted = [
             route_name,
             "/accessline.callmatching.v1.CallMatchingService/MatchCall",
-            "/accessline.numberdistribution.v1.NumberDistributionService/ResolveNumber",
+            "/accessline.numberdistribution.v1.NumberDistributionService/ReserveNumber",
             "accessline.agent.claim",
             "accessline.offer.deliver",
             "accessline.offer.answer",
@@ -181,9 +182,9 @@ async def test_a_call_is_one_trace_from_the_switch_to_the_agents_accept(
 
 
 def assert_one_trace(sink: Receiver, route_name: str) -> None:
-    """The switch's call, the match, the number's resolution, the claim, the delivery
-    and the answer are one trace; the handoff is another, linked from the match; no
-    personal datum was exported."""
+    """The switch's call, the match, the claim, the delivery and the answer are one
+    trace; the handoff (with its number's reservation) is another, linked from the match;
+    no personal datum was exported."""
 
     def named(name: str) -> list[Any]:
         return [span for _, span in sink.spans() if span.name == name]
@@ -193,13 +194,12 @@ def assert_one_trace(sink: Receiver, route_name: str) -> None:
     server_match = [
         s for s in named("/accessline.callmatching.v1.CallMatchingService/MatchCall") if s.kind == 2
     ]
-    resolve = [
+    reserve = [
         s
-        for s in named("/accessline.numberdistribution.v1.NumberDistributionService/ResolveNumber")
+        for s in named("/accessline.numberdistribution.v1.NumberDistributionService/ReserveNumber")
         if s.kind == 2
     ]
     assert [s.trace_id for s in server_match] == [trace_id]
-    assert trace_id in {s.trace_id for s in resolve}
     assert {s.trace_id for s in named("accessline.agent.claim")} == {trace_id}
     assert {s.trace_id for s in named("accessline.offer.deliver")} == {trace_id}
     [answer] = named("accessline.offer.answer")
@@ -211,6 +211,7 @@ def assert_one_trace(sink: Receiver, route_name: str) -> None:
         if s.kind == 2
     ]
     assert start.trace_id != trace_id
+    assert start.trace_id in {s.trace_id for s in reserve}
     links = [(link.trace_id, link.span_id) for link in server_match[0].links]
     assert (start.trace_id, start.span_id) in links or any(t == start.trace_id for t, _ in links)
 

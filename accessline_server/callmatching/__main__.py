@@ -20,6 +20,7 @@ from accessline_server.callmatching.journey.servicer import JourneyServicer
 from accessline_server.callmatching.servicer import CallMatchingServicer
 from accessline_server.callmatching.settings import DEVELOPMENT_SECRET, CallMatchingSettings
 from accessline_server.notification import events
+from accessline_server.numberdistribution.dialled import CodeHasher, DialledReader
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
 log = logging.getLogger("accessline.callmatching")
@@ -60,6 +61,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     domain = CallMatching(
         context.store,
         numbers,
+        DialledReader(CodeHasher(settings.numbers_secret.get_secret_value().encode())),
         SessionCrypto(secret.encode()),
         history,
         Limits(

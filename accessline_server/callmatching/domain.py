@@ -3,7 +3,7 @@
 reservation lease (`handoffs`), the match of a voice call to it — exactly once, in one
 etcd transaction that consumes the session, ends the reservation and starts the
 number's quarantine (`matching`) — and the session's lifecycle both share (`sessions`).
-No gRPC here but the NumberDistribution client it is given."""
+No gRPC here but the NumberDistribution client handoffs reserve numbers with."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.callmatching.matching import Call, Matcher
 from accessline_server.callmatching.sessions import Limits, Sessions
+from accessline_server.numberdistribution.dialled import DialledReader
 from accessline_server.runtime.store import Store
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class CallMatching:
         self,
         store: Store,
         numbers: NumberDistributionServiceAsyncStub,
+        dialled: DialledReader,
         crypto: SessionCrypto,
         history: MatchHistory,
         limits: Limits,
@@ -56,7 +58,7 @@ class CallMatching:
         )
         self.matcher = Matcher(
             store,
-            numbers,
+            dialled,
             crypto,
             history,
             limits,

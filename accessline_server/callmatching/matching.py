@@ -1,7 +1,8 @@
 """The match of a voice call to the session waiting on the number it dialled — exactly
 once, in one etcd transaction that consumes the session, ends the reservation and starts
 the number's quarantine; wrong codes counted on the session and in the failure buckets
-in the same transaction. No gRPC here but the NumberDistribution client it is given."""
+in the same transaction. What the dialled number holds is read with CallMatching's own
+keys, through NumberDistribution's published `dialled` module: no gRPC here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from opentelemetry import metrics, trace
 
@@ -24,16 +24,17 @@ from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.callmatching.sessions import NEEDS_ANI, NEEDS_CODE, Limits, Sessions
 from accessline_server.notification import events
+from accessline_server.numberdistribution.dialled import (
+    Dialled,
+    DialledReader,
+    pool_read,
+    resource_group,
+)
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import FieldViolation, InvalidArgument
 from accessline_server.runtime.phone import NumberFormatError, normalize_number
-from accessline_server.runtime.store import Compare, Entry, Op, RawKV, Store
+from accessline_server.runtime.store import Compare, Entry, Op, RawKV, Store, decode
 from accessline_server.runtime.telemetry import span_context_from
-
-if TYPE_CHECKING:
-    from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
-        NumberDistributionServiceAsyncStub,
-    )
 
 log = logging.getLogger("accessline.callmatching")
 
@@ -84,24 +85,22 @@ class Call:
 
 
 def _candidate(
-    resolved: nd_pb2.ResolveNumberResponse,
+    dialled: Dialled,
 ) -> tuple[nd_pb2.ResolvedReservation | None, cm_pb2.MatchOutcome.ValueType]:
-    """The reservation a call to the resolved number is for, or None and why: nothing
+    """The reservation a call to the dialled number is for, or None and why: nothing
     reserved (or expired), or on a shared number no reservation whose code matched."""
-    if not resolved.reservations:
+    if not dialled.reservations:
         return None, (
-            cm_pb2.MATCH_OUTCOME_EXPIRED
-            if resolved.expired_reservations
-            else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
+            cm_pb2.MATCH_OUTCOME_EXPIRED if dialled.expired else cm_pb2.MATCH_OUTCOME_NO_RESERVATION
         )
-    candidates = list(resolved.reservations)
+    candidates = list(dialled.reservations)
     if len(candidates) > 1:
         # A shared number: only the code tells the reservations apart.
         candidates = [r for r in candidates if r.code_check == nd_pb2.CODE_CHECK_MATCH]
         if not candidates:
             return None, (
                 cm_pb2.MATCH_OUTCOME_STALE_CODE
-                if resolved.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
+                if dialled.reservations[0].code_check == nd_pb2.CODE_CHECK_SPENT
                 else cm_pb2.MATCH_OUTCOME_CODE_MISMATCH
             )
     return candidates[0], cm_pb2.MATCH_OUTCOME_MATCHED
@@ -113,7 +112,7 @@ class Matcher:
     def __init__(
         self,
         store: Store,
-        numbers: NumberDistributionServiceAsyncStub,
+        dialled: DialledReader,
         crypto: SessionCrypto,
         history: MatchHistory,
         limits: Limits,
@@ -124,7 +123,7 @@ class Matcher:
         journey: Journey | None = None,
     ) -> None:
         self._store = store
-        self._numbers = numbers
+        self._dialled = dialled
         self._crypto = crypto
         self._history = history
         self._journey = journey
@@ -215,20 +214,28 @@ class Matcher:
         limits: a failure is answered only once counted, a match commits only while the
         buckets are below their limits (see failures.py)."""
         buckets = self._limits.failures.buckets(ani_hash, dnis)
+        n = len(buckets)
         found = await self._store.txn(
-            [], [*(Op.get(b.key) for b in buckets), Op.get(keys.matched_call(call.call_id))]
+            [],
+            [
+                *(Op.get(b.key) for b in buckets),
+                Op.get(keys.matched_call(call.call_id)),
+                *self._dialled.reads(dnis, call.dtmf),
+            ],
         )
-        answered = self._answered_before(call.call_id, dnis, found.gets[-1], attempt)
+        answered = self._answered_before(call.call_id, dnis, found.gets[n], attempt)
         if answered is not None:
             return answered
-        if failures.full_in(buckets, found.gets[:-1]):
-            # The number's group only (no digits: nothing is checked, nothing is told).
-            resolved = await self._numbers.ResolveNumber(
-                nd_pb2.ResolveNumberRequest(dialled_number=dnis)
-            )
-            attempt.pool_id = resolved.pool_id
-            return _rate_limited(resolved.resource_group)
-        response, counted = await self._judge(call, dnis, ani_hash, attempt, buckets)
+        full = failures.full_in(buckets, found.gets[:n])
+        # With a bucket full, the number's group only (no digits: nothing is checked,
+        # nothing is told).
+        dialled = self._dialled.dialled(
+            dnis, "" if full else call.dtmf, found.gets[n + 1 :], self._clock()
+        )
+        attempt.pool_id = dialled.pool_id
+        if full:
+            return _rate_limited(await self._group(dialled.pool_id))
+        response, counted = await self._judge(call, dnis, dialled, ani_hash, buckets, attempt)
         window = self._limits.failures.window
         if (
             response.outcome in FAILURES
@@ -265,30 +272,36 @@ class Matcher:
         )
         return answer
 
+    async def _group(self, pool_id: str) -> str:
+        """The resource group of the pool's calls, read from NumberDistribution's pool."""
+        if not pool_id:
+            return ""
+        found = await self._store.txn([], [pool_read(pool_id)])
+        return resource_group(pool_id, found.gets[0])
+
     async def _judge(
         self,
         call: Call,
         dnis: str,
+        dialled: Dialled,
         ani_hash: bytes,
-        attempt: cm_pb2.MatchAttempt,
         buckets: tuple[failures.Bucket, ...],
+        attempt: cm_pb2.MatchAttempt,
     ) -> tuple[cm_pb2.MatchCallResponse, bool]:
         """The decision and whether its failure is counted already."""
-        resolved = await self._numbers.ResolveNumber(
-            nd_pb2.ResolveNumberRequest(dialled_number=dnis, dtmf_digits=call.dtmf)
-        )
-        attempt.pool_id = resolved.pool_id
-        unmatched = cm_pb2.MatchCallResponse(resource_group=resolved.resource_group)
-        chosen, outcome = _candidate(resolved)
+        chosen, outcome = _candidate(dialled)
         if chosen is None:
-            unmatched.outcome = outcome
-            return unmatched, False
-        entry = await self._store.get(
-            keys.session(chosen.reservation.session_id), cm_store.StoredSession
-        )
-        if entry is None:
+            group = await self._group(dialled.pool_id)
+            return cm_pb2.MatchCallResponse(outcome=outcome, resource_group=group), False
+        key = keys.session(chosen.reservation.session_id)
+        found = await self._store.txn([], [Op.get(key), pool_read(dialled.pool_id)])
+        group = resource_group(dialled.pool_id, found.gets[1])
+        unmatched = cm_pb2.MatchCallResponse(resource_group=group)
+        if not found.gets[0]:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched, False
+        row = found.gets[0][0]
+        entry = Entry(key, decode(cm_store.StoredSession, key, row.value), row.meta)
         session = entry.value
         self._note_session(session, attempt, unmatched)
         now = self._clock()
@@ -301,11 +314,9 @@ class Matcher:
                 session, entry.meta.mod_revision, call.call_id, now, buckets
             )
             return unmatched, True
-        consumed, limited = await self._consume(
-            entry, call, dnis, resolved.resource_group, now, buckets
-        )
+        consumed, limited = await self._consume(entry, call, dnis, group, now, buckets)
         if limited:
-            return _rate_limited(resolved.resource_group), True
+            return _rate_limited(group), True
         if consumed is None:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched, False

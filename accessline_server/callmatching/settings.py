@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from accessline_server.numberdistribution.dialled import NumbersSecretSettings
 from accessline_server.runtime.settings import HistorySettings, PeerAddress
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-callmatching-secret-not-for-production"  # noqa: S105
 
 
-class CallMatchingSettings(HistorySettings):
-    """CallMatching's settings: the shared ones, its ports and its own."""
+class CallMatchingSettings(HistorySettings, NumbersSecretSettings):
+    """CallMatching's settings: the shared ones, its ports, the history's, the access codes'
+    secret (it checks the codes callers key in) and its own."""
 
     default_ports = (50052, 9452)
     callmatching_secret: SecretStr = Field(

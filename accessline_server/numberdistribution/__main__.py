@@ -34,10 +34,13 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     context.on_stop(view.stop)
     meter = context.telemetry.meter("accessline.numberdistribution")
     pools = Pools(context.store, view, meter=meter)
+    codes = CodeBook(secret.encode())
+    # CallMatching checks callers' digits with the same key: it compares this check.
+    await codes.publish_key_check(context.store)
     reservations = Reservations(
         context.store,
         view,
-        CodeBook(secret.encode()),
+        codes,
         attempts=settings.numbers_reserve_attempts,
         code_memory=settings.numbers_code_memory_seconds,
         meter=meter,

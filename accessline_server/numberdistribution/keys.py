@@ -10,6 +10,7 @@ reach its state through `reservations.py`, the published module.
     nd/quarantine/{number}              QuarantineRecord    (quarantine lease)
     nd/spent/{number}/{code hash hex}   empty               (code memory lease)
     nd/exhaustion/{pool_id}/{replica}   ExhaustionCount
+    nd/code-key                         BytesValue          (a check of the codes' hashing key)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CODES = "nd/codes/"
 QUARANTINE = "nd/quarantine/"
 SPENT = "nd/spent/"
 EXHAUSTION = "nd/exhaustion/"
+CODE_KEY = "nd/code-key"
 
 
 def pool(pool_id: str) -> str:

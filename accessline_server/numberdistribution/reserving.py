@@ -22,6 +22,7 @@ from accessline_server.numberdistribution.codes import (
     CodeBook,
     idempotency_hash,
 )
+from accessline_server.numberdistribution.dialled import public_reservation
 from accessline_server.numberdistribution.geo import distance_km
 from accessline_server.numberdistribution.pools import (
     FALLBACK_RETRY_SECONDS,
@@ -33,7 +34,7 @@ from accessline_server.numberdistribution.pools import (
     selection_reason,
 )
 from accessline_server.numberdistribution.reservations import EMPTY, read_reservation, release_ops
-from accessline_server.numberdistribution.resolving import Resolver, public_reservation
+from accessline_server.numberdistribution.resolving import Resolver
 from accessline_server.numberdistribution.view import NumberView, PoolState, refused_at
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 
-from accessline_server.runtime.settings import ServiceSettings
+from accessline_server.numberdistribution.dialled import DEVELOPMENT_SECRET, NumbersSecretSettings
 
-# Only for the embedded run on one machine: a deployment sets its own secret.
-DEVELOPMENT_SECRET = "accessline-development-secret-do-not-use-in-production"  # noqa: S105
+__all__ = ["DEVELOPMENT_SECRET", "NumberDistributionSettings"]
 
 
-class NumberDistributionSettings(ServiceSettings):
-    """NumberDistribution's settings: the shared ones, its ports and its own."""
+class NumberDistributionSettings(NumbersSecretSettings):
+    """NumberDistribution's settings: the shared ones, its ports, the access codes' secret
+    and its own."""
 
     default_ports = (50051, 9451)
-    numbers_secret: SecretStr = Field(
-        default=SecretStr(DEVELOPMENT_SECRET),
-        min_length=32,
-        description="Secret from which access-code hashing and sealing keys are derived;"
-        " the same on every replica.",
-    )
     numbers_code_memory_seconds: float = Field(
         default=3600,
         ge=0,
