@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -36,7 +38,16 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     pools = Pools(context.store, view, meter=meter)
     codes = CodeBook(secret.encode())
     # CallMatching checks callers' digits with the same key: it compares this check.
-    await codes.publish_key_check(context.store)
+    published = asyncio.create_task(codes.publish_key_check(context.store), name="code-key")
+    # Published before serving when etcd answers; later, in the background, when not.
+    await asyncio.wait({published}, timeout=2.0)
+
+    async def stop_publishing() -> None:
+        published.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await published
+
+    context.on_stop(stop_publishing)
     reservations = Reservations(
         context.store,
         view,

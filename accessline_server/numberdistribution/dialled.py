@@ -18,8 +18,10 @@ gets is the contract's `ResolvedReservation` (never a code or a lease)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,12 +32,15 @@ from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline_server.numberdistribution import keys
+from accessline_server.runtime.backoff import Backoff
 from accessline_server.runtime.clock import seconds
-from accessline_server.runtime.errors import FailedPrecondition
+from accessline_server.runtime.errors import AccesslineError, FailedPrecondition
 from accessline_server.runtime.kv import RawKV, decode
 from accessline_server.runtime.sealing import derive_key
 from accessline_server.runtime.settings import ServiceSettings
 from accessline_server.runtime.store import Op, Store
+
+log = logging.getLogger("accessline.numberdistribution")
 
 # Only for the embedded run on one machine: a deployment sets its own secret.
 DEVELOPMENT_SECRET = "accessline-development-secret-do-not-use-in-production"  # noqa: S105
@@ -72,8 +77,17 @@ class CodeHasher:
         return self.hash("", "accessline code key check")
 
     async def publish_key_check(self, store: Store) -> None:
-        """NumberDistribution, at start: the check readers of dialled numbers compare."""
-        await store.put(keys.CODE_KEY, wrappers_pb2.BytesValue(value=self.key_check()))
+        """NumberDistribution, from its start: the check readers of dialled numbers
+        compare, put again until etcd takes it (a replica may start before etcd answers)."""
+        backoff = Backoff(0.5, 10.0)
+        check = wrappers_pb2.BytesValue(value=self.key_check())
+        while True:
+            try:
+                await store.put(keys.CODE_KEY, check)
+                return
+            except AccesslineError as exc:
+                log.warning("access codes' key check not published yet: %s", exc)
+                await asyncio.sleep(backoff.next())
 
 
 def clean_digits(dtmf: str) -> str:
