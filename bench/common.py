@@ -259,3 +259,32 @@ async def mortgage_pool_and_bank(nd: Any, cm: Any, pool_id: str, numbers: list[s
         skip_ivr_on_match=True,
     )
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
+
+
+def costs(
+    before: tuple[dict[str, float], Counter[str]],
+    after: tuple[dict[str, float], Counter[str]],
+    count: int,
+    what: str,
+) -> str:
+    """What one operation (`what`) cost in a timed run of `count`, from two `sample`s:
+    CPU milliseconds per process and etcd requests by method (streams counted once,
+    when opened)."""
+    cpu = {k: (after[0][k] - before[0][k]) * 1000 / count for k in after[0]}
+    calls = after[1] - before[1]
+    lines = [f"\nper {what}, CPU ms: {sum(cpu.values()):.1f} in all"]
+    lines += [f"  {name:<20}{ms:6.1f}" for name, ms in sorted(cpu.items(), key=lambda i: -i[1])]
+    lines.append(f"per {what}, etcd requests: {sum(calls.values()) / count:.1f} in all")
+    lines += [
+        f"  {method:<20}{n / count:6.2f}"
+        for method, n in sorted(calls.items(), key=lambda i: -i[1])
+    ]
+    return "\n".join(lines)
+
+
+def sample(etcd: EmbeddedEtcd) -> tuple[dict[str, float], Counter[str]]:
+    """CPU seconds so far of etcd, the services started by `service_process` and this
+    process, and etcd's requests so far by method."""
+    assert etcd.process is not None
+    pids = {**SERVICE_PIDS, "etcd": etcd.process.pid, "benchmark client": os.getpid()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}, etcd_requests(etcd)

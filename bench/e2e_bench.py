@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +29,13 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from bench.common import (
-    SERVICE_PIDS,
     Result,
-    cpu_seconds,
+    costs,
     embedded_etcd,
-    etcd_requests,
     measure,
     mortgage_pool_and_bank,
     print_table,
+    sample,
     service_process,
     simulated_team,
 )
@@ -108,31 +105,6 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
         baseline,
     )
     print(cost)
-
-
-def costs(
-    before: tuple[dict[str, float], Counter[str]],
-    after: tuple[dict[str, float], Counter[str]],
-    handoffs: int,
-) -> str:
-    """What one handoff cost in the timed run: CPU milliseconds per process and etcd
-    requests by method (streams counted once, when opened)."""
-    cpu = {k: (after[0][k] - before[0][k]) * 1000 / handoffs for k in after[0]}
-    calls = after[1] - before[1]
-    lines = [f"\nper handoff, CPU ms: {sum(cpu.values()):.1f} in all"]
-    lines += [f"  {name:<20}{ms:6.1f}" for name, ms in sorted(cpu.items(), key=lambda i: -i[1])]
-    lines.append(f"per handoff, etcd requests: {sum(calls.values()) / handoffs:.1f} in all")
-    lines += [
-        f"  {method:<20}{count / handoffs:6.2f}"
-        for method, count in sorted(calls.items(), key=lambda i: -i[1])
-    ]
-    return "\n".join(lines)
-
-
-def sample(etcd: EmbeddedEtcd) -> tuple[dict[str, float], Counter[str]]:
-    assert etcd.process is not None
-    pids = {**SERVICE_PIDS, "etcd": etcd.process.pid, "benchmark client": os.getpid()}
-    return {name: cpu_seconds(pid) for name, pid in pids.items()}, etcd_requests(etcd)
 
 
 async def drive(
@@ -207,7 +179,7 @@ async def drive(
         "call": "call arrival to connect",
     }
     results = [Result(names[k], len(v), elapsed, v) for k, v in timings.items()]
-    return results, costs(before, after, handoffs)
+    return results, costs(before, after, handoffs, "handoff")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,18 @@ from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from bench.common import (
     SERVICE_PIDS,
     Result,
     Secured,
     channel,
+    costs,
     cpu_seconds,
     embedded_etcd,
     measure,
     print_table,
+    sample,
     service_process,
 )
 
@@ -80,10 +83,17 @@ async def provision(nd: Any, cm: Any, size: int) -> None:
 
 
 async def handoffs_and_matches(
-    cm: Any, matcher: Any, count: int, concurrency: int, how: str, cpu: dict[str, float] | None
+    cm: Any,
+    matcher: Any,
+    count: int,
+    concurrency: int,
+    how: str,
+    cpu: dict[str, float] | None,
+    etcd: EmbeddedEtcd,
 ) -> list[Result]:
     """`count` StartHandoffs, then a MatchCall of each, after a warm-up; `cpu`, when given,
-    receives the CPU seconds each service spent in the timed part."""
+    receives the CPU seconds each service spent in the timed part. Prints what each
+    StartHandoff and each MatchCall cost (CPU per process, etcd requests)."""
     started: list[cm_pb2.StartHandoffResponse] = []
 
     async def start(_: int) -> float:
@@ -115,10 +125,13 @@ async def handoffs_and_matches(
     started.clear()
     services = ("numberdistribution", "callmatching")
     before = {name: cpu_seconds(SERVICE_PIDS[name]) for name in services}
-    results = [
-        await measure(f"StartHandoff, {how}", start, count, concurrency),
-        await measure(f"MatchCall, {how}", match, count, concurrency),
-    ]
+    samples = [sample(etcd)]
+    results = [await measure(f"StartHandoff, {how}", start, count, concurrency)]
+    samples.append(sample(etcd))
+    results.append(await measure(f"MatchCall, {how}", match, count, concurrency))
+    samples.append(sample(etcd))
+    print(costs(samples[0], samples[1], count, f"StartHandoff ({how})"))
+    print(costs(samples[1], samples[2], count, f"MatchCall ({how})"))
     if cpu is not None:
         for name in services:
             cpu[name] = cpu_seconds(SERVICE_PIDS[name]) - before[name]
@@ -172,7 +185,7 @@ async def call_matching_round(
             matcher: Any = cm_grpc.CallMatchingServiceStub(switch_channel)
             await provision(nd, cm, count + 400)
             how = "TLS + JWT" if security else "plain"
-            results += await handoffs_and_matches(cm, matcher, count, concurrency, how, cpu)
+            results += await handoffs_and_matches(cm, matcher, count, concurrency, how, cpu, etcd)
     shutil.rmtree(history.parent, ignore_errors=True)
     return results
 
