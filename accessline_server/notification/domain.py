@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -35,7 +34,7 @@ from accessline_server.notification.keys import (
     SUBSCRIPTION_IDS,
     Keys,
 )
-from accessline_server.notification.records import stored_notification
+from accessline_server.notification.records import outbox_ops, stored_notification
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
@@ -47,7 +46,7 @@ from accessline_server.runtime.errors import (
 )
 from accessline_server.runtime.identity import Caller
 from accessline_server.runtime.sealing import Sealer
-from accessline_server.runtime.store import Compare, EventKind, Op, Store
+from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store, decode
 from accessline_server.runtime.streams import until
 
 log = logging.getLogger("accessline.notification")
@@ -279,27 +278,34 @@ class Notifications:
         """Stores the notification and its outbox items (one per target device) before
         anything is sent; a repeat with the same idempotency key is answered as a
         duplicate, or finishes the fan-out the first one left half done. With
-        `application_id`, only that application's devices are reached."""
+        `application_id`, only that application's devices are reached. A first publish
+        to at most BATCH devices is one read of its key and one transaction."""
         now = time.time()
         record_key = ""
         record: nt_store.PublishRecord | None = None
+        stored_entry: Entry[nt_store.StoredNotification] | None = None
         if request.idempotency_key:
             digest = hashlib.sha256(request.idempotency_key.encode()).hexdigest()
             record_key = IDEMPOTENCY + digest
             notification_id = "n" + digest[:24]
-            existing = await self._store.get(record_key, nt_store.PublishRecord)
-            if existing is not None and existing.value.complete:
-                return nt_pb2.PublishResponse(
-                    notification_id=existing.value.notification_id,
-                    device_count=existing.value.device_count,
-                    duplicate=True,
+            found = await self._store.txn(
+                [], [Op.get(record_key), Op.get(NOTIFICATIONS + notification_id)]
+            )
+            if found.gets[0]:
+                record = decode(nt_store.PublishRecord, record_key, found.gets[0][0].value)
+                if record.complete:
+                    return nt_pb2.PublishResponse(
+                        notification_id=record.notification_id,
+                        device_count=record.device_count,
+                        duplicate=True,
+                    )
+            if found.gets[1]:
+                row = found.gets[1][0]
+                stored_entry = Entry(
+                    row.key, decode(nt_store.StoredNotification, row.key, row.value), row.meta
                 )
-            record = existing.value if existing is not None else None
         else:
-            notification_id = "n" + secrets.token_hex(12)
-        stored_entry = await self._store.get(
-            NOTIFICATIONS + notification_id, nt_store.StoredNotification
-        )
+            notification_id = "n" + secrets.token_hex(12)  # new: nothing to read
         if stored_entry is not None:
             # A publish with this key was interrupted: finish its fan-out, nothing more.
             stored = stored_entry.value
@@ -307,28 +313,35 @@ class Notifications:
             devices = [
                 d for d in [await self.maybe_device(i) for i in stored.device_ids] if d is not None
             ]
+            await self._fan_out(notification_id, devices, lease, now)
         else:
             devices = await self._targets(request.topic, request.customer_id, application_id)
-            lease = await self._store.grant_lease(max(1, math.ceil(ttl + self._policy.retention)))
+            # Never revoked one by one: a lease shared with the notifications of the same
+            # lifetime published within a minute (kept at most that much longer).
+            life = ttl + self._policy.retention
+            lease = await self._store.shared_lease(life, window=min(60.0, max(1.0, life / 10)))
             stored = stored_notification(request, notification_id, now, ttl, link_url, devices)
+            whole = len(devices) <= BATCH  # the fan-out in the same transaction
             ops = [Op.put(NOTIFICATIONS + notification_id, stored, lease)]
+            if whole:
+                ops += outbox_ops(notification_id, devices, lease, now)
             compares: list[Compare] = [Compare.absent(NOTIFICATIONS + notification_id)]
             if record_key and record is None:
-                ops.append(
-                    Op.put(
-                        record_key,
-                        nt_store.PublishRecord(
-                            notification_id=notification_id, device_count=len(devices)
-                        ),
-                        lease,
-                    )
+                counted = nt_store.PublishRecord(
+                    notification_id=notification_id, device_count=len(devices), complete=whole
                 )
+                ops.append(Op.put(record_key, counted, lease))
                 compares.append(Compare.absent(record_key))
             result = await self._store.txn(compares, ops)
             if not result.succeeded:
                 # A concurrent publish with the same key got there first.
                 return await self.publish(request, ttl)
-        await self._fan_out(notification_id, devices, lease, now)
+            if whole:
+                record_key = ""  # complete already
+            else:
+                for start in range(0, len(devices), BATCH):
+                    batch = devices[start : start + BATCH]
+                    await self._store.txn([], outbox_ops(notification_id, batch, lease, now))
         if record_key:
             await self._store.put(
                 record_key,
@@ -344,25 +357,14 @@ class Notifications:
         self, notification_id: str, devices: list[nt_pb2.Device], lease: int, now: float
     ) -> None:
         """Writes the outbox item of every device that has none yet (and the in-app
-        inbox entry), a batch per transaction; the repeat of a publish interrupted half
+        inbox entry), a batch per transaction: the repeat of a publish interrupted half
         way writes only what is missing."""
         written, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
         done = {row.key.rsplit("/", 1)[1] for row in written}
         missing = [d for d in devices if d.device_id not in done]
         for start in range(0, len(missing), BATCH):
-            ops = []
-            for device in missing[start : start + BATCH]:
-                delivery = nt_store.Delivery(
-                    notification_id=notification_id,
-                    device_id=device.device_id,
-                    status=nt_pb2.DELIVERY_STATUS_QUEUED,
-                    next_attempt_at=timestamp(now),
-                    updated_at=timestamp(now),
-                )
-                ops.append(Op.put(f"{OUTBOX}{notification_id}/{device.device_id}", delivery, lease))
-                if device.platform == nt_pb2.PLATFORM_IN_APP:
-                    ops.append(Op.put(f"{INBOX}{device.device_id}/{notification_id}", EMPTY, lease))
-            await self._store.txn([], ops)
+            batch = missing[start : start + BATCH]
+            await self._store.txn([], outbox_ops(notification_id, batch, lease, now))
 
     async def maybe_device(self, device_id: str) -> nt_pb2.Device | None:
         found = await self._load(device_id)

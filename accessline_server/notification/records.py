@@ -1,11 +1,17 @@
-"""A published notification as Notification keeps it until it expires."""
+"""A published notification as Notification keeps it until it expires, and its outbox."""
 
 from __future__ import annotations
 
+from google.protobuf import empty_pb2
+
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
+from accessline_server.notification.keys import INBOX, OUTBOX
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import timestamp
+from accessline_server.runtime.store import Op
+
+EMPTY = empty_pb2.Empty()
 
 
 def stored_notification(
@@ -33,3 +39,22 @@ def stored_notification(
         device_ids=[d.device_id for d in devices],
         publisher=identity.current().subject,
     )
+
+
+def outbox_ops(
+    notification_id: str, devices: list[nt_pb2.Device], lease: int, now: float
+) -> list[Op]:
+    """The outbox item of each device (and its in-app inbox entry), queued now."""
+    ops = []
+    for device in devices:
+        delivery = nt_store.Delivery(
+            notification_id=notification_id,
+            device_id=device.device_id,
+            status=nt_pb2.DELIVERY_STATUS_QUEUED,
+            next_attempt_at=timestamp(now),
+            updated_at=timestamp(now),
+        )
+        ops.append(Op.put(f"{OUTBOX}{notification_id}/{device.device_id}", delivery, lease))
+        if device.platform == nt_pb2.PLATFORM_IN_APP:
+            ops.append(Op.put(f"{INBOX}{device.device_id}/{notification_id}", EMPTY, lease))
+    return ops
