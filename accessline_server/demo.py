@@ -271,6 +271,7 @@ async def setup(
         application_id=f"demo-bank-{run}",
         match_schema=C.MATCH_SCHEMA_NUMBER_CODE,
         skip_ivr_on_match=True,
+        survey_after_call=True,
     )
     await cm.RegisterApplication(cm_pb2.RegisterApplicationRequest(application=app))
     for i in range(agents):

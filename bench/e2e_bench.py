@@ -64,6 +64,8 @@ async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Re
 async def main(handoffs: int, concurrency: int, agents: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="accessline-e2e-"))
     nd = "accessline_server.numberdistribution"
+    # One history file for the three services that write the journey, as `make up` has.
+    history = {"ACCESSLINE_HISTORY_DSN": f"sqlite+aiosqlite:///{folder / 'history.db'}"}
     async with embedded_etcd() as etcd:
         async with service_process(nd, etcd, "/e2e") as nd_address:  # noqa: SIM117 - each service needs the ones started before it
             async with (
@@ -72,12 +74,12 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
                     etcd,
                     "/e2e",
                     ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd_address,
-                    ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{folder / 'history.db'}",
+                    **history,
                     # Numbers are reused at once (no quarantine) to measure throughput.
                     ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",
                 ) as cm_address,
                 service_process("accessline_server.presence", etcd, "/e2e") as pr_address,
-                service_process("accessline_server.notification", etcd, "/e2e"),
+                service_process("accessline_server.notification", etcd, "/e2e", **history),
             ):
                 async with service_process(
                     "accessline_server.routing",
@@ -85,6 +87,7 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
                     "/e2e",
                     ACCESSLINE_CALLMATCHING_ADDRESS=cm_address,
                     ACCESSLINE_PRESENCE_ADDRESS=pr_address,
+                    **history,
                 ) as rt_address:
                     stages, cost = await drive(
                         etcd,

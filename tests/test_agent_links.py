@@ -77,7 +77,7 @@ async def refused(stub: Any, interaction_id: str, url: str) -> grpc.aio.AioRpcEr
 
 async def test_a_link_reaches_the_customer_of_the_agents_interaction_only(stack: Stack) -> None:
     group = new_group()
-    app_id, numbers = await setup_numbers(stack, group)
+    app_id, numbers = await setup_numbers(stack, group, survey_after_call=True)
     subject = await pool_subject(stack, group)
     agent_id, app = await agent(stack, group, skill=subject)
     customer = f"customer-{uuid.uuid4().hex[:6]}"

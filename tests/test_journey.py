@@ -364,7 +364,7 @@ async def test_a_survey_follows_the_end_of_the_interaction_and_is_answered_once(
     stack: Stack,
 ) -> None:
     group = new_group()
-    app_id, _ = await setup_numbers(stack, group, 2)
+    app_id, _ = await setup_numbers(stack, group, 2, survey_after_call=True)
     subject = await pool_subject(stack, group)
     agent_id, agent_app = await agent(stack, group)
     customer = f"cust-{uuid.uuid4().hex[:6]}"
@@ -410,5 +410,30 @@ async def test_a_survey_follows_the_end_of_the_interaction_and_is_answered_once(
     )
     assert [(r.key, r.count) for r in by_group.rows] == [(group, 1)]
     inbox.cancel()
+    call.hang_up()
+    agent_app.call.cancel()
+
+
+async def test_an_application_that_asks_no_survey_gets_its_calls_closed_without_one(
+    stack: Stack,
+) -> None:
+    """Surveys are the application's choice (`survey_after_call`, off unless set): the
+    call an agent ends is recorded closed all the same, and no survey is published."""
+    group = new_group()
+    app_id, _ = await setup_numbers(stack, group, 2)
+    subject = await pool_subject(stack, group)
+    _, agent_app = await agent(stack, group)
+    customer = f"cust-{uuid.uuid4().hex[:6]}"
+    reached = await handoff(stack, app_id, customer, C.ContextData(subject=subject))
+    call = Call(stack.routers[0], reached.access_number)
+    offer = await answer(agent_app, ACCEPT)
+    await call.until("connect")
+    await agent_app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=offer.interaction_id))
+    # The survey's publish would be recorded before the call's end, by the same writer.
+    found = await until_listed(
+        stack, app_id, customer, lambda f: any(r.status == CLOSED for r in f)
+    )
+    assert [r.interaction_id for r in found if r.status == CLOSED] == [reached.session_id]
+    assert [r for r in found if r.topic == "survey"] == []
     call.hang_up()
     agent_app.call.cancel()

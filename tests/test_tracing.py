@@ -3,7 +3,8 @@ receiver: the switch's RouteInboundCall, CallMatching's MatchCall (which reads t
 dialled number's reservations itself, no hop to NumberDistribution), the agent claim, the
 offer through etcd to the agent's stream and the agent's answer share one trace id, and
 the call's trace links to the trace of the StartHandoff that prepared it, whose
-ReserveNumber in NumberDistribution is in the handoff's trace. No attribute carries the caller's number or context."""
+ReserveNumber in NumberDistribution is in the handoff's trace. No attribute carries the
+caller's number or context."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ call under the number's reservation lease, its context and code sealed."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -119,11 +120,18 @@ class Handoffs:
             replay = await self._replay(idempotency_key, request)
             if replay is not None:
                 return replay
+        # The customer's open transactions are read while the number is reserved.
+        started = asyncio.get_running_loop().time()
+        read = (
+            self._journey.read_open_transactions(request.application_id, request.customer_id)
+            if self._journey is not None
+            else None
+        )
         reserved = await self._reserve_for(app, request, idempotency_key)
         # NumberDistribution may have answered an earlier attempt of this same request.
         session_id = reserved.reservation.session_id
         record, fence = await self._held(reserved)
-        context = await self._with_open_transactions(request)
+        context = await self._with_open_transactions(request, read, started)
         session = self._new_session(
             app, request, context, session_id, record, fence, ani_hash, reserved
         )
@@ -231,19 +239,21 @@ class Handoffs:
             )
         return found[0], found[1].create_revision
 
-    async def _with_open_transactions(self, request: Handoff) -> common_pb2.ContextData:
+    async def _with_open_transactions(
+        self,
+        request: Handoff,
+        read: asyncio.Future[list[common_pb2.OpenTransaction]] | None,
+        started: float,
+    ) -> common_pb2.ContextData:
         """The context to seal: the app's, with the customer's open transactions from
-        their journey (none when the history database does not answer at once: a handoff
-        never waits on it)."""
+        their journey (`read` since `started`; none when the history database does not
+        answer at once: a handoff never waits long on it)."""
         context = common_pb2.ContextData()
         context.CopyFrom(request.context)
         del context.open_transactions[:]
-        if self._journey is not None:
-            context.open_transactions.extend(
-                await self._journey.open_transactions_now(
-                    request.application_id, request.customer_id
-                )
-            )
+        if read is not None and self._journey is not None:
+            found = await self._journey.open_transactions_by(read, started)
+            context.open_transactions.extend(found)
         return context
 
     def _new_session(
@@ -270,6 +280,7 @@ class Handoffs:
             reservation_revision=fence,
             match_schema=app.match_schema,
             skip_ivr=app.skip_ivr_on_match,
+            survey_after_call=app.survey_after_call,
             ani_hash=ani_hash,
             sealed_access_code=self._crypto.seal(reserved.access_code.encode(), session_id)
             if reserved.access_code

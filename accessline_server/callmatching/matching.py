@@ -435,6 +435,7 @@ class Matcher:
             customer_id=session.customer_id,
             context=context,
             skip_ivr=session.skip_ivr,
+            survey_after_call=session.survey_after_call,
             match_schema=session.match_schema,
             resource_group=resource_group,
             handoff_trace=session.handoff_trace,

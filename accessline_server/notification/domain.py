@@ -281,31 +281,19 @@ class Notifications:
         `application_id`, only that application's devices are reached. A first publish
         to at most BATCH devices is one read of its key and one transaction."""
         now = time.time()
-        record_key = ""
+        notification_id, record_key = "n" + secrets.token_hex(12), ""  # new: nothing to read
         record: nt_store.PublishRecord | None = None
         stored_entry: Entry[nt_store.StoredNotification] | None = None
         if request.idempotency_key:
             digest = hashlib.sha256(request.idempotency_key.encode()).hexdigest()
-            record_key = IDEMPOTENCY + digest
-            notification_id = "n" + digest[:24]
-            found = await self._store.txn(
-                [], [Op.get(record_key), Op.get(NOTIFICATIONS + notification_id)]
-            )
-            if found.gets[0]:
-                record = decode(nt_store.PublishRecord, record_key, found.gets[0][0].value)
-                if record.complete:
-                    return nt_pb2.PublishResponse(
-                        notification_id=record.notification_id,
-                        device_count=record.device_count,
-                        duplicate=True,
-                    )
-            if found.gets[1]:
-                row = found.gets[1][0]
-                stored_entry = Entry(
-                    row.key, decode(nt_store.StoredNotification, row.key, row.value), row.meta
+            record_key, notification_id = IDEMPOTENCY + digest, "n" + digest[:24]
+            record, stored_entry = await self._published_before(record_key, notification_id)
+            if record is not None and record.complete:
+                return nt_pb2.PublishResponse(
+                    notification_id=record.notification_id,
+                    device_count=record.device_count,
+                    duplicate=True,
                 )
-        else:
-            notification_id = "n" + secrets.token_hex(12)  # new: nothing to read
         if stored_entry is not None:
             # A publish with this key was interrupted: finish its fan-out, nothing more.
             stored = stored_entry.value
@@ -352,6 +340,25 @@ class Notifications:
             )
         self._published.add(1, {"accessline.event_type": nt_pb2.EventType.Name(request.event_type)})
         return nt_pb2.PublishResponse(notification_id=notification_id, device_count=len(devices))
+
+    async def _published_before(
+        self, record_key: str, notification_id: str
+    ) -> tuple[nt_store.PublishRecord | None, Entry[nt_store.StoredNotification] | None]:
+        """The idempotency record and the notification of an earlier publish with the
+        same key, in one read."""
+        found = await self._store.txn(
+            [], [Op.get(record_key), Op.get(NOTIFICATIONS + notification_id)]
+        )
+        record = (
+            decode(nt_store.PublishRecord, record_key, found.gets[0][0].value)
+            if found.gets[0]
+            else None
+        )
+        if not found.gets[1]:
+            return record, None
+        row = found.gets[1][0]
+        stored = decode(nt_store.StoredNotification, row.key, row.value)
+        return record, Entry(row.key, stored, row.meta)
 
     async def _fan_out(
         self, notification_id: str, devices: list[nt_pb2.Device], lease: int, now: float

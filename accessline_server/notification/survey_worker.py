@@ -1,9 +1,9 @@
-"""Sends the survey invitations Presence writes (surveys.py): to the customer's devices
-of that application, in-app and by push (EVENT_TYPE_SURVEY, with the journey's
-interaction id only), once whichever replica sends it (the idempotency key is the
-interaction's), then records the interaction closed in the customer's journey and
-deletes the invitation. An invitation a replica dies holding is sent by another: it stays
-until sent."""
+"""Sends the survey invitations Presence writes (surveys.py) whose application asks for
+surveys: to the customer's devices of that application, in-app and by push
+(EVENT_TYPE_SURVEY, with the journey's interaction id only), once whichever replica
+sends it (the idempotency key is the interaction's); then, asked or not, records the
+interaction closed in the customer's journey and deletes the invitation. An invitation
+a replica dies holding is sent by another: it stays until sent."""
 
 from __future__ import annotations
 
@@ -80,12 +80,13 @@ class SurveyWorker:
             if entry is None:
                 return  # sent by another replica
             found = entry.value
-            request = invitation(found)
-            published = await self._notifications.publish(
-                request, SURVEY_TTL_SECONDS, application_id=found.application_id
-            )
-            if not published.duplicate:
-                journal.notification(request, published.notification_id)
+            if found.ask:
+                request = invitation(found)
+                published = await self._notifications.publish(
+                    request, SURVEY_TTL_SECONDS, application_id=found.application_id
+                )
+                if not published.duplicate:
+                    journal.notification(request, published.notification_id)
             records.record(
                 records.Record(
                     application_id=found.application_id,

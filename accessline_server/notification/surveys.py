@@ -1,6 +1,8 @@
 """Notification's published module for surveys: Presence writes a survey invitation in
 the transaction that ends an agent's interaction with a customer of an app (the op
-below); Notification's survey worker sends it once and deletes it (survey_worker.py).
+below); Notification's survey worker records the call closed in the customer's journey,
+sends the survey once when the application asks for one, and deletes the invitation
+(survey_worker.py).
 
     nt/surveys/{application_id}/{interaction_id}    SurveyInvitation
 """
@@ -13,9 +15,12 @@ from accessline_server.runtime.store import Op
 SURVEYS = "nt/surveys/"
 
 
-def invitation_op(application_id: str, customer_id: str, interaction_id: str, agent_id: str) -> Op:
+def invitation_op(
+    application_id: str, customer_id: str, interaction_id: str, agent_id: str, *, ask: bool
+) -> Op:
     """The write of a survey invitation, for the transaction that ends the interaction
-    (`interaction_id` is its id in the customer's journey)."""
+    (`interaction_id` is its id in the customer's journey; `ask`: send the survey, else
+    only record the call closed)."""
     return Op.put(
         f"{SURVEYS}{application_id}/{interaction_id}",
         nt_store.SurveyInvitation(
@@ -23,5 +28,6 @@ def invitation_op(application_id: str, customer_id: str, interaction_id: str, ag
             customer_id=customer_id,
             interaction_id=interaction_id,
             agent_id=agent_id,
+            ask=ask,
         ),
     )

@@ -98,6 +98,7 @@ def accept_ops(
         application_id=stored.application_id,
         sealed_context=stored.sealed_context,
         journey_interaction_id=stored.journey_interaction_id,
+        survey_after_call=stored.survey_after_call,
     )
     compares = [Compare.modified_at(presence_key, presence_revision)]
     if stored.call_key:

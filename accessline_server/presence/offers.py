@@ -57,11 +57,13 @@ def new_offer(
     context: common_pb2.ContextData | None = None,
     customer: tuple[str, str] = ("", ""),
     journey_id: str = "",
+    survey: bool = False,
 ) -> pr_store.StoredOffer:
     """An open offer due `timeout` seconds from now, its preview's personal part and the
     interaction's whole `context` (for the agent who accepts) sealed, naming the
     `customer` (customer id, application id) the agent may send links to and the
-    interaction's id in their journey (`journey_id`, which the survey after it names),
+    interaction's id in their journey (`journey_id`, which the call's end and the survey
+    after it name; `survey` when the customer's application asks for one),
     carrying the current trace context (write it under a lease of at least
     `timeout + OFFER_MARGIN_SECONDS`)."""
     deadline = time.time() + timeout
@@ -88,6 +90,7 @@ def new_offer(
         stored.call_lease = call.lease
     stored.customer_id, stored.application_id = customer
     stored.journey_interaction_id = journey_id
+    stored.survey_after_call = survey
     sealing.seal_summary(stored)
     if context is not None:
         sealing.seal_context(stored, context)

@@ -164,6 +164,7 @@ class AgentSession(OfferAnswering):
                     ongoing.customer_id,
                     ongoing.journey_interaction_id,
                     self.agent.agent_id,
+                    ask=ongoing.survey_after_call,
                 )
             )
         return ops

@@ -365,6 +365,7 @@ class Dispatcher:
                 context=what.context if what.HasField("context") else None,
                 customer=(item.customer_id, item.application_id),
                 journey_id=journal.surveyed_id(item),
+                survey=item.survey_after_call,
             )
 
     async def _offer(self, entry: Entry[QI], candidate: Candidate) -> bool:

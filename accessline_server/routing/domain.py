@@ -230,10 +230,9 @@ class Router:
             match_outcome=matched.outcome,
         )
         item.not_before.CopyFrom(timestamp(0))
-        item.call_id = request.call_id
-        item.session_id = matched.session_id
-        item.customer_id = matched.customer_id
-        item.application_id = matched.application_id
+        item.call_id, item.session_id = request.call_id, matched.session_id
+        item.customer_id, item.application_id = matched.customer_id, matched.application_id
+        item.survey_after_call = matched.survey_after_call
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         item.trace.traceparent = carrier.get("traceparent", "")

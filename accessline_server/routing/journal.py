@@ -24,9 +24,9 @@ def interaction_id(item: rt_store.QueuedInteraction) -> str:
 
 
 def surveyed_id(item: rt_store.QueuedInteraction) -> str:
-    """The journey id an offer carries so that the survey after it can name it: a call
-    of an app's customer only (a callback's dial may not have reached the customer when
-    its agent ends it)."""
+    """The journey id an offer carries so that the call's end (and the survey after it)
+    can name it: a call of an app's customer only (a callback's dial may not have reached
+    the customer when its agent ends it)."""
     if item.kind != rt_store.INTERACTION_KIND_CALL or not item.application_id:
         return ""
     return interaction_id(item)

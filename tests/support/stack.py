@@ -263,6 +263,7 @@ async def setup_numbers(
     skip_ivr: bool = True,
     code_length: int = 0,
     schema: int = 0,
+    survey_after_call: bool = False,
 ) -> tuple[str, list[str]]:
     """A pool of `count` numbers for `group` and an application matching by number (and
     by an access code of `code_length` digits when given, the pool issuing them), or by
@@ -284,6 +285,7 @@ async def setup_numbers(
                 match_schema=schema
                 or (C.MATCH_SCHEMA_NUMBER_CODE if code_length else C.MATCH_SCHEMA_NUMBER),
                 skip_ivr_on_match=skip_ivr,
+                survey_after_call=survey_after_call,
             )
         )
     )

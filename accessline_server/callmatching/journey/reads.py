@@ -185,18 +185,28 @@ class Journey:
             )
         )
 
-    async def open_transactions_now(
+    def read_open_transactions(
         self, application_id: str, customer_id: str
-    ) -> list[common_pb2.OpenTransaction]:
-        """The customer's open transactions if the database answers within
-        ON_CALL_WAIT; none otherwise (logged): a handoff never fails on the journey. A
-        read that takes longer finishes on its own, uncancelled (a database call cancelled
-        half way can leave its connection unusable), its answer dropped."""
+    ) -> asyncio.Future[list[common_pb2.OpenTransaction]]:
+        """Starts reading the customer's open transactions, for `open_transactions_by`:
+        a handoff reads them while its number is reserved. The read is never cancelled
+        (a database call cancelled half way can leave its connection unusable): one
+        nobody waits for any more finishes on its own, its answer dropped."""
         read = asyncio.ensure_future(self.open_transactions(application_id, customer_id))
-        done, _ = await asyncio.wait({read}, timeout=ON_CALL_WAIT)
+        self._late.add(read)
+        read.add_done_callback(self._dropped)
+        return read
+
+    @staticmethod
+    async def open_transactions_by(
+        read: asyncio.Future[list[common_pb2.OpenTransaction]], started: float
+    ) -> list[common_pb2.OpenTransaction]:
+        """What `read` found if the database answered within ON_CALL_WAIT of `started`
+        (the event loop's time); none otherwise (logged): a handoff never fails on the
+        journey."""
+        left = ON_CALL_WAIT - (asyncio.get_running_loop().time() - started)
+        done, _ = await asyncio.wait({read}, timeout=max(0.0, left))
         if not done:
-            self._late.add(read)
-            read.add_done_callback(self._dropped)
             log.warning("open transactions not read in time; the handoff goes without them")
             return []
         try:

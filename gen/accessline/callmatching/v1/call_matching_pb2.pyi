@@ -129,6 +129,7 @@ class Application(_message.Message):
     SKIP_IVR_ON_MATCH_FIELD_NUMBER: _builtins.int
     MAX_CODE_ATTEMPTS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     application_id: _builtins.str
     """Id of the application."""
     display_name: _builtins.str
@@ -142,6 +143,10 @@ class Application(_message.Message):
     etag: _builtins.str
     """The version of the application as stored (set on answers): pass it back to
     UpdateApplication to change only that version. At most 64 characters.
+    """
+    survey_after_call: _builtins.bool
+    """Whether the customer is asked to rate a matched call when its agent ends it (a
+    survey notification to the customer's devices of this application). Off unless set.
     """
     @_builtins.property
     def default_session_ttl(self) -> _duration_pb2.Duration:
@@ -162,10 +167,11 @@ class Application(_message.Message):
         skip_ivr_on_match: _builtins.bool = ...,
         max_code_attempts: _builtins.int = ...,
         etag: _builtins.str = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_session_ttl", b"default_session_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "default_session_ttl", b"default_session_ttl", "display_name", b"display_name", "etag", b"etag", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "required_context_keys", b"required_context_keys", "skip_ivr_on_match", b"skip_ivr_on_match"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "default_session_ttl", b"default_session_ttl", "display_name", b"display_name", "etag", b"etag", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "required_context_keys", b"required_context_keys", "skip_ivr_on_match", b"skip_ivr_on_match", "survey_after_call", b"survey_after_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -615,6 +621,7 @@ class MatchCallResponse(_message.Message):
     RESOURCE_GROUP_FIELD_NUMBER: _builtins.int
     HANDOFF_TRACE_FIELD_NUMBER: _builtins.int
     HANDOFF_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     outcome: Global___MatchOutcome.ValueType
     """What happened."""
     session_id: _builtins.str
@@ -631,6 +638,10 @@ class MatchCallResponse(_message.Message):
     """The schema the call was checked against."""
     resource_group: _builtins.str
     """The resource group of the dialled number's pool, for routing an unmatched call."""
+    survey_after_call: _builtins.bool
+    """Whether the customer is asked to rate the call when its agent ends it (the
+    application's `survey_after_call` when the handoff started); matched calls only.
+    """
     @_builtins.property
     def context(self) -> _common_pb2.ContextData:
         """The context to attach to the call; set when matched."""
@@ -656,10 +667,11 @@ class MatchCallResponse(_message.Message):
         resource_group: _builtins.str = ...,
         handoff_trace: _common_pb2.TraceContext | None = ...,
         handoff_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "context", b"context", "customer_id", b"customer_id", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace", "match_schema", b"match_schema", "outcome", b"outcome", "resource_group", b"resource_group", "session_id", b"session_id", "skip_ivr", b"skip_ivr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "context", b"context", "customer_id", b"customer_id", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace", "match_schema", b"match_schema", "outcome", b"outcome", "resource_group", b"resource_group", "session_id", b"session_id", "skip_ivr", b"skip_ivr", "survey_after_call", b"survey_after_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from accessline.numberdistribution.storage.v1 import storage_pb2 as accessline_d
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0accessline/callmatching/storage/v1/storage.proto\x12\"accessline.callmatching.storage.v1\x1a.accessline/callmatching/v1/call_matching.proto\x1a!accessline/common/v1/common.proto\x1a\x36\x61\x63\x63\x65ssline/numberdistribution/storage/v1/storage.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x04\n\rStoredSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x16\n\x0esealed_context\x18\x04 \x01(\x0c\x12P\n\x0breservation\x18\x05 \x01(\x0b\x32;.accessline.numberdistribution.storage.v1.StoredReservation\x12\x1c\n\x14reservation_revision\x18\x06 \x01(\x03\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x10\n\x08skip_ivr\x18\x08 \x01(\x08\x12\x10\n\x08\x61ni_hash\x18\t \x01(\x0c\x12\x1a\n\x12sealed_access_code\x18\n \x01(\x0c\x12\x38\n\x14handoff_requested_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\rhandoff_trace\x18\r \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12\x1c\n\x14\x66\x61iled_code_attempts\x18\x0e \x01(\x05\x12\x19\n\x11max_code_attempts\x18\x0f \x01(\x05\x12\x17\n\x0f\x64\x65vice_can_dial\x18\x10 \x01(\x08\x12\x1c\n\x14\x64\x65vice_can_send_dtmf\x18\x11 \x01(\x08\"\xce\x01\n\rStoredOutcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.accessline.callmatching.v1.SessionState\x12\x19\n\x11merged_session_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x06 \x01(\t\"Y\n\x12HandoffIdempotency\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ustomer_digest\x18\x02 \x01(\x0c\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\"2\n\x0bMatchedCall\x12\x0c\n\x04\x64nis\x18\x01 \x01(\t\x12\x15\n\rsealed_answer\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0accessline/callmatching/storage/v1/storage.proto\x12\"accessline.callmatching.storage.v1\x1a.accessline/callmatching/v1/call_matching.proto\x1a!accessline/common/v1/common.proto\x1a\x36\x61\x63\x63\x65ssline/numberdistribution/storage/v1/storage.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n\rStoredSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61pplication_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x16\n\x0esealed_context\x18\x04 \x01(\x0c\x12P\n\x0breservation\x18\x05 \x01(\x0b\x32;.accessline.numberdistribution.storage.v1.StoredReservation\x12\x1c\n\x14reservation_revision\x18\x06 \x01(\x03\x12\x37\n\x0cmatch_schema\x18\x07 \x01(\x0e\x32!.accessline.common.v1.MatchSchema\x12\x10\n\x08skip_ivr\x18\x08 \x01(\x08\x12\x10\n\x08\x61ni_hash\x18\t \x01(\x0c\x12\x1a\n\x12sealed_access_code\x18\n \x01(\x0c\x12\x38\n\x14handoff_requested_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\rhandoff_trace\x18\r \x01(\x0b\x32\".accessline.common.v1.TraceContext\x12\x1c\n\x14\x66\x61iled_code_attempts\x18\x0e \x01(\x05\x12\x19\n\x11max_code_attempts\x18\x0f \x01(\x05\x12\x17\n\x0f\x64\x65vice_can_dial\x18\x10 \x01(\x08\x12\x1c\n\x14\x64\x65vice_can_send_dtmf\x18\x11 \x01(\x08\x12\x19\n\x11survey_after_call\x18\x12 \x01(\x08\"\xce\x01\n\rStoredOutcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.accessline.callmatching.v1.SessionState\x12\x19\n\x11merged_session_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61pplication_id\x18\x06 \x01(\t\"Y\n\x12HandoffIdempotency\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ustomer_digest\x18\x02 \x01(\x0c\x12\x16\n\x0erequest_digest\x18\x03 \x01(\x0c\"2\n\x0bMatchedCall\x12\x0c\n\x04\x64nis\x18\x01 \x01(\t\x12\x15\n\rsealed_answer\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'accessline.callmatching.sto
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOREDSESSION']._serialized_start=261
-  _globals['_STOREDSESSION']._serialized_end=875
-  _globals['_STOREDOUTCOME']._serialized_start=878
-  _globals['_STOREDOUTCOME']._serialized_end=1084
-  _globals['_HANDOFFIDEMPOTENCY']._serialized_start=1086
-  _globals['_HANDOFFIDEMPOTENCY']._serialized_end=1175
-  _globals['_MATCHEDCALL']._serialized_start=1177
-  _globals['_MATCHEDCALL']._serialized_end=1227
+  _globals['_STOREDSESSION']._serialized_end=902
+  _globals['_STOREDOUTCOME']._serialized_start=905
+  _globals['_STOREDOUTCOME']._serialized_end=1111
+  _globals['_HANDOFFIDEMPOTENCY']._serialized_start=1113
+  _globals['_HANDOFFIDEMPOTENCY']._serialized_end=1202
+  _globals['_MATCHEDCALL']._serialized_start=1204
+  _globals['_MATCHEDCALL']._serialized_end=1254
 # @@protoc_insertion_point(module_scope)

@@ -48,6 +48,7 @@ class StoredSession(_message.Message):
     MAX_CODE_ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEVICE_CAN_DIAL_FIELD_NUMBER: _builtins.int
     DEVICE_CAN_SEND_DTMF_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of the session."""
     application_id: _builtins.str
@@ -76,6 +77,8 @@ class StoredSession(_message.Message):
     """The StartHandoff answer's device fields, to answer an idempotent retry alike."""
     device_can_send_dtmf: _builtins.bool
     """Whether the device sends the code itself."""
+    survey_after_call: _builtins.bool
+    """The application's `survey_after_call` when the handoff started."""
     @_builtins.property
     def reservation(self) -> _storage_pb2.StoredReservation:
         """The reservation of the number, as NumberDistribution stored it."""
@@ -112,10 +115,11 @@ class StoredSession(_message.Message):
         max_code_attempts: _builtins.int = ...,
         device_can_dial: _builtins.bool = ...,
         device_can_send_dtmf: _builtins.bool = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace", "reservation", b"reservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani_hash", b"ani_hash", "application_id", b"application_id", "customer_id", b"customer_id", "device_can_dial", b"device_can_dial", "device_can_send_dtmf", b"device_can_send_dtmf", "expires_at", b"expires_at", "failed_code_attempts", b"failed_code_attempts", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "reservation", b"reservation", "reservation_revision", b"reservation_revision", "sealed_access_code", b"sealed_access_code", "sealed_context", b"sealed_context", "session_id", b"session_id", "skip_ivr", b"skip_ivr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ani_hash", b"ani_hash", "application_id", b"application_id", "customer_id", b"customer_id", "device_can_dial", b"device_can_dial", "device_can_send_dtmf", b"device_can_send_dtmf", "expires_at", b"expires_at", "failed_code_attempts", b"failed_code_attempts", "handoff_requested_at", b"handoff_requested_at", "handoff_trace", b"handoff_trace", "match_schema", b"match_schema", "max_code_attempts", b"max_code_attempts", "reservation", b"reservation", "reservation_revision", b"reservation_revision", "sealed_access_code", b"sealed_access_code", "sealed_context", b"sealed_context", "session_id", b"session_id", "skip_ivr", b"skip_ivr", "survey_after_call", b"survey_after_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

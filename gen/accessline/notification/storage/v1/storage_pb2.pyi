@@ -466,10 +466,12 @@ Global___LinkTally: _TypeAlias = LinkTally  # noqa: Y015
 
 @_typing.final
 class SurveyInvitation(_message.Message):
-    """A survey to send: the customer of an interaction an agent ended, told to rate it.
+    """The end of an app customer's call, and the survey to send when their application asks
+    for one: the customer of an interaction an agent ended, told to rate it.
     Key: `nt/surveys/{application_id}/{interaction_id}`, written by Presence (through
     Notification's published `surveys` module) in the transaction that ends the agent's
-    interaction; Notification sends the invitation once and deletes the key.
+    interaction; Notification records the call closed in the journey, sends the survey
+    once when `ask` is set, and deletes the key.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -478,6 +480,7 @@ class SurveyInvitation(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     INTERACTION_ID_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    ASK_FIELD_NUMBER: _builtins.int
     application_id: _builtins.str
     """The customer's application."""
     customer_id: _builtins.str
@@ -486,6 +489,8 @@ class SurveyInvitation(_message.Message):
     """The interaction's id in the customer's journey."""
     agent_id: _builtins.str
     """The agent who handled it."""
+    ask: _builtins.bool
+    """Whether to send the survey (the application's `survey_after_call`)."""
     def __init__(
         self,
         *,
@@ -493,10 +498,11 @@ class SurveyInvitation(_message.Message):
         customer_id: _builtins.str = ...,
         interaction_id: _builtins.str = ...,
         agent_id: _builtins.str = ...,
+        ask: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "application_id", b"application_id", "customer_id", b"customer_id", "interaction_id", b"interaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "application_id", b"application_id", "ask", b"ask", "customer_id", b"customer_id", "interaction_id", b"interaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -283,6 +283,7 @@ class StoredInteraction(_message.Message):
     APPLICATION_ID_FIELD_NUMBER: _builtins.int
     SEALED_CONTEXT_FIELD_NUMBER: _builtins.int
     JOURNEY_INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """The interaction, as offered."""
     channel: _common_pb2.Channel.ValueType
@@ -301,6 +302,8 @@ class StoredInteraction(_message.Message):
     """
     journey_interaction_id: _builtins.str
     """From the offer: the interaction's id in the customer's journey."""
+    survey_after_call: _builtins.bool
+    """Whether the customer is asked to rate the interaction when the agent ends it."""
     @_builtins.property
     def accepted_at(self) -> _timestamp_pb2.Timestamp:
         """When the agent accepted."""
@@ -316,10 +319,11 @@ class StoredInteraction(_message.Message):
         application_id: _builtins.str = ...,
         sealed_context: _builtins.bytes = ...,
         journey_interaction_id: _builtins.str = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "application_id", b"application_id", "channel", b"channel", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "journey_interaction_id", b"journey_interaction_id", "offer_id", b"offer_id", "sealed_context", b"sealed_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "application_id", b"application_id", "channel", b"channel", "customer_id", b"customer_id", "interaction_id", b"interaction_id", "journey_interaction_id", b"journey_interaction_id", "offer_id", b"offer_id", "sealed_context", b"sealed_context", "survey_after_call", b"survey_after_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +354,7 @@ class StoredOffer(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     APPLICATION_ID_FIELD_NUMBER: _builtins.int
     JOURNEY_INTERACTION_ID_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent."""
     state: Global___OfferState.ValueType
@@ -392,6 +397,8 @@ class StoredOffer(_message.Message):
     """The interaction's id in the customer's journey (a call's handoff session id, a
     callback's id): the survey after it names that record.
     """
+    survey_after_call: _builtins.bool
+    """Whether the customer is asked to rate the interaction when the agent ends it."""
     @_builtins.property
     def offer(self) -> _presence_pb2.Offer:
         """The offer shown to the agent."""
@@ -425,10 +432,11 @@ class StoredOffer(_message.Message):
         customer_id: _builtins.str = ...,
         application_id: _builtins.str = ...,
         journey_interaction_id: _builtins.str = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answered_at", b"answered_at", "offer", b"offer", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "application_id", b"application_id", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "customer_id", b"customer_id", "interaction_lease", b"interaction_lease", "journey_interaction_id", b"journey_interaction_id", "offer", b"offer", "sealed_context", b"sealed_context", "sealed_summary", b"sealed_summary", "state", b"state", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_channel", b"accepted_channel", "agent_id", b"agent_id", "answered_at", b"answered_at", "application_id", b"application_id", "call_create_revision", b"call_create_revision", "call_key", b"call_key", "call_lease", b"call_lease", "cancel_reason", b"cancel_reason", "customer_id", b"customer_id", "interaction_lease", b"interaction_lease", "journey_interaction_id", b"journey_interaction_id", "offer", b"offer", "sealed_context", b"sealed_context", "sealed_summary", b"sealed_summary", "state", b"state", "survey_after_call", b"survey_after_call", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -343,6 +343,7 @@ class QueuedInteraction(_message.Message):
     PLACE_KEY_FIELD_NUMBER: _builtins.int
     SEALED_PRIVATE_FIELD_NUMBER: _builtins.int
     APPLICATION_ID_FIELD_NUMBER: _builtins.int
+    SURVEY_AFTER_CALL_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Id (a callback's entry uses the callback id)."""
     kind: Global___InteractionKind.ValueType
@@ -390,6 +391,10 @@ class QueuedInteraction(_message.Message):
     application_id: _builtins.str
     """The application of the matched handoff (its webhooks are told when the call
     connects or leaves unconnected); empty for a call that did not match.
+    """
+    survey_after_call: _builtins.bool
+    """Whether the customer is asked to rate the call when its agent ends it (the
+    match's `survey_after_call`).
     """
     @_builtins.property
     def preferred_until(self) -> _timestamp_pb2.Timestamp:
@@ -475,10 +480,11 @@ class QueuedInteraction(_message.Message):
         place_key: _builtins.str = ...,
         sealed_private: _builtins.bytes = ...,
         application_id: _builtins.str = ...,
+        survey_after_call: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "created_at", b"created_at", "deadline", b"deadline", "detached_until", b"detached_until", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "preferred_until", b"preferred_until", "retry_tried_after", b"retry_tried_after", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "place_key", b"place_key", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "sealed_private", b"sealed_private", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application_id", b"application_id", "business_value", b"business_value", "call_id", b"call_id", "channel", b"channel", "connected", b"connected", "created_at", b"created_at", "customer_id", b"customer_id", "customer_segment", b"customer_segment", "deadline", b"deadline", "detached_until", b"detached_until", "interaction_id", b"interaction_id", "kind", b"kind", "language", b"language", "match_decided", b"match_decided", "not_before", b"not_before", "offer", b"offer", "place_key", b"place_key", "preferred_agent_id", b"preferred_agent_id", "preferred_until", b"preferred_until", "resource_group", b"resource_group", "resume_hash", b"resume_hash", "retry_tried_after", b"retry_tried_after", "sealed_context", b"sealed_context", "sealed_private", b"sealed_private", "session_id", b"session_id", "sla_target_seconds", b"sla_target_seconds", "state", b"state", "subject", b"subject", "survey_after_call", b"survey_after_call", "trace", b"trace", "tried_agent_ids", b"tried_agent_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
