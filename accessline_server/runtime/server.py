@@ -72,6 +72,7 @@ def open_store(settings: ServiceSettings) -> Store:
         settings.etcd_timeout_seconds,
         tls=tls,
         reconnect_backoff_max=settings.etcd_reconnect_backoff_max_seconds,
+        group_commit=settings.etcd_group_commit,
     )
 
 

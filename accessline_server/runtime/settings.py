@@ -82,6 +82,15 @@ class ServiceSettings(BaseSettings):
     etcd_timeout_seconds: float = Field(
         default=5.0, gt=0, le=60, description="Deadline of one etcd request."
     )
+    etcd_group_commit: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Group commit: while this many etcd transactions (or batches) of a"
+        " process are under way, the next ones are sent together as one etcd transaction"
+        " (nested, each with its own compares; only those touching none of each other's"
+        " keys); 0 sends each alone.",
+    )
     etcd_reconnect_backoff_max_seconds: float = Field(
         default=2.0,
         ge=0.1,

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aetcd.rpc as etcdrpc
 import grpc
@@ -38,6 +38,7 @@ from accessline_server.runtime.etcdlink import (
     member_fault,
     parse_endpoints,
 )
+from accessline_server.runtime.groupcommit import GroupCommit
 from accessline_server.runtime.kv import (
     Compare,
     CorruptValue,
@@ -81,9 +82,15 @@ class Store:
         *,
         tls: EtcdTls | None = None,
         reconnect_backoff_max: float = 2.0,
+        group_commit: int = 2,
     ) -> None:
         self._members = Members(
             endpoints, tls=tls, timeout=timeout, reconnect_backoff_max=reconnect_backoff_max
+        )
+        # Concurrent transactions sent together behind `group_commit` under way (0: each
+        # alone).
+        self.batches = (
+            GroupCommit(self._send_txn, max_in_flight=group_commit) if group_commit else None
         )
         self._prefix = prefix.rstrip("/").encode()
         self._keeper = LeaseKeeper(self._members)
@@ -241,7 +248,11 @@ class Store:
         )
         # A transaction without writes is a read (a consistent snapshot of several keys).
         read_only = all(o.kind == "get" for o in (*success, *failure))
-        reply = await self._members.call("kv", "Txn", request, read=read_only)
+        if self.batches is not None:
+            reply, revision = await self.batches.txn(request, read_only)
+        else:
+            reply = await self._send_txn(request, read_only)
+            revision = int(reply.header.revision)
         gets: list[list[RawKV]] = []
         deleted: list[int] = []
         for response in reply.responses:
@@ -255,7 +266,10 @@ class Store:
                 )
             elif kind == "response_delete_range":
                 deleted.append(int(response.response_delete_range.deleted))
-        return TxnResult(bool(reply.succeeded), int(reply.header.revision), gets, deleted)
+        return TxnResult(bool(reply.succeeded), revision, gets, deleted)
+
+    async def _send_txn(self, request: etcdrpc.TxnRequest, read_only: bool) -> Any:
+        return await self._members.call("kv", "Txn", request, read=read_only)
 
     async def compact(self, revision: int) -> None:
         """Discards history before `revision` (operators and tests)."""
