@@ -271,6 +271,21 @@ def service_name(module: str) -> str:
     return "probe" if name == "probe_service" else name
 
 
+@functools.cache
+def history_folder() -> Path:
+    """Where spawned services keep their history files, one per process (made on first
+    use)."""
+    return Path(tempfile.mkdtemp(prefix="accessline-history-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _history_files_removed() -> Any:
+    """The spawned services' history files, removed at the end of the session."""
+    yield
+    if history_folder.cache_info().currsize:
+        shutil.rmtree(history_folder(), ignore_errors=True)
+
+
 def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> ServiceProcess:
     port = free_port()
     full_env = {
@@ -283,9 +298,12 @@ def spawn_service(module: str, etcd_endpoints: str, prefix: str, **env: str) -> 
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         # Every trace recorded: the tracing tests follow one call across the services.
         "ACCESSLINE_TRACE_SAMPLE_RATIO": "1",
-        # The history in the process's memory unless a test shares a file (or PostgreSQL)
-        # between the services that write it.
-        "ACCESSLINE_HISTORY_DSN": "sqlite+aiosqlite:///:memory:",
+        # A history file of the process's own unless a test shares one (or PostgreSQL)
+        # between the services that write it. (In memory, each pooled connection of
+        # SQLite would see a database of its own, without the tables.)
+        "ACCESSLINE_HISTORY_DSN": (
+            f"sqlite+aiosqlite:///{history_folder() / f'{service_name(module)}-{port}.db'}"
+        ),
         **identity().env(service_name(module)),
         **env,
     }

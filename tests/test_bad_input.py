@@ -94,7 +94,6 @@ async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[dict[str, ServiceProcess]]:
             etcd.endpoint,
             prefix,
             ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=nd.address,
-            ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
         )
         started["callmatching"] = cm
         await _serving(cm)

@@ -96,7 +96,6 @@ async def test_callmatching_keeps_serving_when_one_numberdistribution_replica_di
     matching = service_factory(
         "accessline_server.callmatching",
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=",".join(r.address for r in numbers),
-        ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
     )
     await wait_serving(matching)
     subject = f"s-{uuid.uuid4().hex[:6]}"

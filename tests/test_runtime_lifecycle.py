@@ -409,7 +409,6 @@ async def test_a_service_started_while_etcd_is_down_waits_for_it_and_then_serves
         module,
         etcd_endpoints=private_etcd.endpoint,
         ACCESSLINE_ETCD_TIMEOUT_SECONDS="1",
-        ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
     )
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -32,21 +32,29 @@ def surveyed_id(item: rt_store.QueuedInteraction) -> str:
     return interaction_id(item)
 
 
+def _record(
+    application_id: str, interaction_id: str, channel: int, status: int, **known: str
+) -> None:
+    """One of Routing's records, of an application's customer only; empty: not known."""
+    if application_id:
+        found = {name: value or None for name, value in known.items()}  # text fields only
+        record = records.Record(application_id, interaction_id, channel, status, **found)  # type: ignore[arg-type]
+        records.record(record)
+
+
 def call(item: rt_store.QueuedInteraction, *, connected: bool, agent_id: str = "") -> None:
     """A matched call connected to its agent (answered), or gone before (closed)."""
-    if not item.application_id or item.kind != rt_store.INTERACTION_KIND_CALL:
+    if item.kind != rt_store.INTERACTION_KIND_CALL:
         return
-    records.record(
-        records.Record(
-            application_id=item.application_id,
-            interaction_id=interaction_id(item),
-            channel=jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
-            status=ANSWERED if connected else CLOSED,
-            customer_id=item.customer_id or None,
-            agent_id=agent_id or None,
-            resource_group=item.resource_group,
-            outcome=None if connected else "ABANDONED",
-        )
+    _record(
+        item.application_id,
+        interaction_id(item),
+        jn_pb2.INTERACTION_CHANNEL_APP_VOICE,
+        ANSWERED if connected else CLOSED,
+        customer_id=item.customer_id,
+        agent_id=agent_id,
+        resource_group=item.resource_group,
+        outcome="" if connected else "ABANDONED",
     )
 
 
@@ -60,21 +68,17 @@ def callback(
     transaction_id: str = "",
 ) -> None:
     """A callback scheduled (pending), made (answered) or given up (closed)."""
-    if not stored.application_id:
-        return
-    records.record(
-        records.Record(
-            application_id=stored.application_id,
-            interaction_id=stored.callback.callback_id,
-            channel=jn_pb2.INTERACTION_CHANNEL_CALLBACK,
-            status=status,
-            customer_id=stored.customer_id or None,
-            agent_id=agent_id or None,
-            resource_group=stored.callback.resource_group,
-            outcome=outcome or None,
-            topic=topic or None,
-            transaction_id=transaction_id or None,
-        )
+    _record(
+        stored.application_id,
+        stored.callback.callback_id,
+        jn_pb2.INTERACTION_CHANNEL_CALLBACK,
+        status,
+        customer_id=stored.customer_id,
+        agent_id=agent_id,
+        resource_group=stored.callback.resource_group,
+        outcome=outcome,
+        topic=topic,
+        transaction_id=transaction_id,
     )
 
 
@@ -100,17 +104,13 @@ def notify_request(
 ) -> None:
     """A notify-when-available request made (pending), answered by an agent held for the
     customer (answered), or cancelled (closed)."""
-    if not application_id:
-        return
-    records.record(
-        records.Record(
-            application_id=application_id,
-            interaction_id=request_id,
-            channel=jn_pb2.INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE,
-            status=status,
-            customer_id=customer_id or None,
-            resource_group=resource_group or None,
-            outcome=outcome or None,
-            topic=topic or None,
-        )
+    _record(
+        application_id,
+        request_id,
+        jn_pb2.INTERACTION_CHANNEL_NOTIFY_WHEN_AVAILABLE,
+        status,
+        customer_id=customer_id,
+        resource_group=resource_group,
+        outcome=outcome,
+        topic=topic,
     )

@@ -116,7 +116,6 @@ async def test_numberdistribution_replicas_stopped_and_killed_under_load_lose_no
     matching = service_factory(
         "accessline_server.callmatching",
         ACCESSLINE_NUMBERDISTRIBUTION_ADDRESS=",".join(r.address for r in numbers),
-        ACCESSLINE_HISTORY_DSN="sqlite+aiosqlite:///:memory:",
         ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",
     )
     await wait_serving(matching)

@@ -69,9 +69,9 @@ def interaction(row: Any) -> jn_pb2.Interaction:
     return out
 
 
-def customer_condition(application_id: str, customer_key: str) -> Any:
-    """The records of one customer: named by their id, by an identifier tied to them, or
-    by a transaction that is theirs."""
+def customer_ways(application_id: str, customer_key: str) -> tuple[Any, ...]:
+    """The four ways a record is one customer's: named by their id, by a phone number or
+    an e-mail address tied to them, or by a transaction that is theirs."""
     ids, txs = schema.identifiers, schema.transactions
     tied = select(ids.c.identifier_key).where(
         ids.c.application_id == application_id, ids.c.customer_key == customer_key
@@ -79,12 +79,17 @@ def customer_condition(application_id: str, customer_key: str) -> Any:
     theirs = select(txs.c.transaction_id).where(
         txs.c.application_id == application_id, txs.c.customer_key == customer_key
     )
-    return or_(
+    return (
         t.c.customer_key == customer_key,
         t.c.phone_key.in_(tied),
         t.c.email_key.in_(tied),
         t.c.transaction_id.in_(theirs),
     )
+
+
+def customer_condition(application_id: str, customer_key: str) -> Any:
+    """The records of one customer, as one condition (for a record read by its key)."""
+    return or_(*customer_ways(application_id, customer_key))
 
 
 def newest(conditions: list[Any], query: Query, limit: int) -> Any:
@@ -94,23 +99,9 @@ def newest(conditions: list[Any], query: Query, limit: int) -> Any:
     the whole table by time)."""
     if not query.customer_key:
         return select(t).where(and_(*conditions)).order_by(*NEWEST).limit(limit)
-    ids, txs = schema.identifiers, schema.transactions
-    app, key = query.application_id, query.customer_key
-    tied = select(ids.c.identifier_key).where(
-        ids.c.application_id == app, ids.c.customer_key == key
-    )
-    theirs = select(txs.c.transaction_id).where(
-        txs.c.application_id == app, txs.c.customer_key == key
-    )
-    ways = (
-        t.c.customer_key == key,
-        t.c.phone_key.in_(tied),
-        t.c.email_key.in_(tied),
-        t.c.transaction_id.in_(theirs),
-    )
     parts = [
         select(select(t).where(*conditions, way).order_by(*NEWEST).limit(limit).subquery())
-        for way in ways
+        for way in customer_ways(query.application_id, query.customer_key)
     ]
     merged = union(*parts).subquery()
     return (
