@@ -12,14 +12,13 @@ import grpc
 import pytest
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
-from accessline.callmatching.v1 import call_matching_pb2_grpc as cm_grpc
-from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
-from tests.conftest import ServiceProcess, connect, error_details, spawn_service, wait_serving
+from tests.conftest import error_details, spawn_service, wait_serving
 from tests.support.callmatching import (
     CODE_POLICY,
     S,
     System,
+    as_system,
     call,
     fresh_ani,
     handoff,
@@ -35,12 +34,11 @@ async def system(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> AsyncIterat
     """NumberDistribution, a CallMatching sharing its secret (`cm`) and one whose
     ACCESSLINE_NUMBERS_SECRET differs (`cm2`), as Routing sees them."""
     nd = spawn_service("accessline_server.numberdistribution", etcd.endpoint, prefix)
-    processes: list[ServiceProcess] = [nd]
-    channels: list[grpc.aio.Channel] = []
-    try:
-        await wait_serving(nd)
-        for name, secret in (("same", {}), ("other", {"ACCESSLINE_NUMBERS_SECRET": OTHER_SECRET})):
-            process = spawn_service(
+    await wait_serving(nd)
+    processes = [nd]
+    for name, secret in (("same", {}), ("other", {"ACCESSLINE_NUMBERS_SECRET": OTHER_SECRET})):
+        processes.append(
+            spawn_service(
                 "accessline_server.callmatching",
                 etcd.endpoint,
                 prefix,
@@ -49,20 +47,9 @@ async def system(etcd: EmbeddedEtcd, prefix: str, tmp_path: Path) -> AsyncIterat
                 ACCESSLINE_LATE_CALL_WINDOW_SECONDS="0",
                 **secret,
             )
-            processes.append(process)
-            await wait_serving(process)
-        channels = [connect(p.address, service="routing") for p in processes]
-        yield System(
-            nd_grpc.NumberDistributionServiceStub(channels[0]),
-            cm_grpc.CallMatchingServiceStub(channels[1]),
-            cm_grpc.CallMatchingServiceStub(channels[2]),
-            processes,
         )
-    finally:
-        for channel in channels:
-            await channel.close()
-        for process in processes:
-            process.stop()
+    async with as_system(processes) as running:
+        yield running
 
 
 async def test_calls_are_matched_and_codes_checked_with_numberdistribution_down(

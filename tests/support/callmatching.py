@@ -81,12 +81,19 @@ async def running_system(etcd: EmbeddedEtcd, tmp: Path) -> AsyncIterator[System]
         ACCESSLINE_HISTORY_DSN=f"sqlite+aiosqlite:///{tmp}/h2.db",
         **common,
     )
-    processes = [nd, cm, cm2]
-    channels = []
+    async with as_system([nd, cm, cm2]) as system:
+        yield system
+
+
+@contextlib.asynccontextmanager
+async def as_system(processes: list[ServiceProcess]) -> AsyncIterator[System]:
+    """A NumberDistribution's and two CallMatchings' processes, once serving, with stubs as
+    Routing sees them (it alone may call MatchCall), with the superuser's token besides;
+    the processes stopped after."""
+    channels: list[Any] = []
     try:
-        await wait_serving(cm)
-        await wait_serving(cm2)
-        # As Routing (which alone may call MatchCall), with the superuser's token besides.
+        for process in processes:
+            await wait_serving(process)
         channels = [connect(p.address, service="routing") for p in processes]
         yield System(
             nd_grpc.NumberDistributionServiceStub(channels[0]),

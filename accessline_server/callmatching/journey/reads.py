@@ -229,11 +229,12 @@ class Journey:
             )
         )
 
-    async def run(self, work: Any) -> Any:
-        """`work(conn)` in one transaction; the database unreachable is UNAVAILABLE."""
+    async def run(self, work: Any, *, read: bool = False) -> Any:
+        """`work(conn)` in one transaction (a `read` only: no BEGIN and COMMIT of its own,
+        rolled back at the end); the database unreachable is UNAVAILABLE."""
         try:
             await self._writer.ensure_schema()
-            async with self._engine.begin() as conn:
+            async with self._engine.connect() if read else self._engine.begin() as conn:
                 return await work(conn)
         except tables.SchemaMissing as exc:
             raise Unavailable(str(exc), reason="HISTORY_SCHEMA_MISSING", retry_after=5.0) from exc
@@ -333,7 +334,7 @@ class Journey:
         async def work(conn: Any) -> Any:
             return (await conn.execute(statement)).fetchall()
 
-        rows = await self.run(work)
+        rows = await self.run(work, read=True)
         found = [interaction(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
@@ -360,7 +361,7 @@ class Journey:
             return (await conn.execute(statement)).fetchall()
 
         out = []
-        for row in await self.run(work):
+        for row in await self.run(work, read=True):
             found = common_pb2.OpenTransaction(
                 transaction_id=row.transaction_id, topic=row.topic or ""
             )

@@ -87,5 +87,5 @@ async def summary(
 
     return [
         jn_pb2.SurveyRow(key=key or "", count=n, mean_rating=float(mean))
-        for key, n, mean in await journey.run(work)
+        for key, n, mean in await journey.run(work, read=True)
     ]
