@@ -82,6 +82,8 @@ def test_only_transactions_touching_none_of_each_others_keys_are_batched() -> No
     assert not overlaps(put_a1[1], put_b1[0] + put_b1[1])
     assert not overlaps(put_b1[1], read_a[0])
     assert not overlaps([(b"a/1", b"")], [(b"a/10", b"")])  # a key is not its prefix
+    assert overlaps([(b"z/1", b"")], [(b"a", b"\0")])  # every key from "a" on
+    assert not overlaps([(b"0", b"")], [(b"a", b"\0")])
 
 
 async def test_a_batch_refused_as_a_whole_answers_each_as_alone(batching: Store) -> None:

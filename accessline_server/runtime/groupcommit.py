@@ -19,6 +19,7 @@ got alone."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ import aetcd.rpc as etcdrpc
 
 from accessline_server.runtime.etcdlink import StoreRejected
 
-# (start, end) of a key or a range of keys: end b"" is the key `start` alone.
+# (start, end) of a key or a range of keys, as etcd takes them: end b"" is the key `start`
+# alone, end b"\0" every key from `start` on.
 Interval = tuple[bytes, bytes]
 Send = Callable[[Any, bool], Awaitable[Any]]
 
@@ -36,28 +38,49 @@ MAX_OPS = 512  # operations and compares of a batch, in all
 MAX_BYTES = 512 * 1024  # of a batch's request (etcd refuses requests over 1.5 MiB)
 
 
-def _end(interval: Interval) -> bytes:
-    return interval[1] or interval[0] + b"\0"
+def _before_end(key: bytes, interval: Interval) -> bool:
+    """Whether `key` comes before the end of `interval` (exclusive)."""
+    start, end = interval
+    if end == b"\0":
+        return True
+    return key < (end or start + b"\0")
 
 
 def overlaps(a: Sequence[Interval], b: Sequence[Interval]) -> bool:
     """Whether a key of `a` lies in a range of `b` (or the other way round)."""
-    return any(x[0] < _end(y) and y[0] < _end(x) for x in a for y in b)
+    return any(_before_end(x[0], y) and _before_end(y[0], x) for x in a for y in b)
 
 
 @dataclass
 class Request:
-    """One transaction asked for: the etcd request and the keys it reads and writes."""
+    """One transaction asked for: the etcd request and, worked out only when it is
+    batched, the keys it reads and writes."""
 
     message: Any
-    reads: list[Interval]
-    writes: list[Interval]
     read_only: bool
-    size: int
-    ops: int
     future: asyncio.Future[tuple[Any, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    @functools.cached_property
+    def _described(self) -> tuple[list[Interval], list[Interval], int]:
+        return describe(self.message)
+
+    @property
+    def reads(self) -> list[Interval]:
+        return self._described[0]
+
+    @property
+    def writes(self) -> list[Interval]:
+        return self._described[1]
+
+    @property
+    def ops(self) -> int:
+        return self._described[2]
+
+    @functools.cached_property
+    def size(self) -> int:
+        return int(self.message.ByteSize())
 
     def conflicts(self, other: Request) -> bool:
         return overlaps(self.writes, other.writes) or (
@@ -99,8 +122,7 @@ class GroupCommit:
 
     async def txn(self, message: Any, read_only: bool) -> tuple[Any, int]:
         """The TxnResponse of `message` as if sent alone, and the store's revision."""
-        reads, writes, ops = describe(message)
-        request = Request(message, reads, writes, read_only, message.ByteSize(), ops)
+        request = Request(message, read_only)
         self.asked += 1
         self._pending.append(request)
         if self._in_flight < self._max_in_flight:
@@ -117,6 +139,9 @@ class GroupCommit:
         for request in self._pending:
             if request.future.done():
                 continue  # its caller gave up before it was sent: never sent
+            if len(self._pending) == 1:
+                batch.append(request)  # alone: nothing to work out
+                break
             fits = (
                 len(batch) < MAX_BATCH
                 and ops + request.ops <= MAX_OPS
