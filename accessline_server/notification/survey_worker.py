@@ -21,7 +21,7 @@ from accessline_server.notification.domain import Notifications
 from accessline_server.notification.schedule import DueQueue
 from accessline_server.notification.surveys import SURVEYS
 from accessline_server.runtime.errors import AccesslineError
-from accessline_server.runtime.store import Compare, EventKind, Op, Store
+from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store
 
 log = logging.getLogger("accessline.notification")
 
@@ -51,6 +51,9 @@ class SurveyWorker:
         self._notifications = notifications
         self._queue = DueQueue(self._send, concurrency=8)
         self._task: asyncio.Task[None] | None = None
+        # Invitations as the load or the watch showed them, not read again to send them
+        # (the delete's compare tells if one changed meanwhile).
+        self._seen: dict[str, Entry[nt_store.SurveyInvitation]] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(
@@ -66,17 +69,22 @@ class SurveyWorker:
     async def _load(self) -> int:
         rows, revision = await self._store.get_prefix(SURVEYS, nt_store.SurveyInvitation)
         for row in rows:
+            self._seen[row.key] = row
             self._queue.schedule(row.key, time.time())
         return revision
 
     async def _follow(self, revision: int) -> None:
         async for event in self._store.watch_prefix(SURVEYS, revision + 1):
             if event.kind == EventKind.PUT:
+                found = event.decode(nt_store.SurveyInvitation)
+                self._seen[event.key] = Entry(event.key, found, event.meta)
                 self._queue.schedule(event.key, time.time())
 
     async def _send(self, key: str) -> None:
         try:
-            entry = await self._store.get(key, nt_store.SurveyInvitation)
+            entry = self._seen.pop(key, None) or await self._store.get(
+                key, nt_store.SurveyInvitation
+            )
             if entry is None:
                 return  # sent by another replica
             found = entry.value
