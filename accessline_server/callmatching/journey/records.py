@@ -71,12 +71,25 @@ def _insert(conn: AsyncConnection, table: object) -> object:
     return module.insert(table)
 
 
+# The upserts, built once per dialect: SQLAlchemy works out a new statement's cache key
+# each time, which cost more than the write of a short batch itself.
+_BUILT: dict[tuple[str, str], Any] = {}
+
+
+def _built(conn: AsyncConnection, name: str, build: Callable[[AsyncConnection], Any]) -> Any:
+    key = (conn.dialect.name, name)
+    found = _BUILT.get(key)
+    if found is None:
+        found = _BUILT[key] = build(conn)
+    return found
+
+
 def _later(statement: object, table: object, name: str) -> object:
     new, old = statement.excluded, table.c  # type: ignore[attr-defined]
     return case((new.updated_us >= old.updated_us, new[name]), else_=old[name])
 
 
-async def _upsert_interactions(conn: AsyncConnection, rows: list[Row]) -> None:
+def _interactions_upsert(conn: AsyncConnection) -> Any:
     t = schema.interactions
     statement = _insert(conn, t)
     new = statement.excluded  # type: ignore[attr-defined]
@@ -88,12 +101,13 @@ async def _upsert_interactions(conn: AsyncConnection, rows: list[Row]) -> None:
     updates["updated_us"] = case(
         (new.updated_us > t.c.updated_us, new.updated_us), else_=t.c.updated_us
     )
-    await conn.execute(
-        statement.on_conflict_do_update(  # type: ignore[attr-defined]
-            index_elements=["application_id", "interaction_id"], set_=updates
-        ),
-        rows,
+    return statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=["application_id", "interaction_id"], set_=updates
     )
+
+
+async def _upsert_interactions(conn: AsyncConnection, rows: list[Row]) -> None:
+    await conn.execute(_built(conn, "interactions", _interactions_upsert), rows)
 
 
 async def _upsert_transactions(conn: AsyncConnection, rows: list[Row]) -> None:
@@ -121,24 +135,25 @@ async def _upsert_transactions(conn: AsyncConnection, rows: list[Row]) -> None:
                 "updated_us": max(old["updated_us"], entry["updated_us"]),
             }
         found[key] = entry
-    if not found:
-        return
+    if found:
+        upsert = _built(conn, "transactions", _transactions_upsert)
+        await conn.execute(upsert, list(found.values()))
+
+
+def _transactions_upsert(conn: AsyncConnection) -> Any:
     t = schema.transactions
     statement = _insert(conn, t)
     new = statement.excluded  # type: ignore[attr-defined]
-    await conn.execute(
-        statement.on_conflict_do_update(  # type: ignore[attr-defined]
-            index_elements=["application_id", "transaction_id"],
-            set_={
-                "customer_key": func.coalesce(t.c.customer_key, new.customer_key),
-                "topic": func.coalesce(t.c.topic, new.topic),
-                "open": _later(statement, t, "open"),
-                "updated_us": case(
-                    (new.updated_us > t.c.updated_us, new.updated_us), else_=t.c.updated_us
-                ),
-            },
-        ),
-        list(found.values()),
+    return statement.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=["application_id", "transaction_id"],
+        set_={
+            "customer_key": func.coalesce(t.c.customer_key, new.customer_key),
+            "topic": func.coalesce(t.c.topic, new.topic),
+            "open": _later(statement, t, "open"),
+            "updated_us": case(
+                (new.updated_us > t.c.updated_us, new.updated_us), else_=t.c.updated_us
+            ),
+        },
     )
 
 
@@ -158,13 +173,14 @@ async def _tie_identifiers(conn: AsyncConnection, rows: list[Row]) -> None:
                     },
                 )
     if found:
-        statement = _insert(conn, schema.identifiers)
-        await conn.execute(
-            statement.on_conflict_do_nothing(  # type: ignore[attr-defined]
+        tie = _built(
+            conn,
+            "identifiers",
+            lambda c: _insert(c, schema.identifiers).on_conflict_do_nothing(  # type: ignore[attr-defined]
                 index_elements=["application_id", "identifier_key"]
             ),
-            list(found.values()),
         )
+        await conn.execute(tie, list(found.values()))
 
 
 async def write(conn: AsyncConnection, batch: list[Row]) -> None:
