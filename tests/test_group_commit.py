@@ -7,6 +7,7 @@ was sent is never applied."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +15,7 @@ from aetcd.rpc import TxnRequest
 from google.protobuf import wrappers_pb2
 
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
-from accessline_server.runtime.groupcommit import describe, overlaps
+from accessline_server.runtime.groupcommit import Footprint, describe, overlaps
 from accessline_server.runtime.kv import Compare, Op, compare_message, op_message
 from accessline_server.runtime.store import Store, StoreRejected
 
@@ -84,6 +85,37 @@ def test_only_transactions_touching_none_of_each_others_keys_are_batched() -> No
     assert not overlaps([(b"a/1", b"")], [(b"a/10", b"")])  # a key is not its prefix
     assert overlaps([(b"z/1", b"")], [(b"a", b"\0")])  # every key from "a" on
     assert not overlaps([(b"0", b"")], [(b"a", b"\0")])
+
+
+def test_a_batchs_footprint_finds_the_same_conflicts_as_comparing_each_pair() -> None:
+    """The batch's keys kept in sets and range lists answer as the pairwise rule does:
+    random requests of single keys, prefixes and open ranges over a small key space."""
+    rng = random.Random(7)
+    names = [b"a", b"a/1", b"a/10", b"a/2", b"b", b"b/1", b"c/1", b"z"]
+
+    def interval() -> tuple[bytes, bytes]:
+        start = rng.choice(names)
+        return (start, rng.choice([b"", b"", b"", start + b"\xff", b"\0"]))
+
+    def request() -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+        return (
+            [interval() for _ in range(rng.randint(0, 3))],
+            [interval() for _ in range(rng.randint(0, 2))],
+        )
+
+    found = set()
+    for _ in range(400):
+        batch = [request() for _ in range(rng.randint(1, 4))]
+        footprint = Footprint()
+        for reads, writes in batch:
+            footprint.add(reads, writes)
+        reads, writes = request()
+        pairwise = any(
+            overlaps(writes, w) or overlaps(writes, r) or overlaps(w, reads) for r, w in batch
+        )
+        assert footprint.conflicts(reads, writes) == pairwise, (batch, reads, writes)
+        found.add(pairwise)
+    assert found == {True, False}
 
 
 async def test_a_batch_refused_as_a_whole_answers_each_as_alone(batching: Store) -> None:

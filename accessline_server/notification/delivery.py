@@ -9,6 +9,8 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from opentelemetry import metrics
@@ -16,11 +18,7 @@ from opentelemetry import metrics
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline_server.notification.domain import Notifications, Policy
-from accessline_server.notification.keys import (
-    CLAIMS,
-    NOTIFICATIONS,
-    OUTBOX,
-)
+from accessline_server.notification.keys import CLAIMS, DEVICES, NOTIFICATIONS, OUTBOX
 from accessline_server.notification.providers import Message, Outcome
 from accessline_server.notification.schedule import DueQueue
 from accessline_server.runtime.backoff import delay
@@ -35,6 +33,7 @@ from accessline_server.runtime.store import (
     KeptLease,
     Op,
     Store,
+    decode,
 )
 
 log = logging.getLogger("accessline.notification")
@@ -44,6 +43,14 @@ class Provider(Protocol):
     async def send(self, message: Message) -> Outcome: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass
+class _Found:
+    """What a batch's deliveries need: their notifications and devices, by id."""
+
+    notifications: dict[str, nt_store.StoredNotification] = field(default_factory=dict)
+    devices: dict[str, nt_pb2.Device] = field(default_factory=dict)
 
 
 class Worker:
@@ -60,7 +67,8 @@ class Worker:
         policy: Policy,
         *,
         lease_seconds: int = 10,
-        concurrency: int = 16,
+        concurrency: int = 4,
+        batch: int = 32,
         meter: metrics.Meter | None = None,
     ) -> None:
         self._store = store
@@ -69,7 +77,9 @@ class Worker:
         self._policy = policy
         self._lease_seconds = lease_seconds
         self.worker_id = "w" + secrets.token_hex(6)
-        self._queue = DueQueue(self._deliver, concurrency)
+        self._queue = DueQueue(self._deliver, concurrency, batch)
+        # Deliveries this worker is attempting now (their claims are its own).
+        self._holding: set[str] = set()
         self._lease: KeptLease | None = None
         self._runner: asyncio.Task[None] | None = None
         meter = meter or metrics.get_meter("accessline.notification")
@@ -96,6 +106,11 @@ class Worker:
         """The lease this worker's claims live under (kept alive until `stop`)."""
         lease_id = await self._store.grant_lease(self._lease_seconds)
         self._lease = await self._store.keep_alive(lease_id, self._lease_seconds)
+
+    @property
+    def lease_id(self) -> int:
+        """The lease this worker's claims live under (0 before it took one)."""
+        return self._lease.id if self._lease is not None else 0
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -144,97 +159,210 @@ class Worker:
         return revision
 
     async def _follow(self, revision: int) -> None:
+        # Items whose delivery was written at the watch's current revision: a claim
+        # dropped in the transaction that recorded its attempt needs no second look (the
+        # delivery's own change scheduled it if it is still due).
+        at_revision, recorded = 0, set[str]()
         async for event in self._store.watch_prefix("nt/", revision + 1):
+            if event.revision != at_revision:
+                at_revision, recorded = event.revision, set()
             if event.key.startswith(OUTBOX) and event.kind == EventKind.PUT:
+                recorded.add(event.key[len(OUTBOX) :])
                 delivery = event.decode(nt_store.Delivery)
                 if delivery.status == nt_pb2.DELIVERY_STATUS_QUEUED:
                     self._schedule(event.key, seconds(delivery.next_attempt_at))
             elif event.key.startswith(CLAIMS) and event.kind == EventKind.DELETE:
-                # A claim ended (maybe its worker died): look at the item again now.
-                self._schedule(OUTBOX + event.key[len(CLAIMS) :], time.time())
+                item = event.key[len(CLAIMS) :]
+                if item not in recorded:
+                    # A claim ended without a record (its worker died, or let it go):
+                    # look at the item again now.
+                    self._schedule(OUTBOX + item, time.time())
 
-    async def _deliver(self, key: str) -> None:
+    async def _deliver(self, keys: list[str]) -> None:
         try:
-            await self._attempt(key)
+            await self._attempt(keys)
         except AccesslineError as exc:
             log.warning(
                 "delivery attempt failed on etcd; retrying",
-                extra={"fields": {"error": exc.message}},
+                extra={"fields": {"error": exc.message, "items": len(keys)}},
             )
-            self._schedule(key, time.time() + 1.0)
+            for key in keys:
+                self._schedule(key, time.time() + 1.0)
 
-    async def _attempt(self, key: str) -> None:
-        entry = await self._store.get(key, nt_store.Delivery)
-        if entry is None or entry.value.status != nt_pb2.DELIVERY_STATUS_QUEUED:
-            return
-        if seconds(entry.value.next_attempt_at) > time.time() + 0.001:
-            self._schedule(key, seconds(entry.value.next_attempt_at))
-            return
-        await self.attempt_as_read(key, entry)
+    async def _attempt(self, keys: list[str]) -> None:
+        """The due items among `keys`, read in one etcd transaction, attempted together."""
+        now = time.time()
+        due: list[Entry[nt_store.Delivery]] = []
+        for key, row in zip(keys, await self._store.get_keys(keys), strict=True):
+            if row is None:
+                continue
+            entry = Entry(key, decode(nt_store.Delivery, key, row.value), row.meta)
+            if entry.value.status != nt_pb2.DELIVERY_STATUS_QUEUED:
+                continue
+            if seconds(entry.value.next_attempt_at) > now + 0.001:
+                self._schedule(key, seconds(entry.value.next_attempt_at))
+                continue
+            due.append(entry)
+        await self.attempt_as_read(due)
 
-    async def attempt_as_read(self, key: str, entry: Entry[nt_store.Delivery]) -> None:
-        """Claims the delivery as `entry` shows it, sends it and records the outcome."""
-        assert self._lease is not None
-        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
-        claim = CLAIMS + key[len(OUTBOX) :]
-        # Claimed only while the delivery is as this worker read it: another worker may
-        # have claimed, sent, recorded and released it since (then it is no longer due).
-        claimed = await self._store.txn(
-            [Compare.absent(claim), Compare.modified_at(key, entry.meta.mod_revision)],
-            [Op.put(claim, nt_store.Claim(worker_id=self.worker_id), self._lease.id)],
-        )
-        if not claimed.succeeded:
-            return  # another worker has it or had it; its claim's end wakes us again
+    async def attempt_as_read(self, entries: Sequence[Entry[nt_store.Delivery]]) -> None:
+        """Claims each delivery as its entry shows it, sends those claimed and records
+        their outcomes. The claims and the records are a transaction each (group commit
+        sends them together); the notifications and devices are read in one."""
+        claimed = await asyncio.gather(*(self._claim(entry) for entry in entries))
+        mine = [entry for entry, ok in zip(entries, claimed, strict=True) if ok]
+        if not mine:
+            return
+        self._holding.update(entry.key for entry in mine)
+        released: set[str] = set()
         try:
-            delivery = entry.value
-            found = await self._store.get(
-                NOTIFICATIONS + notification_id, nt_store.StoredNotification
+            found = await self._read_for(mine)
+            written = await asyncio.gather(*(self._send(entry, found) for entry in mine))
+            recorded = await asyncio.gather(
+                *(
+                    self._record(entry, delivery, released)
+                    for entry, delivery in zip(mine, written, strict=True)
+                ),
+                return_exceptions=True,
             )
-            device = await self._notifications.maybe_device(device_id)
-            now = time.time()
-            outcome: Outcome
-            if found is None or seconds(found.value.expires_at) <= now:
-                delivery.status = nt_pb2.DELIVERY_STATUS_EXPIRED
-            elif device is None or not device.active:
-                delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
-                delivery.failure_reason = "device unregistered"
-            elif device.platform == nt_pb2.PLATFORM_IN_APP:
-                return  # the device's stream delivers it
-            elif (provider := self._providers.get(device.platform)) is None:
-                delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
-                delivery.failure_reason = "no provider configured for this platform"
-            else:
-                message = Message(
-                    notification=found.value.notification,
-                    push_token=device.push_token,
-                    expires_at=seconds(found.value.expires_at),
-                    priority=found.value.priority,
-                    collapse_key=found.value.collapse_key,
-                )
-                outcome = await provider.send(message)
-                # A provider's Retry-After counts from its answer, not from the request.
-                now = time.time()
-                delivery.attempts += 1
-                self._count(key, device.platform, delivery.attempts, outcome)
-                if outcome.sent:
-                    delivery.status = nt_pb2.DELIVERY_STATUS_SENT
-                    delivery.failure_reason = ""
-                elif outcome.retry and delivery.attempts < self._policy.max_attempts:
-                    # Half the base to the whole after the first failure, doubling.
-                    policy = self._policy
-                    backoff = delay(delivery.attempts, policy.backoff_base / 2, policy.backoff_cap)
-                    wait = max(outcome.retry_after or 0.0, backoff)
-                    delivery.next_attempt_at.CopyFrom(timestamp(now + wait))
-                    delivery.failure_reason = outcome.reason
-                else:
-                    delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
-                    delivery.failure_reason = outcome.reason or "too many attempts"
-                    if outcome.unregistered:
-                        await self._notifications.deactivate(device_id)
-            delivery.updated_at.CopyFrom(timestamp(time.time()))
-            await self._store.txn(
-                [Compare.modified_at(key, entry.meta.mod_revision)],
-                [Op.put(key, delivery, entry.meta.lease)],
-            )
+            failed = [r for r in recorded if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
         finally:
-            await self._store.delete(claim)
+            self._holding.difference_update(entry.key for entry in mine)
+            left = [_claim_of(e.key) for e in mine if e.key not in released]
+            if left:
+                await self._store.txn([], [Op.delete(claim) for claim in left])
+
+    async def _claim(self, entry: Entry[nt_store.Delivery]) -> bool:
+        """Claims the delivery while it is as `entry` shows it: another worker may have
+        claimed, sent, recorded and released it since (then it is no longer due)."""
+        assert self._lease is not None
+        claim = _claim_of(entry.key)
+        claimed = await self._store.txn(
+            [Compare.absent(claim), Compare.modified_at(entry.key, entry.meta.mod_revision)],
+            [Op.put(claim, nt_store.Claim(worker_id=self.worker_id), self._lease.id)],
+            [Op.get(claim)],
+        )
+        if claimed.succeeded:
+            return True
+        held = claimed.first()
+        mine = held is not None and held.meta.lease == self._lease.id
+        if held is not None and mine and entry.key not in self._holding:
+            # This worker's own claim, left by an attempt whose release failed (etcd
+            # unreachable then): dropped, its end schedules the item again.
+            await self._store.txn(
+                [Compare.modified_at(claim, held.meta.mod_revision)], [Op.delete(claim)]
+            )
+        return False  # another worker has it or had it; its claim's end wakes us again
+
+    async def _read_for(self, entries: Sequence[Entry[nt_store.Delivery]]) -> _Found:
+        """The notifications and devices of `entries`, read in one transaction and each
+        decoded once (a notification is shared by its batch's deliveries)."""
+        keys: set[str] = set()
+        for entry in entries:
+            notification_id, device_id = entry.key[len(OUTBOX) :].split("/", 1)
+            keys.update((NOTIFICATIONS + notification_id, DEVICES + device_id))
+        ordered = sorted(keys)
+        found = _Found()
+        for key, row in zip(ordered, await self._store.get_keys(ordered), strict=True):
+            if row is None:
+                continue
+            if key.startswith(NOTIFICATIONS):
+                note = decode(nt_store.StoredNotification, key, row.value)
+                found.notifications[key[len(NOTIFICATIONS) :]] = note
+            else:
+                stored = decode(nt_store.StoredDevice, key, row.value)
+                found.devices[key[len(DEVICES) :]] = self._notifications.opened(stored)
+        return found
+
+    async def _send(
+        self, entry: Entry[nt_store.Delivery], found: _Found
+    ) -> nt_store.Delivery | None:
+        """Sends one claimed delivery; the delivery to record (None: nothing to record,
+        the device's in-app stream delivers it)."""
+        key = entry.key
+        notification_id, device_id = key[len(OUTBOX) :].split("/", 1)
+        delivery = nt_store.Delivery()
+        delivery.CopyFrom(entry.value)
+        note = found.notifications.get(notification_id)
+        device = found.devices.get(device_id)
+        if note is None or seconds(note.expires_at) <= time.time():
+            delivery.status = nt_pb2.DELIVERY_STATUS_EXPIRED
+        elif device is None or not device.active:
+            delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+            delivery.failure_reason = "device unregistered"
+        elif device.platform == nt_pb2.PLATFORM_IN_APP:
+            return None
+        elif (provider := self._providers.get(device.platform)) is None:
+            delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+            delivery.failure_reason = "no provider configured for this platform"
+        else:
+            message = Message(
+                notification=note.notification,
+                push_token=device.push_token,
+                expires_at=seconds(note.expires_at),
+                priority=note.priority,
+                collapse_key=note.collapse_key,
+            )
+            outcome = await _sent(provider, message)
+            await self._outcome(key, delivery, device.platform, outcome)
+        delivery.updated_at.CopyFrom(timestamp(time.time()))
+        return delivery
+
+    async def _outcome(
+        self, key: str, delivery: nt_store.Delivery, platform: int, outcome: Outcome
+    ) -> None:
+        """What a provider's answer makes of the delivery."""
+        # A provider's Retry-After counts from its answer, not from the request.
+        now = time.time()
+        delivery.attempts += 1
+        self._count(key, platform, delivery.attempts, outcome)
+        if outcome.sent:
+            delivery.status = nt_pb2.DELIVERY_STATUS_SENT
+            delivery.failure_reason = ""
+        elif outcome.retry and delivery.attempts < self._policy.max_attempts:
+            # Half the base to the whole after the first failure, doubling.
+            policy = self._policy
+            backoff = delay(delivery.attempts, policy.backoff_base / 2, policy.backoff_cap)
+            wait = max(outcome.retry_after or 0.0, backoff)
+            delivery.next_attempt_at.CopyFrom(timestamp(now + wait))
+            delivery.failure_reason = outcome.reason
+        else:
+            delivery.status = nt_pb2.DELIVERY_STATUS_FAILED
+            delivery.failure_reason = outcome.reason or "too many attempts"
+            if outcome.unregistered:
+                await self._notifications.deactivate(delivery.device_id)
+
+    async def _record(
+        self,
+        entry: Entry[nt_store.Delivery],
+        delivery: nt_store.Delivery | None,
+        released: set[str],
+    ) -> None:
+        """Writes the attempt's outcome while the delivery is as claimed, and drops the
+        claim in the same transaction."""
+        claim = _claim_of(entry.key)
+        if delivery is None:
+            await self._store.txn([], [Op.delete(claim)])
+        else:
+            await self._store.txn(
+                [Compare.modified_at(entry.key, entry.meta.mod_revision)],
+                [Op.put(entry.key, delivery, entry.meta.lease), Op.delete(claim)],
+                [Op.delete(claim)],
+            )
+        released.add(entry.key)
+
+
+def _claim_of(key: str) -> str:
+    return CLAIMS + key[len(OUTBOX) :]
+
+
+async def _sent(provider: Provider, message: Message) -> Outcome:
+    """The provider's answer; a fault of the provider's client is an answer to retry
+    later (with the backoff), not an attempt lost."""
+    try:
+        return await provider.send(message)
+    except Exception as exc:  # counted and retried like a provider's 5xx
+        log.exception("push provider client failed")
+        return Outcome(sent=False, retry=True, reason=f"client error: {type(exc).__name__}")

@@ -112,7 +112,8 @@ class Notifications:
         sealed = self._sealer.seal(device.push_token.encode(), device.device_id)
         return nt_store.StoredDevice(device=shown, sealed_push_token=sealed)
 
-    def _opened(self, stored: nt_store.StoredDevice) -> nt_pb2.Device:
+    def opened(self, stored: nt_store.StoredDevice) -> nt_pb2.Device:
+        """A stored device with its push token unsealed (never logged, never stored so)."""
         device = nt_pb2.Device()
         device.CopyFrom(stored.device)
         if stored.sealed_push_token:
@@ -125,7 +126,7 @@ class Notifications:
         entry = await self._store.get(DEVICES + device_id, nt_store.StoredDevice)
         if entry is None:
             return None
-        return self._opened(entry.value), entry.meta.mod_revision
+        return self.opened(entry.value), entry.meta.mod_revision
 
     async def register_device(self, device: nt_pb2.Device) -> nt_pb2.Device:
         stored = nt_pb2.Device()

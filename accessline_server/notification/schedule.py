@@ -1,5 +1,6 @@
 """What a delivery worker keeps of the items it must look at and when: keys by the time
-they are due, each handed to the worker's handler once due, a bounded number at once."""
+they are due, handed to the worker's handler in batches once due, a bounded number of
+batches at once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -17,18 +19,37 @@ from accessline_server.runtime.store import WatchCompacted
 log = logging.getLogger("accessline.notification")
 
 
-class DueQueue:
-    """Keys due at a time; `dispatch` hands each due key to `handle`, with at most
-    `concurrency` handlers running at once."""
+Handler = Callable[[list[str]], Awaitable[None]]
 
-    def __init__(self, handle: Callable[[str], Awaitable[None]], concurrency: int) -> None:
+
+def one_by_one(handle: Callable[[str], Awaitable[None]]) -> Handler:
+    """A handler of batches that handles their keys one after the other."""
+
+    async def each(keys: list[str]) -> None:
+        for key in keys:
+            await handle(key)
+
+    return each
+
+
+class DueQueue:
+    """Keys due at a time; `dispatch` hands due keys to `handle` in batches of at most
+    `batch` distinct keys, with at most `concurrency` batches handled at once. A batch is
+    formed when a handler is free, of every key due by then: one key due alone goes
+    alone at once; keys that fell due while the handlers were busy go together."""
+
+    def __init__(self, handle: Handler, concurrency: int, batch: int = 1) -> None:
         self._handle = handle
-        self._gate = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._batch = batch
+        self._running = 0
         self._due: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        # Keys taken from the schedule, waiting for a free handler: when each was due.
+        # Keys taken from the schedule, waiting for a free handler (in the order they
+        # fell due): when each was due.
         self._waiting: dict[str, float] = {}
+        self._ready: deque[str] = deque()
 
     def schedule(self, key: str, at: float) -> None:
         heapq.heappush(self._due, (at, key))
@@ -68,8 +89,15 @@ class DueQueue:
             now = time.time()
             while self._due and self._due[0][0] <= now:
                 at, key = heapq.heappop(self._due)
+                if key not in self._waiting:
+                    self._ready.append(key)
                 self._waiting[key] = min(at, self._waiting.get(key, at))
-                task = asyncio.create_task(self._run(key))
+            while self._ready and self._running < self._concurrency:
+                keys = [self._ready.popleft() for _ in range(min(self._batch, len(self._ready)))]
+                for key in keys:
+                    del self._waiting[key]
+                self._running += 1
+                task = asyncio.create_task(self._run(keys))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             self._wake.clear()
@@ -77,10 +105,12 @@ class DueQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
 
-    async def _run(self, key: str) -> None:
-        async with self._gate:
-            self._waiting.pop(key, None)
-            await self._handle(key)
+    async def _run(self, keys: list[str]) -> None:
+        try:
+            await self._handle(keys)
+        finally:
+            self._running -= 1
+            self._wake.set()  # a handler is free: hand out what fell due meanwhile
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -18,7 +18,7 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline_server.callmatching.journey import records
 from accessline_server.notification import journal
 from accessline_server.notification.domain import Notifications
-from accessline_server.notification.schedule import DueQueue
+from accessline_server.notification.schedule import DueQueue, one_by_one
 from accessline_server.notification.surveys import SURVEYS
 from accessline_server.runtime.errors import AccesslineError
 from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store
@@ -49,7 +49,7 @@ class SurveyWorker:
     def __init__(self, store: Store, notifications: Notifications) -> None:
         self._store = store
         self._notifications = notifications
-        self._queue = DueQueue(self._send, concurrency=8)
+        self._queue = DueQueue(one_by_one(self._send), concurrency=8)
         self._task: asyncio.Task[None] | None = None
         # Invitations as the load or the watch showed them, not read again to send them
         # (the delete's compare tells if one changed meanwhile).

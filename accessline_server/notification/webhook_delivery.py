@@ -44,7 +44,7 @@ from accessline_server.notification.keys import (
     WEBHOOK_DELIVERIES,
     WEBHOOKS,
 )
-from accessline_server.notification.schedule import DueQueue
+from accessline_server.notification.schedule import DueQueue, one_by_one
 from accessline_server.notification.webhooks import Reach, Webhooks, delivery_order
 from accessline_server.runtime.backoff import delay
 from accessline_server.runtime.clock import seconds, timestamp
@@ -215,7 +215,7 @@ class WebhookWorker:
         self._lease_seconds = lease_seconds
         self._lease: KeptLease | None = None
         self.worker_id = "w" + secrets.token_hex(6)
-        self._queue = DueQueue(self._deliver, concurrency)
+        self._queue = DueQueue(one_by_one(self._deliver), concurrency)
         self._runner: asyncio.Task[None] | None = None
         meter = meter or metrics.get_meter("accessline.notification")
         self._attempts = meter.create_counter(

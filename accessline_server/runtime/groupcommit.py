@@ -82,10 +82,48 @@ class Request:
     def size(self) -> int:
         return int(self.message.ByteSize())
 
-    def conflicts(self, other: Request) -> bool:
-        return overlaps(self.writes, other.writes) or (
-            overlaps(self.writes, other.reads) or overlaps(other.writes, self.reads)
+
+class Footprint:
+    """The keys a batch's requests read and write, single keys in sets (most are), so
+    that a request's conflict with the batch is found in time linear in its own keys."""
+
+    def __init__(self) -> None:
+        self.read_keys: set[bytes] = set()
+        self.write_keys: set[bytes] = set()
+        self.read_ranges: list[Interval] = []
+        self.write_ranges: list[Interval] = []
+
+    def add(self, reads: Sequence[Interval], writes: Sequence[Interval]) -> None:
+        """Adds a request's keys (`Request.reads`, `Request.writes`) to the batch's."""
+        for keys, ranges, intervals in (
+            (self.read_keys, self.read_ranges, reads),
+            (self.write_keys, self.write_ranges, writes),
+        ):
+            for start, end in intervals:
+                if end:
+                    ranges.append((start, end))
+                else:
+                    keys.add(start)
+
+    def conflicts(self, reads: Sequence[Interval], writes: Sequence[Interval]) -> bool:
+        """Whether a request writes a key the batch reads or writes, or reads a key it
+        writes."""
+        return _hits(writes, self.write_keys | self.read_keys) or (
+            _hits(reads, self.write_keys)
+            or overlaps(writes, self.write_ranges + self.read_ranges)
+            or overlaps(reads, self.write_ranges)
         )
+
+
+def _hits(intervals: Sequence[Interval], keys: set[bytes]) -> bool:
+    """Whether a key of `keys` lies in one of `intervals`."""
+    for start, end in intervals:
+        if end:
+            if any(_before_end(key, (start, end)) and start <= key for key in keys):
+                return True
+        elif start in keys:
+            return True
+    return False
 
 
 def describe(message: Any) -> tuple[list[Interval], list[Interval], int]:
@@ -135,6 +173,7 @@ class GroupCommit:
         batch), within the batch's limits."""
         batch: list[Request] = []
         left: list[Request] = []
+        footprint = Footprint()
         ops = size = 0
         for request in self._pending:
             if request.future.done():
@@ -150,10 +189,13 @@ class GroupCommit:
             # Reads go with reads only: a read follows a failing member to the next one,
             # a batch holding a write may not.
             alike = not batch or batch[0].read_only == request.read_only
-            if batch and (not fits or not alike or any(request.conflicts(b) for b in batch)):
+            if batch and (
+                not fits or not alike or footprint.conflicts(request.reads, request.writes)
+            ):
                 left.append(request)
                 continue
             batch.append(request)
+            footprint.add(request.reads, request.writes)
             ops += request.ops
             size += request.size
         self._pending = left

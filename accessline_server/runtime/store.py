@@ -160,6 +160,14 @@ class Store:
         item = reply.kvs[0]
         return Entry(key, decode(message_type, key, item.value), key_meta(item))
 
+    async def get_keys(self, keys: Sequence[str]) -> list[RawKV | None]:
+        """Several keys read in one etcd transaction (one snapshot), each as found or None;
+        `decode` makes the values messages."""
+        if not keys:
+            return []
+        read = await self.txn([], [Op.get(key) for key in keys])
+        return [found[0] if found else None for found in read.gets]
+
     async def get_prefix(
         self,
         prefix: str,
