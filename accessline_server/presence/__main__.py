@@ -49,6 +49,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         sealing,
         max_watchers=settings.presence_max_watchers,
         resume_revisions=settings.presence_resume_revisions,
+        feed=hub.feed,
     )
     sessions = Sessions(
         context.store,

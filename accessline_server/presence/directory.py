@@ -14,6 +14,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import keys
+from accessline_server.presence.feed import Agents, Change, Feed, Live, apply, read_snapshot
 from accessline_server.presence.roster import Sealing, public_presence
 from accessline_server.runtime.errors import (
     FieldViolation,
@@ -29,11 +30,9 @@ from accessline_server.runtime.masks import (
     with_etag,
 )
 from accessline_server.runtime.store import (
-    EventKind,
     Op,
     Store,
     WatchCompacted,
-    WatchEvent,
 )
 from accessline_server.runtime.streams import until
 from accessline_server.runtime.validation import Violations
@@ -58,11 +57,15 @@ class Directory:
         *,
         max_watchers: int = 500,
         resume_revisions: int = 100_000,
+        feed: Feed | None = None,
+        feed_timeout: float = 10.0,
     ) -> None:
         self._store = store
         self._sealing = sealing
         self._max_watchers = max_watchers
         self._resume_revisions = resume_revisions
+        self._feed = feed
+        self._feed_timeout = feed_timeout
         self.watchers = 0
 
     async def register(self, agent: pr_pb2.Agent) -> pr_pb2.Agent:
@@ -139,20 +142,10 @@ class Directory:
             ],
         )
 
-    async def snapshot(
-        self,
-    ) -> tuple[dict[str, pr_pb2.Agent], dict[str, pr_store.StoredPresence], int]:
+    async def snapshot(self) -> tuple[Agents, Live, int]:
         """Every agent (without its addresses) and every live session, read at one
         revision."""
-        agents, revision = await self._store.get_prefix(keys.AGENTS, pr_store.StoredAgent)
-        live, _ = await self._store.get_prefix(
-            keys.PRESENCE, pr_store.StoredPresence, revision=revision
-        )
-        return (
-            {e.value.agent.agent_id: e.value.agent for e in agents},
-            {e.value.agent_id: e.value for e in live},
-            revision,
-        )
+        return await read_snapshot(self._store)
 
     async def presence(
         self, agent_ids: Iterable[str]
@@ -246,38 +239,75 @@ class Directory:
                 return False
             return not channels or bool(channels & {c.channel for c in agent.channels})
 
-        agents, live, revision = await self.snapshot()
+        def snapshot(agents: Agents, live: Live, revision: int) -> pr_pb2.WatchPresenceResponse:
+            shown = [public_presence(a, live.get(a.agent_id)) for a in agents.values() if wanted(a)]
+            return pr_pb2.WatchPresenceResponse(
+                snapshot=pr_pb2.PresenceSnapshot(agents=shown), resume_token=str(revision)
+            )
+
         resume = 0
         if request.resume_token:
             try:
                 resume = int(request.resume_token)
             except ValueError:
                 resume = -1
-            if not 0 < resume <= revision:
-                raise InvalidArgument(
-                    [FieldViolation("resume_token", "is not a token this service gave")]
-                )
+            if resume <= 0:
+                raise _not_a_token()
+        feed = self._feed
+        if feed is not None:
+            await feed.ready(self._feed_timeout)
+        if feed is None or resume > feed.revision:
+            # A token this replica's view has not reached yet (another replica is ahead),
+            # or no shared view: etcd's own read and watch.
+            async for message in self._watch_etcd(resume, wanted, snapshot, stopping):
+                yield message
+            return
+        # Built before the next await: the follower then gets every later change.
+        first: list[pr_pb2.WatchPresenceResponse]
+        if resume and feed.holds_since(resume):
+            first = [_change(c) for c in feed.since(resume) if wanted(c.agent)]
+        elif resume and feed.revision - resume <= self._resume_revisions:
+            # Further back than the view holds, yet within the horizon: etcd replays it.
+            async for message in self._watch_etcd(resume, wanted, snapshot, stopping):
+                yield message
+            return
+        else:
+            first = [snapshot(feed.agents, feed.live, feed.revision)]
+        follower = feed.follow()
+        try:
+            for message in first:
+                yield message
+            async for change in until(follower.changes(), stopping):
+                if change is None:
+                    yield snapshot(feed.agents, feed.live, feed.revision)
+                elif wanted(change.agent):
+                    yield _change(change)
+        finally:
+            feed.leave(follower)
+
+    async def _watch_etcd(
+        self,
+        resume: int,
+        wanted: Callable[[pr_pb2.Agent], bool],
+        snapshot: Callable[[Agents, Live, int], pr_pb2.WatchPresenceResponse],
+        stopping: asyncio.Event,
+    ) -> AsyncIterator[pr_pb2.WatchPresenceResponse]:
+        """A watcher served by an etcd read and an etcd watch of its own."""
+        agents, live, revision = await self.snapshot()
+        if resume > revision:
+            raise _not_a_token()
         # A resume point too far back would replay a long history: a snapshot instead.
         if resume and revision - resume <= self._resume_revisions:
             revision = resume
         else:
-            yield pr_pb2.WatchPresenceResponse(
-                snapshot=pr_pb2.PresenceSnapshot(
-                    agents=[
-                        public_presence(a, live.get(a.agent_id))
-                        for a in agents.values()
-                        if wanted(a)
-                    ]
-                ),
-                resume_token=str(revision),
-            )
+            yield snapshot(agents, live, revision)
         while not stopping.is_set():
             try:
                 async for event in until(
                     self._store.watch_prefix(keys.ROOT, revision + 1), stopping
                 ):
                     revision = event.revision
-                    change = self._apply(event, agents, live)
+                    change = apply(event, agents, live)
                     if change is not None and wanted(
                         agents.get(change.agent_id, pr_pb2.Agent(agent_id=change.agent_id))
                     ):
@@ -287,37 +317,15 @@ class Directory:
                 return
             except WatchCompacted:
                 agents, live, revision = await self.snapshot()
-                yield pr_pb2.WatchPresenceResponse(
-                    snapshot=pr_pb2.PresenceSnapshot(
-                        agents=[
-                            public_presence(a, live.get(a.agent_id))
-                            for a in agents.values()
-                            if wanted(a)
-                        ]
-                    ),
-                    resume_token=str(revision),
-                )
+                yield snapshot(agents, live, revision)
 
-    @staticmethod
-    def _apply(
-        event: WatchEvent, agents: dict[str, pr_pb2.Agent], live: dict[str, pr_store.StoredPresence]
-    ) -> pr_pb2.AgentPresence | None:
-        if event.key.startswith(keys.AGENTS):
-            agent_id = event.key[len(keys.AGENTS) :]
-            if event.kind == EventKind.DELETE:
-                gone = agents.pop(agent_id, None)
-                return public_presence(gone, None) if gone is not None else None
-            agents[agent_id] = event.decode(pr_store.StoredAgent).agent
-            return public_presence(agents[agent_id], live.get(agent_id))
-        if event.key.startswith(keys.PRESENCE):
-            agent_id = event.key[len(keys.PRESENCE) :]
-            if event.kind == EventKind.DELETE:
-                live.pop(agent_id, None)
-            else:
-                live[agent_id] = event.decode(pr_store.StoredPresence)
-            agent = agents.get(agent_id)
-            return public_presence(agent, live.get(agent_id)) if agent is not None else None
-        return None
+
+def _change(change: Change) -> pr_pb2.WatchPresenceResponse:
+    return pr_pb2.WatchPresenceResponse(change=change.presence, resume_token=str(change.revision))
+
+
+def _not_a_token() -> InvalidArgument:
+    return InvalidArgument([FieldViolation("resume_token", "is not a token this service gave")])
 
 
 def _not_found(agent_id: str) -> NotFound:

@@ -1,6 +1,6 @@
-"""The one watch of a Presence replica on presence and offers, routed to the agent
-sessions it holds; it also cancels the open offers of agents whose session ended
-anywhere."""
+"""The one watch of a Presence replica on agents, presence and offers, routed to the
+agent sessions it holds and kept as the feed its WatchPresence streams share; it also
+cancels the open offers of agents whose session ended anywhere."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import keys, offers
+from accessline_server.presence.feed import Feed, read_snapshot
 from accessline_server.presence.roster import channel_presence
 from accessline_server.runtime.errors import (
     AccesslineError,
@@ -47,8 +48,12 @@ class Hub:
     """One watch of this replica on presence and offers, routed to the agent sessions it
     holds; it also cancels the open offers of agents whose session ended anywhere."""
 
-    def __init__(self, store: Store, meter: metrics.Meter | None = None) -> None:
+    def __init__(
+        self, store: Store, meter: metrics.Meter | None = None, feed: Feed | None = None
+    ) -> None:
         self._store = store
+        # The view of agents and presence this watch keeps for WatchPresence streams.
+        self.feed = feed or Feed()
         self.sessions: dict[str, AgentSession] = {}
         (meter or metrics.get_meter("accessline.presence")).create_observable_gauge(
             "accessline.presence.channels",
@@ -94,9 +99,11 @@ class Hub:
     async def _run(self) -> None:
         while True:
             try:
-                revision = await self._store.revision()
+                agents, live, revision = await read_snapshot(self._store)
+                self.feed.load(agents, live, revision)
                 self._ready.set()
                 async for event in self._store.watch_prefix(keys.ROOT, revision + 1):
+                    self.feed.apply(event)
                     await self._dispatch(event)
             except WatchCompacted:
                 log.warning("presence hub fell behind a compaction; sessions resync")
