@@ -52,7 +52,11 @@ async def raw_requests(port: int, ca_file: Path, count: int, concurrency: int) -
 
 
 async def main(devices: int, publishes: int) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="accessline-bench-push-"))
+    with tempfile.TemporaryDirectory(prefix="accessline-bench-push-") as folder:
+        await fan_out(Path(folder), devices, publishes)
+
+
+async def fan_out(folder: Path, devices: int, publishes: int) -> None:
     port = free_port()
     servers = PushServers(make_credentials(folder, port))
     stop = asyncio.Event()

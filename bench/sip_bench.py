@@ -262,9 +262,9 @@ async def kamailio_alone(folder: Path, count: int, rate: int) -> Result:
 
 
 async def main(count: int, rate: int, agents: int) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="accessline-sip-"))
-    baseline = await kamailio_alone(folder, count, rate)
-    edge = await through_accessline(folder, count, rate, agents)
+    with tempfile.TemporaryDirectory(prefix="accessline-sip-") as tmp:
+        baseline = await kamailio_alone(Path(tmp), count, rate)
+        edge = await through_accessline(Path(tmp), count, rate, agents)
     print_table(
         f"SIP calls, {count} at {rate} per second, {agents} agents (ops/s = calls answered per"
         " second, latency = INVITE to 200 OK)",

@@ -6,6 +6,7 @@ loopback, as `make up` does. Each test gets its own etcd key prefix."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import os
 import shutil
@@ -113,6 +114,8 @@ class TestIdentity:
 def identity() -> TestIdentity:
     """The session's identity, made on first use, with its JWKS served on loopback."""
     folder = Path(tempfile.mkdtemp(prefix="accessline-identity-"))
+    # Its keys go with the test process (one folder per worker was left behind).
+    atexit.register(shutil.rmtree, folder, True)
     files = devpki.create(folder, services=TEST_SERVICES, clients=TEST_CLIENTS)
     return TestIdentity(files, devpki.JwksServer(files.jwks).url)
 
