@@ -56,19 +56,11 @@ from accessline_server.runtime.kv import (
     prefix_range_end,
 )
 from accessline_server.runtime.leases import KeptLease, LeaseKeeper
+from accessline_server.runtime.watchmux import WatchCompacted, WatchMux
 
 log = logging.getLogger("accessline.store")
 
 M = TypeVar("M", bound=Message)
-
-
-class WatchCompacted(Exception):
-    """The watch cannot resume: etcd compacted the revisions it would need. The
-    watcher must reload its state from a fresh read and watch again from there."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"etcd compacted history up to revision {compact_revision}")
-        self.compact_revision = compact_revision
 
 
 class Store:
@@ -94,6 +86,8 @@ class Store:
         )
         self._prefix = prefix.rstrip("/").encode()
         self._keeper = LeaseKeeper(self._members)
+        # Key watches share one etcd Watch stream.
+        self._mux = WatchMux(self._members, self._rel, reconnect_backoff_max)
         self._closed = False
         self._shared_leases: dict[int, tuple[int, float]] = {}
         self._process_lease: KeptLease | None = None
@@ -115,6 +109,7 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True
+        await self._mux.close()
         await self._keeper.close()
         await self._members.close()
 
@@ -360,12 +355,11 @@ class Store:
 
     # -- watches ----------------------------------------------------------------------
 
-    def watch_key(
-        self, key: str, start_revision: int, *, max_backoff: float = 2.0
-    ) -> AsyncIterator[WatchEvent]:
+    def watch_key(self, key: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Every change of the one key `key` from `start_revision` on (as `watch_prefix`,
-        without the keys that merely start with it)."""
-        return self._watch(key, start_revision, max_backoff, whole_prefix=False)
+        without the keys that merely start with it), on the one stream this store's key
+        watches share (`watchmux`)."""
+        return self._mux.watch(self._abs(key), start_revision)
 
     def watch_prefix(
         self, prefix: str, start_revision: int, *, max_backoff: float = 2.0
@@ -374,15 +368,15 @@ class Store:
         nothing lost across reconnects: after a broken stream the watch resumes from the
         revision after the last event seen. Raises WatchCompacted when etcd no longer
         has the revisions needed to resume."""
-        return self._watch(prefix, start_revision, max_backoff, whole_prefix=True)
+        return self._watch(prefix, start_revision, max_backoff)
 
     async def _watch(
-        self, prefix: str, start_revision: int, max_backoff: float, *, whole_prefix: bool
+        self, prefix: str, start_revision: int, max_backoff: float
     ) -> AsyncIterator[WatchEvent]:
         next_revision = start_revision
         backoff = Backoff(0.05, max_backoff)
         abs_prefix = self._abs(prefix)
-        range_end = prefix_range_end(abs_prefix) if whole_prefix else b""
+        range_end = prefix_range_end(abs_prefix)
         while not self._closed:
             member = self._members.current
             # The create request is written on the call itself, and the request side is
