@@ -40,6 +40,7 @@ from accessline_server.routing.plan import (
 from accessline_server.routing.queue import Candidate, Rules
 from accessline_server.routing.settle import AcceptedCallback, Settler
 from accessline_server.routing.view import AgentView
+from accessline_server.routing.wakes import Wakes
 from accessline_server.runtime.backoff import Backoff
 from accessline_server.runtime.clock import seconds
 from accessline_server.runtime.election import Election, NotLeader, Term
@@ -111,7 +112,11 @@ class Dispatcher:
         self._election = Election(store, keys.LEADER, rules.leader_lease)
         # The current term while this replica leads (its fence guards every write).
         self._term: Term | None = None
-        self._view = AgentView(store, presence_sealing, self.wake)
+        # Whether the last pass found nothing waiting (no call queued, no request, no
+        # dial): an agent freed then makes no work, and what does make work (a call
+        # queued...) wakes the loop by itself, whose pass reads presence afresh.
+        self._idle = False
+        self._view = AgentView(store, presence_sealing, self._agents_changed)
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
         self._settler = Settler(
@@ -155,6 +160,10 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _agents_changed(self) -> None:
+        if not self._idle:
+            self._wake.set()
 
     async def stop(self) -> None:
         """Stops dispatching and, when leading, steps down at once so another replica
@@ -204,7 +213,8 @@ class Dispatcher:
 
     async def _lead(self, lost: asyncio.Event) -> None:
         self.leading.set()
-        self._view = AgentView(self._store, self._presence_sealing, self.wake)
+        self._idle = False
+        self._view = AgentView(self._store, self._presence_sealing, self._agents_changed)
         watchers = [
             asyncio.ensure_future(self._wake_on(keys.ROOT)),
             asyncio.ensure_future(self._view.run()),
@@ -241,8 +251,10 @@ class Dispatcher:
 
     async def _wake_on(self, prefix: str) -> None:
         revision = await self._store.revision()
-        async for _ in self._store.watch_prefix(prefix, revision + 1):
-            self._wake.set()
+        wakes = Wakes()
+        async for event in self._store.watch_prefix(prefix, revision + 1):
+            if wakes.work(event):
+                self._wake.set()
 
     @property
     def _office(self) -> Term:
@@ -292,6 +304,9 @@ class Dispatcher:
         agents for the customers who asked to be told one is available."""
         now = time.time()
         snapshot = await self._snapshot()
+        self._idle = not (snapshot.requests or snapshot.dials) and not any(
+            e.value.state == rt_store.INTERACTION_STATE_QUEUED for e in snapshot.queued
+        )
         await self._sweep(snapshot.queued, snapshot.dials, now)
         by_group: dict[str, list[Entry[QI]]] = defaultdict(list)
         waiting = dict.fromkeys(self._waiting, (0, 0))
