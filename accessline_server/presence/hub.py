@@ -19,7 +19,6 @@ from accessline_server.presence.feed import Feed, read_snapshot
 from accessline_server.presence.roster import channel_presence
 from accessline_server.runtime.errors import (
     AccesslineError,
-    Unavailable,
 )
 from accessline_server.runtime.store import (
     EventKind,
@@ -62,7 +61,6 @@ class Hub:
             description="Agents with a session on this replica, per channel and channel presence",
         )
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         self._janitors: set[asyncio.Task[None]] = set()
 
     def _observe(self, _: object) -> list[metrics.Observation]:
@@ -83,12 +81,8 @@ class Hub:
         self._task = asyncio.create_task(self._run(), name="presence-hub")
 
     async def ready(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            raise Unavailable(
-                "presence is still connecting to etcd", reason="HUB_STARTING", retry_after=1.0
-            ) from None
+        """Until the hub's view is loaded (UNAVAILABLE `HUB_STARTING` after `timeout`)."""
+        await self.feed.ready(timeout)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -101,7 +95,6 @@ class Hub:
             try:
                 agents, live, revision = await read_snapshot(self._store)
                 self.feed.load(agents, live, revision)
-                self._ready.set()
                 async for event in self._store.watch_prefix(keys.ROOT, revision + 1):
                     self.feed.apply(event)
                     await self._dispatch(event)
