@@ -428,7 +428,13 @@ def test_the_sip_edge_component_renders_valid_and_agrees_with_the_adapter(
     env = {e["name"]: e.get("value", SECRET_STAND_IN) for e in adapter["env"]}
     fields = {ENV_PREFIX + f.upper() for f in SipEdgeSettings.model_fields}
     assert set(env) <= fields
-    SipEdgeSettings.model_validate({k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})
+    settings = SipEdgeSettings.model_validate(
+        {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()}
+    )
+    ports = {p["name"]: p["containerPort"] for p in adapter["ports"]}
+    assert ports["health"] == settings.sipedge_health_port
+    assert adapter["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}
+    assert adapter["livenessProbe"]["httpGet"] == {"path": "/live", "port": "health"}
     config = of_kind(docs, "ConfigMap")
     mounted = next(v for v in pod["spec"]["volumes"] if v["name"] == "kamailio-config")
     assert (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,34 @@ async def test_a_call_while_no_adapter_is_connected_is_refused_at_once(tmp_path:
     finally:
         kamailio.process.terminate()
         kamailio.process.wait(10)
+
+
+async def probe(port: int, path: str) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        return (await client.get(f"http://127.0.0.1:{port}{path}")).status_code
+
+
+async def test_the_adapter_is_ready_only_while_connected_to_kamailio(tmp_path: Path) -> None:
+    """What an orchestrator's probes read: /ready is 200 while the adapter holds
+    Kamailio's event socket and 503 once Kamailio is gone (the pod then takes no calls);
+    /live stays 200; nothing else is served."""
+    sip = await start_sip_edge("127.0.0.1:1", tmp_path)
+    try:
+        assert await probe(sip.health_port, "/ready") == 200
+        assert await probe(sip.health_port, "/live") == 200
+        assert await probe(sip.health_port, "/metrics") == 404
+        sip.kamailio.process.terminate()
+        sip.kamailio.process.wait(10)
+        await eventually(
+            lambda: _is(probe(sip.health_port, "/ready"), 503), what="/ready to answer 503"
+        )
+        assert await probe(sip.health_port, "/live") == 200
+    finally:
+        sip.stop()
+
+
+async def _is(status: Awaitable[int], expected: int) -> bool:
+    return await status == expected
 
 
 async def test_an_ivr_that_does_not_take_the_call_gets_the_caller_480(

@@ -22,6 +22,7 @@ from accessline_server.runtime.server import accessline_version
 from accessline_server.runtime.telemetry import client_interceptors, setup_telemetry
 from accessline_server.sipedge.adapter import Adapter, reject
 from accessline_server.sipedge.evapi import FramingError, encode, read_message
+from accessline_server.sipedge.health import serve_health
 from accessline_server.sipedge.settings import SipEdgeSettings
 
 log = logging.getLogger("accessline.sipedge")
@@ -111,6 +112,11 @@ async def main() -> None:
         [lambda _: [metrics.Observation(CONNECTED[0])]],
         description="1 while the adapter is connected to Kamailio's event socket",
     )
+    health = None
+    if settings.sipedge_health_port:
+        health = await serve_health(
+            settings.sipedge_health_host, settings.sipedge_health_port, lambda: CONNECTED[0] == 1
+        )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,6 +143,8 @@ async def main() -> None:
                     extra={"fields": {"error": str(exc)}},
                 )
             await asyncio.sleep(backoff.next())
+    if health is not None:
+        health.close()
     telemetry.shutdown()
 
 

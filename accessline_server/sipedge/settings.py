@@ -70,6 +70,17 @@ class SipEdgeSettings(BaseSettings):
     sipedge_metrics_port: int = Field(
         default=9460, ge=0, le=65535, description="Prometheus scrape port; 0 turns it off."
     )
+    sipedge_health_host: str = Field(
+        default="127.0.0.1", description="Address the health endpoint listens on."
+    )
+    sipedge_health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the health endpoint for probes: GET /ready is 200 while the"
+        " adapter is connected to Kamailio's event socket (else 503), GET /live 200;"
+        " 0 turns it off.",
+    )
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
     def token(self) -> str:

@@ -41,6 +41,7 @@ class SipEdge:
     kamailio: Lines
     adapter: ServiceProcess
     metrics_port: int = 0
+    health_port: int = 0
 
     @property
     def target(self) -> str:
@@ -88,7 +89,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     """Kamailio and the adapter connected to it, routing through `routing_address` as
     a switch."""
     kamailio, sip_port, evapi_port = await start_kamailio(tmp)
-    metrics_port = free_port()
+    metrics_port, health_port = free_port(), free_port()
     files = identity().files
     token = identity().token("sip-edge", "switch", switch="*")
     process = processes.spawn(
@@ -102,6 +103,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
             "ACCESSLINE_TLS_CERT_FILE": str(files.client_cert("admin")),
             "ACCESSLINE_TLS_KEY_FILE": str(files.client_key("admin")),
             "ACCESSLINE_SIPEDGE_METRICS_PORT": str(metrics_port),
+            "ACCESSLINE_SIPEDGE_HEALTH_PORT": str(health_port),
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
             **env,
         },
@@ -111,7 +113,7 @@ async def start_sip_edge(routing_address: str, tmp: Path, **env: str) -> SipEdge
     adapter = ServiceProcess("accessline_server.sipedge", process, 0)
     threading.Thread(target=adapter._pump, daemon=True).start()
     await adapter.wait_for_log("connected to Kamailio's event socket", timeout=20)
-    return SipEdge(sip_port, kamailio, adapter, metrics_port)
+    return SipEdge(sip_port, kamailio, adapter, metrics_port, health_port)
 
 
 def _accepts(port: int) -> bool:
