@@ -16,9 +16,10 @@ from opentelemetry import trace
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, worker: int | None = None) -> None:
         super().__init__()
         self._service = service
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -28,6 +29,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
             entry["trace_id"] = format(context.trace_id, "032x")
@@ -40,7 +43,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(service: str, level: str) -> None:
+def setup_logging(service: str, level: str, worker: int | None = None) -> None:
     # The JSON object carries none of the caller's file, line, thread or process: the
     # logging module need not look them up for every record (its documented
     # optimisations; an access log line per call makes them count).
@@ -49,7 +52,7 @@ def setup_logging(service: str, level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(service))
+    handler.setFormatter(JsonFormatter(service, worker))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

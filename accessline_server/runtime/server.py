@@ -40,6 +40,7 @@ from accessline_server.runtime.telemetry import (
 )
 from accessline_server.runtime.tls import channel_credentials, check_production, server_credentials
 from accessline_server.runtime.validation import invalid_times
+from accessline_server.runtime.workers import supervise, worker_index
 
 log = logging.getLogger("accessline.server")
 
@@ -207,7 +208,9 @@ class ServiceRuntime:
             self.spec.name,
             accessline_version(),
             metrics_host=settings.host,
-            metrics_port=settings.metrics_port,
+            metrics_port=settings.metrics_port + (worker_index() or 0)
+            if settings.metrics_port
+            else 0,
             sample_ratio=settings.trace_sample_ratio,
         )
         check_production(settings)
@@ -272,7 +275,8 @@ class ServiceRuntime:
             interceptors=[self._errors],
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Shared by the workers of one host; otherwise a port taken is an error.
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ],
         )
         for reg in registrations:
@@ -324,7 +328,9 @@ class ServiceRuntime:
     async def _start_probe_server(self) -> None:
         """The health service alone, in plain text, for probes that cannot do mutual TLS.
         It tells whether the service is up, nothing more."""
-        probes = grpc.aio.server()
+        probes = grpc.aio.server(
+            options=[("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, probes)
         address = f"{self.settings.host}:{self.settings.health_port}"
         if probes.add_insecure_port(address) == 0:
@@ -357,7 +363,12 @@ class ServiceRuntime:
                 settings.web_tls_key_file or settings.tls_key_file,
             )
         self._web = web.WebServer(
-            app, settings.host, settings.web_port, tls, settings.shutdown_grace_seconds
+            app,
+            settings.host,
+            settings.web_port,
+            tls,
+            settings.shutdown_grace_seconds,
+            reuse_port=settings.workers > 1,
         )
         await self._web.start()
 
@@ -471,7 +482,10 @@ def run(spec: ServiceSpec, settings_type: type[ServiceSettings]) -> None:
     except SettingsError as exc:
         print(f"accessline {spec.name}: {exc}", file=sys.stderr)
         sys.exit(2)
-    setup_logging(spec.name, settings.log_level)
+    worker = worker_index()
+    setup_logging(spec.name, settings.log_level, worker)
+    if settings.workers > 1 and worker is None:
+        sys.exit(supervise(settings.workers))
     loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -214,6 +214,14 @@ class ServiceSettings(BaseSettings):
         " are recorded; a call whose caller's trace is sampled is always recorded (parent"
         "-based). Ignored when OTEL_TRACES_SAMPLER is set.",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Worker processes of this service on this host, sharing its ports"
+        " (SO_REUSEPORT; worker N's metrics on the metrics port + N): one per core for a"
+        " host with more cores; each is a replica of its own.",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
         description="The event loop the service runs on: uvloop (libuv, faster) or the"
@@ -239,6 +247,12 @@ class ServiceSettings(BaseSettings):
             if not 1 <= port <= 65535:
                 raise ValueError(f"{item!r}: port must be between 1 and 65535")
         return ",".join(items)
+
+    @model_validator(mode="after")
+    def _workers(self) -> ServiceSettings:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("ACCESSLINE_WORKERS above 1 needs a fixed ACCESSLINE_PORT")
+        return self
 
     @model_validator(mode="after")
     def _etcd_tls(self) -> ServiceSettings:

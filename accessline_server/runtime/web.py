@@ -372,9 +372,12 @@ class WebServer:
         port: int,
         tls: tuple[str, str] | None,
         grace: float,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self._app = app
         self._host, self._port = host, port
+        self._reuse_port = reuse_port  # shared by the workers of one host
         self._config = HypercornConfig()
         self._config.accesslog = None
         self._config.errorlog = logging.getLogger("accessline.web.server")
@@ -394,6 +397,8 @@ class WebServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self._host, self._port))
         except OSError:
             sock.close()
