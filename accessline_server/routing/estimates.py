@@ -28,7 +28,7 @@ class Estimates:
         self._presence = presence
         self._rules = rules
         self._availability: dict[str, tuple[float, int, int]] = {}
-        self._orders: dict[str, tuple[float, list[str]]] = {}
+        self._orders: dict[str, tuple[float, list[QI]]] = {}
 
     async def availability(self, group: str, channel: int = 0) -> tuple[int, int]:
         """(available, logged in) agents of the group on voice channels (or `channel`),
@@ -61,32 +61,32 @@ class Estimates:
         )
         return answer
 
-    async def queue_order(self, group: str, now: float, *, fresh: bool = False) -> list[str]:
-        """The ids of the group's waiting interactions in the order they are served. One
-        read serves every stream of this replica in the group for half an update
-        interval, so many waiting calls do not each read the whole queue."""
+    async def queue_order(self, group: str, now: float) -> list[QI]:
+        """The group's waiting interactions in the order they are served. One read serves
+        every stream of this replica in the group for half an update interval, so many
+        waiting calls do not each read the whole queue."""
         cached = self._orders.get(group)
-        if (
-            not fresh
-            and cached is not None
-            and time.monotonic() - cached[0] < self._rules.queue_update / 2
-        ):
+        if cached is not None and time.monotonic() - cached[0] < self._rules.queue_update / 2:
             return cached[1]
         entries, _ = await self._store.get_prefix(keys.queue(group), QI)
-        ready = [e.value for e in entries if waiting(e.value, now)]
-        ids = [i.interaction_id for i in order(ready, self._rules, now)]
-        self._orders[group] = (time.monotonic(), ids)
+        ready = order([e.value for e in entries if waiting(e.value, now)], self._rules, now)
+        self._orders[group] = (time.monotonic(), ready)
         if len(self._orders) > 1000:
             self._orders.pop(next(iter(self._orders)))
-        return ids
+        return ready
 
     async def position(self, group: str, item: QI) -> tuple[int, int]:
         """The call's place in its group's queue (1 is next) and the estimated wait in
-        whole seconds."""
+        whole seconds. A call newer than the group's read order takes its place in it
+        (as fresh as the others' places, without a read of the queue of its own)."""
         now = time.time()
-        ids = await self.queue_order(group, now)
-        if item.interaction_id not in ids:  # newer than the cached order
-            ids = await self.queue_order(group, now, fresh=True)
-        position = ids.index(item.interaction_id) + 1 if item.interaction_id in ids else 1
+        ready = await self.queue_order(group, now)
+        ids = [i.interaction_id for i in ready]
+        if item.interaction_id not in ids:
+            ready = order([*ready, item], self._rules, now)
+            read_at = self._orders.get(group, (time.monotonic(), ready))[0]
+            self._orders[group] = (read_at, ready)
+            ids = [i.interaction_id for i in ready]
+        position = ids.index(item.interaction_id) + 1
         available, staffed = await self.availability(group)
         return position, round(estimate(position, available, staffed, self._rules))
