@@ -215,3 +215,24 @@ async def test_a_provider_client_fault_is_retried_and_loses_nothing_of_its_batch
         ]
     finally:
         await worker.stop()
+
+
+async def test_one_worker_attempting_the_same_deliveries_twice_at_once_sends_each_once(
+    rig: Rig,
+) -> None:
+    """Two batches of one worker holding the same due deliveries (the load and the watch
+    both scheduled them): its own claim from the one batch is never taken by the other
+    for a claim left behind."""
+    tokens = [f"ok-twice-{n:03d}" for n in range(20)]
+    await rig.devices(tokens)
+    notification_id = await rig.publish()
+    worker = rig.worker()
+    try:
+        await worker.take_lease()
+        rows, _ = await rig.store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
+        await asyncio.gather(worker.attempt_as_read(rows), worker.attempt_as_read(rows[::-1]))
+        assert {t: len(rig.servers.for_token(t)) for t in tokens} == dict.fromkeys(tokens, 1)
+        found = await rig.deliveries(notification_id)
+        assert {(d.status, d.attempts) for d in found} == {(N.DELIVERY_STATUS_SENT, 1)}
+    finally:
+        await worker.stop()

@@ -78,7 +78,7 @@ class Worker:
         self._lease_seconds = lease_seconds
         self.worker_id = "w" + secrets.token_hex(6)
         self._queue = DueQueue(self._deliver, concurrency, batch)
-        # Deliveries this worker is attempting now (their claims are its own).
+        # Deliveries this worker is attempting now, claimed or being claimed.
         self._holding: set[str] = set()
         self._lease: KeptLease | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -209,13 +209,18 @@ class Worker:
         """Claims each delivery as its entry shows it, sends those claimed and records
         their outcomes. The claims and the records are a transaction each (group commit
         sends them together); the notifications and devices are read in one."""
-        claimed = await asyncio.gather(*(self._claim(entry) for entry in entries))
-        mine = [entry for entry, ok in zip(entries, claimed, strict=True) if ok]
-        if not mine:
-            return
-        self._holding.update(entry.key for entry in mine)
+        # Held before they are claimed: an item this worker is attempting already (in
+        # another batch) is left to that batch, and a claim of this worker's lease on an
+        # item it holds is never taken for one left behind.
+        entries = list({e.key: e for e in entries if e.key not in self._holding}.values())
+        self._holding.update(entry.key for entry in entries)
+        mine: list[Entry[nt_store.Delivery]] = []
         released: set[str] = set()
         try:
+            claimed = await asyncio.gather(*(self._claim(entry) for entry in entries))
+            mine = [entry for entry, ok in zip(entries, claimed, strict=True) if ok]
+            if not mine:
+                return
             found = await self._read_for(mine)
             written = await asyncio.gather(*(self._send(entry, found) for entry in mine))
             recorded = await asyncio.gather(
@@ -229,7 +234,7 @@ class Worker:
             if failed:
                 raise failed[0]
         finally:
-            self._holding.difference_update(entry.key for entry in mine)
+            self._holding.difference_update(entry.key for entry in entries)
             left = [_claim_of(e.key) for e in mine if e.key not in released]
             if left:
                 await self._store.txn([], [Op.delete(claim) for claim in left])
@@ -247,10 +252,10 @@ class Worker:
         if claimed.succeeded:
             return True
         held = claimed.first()
-        mine = held is not None and held.meta.lease == self._lease.id
-        if held is not None and mine and entry.key not in self._holding:
-            # This worker's own claim, left by an attempt whose release failed (etcd
-            # unreachable then): dropped, its end schedules the item again.
+        if held is not None and held.meta.lease == self._lease.id:
+            # This worker's own claim, while no attempt of its holds the item: left by an
+            # attempt whose release failed (etcd unreachable then). Dropped; its end
+            # schedules the item again.
             await self._store.txn(
                 [Compare.modified_at(claim, held.meta.mod_revision)], [Op.delete(claim)]
             )
