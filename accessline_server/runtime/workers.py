@@ -7,8 +7,8 @@ metrics on the metrics port + N.
 
 The supervisor hands SIGTERM and SIGINT on to every worker and exits once they have all
 stopped. A worker that exits on its own takes the others down with it and the supervisor
-exits with its status (128 + N for a worker killed by signal N), so that the orchestrator restarts the whole (a worker is never
-restarted behind its back)."""
+exits with its status (128 + N for a worker killed by signal N), so that the orchestrator
+restarts the whole (a worker is never restarted behind its back)."""
 
 from __future__ import annotations
 
