@@ -36,6 +36,7 @@ class OfferAnswering:
     revision: int
     lease: KeptLease | None
     delivered: set[str]
+    offers_seen: dict[str, Entry[pr_store.StoredOffer]]
     write_lock: asyncio.Lock
 
     def send(self, message: pr_pb2.ConnectResponse | SessionEnded) -> None:
@@ -56,9 +57,11 @@ class OfferAnswering:
             raise InvalidArgument(
                 [FieldViolation("offer_response.offer_id", "must be 1 to 64 characters")]
             )
-        entry = await self.store.get(
-            keys.offer(self.agent.agent_id, response.offer_id), pr_store.StoredOffer
-        )
+        # The offer as this session saw it written, else as etcd holds it.
+        entry = self.offers_seen.get(response.offer_id)
+        seen = entry is not None
+        if entry is None:
+            entry = await self._read_offer(response.offer_id)
         parent = (
             context_from(entry.value.trace.traceparent, entry.value.trace.tracestate)
             if entry
@@ -75,7 +78,11 @@ class OfferAnswering:
                 else "UNKNOWN",
             },
         ):
-            await self._answer_offer(response, entry)
+            if not await self._answer_offer(response, entry, seen=seen):
+                await self._answer_offer(response, await self._read_offer(response.offer_id))
+
+    async def _read_offer(self, offer_id: str) -> Entry[pr_store.StoredOffer] | None:
+        return await self.store.get(keys.offer(self.agent.agent_id, offer_id), pr_store.StoredOffer)
 
     def _recorded(self, response: pr_pb2.OfferResponse, stored: pr_store.StoredOffer) -> None:
         recorded = pr_pb2.OfferResponseRecorded(
@@ -89,11 +96,16 @@ class OfferAnswering:
         self.send(pr_pb2.ConnectResponse(offer_response_recorded=recorded))
 
     async def _answer_offer(
-        self, response: pr_pb2.OfferResponse, entry: Entry[pr_store.StoredOffer] | None
-    ) -> None:
+        self,
+        response: pr_pb2.OfferResponse,
+        entry: Entry[pr_store.StoredOffer] | None,
+        *,
+        seen: bool = False,
+    ) -> bool:
         """Records the agent's accept or decline of an offer in one transaction (an
         accept with the agent busy and the interaction started), or tells the agent why
-        not."""
+        not. False, and nothing told, when the offer as the session `seen` it changed
+        since: it is to be answered again as etcd holds it."""
 
         def refuse(reason: pr_pb2.OfferRefusal.ValueType) -> None:
             self.send(
@@ -106,11 +118,11 @@ class OfferAnswering:
 
         if entry is not None and already_answered(response, entry.value):
             self._recorded(response, entry.value)
-            return
+            return True
         refusal = refusal_of(response, entry, self._channel, self.state.do_not_disturb)
         if refusal is not None or entry is None:
             refuse(refusal or pr_pb2.OFFER_REFUSAL_UNKNOWN_OFFER)
-            return
+            return True
         stored = entry.value
         accept = response.decision == pr_pb2.OFFER_DECISION_ACCEPT
         channel_id = response.accept_channel or stored.offer.channel
@@ -139,8 +151,12 @@ class OfferAnswering:
                 also=also,
             )
             if not written:
+                if seen:
+                    return False  # changed since the session saw it: answered again
                 refuse(pr_pb2.OFFER_REFUSAL_NO_LONGER_OPEN)
-                return
+                return True
+            # Answered: a repeat of the answer reads it as it is now.
+            self.offers_seen.pop(response.offer_id, None)
             self.delivered.discard(response.offer_id)
             self._recorded(response, stored)
             if busy is not None:
@@ -152,3 +168,4 @@ class OfferAnswering:
                         presence_confirmed=pr_pb2.PresenceConfirmed(presence=self.public())
                     )
                 )
+        return True

@@ -96,6 +96,9 @@ class AgentSession(OfferAnswering):
     lease: KeptLease | None = None
     last_seen: float = field(default_factory=time.monotonic)
     delivered: set[str] = field(default_factory=set)
+    # Open offers as the hub's watch (or the login's read) showed them, by id: an answer
+    # is written against one without reading it again (its compare tells a change).
+    offers_seen: dict[str, Entry[pr_store.StoredOffer]] = field(default_factory=dict)
     replaced: bool = False
     resync_needed: asyncio.Event = field(default_factory=asyncio.Event)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -186,7 +189,14 @@ class AgentSession(OfferAnswering):
             keys.offers(self.agent.agent_id), pr_store.StoredOffer
         )
         for entry in entries:
+            self._seen(entry)
             self._offer_state(entry.value)
+
+    def _seen(self, entry: Entry[pr_store.StoredOffer]) -> None:
+        if entry.value.state == pr_store.OFFER_STATE_OPEN:
+            self.offers_seen[entry.value.offer.offer_id] = entry
+        else:
+            self.offers_seen.pop(entry.value.offer.offer_id, None)
 
     def public(self) -> pr_pb2.AgentPresence:
         return public_presence(self.agent, self.state)
@@ -252,6 +262,8 @@ class AgentSession(OfferAnswering):
     def on_offer(self, event: WatchEvent) -> None:
         if event.kind == EventKind.DELETE:
             before = event.decode_prev(pr_store.StoredOffer)
+            if before is not None:
+                self.offers_seen.pop(before.offer.offer_id, None)
             if (
                 before is not None
                 and before.state == pr_store.OFFER_STATE_OPEN
@@ -267,7 +279,9 @@ class AgentSession(OfferAnswering):
                     )
                 )
             return
-        self._offer_state(event.decode(pr_store.StoredOffer))
+        entry = Entry(event.key, event.decode(pr_store.StoredOffer), event.meta)
+        self._seen(entry)
+        self._offer_state(entry.value)
 
     def on_interaction_gone(self, event: WatchEvent) -> None:
         """An interaction's key vanished while the agent was still on it: the caller was
