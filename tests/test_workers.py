@@ -37,14 +37,24 @@ def workers_serving(service: ServiceProcess) -> set[int]:
     return {e["worker"] for e in logged(service, "serving")}
 
 
-async def test_workers_share_the_port_and_stop_together_on_sigterm(
-    etcd: EmbeddedEtcd, prefix: str
-) -> None:
+async def two_workers(etcd: EmbeddedEtcd, prefix: str) -> tuple[ServiceProcess, dict[str, Any]]:
+    """The service started with two workers, both serving; its supervisor's log line."""
     service = spawn_service(MODULE, etcd.endpoint, prefix, ACCESSLINE_WORKERS="2")
     try:
         await wait_serving(service)
         await eventually(lambda: workers_serving(service) == {0, 1}, what="both workers")
-        (supervisor,) = logged(service, "supervising workers")
+    except BaseException:
+        service.stop()
+        raise
+    (supervisor,) = logged(service, "supervising workers")
+    return service, supervisor
+
+
+async def test_workers_share_the_port_and_stop_together_on_sigterm(
+    etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    service, supervisor = await two_workers(etcd, prefix)
+    try:
         assert len(supervisor["pids"]) == 2
         # Each new connection is one the kernel gives to either worker.
         for _ in range(24):
@@ -63,11 +73,8 @@ async def test_workers_share_the_port_and_stop_together_on_sigterm(
 async def test_a_worker_that_dies_takes_the_others_down_with_it(
     etcd: EmbeddedEtcd, prefix: str
 ) -> None:
-    service = spawn_service(MODULE, etcd.endpoint, prefix, ACCESSLINE_WORKERS="2")
+    service, supervisor = await two_workers(etcd, prefix)
     try:
-        await wait_serving(service)
-        await eventually(lambda: workers_serving(service) == {0, 1}, what="both workers")
-        (supervisor,) = logged(service, "supervising workers")
         os.kill(supervisor["pids"][0], signal.SIGKILL)
         assert await service.wait_exit() == 128 + signal.SIGKILL
         (told,) = logged(service, "a worker exited on its own; stopping the others")

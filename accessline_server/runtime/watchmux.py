@@ -138,7 +138,8 @@ class WatchMux:
             self._call, self._generation = call, self._generation + 1
             try:
                 for watch_id, watch in list(self._watches.items()):
-                    await self._create(watch_id, watch)
+                    if watch_id in self._watches:  # not closed while the others were made
+                        await self._create(watch_id, watch)
                 async for reply in call:
                     backoff.reset()
                     if self._answer(reply, member):
