@@ -19,15 +19,22 @@ from accessline_server.runtime.masks import (
 from accessline_server.runtime.store import Entry, Store
 from accessline_server.runtime.validation import Violations
 
+# The applications a replica keeps as it last read them (more are read afresh).
+MAX_RECENT = 10_000
+
 
 class Applications:
-    """The registered applications, in etcd."""
+    """The registered applications, in etcd; each replica keeps the versions it last
+    read for StartHandoff, whose transaction holds only while the application is still
+    the version it used (see `recent`)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._recent: dict[str, Entry[cm_pb2.Application]] = {}
 
     async def register(self, app: cm_pb2.Application) -> cm_pb2.Application:
         stored = _completed(app)
+        self._recent.pop(app.application_id, None)
         revision = await self._store.put(keys.app(app.application_id), stored)
         return with_etag(stored, revision)
 
@@ -50,6 +57,7 @@ class Applications:
         updated = merged(current.value, app, mask)
         check_whole(check, updated)
         stored = _completed(updated)
+        self._recent.pop(app.application_id, None)
         written = await put_if_unchanged(
             self._store, keys.app(app.application_id), revision, stored, "the application"
         )
@@ -65,8 +73,26 @@ class Applications:
             )
         return entry
 
-    async def get(self, application_id: str) -> cm_pb2.Application:
-        return (await self._entry(application_id)).value
+    async def recent(self, application_id: str) -> Entry[cm_pb2.Application]:
+        """The application as this replica last read it (read now if it has not): its
+        user compares its mod revision in the transaction it writes with it, and takes
+        a refusal the application's rules made only once `changed` says no."""
+        entry = self._recent.get(application_id)
+        return entry if entry is not None else await self.fresh(application_id)
+
+    async def fresh(self, application_id: str) -> Entry[cm_pb2.Application]:
+        """The application as it is now (NOT_FOUND when it is not registered), kept."""
+        self._recent.pop(application_id, None)
+        entry = await self._entry(application_id)
+        if len(self._recent) >= MAX_RECENT:
+            self._recent.clear()
+        self._recent[application_id] = entry
+        return entry
+
+    async def changed(self, used: Entry[cm_pb2.Application]) -> bool:
+        """Whether the application changed since the version `used` (read afresh)."""
+        current = await self.fresh(used.value.application_id)
+        return current.meta.mod_revision != used.meta.mod_revision
 
     async def answered(self, application_id: str) -> cm_pb2.Application:
         """The application with its version, as GetApplication answers it."""

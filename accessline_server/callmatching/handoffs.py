@@ -43,7 +43,7 @@ from accessline_server.runtime.errors import (
     NotFound,
 )
 from accessline_server.runtime.phone import NumberFormatError, display_number, normalize_number
-from accessline_server.runtime.store import Compare, Op, Store
+from accessline_server.runtime.store import Compare, Entry, Op, Store
 
 if TYPE_CHECKING:
     from accessline.numberdistribution.v1.number_distribution_pb2_grpc import (
@@ -52,6 +52,15 @@ if TYPE_CHECKING:
     from accessline_server.callmatching.journey.reads import Journey
 
 log = logging.getLogger("accessline.callmatching")
+
+
+# Starts of one handoff over, each with the application read afresh, when it changed
+# under the one before.
+APPLICATION_ATTEMPTS = 3
+
+
+class ApplicationChanged(Exception):
+    """The application changed since the version a handoff used (nothing was stored)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +117,31 @@ class Handoffs:
         """Checks the request against its application, reserves a number (through
         NumberDistribution's contract) and stores the session, fenced by the reservation,
         in one transaction; a repeated request with its idempotency key gets the first
-        answer."""
-        app = await self._applications.get(request.application_id)
-        ani_hash = self._checked_ani_hash(app, request)
+        answer. The application is the version this replica last read: the session's
+        transaction holds only while it is still that one, and a refusal its rules made
+        stands only once it is read again unchanged; else the handoff starts over with
+        the application as it is."""
+        app = await self._applications.recent(request.application_id)
+        for _ in range(APPLICATION_ATTEMPTS):
+            try:
+                return await self._start(app, request)
+            except ApplicationChanged:
+                app = await self._applications.fresh(request.application_id)
+        raise Aborted(
+            f"application {request.application_id} kept changing while the handoff started; retry",
+            reason="APPLICATION_CHANGING",
+        )
+
+    async def _start(
+        self, entry: Entry[cm_pb2.Application], request: Handoff
+    ) -> cm_pb2.StartHandoffResponse:
+        app = entry.value
+        try:
+            ani_hash = self._checked_ani_hash(app, request)
+        except InvalidArgument:
+            if await self._applications.changed(entry):
+                raise ApplicationChanged from None
+            raise
         idempotency_key = (
             keys.idempotency(app.application_id, request.idempotency_key)
             if request.idempotency_key
@@ -127,7 +158,7 @@ class Handoffs:
             if self._journey is not None
             else None
         )
-        reserved = await self._reserve_for(app, request, idempotency_key)
+        reserved = await self._reserve_for(entry, request, idempotency_key)
         # NumberDistribution may have answered an earlier attempt of this same request.
         session_id = reserved.reservation.session_id
         record, fence = await self._held(reserved)
@@ -135,7 +166,7 @@ class Handoffs:
         session = self._new_session(
             app, request, context, session_id, record, fence, ani_hash, reserved
         )
-        replay = await self._store_session(session, fence, idempotency_key, request)
+        replay = await self._store_session(session, fence, idempotency_key, request, entry)
         if replay is not None:
             return replay
         if self._journey is not None:
@@ -183,11 +214,12 @@ class Handoffs:
         return ani_hash
 
     async def _reserve_for(
-        self, app: cm_pb2.Application, request: Handoff, idempotency_key: str
+        self, entry: Entry[cm_pb2.Application], request: Handoff, idempotency_key: str
     ) -> nd_pb2.ReserveNumberResponse:
         """A number for a new session (with a code when the application matches by one),
         reserved by NumberDistribution; a pool that issues no codes to an application
         that needs them is FAILED_PRECONDITION, its number released at once."""
+        app = entry.value
         schema = app.match_schema
         ttl = (
             request.ttl
@@ -210,9 +242,9 @@ class Handoffs:
         reserved = await self._numbers.ReserveNumber(reserve)
         reservation = reserved.reservation
         if schema in NEEDS_CODE and not reserved.access_code:
-            await self._numbers.ReleaseNumber(
-                nd_pb2.ReleaseNumberRequest(reservation_id=reservation.reservation_id)
-            )
+            await self._release(reservation.reservation_id)
+            if await self._applications.changed(entry):
+                raise ApplicationChanged
             raise FailedPrecondition(
                 f"pool {reservation.pool_id} issues no access codes, but application"
                 f" {app.application_id} matches calls by code",
@@ -301,14 +333,21 @@ class Handoffs:
         fence: int,
         idempotency_key: str,
         request: Handoff,
+        app: Entry[cm_pb2.Application],
     ) -> cm_pb2.StartHandoffResponse | None:
         """Writes the session (and its idempotency record) if the reservation still
-        holds; None when stored, the first answer when a concurrent repeat of the request
-        stored its own; ABORTED when the reservation ended meanwhile."""
+        holds and the application is still the version `app`; None when stored, the
+        first answer when a concurrent repeat of the request stored its own;
+        ApplicationChanged (the number given back) when the application changed, ABORTED
+        when the reservation ended meanwhile."""
         record = session.reservation
-        compares = [reservations.still_held(record, fence)]
+        app_key = keys.app(app.value.application_id)
+        compares = [
+            reservations.still_held(record, fence),
+            Compare.modified_at(app_key, app.meta.mod_revision),
+        ]
         ops = [Op.put(keys.session(session.session_id), session, record.lease_id)]
-        failure: list[Op] = []
+        failure = [Op.get(app_key)]
         if idempotency_key:
             customer_digest, request_digest = _digests(request)
             compares.append(Compare.absent(idempotency_key))
@@ -327,13 +366,22 @@ class Handoffs:
         result = await self._store.txn(compares, ops, failure)
         if result.succeeded:
             return None
-        if idempotency_key and result.first() is not None:
+        if idempotency_key and result.first(1) is not None:
             replay = await self._replay(idempotency_key, request)
             if replay is not None:
                 return replay
+        now = result.first(0)
+        if now is None or now.meta.mod_revision != app.meta.mod_revision:
+            await self._release(record.reservation_id)
+            raise ApplicationChanged
         raise Aborted(
             "the reservation ended before the session was stored; retry",
             reason="RESERVATION_GONE",
+        )
+
+    async def _release(self, reservation_id: str) -> None:
+        await self._numbers.ReleaseNumber(
+            nd_pb2.ReleaseNumberRequest(reservation_id=reservation_id)
         )
 
     def _handoff_answer(
