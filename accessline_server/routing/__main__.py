@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from accessline.callmatching.v1 import call_matching_pb2, call_matching_pb2_grpc
 from accessline.notification.v1 import notification_pb2, notification_pb2_grpc
 from accessline.presence.v1 import presence_pb2, presence_pb2_grpc
+from accessline.routing.storage.v1.storage_pb2 import AgentHold
 from accessline.routing.v1 import routing_pb2, routing_pb2_grpc
 from accessline_server.callmatching.journey import records
 from accessline_server.notification import events
 from accessline_server.presence.roster import Sealing
+from accessline_server.routing import keys as rt_keys
 from accessline_server.routing.callbacks import Callbacks
 from accessline_server.routing.dispatch import Dispatcher
 from accessline_server.routing.domain import Router
@@ -24,6 +26,7 @@ from accessline_server.routing.queue import Rules, parse_value_rules
 from accessline_server.routing.servicer import RoutingServicer
 from accessline_server.routing.settings import RoutingSettings
 from accessline_server.runtime.audit import AuditEvent
+from accessline_server.runtime.prefixview import PrefixView
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.server import Registration, RuntimeContext, ServiceSpec, run
 
@@ -119,6 +122,9 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         meter=meter,
         doorbell=doorbell,
     )
+    holds = PrefixView(context.store, rt_keys.HOLDS, AgentHold)
+    holds.start()
+    context.on_stop(holds.stop)
     router = Router(
         context.store,
         matching,
@@ -128,6 +134,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         context.stopping,
         wake,
         meter=meter,
+        holds=holds,
     )
     dispatcher.start()
     context.on_stop(dispatcher.stop)

@@ -41,6 +41,7 @@ from accessline_server.runtime.errors import (
     AccesslineError,
     NotFound,
 )
+from accessline_server.runtime.prefixview import PrefixView
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store
 
@@ -89,8 +90,11 @@ class Router:
         stopping: asyncio.Event,
         wake: Callable[[], None] = lambda: None,
         meter: metrics.Meter | None = None,
+        holds: PrefixView[rt_store.AgentHold] | None = None,
     ) -> None:
         self._store = self.store = store
+        # The agents held for customers (`rt/holds/`), watch-synced; read when not loaded.
+        self._holds = holds
         self._matching = matching
         self._presence = presence
         self._rules = rules
@@ -193,9 +197,13 @@ class Router:
             treatment = rt_pb2.TREATMENT_IVR_AUTHENTICATE
         hold = None
         if is_match and matched.customer_id:
-            hold = await self._store.get(
-                keys.hold(self._sealer, matched.customer_id), rt_store.AgentHold
-            )
+            key = keys.hold(self._sealer, matched.customer_id)
+            if self._holds is not None and self._holds.loaded:
+                # Held agents are seconds old when their customer calls (the customer was
+                # told first); the queue's transaction compares the hold taken.
+                hold = self._holds.get(key)
+            else:
+                hold = await self._store.get(key, rt_store.AgentHold)
         group = (
             hold.value.resource_group
             if hold is not None
