@@ -15,7 +15,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import keys, offers
 from accessline_server.presence.answers import accept_ops, already_answered, refusal_of
 from accessline_server.runtime.errors import FieldViolation, InvalidArgument
-from accessline_server.runtime.store import Compare, Entry, KeptLease, Op, Store
+from accessline_server.runtime.store import Compare, Entry, KeptLease, KeyMeta, Op, Store
 from accessline_server.runtime.telemetry import context_from
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class OfferAnswering:
     lease: KeptLease | None
     delivered: set[str]
     offers_seen: dict[str, Entry[pr_store.StoredOffer]]
+    interactions_kept: dict[str, Entry[pr_store.StoredInteraction]]
     write_lock: asyncio.Lock
 
     def send(self, message: pr_pb2.ConnectResponse | SessionEnded) -> None:
@@ -130,10 +131,11 @@ class OfferAnswering:
             also: tuple[list[Compare], list[Op]] = ([], [])
             lasts = 0
             busy: pr_store.StoredPresence | None = None
+            ongoing: pr_store.StoredInteraction | None = None
             if accept:
                 assert self.lease is not None
                 lasts = await self.store.shared_lease(self.limits.max_interaction, window=60.0)
-                compares, ops, busy = accept_ops(
+                compares, ops, busy, ongoing = accept_ops(
                     self.state,
                     stored,
                     channel_id,
@@ -159,6 +161,12 @@ class OfferAnswering:
             self.offers_seen.pop(response.offer_id, None)
             self.delivered.discard(response.offer_id)
             self._recorded(response, stored)
+            if ongoing is not None:
+                # The interaction as written (created at the transaction's revision): its
+                # end is written from it, unread, while its key is still that one.
+                key = keys.interaction(self.agent.agent_id, stored.offer.interaction_id)
+                meta = KeyMeta(written, written, 1, stored.call_lease or lasts)
+                self.interactions_kept[stored.offer.interaction_id] = Entry(key, ongoing, meta)
             if busy is not None:
                 # The accept's transaction wrote the presence as read (its compare): it is
                 # `busy` now, at the transaction's revision.

@@ -1,6 +1,7 @@
 """An agent's answer to an offer, judged and written: whether it repeats the answer the
-offer holds, why it cannot be recorded, and what an accept writes in the transaction
-that marks the offer accepted. Pure: the session (session.py) reads and writes."""
+offer holds, why it cannot be recorded, what an accept writes in the transaction that
+marks the offer accepted, and what the interaction's end writes. Pure: the session
+(session.py) reads and writes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline_server.notification import surveys
 from accessline_server.presence import keys
 from accessline_server.presence.roster import channel_presence
 from accessline_server.runtime.clock import now_timestamp
@@ -72,13 +74,14 @@ def accept_ops(
     agent_id: str,
     presence: tuple[int, int],
     lasts: int,
-) -> tuple[list[Compare], list[Op], pr_store.StoredPresence]:
+) -> tuple[list[Compare], list[Op], pr_store.StoredPresence, pr_store.StoredInteraction]:
     """What an accept writes with the offer's new state (and the agent's presence as it
     writes it): the agent busy on the channel
     (so whoever sees the accepted offer also sees the channel taken) and the
     interaction, bound to the call's lease until the call is connected (then to
     `lasts`); only while the agent's presence (`presence`: its lease and the revision
-    it was read at) is as read and the caller still holds their place."""
+    it was read at) is as read and the caller still holds their place. Last, the
+    interaction as written."""
     presence_lease, presence_revision = presence
     busy = pr_store.StoredPresence()
     busy.CopyFrom(state)
@@ -114,4 +117,23 @@ def accept_ops(
             stored.call_lease or lasts,
         ),
     ]
-    return compares, ops, busy
+    return compares, ops, busy, ongoing
+
+
+def end_ops(ended: Entry[pr_store.StoredInteraction], agent_id: str) -> list[Op]:
+    """What the end of an interaction writes with the agent's presence: its key gone
+    and, for a customer of an app, the call's end for Notification (its published
+    `surveys` module)."""
+    ops = [Op.delete(ended.key)]
+    ongoing = ended.value
+    if ongoing.customer_id and ongoing.journey_interaction_id:
+        ops.append(
+            surveys.invitation_op(
+                ongoing.application_id,
+                ongoing.customer_id,
+                ongoing.journey_interaction_id,
+                agent_id,
+                ask=ongoing.survey_after_call,
+            )
+        )
+    return ops

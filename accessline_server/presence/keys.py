@@ -7,6 +7,10 @@ state through the published modules, `roster.py` (agents and their presence, rea
     pr/offers/{agent_id}/{offer_id}   StoredOffer     (a lease ending at the deadline)
     pr/interactions/{agent_id}/{id}   StoredInteraction (the longest interaction allowed)
     pr/resume/{agent_id}              StoredPresence  (an ended session, 120 s, to resume)
+
+An interaction's value is written once, by the accept; after it only its lease changes
+(`offers.interaction_connected`) until it is deleted: a session ends one it wrote with a
+compare on its create revision, without reading it back.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from opentelemetry import trace
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from accessline_server.notification import surveys
 from accessline_server.presence import keys
 from accessline_server.presence import state as presence_state
 from accessline_server.presence.answering import OfferAnswering
+from accessline_server.presence.answers import end_ops
 from accessline_server.presence.hub import Hub
 from accessline_server.presence.roster import Sealing, public_presence
 from accessline_server.runtime.clock import now_timestamp
@@ -99,6 +99,9 @@ class AgentSession(OfferAnswering):
     # Open offers as the hub's watch (or the login's read) showed them, by id: an answer
     # is written against one without reading it again (its compare tells a change).
     offers_seen: dict[str, Entry[pr_store.StoredOffer]] = field(default_factory=dict)
+    # The interactions the agent is on as this session wrote (or the login read) them,
+    # by id: an end is written from one unread while its key is still that one.
+    interactions_kept: dict[str, Entry[pr_store.StoredInteraction]] = field(default_factory=dict)
     replaced: bool = False
     resync_needed: asyncio.Event = field(default_factory=asyncio.Event)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -121,6 +124,7 @@ class AgentSession(OfferAnswering):
             self.agent, self.session_id, self.device, (e.value for e in ongoing)
         )
         working = [self.limits.sealing.ongoing(e.value) for e in ongoing]
+        self.interactions_kept = {e.value.interaction_id: e for e in ongoing}
         previous = await self._to_resume()
         if previous is not None:
             presence_state.resumed(self.state, previous)
@@ -153,24 +157,22 @@ class AgentSession(OfferAnswering):
             },
         )
 
-    async def _ended(self, interaction_id: str) -> list[Op]:
-        """The end of an interaction: its record gone and, for a customer of an app, the
-        survey invitation Notification sends (its published `surveys` module)."""
+    async def _end(self, interaction_id: str) -> None:
+        """Writes the end of an interaction (the agent's presence as it is now): its
+        record gone and, for a customer of an app, the survey invitation Notification
+        sends (its published `surveys` module). From the interaction as this session
+        kept it, with a compare that it is still that key; read when it is not."""
+        kept = self.interactions_kept.pop(interaction_id, None)
+        if kept is not None:
+            created = Compare.created_at(kept.key, kept.meta.create_revision)
+            with contextlib.suppress(_GuardFailed):
+                await self._write(end_ops(kept, self.agent.agent_id), [created])
+                return
         key = keys.interaction(self.agent.agent_id, interaction_id)
-        ops = [Op.delete(key)]
         found = await self.store.get(key, pr_store.StoredInteraction)
-        if found is not None and found.value.customer_id and found.value.journey_interaction_id:
-            ongoing = found.value
-            ops.append(
-                surveys.invitation_op(
-                    ongoing.application_id,
-                    ongoing.customer_id,
-                    ongoing.journey_interaction_id,
-                    self.agent.agent_id,
-                    ask=ongoing.survey_after_call,
-                )
-            )
-        return ops
+        await self._write(
+            end_ops(found, self.agent.agent_id) if found is not None else [Op.delete(key)]
+        )
 
     async def _to_resume(self) -> pr_store.StoredPresence | None:
         """The session the login resumes: the agent's presence while still that session's
@@ -288,6 +290,7 @@ class AgentSession(OfferAnswering):
         gone before the call reached the agent (its lease ended, or the router took the
         call out). The agent is free again and the app is told."""
         interaction_id = event.key.rsplit("/", 1)[1]
+        self.interactions_kept.pop(interaction_id, None)
         if interaction_id not in self.state.interactions:
             return  # ended by the agent
         before = event.decode_prev(pr_store.StoredInteraction)
@@ -367,17 +370,19 @@ class AgentSession(OfferAnswering):
             ]
         )
 
-    async def _write(self, also: Sequence[Op] = ()) -> None:
+    async def _write(self, also: Sequence[Op] = (), guard: Sequence[Compare] = ()) -> None:
         async with self.write_lock:
-            await self._write_locked(also)
+            await self._write_locked(also, guard)
 
-    async def _write_locked(self, also: Sequence[Op] = ()) -> None:
+    async def _write_locked(self, also: Sequence[Op] = (), guard: Sequence[Compare] = ()) -> None:
+        """Writes the agent's presence (with `also`, only while `guard` holds:
+        _GuardFailed, nothing written, when it does not)."""
         self.state.updated_at.CopyFrom(now_timestamp())
         assert self.lease is not None
         key = keys.presence(self.agent.agent_id)
         for _ in range(2):
             result = await self.store.txn(
-                [Compare.modified_at(key, self.revision)],
+                [Compare.modified_at(key, self.revision), *guard],
                 [Op.put(key, self.state, self.lease.id), *also],
             )
             if result.succeeded:
@@ -385,7 +390,10 @@ class AgentSession(OfferAnswering):
             # Changed since this session last wrote it: replaced or lost, or an earlier
             # write of this session that etcd applied without its answer reaching it (an
             # election, a timeout). Only this session writes its presence: then write on.
-            self.revision = (await self._own_presence()).meta.mod_revision
+            revision = (await self._own_presence()).meta.mod_revision
+            if guard and revision == self.revision:
+                raise _GuardFailed
+            self.revision = revision
         else:
             raise self._lost()
         self.revision = result.revision
@@ -453,7 +461,7 @@ class AgentSession(OfferAnswering):
                     )
                 )
                 return
-            await self._write(await self._ended(interaction))
+            await self._end(interaction)
         else:
             raise InvalidArgument(
                 [FieldViolation("message", "must be one of the ConnectRequest messages")]
@@ -474,3 +482,7 @@ class AgentSession(OfferAnswering):
                 [FieldViolation(f"{message}.reason_code", f"must be one of: {allowed}")]
             )
         self.count_not_ready(code)
+
+
+class _GuardFailed(Exception):
+    """A session's write was refused by its guard (the presence was as the session had it)."""
