@@ -16,6 +16,7 @@ from opentelemetry import metrics
 from accessline_server.callmatching.applications import Applications
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.handoffs import Handoff, Handoffs
+from accessline_server.callmatching.hints import NumberHints
 from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.journey.reads import Journey
 from accessline_server.callmatching.matching import Call, Matcher
@@ -53,8 +54,9 @@ class CallMatching:
     ) -> None:
         self.applications = Applications(store)
         self.sessions = Sessions(store, limits, clock)
+        hints = NumberHints()
         self.handoffs = Handoffs(
-            store, numbers, crypto, limits, self.applications, self.sessions, clock, journey
+            store, numbers, crypto, limits, self.applications, self.sessions, clock, journey, hints
         )
         self.matcher = Matcher(
             store,
@@ -66,6 +68,7 @@ class CallMatching:
             meter=meter,
             clock=clock,
             journey=journey,
+            hints=hints,
         )
         self.history = history
 

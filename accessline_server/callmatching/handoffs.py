@@ -23,6 +23,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline_server.callmatching import keys
 from accessline_server.callmatching.applications import Applications
 from accessline_server.callmatching.crypto import SessionCrypto
+from accessline_server.callmatching.hints import NumberHints
 from accessline_server.callmatching.sessions import (
     DEFAULT_MAX_CODE_ATTEMPTS,
     NEEDS_ANI,
@@ -103,8 +104,11 @@ class Handoffs:
         sessions: Sessions,
         clock: Callable[[], float] = time.time,
         journey: Journey | None = None,
+        hints: NumberHints | None = None,
     ) -> None:
         self._journey = journey
+        # Where this replica's sessions wait, for its MatchCall (hints.py).
+        self._hints = hints if hints is not None else NumberHints()
         self._store = store
         self._numbers = numbers
         self._crypto = crypto
@@ -169,6 +173,7 @@ class Handoffs:
         replay = await self._store_session(session, fence, idempotency_key, request, entry)
         if replay is not None:
             return replay
+        self._hints.note(record.number, session_id, record.pool_id)
         if self._journey is not None:
             self._journey.record_handoff(request.application_id, session_id, request)
         log.info(

@@ -20,8 +20,10 @@ from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline_server.callmatching import failures, keys
 from accessline_server.callmatching.crypto import SessionCrypto
+from accessline_server.callmatching.hints import NumberHints, Prefetched
 from accessline_server.callmatching.history import MatchHistory
 from accessline_server.callmatching.journey.reads import Journey
+from accessline_server.callmatching.measures import MatchMeasures
 from accessline_server.callmatching.sessions import NEEDS_ANI, NEEDS_CODE, Limits, Sessions
 from accessline_server.notification import events
 from accessline_server.numberdistribution.dialled import (
@@ -38,17 +40,6 @@ from accessline_server.runtime.telemetry import span_context_from
 
 log = logging.getLogger("accessline.callmatching")
 
-# Histogram buckets in seconds, from the measured ranges: a decision takes milliseconds
-# (p50 about 20 ms on the 2-core machine), a customer dials within a fraction of a second
-# (an app that dials by itself) to minutes.
-DECISION_BUCKETS = [
-    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
-    0.25, 0.5, 1.0, 2.5, 5.0,
-]  # fmt: skip
-HANDOFF_BUCKETS = [
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
-    90.0, 120.0, 180.0, 300.0, 600.0, 1800.0,
-]  # fmt: skip
 # A right call retries its final transaction while wrong codes keep changing the session;
 # they can do so at most max_code_attempts (at most 20) times before it locks.
 MAX_MATCH_ROUNDS = 24
@@ -121,6 +112,7 @@ class Matcher:
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
         journey: Journey | None = None,
+        hints: NumberHints | None = None,
     ) -> None:
         self._store = store
         self._dialled = dialled
@@ -130,23 +122,9 @@ class Matcher:
         self._limits = limits
         self._sessions = sessions
         self._clock = clock
-        meter = meter or metrics.get_meter("accessline.callmatching")
-        self._outcomes = meter.create_counter(
-            "accessline.match.outcomes", unit="{call}", description="Match decisions by outcome"
-        )
-        self._decision = meter.create_histogram(
-            "accessline.match.decision.duration",
-            unit="s",
-            description="CallMatching's decision time: from the call's arrival (as the"
-            " switch stamped it, or MatchCall's start) to the decision",
-            explicit_bucket_boundaries_advisory=DECISION_BUCKETS,
-        )
-        self._waited = meter.create_histogram(
-            "accessline.match.handoff_to_call.duration",
-            unit="s",
-            description="From the handoff request to the call's arrival, for matched calls",
-            explicit_bucket_boundaries_advisory=HANDOFF_BUCKETS,
-        )
+        # The sessions this replica stored on numbers (Handoffs notes them).
+        self.hints = hints if hints is not None else NumberHints()
+        self._measures = MatchMeasures(meter or metrics.get_meter("accessline.callmatching"))
 
     async def match_call(self, call: Call) -> cm_pb2.MatchCallResponse:
         arrived = call.arrived_at if call.arrived_at is not None else self._clock()
@@ -167,7 +145,6 @@ class Matcher:
             ani_hash=ani_hash.hex(),
             call_arrived_at=timestamp(arrived),
         )
-        span = trace.get_current_span()
         response = await self._decide(call, dnis, ani_hash, attempt)
         now = self._clock()
         attempt.outcome = response.outcome
@@ -175,36 +152,7 @@ class Matcher:
         self._history.record(attempt)
         if self._journey is not None:
             self._journey.record_match(attempt, response, now, ani)
-        outcome = {"accessline.match.outcome": cm_pb2.MatchOutcome.Name(response.outcome)}
-        labels = outcome
-        if attempt.application_id:
-            labels = {**outcome, "accessline.application": attempt.application_id}
-        self._outcomes.add(1, labels)
-        # The histograms by outcome alone: a series of buckets per application would
-        # multiply them by the applications, for no panel or alert that reads it.
-        self._decision.record(max(0.0, now - arrived), outcome)
-        if response.outcome == cm_pb2.MATCH_OUTCOME_MATCHED and attempt.HasField(
-            "handoff_requested_at"
-        ):
-            self._waited.record(max(0.0, arrived - seconds(attempt.handoff_requested_at)), outcome)
-        span.set_attribute("accessline.match.outcome", labels["accessline.match.outcome"])
-        span.set_attribute(
-            "accessline.match.schema", common_pb2.MatchSchema.Name(attempt.match_schema)
-        )
-        if attempt.application_id:
-            span.set_attribute("accessline.application", attempt.application_id)
-        if attempt.pool_id:
-            span.set_attribute("accessline.pool", attempt.pool_id)
-        log.info(
-            "call match decided",
-            extra={
-                "fields": {
-                    "call_id": call.call_id,
-                    "outcome": labels["accessline.match.outcome"],
-                    "session_id": attempt.session_id,
-                }
-            },
-        )
+        self._measures.decided(call.call_id, response, attempt, arrived, now)
         return response
 
     async def _decide(
@@ -215,27 +163,32 @@ class Matcher:
         buckets are below their limits (see failures.py)."""
         buckets = self._limits.failures.buckets(ani_hash, dnis)
         n = len(buckets)
+        hint = self.hints.get(dnis)
         found = await self._store.txn(
             [],
             [
                 *(Op.get(b.key) for b in buckets),
                 Op.get(keys.matched_call(call.call_id)),
                 *self._dialled.reads(dnis, call.dtmf),
+                *(hint.reads() if hint is not None else ()),
             ],
         )
         answered = self._answered_before(call.call_id, dnis, found.gets[n], attempt)
         if answered is not None:
             return answered
         full = failures.full_in(buckets, found.gets[:n])
+        prefetched, end = Prefetched.split(hint, found.gets)
         # With a bucket full, the number's group only (no digits: nothing is checked,
         # nothing is told).
         dialled = self._dialled.dialled(
-            dnis, "" if full else call.dtmf, found.gets[n + 1 :], self._clock()
+            dnis, "" if full else call.dtmf, found.gets[n + 1 : end], self._clock()
         )
         attempt.pool_id = dialled.pool_id
         if full:
-            return _rate_limited(await self._group(dialled.pool_id))
-        response, counted = await self._judge(call, dnis, dialled, ani_hash, buckets, attempt)
+            return _rate_limited(await self._group(dialled.pool_id, prefetched))
+        response, counted = await self._judge(
+            call, dnis, dialled, ani_hash, buckets, attempt, prefetched
+        )
         window = self._limits.failures.window
         if (
             response.outcome in FAILURES
@@ -272,12 +225,15 @@ class Matcher:
         )
         return answer
 
-    async def _group(self, pool_id: str) -> str:
-        """The resource group of the pool's calls, read from NumberDistribution's pool."""
+    async def _group(self, pool_id: str, prefetched: Prefetched | None) -> str:
+        """The resource group of the pool's calls, from NumberDistribution's pool (as
+        `prefetched` when it read it)."""
         if not pool_id:
             return ""
-        found = await self._store.txn([], [pool_read(pool_id)])
-        return resource_group(pool_id, found.gets[0])
+        rows = prefetched.pool(pool_id) if prefetched is not None else None
+        if rows is None:
+            rows = (await self._store.txn([], [pool_read(pool_id)])).gets[0]
+        return resource_group(pool_id, rows)
 
     async def _judge(
         self,
@@ -287,20 +243,28 @@ class Matcher:
         ani_hash: bytes,
         buckets: tuple[failures.Bucket, ...],
         attempt: cm_pb2.MatchAttempt,
+        prefetched: Prefetched | None,
     ) -> tuple[cm_pb2.MatchCallResponse, bool]:
         """The decision and whether its failure is counted already."""
         chosen, outcome = _candidate(dialled)
         if chosen is None:
-            group = await self._group(dialled.pool_id)
+            group = await self._group(dialled.pool_id, prefetched)
             return cm_pb2.MatchCallResponse(outcome=outcome, resource_group=group), False
-        key = keys.session(chosen.reservation.session_id)
-        found = await self._store.txn([], [Op.get(key), pool_read(dialled.pool_id)])
-        group = resource_group(dialled.pool_id, found.gets[1])
+        session_id = chosen.reservation.session_id
+        key = keys.session(session_id)
+        gets = (
+            prefetched.session_and_pool(session_id, dialled.pool_id)
+            if prefetched is not None
+            else None
+        )
+        if gets is None:
+            gets = (await self._store.txn([], [Op.get(key), pool_read(dialled.pool_id)])).gets
+        group = resource_group(dialled.pool_id, gets[1])
         unmatched = cm_pb2.MatchCallResponse(resource_group=group)
-        if not found.gets[0]:
+        if not gets[0]:
             unmatched.outcome = cm_pb2.MATCH_OUTCOME_NO_RESERVATION
             return unmatched, False
-        row = found.gets[0][0]
+        row = gets[0][0]
         entry = Entry(key, decode(cm_store.StoredSession, key, row.value), row.meta)
         session = entry.value
         self._note_session(session, attempt, unmatched)
@@ -406,6 +370,7 @@ class Matcher:
                 failures.below(buckets),
                 [Op.put(key, kept, kept_for), *told],
             ):
+                self.hints.drop(dnis)
                 return answer, False
             # The session changed since it was read: consumed by another call (maybe on
             # another replica), or only a wrong code counted on it, which must not keep

@@ -162,11 +162,7 @@ class OfferAnswering:
             self.delivered.discard(response.offer_id)
             self._recorded(response, stored)
             if ongoing is not None:
-                # The interaction as written (created at the transaction's revision): its
-                # end is written from it, unread, while its key is still that one.
-                key = keys.interaction(self.agent.agent_id, stored.offer.interaction_id)
-                meta = KeyMeta(written, written, 1, stored.call_lease or lasts)
-                self.interactions_kept[stored.offer.interaction_id] = Entry(key, ongoing, meta)
+                self._keep(ongoing, KeyMeta(written, written, 1, stored.call_lease or lasts))
             if busy is not None:
                 # The accept's transaction wrote the presence as read (its compare): it is
                 # `busy` now, at the transaction's revision.
@@ -177,3 +173,9 @@ class OfferAnswering:
                     )
                 )
         return True
+
+    def _keep(self, ongoing: pr_store.StoredInteraction, meta: KeyMeta) -> None:
+        """The interaction as an accept wrote it (created at the transaction's revision):
+        its end is written from it, unread, while its key is still that one."""
+        key = keys.interaction(self.agent.agent_id, ongoing.interaction_id)
+        self.interactions_kept[ongoing.interaction_id] = Entry(key, ongoing, meta)

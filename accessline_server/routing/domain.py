@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import metrics, trace
 
 from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
@@ -28,13 +28,14 @@ from accessline_server.routing import journal, keys, private
 from accessline_server.routing.entries import (
     QueueEntries,
     QueueFull,
+    call_entry,
     parse_resume_token,
     resume_token,
     secret_hash,
 )
 from accessline_server.routing.estimates import Estimates
 from accessline_server.routing.measures import RouteMeasures
-from accessline_server.routing.queue import Rules, interaction_for
+from accessline_server.routing.queue import Rules
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
     Aborted,
@@ -143,7 +144,14 @@ class Router:
                         )
                     )
                     return
-            item = self._queue_entry(request, matched, interaction_id, group, context, arrived)
+            item = call_entry(
+                request,
+                matched,
+                (interaction_id, group, arrived),
+                context,
+                self._rules,
+                self._sealer,
+            )
             key = keys.queued(group, interaction_id)
             revision = await self._entries.enter(group, key, item, hold)
             call = _Call(
@@ -216,36 +224,6 @@ class Router:
             resource_group=group,
         )
         return matched, decided, hold
-
-    def _queue_entry(
-        self,
-        request: rt_pb2.RouteInboundCallRequest,
-        matched: cm_pb2.MatchCallResponse,
-        interaction_id: str,
-        group: str,
-        context: common_pb2.ContextData,
-        arrived: float,
-    ) -> QI:
-        """The call's queue entry, carrying the current trace."""
-        item = interaction_for(
-            interaction_id=interaction_id,
-            kind=rt_store.INTERACTION_KIND_CALL,
-            group=group,
-            context=context,
-            rules=self._rules,
-            now=arrived,
-            sealer=self._sealer,
-            match_outcome=matched.outcome,
-        )
-        item.not_before.CopyFrom(timestamp(0))
-        item.call_id, item.session_id = request.call_id, matched.session_id
-        item.customer_id, item.application_id = matched.customer_id, matched.application_id
-        item.survey_after_call = matched.survey_after_call
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        item.trace.traceparent = carrier.get("traceparent", "")
-        item.trace.tracestate = carrier.get("tracestate", "")
-        return item
 
     async def resume(
         self, request: rt_pb2.RouteInboundCallRequest

@@ -16,13 +16,17 @@ import time
 from collections.abc import Sequence
 
 from google.protobuf import empty_pb2
+from opentelemetry import propagate
 
+from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
+from accessline.common.v1 import common_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
+from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import journal, keys
-from accessline_server.routing.queue import Rules
+from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime.clock import timestamp
 from accessline_server.runtime.errors import (
@@ -31,6 +35,7 @@ from accessline_server.runtime.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Compare, Entry, Op, Store
 from accessline_server.runtime.validation import ID
 
@@ -74,6 +79,38 @@ def parse_resume_token(token: str) -> tuple[str, str, str]:
 
 def secret_hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
+
+
+def call_entry(
+    request: rt_pb2.RouteInboundCallRequest,
+    matched: cm_pb2.MatchCallResponse,
+    where: tuple[str, str, float],
+    context: common_pb2.ContextData,
+    rules: Rules,
+    sealer: Sealer,
+) -> QI:
+    """The queue entry of an inbound call (`where`: its interaction id, group and arrival
+    time), carrying the current trace."""
+    interaction_id, group, arrived = where
+    item = interaction_for(
+        interaction_id=interaction_id,
+        kind=rt_store.INTERACTION_KIND_CALL,
+        group=group,
+        context=context,
+        rules=rules,
+        now=arrived,
+        sealer=sealer,
+        match_outcome=matched.outcome,
+    )
+    item.not_before.CopyFrom(timestamp(0))
+    item.call_id, item.session_id = request.call_id, matched.session_id
+    item.customer_id, item.application_id = matched.customer_id, matched.application_id
+    item.survey_after_call = matched.survey_after_call
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    item.trace.traceparent = carrier.get("traceparent", "")
+    item.trace.tracestate = carrier.get("tracestate", "")
+    return item
 
 
 class QueueEntries:

@@ -1,9 +1,16 @@
-"""A StartHandoff follows its application as it is when the session is stored, on every
-replica: a replica keeps the applications it read, and the session's transaction holds
-only while the application is still that version. An application changed through
-another replica is obeyed at the next handoff: a newly required context key is asked
-for, one no longer required is not, a new match schema issues a code, a changed flag
-reaches the match. Real NumberDistribution and two CallMatching processes on etcd."""
+"""What a CallMatching replica keeps in memory never decides against etcd.
+
+The applications it read: a StartHandoff follows its application as it is when the
+session is stored, on every replica (the session's transaction holds only while the
+application is still the version used). An application changed through another replica
+is obeyed at the next handoff: a newly required context key is asked for, one no longer
+required is not, a new match schema issues a code, a changed flag reaches the match.
+
+Where its sessions wait: MatchCall reads the session this replica stored on the dialled
+number in its first read, and takes it only when the number's reservation names it; a
+number's next session stored through another replica is matched all the same.
+
+Real NumberDistribution and two CallMatching processes on etcd."""
 
 from __future__ import annotations
 
@@ -123,3 +130,37 @@ async def test_a_refusal_on_a_replica_follows_the_application_registered_again(
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await changed(system, app_id, match_schema=S.MATCH_SCHEMA_NUMBER)
     assert (await on_second(system, app_id, subject)).access_number == numbers[0]
+
+
+async def test_a_call_matches_the_numbers_session_stored_through_another_replica(
+    system: System,
+) -> None:
+    subject, numbers = await make_pool(system, 1, quarantine=seconds(0))
+    app_id = await register(system, S.MATCH_SCHEMA_NUMBER)
+    # The first replica stores a session on the number, which is then cancelled; the
+    # second stores the number's next one. The first replica's guess is the old session.
+    first = await system.cm.StartHandoff(
+        cm_pb2.StartHandoffRequest(
+            application_id=app_id, customer_id="customer-1", context=context(subject)
+        )
+    )
+    await system.cm.CancelHandoff(cm_pb2.CancelHandoffRequest(session_id=first.session_id))
+    second = await on_second(system, app_id, subject)
+    assert second.access_number == first.access_number == numbers[0]
+    answer = await call(system.cm, numbers[0])
+    assert (answer.outcome, answer.session_id) == (
+        cm_pb2.MATCH_OUTCOME_MATCHED,
+        second.session_id,
+    )
+    # And a session stored through the replica the call reaches, matched from its guess.
+    third = await system.cm.StartHandoff(
+        cm_pb2.StartHandoffRequest(
+            application_id=app_id, customer_id="customer-3", context=context(subject)
+        )
+    )
+    answer = await call(system.cm, numbers[0])
+    assert (answer.outcome, answer.session_id, answer.customer_id) == (
+        cm_pb2.MATCH_OUTCOME_MATCHED,
+        third.session_id,
+        "customer-3",
+    )
