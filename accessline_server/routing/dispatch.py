@@ -15,7 +15,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -29,10 +28,10 @@ from accessline_server.presence import roster as pr_roster
 from accessline_server.routing import journal, keys, private
 from accessline_server.routing.entries import told
 from accessline_server.routing.holds import Holds
+from accessline_server.routing.mirror import DispatchMirror, Snapshot, read_snapshot
 from accessline_server.routing.plan import (
     GroupState,
     OfferPlan,
-    claims_per_channel,
     mark_claimed_busy,
     plan_offers,
     ready_to_offer,
@@ -53,7 +52,7 @@ from accessline_server.runtime.store import (
     Op,
     Store,
     WatchCompacted,
-    decode,
+    WatchEvent,
 )
 from accessline_server.runtime.telemetry import context_from
 
@@ -62,20 +61,12 @@ if TYPE_CHECKING:
     from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
 
 log = logging.getLogger("accessline.routing")
+# How long a pass waits for the leader's copy to show the leader's own last write before
+# it reads etcd instead (the watch delivers it within milliseconds).
+MIRROR_WAIT = 1.0
 tracer = trace.get_tracer("accessline.routing")
 
 QI = rt_store.QueuedInteraction
-
-
-@dataclass
-class Snapshot:
-    """What one dispatch pass reads, in one transaction."""
-
-    queued: list[Entry[QI]]
-    requests: list[Entry[rt_store.NotifyRequest]]
-    presence: dict[str, pr_store.StoredPresence]
-    claimed: dict[tuple[str, int], int]
-    dials: list[Entry[rt_store.PendingDial]]
 
 
 class Dispatcher:
@@ -116,7 +107,11 @@ class Dispatcher:
         # dial): an agent freed then makes no work, and what does make work (a call
         # queued...) wakes the loop by itself, whose pass reads presence afresh.
         self._idle = False
-        self._view = AgentView(store, presence_sealing, self._agents_changed)
+        self._view = AgentView(presence_sealing, self._agents_changed)
+        # The leader's copy of what a pass plans from (mirror.py), while it leads, and
+        # the revision of the leader's last write, which a pass waits for the copy to see.
+        self._mirror: DispatchMirror | None = None
+        self._written = 0
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
         self._settler = Settler(
@@ -214,14 +209,18 @@ class Dispatcher:
     async def _lead(self, lost: asyncio.Event) -> None:
         self.leading.set()
         self._idle = False
-        self._view = AgentView(self._store, self._presence_sealing, self._agents_changed)
-        watchers = [
-            asyncio.ensure_future(self._wake_on(keys.ROOT)),
-            asyncio.ensure_future(self._view.run()),
-        ]
+        self._view = AgentView(self._presence_sealing, self._agents_changed)
+        wakes = Wakes()
+
+        def on_event(event: WatchEvent) -> None:
+            if event.key.startswith(keys.ROOT) and wakes.work(event):
+                self._wake.set()
+
+        self._mirror = mirror = DispatchMirror(self._store, self._view, on_event)
+        watchers = [asyncio.ensure_future(mirror.run())]
         try:
-            # The first pass waits for the agent view to be loaded.
-            starting = [asyncio.ensure_future(e.wait()) for e in (self._view.ready, lost)]
+            # The first pass waits for the copy to be loaded.
+            starting = [asyncio.ensure_future(e.wait()) for e in (mirror.loaded, lost)]
             try:
                 await asyncio.wait([*starting, *watchers], return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -248,13 +247,7 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*watchers, *self._follows.values(), return_exceptions=True)
             self._follows.clear()
-
-    async def _wake_on(self, prefix: str) -> None:
-        revision = await self._store.revision()
-        wakes = Wakes()
-        async for event in self._store.watch_prefix(prefix, revision + 1):
-            if wakes.work(event):
-                self._wake.set()
+            self._mirror = None
 
     @property
     def _office(self) -> Term:
@@ -268,36 +261,19 @@ class Dispatcher:
         term = self._office
         result = await self._store.txn([term.fence(), *compares], ops, [term.read()])
         term.check(result)
+        if result.succeeded:
+            self._written = max(self._written, result.revision)
         return result.succeeded
 
     # -- one pass ---------------------------------------------------------------------
 
     async def _snapshot(self) -> Snapshot:
-        """One read of the queues, the requests, the claims, the agents' presence and the
-        pending dials: an agent whose claim was just dropped after an accept shows busy."""
-        read = await self._store.txn(
-            [],
-            [
-                Op.get_prefix(keys.QUEUE),
-                Op.get_prefix(keys.NOTIFY),
-                Op.get_prefix(keys.CLAIMS),
-                Op.get_prefix(pr_roster.PRESENCE),
-                Op.get_prefix(keys.DIALS),
-            ],
-        )
-        raw_queue, raw_requests, raw_claims, raw_presence, raw_dials = read.gets
-        return Snapshot(
-            queued=[Entry(k, decode(QI, k, v), m) for k, v, m in raw_queue],
-            requests=[
-                Entry(k, decode(rt_store.NotifyRequest, k, v), m) for k, v, m in raw_requests
-            ],
-            presence={
-                k.removeprefix(pr_roster.PRESENCE): decode(pr_store.StoredPresence, k, v)
-                for k, v, _ in raw_presence
-            },
-            claimed=claims_per_channel(kv.key.removeprefix(keys.CLAIMS) for kv in raw_claims),
-            dials=[Entry(k, decode(rt_store.PendingDial, k, v), m) for k, v, m in raw_dials],
-        )
+        """What the pass plans from: the leader's copy once it has the leader's own last
+        write (within MIRROR_WAIT seconds), else one read of etcd."""
+        mirror = self._mirror
+        if mirror is not None and await mirror.wait_for(self._written, MIRROR_WAIT):
+            return mirror.snapshot()
+        return await read_snapshot(self._store)
 
     async def _pass(self) -> None:
         """Snapshot, then per group: plan the offers (plan.py), make them, and hold
@@ -433,6 +409,7 @@ class Dispatcher:
                 [self._office.read(), Op.get(entry.key), Op.get(claim_key)],
             )
             if result.succeeded:
+                self._written = max(self._written, result.revision)
                 _log_offer(item, stored.offer.offer_id, candidate)
                 written = KeyMeta(
                     entry.meta.create_revision,

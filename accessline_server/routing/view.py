@@ -1,37 +1,30 @@
 """The dispatch leader's view of the agents: Presence's agent records in etcd (read only),
-loaded once and kept in step by a watch, so a dispatch pass ranks agents without calling
-Presence; Presence stays the only writer of these keys. Agents' addresses are opened
-with Presence's sealing secret, and held only in memory. Presence itself changes too often
-to be taken from a watch: a pass reads it in the same snapshot as the claims (see
-dispatch.py), and this watch only wakes the loop when a change may free an agent."""
+loaded once and kept in step by the leader's watch (mirror.py), so a dispatch pass ranks
+agents without calling Presence; Presence stays the only writer of these keys. Agents'
+addresses are opened with Presence's sealing secret, and held only in memory. The
+agents' presence is kept beside the claims in the same copy; a change of it wakes the
+loop only when it may free an agent."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline_server.presence import roster as pr_roster
 from accessline_server.presence.roster import public_presence
-from accessline_server.runtime.store import EventKind, Store, WatchCompacted, WatchEvent, decode
-
-log = logging.getLogger("accessline.routing")
+from accessline_server.runtime.store import EventKind, RawKV, WatchEvent, decode
 
 
 class AgentView:
-    """Agents (`pr/agents/`), watch-synced; any change of an agent or of a presence that
-    may free an agent calls `on_change`."""
+    """Agents (`pr/agents/`), loaded and kept in step by the dispatch leader's copy of
+    its keys (mirror.py); any change of an agent or of a presence that may free an agent
+    calls `on_change`."""
 
-    def __init__(
-        self, store: Store, sealing: pr_roster.Sealing, on_change: Callable[[], None]
-    ) -> None:
-        self._store = store
+    def __init__(self, sealing: pr_roster.Sealing, on_change: Callable[[], None]) -> None:
         self._sealing = sealing
         self._on_change = on_change
         self._agents: dict[str, pr_pb2.Agent] = {}
-        self.ready = asyncio.Event()
 
     def group(
         self, group: str, stored: dict[str, pr_store.StoredPresence]
@@ -42,28 +35,25 @@ class AgentView:
         shown = {a.agent_id: public_presence(a, stored.get(a.agent_id)) for a in agents}
         return agents, shown
 
-    async def run(self) -> None:
-        """Loads the agents and follows every change until cancelled; reloads when etcd
-        compacted the history the watch needed."""
-        while True:
-            agents, revision = await self._store.get_prefix(pr_roster.AGENTS, pr_store.StoredAgent)
-            self._agents = {e.value.agent.agent_id: self._sealing.agent(e.value) for e in agents}
-            self.ready.set()
-            self._on_change()
-            try:
-                async for event in self._store.watch_prefix(pr_roster.ROOT, revision + 1):
-                    if event.key.startswith(pr_roster.AGENTS):
-                        agent_id = event.key.removeprefix(pr_roster.AGENTS)
-                        if event.kind == EventKind.DELETE:
-                            self._agents.pop(agent_id, None)
-                        else:
-                            stored = event.decode(pr_store.StoredAgent)
-                            self._agents[agent_id] = self._sealing.agent(stored)
-                    elif not event.key.startswith(pr_roster.PRESENCE) or only_busier(event):
-                        continue
-                    self._on_change()
-            except WatchCompacted:
-                log.warning("agent view fell behind etcd's history; reloading")
+    def load(self, rows: list[RawKV]) -> None:
+        """The agents as a read of `pr/agents/` found them."""
+        self._agents = {}
+        for key, value, _ in rows:
+            agent = self._sealing.agent(decode(pr_store.StoredAgent, key, value))
+            self._agents[agent.agent_id] = agent
+        self._on_change()
+
+    def apply(self, event: WatchEvent) -> None:
+        """A change under `pr/` (any other is ignored)."""
+        if event.key.startswith(pr_roster.AGENTS):
+            agent_id = event.key.removeprefix(pr_roster.AGENTS)
+            if event.kind == EventKind.DELETE:
+                self._agents.pop(agent_id, None)
+            else:
+                self._agents[agent_id] = self._sealing.agent(event.decode(pr_store.StoredAgent))
+        elif not event.key.startswith(pr_roster.PRESENCE) or only_busier(event):
+            return
+        self._on_change()
 
 
 def only_busier(event: WatchEvent) -> bool:

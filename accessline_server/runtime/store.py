@@ -17,10 +17,11 @@ lost its leader (see `etcdlink`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 import aetcd.rpc as etcdrpc
@@ -361,22 +362,35 @@ class Store:
         watches share (`watchmux`)."""
         return self._mux.watch(self._abs(key), start_revision)
 
-    def watch_prefix(
+    async def watch_prefix(
         self, prefix: str, start_revision: int, *, max_backoff: float = 2.0
     ) -> AsyncIterator[WatchEvent]:
         """Every change under `prefix` from `start_revision` on, in revision order, with
         nothing lost across reconnects: after a broken stream the watch resumes from the
         revision after the last event seen. Raises WatchCompacted when etcd no longer
         has the revisions needed to resume."""
-        return self._watch(prefix, start_revision, max_backoff)
+        key = self._abs(prefix)
+        replies = self._watch(prefix, key, prefix_range_end(key), start_revision, max_backoff)
+        async with contextlib.aclosing(replies):
+            async for events in replies:
+                for event in events:
+                    yield event
+
+    def watch_span(
+        self, first: str, last_prefix: str, start_revision: int
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """As `watch_prefix`, for the keys from `first` to the last that starts with
+        `last_prefix`, one list per etcd watch response: etcd sends all the changes of a
+        revision in one response, so between two lists a copy kept from them is etcd's
+        state at one revision."""
+        end = prefix_range_end(self._abs(last_prefix))
+        return self._watch(first, self._abs(first), end, start_revision, 2.0)
 
     async def _watch(
-        self, prefix: str, start_revision: int, max_backoff: float
-    ) -> AsyncIterator[WatchEvent]:
+        self, name: str, key: bytes, range_end: bytes, start_revision: int, max_backoff: float
+    ) -> AsyncGenerator[list[WatchEvent], None]:
         next_revision = start_revision
         backoff = Backoff(0.05, max_backoff)
-        abs_prefix = self._abs(prefix)
-        range_end = prefix_range_end(abs_prefix)
         while not self._closed:
             member = self._members.current
             # The create request is written on the call itself, and the request side is
@@ -388,7 +402,7 @@ class Store:
                 await call.write(
                     etcdrpc.WatchRequest(
                         create_request=etcdrpc.WatchCreateRequest(
-                            key=abs_prefix,
+                            key=key,
                             range_end=range_end,
                             start_revision=next_revision,
                             prev_kv=True,
@@ -405,36 +419,36 @@ class Store:
                             member.failed_at = time.monotonic()
                         break
                     backoff.reset()
-                    for event in reply.events:
-                        kv = event.kv
-                        prev = event.prev_kv.value if event.HasField("prev_kv") else None
-                        yield WatchEvent(
-                            EventKind.DELETE
-                            if event.type == etcdrpc.Event.DELETE
-                            else EventKind.PUT,
-                            self._rel(kv.key),
-                            kv.value,
-                            key_meta(kv),
-                            prev,
-                        )
-                        next_revision = int(kv.mod_revision) + 1
+                    if reply.events:
+                        yield [self._event(event) for event in reply.events]
+                        next_revision = int(reply.events[-1].kv.mod_revision) + 1
                     if not reply.events and not reply.created and reply.header.revision:
                         # A progress notification: everything up to this revision was sent.
                         next_revision = max(next_revision, int(reply.header.revision) + 1)
             except grpc.aio.AioRpcError as exc:
                 log.warning(
                     "watch on %s broke (%s); resuming from revision %d",
-                    prefix,
+                    name,
                     exc.code().name,
                     next_revision,
                 )
                 if member_fault(exc):
                     self._members.failed(member, exc)
             except asyncio.InvalidStateError:
-                log.warning("watch on %s ended before it started; resuming", prefix)
+                log.warning("watch on %s ended before it started; resuming", name)
             finally:
                 call.cancel()
             await asyncio.sleep(backoff.next())
+
+    def _event(self, event: etcdrpc.Event) -> WatchEvent:
+        kv = event.kv
+        return WatchEvent(
+            EventKind.DELETE if event.type == etcdrpc.Event.DELETE else EventKind.PUT,
+            self._rel(kv.key),
+            kv.value,
+            key_meta(kv),
+            event.prev_kv.value if event.HasField("prev_kv") else None,
+        )
 
 
 __all__ = [
