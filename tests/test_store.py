@@ -109,6 +109,16 @@ async def test_keep_alive_notices_a_lease_revoked_elsewhere(
     await asyncio.wait_for(kept.lost.wait(), timeout=15)
 
 
+async def test_callers_asking_for_a_shared_lease_at_once_share_one_grant(store: Store) -> None:
+    """Eight handoffs reaching the end of a shared lease's window together wait for one
+    grant rather than each granting a lease of its own."""
+    leases = await asyncio.gather(*(store.shared_lease(30) for _ in range(8)))
+    assert len(set(leases)) == 1
+    assert 30 <= await store.lease_ttl(leases[0]) <= 32
+    # Asked again within the window: the same lease, no grant.
+    assert await store.shared_lease(30) == leases[0]
+
+
 async def test_a_fencing_compare_fails_once_the_key_was_recreated(store: Store) -> None:
     created = await store.create("claims/agent-7", text("replica-a"))
     assert created is not None

@@ -91,6 +91,7 @@ class Store:
         self._mux = WatchMux(self._members, self._rel, reconnect_backoff_max)
         self._closed = False
         self._shared_leases: dict[int, tuple[int, float]] = {}
+        self._granting: dict[int, asyncio.Future[int]] = {}
         self._process_lease: KeptLease | None = None
         self._process_lease_lock = asyncio.Lock()
 
@@ -297,15 +298,24 @@ class Store:
         """A lease that outlives `min_ttl` seconds from now by at most `window` + 1 s,
         shared by every caller asking for the same TTL within `window` seconds: for keys
         that must live at least a while (quarantines, outcomes) and are never revoked
-        one by one. Saves a grant per key."""
+        one by one. Saves a grant per key; callers who ask while one is being granted
+        wait for it."""
         key = math.ceil(min_ttl)
         now = time.monotonic()
         cached = self._shared_leases.get(key)
         if cached is not None and now - cached[1] < window:
             return cached[0]
-        lease = await self.grant_lease(max(1, math.ceil(min_ttl + window)))
-        self._shared_leases[key] = (lease, now)
-        return lease
+        pending = self._granting.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self.grant_lease(max(1, math.ceil(min_ttl + window))))
+            self._granting[key] = pending
+            try:
+                lease = await asyncio.shield(pending)
+            finally:
+                self._granting.pop(key, None)
+            self._shared_leases[key] = (lease, now)
+            return lease
+        return await asyncio.shield(pending)
 
     async def process_lease(self, ttl: int = 5) -> int:
         """A lease kept alive while this process runs (granted again once lost), for keys
