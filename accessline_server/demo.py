@@ -109,12 +109,21 @@ def development_access(folder: Path = DEFAULT_IDENTITY) -> Access:
 
 
 class SimulatedAgent:
-    """An agent app: accepts most offers, declines some, ignores a few; wraps up at once."""
+    """An agent app: accepts most offers, declines some, ignores a few; wraps up `talk`
+    seconds after an accept."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, agent_id: str, tally: Tally, decline: float, ignore: float
+        self,
+        channel: grpc.aio.Channel,
+        agent_id: str,
+        tally: Tally,
+        decline: float,
+        ignore: float,
+        talk: float = 0.0,
     ) -> None:
         self.agent_id = agent_id
+        # Seconds on a call before wrapping up (0: at the accept).
+        self._talk = talk
         self._tally = tally
         self._decline = decline
         self._ignore = ignore
@@ -163,10 +172,11 @@ class SimulatedAgent:
                 elif kind == "offer_response_recorded":
                     interaction = pending.pop(reply.offer_response_recorded.offer_id, "")
                     if interaction:
-                        self._outbox.put_nowait(
-                            pr_pb2.ConnectRequest(
-                                end_interaction=pr_pb2.EndInteraction(interaction_id=interaction)
-                            )
+                        end = pr_pb2.ConnectRequest(
+                            end_interaction=pr_pb2.EndInteraction(interaction_id=interaction)
+                        )
+                        asyncio.get_running_loop().call_later(
+                            self._talk, self._outbox.put_nowait, end
                         )
                 elif (
                     kind == "offer_cancelled"

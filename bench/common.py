@@ -28,6 +28,10 @@ from accessline_server.runtime.embedded_etcd import EmbeddedEtcd, free_port
 # The benchmarks measure the services' own work: plain text and no token checks unless a
 # benchmark gives a Secured (bench/security_bench.py measures what security costs).
 PLAIN = {"ACCESSLINE_INSECURE": "true", "ACCESSLINE_ENVIRONMENT": "development"}
+# Seconds the end-to-end benchmark's simulated agents stay on a call: long enough for
+# the call to be connected before they wrap up, short enough that 16 agents never hold
+# the benchmark back.
+TALK = 0.2
 
 
 @dataclass
@@ -214,10 +218,11 @@ async def simulated_team(
     name: str,
     first_extension: int,
     presence_address: str,
+    talk: float = 0.0,
 ) -> list[SimulatedAgent]:
     """Registers `count` agents of `group` (skill levels 1 to 10 in `subject`, French or
     English) and logs each in as a simulated app that accepts every offer and wraps up
-    at once."""
+    `talk` seconds later (at once by default)."""
     team = []
     for i in range(count):
         agent_id = f"{name}-{i:03d}"
@@ -239,7 +244,7 @@ async def simulated_team(
             )
         )
         member = SimulatedAgent(
-            channel(presence_address), agent_id, Tally(), decline=0.0, ignore=0.0
+            channel(presence_address), agent_id, Tally(), decline=0.0, ignore=0.0, talk=talk
         )
         await member.start()
         team.append(member)

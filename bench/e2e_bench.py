@@ -29,6 +29,7 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from bench.common import (
+    TALK,
     Result,
     costs,
     embedded_etcd,
@@ -128,8 +129,9 @@ async def drive(
     pr: Any = pr_grpc.PresenceServiceStub(channels[2])
     rt: Any = rt_grpc.RoutingServiceStub(channels[3])
     await mortgage_pool_and_bank(nd, cm, "e2e", [f"+3314{i:07d}" for i in range(concurrency * 4)])
+    # The agents wrap up once the call is connected, as real ones do.
     team = await simulated_team(
-        pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000, pr_address
+        pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000, pr_address, talk=TALK
     )
     timings: dict[str, list[float]] = {
         k: [] for k in ("handoff", "match", "offer", "accept", "call")

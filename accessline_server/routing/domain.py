@@ -24,7 +24,9 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
-from accessline_server.routing import journal, keys, private
+from accessline_server.routing import accepting, journal, keys, private
+from accessline_server.routing.accepting import Accepted
+from accessline_server.routing.changes import STOPPING, CallChanges
 from accessline_server.routing.entries import (
     QueueEntries,
     QueueFull,
@@ -44,7 +46,7 @@ from accessline_server.runtime.errors import (
 )
 from accessline_server.runtime.prefixview import PrefixView
 from accessline_server.runtime.sealing import Sealer
-from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store
+from accessline_server.runtime.store import Compare, Entry, Op, Store
 
 if TYPE_CHECKING:
     from accessline.callmatching.v1.call_matching_pb2_grpc import CallMatchingServiceAsyncStub
@@ -72,10 +74,8 @@ class _Call:
     redirect_secret: str = ""
     # The queue entry as last seen on its watch, with its revision.
     seen: tuple[QI, int] | None = None
-
-
-# Put in a call's change feed when the replica starts stopping.
-_STOPPING = object()
+    # Out of the queue already (connected at the agent's accept).
+    left: bool = False
 
 
 class Router:
@@ -304,9 +304,11 @@ class Router:
                 if update.WhichOneof("event") == "connect":
                     update.connect.context.CopyFrom(call.context)
                     update.connect.session_id = call.session_id
-                    redirect = await self._redirect(call)
+                    if not call.left:
+                        redirect = await self._redirect(call)
+                        leaving = self._entries.leave(call.key, True, call.seen, redirect)
+                        await asyncio.shield(leaving)
                     left = True
-                    await asyncio.shield(self._entries.leave(call.key, True, call.seen, redirect))
                 update.interaction_id = call.interaction_id
                 yield update
         finally:
@@ -372,19 +374,7 @@ class Router:
         """The call's progress as its queue entry (written at `revision`) changes, and its
         position refreshed every queue update interval while it waits. When the replica
         stops, a waiting call is handed over; one being offered finishes its offer first."""
-        changes: asyncio.Queue[tuple[QI | None, int] | object] = asyncio.Queue()
-        key = call.key
-
-        async def watch() -> None:
-            async for change in self._store.watch_key(key, revision + 1):
-                if change.kind == EventKind.DELETE:
-                    changes.put_nowait((None, change.revision))
-                    return
-                changes.put_nowait((change.decode(QI), change.revision))
-
-        watcher = asyncio.ensure_future(watch())
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        stopper.add_done_callback(lambda _: changes.put_nowait(_STOPPING))
+        changes = CallChanges(self._store, call.key, revision, self._stopping)
         current: QI | None = item
         shown_queue: tuple[int, int] | None = None
         shown_offer = ""
@@ -403,6 +393,7 @@ class Router:
                         yield handed
                         return
                 if current.state == rt_store.INTERACTION_STATE_OFFERED:
+                    changes.follow_offer(current, revision)
                     if current.offer.offer_id != shown_offer:
                         shown_offer = current.offer.offer_id
                         shown_queue = None
@@ -429,21 +420,40 @@ class Router:
                         )
                     )
                     return
-                timeout = min(left, self._rules.queue_update)
-                try:
-                    change = await asyncio.wait_for(changes.get(), timeout)
-                except TimeoutError:
-                    if watcher.done():
-                        watcher.result()
+                change = await changes.next(min(left, self._rules.queue_update))
+                if change is None:
+                    if changes.lost():
                         current = None
-                    continue
-                if change is not _STOPPING:
+                elif isinstance(change, Accepted):
+                    update = await self._connect_at_accept(call, current, revision, change)
+                    if update is not None:
+                        yield update
+                        return
+                elif change is not STOPPING:
                     current, revision = change  # type: ignore[misc]
         finally:
-            stopper.cancel()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, AccesslineError):
-                await watcher
+            await changes.close()
+
+    async def _connect_at_accept(
+        self, call: _Call, current: QI, revision: int, accepted: Accepted
+    ) -> rt_pb2.RouteInboundCallResponse | None:
+        """The switch's `connect` for the call its agent just accepted, once the call is
+        out of the queue connected (accepting.py); None when the entry changed meanwhile
+        (the leader moved it on: follow that)."""
+        offer = current.offer
+        if current.state != rt_store.INTERACTION_STATE_OFFERED or (
+            offer.offer_id != accepted.offer_id
+        ):
+            return None
+        item = accepting.connected(self._sealer, current, accepted.answer)
+        call.seen, call.redirect_secret = (item, revision), secrets.token_urlsafe(24)
+        redirect = await self._redirect(call)
+        out = self._entries.connect_at_accept(call.key, current, revision, item, redirect)
+        if not await asyncio.shield(out):
+            call.seen, call.redirect_secret = (current, revision), ""
+            return None
+        call.left = True
+        return self._connect(call, item)
 
     def _connect(self, call: _Call, current: QI) -> rt_pb2.RouteInboundCallResponse:
         """The switch's `connect` event for a call an agent accepted."""
@@ -452,7 +462,7 @@ class Router:
         # In the customer's journey the moment the switch is told (the queue entry may be
         # gone by the time the call leaves it: an agent who ends the interaction at once).
         journal.call(current, connected=True, agent_id=target.agent_id)
-        call.redirect_secret = secrets.token_urlsafe(24)
+        call.redirect_secret = call.redirect_secret or secrets.token_urlsafe(24)
         connect = rt_pb2.Connect(
             agent_id=target.agent_id,
             channel=target.channel,

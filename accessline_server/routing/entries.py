@@ -26,6 +26,7 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import journal, keys
+from accessline_server.routing.accepting import connect_ops
 from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime.clock import timestamp
@@ -253,6 +254,27 @@ class QueueEntries:
                         await withdraw_offer(self._store, item)
                     return
             log.warning("the call %s could not be taken out of the queue", key)
+
+    async def connect_at_accept(
+        self, key: str, offered: QI, revision: int, connected: QI, redirect: Op | None
+    ) -> bool:
+        """Takes the offered call (its entry at `revision`) out of the queue connected
+        as its agent accepted, in one transaction (accepting.py); False when the entry
+        or the agent's interaction changed meanwhile."""
+        also = [redirect] if redirect is not None else []
+        also += await self._told(connected, events.CALL_CONNECTED)
+        target = connected.connected
+        compares, ops = connect_ops(key, offered, revision, target, also)
+        result = await self._store.txn(compares, ops, [Op.get(key)])
+        if result.succeeded:
+            return True
+        now = result.first()
+        if now is None or now.meta.mod_revision != revision:
+            return False
+        # The agent ended the interaction already: the call leaves connected all the
+        # same, as when the leader marked it connected first (see `leave`).
+        compares, ops = connect_ops(key, offered, revision, target, [], kept=False)
+        return (await self._store.txn(compares, ops)).succeeded
 
     async def _told(self, item: QI, event: nt_pb2.WebhookEventType.ValueType) -> list[Op]:
         return await told(self._store, item, event)

@@ -18,7 +18,8 @@ from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.presence import offers as pr_offers
-from accessline_server.routing import keys, private
+from accessline_server.routing import keys
+from accessline_server.routing.accepting import connect_target, left_to_stream
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime.clock import seconds
 from accessline_server.runtime.election import Term
@@ -138,6 +139,16 @@ class Settler:
             entry = written
             if entry is not None and entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
                 entry = None  # a callback's entry is read: its dial is written from it
+            elif (
+                entry is not None
+                and answer is not None
+                and answer.state == pr_store.OFFER_STATE_ACCEPTED
+                and await left_to_stream(self._store, offer.claim_key, written_at)
+            ):
+                # Connected by the replica holding its switch stream (accepting.py), the
+                # claim and the agent's unanswered mark dropped with it.
+                dropped = True
+                return
             for _ in range(2):
                 unread = entry is not None
                 if entry is None:
@@ -222,12 +233,7 @@ class Settler:
         """The interaction connected to the agent's channel, and `also` done, in one
         fenced transaction (a callback goes to the dial instead, `also` left undone);
         whether `also` was done."""
-        target = rt_store.ConnectTarget(
-            agent_id=offer.agent_id,
-            channel=channel,  # type: ignore[arg-type]
-            interaction_lease=lease,
-        )
-        private.seal_target(self._sealer, target, private.address(self._sealer, offer, channel))
+        target = connect_target(self._sealer, offer, channel, lease)
         if entry.value.kind == rt_store.INTERACTION_KIND_CALLBACK:
             await self._on_accepted_callback(entry, target, self._office())
             return False
