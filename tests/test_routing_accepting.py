@@ -64,11 +64,12 @@ async def test_the_accept_connects_the_call_in_one_transaction(stack: Stack) -> 
         with contextlib.suppress(asyncio.CancelledError):
             await recorder
     written = {(e.key, e.kind) for e in leaving}
+    shown = [[(e.key, e.kind.value) for e in events] for events in batches]
     interaction = pr_keys.interaction(agent_id, preview.interaction_id)
-    assert (interaction, EventKind.PUT) in written  # moved to its own lease
+    assert (interaction, EventKind.PUT) in written, shown  # moved to its own lease
     assert (rt_keys.redirect(preview.interaction_id), EventKind.PUT) in written
     claims = [e for e in leaving if e.key.startswith(rt_keys.claims_of(agent_id))]
-    assert [e.kind for e in claims] == [EventKind.DELETE]
+    assert [e.kind for e in claims] == [EventKind.DELETE], shown
     # Written first by the accept, under the call's lease; then moved off it.
     first, moved = [e for events in batches for e in events if e.key == interaction][:2]
     assert moved.revision == leaving[0].revision

@@ -22,7 +22,7 @@ from opentelemetry import propagate
 from accessline.common.v1 import common_pb2
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2
-from accessline_server.presence.keys import interaction, interactions, offer, offers
+from accessline_server.presence.keys import OFFERS, interaction, interactions, offer, offers
 from accessline_server.presence.roster import Sealing
 from accessline_server.runtime.store import Compare, Entry, Op, Store
 
@@ -31,6 +31,8 @@ OFFER_MARGIN_SECONDS = 5.0
 NO_REASON = presence_pb2.OFFER_CANCEL_REASON_UNSPECIFIED
 
 offer_key = offer
+# Every agent's offers, for a watch of all of them.
+OFFERS_ROOT = OFFERS
 offers_key = offers
 interactions_key = interactions
 

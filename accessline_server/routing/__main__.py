@@ -22,6 +22,7 @@ from accessline_server.routing.callbacks import Callbacks
 from accessline_server.routing.dispatch import Dispatcher
 from accessline_server.routing.domain import Router
 from accessline_server.routing.notify import NotifyRequests
+from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.routing.queue import Rules, parse_value_rules
 from accessline_server.routing.servicer import RoutingServicer
 from accessline_server.routing.settings import RoutingSettings
@@ -109,6 +110,10 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
     wake = doorbell.set
     sealer = Sealer(settings.routing_secret.get_secret_value().encode(), SEAL_PURPOSE)
     callbacks = Callbacks(context.store, notification, rules, sealer, wake)
+    # The answers to offers, from one watch for the calls and the leader's settles.
+    offers = OfferFeed(context.store)
+    offers.start()
+    context.on_stop(offers.stop)
     dispatcher = Dispatcher(
         context.store,
         matching,
@@ -121,6 +126,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         sweep=callbacks.sweep,
         meter=meter,
         doorbell=doorbell,
+        offers=offers,
     )
     holds = PrefixView(context.store, rt_keys.HOLDS, AgentHold)
     holds.start()
@@ -135,6 +141,7 @@ async def build(context: RuntimeContext) -> Sequence[Registration]:
         wake,
         meter=meter,
         holds=holds,
+        offers=offers,
     )
     dispatcher.start()
     context.on_stop(dispatcher.stop)

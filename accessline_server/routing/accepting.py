@@ -14,11 +14,14 @@ connected and the stream's replica taking it out after."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import keys, private
+from accessline_server.routing.offerfeed import OfferFeed
+from accessline_server.runtime.clock import seconds
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Compare, EventKind, Op, Store
 
@@ -35,10 +38,21 @@ class Accepted:
         self.answer = answer
 
 
-async def accept_of(store: Store, offer: rt_store.OfferInFlight, since: int) -> Accepted | None:
-    """The offer's accept, followed from revision `since` on; None once it ends any
+async def accept_of(
+    store: Store, offer: rt_store.OfferInFlight, since: int, feed: OfferFeed | None = None
+) -> Accepted | None:
+    """The offer's accept, followed from revision `since` on (from the replica's feed of
+    answers when it covers it, else with a watch of its own); None once it ends any
     other way (declined, withdrawn, expired)."""
     key = pr_offers.offer_key(offer.agent_id, offer.offer_id)
+    if feed is not None:
+        wait = seconds(offer.deadline) - time.time() + pr_offers.OFFER_MARGIN_SECONDS
+        answer = await feed.answer(key, since, wait)
+        if isinstance(answer, pr_store.StoredOffer):
+            accepted = answer.state == pr_store.OFFER_STATE_ACCEPTED
+            return Accepted(offer.offer_id, answer) if accepted else None
+        if answer is None:
+            return None
     async for change in store.watch_key(key, since + 1):
         if change.kind == EventKind.DELETE:
             return None

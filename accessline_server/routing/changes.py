@@ -10,6 +10,7 @@ from typing import Any
 
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.routing.accepting import Accepted, accept_of
+from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.runtime.errors import AccesslineError
 from accessline_server.runtime.store import EventKind, Store
 
@@ -22,8 +23,16 @@ Change = tuple[QI | None, int] | Accepted | object
 class CallChanges:
     """A call's changes from its entry's revision `revision` on, while open."""
 
-    def __init__(self, store: Store, key: str, revision: int, stopping: asyncio.Event) -> None:
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        revision: int,
+        stopping: asyncio.Event,
+        feed: OfferFeed | None = None,
+    ) -> None:
         self._store = store
+        self._feed = feed
         self._queue: asyncio.Queue[Change] = asyncio.Queue()
         self._watcher = asyncio.ensure_future(self._watch(key, revision))
         self._stopper = asyncio.ensure_future(stopping.wait())
@@ -48,7 +57,7 @@ class CallChanges:
 
         async def accepted() -> None:
             with contextlib.suppress(AccesslineError):
-                found = await accept_of(self._store, offer, revision)
+                found = await accept_of(self._store, offer, revision, self._feed)
                 if found is not None:
                     self._queue.put_nowait(found)
 

@@ -29,6 +29,7 @@ from accessline_server.routing import journal, keys, private
 from accessline_server.routing.entries import told
 from accessline_server.routing.holds import Holds
 from accessline_server.routing.mirror import DispatchMirror, Snapshot, read_snapshot
+from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.routing.plan import (
     GroupState,
     OfferPlan,
@@ -88,6 +89,7 @@ class Dispatcher:
         ],
         meter: metrics.Meter | None = None,
         doorbell: asyncio.Event | None = None,
+        offers: OfferFeed | None = None,
     ) -> None:
         self._store = store
         self._rules = rules
@@ -115,7 +117,14 @@ class Dispatcher:
         self.leading = asyncio.Event()
         meter = meter or metrics.get_meter("accessline.routing")
         self._settler = Settler(
-            store, rules, sealer, self._txn, lambda: self._office, on_accepted_callback, meter
+            store,
+            rules,
+            sealer,
+            self._txn,
+            lambda: self._office,
+            on_accepted_callback,
+            meter,
+            offers,
         )
         self._holds = Holds(store, matching, notification, rules, sealer, self._txn, meter)
         meter.create_observable_gauge(

@@ -37,6 +37,7 @@ from accessline_server.routing.entries import (
 )
 from accessline_server.routing.estimates import Estimates
 from accessline_server.routing.measures import RouteMeasures
+from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
@@ -92,8 +93,11 @@ class Router:
         wake: Callable[[], None] = lambda: None,
         meter: metrics.Meter | None = None,
         holds: PrefixView[rt_store.AgentHold] | None = None,
+        offers: OfferFeed | None = None,
     ) -> None:
         self._store = self.store = store
+        # The answers to offers, from one watch of this replica (offerfeed.py).
+        self._offers = offers
         # The agents held for customers (`rt/holds/`), watch-synced; read when not loaded.
         self._holds = holds
         self._matching = matching
@@ -374,7 +378,7 @@ class Router:
         """The call's progress as its queue entry (written at `revision`) changes, and its
         position refreshed every queue update interval while it waits. When the replica
         stops, a waiting call is handed over; one being offered finishes its offer first."""
-        changes = CallChanges(self._store, call.key, revision, self._stopping)
+        changes = CallChanges(self._store, call.key, revision, self._stopping, self._offers)
         current: QI | None = item
         shown_queue: tuple[int, int] | None = None
         shown_offer = ""

@@ -20,6 +20,7 @@ from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import keys
 from accessline_server.routing.accepting import connect_target, left_to_stream
+from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime.clock import seconds
 from accessline_server.runtime.election import Term
@@ -37,13 +38,23 @@ AcceptedCallback = Callable[[Entry[QI], rt_store.ConnectTarget, Term], Coroutine
 
 
 async def wait_answer(
-    store: Store, offer: rt_store.OfferInFlight, written_at: int = 0
+    store: Store,
+    offer: rt_store.OfferInFlight,
+    written_at: int = 0,
+    feed: OfferFeed | None = None,
 ) -> pr_store.StoredOffer | None:
     """The offer once it is no longer open, or None when it timed out or vanished. The
-    leader that wrote the offer at `written_at` follows it from there; one resuming an
-    offer of an earlier leader reads it first."""
+    leader that wrote the offer at `written_at` follows it from there (from the
+    replica's feed of answers when it covers it); one resuming an offer of an earlier
+    leader reads it first."""
     key = pr_offers.offer_key(offer.agent_id, offer.offer_id)
     since, deadline = written_at, seconds(offer.deadline)
+    if feed is not None and since:
+        answer = await feed.answer(key, since, deadline - time.time())
+        if answer is None or isinstance(answer, pr_store.StoredOffer):
+            return answer
+        if time.time() >= deadline:
+            return None
     if not since:
         entry = await store.get(key, pr_store.StoredOffer)
         if entry is None:
@@ -87,8 +98,10 @@ class Settler:
         office: Callable[[], Term],
         on_accepted_callback: AcceptedCallback,
         meter: metrics.Meter,
+        feed: OfferFeed | None = None,
     ) -> None:
         self._store = store
+        self._feed = feed
         self._rules = rules
         self._sealer = sealer
         self._fenced = fenced
@@ -110,7 +123,7 @@ class Settler:
         dropped = False
         written_at = written.meta.mod_revision if written is not None else 0
         try:
-            answer = await wait_answer(self._store, offer, written_at)
+            answer = await wait_answer(self._store, offer, written_at, self._feed)
             if answer is None or answer.state == pr_store.OFFER_STATE_OPEN:
                 answer = await self._time_out(offer)
             result = (
