@@ -183,7 +183,22 @@ class Settler:
         finally:
             if not dropped:
                 with contextlib.suppress(AccesslineError):
-                    await self._store.delete(offer.claim_key)
+                    await self._drop_claim(key, offer, written_at)
+
+    async def _drop_claim(self, key: str, offer: rt_store.OfferInFlight, written_at: int) -> None:
+        """Drops the offer's claim, only while it is still this offer's: once it went
+        (with the call, or its lease), the agent's slot may hold a newer offer's claim
+        under the same key. Its create revision is the offer's own when this leader wrote
+        it; one resuming an earlier leader's offer reads it."""
+        created = written_at
+        if not created:
+            found = await self._store.get(offer.claim_key, rt_store.AgentClaim)
+            if found is None or found.value.interaction_id != key.rsplit("/", 1)[-1]:
+                return
+            created = found.meta.create_revision
+        await self._store.txn(
+            [Compare.created_at(offer.claim_key, created)], [Op.delete(offer.claim_key)]
+        )
 
     async def _time_out(self, offer: rt_store.OfferInFlight) -> pr_store.StoredOffer | None:
         """Withdraws an unanswered offer, counting the agent's offers in a row without an
