@@ -1,7 +1,8 @@
 """The dispatch loop: one Routing replica at a time (the holder of `rt/leader`) serves the
-queues. Each pass reads every group's queue, orders it by priority then age, and for each
-waiting interaction claims the best free agent and offers it through Presence; agents left
-over are held for customers who asked to be told when an agent is free (holds.py). Every
+queues. Each pass takes every group's queue from the leader's copy of its keys (mirror.py),
+orders it by priority then age, and for each waiting interaction claims the best free
+agent and offers it through Presence; agents left over are held for customers who asked
+to be told when an agent is free (holds.py). Every
 write the leader makes is fenced by the create revision of its `rt/leader` key, so a
 leader whose lease ran out can no longer change anything. Offers in flight are recorded
 in the queue, so a new leader resumes them where the old one stopped (settle.py):
@@ -107,7 +108,7 @@ class Dispatcher:
         self._term: Term | None = None
         # Whether the last pass found nothing waiting (no call queued, no request, no
         # dial): an agent freed then makes no work, and what does make work (a call
-        # queued...) wakes the loop by itself, whose pass reads presence afresh.
+        # queued...) wakes the loop by itself, whose pass takes presence from the copy.
         self._idle = False
         self._view = AgentView(presence_sealing, self._agents_changed)
         # The leader's copy of what a pass plans from (mirror.py), while it leads, and
