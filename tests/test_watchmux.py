@@ -1,7 +1,7 @@
 """Key watches sharing one etcd Watch stream, against a real etcd: one stream for many
 watches, each seeing its own key only and from its own start revision, every event kept
 across an etcd restart, compaction ending one watch and not the others, and a watch
-closed mid-way leaving the rest alone."""
+closed mid-way (even while its create is being written) leaving the rest alone."""
 
 from __future__ import annotations
 
@@ -130,3 +130,34 @@ async def test_a_compacted_key_watch_ends_alone_and_a_closed_one_leaves_the_rest
         await eventually(lambda: live.values() == ["still here"], what="the live watch's event")
         assert closed.values() == ["seen"]
         await live.stop()
+
+
+async def test_a_watch_cancelled_while_its_create_is_written_leaves_the_stream_to_the_rest(
+    private_etcd: EmbeddedEtcd,
+) -> None:
+    """A waiting call hung up at any instant cancels its watch's task, possibly while the
+    watch's create is being written on the shared stream: the stream, and every other
+    watch on it, lives on (the cancelled write once cancelled the stream itself, and the
+    rest heard nothing more until some other watch was made)."""
+    async with Store(private_etcd.endpoint, "/mux-cancel", timeout=2.0) as store:
+        start = await store.revision() + 1
+        waiting = Follower(store, "calls/waiting", start)
+        await store.put("calls/waiting", text("0"))
+        await eventually(lambda: waiting.values() == ["0"], what="the first event")
+        for turns in range(1, 5):
+            # Hung up after `turns` turns of the loop: after one, inside the create's write.
+            hung_up = Follower(store, f"calls/{turns}", start)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await hung_up.stop()
+            await store.put("calls/waiting", text(str(turns)))
+            await eventually(
+                lambda turns=turns: waiting.values()[-1:] == [str(turns)],  # type: ignore[misc]
+                what=f"the waiting watch's event after a watch ended {turns} turns in",
+            )
+        # The stream cancelled under the reader by anything else: the reader opens another.
+        store._mux._call.cancel()
+        await store.put("calls/waiting", text("5"))
+        await eventually(lambda: waiting.values()[-1:] == ["5"], what="the event after a cancel")
+        assert waiting.values() == ["0", "1", "2", "3", "4", "5"]
+        await waiting.stop()

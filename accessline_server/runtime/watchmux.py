@@ -109,23 +109,32 @@ class WatchMux:
                 watch_id=watch_id,
             )
         )
-        call = self._call
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            async with self._write_lock:
-                await call.write(request)
-        # A write that failed: the stream broke, and the reader creates it again.
+        # Shielded: a watcher cancelled while its create is written (a call hung up) must
+        # not cancel the write, which would cancel the stream of every watch on it.
+        await asyncio.shield(self._send_later(request))
 
-    def _send_later(self, request: Any) -> None:
+    def _send_later(self, request: Any) -> asyncio.Task[None]:
+        """Writes `request` on the current stream in a task of its own. A write that
+        failed needs nothing more: the stream broke, and the reader opens a new one and
+        creates every watch on it again."""
         call = self._call
 
         async def send() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            try:
                 async with self._write_lock:
                     await call.write(request)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+            except asyncio.CancelledError:
+                # The stream was cancelled under the write (it broke and was closed);
+                # only a cancel of this task itself is one to pass on.
+                if _cancelling():
+                    raise
 
         task = asyncio.ensure_future(send())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _read(self) -> None:
         """Keeps a stream open while watches exist, each created on it, and hands them
@@ -150,6 +159,11 @@ class WatchMux:
                     self._members.failed(member, exc)
             except asyncio.InvalidStateError:
                 log.warning("etcd watch stream ended before it started; resuming")
+            except asyncio.CancelledError:
+                # The stream was cancelled, not this reader: resume on a new one.
+                if _cancelling():
+                    raise
+                log.warning("etcd watch stream was cancelled; resuming")
             finally:
                 self._call = None
                 call.cancel()
@@ -186,3 +200,10 @@ class WatchMux:
             # A progress notification: everything up to this revision was sent.
             watch.next_revision = max(watch.next_revision, int(reply.header.revision) + 1)
         return False
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (rather than merely seeing a
+    CancelledError raised by a gRPC call that was cancelled under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
