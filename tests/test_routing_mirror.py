@@ -113,3 +113,30 @@ async def test_a_pass_waits_for_the_copy_to_reach_a_revision(store: Store) -> No
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_copy_tells_when_a_claim_is_released_after_a_revision(store: Store) -> None:
+    """The leader learns that the stream's replica connected an accepted call (its claim
+    deleted) from the copy: a delete after the offer's revision, even if a newer offer
+    took the slot again since; not the claim's earlier life, nor one still held."""
+    mirror = DispatchMirror(store, AgentView(SEALING, lambda: None), lambda _: None)
+    task = asyncio.ensure_future(mirror.run())
+    try:
+        assert await mirror.wait_for(0, 10)
+        claim = keys.claim("a-released", 1, 0)
+        record = rt_store.AgentClaim(interaction_id="i1")
+        await store.put(claim, record)
+        await store.delete(claim)  # an earlier offer's claim, released before
+        offered = await store.put(claim, record)
+        assert not await mirror.released(claim, offered, 0.2)  # still held
+        waiting = asyncio.ensure_future(mirror.released(claim, offered, 10))
+        await store.txn([], [Op.delete(claim)])
+        await store.put(claim, rt_store.AgentClaim(interaction_id="i2"))  # the next offer
+        assert await waiting
+        assert await mirror.released(claim, offered, 0)
+        other = keys.claim("a-held", 1, 0)
+        held = await store.put(other, record)
+        assert not await mirror.released(other, held, 0.2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

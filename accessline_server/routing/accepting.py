@@ -6,7 +6,8 @@ in one transaction: the entry and its place gone, the agent's interaction moved 
 own lease, the redirect record written, the claim and the agent's unanswered mark
 dropped, the connected event told — only while the entry is still the offered one and
 the interaction is there. The dispatch leader, which follows the same offer, leaves an
-accepted call to it for `LEAVE_TO_STREAM_SECONDS` (it sees the claim go) and marks the
+accepted call to it for `LEAVE_TO_STREAM_SECONDS` (it sees the claim go in its copy,
+mirror.py, or with `left_to_stream` without one) and marks the
 entry connected itself only when it did not (the stream's replica on an older version,
 or the transaction refused): one transaction per call fewer than the leader marking it
 connected and the stream's replica taking it out after."""

@@ -74,6 +74,9 @@ class _Copy:
         self.queued: dict[str, Entry[QI]] = {}
         self.requests: dict[str, Entry[rt_store.NotifyRequest]] = {}
         self.claims: set[str] = set()
+        # The revision each claim was last deleted at (kept across loads; one entry per
+        # agent's slot ever freed while this leader leads).
+        self.released: dict[str, int] = {}
         self.presence: dict[str, pr_store.StoredPresence] = {}
         self.dials: dict[str, Entry[rt_store.PendingDial]] = {}
 
@@ -109,6 +112,7 @@ class _Copy:
             claim = key.removeprefix(keys.CLAIMS)
             if deleted:
                 self.claims.discard(claim)
+                self.released[claim] = event.revision
             else:
                 self.claims.add(claim)
         elif key.startswith(pr_roster.PRESENCE):
@@ -147,6 +151,17 @@ class DispatchMirror:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while self.revision < max(revision, 1):
+                    await self._advanced.wait()
+                return True
+        return False
+
+    async def released(self, claim_key: str, since: int, timeout: float) -> bool:
+        """Whether the claim `claim_key` is deleted after revision `since` within
+        `timeout` seconds, as the copy follows etcd."""
+        claim = claim_key.removeprefix(keys.CLAIMS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._copy.released.get(claim, 0) <= since:
                     await self._advanced.wait()
                 return True
         return False

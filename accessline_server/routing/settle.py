@@ -99,9 +99,12 @@ class Settler:
         on_accepted_callback: AcceptedCallback,
         meter: metrics.Meter,
         feed: OfferFeed | None = None,
+        left: Callable[[str, int], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
+        # Whether an accepted call's claim went (its stream's replica connected it).
+        self._left = left or (lambda claim, since: left_to_stream(store, claim, since))
         self._rules = rules
         self._sealer = sealer
         self._fenced = fenced
@@ -156,7 +159,7 @@ class Settler:
                 entry is not None
                 and answer is not None
                 and answer.state == pr_store.OFFER_STATE_ACCEPTED
-                and await left_to_stream(self._store, offer.claim_key, written_at)
+                and await self._left(offer.claim_key, written_at)
             ):
                 # Connected by the replica holding its switch stream (accepting.py), the
                 # claim and the agent's unanswered mark dropped with it.
