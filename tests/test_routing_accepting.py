@@ -30,6 +30,7 @@ from tests.support.stack import (
     agent,
     answer,
     handoff,
+    leading_router,
     new_group,
     pool_subject,
     setup_numbers,
@@ -118,11 +119,7 @@ async def test_the_leader_connects_an_accepted_call_its_stream_replica_leaves(
 ) -> None:
     own = await start_stack(etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path)
     try:
-        leader = await eventually(
-            lambda: own.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
-        )
-        leading = int(leader.value.replica_id.split("/")[1])
-        index = next(i for i, p in enumerate(own.router_processes) if p.process.pid != leading)
+        index = 1 - (await leading_router(own))[0]
         paused = own.router_processes[index].process.pid
         group = new_group()
         app_id, _ = await setup_numbers(own, group)

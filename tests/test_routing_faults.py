@@ -36,6 +36,7 @@ from tests.support.stack import (
     agent,
     answer,
     handoff,
+    leading_router,
     new_group,
     one_more_router,
     pool_subject,
@@ -54,11 +55,8 @@ async def test_killing_the_dispatch_leader_loses_no_queued_call_or_offer(
 ) -> None:
     own = await start_stack(etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path)
     try:
-        leader = await eventually(
-            lambda: own.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
-        )
-        pid = int(leader.value.replica_id.split("/")[1])
-        index = next(i for i, p in enumerate(own.router_processes) if p.process.pid == pid)
+        index, leader = await leading_router(own)
+        pid = own.router_processes[index].process.pid
         survivor = own.routers[1 - index]
         group = new_group()
         _, numbers = await setup_numbers(own, group)
@@ -289,11 +287,8 @@ async def test_a_deposed_leader_changes_nothing(stack: Stack) -> None:
     """The leader's key is replaced behind its back (as when its lease ran out and another
     replica won): its next offer is refused by the fence and nothing is offered until a
     replica really leads again."""
-    current = await eventually(
-        lambda: stack.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
-    )
-    pid = int(current.value.replica_id.split("/")[1])
-    deposed = next(p for p in stack.router_processes if p.process.pid == pid)
+    index, _ = await leading_router(stack)
+    deposed = stack.router_processes[index]
     usurper = rt_store.Leader(replica_id="elsewhere/0/usurper")
     # etcd has no atomic replace of a key's identity: delete it and create ours at once;
     # should the other replica win the gap, it is deposed in turn on the next round.

@@ -24,9 +24,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
 from accessline.presence.v1 import presence_pb2 as pr_pb2
-from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.presence import offers as pr_offers
-from accessline_server.routing import keys as rt_keys
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from accessline_server.runtime.store import Store
 from tests.conftest import ServiceProcess, connect, eventually, wait_serving
@@ -35,6 +33,7 @@ from tests.support.holding import what_holds
 from tests.support.stack import (
     Call,
     agent,
+    leading_router,
     setup_numbers,
     start_stack,
     stop_stack,
@@ -186,11 +185,7 @@ async def test_killing_the_dispatch_leader_under_queue_load_breaks_no_guarantee(
             agent_id, app = await agent(stack, group)
             team.append(WorkingAgent(agent_id, app))
         workers = [asyncio.ensure_future(a.work()) for a in team]
-        leader = await eventually(
-            lambda: stack.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
-        )
-        pid = int(leader.value.replica_id.split("/")[1])
-        doomed = next(i for i, p in enumerate(stack.router_processes) if p.process.pid == pid)
+        doomed, _ = await leading_router(stack)
         outcomes: Counter[str] = Counter()
 
         async def caller(index: int) -> None:

@@ -25,6 +25,7 @@ from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from accessline_server.routing import keys as rt_keys
@@ -32,10 +33,11 @@ from accessline_server.routing.__main__ import SEAL_PURPOSE
 from accessline_server.routing.settings import DEVELOPMENT_SECRET
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from accessline_server.runtime.sealing import Sealer
-from accessline_server.runtime.store import Op, Store
+from accessline_server.runtime.store import Entry, Op, Store
 from tests.conftest import (
     ServiceProcess,
     connect,
+    eventually,
     free_port,
     identity,
     spawn_service,
@@ -191,6 +193,16 @@ async def stop_stack(stack: Stack) -> None:
         await channel.close()
     await stack.store.close()
     await asyncio.gather(*(p.stop_async() for p in stack.processes))
+
+
+async def leading_router(stack: Stack) -> tuple[int, Entry[rt_store.Leader]]:
+    """The index of the Routing replica that runs the dispatch loop, and its key."""
+    leader = await eventually(
+        lambda: stack.store.get(rt_keys.LEADER, rt_store.Leader), what="a dispatch leader"
+    )
+    pid = int(leader.value.replica_id.split("/")[1])
+    index = next(i for i, p in enumerate(stack.router_processes) if p.process.pid == pid)
+    return index, leader
 
 
 def new_group() -> str:
