@@ -5,8 +5,10 @@ process on the standard asyncio event loop instead of uvloop, and two more loggi
 INFO as in production, with and without the access log line per call.
 
 Each worker reserves a number and releases it (pools have no quarantine, so numbers
-churn); only the ReserveNumber call is timed. One etcd and one NumberDistribution
-process, started here.
+churn); only the ReserveNumber call is timed. Then, on the largest pool, ReserveNumber
+alone: the reservations held at once and released after the timed run; and the gRPC
+floor of the same process, a Health.Check, which touches nothing. One etcd and the
+NumberDistribution processes, started here.
 
     python -m bench.reservation_bench [--count N] [--concurrency C] [--sizes 100,10000,100000]
 """
@@ -21,6 +23,7 @@ from typing import Any
 import aetcd
 import grpc
 from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
@@ -88,6 +91,42 @@ async def reservations(
     )
 
 
+async def reservations_alone(stub: Any, pool_id: str, count: int, concurrency: int) -> Result:
+    """ReserveNumber alone: `count` reservations held at once (the pool holds more), the
+    releases made after the timed run."""
+    request = nd_pb2.ReserveNumberRequest(subject=pool_id)
+    made: list[str] = []
+
+    async def reserve(_: int) -> None:
+        reply = await stub.ReserveNumber(request, timeout=10)
+        made.append(reply.reservation.reservation_id)
+
+    result = await measure(
+        f"ReserveNumber alone, pool of {len_label(pool_id)}", reserve, count, concurrency
+    )
+
+    async def release(i: int) -> None:
+        release = nd_pb2.ReleaseNumberRequest(reservation_id=made[i])
+        await stub.ReleaseNumber(release, timeout=10)
+
+    await measure("releases", release, len(made), concurrency)
+    return result
+
+
+async def health_checks(address: str, count: int, concurrency: int) -> Result:
+    """The gRPC floor: a unary call that touches nothing, on the same process."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest()
+        await measure("warm-up", lambda _: stub.Check(check, timeout=10), 200, concurrency)
+        return await measure(
+            "gRPC Health.Check, same process",
+            lambda _: stub.Check(check, timeout=10),
+            count,
+            concurrency,
+        )
+
+
 async def on_new_pool(address: str, size: int, count: int, concurrency: int, label: str) -> Result:
     """Reservations on a pool of its own in the NumberDistribution at `address`."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -131,7 +170,9 @@ async def main(sizes: list[int], count: int, concurrency: int) -> None:
         plain: Any = nd_grpc.NumberDistributionServiceStub(plain_channel)
         plain_pool = await prepare_pool(plain, sizes[0], 9)
         baseline = await raw_baseline(etcd.host, etcd.client_port, count, concurrency)
+        floor = await health_checks(address, count, concurrency)
         results = [await reservations(stub, pool_id, count, concurrency) for pool_id in pools]
+        alone = await reservations_alone(stub, pools[-1], count, concurrency)
         on_asyncio = await reservations(
             plain, plain_pool, count, concurrency, ", standard asyncio loop"
         )
@@ -144,8 +185,12 @@ async def main(sizes: list[int], count: int, concurrency: int) -> None:
         ]
     print_table(
         f"reservations, {count} per pool, {concurrency} concurrent clients",
-        [baseline, *results, on_asyncio, logged, unlogged],
+        [baseline, floor, *results, alone, on_asyncio, logged, unlogged],
         baseline,
+    )
+    print(
+        f"\nReserveNumber alone / raw create: {alone.per_second / baseline.per_second:.2f}x"
+        f" (the gRPC floor, a Health.Check: {floor.per_second / baseline.per_second:.2f}x)"
     )
     print(
         f"\naccess log on / off (INFO), pool of {sizes[0]:,}:"
