@@ -1,6 +1,6 @@
-"""Routing end to end under faults: the dispatch leader killed or deposed, a stopping
-replica handing its calls over, queue limits over all replicas, a router dying after
-an accept, a dependency failing mid-call.
+"""Routing end to end under faults: a switch hanging up as its call is being queued, the
+dispatch leader killed or deposed, a stopping replica handing its calls over, queue
+limits over all replicas, a router dying after an accept, a dependency failing mid-call.
 The stack (tests/conftest.py's `routing_stack`, the five services as processes, two
 Routing replicas) is shared by the routing test modules; every group is a fresh one."""
 
@@ -46,6 +46,34 @@ from tests.support.stack import (
     stop_stack,
     stored_anywhere,
 )
+
+# -- the switch hanging up ------------------------------------------------------------
+
+
+async def test_a_call_hung_up_at_its_match_decision_leaves_nothing_in_the_queue(
+    stack: Stack,
+) -> None:
+    """A switch that sends the caller to its IVR drops the stream at the match decision,
+    possibly while Routing writes the call into the queue: an entry written all the same
+    is taken out again. (It once stayed, under the replica's lease: the next agent free
+    was offered a call nobody held, and was left with it once they accepted.)"""
+    group = new_group()
+    _, numbers = await setup_numbers(stack, group)
+    _, app = await agent(stack, group, available=False)  # logged in, not ready: calls wait
+    for n in range(40):
+        call = Call(stack.routers[n % 2], numbers[0])
+        await call.next()  # the match decision
+        # Hung up 0 to 4 ms after it: before, during and after the queue's transaction.
+        await asyncio.sleep((n % 5) / 1000)
+        call.hang_up()
+
+    async def empty() -> bool:
+        queued, _ = await stack.store.get_prefix(rt_keys.queue(group), rt_store.QueuedInteraction)
+        return not queued
+
+    await eventually(empty, what="no call left in the queue")
+    app.call.cancel()
+
 
 # -- leader failover --------------------------------------------------------------------
 

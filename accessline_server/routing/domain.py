@@ -157,7 +157,8 @@ class Router:
                 self._sealer,
             )
             key = keys.queued(group, interaction_id)
-            revision = await self._entries.enter(group, key, item, hold)
+            entering = self._entries.enter(group, key, item, hold)
+            revision = await self._entries.written(key, item, entering)
             call = _Call(
                 key=key,
                 group=group,
@@ -266,15 +267,8 @@ class Router:
         adopted.CopyFrom(item)
         for name in ("detached_until", "resume_hash", "sealed_context", "match_decided"):
             adopted.ClearField(name)
-        if entry.key == key:
-            lease = await self._entries.replica_lease()
-            taken = await self._store.txn(
-                [Compare.modified_at(key, entry.meta.mod_revision)],
-                [Op.put(key, adopted, lease), *self._entries.place_follows(item, lease)],
-            )
-            revision = taken.revision if taken.succeeded else 0
-        else:
-            revision = await self._entries.rejoin(group, key, adopted, entry)
+        adopting = self._entries.adopt(group, key, adopted, entry)
+        revision = await self._entries.written(key, adopted, adopting)
         if not revision:
             raise Aborted(
                 "the call was resumed by another stream at the same moment",

@@ -6,6 +6,7 @@ the agent's interaction kept or undone in the same transaction."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -13,7 +14,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from google.protobuf import empty_pb2
 from opentelemetry import propagate
@@ -278,6 +279,41 @@ class QueueEntries:
 
     async def _told(self, item: QI, event: nt_pb2.WebhookEventType.ValueType) -> list[Op]:
         return await told(self._store, item, event)
+
+    async def written(self, key: str, item: QI, writing: Awaitable[int]) -> int:
+        """The revision `writing` put the call's entry `item` at (0: it did not), taken to
+        its end even when the caller is cancelled meanwhile (the switch hung up, as one
+        does to send the caller to its IVR at the match decision): an entry written all
+        the same is then taken out again before the cancellation goes on. Otherwise it
+        stayed under the replica's lease with no stream to own it, and an agent could be
+        offered, and left with, a call nobody held."""
+        task = asyncio.ensure_future(writing)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._unwritten(task, key, item))
+            raise
+
+    async def _unwritten(self, task: asyncio.Future[int], key: str, item: QI) -> None:
+        try:
+            revision = await task
+        except AccesslineError:
+            return  # not written (a full queue, etcd unreachable)
+        if revision:
+            await self.leave(key, False, (item, revision))
+
+    async def adopt(self, group: str, key: str, item: QI, entry: Entry[QI]) -> int:
+        """A call taken up again with its token: its entry `entry` (handed over, or its
+        redirect record) made this replica's as `item`; the revision, or 0 when another
+        stream took it meanwhile."""
+        if entry.key != key:
+            return await self.rejoin(group, key, item, entry)
+        lease = await self.replica_lease()
+        taken = await self._store.txn(
+            [Compare.modified_at(key, entry.meta.mod_revision)],
+            [Op.put(key, item, lease), *self.place_follows(entry.value, lease)],
+        )
+        return taken.revision if taken.succeeded else 0
 
     async def rejoin(self, group: str, key: str, item: QI, redirect: Entry[QI]) -> int:
         """A connected call the switch sends back (its agent's phone did not take it):
