@@ -7,14 +7,13 @@ own lease, the redirect record written, the claim and the agent's unanswered mar
 dropped, the connected event told — only while the entry is still the offered one and
 the interaction is there. The dispatch leader, which follows the same offer, leaves an
 accepted call to it for `LEAVE_TO_STREAM_SECONDS` (it sees the claim go in its copy,
-mirror.py, or with `left_to_stream` without one) and marks the
+mirror.py) and marks the
 entry connected itself only when it did not (the stream's replica on an older version,
 or the transaction refused): one transaction per call fewer than the leader marking it
 connected and the stream's replica taking it out after."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from accessline.presence.storage.v1 import storage_pb2 as pr_store
@@ -115,19 +114,3 @@ def connect_ops(
         compares.append(there)
         ops.append(relet)
     return compares, [*ops, *also]
-
-
-async def left_to_stream(store: Store, claim_key: str, since: int) -> bool:
-    """Whether the accepted call's claim went within LEAVE_TO_STREAM_SECONDS (its stream's
-    replica connected it), followed from revision `since` on."""
-
-    async def gone() -> bool:
-        async for change in store.watch_key(claim_key, since + 1):
-            if change.kind == EventKind.DELETE:
-                return True
-        return False
-
-    try:
-        return await asyncio.wait_for(gone(), LEAVE_TO_STREAM_SECONDS)
-    except TimeoutError:
-        return False

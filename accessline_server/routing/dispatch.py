@@ -27,7 +27,7 @@ from accessline_server.notification import events
 from accessline_server.presence import offers as pr_offers
 from accessline_server.presence import roster as pr_roster
 from accessline_server.routing import journal, keys, private
-from accessline_server.routing.accepting import LEAVE_TO_STREAM_SECONDS, left_to_stream
+from accessline_server.routing.accepting import LEAVE_TO_STREAM_SECONDS
 from accessline_server.routing.entries import told
 from accessline_server.routing.holds import Holds
 from accessline_server.routing.mirror import DispatchMirror, Snapshot, read_snapshot
@@ -126,8 +126,8 @@ class Dispatcher:
             lambda: self._office,
             on_accepted_callback,
             meter,
-            offers,
             self._left_to_stream,
+            offers,
         )
         self._holds = Holds(store, matching, notification, rules, sealer, self._txn, meter)
         meter.create_observable_gauge(
@@ -288,11 +288,12 @@ class Dispatcher:
         return await read_snapshot(self._store)
 
     async def _left_to_stream(self, claim_key: str, since: int) -> bool:
-        """Whether an accepted call's claim went within LEAVE_TO_STREAM_SECONDS: seen in
-        the leader's copy (no watch of its own), or from etcd when there is none."""
+        """Whether an accepted call's claim went within LEAVE_TO_STREAM_SECONDS, as the
+        leader's copy shows it (settles run only while it leads, and so has a copy; False
+        without one: the settle then reads the entry)."""
         mirror = self._mirror
         if mirror is None:
-            return await left_to_stream(self._store, claim_key, since)
+            return False
         return await mirror.released(claim_key, since, LEAVE_TO_STREAM_SECONDS)
 
     async def _pass(self) -> None:

@@ -19,7 +19,7 @@ from accessline.presence.v1 import presence_pb2 as pr_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline_server.presence import offers as pr_offers
 from accessline_server.routing import keys
-from accessline_server.routing.accepting import connect_target, left_to_stream
+from accessline_server.routing.accepting import connect_target
 from accessline_server.routing.offerfeed import OfferFeed
 from accessline_server.routing.queue import Rules
 from accessline_server.runtime.clock import seconds
@@ -98,13 +98,14 @@ class Settler:
         office: Callable[[], Term],
         on_accepted_callback: AcceptedCallback,
         meter: metrics.Meter,
+        left: Callable[[str, int], Awaitable[bool]],
         feed: OfferFeed | None = None,
-        left: Callable[[str, int], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
-        # Whether an accepted call's claim went (its stream's replica connected it).
-        self._left = left or (lambda claim, since: left_to_stream(store, claim, since))
+        # Whether an accepted call's claim went after the offer's revision (its stream's
+        # replica connected it), within LEAVE_TO_STREAM_SECONDS.
+        self._left = left
         self._rules = rules
         self._sealer = sealer
         self._fenced = fenced
