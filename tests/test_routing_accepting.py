@@ -54,8 +54,13 @@ class Changes:
         return self
 
     async def _record(self, since: int) -> None:
+        # A watch response may hold several revisions: kept a revision to a batch.
         async for events in self._store.watch_span(pr_roster.ROOT, rt_keys.ROOT, since + 1):
-            self.batches.append(events)
+            for event in events:
+                if self.batches and self.batches[-1][0].revision == event.revision:
+                    self.batches[-1].append(event)
+                else:
+                    self.batches.append([event])
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
