@@ -6,6 +6,7 @@ Routing replicas) is shared by the routing test modules; every group is a fresh 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -15,7 +16,13 @@ import pytest
 from accessline.journey.v1 import journey_pb2 as jn
 from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.presence.v1 import presence_pb2 as pr_pb2
+from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
+from accessline_server.routing import keys as rt_keys
+from accessline_server.routing.callbacks import Callbacks
+from accessline_server.routing.queue import Rules
+from accessline_server.runtime.sealing import Sealer
+from accessline_server.runtime.store import Store
 from tests.conftest import (
     error_details,
     eventually,
@@ -226,3 +233,33 @@ async def test_a_dial_no_switch_reports_counts_as_a_failed_attempt(stack: Stack)
     silent.cancel()
     pushes.cancel()
     app.call.cancel()
+
+
+async def test_a_dial_taken_as_its_switch_drops_goes_back_to_the_others(store: Store) -> None:
+    """A switch whose stream ends while Routing writes that it took a dial: the take, if
+    written, is undone, so the next switch gets the dial at once (it once stayed taken by
+    the stream gone until the dial timed out and counted as a failed attempt)."""
+    sealer = Sealer(b"k" * 32, b"routing")
+    callbacks = Callbacks(store, None, Rules(), sealer, lambda: None)  # type: ignore[arg-type]
+    for n in range(40):
+        callback_id = f"cb-{n}"
+        dial = rt_pb2.StreamCallbackDialsResponse(callback_id=callback_id, phone_number="+3361")
+        await store.put(
+            rt_keys.dial(callback_id),
+            rt_store.PendingDial(sealed_dial=sealer.seal(dial.SerializeToString(), callback_id)),
+        )
+
+        async def switch(stopping: asyncio.Event) -> None:
+            async for _ in callbacks.stream_dials("sw", stopping):
+                pass
+
+        stream = asyncio.ensure_future(switch(asyncio.Event()))
+        # Dropped 0 to 4 ms after it opened: before, during and after the take.
+        await asyncio.sleep((n % 9) / 2000)
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stream
+        left = await store.get(rt_keys.dial(callback_id), rt_store.PendingDial)
+        assert left is not None
+        assert left.value.taken_by == "", n
+        await store.delete(rt_keys.dial(callback_id))

@@ -36,7 +36,7 @@ from accessline_server.runtime.errors import (
     PermissionDenied,
 )
 from accessline_server.runtime.sealing import Sealer
-from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store
+from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store, TxnResult
 
 if TYPE_CHECKING:
     from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
@@ -320,15 +320,11 @@ class Callbacks:
                     )
                     continue
                 ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_FAILED, "window_closed")
-                if (
-                    await self._store.txn(
-                        [
-                            Compare.modified_at(item.key, item.meta.mod_revision),
-                            Compare.modified_at(entry.key, entry.meta.mod_revision),
-                        ],
-                        ops,
-                    )
-                ).succeeded:
+                compares = [
+                    Compare.modified_at(item.key, item.meta.mod_revision),
+                    Compare.modified_at(entry.key, entry.meta.mod_revision),
+                ]
+                if (await self._store.txn(compares, ops)).succeeded:
                     journal.callback(entry.value, journal.CLOSED, outcome="WINDOW_CLOSED")
                     await self._tell_customer(entry.value, final=True)
 
@@ -354,6 +350,7 @@ class Callbacks:
         watcher = asyncio.ensure_future(follow())
         stop = asyncio.ensure_future(stopping.wait())
         step: asyncio.Future[Entry[rt_store.PendingDial] | None] | None = None
+        taking: asyncio.Future[TxnResult] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(changes.get())
@@ -369,12 +366,15 @@ class Callbacks:
                 mine = rt_store.PendingDial()
                 mine.CopyFrom(found.value)
                 mine.taken_by = taker
-                result = await self._store.txn(
-                    [Compare.modified_at(found.key, found.meta.mod_revision)],
-                    [Op.put(found.key, mine)],
+                # Taken before it is written: a stream ending mid-write undoes it once written.
+                taken.add(found.key)
+                taking = asyncio.ensure_future(
+                    self._store.txn(
+                        [Compare.modified_at(found.key, found.meta.mod_revision)],
+                        [Op.put(found.key, mine)],
+                    )
                 )
-                if result.succeeded:
-                    taken.add(found.key)
+                if (await asyncio.shield(taking)).succeeded:
                     yield rt_pb2.StreamCallbackDialsResponse.FromString(
                         self._sealer.unseal(mine.sealed_dial, found.key.removeprefix(keys.DIALS))
                     )
@@ -382,10 +382,15 @@ class Callbacks:
             for task in (watcher, stop, step):
                 if task is not None:
                     task.cancel()
-            await asyncio.shield(self._release(taken, taker))
+            await asyncio.shield(self._release(taken, taker, taking))
 
-    async def _release(self, taken: set[str], taker: str) -> None:
-        """Dials a stream took and nobody reported go back to the other switches."""
+    async def _release(
+        self, taken: set[str], taker: str, taking: asyncio.Future[TxnResult] | None
+    ) -> None:
+        """Dials a stream took and nobody reported go back to the other switches, once
+        the last take is written (or refused)."""
+        if taking is not None:
+            await asyncio.wait({taking})
         for key in taken:
             with contextlib.suppress(AccesslineError):
                 left = await self._store.get(key, rt_store.PendingDial)
