@@ -4,6 +4,7 @@ call under the number's reservation lease, its context and code sealed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -20,7 +21,7 @@ from accessline.callmatching.v1 import call_matching_pb2 as cm_pb2
 from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.storage.v1 import storage_pb2 as nd_store
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
-from accessline_server.callmatching import keys
+from accessline_server.callmatching import instructions, keys
 from accessline_server.callmatching.applications import Applications
 from accessline_server.callmatching.crypto import SessionCrypto
 from accessline_server.callmatching.hints import NumberHints
@@ -37,13 +38,14 @@ from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
     Aborted,
+    AccesslineError,
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
 )
-from accessline_server.runtime.phone import NumberFormatError, display_number, normalize_number
+from accessline_server.runtime.phone import NumberFormatError, normalize_number
 from accessline_server.runtime.store import Compare, Entry, Op, Store
 
 if TYPE_CHECKING:
@@ -116,6 +118,8 @@ class Handoffs:
         self._applications = applications
         self._sessions = sessions
         self._clock = clock
+        # Handoffs their apps gave up on, being finished and cancelled.
+        self._ending: set[asyncio.Task[None]] = set()
 
     async def start(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
         """Checks the request against its application, reserves a number (through
@@ -124,7 +128,35 @@ class Handoffs:
         answer. The application is the version this replica last read: the session's
         transaction holds only while it is still that one, and a refusal its rules made
         stands only once it is read again unchanged; else the handoff starts over with
-        the application as it is."""
+        the application as it is.
+
+        A request its app gives up on (cancelled, its deadline past) is finished all the
+        same, nothing half written, then cancelled, its number given back: the app never
+        learnt it. With an idempotency key it is kept, for the app to ask again."""
+        starting = asyncio.ensure_future(self._start_any(request))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            ending = asyncio.ensure_future(self._given_up(starting, request))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+            raise
+
+    async def _given_up(
+        self, starting: asyncio.Future[cm_pb2.StartHandoffResponse], request: Handoff
+    ) -> None:
+        try:
+            started = await starting
+        except Exception:  # noqa: BLE001 - refused or failed: as for an app still waiting
+            return
+        if not request.idempotency_key:
+            with contextlib.suppress(AccesslineError):
+                await self.cancel(started.session_id)
+            log.info(
+                "handoff given up by its app", extra={"fields": {"session_id": started.session_id}}
+            )
+
+    async def _start_any(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
         app = await self._applications.recent(request.application_id)
         for _ in range(APPLICATION_ATTEMPTS):
             try:
@@ -186,7 +218,7 @@ class Handoffs:
                 }
             },
         )
-        return self._handoff_answer(session, reserved.access_code)
+        return instructions.answer(session, reserved.access_code)
 
     def _checked_ani_hash(self, app: cm_pb2.Application, request: Handoff) -> bytes:
         """The keyed hash of the caller's number the application matches by (empty when
@@ -389,29 +421,6 @@ class Handoffs:
             nd_pb2.ReleaseNumberRequest(reservation_id=reservation_id)
         )
 
-    def _handoff_answer(
-        self, session: cm_store.StoredSession, code: str
-    ) -> cm_pb2.StartHandoffResponse:
-        number = session.reservation.number
-        shown = display_number(number)
-        dial = number
-        if code and session.device_can_send_dtmf:
-            dial = f"{number},,{code}#"
-        text = f"Call {shown}"
-        if code:
-            text += f" and, when asked, key in {code} followed by #"
-        display = cm_pb2.DisplayInstructions(
-            number_display=shown, code_display=code, text=text + "."
-        )
-        return cm_pb2.StartHandoffResponse(
-            session_id=session.session_id,
-            access_number=number,
-            access_code=code,
-            expires_at=session.expires_at,
-            dial_string=dial if session.device_can_dial else "",
-            display=display,
-        )
-
     async def _replay(
         self, idempotency_key: str, request: Handoff
     ) -> cm_pb2.StartHandoffResponse | None:
@@ -444,7 +453,7 @@ class Handoffs:
             if session.sealed_access_code
             else ""
         )
-        return self._handoff_answer(session, code)
+        return instructions.answer(session, code)
 
     async def cancel(self, session_id: str) -> None:
         entry = await self._store.get(keys.session(session_id), cm_store.StoredSession)
