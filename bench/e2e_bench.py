@@ -3,7 +3,10 @@ a simulated switch routes each call, simulated agents accept every offer. Prints
 handoffs per second and p50/p99 of each stage, next to a raw etcd transaction baseline
 measured in the same run.
 
-    python -m bench.e2e_bench [--handoffs 300] [--concurrency 8] [--agents 16]
+    python -m bench.e2e_bench [--handoffs 300] [--concurrency 8] [--agents 16] [--profile]
+
+With --profile, it also prints where each service's CPU went (bench/profile.py: its
+threads, and its main thread by a py-spy profile).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from accessline.presence.v1 import presence_pb2_grpc as pr_grpc
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline.routing.v1 import routing_pb2_grpc as rt_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from bench import profile
 from bench.common import (
+    SERVICE_PIDS,
     TALK,
     Result,
     costs,
@@ -42,6 +47,13 @@ from bench.common import (
 )
 
 C = common_pb2
+STAGES = {
+    "handoff": "StartHandoff (app to number)",
+    "match": "call arrival to match decision",
+    "offer": "match decision to offer",
+    "accept": "offer to agent accepted (connect)",
+    "call": "call arrival to connect",
+}
 
 
 async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
@@ -62,7 +74,7 @@ async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Re
     return result
 
 
-async def main(handoffs: int, concurrency: int, agents: int) -> None:
+async def main(handoffs: int, concurrency: int, agents: int, profiled: bool) -> None:
     folder = Path(tempfile.mkdtemp(prefix="accessline-e2e-"))
     nd = "accessline_server.numberdistribution"
     # One history file for the three services that write the journey, as `make up` has.
@@ -99,6 +111,7 @@ async def main(handoffs: int, concurrency: int, agents: int) -> None:
                         handoffs,
                         concurrency,
                         agents,
+                        profile.Profiles(dict(SERVICE_PIDS)) if profiled else None,
                     )
         baseline = await raw_baseline(etcd.host, etcd.client_port, handoffs, concurrency)
     shutil.rmtree(folder, ignore_errors=True)
@@ -120,6 +133,7 @@ async def drive(
     handoffs: int,
     concurrency: int,
     agents: int,
+    profiles: profile.Profiles | None,
 ) -> tuple[list[Result], str]:
     channels = [
         grpc.aio.insecure_channel(a) for a in (nd_address, cm_address, pr_address, rt_address)
@@ -133,9 +147,7 @@ async def drive(
     team = await simulated_team(
         pr, "mortgage-team", "mortgage", agents, "e2e-agent", 4000, pr_address, talk=TALK
     )
-    timings: dict[str, list[float]] = {
-        k: [] for k in ("handoff", "match", "offer", "accept", "call")
-    }
+    timings: dict[str, list[float]] = {k: [] for k in STAGES}
     failures = 0
 
     async def one(i: int) -> object:
@@ -165,26 +177,26 @@ async def drive(
         timings["call"].append(marks["connect"] - t1)
         return None
 
+    if profiles is not None:
+        profiles.start()
     before = sample(etcd)
     started = time.perf_counter()
     await measure("calls", one, handoffs, concurrency)
     elapsed = time.perf_counter() - started
     after = sample(etcd)
+    if profiles is not None:
+        profiles.stop()
     for member in team:
         member.stop()
     for channel in channels:
         await channel.close()
     if failures:
         print(f"{failures} calls found no agent")
-    names = {
-        "handoff": "StartHandoff (app to number)",
-        "match": "call arrival to match decision",
-        "offer": "match decision to offer",
-        "accept": "offer to agent accepted (connect)",
-        "call": "call arrival to connect",
-    }
-    results = [Result(names[k], len(v), elapsed, v) for k, v in timings.items()]
-    return results, costs(before, after, handoffs, "handoff")
+    results = [Result(STAGES[k], len(v), elapsed, v) for k, v in timings.items()]
+    cost = costs(before, after, handoffs, "handoff")
+    if profiles is not None:
+        cost += "\n" + profiles.report(handoffs, "handoff")
+    return results, cost
 
 
 if __name__ == "__main__":
@@ -192,5 +204,6 @@ if __name__ == "__main__":
     parser.add_argument("--handoffs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--agents", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="profile each service (py-spy)")
     args = parser.parse_args()
-    asyncio.run(main(args.handoffs, args.concurrency, args.agents))
+    asyncio.run(main(args.handoffs, args.concurrency, args.agents, args.profile))
