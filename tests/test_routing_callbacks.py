@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,6 +24,7 @@ from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.routing import keys as rt_keys
 from accessline_server.routing.callbacks import Callbacks
 from accessline_server.routing.queue import Rules
+from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Store
 from tests.conftest import (
@@ -35,7 +39,10 @@ from tests.support.stack import (
     agent,
     answer,
     in_app,
+    leading_router,
     new_group,
+    start_stack,
+    stop_stack,
     stored_anywhere,
     window,
 )
@@ -263,3 +270,41 @@ async def test_a_dial_taken_as_its_switch_drops_goes_back_to_the_others(store: S
         assert left is not None
         assert left.value.taken_by == "", n
         await store.delete(rt_keys.dial(callback_id))
+
+
+async def test_a_callback_cancelled_as_its_agent_accepts_frees_the_agent(
+    etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    """The customer cancels the callback just after the agent accepted its offer, before
+    the dispatch leader moved it on (the leader paused here): the agent's interaction
+    ends with the callback, their app told the customer is gone (it once stayed, the
+    agent busy with a callback nobody would dial)."""
+    own = await start_stack(etcd, f"/test-{uuid.uuid4().hex[:12]}", tmp_path)
+    try:
+        leader, _ = await leading_router(own)
+        paused = own.router_processes[leader].process.pid
+        group = new_group()
+        _, app = await agent(own, group)
+        requested = await own.routers[1 - leader].RequestCallback(
+            callback_request(f"c-{uuid.uuid4().hex[:6]}", group)
+        )
+        offer = await app.next_kind("offer")
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            await app.send(
+                offer_response=pr_pb2.OfferResponse(offer_id=offer.offer_id, decision=ACCEPT)
+            )
+            await app.next_kind("offer_response_recorded")
+            await own.routers[1 - leader].CancelCallback(
+                rt_pb2.CancelCallbackRequest(callback_id=requested.callback.callback_id)
+            )
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        gone = await app.next_kind("offer_cancelled")
+        assert (gone.offer_id, gone.reason) == (
+            offer.offer_id,
+            pr_pb2.OFFER_CANCEL_REASON_CALLER_GONE,
+        )
+        app.call.cancel()
+    finally:
+        await stop_stack(own)

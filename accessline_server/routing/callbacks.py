@@ -22,7 +22,8 @@ from accessline.notification.v1 import notification_pb2 as nt_pb2
 from accessline.routing.storage.v1 import storage_pb2 as rt_store
 from accessline.routing.v1 import routing_pb2 as rt_pb2
 from accessline_server.notification import events
-from accessline_server.routing import hours, journal, keys, private
+from accessline_server.presence import offers as pr_offers
+from accessline_server.routing import dials, hours, journal, keys, private
 from accessline_server.routing.queue import Rules, interaction_for
 from accessline_server.routing.settle import withdraw_offer
 from accessline_server.runtime import identity
@@ -36,7 +37,7 @@ from accessline_server.runtime.errors import (
     PermissionDenied,
 )
 from accessline_server.runtime.sealing import Sealer
-from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store, TxnResult
+from accessline_server.runtime.store import Compare, Entry, Op, Store
 
 if TYPE_CHECKING:
     from accessline.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
@@ -239,6 +240,11 @@ class Callbacks:
             if queued is not None:
                 compares.append(Compare.modified_at(queued_key, queued.meta.mod_revision))
             ops = await self._finish_ops(entry, rt_pb2.CALLBACK_STATE_CANCELLED, "cancelled")
+            if queued is not None and queued.value.offer.agent_id:
+                # The agent may have accepted already: their interaction ends with it.
+                ops.append(
+                    pr_offers.interaction_abandoned(queued.value.offer.agent_id, callback_id)
+                )
             if (await self._store.txn(compares, ops)).succeeded:
                 journal.callback(entry.value, journal.CLOSED, outcome="CANCELLED")
                 if queued is not None:
@@ -328,78 +334,10 @@ class Callbacks:
                     journal.callback(entry.value, journal.CLOSED, outcome="WINDOW_CLOSED")
                     await self._tell_customer(entry.value, final=True)
 
-    async def stream_dials(
+    def stream_dials(
         self, switch_id: str, stopping: asyncio.Event
     ) -> AsyncIterator[rt_pb2.StreamCallbackDialsResponse]:
-        """Hands each pending dial to exactly one switch stream; dials taken by a stream
-        that ends unreported go back to the others."""
-        taker = f"{switch_id}/{secrets.token_urlsafe(6)}"
-        taken: set[str] = set()
-        entries, revision = await self._store.get_prefix(keys.DIALS, rt_store.PendingDial)
-        changes: asyncio.Queue[Entry[rt_store.PendingDial] | None] = asyncio.Queue()
-        for entry in entries:
-            changes.put_nowait(entry)
-
-        async def follow() -> None:
-            async for event in self._store.watch_prefix(keys.DIALS, revision + 1):
-                if event.kind == EventKind.PUT:
-                    changes.put_nowait(
-                        Entry(event.key, event.decode(rt_store.PendingDial), event.meta)
-                    )
-
-        watcher = asyncio.ensure_future(follow())
-        stop = asyncio.ensure_future(stopping.wait())
-        step: asyncio.Future[Entry[rt_store.PendingDial] | None] | None = None
-        taking: asyncio.Future[TxnResult] | None = None
-        try:
-            while True:
-                step = asyncio.ensure_future(changes.get())
-                await asyncio.wait({step, stop, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    step.cancel()
-                    if watcher.done():
-                        watcher.result()
-                    return
-                found = step.result()
-                if found is None or found.value.taken_by:
-                    continue
-                mine = rt_store.PendingDial()
-                mine.CopyFrom(found.value)
-                mine.taken_by = taker
-                # Taken before it is written: a stream ending mid-write undoes it once written.
-                taken.add(found.key)
-                taking = asyncio.ensure_future(
-                    self._store.txn(
-                        [Compare.modified_at(found.key, found.meta.mod_revision)],
-                        [Op.put(found.key, mine)],
-                    )
-                )
-                if (await asyncio.shield(taking)).succeeded:
-                    yield rt_pb2.StreamCallbackDialsResponse.FromString(
-                        self._sealer.unseal(mine.sealed_dial, found.key.removeprefix(keys.DIALS))
-                    )
-        finally:
-            for task in (watcher, stop, step):
-                if task is not None:
-                    task.cancel()
-            await asyncio.shield(self._release(taken, taker, taking))
-
-    async def _release(
-        self, taken: set[str], taker: str, taking: asyncio.Future[TxnResult] | None
-    ) -> None:
-        """Dials a stream took and nobody reported go back to the other switches, once
-        the last take is written (or refused)."""
-        if taking is not None:
-            await asyncio.wait({taking})
-        for key in taken:
-            with contextlib.suppress(AccesslineError):
-                left = await self._store.get(key, rt_store.PendingDial)
-                if left is not None and left.value.taken_by == taker:
-                    left.value.taken_by = ""
-                    await self._store.txn(
-                        [Compare.modified_at(key, left.meta.mod_revision)],
-                        [Op.put(key, left.value)],
-                    )
+        return dials.stream(self._store, self._sealer, switch_id, stopping)
 
     async def report(
         self, callback_id: str, outcome: rt_pb2.CallbackAttemptOutcome.ValueType
