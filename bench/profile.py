@@ -135,18 +135,22 @@ class Profiles:
         """CPU ms per operation of each service: its main thread split by category (in
         the profile's proportions), and its other threads."""
         head = ["service", "all", *CATEGORIES, "other threads"]
-        rows = []
+        rows, unseen = [], []
         for name in self.pids:
             main = (self.after[name][0] - self.before[name][0]) * 1000 / count
             others = (self.after[name][1] - self.before[name][1]) * 1000 / count
             path = self.folder / name
             shares = main_thread_shares(path.read_text() if path.exists() else "")
-            samples = sum(shares.values()) or 1
-            split = [main * shares[c] / samples for c in CATEGORIES]
+            samples = sum(shares.values())
+            if not samples:
+                unseen.append(name)  # py-spy could not attach (it needs ptrace)
+            split = [main * shares[c] / (samples or 1) for c in CATEGORIES]
             rows.append([name, main + others, *split, others])
         rows.append(["all services", *(sum(r[i] for r in rows) for i in range(1, len(head)))])
         shutil.rmtree(self.folder, ignore_errors=True)
         lines = [f"\nper {what}, CPU ms of each service's threads (main thread by profile)"]
         lines.append(" | ".join(head))
         lines += [" | ".join([str(r[0]), *(f"{v:.2f}" for v in r[1:])]) for r in rows]
+        if unseen:
+            lines.append(f"no profile of {', '.join(unseen)}: py-spy needs ptrace permission")
         return "\n".join(lines)
