@@ -3,7 +3,7 @@ NumberDistribution and CallMatching processes on one etcd, next to a raw etcd
 transaction (the same compare-and-delete shape, through the same client library)
 measured in the same run.
 
-    python -m bench.match_bench [--count N] [--concurrency C]
+    python -m bench.match_bench [--count N] [--concurrency C] [--profile]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from accessline.common.v1 import common_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2 as nd_pb2
 from accessline.numberdistribution.v1 import number_distribution_pb2_grpc as nd_grpc
 from accessline_server.runtime.embedded_etcd import EmbeddedEtcd
+from bench import profile
 from bench.common import (
     SERVICE_PIDS,
     Result,
@@ -38,6 +39,9 @@ from bench.common import (
     sample,
     service_process,
 )
+
+# With --profile: where each service's CPU goes during the MatchCalls (bench/profile.py).
+PROFILE = False
 
 
 async def raw_baseline(host: str, port: int, count: int, concurrency: int) -> Result:
@@ -128,8 +132,14 @@ async def handoffs_and_matches(
     samples = [sample(etcd)]
     results = [await measure(f"StartHandoff, {how}", start, count, concurrency)]
     samples.append(sample(etcd))
+    profiles = profile.Profiles({n: SERVICE_PIDS[n] for n in services}) if PROFILE else None
+    if profiles is not None:
+        profiles.start()
     results.append(await measure(f"MatchCall, {how}", match, count, concurrency))
     samples.append(sample(etcd))
+    if profiles is not None:
+        profiles.stop()
+        print(profiles.report(count, "MatchCall"))
     print(costs(samples[0], samples[1], count, f"StartHandoff ({how})"))
     print(costs(samples[1], samples[2], count, f"MatchCall ({how})"))
     if cpu is not None:
@@ -203,5 +213,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="profile MatchCall (py-spy)")
     args = parser.parse_args()
+    PROFILE = args.profile
     asyncio.run(main(args.count, args.concurrency))
