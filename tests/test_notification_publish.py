@@ -5,11 +5,15 @@ interrupted half way writes only what is missing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from accessline.notification.storage.v1 import storage_pb2 as nt_store
 from accessline.notification.v1 import notification_pb2 as N
 from accessline_server.notification.domain import BATCH, Notifications, Policy
-from accessline_server.notification.keys import IDEMPOTENCY, INBOX, OUTBOX
+from accessline_server.notification.keys import IDEMPOTENCY, INBOX, NOTIFICATIONS, OUTBOX
 from accessline_server.runtime.store import Store
+from tests.support.waiting import eventually
 
 
 async def devices(notifications: Notifications, customer: str, count: int) -> set[str]:
@@ -103,3 +107,30 @@ async def test_the_repeat_of_an_interrupted_publish_writes_only_what_is_missing(
     assert still_sent.value.status == N.DELIVERY_STATUS_SENT
     third = await notifications.publish(request("c1", "k1"), ttl=600)
     assert third.duplicate
+
+
+async def test_a_publish_its_caller_gives_up_on_still_reaches_every_device(
+    store: Store,
+) -> None:
+    """A publish to more devices than one transaction holds, cancelled by its caller at
+    any point: once its notification is stored, its whole fan-out is written (it once
+    stopped with the caller, the devices of the batches not yet written never told)."""
+    notifications = Notifications(store, Policy(3600, 3, 0.2), b"in-process test secret")
+    await devices(notifications, "crowd", BATCH * 3 + 7)
+    for n in range(20):
+        publishing = asyncio.ensure_future(notifications.publish(request("crowd", ""), ttl=600))
+        await asyncio.sleep(n * 6 / 1000)  # 0 to 114 ms: before, during and after the batches
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+    stored, _ = await store.get_prefix(NOTIFICATIONS, nt_store.StoredNotification)
+    assert stored
+
+    async def whole() -> bool:
+        for row in stored:
+            notification_id = row.key.removeprefix(NOTIFICATIONS)
+            if await outbox(store, notification_id) != set(row.value.device_ids):
+                return False
+        return True
+
+    await eventually(whole, what="every stored notification's whole fan-out")

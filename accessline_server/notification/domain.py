@@ -94,6 +94,7 @@ class Notifications:
     ) -> None:
         self._store = store
         self._policy = policy
+        self._writing: set[asyncio.Task[None]] = set()  # fan-outs, kept to their end
         self.keys = Keys(secret)
         self._sealer = Sealer(secret, b"accessline notification push token v1")
         meter = meter or metrics.get_meter("accessline.notification")
@@ -328,9 +329,11 @@ class Notifications:
             if whole:
                 record_key = ""  # complete already
             else:
-                for start in range(0, len(devices), BATCH):
-                    batch = devices[start : start + BATCH]
-                    await self._store.txn([], outbox_ops(notification_id, batch, lease, now))
+                # Stored: the whole fan-out is written, even if the caller gives up meanwhile.
+                writing = asyncio.ensure_future(self._fan_out(notification_id, devices, lease, now))
+                self._writing.add(writing)
+                writing.add_done_callback(self._writing.discard)
+                await asyncio.shield(writing)
         if record_key:
             await self._store.put(
                 record_key,
