@@ -308,3 +308,37 @@ async def test_a_callback_cancelled_as_its_agent_accepts_frees_the_agent(
         app.call.cancel()
     finally:
         await stop_stack(own)
+
+
+async def test_a_callback_cancelled_by_a_caller_who_gives_up_withdraws_its_offer(
+    stack: Stack,
+) -> None:
+    """CancelCallback given up on by its caller as it runs: once the callback is
+    cancelled, its offer is withdrawn all the same (it once stayed open until it timed
+    out, counted against the agent as an offer left unanswered)."""
+    group = new_group()
+    _, app = await agent(stack, group)
+    for n in range(12):
+        requested = await stack.routers[0].RequestCallback(
+            callback_request(f"c-{uuid.uuid4().hex[:6]}", group)
+        )
+        callback_id = requested.callback.callback_id
+        offer = await app.next_kind("offer")
+        cancelling = stack.routers[0].CancelCallback(
+            rt_pb2.CancelCallbackRequest(callback_id=callback_id)
+        )
+        await asyncio.sleep((n % 6) / 1000)  # given up on 0 to 5 ms after it was sent
+        cancelling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelling
+        got = await stack.routers[0].GetCallback(rt_pb2.GetCallbackRequest(callback_id=callback_id))
+        if got.callback.state != rt_pb2.CALLBACK_STATE_CANCELLED:  # given up on before it ran
+            await stack.routers[0].CancelCallback(
+                rt_pb2.CancelCallbackRequest(callback_id=callback_id)
+            )
+        gone = await app.next_kind("offer_cancelled")
+        assert (gone.offer_id, gone.reason) == (
+            offer.offer_id,
+            pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
+        ), n
+    app.call.cancel()

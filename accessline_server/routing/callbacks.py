@@ -69,6 +69,7 @@ class Callbacks:
         self._rules = rules
         self._sealer = sealer
         self._wake = wake
+        self._ending: set[asyncio.Task[bool]] = set()  # cancels, kept to their end
 
     def _details(self, stored: rt_store.StoredCallback) -> rt_store.CallbackDetails:
         return rt_store.CallbackDetails.FromString(
@@ -245,14 +246,30 @@ class Callbacks:
                 ops.append(
                     pr_offers.interaction_abandoned(queued.value.offer.agent_id, callback_id)
                 )
-            if (await self._store.txn(compares, ops)).succeeded:
-                journal.callback(entry.value, journal.CLOSED, outcome="CANCELLED")
-                if queued is not None:
-                    await withdraw_offer(self._store, queued.value)
+            # To its end even if the caller gives up meanwhile: an offer left out once the
+            # callback is cancelled would time out, counted against the agent.
+            ending = asyncio.ensure_future(self._cancelled(compares, ops, entry.value, queued))
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
+            if await asyncio.shield(ending):
                 return
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
+
+    async def _cancelled(
+        self,
+        compares: list[Compare],
+        ops: list[Op],
+        stored: rt_store.StoredCallback,
+        queued: Entry[QI] | None,
+    ) -> bool:
+        if not (await self._store.txn(compares, ops)).succeeded:
+            return False
+        journal.callback(stored, journal.CLOSED, outcome="CANCELLED")
+        if queued is not None:
+            await withdraw_offer(self._store, queued.value)
+        return True
 
     async def accepted(self, entry: Entry[QI], target: rt_store.ConnectTarget, term: Term) -> None:
         """The dispatch leader's hook when an agent accepted a callback: the callback is
