@@ -342,3 +342,47 @@ async def test_a_callback_cancelled_by_a_caller_who_gives_up_withdraws_its_offer
             pr_pb2.OFFER_CANCEL_REASON_WITHDRAWN,
         ), n
     app.call.cancel()
+
+
+async def test_a_failed_attempt_whose_report_is_given_up_on_still_tells_the_customer(
+    stack: Stack,
+) -> None:
+    """ReportCallbackAttempt given up on by the switch as it runs: once the attempt is
+    recorded, the customer is told all the same (it once stopped with the switch's call,
+    the attempt recorded and the customer never told)."""
+    group = new_group()
+    _, app = await agent(stack, group)
+    dials = stack.routers[1].StreamCallbackDials(rt_pb2.StreamCallbackDialsRequest(switch_id="sw2"))
+    for n in range(8):
+        customer = f"c-{uuid.uuid4().hex[:6]}"
+        pushes = await in_app(stack, customer, "bank")
+        requested = await stack.routers[0].RequestCallback(callback_request(customer, group))
+        callback_id = requested.callback.callback_id
+        while (offer := await app.next_kind("offer")).interaction_id != callback_id:
+            pass  # the offer of the callback before, queued again and then cancelled
+        await app.send(
+            offer_response=pr_pb2.OfferResponse(offer_id=offer.offer_id, decision=ACCEPT)
+        )
+        await dial_for(dials, callback_id)
+        await app.send(end_interaction=pr_pb2.EndInteraction(interaction_id=callback_id))
+        reporting = stack.routers[1].ReportCallbackAttempt(
+            rt_pb2.ReportCallbackAttemptRequest(
+                callback_id=callback_id, outcome=rt_pb2.CALLBACK_ATTEMPT_OUTCOME_NO_ANSWER
+            )
+        )
+        await asyncio.sleep((n % 4) / 1000)  # given up on 0 to 3 ms after it was sent
+        reporting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporting
+        got = await stack.routers[0].GetCallback(rt_pb2.GetCallbackRequest(callback_id=callback_id))
+        if got.callback.state == rt_pb2.CALLBACK_STATE_DIALLING:  # given up on before it ran
+            await report_attempt(stack, 1, callback_id, rt_pb2.CALLBACK_ATTEMPT_OUTCOME_NO_ANSWER)
+        told = (await asyncio.wait_for(pushes.read(), 20)).notification
+        assert (told.event_type, dict(told.data)) == (
+            nt_pb2.EVENT_TYPE_CALLBACK_ATTEMPT_FAILED,
+            {"callback_id": callback_id},
+        ), n
+        await stack.routers[0].CancelCallback(rt_pb2.CancelCallbackRequest(callback_id=callback_id))
+        pushes.cancel()
+    dials.cancel()
+    app.call.cancel()

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from accessline.access.v1 import access_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("accessline.routing")
 
 QI = rt_store.QueuedInteraction
+T = TypeVar("T")
 FINAL = (
     rt_pb2.CALLBACK_STATE_COMPLETED,
     rt_pb2.CALLBACK_STATE_FAILED,
@@ -69,7 +70,7 @@ class Callbacks:
         self._rules = rules
         self._sealer = sealer
         self._wake = wake
-        self._ending: set[asyncio.Task[bool]] = set()  # cancels, kept to their end
+        self._ending: set[asyncio.Future[Any]] = set()  # writes kept to their end
 
     def _details(self, stored: rt_store.StoredCallback) -> rt_store.CallbackDetails:
         return rt_store.CallbackDetails.FromString(
@@ -248,14 +249,37 @@ class Callbacks:
                 )
             # To its end even if the caller gives up meanwhile: an offer left out once the
             # callback is cancelled would time out, counted against the agent.
-            ending = asyncio.ensure_future(self._cancelled(compares, ops, entry.value, queued))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
-            if await asyncio.shield(ending):
+            if await self._kept(self._cancelled(compares, ops, entry.value, queued)):
                 return
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
+
+    async def _kept(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work`'s result, `work` run to its end even when the caller is cancelled."""
+        task = asyncio.ensure_future(work)
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return await asyncio.shield(task)
+
+    async def _reported(
+        self,
+        compares: list[Compare],
+        ops: list[Op],
+        stored: rt_store.StoredCallback,
+        final_state: rt_pb2.CallbackState.ValueType,
+        told: bool,
+    ) -> rt_pb2.Callback | None:
+        if not (await self._store.txn(compares, ops)).succeeded:
+            return None
+        journal.callback_attempt(stored, final_state)
+        after = rt_pb2.Callback()
+        after.CopyFrom(stored.callback)
+        after.state = final_state
+        if told:
+            await self._tell_customer(stored, final=final_state == rt_pb2.CALLBACK_STATE_FAILED)
+        self._wake()
+        return after
 
     async def _cancelled(
         self,
@@ -419,16 +443,10 @@ class Callbacks:
             ops += await self._told(
                 entry.value, events.CALLBACK_ATTEMPTED, outcome=attempted.lower()
             )
-            if (await self._store.txn(compares, ops)).succeeded:
-                journal.callback_attempt(entry.value, final_state)
-                after = rt_pb2.Callback()
-                after.CopyFrom(cb)
-                after.state = final_state
-                if outcome != rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED:
-                    await self._tell_customer(
-                        entry.value, final=final_state == rt_pb2.CALLBACK_STATE_FAILED
-                    )
-                self._wake()
+            # To its end even if the switch gives up meanwhile: the customer is told.
+            told = outcome != rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
+            after = await self._kept(self._reported(compares, ops, entry.value, final_state, told))
+            if after is not None:
                 return after
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
