@@ -45,6 +45,7 @@ from accessline_server.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from accessline_server.runtime.kept import Kept
 from accessline_server.runtime.phone import NumberFormatError, normalize_number
 from accessline_server.runtime.store import Compare, Entry, Op, Store
 
@@ -119,7 +120,7 @@ class Handoffs:
         self._sessions = sessions
         self._clock = clock
         # Handoffs their apps gave up on, being finished and cancelled.
-        self._ending: set[asyncio.Task[None]] = set()
+        self._ending = Kept()
 
     async def start(self, request: Handoff) -> cm_pb2.StartHandoffResponse:
         """Checks the request against its application, reserves a number (through
@@ -137,9 +138,7 @@ class Handoffs:
         try:
             return await asyncio.shield(starting)
         except asyncio.CancelledError:
-            ending = asyncio.ensure_future(self._given_up(starting, request))
-            self._ending.add(ending)
-            ending.add_done_callback(self._ending.discard)
+            self._ending.start(self._given_up(starting, request))
             raise
 
     async def _given_up(

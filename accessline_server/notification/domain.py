@@ -45,6 +45,7 @@ from accessline_server.runtime.errors import (
     ResourceExhausted,
 )
 from accessline_server.runtime.identity import Caller
+from accessline_server.runtime.kept import Kept
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Compare, Entry, EventKind, Op, Store, decode
 from accessline_server.runtime.streams import until
@@ -94,7 +95,7 @@ class Notifications:
     ) -> None:
         self._store = store
         self._policy = policy
-        self._writing: set[asyncio.Task[None]] = set()  # fan-outs, kept to their end
+        self._writing = Kept()  # fan-outs, run to their end
         self.keys = Keys(secret)
         self._sealer = Sealer(secret, b"accessline notification push token v1")
         meter = meter or metrics.get_meter("accessline.notification")
@@ -330,10 +331,7 @@ class Notifications:
                 record_key = ""  # complete already
             else:
                 # Stored: the whole fan-out is written, even if the caller gives up meanwhile.
-                writing = asyncio.ensure_future(self._fan_out(notification_id, devices, lease, now))
-                self._writing.add(writing)
-                writing.add_done_callback(self._writing.discard)
-                await asyncio.shield(writing)
+                await self._writing.run(self._fan_out(notification_id, devices, lease, now))
         if record_key:
             await self._store.put(
                 record_key,

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from accessline.access.v1 import access_pb2
 from accessline.notification.v1 import notification_pb2 as nt_pb2
@@ -36,6 +36,7 @@ from accessline_server.runtime.errors import (
     NotFound,
     PermissionDenied,
 )
+from accessline_server.runtime.kept import Kept
 from accessline_server.runtime.sealing import Sealer
 from accessline_server.runtime.store import Compare, Entry, Op, Store
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("accessline.routing")
 
 QI = rt_store.QueuedInteraction
-T = TypeVar("T")
 FINAL = (
     rt_pb2.CALLBACK_STATE_COMPLETED,
     rt_pb2.CALLBACK_STATE_FAILED,
@@ -70,7 +70,7 @@ class Callbacks:
         self._rules = rules
         self._sealer = sealer
         self._wake = wake
-        self._ending: set[asyncio.Future[Any]] = set()  # writes kept to their end
+        self._kept = Kept()  # writes that run to their end when their caller gives up
 
     def _details(self, stored: rt_store.StoredCallback) -> rt_store.CallbackDetails:
         return rt_store.CallbackDetails.FromString(
@@ -249,18 +249,11 @@ class Callbacks:
                 )
             # To its end even if the caller gives up meanwhile: an offer left out once the
             # callback is cancelled would time out, counted against the agent.
-            if await self._kept(self._cancelled(compares, ops, entry.value, queued)):
+            if await self._kept.run(self._cancelled(compares, ops, entry.value, queued)):
                 return
         raise FailedPrecondition(
             f"callback {callback_id} keeps changing; try again", reason="CALLBACK_BUSY"
         )
-
-    async def _kept(self, work: Coroutine[Any, Any, T]) -> T:
-        """`work`'s result, `work` run to its end even when the caller is cancelled."""
-        task = asyncio.ensure_future(work)
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
-        return await asyncio.shield(task)
 
     async def _reported(
         self,
@@ -445,7 +438,9 @@ class Callbacks:
             )
             # To its end even if the switch gives up meanwhile: the customer is told.
             told = outcome != rt_pb2.CALLBACK_ATTEMPT_OUTCOME_CONNECTED
-            after = await self._kept(self._reported(compares, ops, entry.value, final_state, told))
+            after = await self._kept.run(
+                self._reported(compares, ops, entry.value, final_state, told)
+            )
             if after is not None:
                 return after
         raise FailedPrecondition(
