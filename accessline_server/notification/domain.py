@@ -34,7 +34,13 @@ from accessline_server.notification.keys import (
     SUBSCRIPTION_IDS,
     Keys,
 )
-from accessline_server.notification.records import outbox_ops, stored_notification
+from accessline_server.notification.records import (
+    BATCH,
+    fan_out,
+    outbox_ops,
+    stored_notification,
+    stored_then_fanned_out,
+)
 from accessline_server.runtime import identity
 from accessline_server.runtime.clock import seconds, timestamp
 from accessline_server.runtime.errors import (
@@ -52,7 +58,6 @@ from accessline_server.runtime.streams import until
 
 log = logging.getLogger("accessline.notification")
 
-BATCH = 60  # outbox items per transaction (two or three operations each)
 EMPTY = empty_pb2.Empty()
 
 
@@ -304,7 +309,7 @@ class Notifications:
             devices = [
                 d for d in [await self.maybe_device(i) for i in stored.device_ids] if d is not None
             ]
-            await self._fan_out(notification_id, devices, lease, now)
+            await fan_out(self._store, notification_id, devices, lease, now)
         else:
             devices = await self._targets(request.topic, request.customer_id, application_id)
             # Never revoked one by one: a lease shared with the notifications of the same
@@ -323,15 +328,16 @@ class Notifications:
                 )
                 ops.append(Op.put(record_key, counted, lease))
                 compares.append(Compare.absent(record_key))
-            result = await self._store.txn(compares, ops)
-            if not result.succeeded:
+            # Stored, then fanned out to its end, even if the caller gives up meanwhile.
+            rest = [] if whole else devices
+            stored_now = stored_then_fanned_out(
+                self._store, (compares, ops), notification_id, rest, lease, now
+            )
+            if not await self._writing.run(stored_now):
                 # A concurrent publish with the same key got there first.
                 return await self.publish(request, ttl)
             if whole:
                 record_key = ""  # complete already
-            else:
-                # Stored: the whole fan-out is written, even if the caller gives up meanwhile.
-                await self._writing.run(self._fan_out(notification_id, devices, lease, now))
         if record_key:
             await self._store.put(
                 record_key,
@@ -361,19 +367,6 @@ class Notifications:
         row = found.gets[1][0]
         stored = decode(nt_store.StoredNotification, row.key, row.value)
         return record, Entry(row.key, stored, row.meta)
-
-    async def _fan_out(
-        self, notification_id: str, devices: list[nt_pb2.Device], lease: int, now: float
-    ) -> None:
-        """Writes the outbox item of every device that has none yet (and the in-app
-        inbox entry), a batch per transaction: the repeat of a publish interrupted half
-        way writes only what is missing."""
-        written, _ = await self._store.get_prefix(f"{OUTBOX}{notification_id}/", nt_store.Delivery)
-        done = {row.key.rsplit("/", 1)[1] for row in written}
-        missing = [d for d in devices if d.device_id not in done]
-        for start in range(0, len(missing), BATCH):
-            batch = missing[start : start + BATCH]
-            await self._store.txn([], outbox_ops(notification_id, batch, lease, now))
 
     async def maybe_device(self, device_id: str) -> nt_pb2.Device | None:
         found = await self._load(device_id)
